@@ -1,0 +1,90 @@
+"""Runtime and protocol settings, validated when constructed."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+
+_CLUSTER_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every timing and size knob.  Times are seconds (floats).
+
+    Raises ``ValueError`` at construction when a value is out of range.
+    """
+
+    cluster_name: str = "pyraft"
+    #: How often a leader sends heartbeats to an idle follower.
+    heartbeat_interval: float = 0.05
+    #: A follower that hears nothing from a leader for a time drawn uniformly
+    #: from this range starts an election.
+    election_timeout: tuple[float, float] = (0.15, 0.30)
+    #: Ask for pre-votes before bumping the term (Raft thesis 9.6).
+    pre_vote: bool = True
+    #: A leader that has not heard from a quorum within an election timeout
+    #: steps down; followers that heard from a live leader ignore vote requests.
+    check_quorum: bool = True
+    #: Entries per AppendEntries message, at most.
+    max_payload_entries: int = 1024
+    #: Bytes of entry payload per AppendEntries message, at most (a single
+    #: larger entry is still sent alone).
+    max_payload_bytes: int = 4 * 1024 * 1024
+    #: AppendEntries messages in flight per target, at most (pipelining depth).
+    max_inflight: int = 16
+    #: Entries applied to the state machine per batch, at most.
+    max_apply_batch: int = 4096
+    #: Build a snapshot after this many entries were applied since the last
+    #: one; ``None``: never build one by policy (``trigger.snapshot()`` still does).
+    snapshot_every: int | None = 100_000
+    #: How many entries to keep in the log behind the last snapshot when purging.
+    max_in_snapshot_log_to_keep: int = 1000
+    #: Snapshot transfer chunk size in bytes.
+    snapshot_chunk_size: int = 1024 * 1024
+    #: How long a single RPC may wait for its reply before it counts as lost.
+    rpc_timeout: float = 1.0
+    #: Client writes the leader accepts into one log batch, at most.
+    max_proposal_batch: int = 4096
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.cluster_name, str) or not _CLUSTER_NAME.match(self.cluster_name):
+            raise ValueError(
+                f"cluster_name must be 1-64 characters of letters, digits and '_.:-', got {self.cluster_name!r}"
+            )
+        try:
+            lo, hi = self.election_timeout
+            lo, hi = float(lo), float(hi)
+        except (TypeError, ValueError):
+            raise ValueError(f"election_timeout must be a (min, max) pair of seconds, got {self.election_timeout!r}") from None
+        object.__setattr__(self, "election_timeout", (lo, hi))
+        if not 0 < lo < hi:
+            raise ValueError(f"election_timeout must satisfy 0 < min < max, got {self.election_timeout!r}")
+        if not isinstance(self.heartbeat_interval, (int, float)) or self.heartbeat_interval <= 0:
+            raise ValueError(f"heartbeat_interval must be a positive number of seconds, got {self.heartbeat_interval!r}")
+        if self.heartbeat_interval * 2 > lo:
+            raise ValueError(
+                f"heartbeat_interval ({self.heartbeat_interval}) must be at most half the minimum "
+                f"election timeout ({lo}), or followers time out between heartbeats"
+            )
+        if self.rpc_timeout <= 0:
+            raise ValueError(f"rpc_timeout must be positive, got {self.rpc_timeout!r}")
+        for name in ("max_payload_entries", "max_payload_bytes", "max_inflight", "max_apply_batch",
+                     "snapshot_chunk_size", "max_proposal_batch"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.max_in_snapshot_log_to_keep, int) or self.max_in_snapshot_log_to_keep < 0:
+            raise ValueError(f"max_in_snapshot_log_to_keep must be a non-negative integer, got {self.max_in_snapshot_log_to_keep!r}")
+        if self.snapshot_every is not None and (not isinstance(self.snapshot_every, int) or self.snapshot_every <= 0):
+            raise ValueError(f"snapshot_every must be a positive integer or None, got {self.snapshot_every!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config keys: {sorted(unknown)}")
+        d = dict(d)
+        if "election_timeout" in d:
+            d["election_timeout"] = tuple(d["election_timeout"])
+        return cls(**d)

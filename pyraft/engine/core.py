@@ -1,0 +1,904 @@
+"""The Raft protocol as a pure object (sans-IO, as h11 and openraft's Engine).
+
+Inputs are method calls; outputs are :mod:`~pyraft.engine.commands`, taken
+with :meth:`Engine.take_output`.  The engine never reads a clock (``tick(now)``
+gives it the time), never draws random numbers itself (a seeded ``rng`` with
+``uniform(a, b)`` is passed in) and does no I/O.  Every Raft rule of pyraft
+lives here, once.
+
+Role dispatch is in one place (:meth:`_become_follower`,
+:meth:`_become_candidate`, :meth:`_become_leader`); the shared term rules
+are in :meth:`step`.
+
+Field invariants::
+
+    purged <= applied <= committed <= last_log_id          (by index)
+    flushed <= last_log_id;  a leader counts itself up to flushed only
+    memberships[0] is committed (or the initial/snapshot one); the rest are
+    the uncommitted membership entries in the log, in order; the effective
+    membership is memberships[-1]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from ..config import Config
+from ..errors import ChangeMembershipError, ForwardToLeader, InitializeError, RaftError
+from ..messages import (AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest,
+                        InstallSnapshotResponse, TimeoutNowRequest, TimeoutNowResponse, VoteRequest,
+                        VoteResponse)
+from ..types import (Entry, EntryKind, LogId, Membership, Node, ServerState, SnapshotMeta,
+                     StoredMembership, Vote, log_index)
+from .commands import (Apply, AppendToLog, BuildSnapshot, InstallSnapshot, PurgeLog,
+                       ReceiveSnapshotChunk, Replicate, Respond, RespondRead, SaveCommitted, SaveVote,
+                       SendSnapshot, SendTimeoutNow, SendVote, TruncateLog, UpdateReplication)
+from .log_ids import LogIdList
+from .progress import Progress, ProgressState
+
+_NEVER = float("-inf")
+
+
+@dataclass
+class RestoredState:
+    """What a node finds in its stores at start-up.
+
+    ``memberships``: the membership applied last to the state machine (or in
+    its snapshot), then every membership entry in the log after it, in order.
+    ``term_at(i)`` reads the term of log entry ``i`` (used only while the
+    engine is constructed, to index the terms).
+    """
+
+    vote: Vote | None = None
+    last_purged: LogId | None = None
+    last_log_id: LogId | None = None
+    committed: LogId | None = None
+    applied: LogId | None = None
+    snapshot: SnapshotMeta | None = None
+    memberships: Sequence[StoredMembership] = ()
+    term_at: Callable[[int], int | None] = lambda i: None
+
+
+class Engine:
+    def __init__(self, node_id: int, config: Config, rng: Any, now: float,
+                 restored: RestoredState | None = None) -> None:
+        r = restored or RestoredState()
+        self.id = node_id
+        self.cfg = config
+        self.rng = rng
+        self.now = now
+        self._out: list = []
+
+        self.vote: Vote = r.vote or Vote(0, None)
+        self.log = LogIdList.load(r.last_purged, r.last_log_id, r.term_at)
+        #: the durable prefix of the log: everything found at start-up is durable
+        self.flushed: LogId | None = self.log.last
+        cands = [x for x in (r.committed, r.applied, r.last_purged) if x is not None]
+        self.committed: LogId | None = max(cands, key=lambda l: l.index) if cands else None
+        if log_index(self.committed) > self.log.last_index and log_index(r.applied) <= self.log.last_index:
+            # a saved commit point can run ahead of a log that lost unflushed entries
+            self.committed = self.log.last
+        self.applied: LogId | None = r.applied
+        self._apply_submitted = log_index(r.applied)
+        self.snapshot: SnapshotMeta | None = r.snapshot
+        self._building_snapshot = False
+        self.memberships: list[StoredMembership] = list(r.memberships)
+
+        self.state = ServerState.FOLLOWER
+        self.leader_id: int | None = None
+        self._last_leader_contact = _NEVER
+        self._election_deadline = now
+        self._pre_vote_phase = False
+        self._granted: set[int] = set()
+
+        # leader state
+        self.progress: dict[int, Progress] = {}
+        self._leader_since = now
+        self._heartbeat_due = now
+        self._seq = 0
+        self._dirty: set[int] = set()
+        self._heartbeat_requested = False
+        self._pending_reads: list[tuple[Any, LogId | None, int]] = []
+        self._reads_waiting_commit: list[Any] = []
+        self.transferee: int | None = None
+        self._transfer_deadline = 0.0
+
+        # follower state: AppendEntries responses waiting for their entries to be flushed
+        self._pending_acks: list[tuple[Any, LogId | None, int]] = []
+
+        self._startup_repairs()
+        self._become_follower(self.vote.term, None)
+        self._maybe_apply()
+
+    # ------------------------------------------------------------------ views
+
+    @property
+    def current_term(self) -> int:
+        return self.vote.term
+
+    @property
+    def last_log_id(self) -> LogId | None:
+        return self.log.last
+
+    @property
+    def purged(self) -> LogId | None:
+        return self.log.purged
+
+    @property
+    def membership(self) -> StoredMembership | None:
+        """The effective membership: the last one in the log (even uncommitted)."""
+        return self.memberships[-1] if self.memberships else None
+
+    @property
+    def committed_membership(self) -> StoredMembership | None:
+        if not self.memberships:
+            return None
+        return self.memberships[0]
+
+    @property
+    def leader_node(self) -> Node | None:
+        m = self.membership
+        if self.leader_id is None or m is None:
+            return None
+        return m.membership.nodes.get(self.leader_id)
+
+    def is_voter(self) -> bool:
+        m = self.membership
+        return m is not None and m.membership.is_voter(self.id)
+
+    def replication(self) -> dict[int, LogId | None]:
+        """On the leader, each target's matched log id."""
+        return {t: p.matched for t, p in self.progress.items()}
+
+    def is_pristine(self) -> bool:
+        return self.vote.term == 0 and self.log.last is None and not self.memberships
+
+    # ------------------------------------------------------------------ output
+
+    def take_output(self) -> list:
+        """Return and clear the commands produced so far (replication sends are coalesced here)."""
+        if self.state == ServerState.LEADER:
+            if self._heartbeat_requested:
+                self._heartbeat_requested = False
+                self._broadcast_heartbeat()
+            for t in sorted(self._dirty):
+                self._send_append(t)
+            self._dirty.clear()
+        out, self._out = self._out, []
+        return out
+
+    def _emit(self, cmd: Any) -> None:
+        if isinstance(cmd, AppendToLog) and self._out and isinstance(self._out[-1], AppendToLog):
+            self._out[-1].entries.extend(cmd.entries)
+            return
+        self._out.append(cmd)
+
+    # ------------------------------------------------------------------ time
+
+    def _election_timeout(self) -> float:
+        lo, hi = self.cfg.election_timeout
+        return self.rng.uniform(lo, hi)
+
+    def _reset_election_timer(self) -> None:
+        self._election_deadline = self.now + self._election_timeout()
+
+    def _in_leader_lease(self) -> bool:
+        """True while this node believes a leader is alive (CheckQuorum's vote guard)."""
+        if not self.cfg.check_quorum:
+            return False
+        if self.state == ServerState.LEADER:
+            return True
+        return (self.leader_id is not None
+                and self.now - self._last_leader_contact < self.cfg.election_timeout[0])
+
+    def tick(self, now: float) -> None:
+        """Advance the clock to ``now`` and fire whatever timers are due."""
+        if now > self.now:
+            self.now = now
+        if self.state == ServerState.LEADER:
+            self._tick_leader()
+        elif self.now >= self._election_deadline:
+            self._reset_election_timer()
+            if self.is_voter():
+                self._campaign(pre_vote=self.cfg.pre_vote)
+
+    def _tick_leader(self) -> None:
+        if self.transferee is not None and self.now >= self._transfer_deadline:
+            self.transferee = None  # transfer failed: serve again
+        if self.cfg.check_quorum and self.now - self._leader_since >= self.cfg.election_timeout[1]:
+            window = self.cfg.election_timeout[1]
+            active = {self.id} | {t for t, p in self.progress.items() if self.now - p.last_ack <= window}
+            if not self.membership.membership.is_quorum(active):
+                self._become_follower(self.vote.term, None)
+                return
+        if self.now >= self._heartbeat_due:
+            self._heartbeat_due = self.now + self.cfg.heartbeat_interval
+            self._broadcast_heartbeat()
+
+    # ------------------------------------------------------------------ roles
+
+    def _set_vote(self, vote: Vote) -> None:
+        if vote != self.vote:
+            self.vote = vote
+            self._emit(SaveVote(vote))
+
+    def _refresh_role(self) -> None:
+        """A follower becomes a learner when its membership drops it as a voter, and back."""
+        if self.state in (ServerState.FOLLOWER, ServerState.LEARNER):
+            self.state = ServerState.FOLLOWER if self.is_voter() else ServerState.LEARNER
+
+    def _become_follower(self, term: int, leader_id: int | None) -> None:
+        was_leader = self.state == ServerState.LEADER
+        if term > self.vote.term:
+            self._set_vote(Vote(term, None))
+        self.state = ServerState.FOLLOWER if self.is_voter() else ServerState.LEARNER
+        self.leader_id = leader_id
+        self._pre_vote_phase = False
+        self._granted = set()
+        if was_leader:
+            self._stop_leading()
+        self._reset_election_timer()
+
+    def _stop_leading(self) -> None:
+        self.progress = {}
+        self._dirty.clear()
+        self._heartbeat_requested = False
+        self.transferee = None
+        for token, _lid, _seq in self._pending_reads:
+            self._emit(RespondRead(token, None, False, self.leader_id))
+        for token in self._reads_waiting_commit:
+            self._emit(RespondRead(token, None, False, self.leader_id))
+        self._pending_reads = []
+        self._reads_waiting_commit = []
+        self._emit(UpdateReplication(self.vote.term, {}))
+
+    def _campaign(self, pre_vote: bool, transfer: bool = False) -> None:
+        voters = self.membership.membership.voter_ids
+        self.leader_id = None
+        self.state = ServerState.CANDIDATE
+        self._granted = {self.id}
+        self._reset_election_timer()
+        if pre_vote:
+            self._pre_vote_phase = True
+            term = self.vote.term + 1
+        else:
+            self._pre_vote_phase = False
+            term = self.vote.term + 1
+            self._set_vote(Vote(term, self.id))
+        if self.membership.membership.is_quorum(self._granted):
+            if pre_vote:
+                return self._campaign(pre_vote=False, transfer=transfer)
+            return self._become_leader()
+        req = VoteRequest(term, self.id, self.log.last, pre_vote=pre_vote, transfer=transfer)
+        targets = tuple(sorted(voters - {self.id}))
+        self._emit(SendVote(targets, req))
+
+    def _become_leader(self) -> None:
+        self.state = ServerState.LEADER
+        self.leader_id = self.id
+        self._pre_vote_phase = False
+        self._leader_since = self.now
+        self._heartbeat_due = self.now
+        self.transferee = None
+        self.progress = {}
+        self._sync_progress(force=True)
+        # The paper's Figure 8: a leader commits entries of earlier terms only
+        # by committing one of its own, so it starts its term with a blank one.
+        self._append_as_leader([(EntryKind.BLANK, None)])
+        self._heartbeat_requested = True
+
+    def _sync_progress(self, force: bool = False) -> None:
+        """Make the replication targets match the effective membership (leader only)."""
+        nodes = self.membership.membership.nodes
+        want = set(nodes) - {self.id}
+        changed = False
+        for t in list(self.progress):
+            if t not in want:
+                del self.progress[t]
+                self._dirty.discard(t)
+                changed = True
+        for t in want:
+            if t not in self.progress:
+                self.progress[t] = Progress(self.log.last_index + 1, self.now)
+                self._dirty.add(t)
+                changed = True
+        if changed or force:
+            self._emit(UpdateReplication(self.vote.term, {t: nodes[t] for t in sorted(want)}))
+
+    # ------------------------------------------------------------------ client inputs
+
+    def _check_leader(self) -> None:
+        if self.state != ServerState.LEADER:
+            raise ForwardToLeader(self.leader_id, self.leader_node)
+        if self.transferee is not None:
+            m = self.membership.membership
+            raise ForwardToLeader(self.transferee, m.nodes.get(self.transferee),
+                                  f"leadership is being transferred to {self.transferee}")
+
+    def initialize(self, nodes: Mapping[int, Node]) -> None:
+        """Write the initial membership on a pristine node; it then campaigns at once."""
+        if not self.is_pristine():
+            raise InitializeError(f"node {self.id} is not pristine (term {self.vote.term}, "
+                                  f"last log {self.log.last}); initialize only a new node")
+        if not nodes:
+            raise InitializeError("the initial membership cannot be empty")
+        if self.id not in nodes:
+            raise InitializeError(f"node {self.id} is not in the initial membership {sorted(nodes)}")
+        m = Membership.of(dict(nodes))
+        entry = Entry(LogId(0, 1), EntryKind.MEMBERSHIP, m)
+        self._append(entry)
+        self.state = ServerState.FOLLOWER
+        self._election_deadline = self.now  # campaign at the next tick
+
+    def propose(self, payloads: Sequence[Any]) -> list[LogId]:
+        """Append client commands; returns their log ids.  Raises ForwardToLeader."""
+        self._check_leader()
+        return self._append_as_leader([(EntryKind.NORMAL, p) for p in payloads])
+
+    def add_learner(self, node_id: int, node: Node) -> LogId | None:
+        """Propose a membership with ``node_id`` as a learner; None when nothing changes."""
+        self._check_leader()
+        m = self._membership_for_change()
+        if m.is_voter(node_id):
+            raise ChangeMembershipError(f"node {node_id} is already a voter")
+        if m.nodes.get(node_id) == node:
+            return None
+        new = Membership(configs=m.configs, nodes={**m.nodes, node_id: node})
+        return self._append_as_leader([(EntryKind.MEMBERSHIP, new)])[0]
+
+    def change_membership(self, voter_ids: Iterable[int], retain: bool = False) -> LogId | None:
+        """Start a joint-consensus change to ``voter_ids``; None when nothing changes.
+
+        The leader finalizes the joint configuration itself once it commits
+        (see :meth:`_on_commit_advanced`).
+        """
+        self._check_leader()
+        voters = frozenset(voter_ids)
+        if not voters:
+            raise ChangeMembershipError("the new voter set is empty")
+        m = self._membership_for_change()
+        missing = voters - set(m.nodes)
+        if missing:
+            raise ChangeMembershipError(f"nodes {sorted(missing)} are not learners yet; add them with add_learner first")
+        old = m.configs[-1]
+        if voters == old:
+            return None
+        leaving = frozenset() if retain else frozenset(old - voters)
+        new = Membership(configs=(old, voters), nodes=dict(m.nodes), leaving=leaving)
+        return self._append_as_leader([(EntryKind.MEMBERSHIP, new)])[0]
+
+    def _membership_for_change(self) -> Membership:
+        eff = self.membership
+        if log_index(eff.log_id) > log_index(self.committed) or eff.membership.is_joint:
+            raise ChangeMembershipError("a membership change is already in progress")
+        if self.committed is None or self.committed.term != self.vote.term:
+            raise ChangeMembershipError("the leader has not committed an entry of its term yet; retry shortly")
+        return eff.membership
+
+    def read_index(self, token: Any) -> None:
+        """Start a ReadIndex read; ``RespondRead(token, ...)`` follows.  Raises ForwardToLeader."""
+        self._check_leader()
+        if self.committed is None or self.committed.term != self.vote.term:
+            self._reads_waiting_commit.append(token)  # no entry of this term committed yet
+            return
+        self._start_read(token)
+
+    def _start_read(self, token: Any) -> None:
+        self._seq += 1
+        self._pending_reads.append((token, self.committed, self._seq))
+        self._heartbeat_requested = True
+        self._check_reads()
+
+    def transfer_leader(self, target: int) -> None:
+        """Hand leadership to ``target``: catch it up, then send TimeoutNow."""
+        self._check_leader()
+        if target == self.id:
+            return
+        if not self.membership.membership.is_voter(target):
+            raise ChangeMembershipError(f"node {target} is not a voter; it cannot lead")
+        self.transferee = target
+        self._transfer_deadline = self.now + self.cfg.election_timeout[1]
+        self._maybe_send_timeout_now()
+        self._dirty.add(target)
+
+    def trigger_elect(self) -> None:
+        if self.state != ServerState.LEADER and self.is_voter():
+            self._campaign(pre_vote=False)
+
+    def trigger_heartbeat(self) -> None:
+        if self.state == ServerState.LEADER:
+            self._heartbeat_requested = True
+
+    def trigger_snapshot(self) -> bool:
+        """Ask for a snapshot now; False if one is already being built."""
+        if self._building_snapshot:
+            return False
+        self._building_snapshot = True
+        self._emit(BuildSnapshot())
+        return True
+
+    def trigger_purge(self, upto_index: int) -> LogId | None:
+        """Purge the log up to ``upto_index`` (clamped to the snapshot and in-flight replication)."""
+        return self._maybe_purge(upto_index)
+
+    # ------------------------------------------------------------------ log helpers
+
+    def _append(self, entry: Entry) -> None:
+        self.log.append(entry.log_id)
+        if entry.kind == EntryKind.MEMBERSHIP:
+            self.memberships.append(StoredMembership(entry.log_id, entry.payload))
+        self._emit(AppendToLog([entry]))
+
+    def _append_as_leader(self, items: Sequence[tuple[EntryKind, Any]]) -> list[LogId]:
+        out = []
+        membership_changed = False
+        for kind, payload in items:
+            lid = LogId(self.vote.term, self.log.last_index + 1)
+            self._append(Entry(lid, kind, payload))
+            membership_changed |= kind == EntryKind.MEMBERSHIP
+            out.append(lid)
+        if membership_changed:
+            self._sync_progress()
+        self._dirty.update(self.progress)
+        if not self.progress:
+            self._maybe_commit()
+        return out
+
+    def _truncate(self, since: int) -> None:
+        assert since > log_index(self.committed), f"truncating committed entries at {since} <= {self.committed}"
+        self.log.truncate(since)
+        self._emit(TruncateLog(since))
+        while len(self.memberships) > 1 and log_index(self.memberships[-1].log_id) >= since:
+            self.memberships.pop()
+        if self.memberships and log_index(self.memberships[-1].log_id) >= since:
+            self.memberships.pop()  # only an uncommitted initial membership can go this way
+        if log_index(self.flushed) >= since:
+            self.flushed = self.log.last
+        self._pending_acks = [a for a in self._pending_acks if log_index(a[1]) < since]
+        self._refresh_role()
+
+    # ------------------------------------------------------------------ messages
+
+    def step(self, from_id: int, msg: Any, token: Any = None) -> None:
+        """Handle an incoming request (reply goes to ``token``) or response."""
+        if from_id == self.id:
+            return
+        term = msg.term
+        if term > self.vote.term:
+            if isinstance(msg, VoteRequest):
+                if msg.pre_vote:
+                    pass  # a pre-vote never changes our state
+                elif self._in_leader_lease() and not msg.transfer:
+                    # CheckQuorum: while a leader is alive, a vote request does not disturb us
+                    return self._reply_vote(msg, token, granted=False)
+                else:
+                    self._become_follower(term, None)
+            elif isinstance(msg, VoteResponse) and msg.pre_vote and msg.granted:
+                pass  # a granted pre-vote carries the term we would use
+            else:
+                leader = msg.leader_id if isinstance(msg, (AppendEntriesRequest, InstallSnapshotRequest,
+                                                           TimeoutNowRequest)) else None
+                self._become_follower(term, leader)
+        elif term < self.vote.term:
+            if isinstance(msg, AppendEntriesRequest):
+                return self._emit(Respond(token, AppendEntriesResponse(self.vote.term, False, seq=msg.seq,
+                                                                       rejected=log_index(msg.prev_log_id))))
+            if isinstance(msg, VoteRequest):
+                return self._reply_vote(msg, token, granted=False)
+            if isinstance(msg, InstallSnapshotRequest):
+                return self._emit(Respond(token, InstallSnapshotResponse(self.vote.term)))
+            if isinstance(msg, TimeoutNowRequest):
+                return self._emit(Respond(token, TimeoutNowResponse(self.vote.term)))
+            if not (isinstance(msg, VoteResponse) and msg.pre_vote):
+                return  # a stale response
+        handler = self._HANDLERS.get(type(msg))
+        if handler is None:
+            raise RaftError(f"engine cannot handle {type(msg).__name__}")
+        handler(self, from_id, msg, token)
+
+    # --- elections
+
+    def _reply_vote(self, msg: VoteRequest, token: Any, granted: bool) -> None:
+        term = msg.term if (granted and msg.pre_vote) else self.vote.term
+        self._emit(Respond(token, VoteResponse(term, granted, msg.pre_vote)))
+
+    def _log_up_to_date(self, last: LogId | None) -> bool:
+        mine = self.log.last
+        if last is None:
+            return mine is None
+        return mine is None or last >= mine
+
+    def _on_vote_request(self, from_id: int, msg: VoteRequest, token: Any) -> None:
+        if msg.pre_vote:
+            ok = (msg.term > self.vote.term
+                  and (msg.transfer or not self._in_leader_lease())
+                  and self._log_up_to_date(msg.last_log_id))
+            return self._reply_vote(msg, token, ok)
+        # msg.term == current term here (higher terms were adopted in step())
+        ok = (self.vote.node_id in (None, msg.candidate_id)
+              and self.state != ServerState.LEADER
+              and self._log_up_to_date(msg.last_log_id))
+        if ok:
+            # The vote is saved before the grant is sent (SaveVote precedes Respond).
+            self._set_vote(Vote(self.vote.term, msg.candidate_id))
+            self._reset_election_timer()
+        self._reply_vote(msg, token, ok)
+
+    def _on_vote_response(self, from_id: int, msg: VoteResponse, token: Any) -> None:
+        if self.state != ServerState.CANDIDATE or not msg.granted:
+            return
+        m = self.membership.membership
+        if msg.pre_vote:
+            if not self._pre_vote_phase or msg.term != self.vote.term + 1:
+                return
+        elif self._pre_vote_phase or msg.term != self.vote.term:
+            return
+        self._granted.add(from_id)
+        if m.is_quorum(self._granted & m.voter_ids):
+            if self._pre_vote_phase:
+                self._campaign(pre_vote=False)
+            else:
+                self._become_leader()
+
+    def _on_timeout_now(self, from_id: int, msg: TimeoutNowRequest, token: Any) -> None:
+        self._emit(Respond(token, TimeoutNowResponse(self.vote.term)))
+        if self.state != ServerState.LEADER and self.is_voter():
+            self._campaign(pre_vote=False, transfer=True)
+
+    def _on_timeout_now_response(self, from_id: int, msg: TimeoutNowResponse, token: Any) -> None:
+        pass  # only its term matters, handled in step()
+
+    # --- replication, follower side
+
+    def _accept_leader(self, leader_id: int) -> None:
+        if self.state == ServerState.LEADER:
+            raise AssertionError(f"two leaders in term {self.vote.term}: {self.id} and {leader_id}")
+        if self.state == ServerState.CANDIDATE or self.leader_id != leader_id:
+            self._become_follower(self.vote.term, leader_id)
+        self._last_leader_contact = self.now
+        self._reset_election_timer()
+
+    def _on_append_entries(self, from_id: int, msg: AppendEntriesRequest, token: Any) -> None:
+        self._accept_leader(msg.leader_id)
+        prev_index = log_index(msg.prev_log_id)
+        floor = max(log_index(self.committed), self.log.purged_index)
+        if prev_index > floor:
+            mine = self.log.term_at(prev_index)
+            if mine != msg.prev_log_id.term:
+                # Reject with a hint: our last entry at or before prev whose
+                # term is at most prev's term (fast backtracking).
+                hint = min(prev_index, self.log.last_index)
+                while hint > floor and (self.log.term_at(hint) or 0) > msg.prev_log_id.term:
+                    hint -= 1
+                resp = AppendEntriesResponse(self.vote.term, False, rejected=prev_index, hint_index=hint,
+                                             hint_term=self.log.term_at(hint) or 0, seq=msg.seq)
+                return self._emit(Respond(token, resp))
+        # prev matches.  Append what is new; truncate only on a real conflict.
+        for pos, e in enumerate(msg.entries):
+            if e.index <= floor:
+                continue
+            mine = self.log.term_at(e.index)
+            if mine == e.term:
+                continue
+            if mine is not None:
+                self._truncate(e.index)
+            for e2 in msg.entries[pos:]:
+                self._append(e2)
+            break
+        self._refresh_role()
+        # Our log now matches the leader's up to the message's last entry
+        # (entries at or below our commit point match by Log Matching).
+        matched = msg.entries[-1].log_id if msg.entries else msg.prev_log_id
+        new_commit = min(msg.leader_commit, log_index(matched))
+        if new_commit > log_index(self.committed):
+            self._set_committed(self.log.log_id_at(new_commit))
+        self._pending_acks.append((token, matched, msg.seq))
+        self._flush_acks()
+
+    def _flush_acks(self) -> None:
+        """Send AppendEntries acks whose entries are durable (the rule: ack only what is on disk)."""
+        if not self._pending_acks:
+            return
+        durable = log_index(self.flushed)
+        keep = []
+        for token, matched, seq in self._pending_acks:
+            if log_index(matched) <= durable:
+                self._emit(Respond(token, AppendEntriesResponse(self.vote.term, True, matched=matched, seq=seq)))
+            else:
+                keep.append((token, matched, seq))
+        self._pending_acks = keep
+
+    def _on_install_snapshot(self, from_id: int, msg: InstallSnapshotRequest, token: Any) -> None:
+        self._accept_leader(msg.leader_id)
+        last = msg.meta.last_log_id
+        if not msg.done:
+            self._emit(ReceiveSnapshotChunk(msg))
+            return self._emit(Respond(token, InstallSnapshotResponse(self.vote.term)))
+        if log_index(last) <= log_index(self.committed):
+            # Already have everything the snapshot holds.
+            return self._emit(Respond(token, InstallSnapshotResponse(self.vote.term, True, last)))
+        self._emit(ReceiveSnapshotChunk(msg))
+        self._emit(InstallSnapshot(msg.meta, token))
+
+    def on_snapshot_installed(self, meta: SnapshotMeta, token: Any) -> None:
+        """The state machine now holds ``meta``'s snapshot: fix up the log and acknowledge."""
+        last = meta.last_log_id
+        if last is None or log_index(last) <= log_index(self.committed):
+            if token is not None:
+                self._emit(Respond(token, InstallSnapshotResponse(self.vote.term, True, last)))
+            return
+        if self.log.term_at(last.index) not in (None, last.term):
+            self._truncate(last.index)  # a conflicting (uncommitted) suffix
+        self.log.purge(last)
+        self._emit(PurgeLog(last))
+        base = meta.last_membership
+        later = [m for m in self.memberships[1:] if log_index(m.log_id) > last.index]
+        self.memberships = ([base] if base is not None else self.memberships[:1]) + later
+        if log_index(self.flushed) < last.index:
+            self.flushed = last  # entries after it that we kept keep their flushed state
+        self.snapshot = meta
+        self.applied = last
+        self._apply_submitted = last.index
+        self._set_committed(last)
+        self._refresh_role()
+        if token is not None:
+            self._emit(Respond(token, InstallSnapshotResponse(self.vote.term, True, last)))
+        self._flush_acks()
+        self._maybe_apply()
+
+    # --- replication, leader side
+
+    def _on_append_response(self, from_id: int, msg: AppendEntriesResponse, token: Any) -> None:
+        if self.state != ServerState.LEADER or msg.term != self.vote.term:
+            return
+        p = self.progress.get(from_id)
+        if p is None:
+            return
+        p.last_ack = self.now
+        if msg.seq > p.acked_seq:
+            p.acked_seq = msg.seq
+        if msg.success:
+            if p.maybe_update(msg.matched):
+                self._maybe_commit()
+                if from_id == self.transferee:
+                    self._maybe_send_timeout_now()
+        else:
+            # Leader side of fast backtracking: the last index at or before the
+            # hint whose term is at most the hint's term.
+            k = min(msg.hint_index, self.log.last_index)
+            while k > self.log.purged_index and (self.log.term_at(k) or 0) > msg.hint_term:
+                k -= 1
+            p.maybe_decrease_to(msg.rejected, k + 1)
+        self._dirty.add(from_id)
+        self._check_reads()
+
+    def _on_install_snapshot_response(self, from_id: int, msg: InstallSnapshotResponse, token: Any) -> None:
+        if self.state != ServerState.LEADER or msg.term != self.vote.term:
+            return
+        p = self.progress.get(from_id)
+        if p is None:
+            return
+        p.last_ack = self.now
+        if msg.done:
+            p.maybe_update(msg.last_log_id)
+            p.become_probe()
+            self._maybe_commit()
+            self._dirty.add(from_id)
+
+    def on_replication_failed(self, target: int) -> None:
+        """Sending to ``target`` failed (unreachable, timed out, entries gone): probe again at the next heartbeat."""
+        p = self.progress.get(target)
+        if p is None or self.state != ServerState.LEADER:
+            return
+        p.become_probe()
+        p.probe_sent = True  # wait for the next heartbeat round before retrying
+
+    def _send_append(self, target: int) -> None:
+        """Send ``target`` what it is missing, as its progress state allows."""
+        p = self.progress.get(target)
+        if p is None:
+            return
+        if p.state == ProgressState.SNAPSHOT:
+            return
+        last = self.log.last_index
+        if p.state == ProgressState.PROBE:
+            if p.probe_sent:
+                return
+        else:
+            if p.next_index > last or len(p.inflight) >= self.cfg.max_inflight:
+                return
+        while True:
+            prev_index = p.next_index - 1
+            prev = self.log.log_id_at(prev_index)
+            if prev_index > 0 and prev is None:
+                return self._send_snapshot(target, p)
+            end = min(last + 1, p.next_index + self.cfg.max_payload_entries)
+            self._emit(Replicate(target, self.vote.term, prev, end, log_index(self.committed), self._seq))
+            if p.state == ProgressState.PROBE:
+                p.probe_sent = True
+                return
+            p.next_index = end
+            p.inflight.append((end - 1, self.now))
+            if p.next_index > last or len(p.inflight) >= self.cfg.max_inflight:
+                return
+
+    def _send_snapshot(self, target: int, p: Progress) -> None:
+        snap = self.snapshot
+        if snap is None or log_index(snap.last_log_id) < self.log.purged_index:
+            # The purged entries must be in a snapshot; wait for one.
+            self.trigger_snapshot()
+            p.probe_sent = True
+            return
+        p.become_snapshot(snap.last_log_id)
+        self._emit(SendSnapshot(target, self.vote.term, snap))
+
+    def _broadcast_heartbeat(self) -> None:
+        """An AppendEntries to every target: probes in PROBE state, prev = matched otherwise."""
+        commit = log_index(self.committed)
+        for t, p in self.progress.items():
+            if p.state == ProgressState.PROBE:
+                p.probe_sent = False
+                self._dirty.add(t)
+                continue
+            if p.state == ProgressState.REPLICATE and p.inflight and \
+                    self.now - p.inflight[0][1] > self.cfg.rpc_timeout:
+                p.become_probe()  # the oldest message in flight is lost: find the match again
+                self._dirty.add(t)
+                continue
+            prev = p.matched
+            self._emit(Replicate(t, self.vote.term, prev, log_index(prev) + 1,
+                                 min(commit, log_index(prev)), self._seq))
+
+    def _maybe_send_timeout_now(self) -> None:
+        t = self.transferee
+        if t is None:
+            return
+        p = self.progress.get(t)
+        if p is not None and log_index(p.matched) == self.log.last_index:
+            self._emit(SendTimeoutNow(t, TimeoutNowRequest(self.vote.term, self.id)))
+
+    def _check_reads(self) -> None:
+        if not self._pending_reads:
+            return
+        m = self.membership.membership
+        done = 0
+        for token, read_log_id, seq in self._pending_reads:
+            acked = {self.id} | {t for t, p in self.progress.items() if p.acked_seq >= seq}
+            if not m.is_quorum(acked):
+                break
+            self._emit(RespondRead(token, read_log_id, True, self.id))
+            done += 1
+        if done:
+            del self._pending_reads[:done]
+
+    # ------------------------------------------------------------------ commit and apply
+
+    def _maybe_commit(self) -> None:
+        if self.state != ServerState.LEADER:
+            return
+        matched = {t: p.matched_index for t, p in self.progress.items()}
+        matched[self.id] = log_index(self.flushed)
+        n = self.membership.membership.quorum_index(matched)
+        # Only entries of the current term are committed by counting replicas.
+        if n > log_index(self.committed) and self.log.term_at(n) == self.vote.term:
+            self._set_committed(LogId(self.vote.term, n))
+
+    def _set_committed(self, log_id: LogId) -> None:
+        self.committed = log_id
+        self._emit(SaveCommitted(log_id))
+        while len(self.memberships) > 1 and log_index(self.memberships[1].log_id) <= log_id.index:
+            self.memberships.pop(0)
+        self._maybe_apply()
+        if self.state == ServerState.LEADER:
+            self._on_commit_advanced()
+
+    def _on_commit_advanced(self) -> None:
+        if self._reads_waiting_commit and self.committed.term == self.vote.term:
+            waiting, self._reads_waiting_commit = self._reads_waiting_commit, []
+            for token in waiting:
+                self._start_read(token)
+        eff = self.membership
+        if log_index(eff.log_id) <= log_index(self.committed):
+            if eff.membership.is_joint:
+                self._append_as_leader([(EntryKind.MEMBERSHIP, eff.membership.finalized())])
+            elif not eff.membership.is_voter(self.id):
+                # Removed from the cluster: hand over to the most up-to-date voter, then step down.
+                best = max((t for t in self.progress if eff.membership.is_voter(t)),
+                           key=lambda t: self.progress[t].matched_index, default=None)
+                if best is not None:
+                    self._emit(SendTimeoutNow(best, TimeoutNowRequest(self.vote.term, self.id)))
+                self._become_follower(self.vote.term, None)
+
+    def _maybe_apply(self) -> None:
+        upto = min(log_index(self.committed), log_index(self.flushed))
+        if upto > self._apply_submitted:
+            lid = self.log.log_id_at(upto)
+            if lid is None:
+                return
+            self._apply_submitted = upto
+            self._emit(Apply(lid))
+
+    # ------------------------------------------------------------------ runtime notifications
+
+    def on_log_flushed(self, log_id: LogId | None) -> None:
+        """Entries up to ``log_id`` are durable."""
+        idx = log_index(log_id)
+        if idx <= log_index(self.flushed):
+            return
+        if idx > self.log.purged_index and self.log.term_at(idx) != log_id.term:
+            return  # that entry was truncated meanwhile; a later flush will report the new one
+        self.flushed = log_id
+        self._flush_acks()
+        if self.state == ServerState.LEADER:
+            self._maybe_commit()
+        self._maybe_apply()
+
+    def on_applied(self, log_id: LogId) -> None:
+        """The state machine applied everything up to ``log_id``."""
+        if log_index(log_id) <= log_index(self.applied):
+            return
+        self.applied = log_id
+        every = self.cfg.snapshot_every
+        if every is not None and not self._building_snapshot and \
+                log_id.index - log_index(self.snapshot.last_log_id if self.snapshot else None) >= every:
+            self.trigger_snapshot()
+
+    def on_snapshot_built(self, meta: SnapshotMeta | None) -> None:
+        """A snapshot build finished (None: it failed or there was nothing to snapshot)."""
+        self._building_snapshot = False
+        if meta is None:
+            return
+        if self.snapshot is None or log_index(meta.last_log_id) >= log_index(self.snapshot.last_log_id):
+            self.snapshot = meta
+        self._maybe_purge(log_index(meta.last_log_id) - self.cfg.max_in_snapshot_log_to_keep)
+
+    def _maybe_purge(self, upto: int) -> LogId | None:
+        snap_index = log_index(self.snapshot.last_log_id) if self.snapshot else 0
+        upto = min(upto, snap_index, log_index(self.applied))
+        if self.state == ServerState.LEADER:
+            # Never purge what a replication worker may still be reading.
+            for p in self.progress.values():
+                if p.inflight or (p.state == ProgressState.PROBE and p.probe_sent):
+                    upto = min(upto, p.matched_index)
+        if upto <= self.log.purged_index:
+            return None
+        lid = self.log.log_id_at(upto)
+        if lid is None:
+            return None
+        self.log.purge(lid)
+        self._emit(PurgeLog(lid))
+        return lid
+
+    # ------------------------------------------------------------------ start-up
+
+    def _startup_repairs(self) -> None:
+        """Make the log agree with a state machine that got ahead of it (a snapshot installed just before a crash)."""
+        a = self.applied
+        if a is None or a.index <= self.log.purged_index:
+            return
+        t = self.log.term_at(a.index)
+        if t == a.term:
+            return
+        if t is not None:
+            self.log.truncate(a.index)
+            self._emit(TruncateLog(a.index))
+            self.memberships = [m for m in self.memberships if log_index(m.log_id) < a.index] or self.memberships[:1]
+        self.log.purge(a)
+        self._emit(PurgeLog(a))
+        self.flushed = self.log.last
+        if log_index(self.committed) < a.index:
+            self.committed = a
+
+    _HANDLERS: dict = {}
+
+
+Engine._HANDLERS = {
+    AppendEntriesRequest: Engine._on_append_entries,
+    AppendEntriesResponse: Engine._on_append_response,
+    VoteRequest: Engine._on_vote_request,
+    VoteResponse: Engine._on_vote_response,
+    InstallSnapshotRequest: Engine._on_install_snapshot,
+    InstallSnapshotResponse: Engine._on_install_snapshot_response,
+    TimeoutNowRequest: Engine._on_timeout_now,
+    TimeoutNowResponse: Engine._on_timeout_now_response,
+}

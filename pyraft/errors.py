@@ -1,0 +1,58 @@
+"""Every error pyraft raises subclasses :class:`RaftError`.
+
+The layers follow openraft: :class:`Fatal` means this node is dead (a storage
+or thread failure; restart it); :class:`ForwardToLeader` means "retry
+elsewhere"; :class:`Timeout` means the outcome is unknown; the rest say that
+the request itself was wrong.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+class RaftError(Exception):
+    """Base class of every error raised by pyraft."""
+
+
+class ForwardToLeader(RaftError):
+    """This node is not the leader; ``leader_id``/``leader_node`` hint where to go (may be None)."""
+
+    def __init__(self, leader_id: int | None = None, leader_node: Any = None, message: str | None = None):
+        self.leader_id = leader_id
+        self.leader_node = leader_node
+        super().__init__(message or f"not the leader; current leader: {leader_id}")
+
+    def __reduce__(self):
+        return (type(self), (self.leader_id, self.leader_node, str(self)))
+
+
+class Timeout(RaftError):
+    """The operation did not finish in time; its outcome is unknown."""
+
+
+class ShutDown(RaftError):
+    """The node has been shut down."""
+
+
+class Fatal(RaftError):
+    """The node stopped because of an unrecoverable failure (storage, a dead thread)."""
+
+
+class ChangeMembershipError(RaftError):
+    """A membership change was refused: one is in progress, the voter set is empty, or a voter is not a learner yet."""
+
+
+class InitializeError(RaftError):
+    """``initialize`` was called on a node that is not pristine, or with a bad membership."""
+
+
+class QuorumNotEnough(RaftError):
+    """The leader could not confirm a quorum (for example for a linearizable read)."""
+
+
+class CodecError(RaftError):
+    """Bytes that are not a valid pyraft frame: malformed, truncated, wrong type, version or cluster."""
+
+
+class StorageError(RaftError):
+    """A store cannot be opened or used (wrong directory, locked, wrong cluster or node, bad version)."""

@@ -1,0 +1,74 @@
+"""Values the Raft handle returns: metrics and write responses."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .types import LogId, Membership, ServerState, Vote
+
+
+@dataclass(frozen=True, slots=True)
+class ClientWriteResponse:
+    """A committed, applied write: where it sits in the log and what the state machine returned."""
+
+    log_id: LogId
+    result: Any
+
+
+@dataclass(frozen=True, slots=True)
+class RaftMetrics:
+    """A consistent snapshot of one node's state, published by RaftCore after each loop turn."""
+
+    id: int
+    state: ServerState
+    current_term: int
+    vote: Vote
+    last_log_index: int
+    committed: LogId | None
+    last_applied: LogId | None
+    snapshot: LogId | None
+    purged: LogId | None
+    current_leader: int | None
+    membership: Membership | None
+    #: the log id of the entry that carried ``membership`` (None: the initial one)
+    membership_log_id: LogId | None = None
+    #: on the leader: each target's matched log id
+    replication: Mapping[int, LogId | None] = field(default_factory=dict)
+    #: why the node stopped, when ``state`` is Fatal
+    error: str | None = None
+    #: frames dropped by the transport, and similar counters
+    counters: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def membership_committed(self) -> bool:
+        """True when the effective membership's entry is committed."""
+        if self.membership_log_id is None:
+            return self.membership is not None
+        return self.committed is not None and self.committed.index >= self.membership_log_id.index
+
+    def to_dict(self) -> dict:
+        def lid(l: LogId | None):
+            return None if l is None else [l.term, l.index]
+        m = self.membership
+        return {
+            "id": self.id,
+            "state": str(self.state),
+            "current_term": self.current_term,
+            "vote": {"term": self.vote.term, "node_id": self.vote.node_id},
+            "last_log_index": self.last_log_index,
+            "committed": lid(self.committed),
+            "last_applied": lid(self.last_applied),
+            "snapshot": lid(self.snapshot),
+            "purged": lid(self.purged),
+            "current_leader": self.current_leader,
+            "membership": None if m is None else {
+                "configs": [sorted(c) for c in m.configs],
+                "voters": sorted(m.voter_ids),
+                "learners": sorted(m.learner_ids),
+                "nodes": {str(k): v.addr for k, v in sorted(m.nodes.items())},
+            },
+            "membership_log_id": lid(self.membership_log_id),
+            "replication": {str(k): lid(v) for k, v in sorted(self.replication.items())},
+            "error": self.error,
+            "counters": dict(self.counters),
+        }

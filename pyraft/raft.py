@@ -1,0 +1,271 @@
+"""The Raft handle: what a user's threads call.
+
+Every call crosses into the RaftCore thread through its inbox and comes
+back through a ``concurrent.futures.Future``.  Blocking calls take a
+``timeout`` (seconds; None waits as long as it takes) and raise
+:class:`~pyraft.errors.Timeout` when it passes.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any, Callable, Iterable, Mapping
+
+import msgpack
+
+from .codec import ClientRequest, ClientResponse
+from .config import Config
+from .errors import (ChangeMembershipError, Fatal, ForwardToLeader, InitializeError, RaftError, ShutDown,
+                     Timeout)
+from .metrics import ClientWriteResponse, RaftMetrics
+from .runtime.core import RaftCore
+from .types import LogId, Node, ServerState, log_index
+
+log = logging.getLogger("pyraft")
+
+__all__ = ["Raft", "Wait", "Trigger", "ClientWriteResponse", "RaftMetrics"]
+
+
+def _result(fut: Future, timeout: float | None, what: str) -> Any:
+    try:
+        return fut.result(timeout)
+    except concurrent.futures.TimeoutError:
+        raise Timeout(f"{what} did not finish within {timeout} s") from None
+
+
+class Raft:
+    """One Raft node: starts its threads on construction; ``shutdown()`` (or ``with``) stops them."""
+
+    def __init__(self, node_id: int, config: Config, transport: Any, log_store: Any, state_machine: Any,
+                 *, rng: Any = None) -> None:
+        if type(node_id) is not int or node_id < 0:
+            raise ValueError(f"node_id must be a non-negative integer, got {node_id!r}")
+        if not isinstance(config, Config):
+            raise TypeError(f"config must be a pyraft.Config, got {type(config).__name__}")
+        self.node_id = node_id
+        self.config = config
+        self.transport = transport
+        self.log_store = log_store
+        self.state_machine = state_machine
+        self._core = RaftCore(node_id, config, transport, log_store, state_machine, rng)
+        self._client_handler: Callable[[int, ClientRequest, Any], None] | None = None
+        self._shutdown_lock = threading.Lock()
+        self.trigger = Trigger(self)
+        self._core.start()
+        try:
+            transport.start(self._on_request)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _on_request(self, from_id: int, msg: Any, reply: Any) -> None:
+        """Transport server thread: Raft RPCs go to RaftCore, client requests to the client handler."""
+        if isinstance(msg, ClientRequest):
+            if msg.op == "metrics":
+                reply.reply(ClientResponse(True, self.metrics().to_dict()))
+                return
+            h = self._client_handler
+            if h is None:
+                reply.reply(ClientResponse(False, None, ["RaftError", f"node {self.node_id} serves no clients", None, None]))
+                return
+            try:
+                h(from_id, msg, reply)
+            except Exception as e:  # noqa: BLE001 - a bad request never takes the node down
+                log.exception("client handler failed")
+                reply.reply(ClientResponse(False, None, [type(e).__name__, str(e), None, None]))
+            return
+        self._core.post(("rpc", from_id, msg, reply))
+
+    def set_client_handler(self, handler: Callable[[int, ClientRequest, Any], None] | None) -> None:
+        """Serve ``ClientRequest`` messages arriving on this node's transport.
+
+        ``handler(from_id, request, reply)`` runs on the transport's thread and
+        must not block: use the ``*_async`` calls and reply from a callback.
+        """
+        self._client_handler = handler
+
+    def _api(self, fn: Callable[[Any], Any]) -> Future:
+        fut: Future = Future()
+        self._core.call(("api", fn, fut))
+        return fut
+
+    # ------------------------------------------------------------------ cluster set-up
+
+    def initialize(self, nodes: Mapping[int, Node], timeout: float | None = 10.0) -> None:
+        """Write the initial membership on a pristine node.  ``InitializeError`` otherwise."""
+        if not isinstance(nodes, Mapping) or not all(type(k) is int and isinstance(v, Node) for k, v in nodes.items()):
+            raise InitializeError("initialize takes a mapping of node id (int) to Node")
+        _result(self._api(lambda e: e.initialize(dict(nodes))), timeout, "initialize")
+
+    # ------------------------------------------------------------------ writes
+
+    def client_write_async(self, command: Any) -> Future:
+        """Propose ``command``; the future gets a ``ClientWriteResponse`` once it is applied here."""
+        try:
+            msgpack.packb(command, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise RaftError(f"the command cannot be encoded with msgpack: {e}") from None
+        fut: Future = Future()
+        self._core.call(("write", command, fut))
+        return fut
+
+    def client_write(self, command: Any, timeout: float | None = None) -> ClientWriteResponse:
+        """Propose ``command`` and wait until it is committed and applied on this node."""
+        return _result(self.client_write_async(command), timeout, "client_write")
+
+    # ------------------------------------------------------------------ reads
+
+    def ensure_linearizable_async(self) -> Future:
+        """ReadIndex: the future gets the LogId the state machine has applied up to when the read is safe."""
+        fut: Future = Future()
+        self._core.call(("read", fut))
+        return fut
+
+    def ensure_linearizable(self, timeout: float | None = None) -> LogId:
+        """Block until reading the local state machine is linearizable (ReadIndex)."""
+        return _result(self.ensure_linearizable_async(), timeout, "ensure_linearizable")
+
+    # ------------------------------------------------------------------ membership
+
+    def add_learner(self, node_id: int, node: Node, blocking: bool = True, timeout: float | None = None) -> LogId | None:
+        """Add a learner; with ``blocking`` return once it has caught up with the log as of the call."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        fut = self._api(lambda e: (e.add_learner(node_id, node), e.log.last_index))
+        lid, target = _result(fut, timeout, "add_learner")
+        w = self.wait(_left(deadline))
+        if lid is not None:
+            w.metrics(lambda m: log_index(m.committed) >= lid.index, f"the learner entry {lid} to commit")
+        if blocking:
+            w.metrics(lambda m: log_index(m.replication.get(node_id)) >= target,
+                      f"learner {node_id} to catch up to index {target}")
+        return lid
+
+    def change_membership(self, voter_ids: Iterable[int], retain: bool = False, timeout: float | None = None) -> None:
+        """Joint-consensus change to ``voter_ids``; returns once the final configuration is committed."""
+        voters = set(voter_ids)
+        if not all(type(v) is int for v in voters):
+            raise ChangeMembershipError("voter ids must be integers")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        _result(self._api(lambda e: e.change_membership(voters, retain)), timeout, "change_membership")
+
+        def done(m: RaftMetrics) -> bool:
+            if m.membership is None or m.membership.is_joint or m.membership.voter_ids != voters:
+                return False
+            return m.membership_committed
+
+        # The leader may be removed by this change: then its metrics still show the commit.
+        self.wait(_left(deadline)).metrics(done, f"membership {sorted(voters)} to commit")
+
+    # ------------------------------------------------------------------ observing
+
+    def metrics(self) -> RaftMetrics:
+        return self._core.metrics
+
+    def is_leader(self) -> bool:
+        return self._core.metrics.state == ServerState.LEADER
+
+    def wait(self, timeout: float | None = None) -> "Wait":
+        return Wait(self._core, timeout)
+
+    # ------------------------------------------------------------------ stopping
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop every thread of this node and close its transport.  Idempotent.
+
+        Pending calls fail with ``ShutDown``; what was durable stays durable.
+        """
+        with self._shutdown_lock:
+            core = self._core
+            core.shut_down = True
+            core.post(("stop",))
+            core.join(timeout)
+            if core.is_alive():
+                raise Timeout(f"node {self.node_id} did not stop within {timeout} s")
+
+    def __enter__(self) -> "Raft":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def __repr__(self) -> str:
+        m = self._core.metrics
+        return f"<Raft {self.node_id} {m.state} term={m.current_term} leader={m.current_leader}>"
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+class Wait:
+    """``raft.wait(timeout).state(...)`` and friends: block until the metrics satisfy a condition."""
+
+    def __init__(self, core: RaftCore, timeout: float | None) -> None:
+        self._core = core
+        self._timeout = timeout
+
+    def metrics(self, predicate: Callable[[RaftMetrics], bool], message: str = "condition") -> RaftMetrics:
+        deadline = None if self._timeout is None else time.monotonic() + self._timeout
+        core = self._core
+        with core.cond:
+            while True:
+                m = core.metrics
+                if predicate(m):
+                    return m
+                if m.state in (ServerState.FATAL, ServerState.SHUTDOWN):
+                    raise core.stopped_error()
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise Timeout(f"node {m.id}: timed out after {self._timeout} s waiting for {message}; "
+                                  f"now state={m.state} term={m.current_term} leader={m.current_leader} "
+                                  f"last_log={m.last_log_index} committed={m.committed} applied={m.last_applied}")
+                core.cond.wait(left)
+
+    def state(self, state: ServerState, message: str | None = None) -> RaftMetrics:
+        return self.metrics(lambda m: m.state == state, message or f"state {state}")
+
+    def current_leader(self, leader_id: int | None, message: str | None = None) -> RaftMetrics:
+        return self.metrics(lambda m: m.current_leader == leader_id, message or f"leader {leader_id}")
+
+    def applied_index_at_least(self, index: int, message: str | None = None) -> RaftMetrics:
+        return self.metrics(lambda m: log_index(m.last_applied) >= index, message or f"applied index >= {index}")
+
+    def log_index_at_least(self, index: int, message: str | None = None) -> RaftMetrics:
+        return self.metrics(lambda m: m.last_log_index >= index, message or f"log index >= {index}")
+
+    def voter_ids(self, ids: Iterable[int], message: str | None = None) -> RaftMetrics:
+        want = set(ids)
+        return self.metrics(lambda m: m.membership is not None and m.membership.voter_ids == want,
+                            message or f"voters {sorted(want)}")
+
+
+class Trigger:
+    """``raft.trigger.elect()`` and friends: ask the node to act now."""
+
+    def __init__(self, raft: Raft) -> None:
+        self._raft = raft
+
+    def _do(self, fn: Callable[[Any], Any], what: str, timeout: float | None = 10.0) -> Any:
+        return _result(self._raft._api(fn), timeout, what)
+
+    def elect(self) -> None:
+        self._do(lambda e: e.trigger_elect(), "trigger.elect")
+
+    def heartbeat(self) -> None:
+        self._do(lambda e: e.trigger_heartbeat(), "trigger.heartbeat")
+
+    def snapshot(self) -> None:
+        self._do(lambda e: e.trigger_snapshot(), "trigger.snapshot")
+
+    def purge_log(self, upto_index: int) -> LogId | None:
+        if type(upto_index) is not int or upto_index < 0:
+            raise ValueError("upto_index must be a non-negative integer")
+        return self._do(lambda e: e.trigger_purge(upto_index), "trigger.purge_log")
+
+    def transfer_leader(self, to_node_id: int) -> None:
+        self._do(lambda e: e.transfer_leader(to_node_id), "trigger.transfer_leader")

@@ -1,0 +1,320 @@
+"""The threads around RaftCore: replication workers, the vote sender, the state-machine worker.
+
+Each thread owns what it touches: a replication worker owns its connection
+(one DEALER for ZeroMQ) and only reads the log store; the state-machine
+worker is the only caller of ``apply`` and ``install_snapshot``.  They talk
+to RaftCore only through its inbox (``core.post``).
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any, TYPE_CHECKING
+
+from ..engine.commands import Replicate, SendSnapshot
+from ..errors import ForwardToLeader
+from ..messages import AppendEntriesRequest, InstallSnapshotRequest, InstallSnapshotResponse
+from ..metrics import ClientWriteResponse
+from ..types import LogId, Node, log_index
+
+if TYPE_CHECKING:
+    from .core import RaftCore
+
+log = logging.getLogger("pyraft.runtime")
+
+_STOP = object()
+
+
+class _Worker(threading.Thread):
+    """A thread that reports an unexpected exception to RaftCore, which turns the node Fatal."""
+
+    def __init__(self, core: "RaftCore", name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self.core = core
+        self.q: queue.Queue = queue.Queue()
+
+    def run(self) -> None:
+        try:
+            self.work()
+        except BaseException as e:  # noqa: BLE001 - any death must be visible
+            log.exception("thread %s died", self.name)
+            self.core.post(("fatal", f"thread {self.name} died: {e!r}"))
+
+    def work(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        self.q.put(_STOP)
+
+
+class ReplicationWorker(_Worker):
+    """Replicates to one target while this node leads (the seed's replication task).
+
+    Executes ``Replicate`` and ``SendSnapshot`` commands from RaftCore: reads
+    entries from the log store (never writes), sends AppendEntries without
+    waiting for replies (the engine bounds how many are in flight), and
+    forwards every reply to RaftCore.
+    """
+
+    def __init__(self, core: "RaftCore", target: int, node: Node, term: int) -> None:
+        super().__init__(core, f"pyraft-repl-{core.node_id}->{target}")
+        self.target = target
+        self.node = node
+        self.term = term
+        self.conn = None
+        self._snapshot_rids: set[int] = set()
+
+    def submit(self, cmd: Any) -> None:
+        self.q.put(cmd)
+        conn = self.conn
+        if conn is not None:
+            conn.wake()
+
+    def stop(self) -> None:
+        self.submit(_STOP)
+
+    def work(self) -> None:
+        self.conn = self.core.transport.connect(self.target, self.node)
+        try:
+            while True:
+                while True:
+                    try:
+                        cmd = self.q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if cmd is _STOP:
+                        return
+                    if isinstance(cmd, Replicate):
+                        self._replicate(cmd)
+                    elif isinstance(cmd, SendSnapshot):
+                        if not self._send_snapshot(cmd):
+                            return
+                r = self.conn.recv(1.0)
+                while r is not None:
+                    self.core.post(("resp", self.target, r[1]))
+                    r = self.conn.recv(0)
+        finally:
+            self.conn.close()
+
+    def _replicate(self, cmd: Replicate) -> None:
+        start = log_index(cmd.prev_log_id) + 1
+        entries = self.core.log_store.read(start, cmd.end) if cmd.end > start else []
+        if len(entries) != cmd.end - start or any(e.log_id.term > cmd.term for e in entries):
+            # purged meanwhile, or the log changed under a stale leader: let the engine decide
+            self.core.post(("repl_failed", self.target))
+            return
+        prev = cmd.prev_log_id
+        max_bytes = self.core.config.max_payload_bytes
+        i, n = 0, len(entries)
+        while True:  # split by size; a heartbeat is one message with no entries
+            j, size = i, 0
+            while j < n and (j == i or size + _entry_size(entries[j]) <= max_bytes):
+                size += _entry_size(entries[j])
+                j += 1
+            self.conn.send(AppendEntriesRequest(cmd.term, self.core.node_id, prev, tuple(entries[i:j]),
+                                                cmd.leader_commit, cmd.seq))
+            if j >= n:
+                return
+            prev, i = entries[j - 1].log_id, j
+
+    def _send_snapshot(self, cmd: SendSnapshot) -> bool:
+        """Stream the snapshot chunk by chunk, each acknowledged; False when told to stop."""
+        opened = self.core.state_machine.open_snapshot()
+        if opened is None:
+            self.core.post(("repl_failed", self.target))
+            return True
+        meta, f = opened
+        cfg = self.core.config
+        try:
+            offset = 0
+            while True:
+                data = f.read(cfg.snapshot_chunk_size)
+                nxt = f.read(1)
+                done = not nxt
+                if nxt:
+                    f.seek(-1, 1)
+                req = InstallSnapshotRequest(cmd.term, self.core.node_id, meta, offset, data, done)
+                rid = self.conn.send(req)
+                resp = self._await_reply(rid, cfg.rpc_timeout * 5)
+                if resp is _STOP:
+                    return False
+                if resp is None or not isinstance(resp, InstallSnapshotResponse):
+                    self.core.post(("repl_failed", self.target))
+                    return True
+                if resp.term != cmd.term or done:
+                    self.core.post(("resp", self.target, resp))
+                    return True
+                offset += len(data)
+        finally:
+            f.close()
+
+    def _await_reply(self, rid: int, timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            r = self.conn.recv(left)
+            if r is None:
+                # woken: a stop request must not wait for a slow snapshot
+                try:
+                    cmd = self.q.get_nowait()
+                except queue.Empty:
+                    continue
+                if cmd is _STOP:
+                    return _STOP
+                continue  # other commands are superseded by the snapshot in progress
+            if r[0] == rid:
+                return r[1]
+            self.core.post(("resp", self.target, r[1]))
+
+
+def _entry_size(e) -> int:
+    p = e.payload
+    if isinstance(p, (bytes, str)):
+        return len(p) + 16
+    return 64
+
+
+class VoteSender(_Worker):
+    """Sends vote requests and TimeoutNow without blocking RaftCore, and forwards the replies."""
+
+    def __init__(self, core: "RaftCore") -> None:
+        super().__init__(core, f"pyraft-sender-{core.node_id}")
+        self.conns: dict[int, Any] = {}
+        self._poll_until = 0.0  # replies are polled for until then
+
+    def send(self, target: int, node: Node, msg: Any) -> None:
+        self.q.put((target, node, msg))
+
+    def work(self) -> None:
+        try:
+            while True:
+                polling = time.monotonic() < self._poll_until
+                try:
+                    item = self.q.get(timeout=0.002) if polling else self.q.get()
+                except queue.Empty:
+                    item = None
+                if item is _STOP:
+                    return
+                if item is not None:
+                    target, node, msg = item
+                    entry = self.conns.get(target)
+                    if entry is None or entry[0] != node:
+                        if entry is not None:
+                            entry[1].close()
+                        entry = self.conns[target] = (node, self.core.transport.connect(target, node))
+                    entry[1].send(msg)
+                    self._poll_until = time.monotonic() + self.core.config.rpc_timeout
+                for target, (_node, conn) in self.conns.items():
+                    r = conn.recv(0)
+                    while r is not None:
+                        self.core.post(("resp", target, r[1]))
+                        r = conn.recv(0)
+        finally:
+            for _node, conn in self.conns.values():
+                conn.close()
+
+
+class SMWorker(_Worker):
+    """Applies committed entries in batches, completes client futures, builds and installs snapshots."""
+
+    def __init__(self, core: "RaftCore") -> None:
+        super().__init__(core, f"pyraft-sm-{core.node_id}")
+        self.applied: LogId | None = core.state_machine.applied_state()[0]
+        self._recv_file = None
+        self._recv_broken = False
+        self._builder: threading.Thread | None = None
+
+    def work(self) -> None:
+        sm = self.core.state_machine
+        while True:
+            item = self.q.get()
+            if item is _STOP:
+                break
+            kind = item[0]
+            if kind == "apply":
+                self._apply(item[1], item[2])
+            elif kind == "build":
+                self._start_builder()
+            elif kind == "chunk":
+                self._write_chunk(item[1])
+            elif kind == "install":
+                meta, token = item[1], item[2]
+                f, broken = self._recv_file, self._recv_broken
+                self._recv_file, self._recv_broken = None, False
+                if f is None or broken:
+                    log.warning("node %s: snapshot %s arrived incomplete; waiting for a resend",
+                                self.core.node_id, meta.snapshot_id)
+                    if f is not None:
+                        f.close()
+                    continue
+                f.flush()
+                f.seek(0)
+                sm.install_snapshot(meta, f)
+                self.applied = sm.applied_state()[0]
+                self.core.post(("snapshot_installed", meta, token))
+        b = self._builder
+        if b is not None:
+            b.join()
+        if self._recv_file is not None:
+            self._recv_file.close()
+
+    def _apply(self, upto: LogId, futures: dict[int, tuple[LogId, Future]]) -> None:
+        sm = self.core.state_machine
+        store = self.core.log_store
+        batch_max = self.core.config.max_apply_batch
+        while log_index(self.applied) < upto.index:
+            start = log_index(self.applied) + 1
+            entries = store.read(start, min(upto.index + 1, start + batch_max))
+            if not entries:
+                raise RuntimeError(f"committed entries {start}..{upto.index} are missing from the log")
+            results = sm.apply(entries)
+            if len(results) != len(entries):
+                raise RuntimeError(f"state machine returned {len(results)} results for {len(entries)} entries")
+            for e, res in zip(entries, results):
+                w = futures.pop(e.index, None)
+                if w is None:
+                    continue
+                lid, fut = w
+                if lid != e.log_id:
+                    fut.set_exception(ForwardToLeader(None, None, f"write {lid} was overwritten by a new leader"))
+                elif isinstance(res, BaseException):
+                    fut.set_exception(res)
+                else:
+                    fut.set_result(ClientWriteResponse(lid, res))
+            self.applied = entries[-1].log_id
+            self.core.post(("applied", self.applied))
+        for lid, fut in futures.values():  # below our applied point: superseded by a snapshot
+            fut.set_exception(ForwardToLeader(None, None, f"write {lid} was superseded by a snapshot"))
+
+    def _start_builder(self) -> None:
+        b = self._builder
+        if b is not None:
+            b.join()
+
+        def build() -> None:
+            try:
+                meta = self.core.state_machine.build_snapshot()
+            except BaseException as e:  # noqa: BLE001
+                log.exception("snapshot build failed")
+                self.core.post(("fatal", f"snapshot builder died: {e!r}"))
+                return
+            self.core.post(("snapshot_built", meta))
+
+        self._builder = threading.Thread(target=build, name=f"pyraft-snapshot-{self.core.node_id}", daemon=True)
+        self._builder.start()
+
+    def _write_chunk(self, req: InstallSnapshotRequest) -> None:
+        if req.offset == 0:
+            if self._recv_file is not None:
+                self._recv_file.close()
+            self._recv_file = self.core.state_machine.begin_receiving_snapshot()
+            self._recv_broken = False
+        if self._recv_file is None or self._recv_file.tell() != req.offset:
+            self._recv_broken = True
+            return
+        self._recv_file.write(req.data)
