@@ -191,10 +191,19 @@ class Engine:
         return (self.leader_id is not None
                 and self.now - self._last_leader_contact < self.cfg.election_timeout[0])
 
-    def tick(self, now: float) -> None:
-        """Advance the clock to ``now`` and fire whatever timers are due."""
+    def advance_clock(self, now: float) -> None:
+        """Set the time that stamps the inputs that follow, without firing timers.
+
+        The runtime calls it when it takes messages off its inbox, handles
+        them, then calls :meth:`tick`: a message is never judged late because
+        the thread was slow to get to it.
+        """
         if now > self.now:
             self.now = now
+
+    def tick(self, now: float) -> None:
+        """Advance the clock to ``now`` and fire whatever timers are due."""
+        self.advance_clock(now)
         if self.state == ServerState.LEADER:
             self._tick_leader()
         elif self.now >= self._election_deadline:

@@ -123,7 +123,11 @@ class Session:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "Session":
-        seq, index, result = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=False)
+        v = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=False)
+        if (type(v) is not list or len(v) != 3 or type(v[0]) is not int or type(v[1]) is not int
+                or type(v[2]) is not list or len(v[2]) != 2):
+            raise ValueError("malformed session record")
+        seq, index, result = v
         return cls(seq, result, index)
 
 

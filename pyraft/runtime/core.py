@@ -143,26 +143,34 @@ class RaftCore(threading.Thread):
                     items.append(get_nowait())
             except queue.Empty:
                 pass
-            now = time.monotonic()
-            eng.tick(now)
-            if now >= next_tick:
-                next_tick = now + tick
+            eng.advance_clock(time.monotonic())
             stop = False
             writes: list = []
+            max_batch = self.config.max_proposal_batch
             for it in items:
                 kind = it[0]
                 if kind == "write":
                     writes.append(it)
-                    continue
+                    if len(writes) < max_batch:
+                        continue
                 if writes:
                     self._propose(writes)
                     writes = []
+                if kind == "write":
+                    continue
                 if kind == "stop":
                     stop = True
                 else:
                     self._handle(it)
             if writes:
                 self._propose(writes)
+            # Timers fire after the messages that arrived up to now are handled:
+            # a long turn must not make a follower time out on heartbeats
+            # that are already in its inbox.
+            now = time.monotonic()
+            eng.tick(now)
+            if now >= next_tick:
+                next_tick = now + tick
             self._run_engine()
             self._publish()
             if stop:
@@ -339,6 +347,9 @@ class RaftCore(threading.Thread):
 
     def _publish(self, state: ServerState | None = None) -> None:
         m = self._build_metrics(state)
+        old = self.metrics
+        if (m.state, m.current_term, m.current_leader) != (old.state, old.current_term, old.current_leader):
+            log.info("node %s: %s in term %s, leader %s", self.node_id, m.state, m.current_term, m.current_leader)
         with self.cond:
             self.metrics = m
             self.cond.notify_all()

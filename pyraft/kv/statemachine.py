@@ -1,0 +1,522 @@
+"""KVStateMachine: the built-in key-value state machine, kept in LMDB.
+
+Layout in the node data directory ``path`` (see :mod:`pyraft.stores.lmdb`)::
+
+    path/kv.lock      flock()ed while open: one live owner
+    path/kv.lmdb/     LMDB environment, named databases:
+        data           pack(key) -> pack(value)
+        meta           b"format" -> 1
+                       b"last_applied" -> [term, index]
+                       b"membership" -> codec stored-membership wire
+                       b"snapshot" -> [codec snapshot-meta wire, file name]  (the current snapshot)
+        sessions       pack(client id) -> Session.to_bytes()  ([seq, index, result])
+        session_index  index_key(session.index) + pack(client id) -> b""  (expiry order)
+    path/snapshots/   snap-*.kvsnap: snapshot files; *.tmp: being built or received
+
+The one rule that makes restarts exact: every effect of a batch of entries,
+``last_applied``, the last membership and the sessions are written in ONE
+LMDB write transaction (:meth:`KVStateMachine.apply`), so after a crash the
+state and ``applied_state()`` always agree.  Installing a snapshot is one
+write transaction too (drop everything, load the file, set the meta and the
+current-snapshot pointer), so a crash leaves the old state or the new one.
+
+Snapshot file: ``b"PYRAFTKV"``, then a msgpack stream: a header map
+``{"version": 1, "meta": <snapshot-meta wire>}``, records ``[0, key, value]``
+(in key order) and ``[1, client, session]``, an end record
+``[2, n_data, n_sessions]``; then the CRC-32 of everything before it, 4 bytes
+big-endian.  It is written under a ``.tmp`` name, fsynced and renamed, and
+becomes current in a write transaction; superseded files are deleted.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import threading
+import uuid
+import zlib
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
+
+import lmdb
+import msgpack
+
+from ..codec import (index_key, key_index, log_id_from_wire, log_id_to_wire, pack, snapshot_meta_from_wire,
+                     snapshot_meta_to_wire, stored_membership_from_wire, stored_membership_to_wire, unpack)
+from ..errors import CodecError, StorageError
+from ..stores.lmdb import (DEFAULT_MAP_SIZE, DEFAULT_MAX_MAP_SIZE, KV_ENV_NAME, KV_LOCK_NAME,
+                           SNAPSHOT_DIR_NAME, LmdbEnv)
+from ..types import Entry, EntryKind, LogId, SnapshotMeta, StoredMembership, log_index
+from .commands import DEFAULT_SESSION_TTL, Session, apply_command, decode_key, decode_value, encode_key
+
+__all__ = ["KVStateMachine", "FORMAT_VERSION", "SNAPSHOT_MAGIC"]
+
+FORMAT_VERSION = 1
+SNAPSHOT_VERSION = 1
+SNAPSHOT_MAGIC = b"PYRAFTKV"
+_SNAP_SUFFIX = ".kvsnap"
+_TMP_SUFFIX = ".tmp"
+_CHUNK = 1 << 20
+
+_DATA, _META, _SESSIONS, _SINDEX = b"data", b"meta", b"sessions", b"session_index"
+_K_FORMAT = b"format"
+_K_APPLIED = b"last_applied"
+_K_MEMBERSHIP = b"membership"
+_K_SNAPSHOT = b"snapshot"
+
+_REC_DATA, _REC_SESSION, _REC_END = 0, 1, 2
+
+
+class _Dbs:
+    __slots__ = ("data", "meta", "sessions", "sindex")
+
+    def __init__(self, data: Any, meta: Any, sessions: Any, sindex: Any) -> None:
+        self.data, self.meta, self.sessions, self.sindex = data, meta, sessions, sindex
+
+
+class _LmdbBackend:
+    """The KVBackend of one write transaction."""
+
+    _UNKNOWN = -1
+
+    def __init__(self, txn: lmdb.Transaction, dbs: _Dbs) -> None:
+        self.txn = txn
+        self.dbs = dbs
+        # The smallest session index in session_index, None when empty, or _UNKNOWN.
+        self._min: int | None = self._UNKNOWN
+
+    def get(self, key: bytes) -> bytes | None:
+        return self.txn.get(key, db=self.dbs.data)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self.txn.put(key, value, db=self.dbs.data)
+
+    def delete(self, key: bytes) -> bool:
+        return self.txn.delete(key, db=self.dbs.data)
+
+    def get_session(self, client: bytes) -> Session | None:
+        raw = self.txn.get(client, db=self.dbs.sessions)
+        return None if raw is None else Session.from_bytes(raw)
+
+    def put_session(self, client: bytes, session: Session, old: Session | None) -> None:
+        if old is not None:
+            self.txn.delete(index_key(old.index) + client, db=self.dbs.sindex)
+            if self._min == old.index:
+                self._min = self._UNKNOWN
+        self.txn.put(client, session.to_bytes(), db=self.dbs.sessions)
+        self.txn.put(index_key(session.index) + client, b"", db=self.dbs.sindex)
+        if self._min is None:
+            self._min = session.index
+
+    def expire_sessions(self, before_index: int) -> None:
+        if self._min is None or (self._min != self._UNKNOWN and self._min >= before_index):
+            return
+        cur = self.txn.cursor(db=self.dbs.sindex)
+        while cur.first():
+            k = cur.key()
+            index = key_index(k[:8])
+            if index >= before_index:
+                self._min = index
+                return
+            self.txn.delete(k[8:], db=self.dbs.sessions)
+            cur.delete()
+        self._min = None
+
+
+class KVStateMachine:
+    """The built-in KV state machine (commands: :mod:`pyraft.kv.commands`) in LMDB.
+
+    ``path`` is the node data directory (created if absent; may be shared with
+    :class:`~pyraft.stores.lmdb.LmdbLogStore`).  Locked to this object while
+    open.  ``session_ttl``: sessions idle for more than that many log indexes
+    are forgotten.  Local reads from any thread: :meth:`get`, :meth:`items`.
+    """
+
+    #: Test hook: called with a label at the points where a crash matters
+    #: ("install:renamed", "install:loading", "install:committed",
+    #: "build:written", "build:committed").  Does nothing by default.
+    _crash_point: Callable[[str], None] = staticmethod(lambda where: None)
+
+    def __init__(self, path: str | os.PathLike, *, session_ttl: int = DEFAULT_SESSION_TTL,
+                 map_size: int = DEFAULT_MAP_SIZE, max_map_size: int = DEFAULT_MAX_MAP_SIZE) -> None:
+        if session_ttl < 1:
+            raise ValueError("session_ttl must be >= 1")
+        self._session_ttl = session_ttl
+        self._env = LmdbEnv(path, KV_ENV_NAME, KV_LOCK_NAME, what="KV state machine",
+                            map_size=map_size, max_map_size=max_map_size)
+        self._snap_dir = os.path.join(self._env.root, SNAPSHOT_DIR_NAME)
+        # _snap_lock guards _snapshot and the set of snap-*.kvsnap files:
+        # whoever makes a file current or deletes one holds it.
+        self._snap_lock = threading.Lock()
+        self._snapshot: tuple[SnapshotMeta, str] | None = None
+        self._receiving: list[str] = []  # .tmp files handed out by begin_receiving_snapshot (SM thread only)
+        try:
+            os.makedirs(self._snap_dir, exist_ok=True)
+            self._dbs = self._open_dbs()
+            with self._env.read() as txn:
+                applied = log_id_from_wire(self._meta(txn, _K_APPLIED), "last_applied")
+                membership = stored_membership_from_wire(self._meta(txn, _K_MEMBERSHIP))
+                pointer = self._meta(txn, _K_SNAPSHOT)
+            if pointer is not None:
+                meta = snapshot_meta_from_wire(pointer[0])
+                file = os.path.join(self._snap_dir, os.path.basename(pointer[1]))
+                if meta is not None and os.path.isfile(file):
+                    self._snapshot = (meta, file)
+            self._cleanup(at_open=True)
+        except (CodecError, ValueError, TypeError) as e:
+            self._env.close()
+            raise StorageError(f"KV state machine in {self._env.root} is unreadable: {e}") from None
+        except OSError as e:
+            self._env.close()
+            raise StorageError(f"KV state machine in {self._env.root}: {e}") from None
+        except BaseException:
+            self._env.close()
+            raise
+        # Replaced whole by apply/install after their transaction committed.
+        self._applied: tuple[LogId | None, StoredMembership | None] = (applied, membership)
+
+    def _open_dbs(self) -> _Dbs:
+        env = self._env
+        names = (_DATA, _META, _SESSIONS, _SINDEX)
+        if env.is_pristine():
+            def init(txn: lmdb.Transaction) -> _Dbs:
+                dbs = _Dbs(*(env._live().open_db(n, txn=txn) for n in names))
+                txn.put(_K_FORMAT, pack(FORMAT_VERSION), db=dbs.meta)
+                return dbs
+            return env.write(init)
+        dbs = _Dbs(*env.open_existing_dbs(names))
+        with env.read() as txn:
+            version = self._meta(txn, _K_FORMAT, dbs)
+        if version != FORMAT_VERSION:
+            raise StorageError(f"KV state machine in {env.root} has format version {version!r}; "
+                               f"this pyraft reads version {FORMAT_VERSION}")
+        return dbs
+
+    def _meta(self, txn: lmdb.Transaction, key: bytes, dbs: _Dbs | None = None) -> Any:
+        raw = txn.get(key, db=(dbs or self._dbs).meta)
+        return None if raw is None else unpack(bytes(raw), f"meta {key.decode()}")
+
+    # -- reads --------------------------------------------------------------------------
+
+    @property
+    def path(self) -> str:
+        """The node data directory."""
+        return self._env.root
+
+    def get(self, key: Any) -> Any:
+        """The value of ``key``, None when absent.  From any thread."""
+        k = encode_key(key)
+        with self._env.read(buffers=True) as txn:
+            raw = txn.get(k, db=self._dbs.data)
+            raw = None if raw is None else bytes(raw)
+        return None if raw is None else decode_value(raw)
+
+    def items(self) -> list[tuple[Any, Any]]:
+        """Every ``(key, value)``, in key-encoding order (one consistent read)."""
+        with self._env.read(buffers=True) as txn:
+            rows = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=self._dbs.data)]
+        return [(decode_key(k), decode_value(v)) for k, v in rows]
+
+    def __len__(self) -> int:
+        with self._env.read() as txn:
+            return txn.stat(self._dbs.data)["entries"]
+
+    def applied_state(self) -> tuple[LogId | None, StoredMembership | None]:
+        return self._applied
+
+    # -- apply ---------------------------------------------------------------------------
+
+    def apply(self, entries: Sequence[Entry]) -> list[Any]:
+        """Apply ``entries`` (continuing ``last_applied``) in ONE write transaction with the new applied state."""
+        if not entries:
+            return []
+        last_applied, membership0 = self._applied
+        expect = log_index(last_applied) + 1
+        for e in entries:
+            if e.index != expect:
+                raise StorageError(f"KV state machine: entry {e.log_id} applied out of order "
+                                   f"(next expected index {expect})")
+            expect += 1
+        dbs, ttl = self._dbs, self._session_ttl
+
+        def run(txn: lmdb.Transaction) -> tuple[list[Any], StoredMembership | None]:
+            backend = _LmdbBackend(txn, dbs)
+            results: list[Any] = []
+            membership = membership0
+            for e in entries:
+                if e.kind == EntryKind.NORMAL:
+                    results.append(apply_command(backend, e.index, e.payload, ttl))
+                else:
+                    if e.kind == EntryKind.MEMBERSHIP:
+                        membership = StoredMembership(e.log_id, e.payload)
+                    results.append(None)
+            txn.put(_K_APPLIED, pack(log_id_to_wire(entries[-1].log_id)), db=dbs.meta)
+            if membership is not membership0:
+                txn.put(_K_MEMBERSHIP, pack(stored_membership_to_wire(membership)), db=dbs.meta)
+            return results, membership
+
+        results, membership = self._env.write(run)
+        self._applied = (entries[-1].log_id, membership)
+        return results
+
+    # -- snapshots ---------------------------------------------------------------------------
+
+    def current_snapshot(self) -> SnapshotMeta | None:
+        with self._snap_lock:
+            return None if self._snapshot is None else self._snapshot[0]
+
+    def open_snapshot(self) -> tuple[SnapshotMeta, BinaryIO] | None:
+        with self._snap_lock:
+            if self._snapshot is None:
+                return None
+            meta, file = self._snapshot
+            return meta, open(file, "rb")
+
+    def build_snapshot(self) -> SnapshotMeta:
+        """Stream one read transaction's view to a new snapshot file and make it current.
+
+        Constant memory; ``apply`` may go on in another thread meanwhile.
+        Returns the meta of the current snapshot afterwards (this one, unless
+        a newer one was installed meanwhile).
+        """
+        tmp = os.path.join(self._snap_dir, f"build-{uuid.uuid4().hex}{_TMP_SUFFIX}")
+        try:
+            with self._env.read(buffers=True) as txn:
+                last = log_id_from_wire(self._meta(txn, _K_APPLIED), "last_applied")
+                membership = stored_membership_from_wire(self._meta(txn, _K_MEMBERSHIP))
+                meta = SnapshotMeta(last, membership, f"{last or 'empty'}-{uuid.uuid4().hex[:12]}")
+                with open(tmp, "wb", buffering=_CHUNK) as f:
+                    _write_snapshot(f, meta, txn, self._dbs)
+                    f.flush()
+                    os.fsync(f.fileno())
+            self._crash_point("build:written")
+            with self._snap_lock:
+                final = os.path.join(self._snap_dir, _snapshot_file_name(meta))
+                os.rename(tmp, final)
+                _fsync_dir(self._snap_dir)
+                dbs = self._dbs
+
+                def point(txn: lmdb.Transaction) -> bool:
+                    cur = self._meta(txn, _K_SNAPSHOT)
+                    if cur is not None:
+                        cur_meta = snapshot_meta_from_wire(cur[0])
+                        if cur_meta is not None and log_index(cur_meta.last_log_id) > log_index(last):
+                            return False  # a newer snapshot was installed meanwhile
+                    txn.put(_K_SNAPSHOT, pack([snapshot_meta_to_wire(meta), os.path.basename(final)]),
+                            db=dbs.meta)
+                    return True
+
+                if self._env.write(point):
+                    self._snapshot = (meta, final)
+                self._crash_point("build:committed")
+                self._cleanup()
+                assert self._snapshot is not None
+                return self._snapshot[0]
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def begin_receiving_snapshot(self) -> BinaryIO:
+        """A new empty file in the snapshot directory; an earlier partial one is dropped."""
+        for old in self._receiving:
+            _unlink_quietly(old)
+        path = os.path.join(self._snap_dir, f"recv-{uuid.uuid4().hex}{_TMP_SUFFIX}")
+        self._receiving = [path]
+        return open(path, "w+b")
+
+    def install_snapshot(self, meta: SnapshotMeta, data: BinaryIO) -> None:
+        """Replace the whole state with the snapshot in ``data``, in ONE write transaction.
+
+        The file is checked (magic, version, CRC, record shapes, counts) while
+        it loads; any fault aborts the transaction and raises StorageError
+        with the old state untouched.  ``data`` is closed here.
+        """
+        received = self._adopt(data)
+        final = os.path.join(self._snap_dir, _snapshot_file_name(meta))
+        dbs = self._dbs
+        crash = self._crash_point
+        with self._snap_lock:
+            os.rename(received, final)
+            _fsync_dir(self._snap_dir)
+            crash("install:renamed")
+
+            def load(txn: lmdb.Transaction) -> None:
+                txn.drop(dbs.data, delete=False)
+                txn.drop(dbs.sessions, delete=False)
+                txn.drop(dbs.sindex, delete=False)
+                with open(final, "rb") as f:
+                    for n, rec in enumerate(_read_snapshot(f, meta)):
+                        if n == 1000:
+                            crash("install:loading")
+                        kind, a, b = rec
+                        if kind == _REC_DATA:
+                            if not txn.put(a, b, db=dbs.data, append=True):
+                                raise StorageError("data records are not in key order")
+                        else:
+                            s = Session.from_bytes(b)
+                            txn.put(a, b, db=dbs.sessions)
+                            txn.put(index_key(s.index) + a, b"", db=dbs.sindex)
+                txn.put(_K_APPLIED, pack(log_id_to_wire(meta.last_log_id)), db=dbs.meta)
+                txn.put(_K_MEMBERSHIP, pack(stored_membership_to_wire(meta.last_membership)), db=dbs.meta)
+                txn.put(_K_SNAPSHOT, pack([snapshot_meta_to_wire(meta), os.path.basename(final)]),
+                        db=dbs.meta)
+
+            try:
+                self._env.write(load)
+            except (StorageError, CodecError, ValueError, TypeError, msgpack.UnpackException) as e:
+                _unlink_quietly(final)
+                raise StorageError(f"KV state machine in {self._env.root}: cannot install snapshot "
+                                   f"{meta.snapshot_id}: {e}") from None
+            except BaseException:
+                _unlink_quietly(final)
+                raise
+            crash("install:committed")
+            self._applied = (meta.last_log_id, meta.last_membership)
+            self._snapshot = (meta, final)
+            self._cleanup()
+
+    def _adopt(self, data: BinaryIO) -> str:
+        """Make ``data`` a durable file in the snapshot directory; close it; return its path."""
+        name = getattr(data, "name", None)
+        if isinstance(name, str) and os.path.dirname(os.path.abspath(name)) == self._snap_dir:
+            if not data.closed:
+                data.flush()
+                os.fsync(data.fileno())
+                data.close()
+            else:
+                with open(name, "rb+") as f:
+                    os.fsync(f.fileno())
+            if name in self._receiving:
+                self._receiving.remove(name)
+            return name
+        path = os.path.join(self._snap_dir, f"recv-{uuid.uuid4().hex}{_TMP_SUFFIX}")
+        try:
+            data.seek(0)
+            with open(path, "wb") as f:
+                shutil.copyfileobj(data, f, _CHUNK)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            data.close()
+        return path
+
+    def _cleanup(self, at_open: bool = False) -> None:
+        """Delete superseded snapshot files (and, at open, every leftover .tmp)."""
+        current = None if self._snapshot is None else self._snapshot[1]
+        for name in os.listdir(self._snap_dir):
+            path = os.path.join(self._snap_dir, name)
+            if path == current:
+                continue
+            if name.endswith(_SNAP_SUFFIX) or (at_open and name.endswith(_TMP_SUFFIX)):
+                _unlink_quietly(path)
+
+    def close(self) -> None:
+        self._env.close()
+
+    def __enter__(self) -> "KVStateMachine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"KVStateMachine({self._env.root!r})"
+
+
+# ---------------------------------------------------------------------------
+# Snapshot files
+
+def _snapshot_file_name(meta: SnapshotMeta) -> str:
+    lid = meta.last_log_id
+    tag = "empty" if lid is None else f"{lid.term}-{lid.index}"
+    return f"snap-{tag}-{uuid.uuid4().hex[:12]}{_SNAP_SUFFIX}"
+
+
+class _CrcWriter:
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.crc = 0
+
+    def write(self, b: bytes) -> None:
+        self.crc = zlib.crc32(b, self.crc)
+        self.f.write(b)
+
+
+def _write_snapshot(f: BinaryIO, meta: SnapshotMeta, txn: lmdb.Transaction, dbs: _Dbs) -> None:
+    w = _CrcWriter(f)
+    p = msgpack.Packer(use_bin_type=True)
+    w.write(SNAPSHOT_MAGIC)
+    w.write(p.pack({"version": SNAPSHOT_VERSION, "meta": snapshot_meta_to_wire(meta)}))
+    n_data = n_sessions = 0
+    for k, v in txn.cursor(db=dbs.data):
+        w.write(p.pack([_REC_DATA, bytes(k), bytes(v)]))
+        n_data += 1
+    for k, v in txn.cursor(db=dbs.sessions):
+        w.write(p.pack([_REC_SESSION, bytes(k), bytes(v)]))
+        n_sessions += 1
+    w.write(p.pack([_REC_END, n_data, n_sessions]))
+    f.write(struct.pack(">I", w.crc))
+
+
+def _read_snapshot(f: BinaryIO, meta: SnapshotMeta) -> Iterator[tuple[int, bytes, bytes]]:
+    """Yield the data and session records of a snapshot file, checking it as it goes.
+
+    Raises StorageError for anything wrong, including (after the last record)
+    a count or CRC mismatch: the caller's transaction must then abort.
+    """
+    size = os.fstat(f.fileno()).st_size
+    if size < len(SNAPSHOT_MAGIC) + 4 or f.read(len(SNAPSHOT_MAGIC)) != SNAPSHOT_MAGIC:
+        raise StorageError("not a pyraft KV snapshot file")
+    crc = zlib.crc32(SNAPSHOT_MAGIC)
+    remaining = size - 4 - len(SNAPSHOT_MAGIC)
+    unpacker = msgpack.Unpacker(raw=False, use_list=True, strict_map_key=False, max_buffer_size=0)
+    header_seen = ended = False
+    counts = [0, 0]
+    while remaining > 0:
+        chunk = f.read(min(_CHUNK, remaining))
+        if not chunk:
+            raise StorageError("snapshot file is truncated")
+        remaining -= len(chunk)
+        crc = zlib.crc32(chunk, crc)
+        unpacker.feed(chunk)
+        for obj in unpacker:
+            if ended:
+                raise StorageError("data after the end record")
+            if not header_seen:
+                if type(obj) is not dict or obj.get("version") != SNAPSHOT_VERSION:
+                    raise StorageError(f"unknown snapshot header {str(obj)[:80]!r}")
+                hmeta = snapshot_meta_from_wire(obj.get("meta"))
+                if hmeta is None or hmeta.last_log_id != meta.last_log_id:
+                    raise StorageError(f"file holds a snapshot up to {hmeta and hmeta.last_log_id}, "
+                                       f"expected {meta.last_log_id}")
+                header_seen = True
+                continue
+            if type(obj) is not list or len(obj) != 3 or obj[0] not in (_REC_DATA, _REC_SESSION, _REC_END):
+                raise StorageError("malformed snapshot record")
+            if obj[0] == _REC_END:
+                if obj[1] != counts[0] or obj[2] != counts[1]:
+                    raise StorageError("snapshot record counts do not match")
+                ended = True
+                continue
+            if type(obj[1]) is not bytes or type(obj[2]) is not bytes:
+                raise StorageError("malformed snapshot record")
+            counts[obj[0]] += 1
+            yield obj[0], obj[1], obj[2]
+    if not ended:
+        raise StorageError("snapshot file is truncated (no end record)")
+    if struct.unpack(">I", f.read(4))[0] != crc & 0xFFFFFFFF:
+        raise StorageError("snapshot file checksum mismatch")
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,252 @@
+"""The threaded runtime on in-process clusters (MemoryNetwork, memory stores)."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from pyraft import Config, Node, Raft, ServerState
+from pyraft.errors import (ChangeMembershipError, Fatal, ForwardToLeader, InitializeError, RaftError, ShutDown,
+                           Timeout)
+from pyraft.stores.memory import MemoryLogStore, MemoryStateMachine
+
+from memcluster import FAST, MemCluster, pyraft_threads, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def put(k, v):
+    return {"op": "put", "key": k, "value": v}
+
+
+@pytest.mark.parametrize("n", [1, 3, 5])
+def test_cluster_elects_exactly_one_leader(n):
+    with MemCluster(n) as c:
+        leader = c.leader()
+        term = leader.metrics().current_term
+        for r in c.rafts.values():
+            r.wait(5).current_leader(leader.node_id)
+        assert sum(r.is_leader() for r in c.rafts.values()) == 1
+        assert all(r.metrics().current_term == term for r in c.rafts.values())
+        resp = leader.client_write(put("a", 1), timeout=5)
+        assert resp.log_id.term == term
+        c.wait_applied(resp.log_id.index)
+        assert all(r.state_machine.get("a") == 1 for r in c.rafts.values())
+
+
+def test_sixteen_threads_thousand_writes_each_same_state_everywhere():
+    # 16 busy writer threads share the GIL with three nodes' threads on 2 cores:
+    # a node thread can wait >100 ms for its turn, so timings are generous here.
+    with MemCluster(3, Config(heartbeat_interval=0.1, election_timeout=(0.5, 1.0))) as c:
+        leader = c.leader()
+        results: dict[tuple[int, int], object] = {}
+        errors: list[BaseException] = []
+
+        def writer(t):
+            try:
+                futs = [(i, leader.client_write_async({"op": "cas", "key": f"t{t}-{i}", "expected": None,
+                                                       "value": i})) for i in range(1000)]
+                for i, f in futs:
+                    results[(t, i)] = f.result(60).result
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=writer, args=(t,)) for t in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert len(results) == 16_000 and all(v is True for v in results.values())
+        last = leader.metrics().last_log_index
+        c.wait_applied(last)
+        states = [r.state_machine.items() for r in c.rafts.values()]
+        assert len(states[0]) == 16_000
+        assert all(s == states[0] for s in states)
+
+
+def test_isolated_leader_steps_down_and_a_new_leader_takes_over():
+    with MemCluster(3) as c:
+        old = c.leader()
+        old.client_write(put("before", 1), timeout=5)
+        c.net.isolate(old.node_id)
+        lost = old.client_write_async(put("lost", 1))  # cannot reach a quorum
+        others = [i for i in c.rafts if i != old.node_id]
+        new = c.leader(timeout=5, among=others)
+        assert new.node_id != old.node_id
+        # CheckQuorum: the isolated leader steps down by itself.
+        old.wait(5).metrics(lambda m: m.state != ServerState.LEADER, "the isolated leader to step down")
+        assert not lost.done()
+        new.client_write(put("after", 2), timeout=5)
+        c.net.heal()
+        c.wait_applied(new.metrics().last_log_index)
+        # Its entry was overwritten by the new leader's log: the write fails, never half-succeeds.
+        with pytest.raises(ForwardToLeader):
+            lost.result(5)
+        for r in c.rafts.values():
+            assert r.state_machine.get("before") == 1 and r.state_machine.get("after") == 2
+            assert r.state_machine.get("lost") is None
+
+
+def test_minority_cannot_commit_and_healed_node_catches_up():
+    with MemCluster(5) as c:
+        leader = c.leader()
+        minority = {leader.node_id, [i for i in c.rafts if i != leader.node_id][0]}
+        majority = set(c.rafts) - minority
+        c.net.partition(minority, majority)
+        with pytest.raises((Timeout, ForwardToLeader)):
+            leader.client_write(put("minority", 1), timeout=0.5)
+        new = c.leader(timeout=5, among=majority)
+        for i in range(50):
+            new.client_write(put(f"k{i}", i), timeout=5)
+        c.net.heal()
+        last = new.metrics().last_log_index
+        c.wait_applied(last)
+        for r in c.rafts.values():
+            assert r.state_machine.get("minority") is None
+            assert r.state_machine.get("k49") == 49
+
+
+def test_restarted_node_rejoins_with_its_stores():
+    with MemCluster(3) as c:
+        leader = c.leader()
+        for i in range(20):
+            leader.client_write(put(f"k{i}", i), timeout=5)
+        victim = [i for i in c.rafts if i != leader.node_id][0]
+        c.stop(victim)
+        for i in range(20, 40):
+            leader.client_write(put(f"k{i}", i), timeout=5)
+        r = c.start(victim)
+        r.wait(10).applied_index_at_least(leader.metrics().last_log_index)
+        assert r.state_machine.get("k39") == 39
+        assert r.metrics().current_leader == leader.node_id
+
+
+def test_shutdown_leaves_no_pyraft_thread_and_is_idempotent():
+    c = MemCluster(3)
+    leader = c.leader()
+    leader.client_write(put("a", 1), timeout=5)
+    rafts = list(c.rafts.values())
+    c.close()
+    for r in rafts:
+        r.shutdown()  # again: no error
+    assert pyraft_threads() == []
+    with pytest.raises(ShutDown):
+        rafts[0].client_write(put("b", 2), timeout=1)
+    with pytest.raises(ShutDown):
+        rafts[0].wait(1).state(ServerState.LEADER)
+
+
+def test_pending_writes_fail_with_shutdown():
+    with MemCluster(3) as c:
+        leader = c.leader()
+        for i in [i for i in c.rafts if i != leader.node_id]:
+            c.net.isolate(i)
+        fut = leader.client_write_async(put("x", 1))
+        leader.shutdown()
+        with pytest.raises(ShutDown):
+            fut.result(5)
+
+
+class FailingStore(MemoryLogStore):
+    """A log store whose disk breaks on demand."""
+
+    def __init__(self):
+        super().__init__()
+        self.broken = False
+
+    def write(self, ops):
+        if self.broken:
+            raise OSError(28, "No space left on device")
+        super().write(ops)
+
+
+def test_store_failure_turns_the_node_fatal_and_the_cluster_keeps_acknowledged_writes():
+    with MemCluster(3, init=False) as c:
+        bad = FailingStore()
+        c.stop(1)
+        c.start(1, bad, MemoryStateMachine())
+        c.rafts[1].initialize({i: c.node(i) for i in (1, 2, 3)})
+        leader = c.leader()
+        acked = [leader.client_write(put(f"k{i}", i), timeout=5) for i in range(10)]
+        # Break the disk of the leader (make node 1 lead first if needed).
+        if leader.node_id != 1:
+            leader.trigger.transfer_leader(1)
+            leader = c.leader(among=[1]) if c.rafts[1].wait(5).state(ServerState.LEADER) else None
+        victim = c.rafts[1]
+        bad.broken = True
+        fut = victim.client_write_async(put("doomed", 1))
+        with pytest.raises(Fatal):
+            fut.result(5)
+        m = victim.wait(5).state(ServerState.FATAL)
+        assert "No space left" in m.error
+        with pytest.raises(Fatal):
+            victim.client_write(put("after", 1), timeout=1)
+        new = c.leader(among=[2, 3], timeout=5)
+        new.client_write(put("post", 1), timeout=5)
+        c.wait_applied(new.metrics().last_log_index, ids=[2, 3])
+        for i in (2, 3):
+            sm = c.rafts[i].state_machine
+            assert all(sm.get(f"k{j}") == j for j in range(10))
+            assert sm.get("doomed") is None
+        assert acked[-1].log_id.index <= new.metrics().committed.index
+
+
+def test_follower_raises_forward_to_leader_with_hint():
+    with MemCluster(3) as c:
+        leader = c.leader()
+        f = [r for r in c.rafts.values() if r is not leader][0]
+        f.wait(5).current_leader(leader.node_id)
+        with pytest.raises(ForwardToLeader) as ei:
+            f.client_write(put("a", 1), timeout=5)
+        assert ei.value.leader_id == leader.node_id
+        assert ei.value.leader_node == c.node(leader.node_id)
+        with pytest.raises(ForwardToLeader):
+            f.ensure_linearizable(timeout=5)
+
+
+def test_initialize_twice_and_bad_input_are_typed_errors():
+    with MemCluster(3) as c:
+        c.leader()
+        with pytest.raises(InitializeError):
+            c.rafts[1].initialize({1: c.node(1)})
+        with pytest.raises(InitializeError):
+            c.rafts[2].initialize({1: c.node(1)})
+        with pytest.raises(RaftError):
+            c.leader().client_write(object(), timeout=1)
+        with pytest.raises(ChangeMembershipError):
+            c.leader().change_membership(set(), timeout=1)
+        with pytest.raises(ChangeMembershipError):
+            c.leader().change_membership({1, 2, 9}, timeout=1)
+
+
+def test_write_without_quorum_times_out():
+    with MemCluster(3) as c:
+        leader = c.leader()
+        for i in c.rafts:
+            if i != leader.node_id:
+                c.net.isolate(i)
+        with pytest.raises((Timeout, ForwardToLeader)):
+            leader.client_write(put("a", 1), timeout=0.3)
+
+
+def test_linearizable_read_sees_the_latest_write():
+    with MemCluster(3) as c:
+        leader = c.leader()
+        leader.client_write(put("a", 1), timeout=5)
+        lid = leader.ensure_linearizable(timeout=5)
+        assert lid.index >= leader.metrics().committed.index - 0
+        assert leader.state_machine.get("a") == 1
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        Config(election_timeout=(0.3, 0.2))
+    with pytest.raises(ValueError):
+        Config(heartbeat_interval=0.2, election_timeout=(0.3, 0.5))
+    with pytest.raises(ValueError):
+        Config(max_inflight=0)
+    with pytest.raises(ValueError):
+        Config(cluster_name="has space")
+    with pytest.raises(TypeError):
+        Raft(1, {"cluster_name": "x"}, None, None, None)
