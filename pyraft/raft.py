@@ -51,7 +51,7 @@ class Raft:
         self.log_store = log_store
         self.state_machine = state_machine
         self._core = RaftCore(node_id, config, transport, log_store, state_machine, rng)
-        self._client_handler: Callable[[int, ClientRequest, Any], None] | None = None
+        self._client_handlers: dict[str, Callable[[int, ClientRequest, Any], None]] = {}
         self._shutdown_lock = threading.Lock()
         self.trigger = Trigger(self)
         self._core.start()
@@ -64,30 +64,35 @@ class Raft:
     # ------------------------------------------------------------------ plumbing
 
     def _on_request(self, from_id: int, msg: Any, reply: Any) -> None:
-        """Transport server thread: Raft RPCs go to RaftCore, client requests to the client handler."""
-        if isinstance(msg, ClientRequest):
-            if msg.op == "metrics":
-                reply.reply(ClientResponse(True, self.metrics().to_dict()))
-                return
-            h = self._client_handler
-            if h is None:
-                reply.reply(ClientResponse(False, None, ["RaftError", f"node {self.node_id} serves no clients", None, None]))
-                return
-            try:
-                h(from_id, msg, reply)
-            except Exception as e:  # noqa: BLE001 - a bad request never takes the node down
-                log.exception("client handler failed")
-                reply.reply(ClientResponse(False, None, [type(e).__name__, str(e), None, None]))
+        """Transport server thread: Raft RPCs go to RaftCore, client requests to their op's handler."""
+        if not isinstance(msg, ClientRequest):
+            self._core.post(("rpc", from_id, msg, reply))
             return
-        self._core.post(("rpc", from_id, msg, reply))
+        if msg.op == "metrics":
+            reply.reply(ClientResponse(True, self.metrics().to_dict()))
+            return
+        h = self._client_handlers.get(msg.op)
+        if h is None:
+            reply.reply(error_response(RaftError(f"node {self.node_id} does not serve {msg.op!r}")))
+            return
+        try:
+            h(from_id, msg, reply)
+        except Exception as e:  # noqa: BLE001 - a bad request never takes the node down
+            log.warning("node %s: %r request failed: %s", self.node_id, msg.op, e)
+            reply.reply(error_response(e))
 
-    def set_client_handler(self, handler: Callable[[int, ClientRequest, Any], None] | None) -> None:
-        """Serve ``ClientRequest`` messages arriving on this node's transport.
+    def set_client_handler(self, op: str, handler: Callable[[int, ClientRequest, Any], None] | None) -> None:
+        """Serve ``ClientRequest(op, ...)`` messages arriving on this node's transport.
 
         ``handler(from_id, request, reply)`` runs on the transport's thread and
-        must not block: use the ``*_async`` calls and reply from a callback.
+        must not block: use the ``*_async`` calls and ``reply.reply(...)`` from
+        a future's callback.  ``None`` removes the handler.  The op
+        ``"metrics"`` is built in: it answers with ``metrics().to_dict()``.
         """
-        self._client_handler = handler
+        if handler is None:
+            self._client_handlers.pop(op, None)
+        else:
+            self._client_handlers[op] = handler
 
     def _api(self, fn: Callable[[Any], Any]) -> Future:
         fut: Future = Future()
@@ -196,6 +201,26 @@ class Raft:
     def __repr__(self) -> str:
         m = self._core.metrics
         return f"<Raft {self.node_id} {m.state} term={m.current_term} leader={m.current_leader}>"
+
+
+def error_response(e: BaseException) -> ClientResponse:
+    """A ClientResponse carrying ``e``: ``[type name, message, leader_id, leader_addr]``."""
+    if isinstance(e, ForwardToLeader):
+        addr = e.leader_node.addr if e.leader_node is not None else None
+        return ClientResponse(False, None, [type(e).__name__, str(e), e.leader_id, addr])
+    return ClientResponse(False, None, [type(e).__name__, str(e), None, None])
+
+
+def raise_error_response(resp: ClientResponse) -> None:
+    """Raise the pyraft error a failed ClientResponse carries (the inverse of ``error_response``)."""
+    from . import errors
+    name, message, leader_id, addr = resp.error
+    cls = getattr(errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, errors.RaftError)):
+        cls = errors.RaftError
+    if cls is errors.ForwardToLeader:
+        raise errors.ForwardToLeader(leader_id, Node(addr) if addr else None, message)
+    raise cls(message)
 
 
 def _left(deadline: float | None) -> float | None:

@@ -24,6 +24,9 @@ class MemCluster:
             self.start(i)
         if init:
             self.rafts[1].initialize({i: self.node(i) for i in range(1, n + 1)})
+            # Every node knows the membership (a node that does not cannot vote or campaign).
+            for r in self.rafts.values():
+                r.wait(10).voter_ids(range(1, n + 1))
 
     @staticmethod
     def node(i: int) -> Node:

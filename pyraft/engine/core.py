@@ -719,7 +719,9 @@ class Engine:
         while True:
             prev_index = p.next_index - 1
             prev = self.log.log_id_at(prev_index)
-            if prev_index > 0 and prev is None:
+            if prev_index < self.log.purged_index:
+                # The entries after prev are purged (prev_index 0 included: a
+                # pristine target behind a purged log): only a snapshot helps.
                 return self._send_snapshot(target, p)
             end = min(last + 1, p.next_index + self.cfg.max_payload_entries)
             self._emit(Replicate(target, self.vote.term, prev, end, log_index(self.committed), self._seq))
