@@ -568,6 +568,7 @@ class Engine:
         self._reset_election_timer()
 
     def _on_append_entries(self, from_id: int, msg: AppendEntriesRequest, token: Any) -> None:
+        _check_append_entries(self.id, msg)
         self._accept_leader(msg.leader_id)
         prev_index = log_index(msg.prev_log_id)
         floor = max(log_index(self.committed), self.log.purged_index)
@@ -901,6 +902,24 @@ class Engine:
             self.committed = a
 
     _HANDLERS: dict = {}
+
+
+def _check_append_entries(self_id: int, msg: AppendEntriesRequest) -> None:
+    """Refuse (ValueError) an AppendEntries no correct leader sends, before it changes anything.
+
+    The codec checks shapes; this checks the Raft invariants a message must
+    carry: entry terms never decrease, start at or after prev's term, and
+    never exceed the leader's term.
+    """
+    if msg.leader_id == self_id:
+        raise ValueError("AppendEntries claims to come from this node")
+    if msg.prev_log_id is not None and msg.prev_log_id.term > msg.term:
+        raise ValueError("prev_log_id term is above the leader's term")
+    t = msg.prev_log_id.term if msg.prev_log_id else 0
+    for e in msg.entries:
+        if e.term < t or e.term > msg.term:
+            raise ValueError(f"entry {e.log_id} breaks term order (prev {t}, leader term {msg.term})")
+        t = e.term
 
 
 Engine._HANDLERS = {

@@ -1,0 +1,147 @@
+"""The wire and disk formats: roundtrips, and nothing but CodecError from bad bytes."""
+from __future__ import annotations
+
+import random
+
+import msgpack
+import pytest
+
+from pyraft.codec import (FORMAT_VERSION, ClientRequest, ClientResponse, decode_entry, decode_message,
+                          encode_entry, encode_message)
+from pyraft.errors import CodecError
+from pyraft.messages import (AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest,
+                             InstallSnapshotResponse, TimeoutNowRequest, TimeoutNowResponse, VoteRequest,
+                             VoteResponse)
+from pyraft.types import Entry, EntryKind, LogId, Membership, Node, SnapshotMeta, StoredMembership
+
+pytestmark = pytest.mark.timeout(60)
+
+M = Membership(configs=(frozenset({1, 2, 3}), frozenset({2, 3, 4})),
+               nodes={i: Node(f"tcp://127.0.0.{i}:7000", {"zone": "a"} if i == 1 else None) for i in (1, 2, 3, 4)},
+               leaving=frozenset({1}))
+META = SnapshotMeta(LogId(3, 100), StoredMembership(LogId(2, 50), M), "snap-1")
+
+SAMPLES = [
+    AppendEntriesRequest(5, 1, LogId(4, 9), (
+        Entry(LogId(5, 10), EntryKind.BLANK, None),
+        Entry(LogId(5, 11), EntryKind.NORMAL, {"op": "put", "key": "k", "value": [1, 2.5, b"x", None]}),
+        Entry(LogId(5, 12), EntryKind.MEMBERSHIP, M),
+    ), 9, 7),
+    AppendEntriesRequest(1, 2, None, (), 0, 0),
+    AppendEntriesResponse(5, True, LogId(5, 12), seq=7),
+    AppendEntriesResponse(6, False, None, rejected=9, hint_index=4, hint_term=2, seq=3),
+    VoteRequest(7, 3, LogId(6, 40), pre_vote=True, transfer=False),
+    VoteRequest(7, 3, None),
+    VoteResponse(7, True, True),
+    InstallSnapshotRequest(8, 1, META, 0, b"\x00" * 100, False),
+    InstallSnapshotResponse(8, True, LogId(3, 100)),
+    TimeoutNowRequest(9, 1),
+    TimeoutNowResponse(9),
+    ClientRequest("kv.put", {"key": "a", "value": 1}),
+    ClientResponse(False, None, ["ForwardToLeader", "go away", 2, "tcp://127.0.0.2:7000"]),
+]
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
+def test_every_message_roundtrips(msg):
+    frame = decode_message(encode_message(msg, "c1", 3, 42), "c1")
+    assert (frame.from_id, frame.request_id, frame.message) == (3, 42, msg)
+
+
+def test_entries_roundtrip_on_disk():
+    for e in SAMPLES[0].entries:
+        assert decode_entry(e.index, encode_entry(e)) == e
+
+
+def test_wrong_cluster_and_version_are_refused():
+    data = encode_message(SAMPLES[2], "c1", 1)
+    with pytest.raises(CodecError, match="cluster"):
+        decode_message(data, "other")
+    v = msgpack.unpackb(data)
+    v[0] = FORMAT_VERSION + 1
+    with pytest.raises(CodecError, match="version"):
+        decode_message(msgpack.packb(v), "c1")
+
+
+def test_non_consecutive_entries_are_refused():
+    v = msgpack.unpackb(encode_message(SAMPLES[0], "c", 1), strict_map_key=False)
+    v[5][3][1][1] = 99  # second entry's index
+    with pytest.raises(CodecError):
+        decode_message(msgpack.packb(v, use_bin_type=True), "c")
+
+
+def test_unencodable_values_raise_codec_error():
+    with pytest.raises(CodecError):
+        encode_message(ClientRequest("x", object()), "c", 1)
+    with pytest.raises(CodecError):
+        encode_entry(Entry(LogId(1, 1), EntryKind.NORMAL, {1, 2}))
+
+
+def _mutations(rng: random.Random, data: bytes):
+    b = bytearray(data)
+    kind = rng.randrange(5)
+    if kind == 0 and b:  # flip bits
+        for _ in range(rng.randint(1, 4)):
+            i = rng.randrange(len(b))
+            b[i] ^= 1 << rng.randrange(8)
+    elif kind == 1:  # truncate
+        b = b[: rng.randrange(len(b) + 1)]
+    elif kind == 2:  # insert junk
+        i = rng.randrange(len(b) + 1)
+        b[i:i] = rng.randbytes(rng.randint(1, 8))
+    elif kind == 3:  # replace a byte with a msgpack type marker
+        if b:
+            b[rng.randrange(len(b))] = rng.choice([0xC0, 0xC1, 0xC2, 0xC3, 0xD9, 0xDC, 0xDE, 0xC7, 0xD4, 0x90, 0x80])
+    else:  # duplicate a slice
+        i, j = sorted(rng.randrange(len(b) + 1) for _ in range(2))
+        b[i:i] = b[i:j]
+    return bytes(b)
+
+
+def _structural(rng: random.Random):
+    """Valid msgpack with the frame's shape but wrong types in random places."""
+    junk = [None, True, -1, 2**70 if False else 2**63, 1.5, "s", b"b", [], {}, [1, [2]], {"a": 1}, {1: [None]}]
+    v = msgpack.unpackb(encode_message(rng.choice(SAMPLES), "c", 1), strict_map_key=False)
+
+    def mutate(x, depth=0):
+        if isinstance(x, list) and x and depth < 6:
+            i = rng.randrange(len(x))
+            if rng.random() < 0.3:
+                x[i] = rng.choice(junk)
+            else:
+                mutate(x[i], depth + 1)
+        return x
+    return msgpack.packb(mutate(v), use_bin_type=True)
+
+
+def test_random_and_mutated_bytes_only_ever_raise_codec_error():
+    rng = random.Random(20261127)
+    valid = [encode_message(m, "c", 1, 5) for m in SAMPLES]
+    decoded_ok = 0
+    for i in range(20_000):
+        r = i % 4
+        if r == 0:
+            data = rng.randbytes(rng.randint(0, 64))
+        elif r == 1:
+            data = _structural(rng)
+        else:
+            data = _mutations(rng, rng.choice(valid))
+        try:
+            frame = decode_message(data, "c")
+        except CodecError:
+            continue
+        decoded_ok += 1
+        # whatever decodes is a well-formed message that encodes again
+        encode_message(frame.message, "c", frame.from_id, frame.request_id)
+    assert decoded_ok < 20_000
+
+
+def test_deeply_nested_and_huge_declared_lengths():
+    deep = b"\x91" * 100_000 + b"\xc0"
+    with pytest.raises(CodecError):
+        decode_message(deep, "c")
+    # a 4-GiB array header with no body
+    with pytest.raises(CodecError):
+        decode_message(b"\xdd\xff\xff\xff\xff", "c")
+    with pytest.raises(CodecError):
+        decode_message(b"\xc6\xff\xff\xff\xff" + b"x" * 10, "c")
