@@ -9,3 +9,20 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+# --- deterministic simulation (tests/test_simulation.py) -------------------------------------
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("pyraft-sim", "pyraft deterministic simulation")
+    group.addoption("--sim-seed", type=int, default=None,
+                    help="replay one simulation seed (prints its trace on failure)")
+    group.addoption("--sim-seeds", type=int, default=None,
+                    help="how many seeds the simulation runs (default suite: 500; soak: 5000)")
+    group.addoption("--sim-steps", type=int, default=None,
+                    help="events per simulation seed (default suite: 3000; soak: 20000)")
+    group.addoption("--sim-first-seed", type=int, default=None,
+                    help="the first seed of the range (default: 0; soak: 1000000)")
+    group.addoption("--sim-jobs", type=int, default=None,
+                    help="worker processes for the seeds (default: the number of CPUs)")

@@ -184,7 +184,10 @@ class MemoryNetwork:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Counters: ``delivered_requests``, ``delivered_replies``, ``dropped_<reason>``."""
+        """Counters of the whole network: ``sends``, ``delivered_requests``,
+        ``delivered_replies``, ``dropped_<reason>`` (``partition``, ``loss``,
+        ``closed``, ``no_target``, ``invalid``, ``not_request``, ``not_reply``,
+        ``fault_filter``), ``handler_errors``."""
         with self._lock:
             return dict(self._stats)
 
@@ -226,14 +229,15 @@ class MemoryNetwork:
     def _submit(self, src: int, dst: int, item: tuple) -> None:
         """Queue one encoded message for delivery (any thread)."""
         with self._cond:
+            sender = self._transports.get(src)
             if self._closed:
-                self._stats["dropped_closed"] += 1
+                self._count_locked("dropped_closed", sender)
                 return
             if not self._link_ok(src, dst):
-                self._stats["dropped_partition"] += 1
+                self._count_locked("dropped_partition", sender)
                 return
             if self._loss and self._rng.random() < self._loss:
-                self._stats["dropped_loss"] += 1
+                self._count_locked("dropped_loss", sender)
                 return
             lo, hi = self._delay
             due = time.monotonic() + (self._rng.uniform(lo, hi) if hi > 0 else 0.0)
@@ -272,7 +276,7 @@ class MemoryNetwork:
                     if self._link_ok(item[1], item[2]):  # the link may have been cut in flight
                         batch.append(item)
                     else:
-                        self._stats["dropped_partition"] += 1
+                        self._count_locked("dropped_partition", self._transports.get(item[1]))
             for item in batch:
                 try:
                     if item[0] == _REQ:
@@ -281,11 +285,17 @@ class MemoryNetwork:
                         self._deliver_reply(item)
                 except Exception:  # a bug in a handler must not stop the network
                     log.exception("memory network: delivery failed")
-                    self._count("handler_errors")
+                    self._count("handler_errors", self._transports.get(item[2]))
 
-    def _count(self, key: str) -> None:
+    def _count(self, key: str, t: "MemoryTransport | None" = None) -> None:
         with self._lock:
-            self._stats[key] += 1
+            self._count_locked(key, t)
+
+    def _count_locked(self, key: str, t: "MemoryTransport | None") -> None:
+        # Called with _lock held: the network's counter, and the transport's when given.
+        self._stats[key] += 1
+        if t is not None:
+            t._stats[key] += 1
 
     def _deliver_request(self, item: tuple) -> None:
         _, src, dst, conn, data = item
@@ -293,45 +303,46 @@ class MemoryNetwork:
             target = self._transports.get(dst)
         handler = target._handler if target is not None else None
         if target is None or target._closed or handler is None:
-            self._count("dropped_no_target")
+            self._count("dropped_no_target", self._transports.get(src))
             return
         try:
             frame = decode_message(data, target.cluster_name)
         except CodecError as e:
             log.debug("memory network: node %s dropped a request: %s", dst, e)
-            self._count("dropped_invalid")
+            self._count("dropped_invalid", target)
             return
         msg = frame.message
         if not isinstance(msg, _REQUEST_TYPES):
-            self._count("dropped_not_request")
+            self._count("dropped_not_request", target)
             return
         if target._filtered("request", frame.from_id, msg):
-            self._count("dropped_fault_filter")
+            self._count("dropped_fault_filter", target)
             return
-        self._count("delivered_requests")
+        self._count("delivered_requests", target)
         handler(frame.from_id, msg, _MemoryReply(self, target, conn, frame.from_id, frame.request_id))
 
     def _deliver_reply(self, item: tuple) -> None:
         _, _src, _dst, conn, data = item
-        if conn._closed or conn._transport._closed:
-            self._count("dropped_no_target")
+        t = conn._transport
+        if conn._closed or t._closed:
+            self._count("dropped_no_target", t)
             return
         try:
             frame = decode_message(data, conn._transport.cluster_name)
         except CodecError as e:
             log.debug("memory network: node %s dropped a reply: %s", conn._transport.node_id, e)
-            self._count("dropped_invalid")
+            self._count("dropped_invalid", t)
             return
         if isinstance(frame.message, _REQUEST_TYPES):
-            self._count("dropped_not_reply")
+            self._count("dropped_not_reply", t)
             return
         if conn._transport._filtered("recv", conn.target_id, frame.message):
-            self._count("dropped_fault_filter")
+            self._count("dropped_fault_filter", t)
             return
         if conn._put_reply((frame.request_id, frame.message)):
-            self._count("delivered_replies")
+            self._count("delivered_replies", t)
         else:
-            self._count("dropped_no_target")
+            self._count("dropped_no_target", t)
 
 
 class MemoryTransport:
@@ -344,6 +355,17 @@ class MemoryTransport:
         self._handler: RequestHandler | None = None
         self._closed = False
         self._fault_filter: FaultFilter | None = None
+        self._stats: Counter[str] = Counter()  # guarded by the network's _lock
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """This node's counters (same names as :attr:`MemoryNetwork.stats`, plus ``sends``).
+
+        Drops are counted on the sender when cut or lost in the network, on the
+        receiver when it rejects what arrived.
+        """
+        with self._net._lock:
+            return dict(self._stats)
 
     def start(self, handler: RequestHandler) -> None:
         if self._closed:
@@ -393,9 +415,10 @@ class MemoryConnection:
         if self._closed or t._closed:
             return rid
         if t._filtered("send", self.target_id, message):
-            t._net._count("dropped_fault_filter")
+            t._net._count("dropped_fault_filter", t)
             return rid
         data = encode_message(message, t.cluster_name, t.node_id, rid)  # CodecError: the caller's bug
+        t._net._count("sends", t)
         t._net._submit(t.node_id, self.target_id, (_REQ, t.node_id, self.target_id, self, data))
         return rid
 
@@ -459,13 +482,13 @@ class _MemoryReply:
         if r._closed:
             return
         if r._filtered("reply", self._requester, message):
-            self._net._count("dropped_fault_filter")
+            self._net._count("dropped_fault_filter", r)
             return
         try:
             data = encode_message(message, r.cluster_name, r.node_id, self._request_id)
         except CodecError:
             log.exception("memory network: node %s cannot encode its reply", r.node_id)
-            self._net._count("reply_encode_errors")
+            self._net._count("reply_encode_errors", r)
             return
         self._net._submit(r.node_id, self._conn._transport.node_id,
                           (_REP, r.node_id, self._conn._transport.node_id, self._conn, data))

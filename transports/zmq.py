@@ -83,6 +83,7 @@ from typing import Any, Callable, Sequence
 
 import zmq
 import zmq.auth
+import zmq.utils.monitor
 from zmq.auth.thread import ThreadAuthenticator
 
 from pyraft.codec import ClientRequest, decode_message, encode_message
@@ -319,13 +320,7 @@ class _Zap:
         with cls._lock:
             entry = cls._by_ctx.get(id(ctx))
             if entry is None:
-                auth = ThreadAuthenticator(ctx, log=logging.getLogger("pyraft.transport.zap"))
-                try:
-                    auth.start()
-                except zmq.ZMQError as e:
-                    raise TransportError(
-                        f"cannot start the ZAP handler (is another one bound in this zmq.Context?): {e}"
-                    ) from None
+                auth = cls._start(ctx)
                 if auth.thread is not None:
                     auth.thread.name = "pyraft-zap"
                 entry = (ctx, auth, set())
@@ -333,6 +328,25 @@ class _Zap:
             _, auth, domains = entry
             auth.configure_curve_callback(domain, provider)
             domains.add(domain)
+
+    @staticmethod
+    def _start(ctx: zmq.Context) -> ThreadAuthenticator:
+        # libzmq releases an inproc endpoint asynchronously when its socket closes, so
+        # right after the previous authenticator of this context stopped, binding the
+        # ZAP endpoint may still fail with EADDRINUSE for a moment: retry briefly.
+        deadline = time.monotonic() + 2.0
+        while True:
+            auth = ThreadAuthenticator(ctx, log=logging.getLogger("pyraft.transport.zap"))
+            try:
+                auth.start()
+                return auth
+            except zmq.ZMQError as e:
+                auth.stop()
+                if e.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                    raise TransportError(
+                        f"cannot start the ZAP handler (is another one bound in this zmq.Context?): {e}"
+                    ) from None
+                time.sleep(0.01)
 
     @classmethod
     def release(cls, ctx: zmq.Context, domain: str) -> None:
@@ -367,9 +381,23 @@ def _set_common(sock: zmq.Socket, *, hwm: int, max_frame_size: int, heartbeat: f
 class ZmqTransport:
     """A node's ZeroMQ endpoint: a ROUTER serving ``listen`` and DEALER connections to peers.
 
-    ``listen=None`` makes a client-only transport (``connect`` works, nothing
-    is served).  ``listen="tcp://127.0.0.1:*"`` picks a free port; the bound
-    address is :attr:`endpoint`.
+    - ``listen``: the ROUTER's address, bound in the constructor (a busy or bad
+      address raises :class:`TransportError` naming it).  ``None`` makes a
+      client-only transport.  ``"tcp://127.0.0.1:*"`` picks a free port; the
+      bound address is :attr:`endpoint`.
+    - ``cluster_name``: carried by every frame; frames of another cluster are dropped.
+    - ``context``: default ``zmq.Context.instance()`` (one per process); never terminated here.
+    - ``curve``: a :class:`CurveConfig` to encrypt and authenticate (server and connections).
+    - ``max_frame_size``: bytes; larger frames are refused by the sender and
+      dropped (libzmq ``MAXMSGSIZE``: the peer is disconnected) by the receiver.
+    - ``hwm``: frames queued per socket and direction, at most (libzmq may
+      refuse a write somewhat earlier); beyond it sends and replies drop.
+    - ``reconnect_ivl``/``reconnect_ivl_max``: DEALER reconnect back-off, seconds.
+    - ``heartbeat``: ZMTP heartbeat interval, seconds (a peer silent for 3
+      intervals is disconnected); 0 disables.
+
+    Threads: ``pyraft-zmq-server-<node_id>`` while started, and with CURVE one
+    ``pyraft-zap`` per context while any CURVE transport is open.
     """
 
     def __init__(self, node_id: int, listen: str | None = "tcp://0.0.0.0:7001", *,
@@ -481,13 +509,38 @@ class ZmqTransport:
 
     def _release_resources(self) -> None:
         if self._router is not None:
-            self._router.close(0)
+            self._close_router(self._router)
             self._router = None
         if self._zap_domain is not None:
             _Zap.release(self._ctx, self._zap_domain)
             self._zap_domain = None
         self._wake_r.close()
         self._wake_w.close()
+
+    def _close_router(self, r: zmq.Socket) -> None:
+        """Close the ROUTER and wait (up to 1 s) until its port is really free.
+
+        ``zmq_close`` is asynchronous: without the wait, a node restarted in the
+        same process could find its own port still bound.
+        """
+        mon = None
+        try:
+            mon = r.get_monitor_socket(zmq.EVENT_CLOSED)
+            r.unbind(self.endpoint)
+            deadline = time.monotonic() + 1.0
+            while mon.poll(_ms(deadline - time.monotonic())):
+                if zmq.utils.monitor.recv_monitor_message(mon)["event"] == zmq.EVENT_CLOSED:
+                    break
+        except zmq.ZMQError as e:
+            log.debug("node %s: unbinding %s: %s", self.node_id, self.endpoint, e)
+        finally:
+            if mon is not None:
+                try:
+                    r.disable_monitor()
+                except zmq.ZMQError:
+                    pass
+                mon.close(0)
+            r.close(0)
 
     def __enter__(self) -> "ZmqTransport":
         return self
@@ -554,6 +607,8 @@ class ZmqTransport:
                         pass
                 if router in events:
                     for _ in range(_RECV_BATCH):
+                        if self._stopping:  # a handler may close the transport
+                            break
                         try:
                             parts = router.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:
@@ -683,6 +738,13 @@ def _dealer(ctx: zmq.Context, addr: str, *, hwm: int, max_frame_size: int, heart
 
 class ZmqConnection:
     """A DEALER to one peer, used by exactly one thread (the one that called ``connect``).
+
+    ``send`` never blocks: with ``IMMEDIATE`` a frame for a peer that is not
+    connected, or whose queue is full, is dropped (counted in ``sends_dropped``).
+    The one exception is a fresh connection whose first TCP (and CURVE)
+    handshake is still running: up to :data:`CONNECT_BUFFER` frames are held and
+    go out on the owner's next ``send`` or ``recv`` once the connection is up
+    (a request/reply user always calls ``recv``; one that only sends should know).
 
     ``wake()`` may be called from any other thread: it writes a byte to a
     ``socket.socketpair`` that ``recv`` polls next to the DEALER (the DEALER
