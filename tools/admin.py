@@ -1,0 +1,462 @@
+"""``pyraft-admin``: look at and change a live pyraft cluster over its ZeroMQ addresses.
+
+::
+
+    pyraft-admin --node ADDR [--cluster-name NAME] [--timeout S] [CURVE options] COMMAND
+        status [--json]                 every member: role, term, log, commit, apply, lag, reachable
+        add-learner ID ADDR [--no-wait] add a non-voting member (waits until it caught up)
+        change-membership ID,ID,... [--retain]
+                                        make exactly these nodes the voters (joint consensus)
+        remove ID                       drop a voter from the cluster
+        transfer-leader ID              hand the leadership to voter ID
+        snapshot                        build a snapshot on the contacted node now
+        purge-log INDEX                 purge the contacted node's log up to INDEX
+    pyraft-admin keygen DIR [--name NAME]   write a CURVE key pair (NAME.key, NAME.key_secret)
+
+Every command but ``keygen`` first asks ``--node`` for its ``"metrics"``.
+Membership changes and leadership transfers go to the leader: the tool
+follows the contacted node's leader hint (and a ``ForwardToLeader`` reply)
+by itself.  ``snapshot`` and ``purge-log`` act on the contacted node.
+The nodes answer these requests once :func:`pyraft.admin_ops.serve_admin`
+is registered on them (``pyraft-kv serve`` does).
+
+Exit codes: 0 done; 1 the operation failed (the node said no, or it timed
+out: then its outcome is unknown); 2 usage error, node unreachable, or bad
+CURVE key files.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import sys
+import time
+from typing import Any, Sequence
+
+from pyraft.codec import ClientRequest, ClientResponse
+from pyraft.errors import ForwardToLeader, RaftError, Timeout
+from pyraft.raft import raise_error_response
+from pyraft.transports.zmq import CurveConfig, TransportError, ZmqClient, generate_keys
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+#: How long to wait for a node to answer a ``metrics`` request.
+DEFAULT_CONNECT_TIMEOUT = 3.0
+#: How long an operation may take (sent to the node, which enforces it).
+DEFAULT_TIMEOUT = 30.0
+#: Time the reply of an operation may take to travel back after the node's own deadline.
+_REPLY_MARGIN = 3.0
+
+
+class Unreachable(Exception):
+    """No reply from a node within the time given (it is down, or the address/CURVE keys are wrong)."""
+
+
+class UsageError(Exception):
+    pass
+
+
+class Admin:
+    """Talks to the nodes of one cluster: one short-lived :class:`ZmqClient` per call."""
+
+    def __init__(self, cluster_name: str, *, curve: CurveConfig | None = None,
+                 server_key: str | None = None, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.cluster_name = cluster_name
+        self.curve = curve
+        self.server_key = server_key
+        self.connect_timeout = connect_timeout
+        self.timeout = timeout
+
+    def _key_for(self, addr: str, node_id: int | None, contacted: str | None) -> Any:
+        if self.curve is None:
+            return None
+        if addr == contacted and self.server_key is not None:
+            return self.server_key
+        if node_id is None:
+            raise UsageError(f"no CURVE server key for {addr}: give --curve-server-key")
+        try:
+            return self.curve.server_key_for(node_id)
+        except TransportError as e:
+            raise UsageError(f"{e} (give --curve-keys-dir with N.key for every node)") from None
+
+    def call(self, addr: str, op: str, body: Any = None, *, timeout: float, node_id: int | None = None,
+             contacted: str | None = None) -> Any:
+        """Send one request; return the reply body, raise the node's error, or Unreachable."""
+        key = self._key_for(addr, node_id, contacted)
+        try:
+            with ZmqClient(addr, self.cluster_name, curve=self.curve, server_key=key, timeout=timeout) as c:
+                resp = c.call(ClientRequest(op, body), timeout)
+        except Timeout as e:
+            hint = "the node is down, or --cluster-name"
+            hint += ", or the CURVE keys are wrong" if self.curve is not None else " is wrong"
+            raise Unreachable(f"{e} ({hint}; this tool says cluster {self.cluster_name!r})") from None
+        if not isinstance(resp, ClientResponse):
+            raise RaftError(f"{addr} answered {op} with a {type(resp).__name__}")
+        if not resp.ok:
+            raise_error_response(resp)
+        return resp.body
+
+    def metrics(self, addr: str, node_id: int | None = None, contacted: str | None = None) -> dict:
+        m = self.call(addr, "metrics", None, timeout=self.connect_timeout, node_id=node_id, contacted=contacted)
+        if type(m) is not dict or "id" not in m:
+            raise RaftError(f"{addr} answered metrics with {str(m)[:80]!r}")
+        return m
+
+
+# ---------------------------------------------------------------------------
+# status
+
+def _index(lid: Any) -> int | None:
+    return lid[1] if isinstance(lid, list) and len(lid) == 2 else None
+
+
+def _node_addrs(m: dict | None) -> dict[int, str]:
+    if not m or not m.get("membership"):
+        return {}
+    return {int(k): v for k, v in m["membership"]["nodes"].items()}
+
+
+def gather_status(admin: Admin, addr: str) -> dict:
+    """The contacted node's metrics at top level plus ``members``: one entry per member, asked in parallel."""
+    top = admin.metrics(addr, contacted=addr)
+    addrs = _node_addrs(top)
+    results: dict[int, dict] = {top["id"]: {"metrics": top}}
+
+    def ask(nid: int, a: str) -> dict:
+        try:
+            return {"metrics": admin.metrics(a, nid, contacted=addr)}
+        except (Unreachable, UsageError, RaftError, TransportError) as e:
+            return {"error": str(e)}
+
+    def ask_all(todo: dict[int, str]) -> None:
+        if not todo:
+            return
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, len(todo)),
+                                                   thread_name_prefix="pyraft-admin-status") as ex:
+            futs = {nid: ex.submit(ask, nid, a) for nid, a in todo.items()}
+            for nid, f in futs.items():
+                results[nid] = f.result()
+
+    ask_all({n: a for n, a in addrs.items() if n not in results})
+    # The leader's membership may be newer than the contacted node's: ask whom it adds.
+    leader_m = _leader_metrics(results)
+    if leader_m is not None:
+        extra = {n: a for n, a in _node_addrs(leader_m).items() if n not in results}
+        addrs.update(_node_addrs(leader_m))
+        ask_all(extra)
+        leader_m = _leader_metrics(results)
+    membership = (leader_m or top).get("membership") or {}
+    voters = set(membership.get("voters", []))
+    learners = set(membership.get("learners", []))
+    members = []
+    for nid in sorted(set(addrs) | {top["id"]}):
+        r = results.get(nid, {})
+        m = r.get("metrics")
+        entry: dict[str, Any] = {
+            "id": nid,
+            "address": addrs.get(nid, addr if nid == top["id"] else None),
+            "voter": nid in voters,
+            "learner": nid in learners,
+            "reachable": m is not None,
+        }
+        if m is not None:
+            for k in ("state", "current_term", "current_leader", "last_log_index", "committed", "last_applied",
+                      "snapshot", "purged"):
+                entry[k] = m.get(k)
+        else:
+            entry["error"] = r.get("error", "not asked")
+        entry["matched"] = None
+        entry["lag"] = None
+        if leader_m is not None:
+            if nid == leader_m["id"]:
+                entry["matched"] = [leader_m["current_term"], leader_m["last_log_index"]]
+                entry["lag"] = 0
+            else:
+                matched = leader_m.get("replication", {}).get(str(nid))
+                entry["matched"] = matched
+                if str(nid) in leader_m.get("replication", {}):
+                    entry["lag"] = leader_m["last_log_index"] - (_index(matched) or 0)
+        members.append(entry)
+    out = dict(top)
+    out["address"] = addr
+    out["committed_index"] = _index(top.get("committed")) or 0
+    out["last_applied_index"] = _index(top.get("last_applied")) or 0
+    out["leader"] = None if leader_m is None else {"id": leader_m["id"], "term": leader_m["current_term"],
+                                                     "address": addrs.get(leader_m["id"])}
+    out["members"] = members
+    return out
+
+
+def _leader_metrics(results: dict[int, dict]) -> dict | None:
+    leaders = [r["metrics"] for r in results.values()
+               if r.get("metrics") and r["metrics"].get("state") == "Leader"]
+    return max(leaders, key=lambda m: m["current_term"]) if leaders else None
+
+
+def _fmt_index(v: Any) -> str:
+    i = _index(v)
+    return "-" if i is None else str(i)
+
+
+def print_status(st: dict, out: Any = None) -> None:
+    out = out or sys.stdout
+    leader = st.get("leader")
+    lead = (f"leader {leader['id']} (term {leader['term']})" if leader
+            else "no leader reached")
+    print(f"contacted {st['address']}: node {st['id']}, {st['state']} in term {st['current_term']}; {lead}",
+          file=out)
+    rows = [("ID", "ADDRESS", "ROLE", "STATE", "TERM", "LAST-LOG", "COMMITTED", "APPLIED", "LAG", "REACHABLE")]
+    for m in st["members"]:
+        role = "voter" if m["voter"] else "learner" if m["learner"] else "-"
+        if m["reachable"]:
+            rows.append((str(m["id"]), m["address"] or "?", role, m["state"], str(m["current_term"]),
+                         str(m["last_log_index"]), _fmt_index(m["committed"]), _fmt_index(m["last_applied"]),
+                         "-" if m["lag"] is None else str(m["lag"]), "yes"))
+        else:
+            rows.append((str(m["id"]), m["address"] or "?", role, "?", "-", "-", "-", "-",
+                         "-" if m["lag"] is None else str(m["lag"]), "NO"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=out)
+    for m in st["members"]:
+        if not m["reachable"]:
+            print(f"node {m['id']}: {m.get('error')}", file=out)
+
+
+# ---------------------------------------------------------------------------
+# Operations that go to the leader
+
+def call_leader(admin: Admin, addr: str, op: str, body: dict) -> tuple[str, Any]:
+    """Send ``op`` to the leader, following hints; returns ``(address that answered, body)``.
+
+    Only a ForwardToLeader reply is retried (the node did nothing); a
+    Timeout or other error is final, as the operation may have happened.
+    """
+    deadline = time.monotonic() + admin.timeout + _REPLY_MARGIN
+    m = admin.metrics(addr, contacted=addr)
+    home = (addr, m["id"])
+    target, target_id = home
+    if m.get("state") != "Leader" and m.get("current_leader") is not None:
+        hint = _node_addrs(m).get(m["current_leader"])
+        if hint:
+            target, target_id = hint, m["current_leader"]
+    answered = {addr}  # addresses known to answer: the operation is only sent to those
+    last_answer = "none"
+
+    def pause() -> None:  # an election is on, or a hint is stale: ask again shortly
+        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
+    while True:
+        if time.monotonic() >= deadline:
+            raise Timeout(f"no leader accepted {op} within {admin.timeout:g} s (last answer: {last_answer})")
+        if target not in answered:
+            try:
+                admin.metrics(target, target_id, contacted=addr)
+                answered.add(target)
+            except Unreachable as e:
+                last_answer = str(e)
+                target, target_id = home
+                pause()
+                continue
+        left = deadline - time.monotonic()
+        try:
+            return target, admin.call(target, op, {**body, "timeout": max(1.0, left - _REPLY_MARGIN)},
+                                      timeout=max(1.0, left), node_id=target_id, contacted=addr)
+        except ForwardToLeader as e:
+            last_answer = str(e)
+            if e.leader_node is not None and e.leader_node.addr != target:
+                target, target_id = e.leader_node.addr, e.leader_id
+                continue
+            if e.leader_node is None:
+                target, target_id = home
+            pause()
+
+
+def _fmt_membership(ms: dict | None) -> str:
+    if not ms:
+        return "no membership"
+    cfgs = " -> ".join(str(c) for c in ms["configs"])
+    return f"voters {cfgs}; learners {ms['learners']}"
+
+
+def _lid(v: Any) -> str:
+    return "none" if v is None else f"{v[0]}-{v[1]}"
+
+
+# ---------------------------------------------------------------------------
+# CLI
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pyraft-admin",
+        description="Look at and change a live pyraft cluster. Exit codes: 0 ok, 1 operation failed, "
+                    "2 usage error or node unreachable.")
+    p.add_argument("--node", metavar="ADDR", help="address of any cluster member, e.g. tcp://127.0.0.1:7101")
+    p.add_argument("--cluster-name", default="pyraft", metavar="NAME", help="the cluster's name (default: pyraft)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
+                   help=f"how long an operation may take (default {DEFAULT_TIMEOUT:g} s)")
+    p.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT, metavar="S",
+                   help=f"how long to wait for a node to answer at all (default {DEFAULT_CONNECT_TIMEOUT:g} s)")
+    g = p.add_argument_group("CURVE (when the cluster uses it)")
+    g.add_argument("--curve-secret", metavar="FILE", help="this tool's .key_secret file")
+    g.add_argument("--curve-public", metavar="FILE", help="this tool's .key file (checked against the secret)")
+    g.add_argument("--curve-server-key", metavar="KEY", help="the --node's public key: a .key file or Z85 text")
+    g.add_argument("--curve-keys-dir", metavar="DIR",
+                   help="directory holding N.key for every node N (to reach the other members)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("status", help="every member's role, term, log, commit, apply, lag and reachability")
+    s.add_argument("--json", action="store_true", help="one JSON object")
+    s = sub.add_parser("add-learner", help="add node ID at ADDR as a learner")
+    s.add_argument("id", type=int, metavar="ID")
+    s.add_argument("addr", metavar="ADDR")
+    s.add_argument("--no-wait", action="store_true", help="return once the entry commits, before it caught up")
+    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("change-membership", help="make exactly ID,ID,... the voters")
+    s.add_argument("voters", metavar="ID,ID,...")
+    s.add_argument("--retain", action="store_true", help="keep removed voters as learners")
+    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("remove", help="remove voter ID from the cluster")
+    s.add_argument("id", type=int, metavar="ID")
+    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("transfer-leader", help="hand the leadership to voter ID")
+    s.add_argument("id", type=int, metavar="ID")
+    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("snapshot", help="build a snapshot on the contacted node")
+    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("purge-log", help="purge the contacted node's log up to INDEX (bounded by its snapshot)")
+    s.add_argument("index", type=int, metavar="INDEX")
+    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("keygen", help="write a CURVE key pair NAME.key and NAME.key_secret into DIR")
+    s.add_argument("dir", metavar="DIR")
+    s.add_argument("--name", default="admin", help="file name stem (default: admin)")
+    s.add_argument("--force", action="store_true", help="overwrite existing key files")
+    return p
+
+
+def _parse_voters(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"voters must be comma-separated node ids, got {text!r}") from None
+    if not ids or any(i < 0 for i in ids):
+        raise UsageError(f"voters must be a non-empty list of node ids, got {text!r}")
+    return ids
+
+
+def _emit(args: argparse.Namespace, result: dict, text: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(result, sort_keys=True))
+    else:
+        print(text)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "keygen":
+        try:
+            pub, sec = generate_keys(args.dir, args.name, overwrite=args.force)
+        except TransportError as e:
+            print(f"pyraft-admin: {e}", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"public key: {pub}\nsecret key: {sec}")
+        return EXIT_OK
+    if not args.node:
+        raise UsageError("--node ADDR is required")
+    if args.timeout <= 0 or args.connect_timeout <= 0:
+        raise UsageError("--timeout and --connect-timeout must be positive")
+    curve = None
+    if args.curve_secret:
+        curve = CurveConfig(secret_key_file=args.curve_secret, public_key_file=args.curve_public,
+                            allowed_keys_dir=args.curve_keys_dir)
+        curve.keypair()  # fail now on an unreadable key file
+        if not args.curve_server_key:
+            raise UsageError("--curve-secret needs --curve-server-key (the --node's public key)")
+    elif args.curve_public or args.curve_server_key or args.curve_keys_dir:
+        raise UsageError("the CURVE options need --curve-secret")
+    admin = Admin(args.cluster_name, curve=curve, server_key=args.curve_server_key,
+                  connect_timeout=args.connect_timeout, timeout=args.timeout)
+    node = args.node
+    cmd = args.command
+
+    if cmd == "status":
+        st = gather_status(admin, node)
+        if args.json:
+            print(json.dumps(st, sort_keys=True))
+        else:
+            print_status(st)
+        return EXIT_OK
+
+    if cmd == "add-learner":
+        _, r = call_leader(admin, node, "admin.add_learner",
+                               {"id": args.id, "addr": args.addr, "blocking": not args.no_wait})
+        state = "caught up" if not args.no_wait else "entry committed"
+        _emit(args, r, f"node {args.id} ({args.addr}) is a learner (log entry {_lid(r['log_id'])}, {state}); "
+                       f"{_fmt_membership(r['membership'])}")
+        return EXIT_OK
+    if cmd == "change-membership":
+        voters = _parse_voters(args.voters)
+        _, r = call_leader(admin, node, "admin.change_membership", {"voters": voters, "retain": args.retain})
+        _emit(args, r, f"membership committed: {_fmt_membership(r['membership'])}")
+        return EXIT_OK
+    if cmd == "remove":
+        _, r = call_leader(admin, node, "admin.remove", {"id": args.id})
+        _emit(args, r, f"node {args.id} removed; {_fmt_membership(r['membership'])}")
+        return EXIT_OK
+    if cmd == "transfer-leader":
+        _, r = call_leader(admin, node, "admin.transfer_leader", {"id": args.id})
+        _emit(args, r, f"node {r['leader']} leads in term {r['term']}")
+        return EXIT_OK
+    if cmd == "snapshot":
+        m = admin.metrics(node, contacted=node)
+        r = admin.call(node, "admin.snapshot", {"timeout": args.timeout},
+                       timeout=args.timeout + _REPLY_MARGIN, node_id=m["id"], contacted=node)
+        r["id"] = m["id"]
+        _emit(args, r, f"node {m['id']}: snapshot at {_lid(r['snapshot'])} (applied {_lid(r['last_applied'])})")
+        return EXIT_OK
+    if cmd == "purge-log":
+        if args.index < 0:
+            raise UsageError("INDEX must be >= 0")
+        m = admin.metrics(node, contacted=node)
+        r = admin.call(node, "admin.purge_log", {"index": args.index, "timeout": args.timeout},
+                       timeout=args.timeout + _REPLY_MARGIN, node_id=m["id"], contacted=node)
+        r["id"] = m["id"]
+        purged = _index(r["purged"]) or 0
+        if r["purged_now"] is None and purged < args.index:
+            _emit(args, r, f"node {m['id']}: nothing purged: the log is purged up to {_lid(r['purged'])}, and a "
+                           f"purge cannot pass the snapshot ({_lid(r['snapshot'])}) or entries still being "
+                           f"replicated; build a snapshot first")
+            return EXIT_FAILED
+        note = "" if purged >= args.index else f" (not to {args.index}: limited by the snapshot at " \
+                                                f"{_lid(r['snapshot'])} and replication)"
+        _emit(args, r, f"node {m['id']}: log purged up to {_lid(r['purged'])}{note}")
+        return EXIT_OK
+    raise UsageError(f"unknown command {cmd!r}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except UsageError as e:
+        print(f"pyraft-admin: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except Unreachable as e:
+        print(f"pyraft-admin: unreachable: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except TransportError as e:
+        print(f"pyraft-admin: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except ForwardToLeader as e:
+        print(f"pyraft-admin: failed: no leader: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except RaftError as e:
+        print(f"pyraft-admin: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
