@@ -71,7 +71,10 @@ class MemoryLogStore:
         encoded: list[list[tuple[LogId, bytes]] | None] = []
         for op in ops:
             if isinstance(op, AppendToLog):
-                encoded.append([(e.log_id, encode_entry(e)) for e in op.entries])
+                rows = op.encoded if op.encoded is not None else [encode_entry(e) for e in op.entries]
+                if len(rows) != len(op.entries):
+                    raise StorageError(f"log store: {len(rows)} encodings for {len(op.entries)} entries")
+                encoded.append([(e.log_id, data) for e, data in zip(op.entries, rows)])
             elif isinstance(op, (SaveVote, SaveCommitted, TruncateLog, PurgeLog)):
                 encoded.append(None)
             else:

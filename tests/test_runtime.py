@@ -188,7 +188,11 @@ def test_store_failure_turns_the_node_fatal_and_the_cluster_keeps_acknowledged_w
         for i in (2, 3):
             sm = c.rafts[i].state_machine
             assert all(sm.get(f"k{j}") == j for j in range(10))
-            assert sm.get("doomed") is None
+        # "doomed" failed with Fatal: its outcome is unknown to the client, as with any
+        # leader that dies mid-write.  The leader sends new entries while it writes
+        # them (Raft thesis 10.2.1), so the followers may have it and the new leader
+        # may commit it; what must hold is that the survivors agree.
+        assert c.rafts[2].state_machine.get("doomed") == c.rafts[3].state_machine.get("doomed")
         assert acked[-1].log_id.index <= new.metrics().committed.index
 
 

@@ -48,7 +48,7 @@ from ..stores.lmdb import (DEFAULT_MAP_SIZE, DEFAULT_MAX_MAP_SIZE, KV_ENV_NAME, 
 from ..types import Entry, EntryKind, LogId, SnapshotMeta, StoredMembership, log_index
 from .commands import DEFAULT_SESSION_TTL, Session, apply_command, decode_key, decode_value, encode_key
 
-__all__ = ["KVStateMachine", "FORMAT_VERSION", "SNAPSHOT_MAGIC"]
+__all__ = ["KVStateMachine", "KVReader", "FORMAT_VERSION", "SNAPSHOT_MAGIC"]
 
 FORMAT_VERSION = 1
 SNAPSHOT_VERSION = 1
@@ -192,8 +192,7 @@ class KVStateMachine:
         return dbs
 
     def _meta(self, txn: lmdb.Transaction, key: bytes, dbs: _Dbs | None = None) -> Any:
-        raw = txn.get(key, db=(dbs or self._dbs).meta)
-        return None if raw is None else unpack(bytes(raw), f"meta {key.decode()}")
+        return _meta_of(txn, dbs or self._dbs, key)
 
     # -- reads --------------------------------------------------------------------------
 
@@ -420,6 +419,76 @@ class KVStateMachine:
 
     def __repr__(self) -> str:
         return f"KVStateMachine({self._env.root!r})"
+
+    @classmethod
+    def open_readonly(cls, path: str | os.PathLike) -> "KVReader":
+        """A read-only view of the KV state in node data directory ``path`` (for tools; works while the node runs)."""
+        return KVReader(path)
+
+
+class KVReader:
+    """Read-only access to a KVStateMachine's directory: no lock file taken, nothing written.
+
+    Every method is one read transaction, so each answer is consistent even
+    while the node applies entries in another process.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self._env = LmdbEnv(path, KV_ENV_NAME, None, what="KV state machine", readonly=True)
+        try:
+            self._dbs = _Dbs(*self._env.open_existing_dbs((_DATA, _META, _SESSIONS, _SINDEX)))
+            with self._env.read() as txn:
+                version = _meta_of(txn, self._dbs, _K_FORMAT)
+        except BaseException:
+            self._env.close()
+            raise
+        if version != FORMAT_VERSION:
+            self._env.close()
+            raise StorageError(f"KV state machine in {self._env.root} has format version {version!r}; "
+                               f"this pyraft reads version {FORMAT_VERSION}")
+
+    def state(self) -> tuple[LogId | None, StoredMembership | None, SnapshotMeta | None, int]:
+        """``(last_applied, last membership, current snapshot meta, number of keys)``, read together."""
+        try:
+            with self._env.read() as txn:
+                applied = log_id_from_wire(_meta_of(txn, self._dbs, _K_APPLIED), "last_applied")
+                membership = stored_membership_from_wire(_meta_of(txn, self._dbs, _K_MEMBERSHIP))
+                pointer = _meta_of(txn, self._dbs, _K_SNAPSHOT)
+                n = txn.stat(self._dbs.data)["entries"]
+            snap = None if pointer is None else snapshot_meta_from_wire(pointer[0])
+        except (CodecError, TypeError, IndexError) as e:
+            raise StorageError(f"KV state machine in {self._env.root} is unreadable: {e}") from None
+        return applied, membership, snap, n
+
+    def applied_state(self) -> tuple[LogId | None, StoredMembership | None]:
+        applied, membership, _snap, _n = self.state()
+        return applied, membership
+
+    def get(self, key: Any) -> Any:
+        k = encode_key(key)
+        with self._env.read(buffers=True) as txn:
+            raw = txn.get(k, db=self._dbs.data)
+            raw = None if raw is None else bytes(raw)
+        return None if raw is None else decode_value(raw)
+
+    def items(self) -> list[tuple[Any, Any]]:
+        with self._env.read(buffers=True) as txn:
+            rows = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=self._dbs.data)]
+        return [(decode_key(k), decode_value(v)) for k, v in rows]
+
+    def close(self) -> None:
+        self._env.close()
+
+    def __enter__(self) -> "KVReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _meta_of(txn: lmdb.Transaction, dbs: _Dbs, key: bytes) -> Any:
+    raw = txn.get(key, db=dbs.meta)
+    return None if raw is None else unpack(bytes(raw), f"meta {key.decode()}")
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,517 @@
+"""Shared store tests: the LogStore and KV state-machine contracts, run against every implementation.
+
+A test module subclasses :class:`LogStoreContract` or :class:`KVContract`
+as ``Test...`` and provides the fixtures they name.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from pyraft.engine.commands import AppendToLog, PurgeLog, SaveCommitted, SaveVote, TruncateLog
+from pyraft.errors import RaftError, StorageError
+from pyraft.kv.commands import KVCommandError
+from pyraft.storage import LogState, LogStore, StateMachine
+from pyraft.types import Entry, EntryKind, LogId, Membership, Node, StoredMembership, Vote
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def ent(index: int, term: int = 1, payload=None, kind: EntryKind = EntryKind.NORMAL) -> Entry:
+    if payload is None and kind == EntryKind.NORMAL:
+        payload = {"i": index}
+    return Entry(LogId(term, index), kind, payload)
+
+
+def ents(start: int, stop: int, term: int = 1) -> list[Entry]:
+    return [ent(i, term) for i in range(start, stop)]
+
+
+def indexes(entries: list[Entry]) -> list[int]:
+    return [e.index for e in entries]
+
+
+def run_python(code: str, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter (no fork of this test process's LMDB handles)."""
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def spawn_python(code: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-u", "-c", code, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+
+# ---------------------------------------------------------------------------
+# LogStore
+
+class LogStoreContract:
+    """Every LogStore method against the contract in pyraft/storage.py.
+
+    Fixtures: ``store`` (a fresh, open store).
+    """
+
+    def test_is_a_log_store(self, store):
+        assert isinstance(store, LogStore)
+
+    def test_pristine_store_is_empty(self, store):
+        assert store.read_vote() is None
+        assert store.read_committed() is None
+        assert store.log_state() == LogState(None, None)
+        assert store.read(1, 100) == []
+
+    def test_appended_entries_read_back_in_ranges(self, store):
+        store.write([AppendToLog(ents(1, 11))])
+        assert store.log_state() == LogState(None, LogId(1, 10))
+        assert store.read(1, 11) == ents(1, 11)
+        assert indexes(store.read(3, 5)) == [3, 4]
+        assert indexes(store.read(10, 100)) == [10]
+        assert store.read(11, 20) == []
+        assert store.read(5, 5) == []
+        assert store.read(7, 3) == []
+
+    def test_entries_of_every_kind_round_trip(self, store):
+        m = Membership.of({1: Node("tcp://a:1", {"zone": "x"}), 2: Node("tcp://b:2")})
+        batch = [ent(1, 1, None, EntryKind.BLANK), ent(2, 1, m, EntryKind.MEMBERSHIP),
+                 ent(3, 2, {"op": "put", "key": b"k", "value": [1, 2.5, None, "s"]}),
+                 ent(4, 2, "plain string"), ent(5, 2, b"\x00" * 3000)]
+        store.write([AppendToLog(batch[:2])])
+        store.write([AppendToLog(batch[2:])])
+        assert store.read(1, 6) == batch
+        assert store.log_state().last_log_id == LogId(2, 5)
+
+    def test_appends_may_carry_their_encodings(self, store):
+        from pyraft.codec import encode_entry
+        batch = ents(1, 4) + [ent(4, 1, None, EntryKind.BLANK)]
+        store.write([AppendToLog(batch, encoded=[encode_entry(e) for e in batch])])
+        assert store.read(1, 10) == batch
+        with pytest.raises(StorageError):
+            store.write([AppendToLog(ents(5, 7), encoded=[encode_entry(ent(5))])])
+        assert store.log_state().last_log_id == LogId(1, 4)
+
+    def test_truncate_deletes_from_since_and_the_log_continues_there(self, store):
+        store.write([AppendToLog(ents(1, 6, term=1) + ents(6, 11, term=2))])
+        store.write([TruncateLog(7)])
+        assert store.log_state() == LogState(None, LogId(2, 6))
+        assert indexes(store.read(1, 100)) == [1, 2, 3, 4, 5, 6]
+        store.write([TruncateLog(6)])
+        assert store.log_state().last_log_id == LogId(1, 5)
+        store.write([AppendToLog(ents(6, 8, term=3))])
+        assert store.read(5, 100) == [ent(5, 1)] + ents(6, 8, term=3)
+
+    def test_truncate_past_the_end_changes_nothing(self, store):
+        store.write([AppendToLog(ents(1, 4))])
+        store.write([TruncateLog(4)])
+        store.write([TruncateLog(100)])
+        assert store.log_state() == LogState(None, LogId(1, 3))
+        assert indexes(store.read(1, 10)) == [1, 2, 3]
+
+    def test_truncate_everything(self, store):
+        store.write([AppendToLog(ents(1, 4))])
+        store.write([TruncateLog(1)])
+        assert store.log_state() == LogState(None, None)
+        assert store.read(1, 10) == []
+        store.write([AppendToLog(ents(1, 3, term=2))])
+        assert store.read(1, 10) == ents(1, 3, term=2)
+
+    def test_purge_deletes_up_to_and_records_last_purged(self, store):
+        store.write([AppendToLog(ents(1, 11))])
+        store.write([PurgeLog(LogId(1, 4))])
+        assert store.log_state() == LogState(LogId(1, 4), LogId(1, 10))
+        assert store.read(1, 100) == []
+        assert store.read(4, 100) == []
+        assert indexes(store.read(5, 100)) == [5, 6, 7, 8, 9, 10]
+
+    def test_purge_an_older_point_changes_nothing(self, store):
+        store.write([AppendToLog(ents(1, 11))])
+        store.write([PurgeLog(LogId(1, 6))])
+        store.write([PurgeLog(LogId(1, 3))])
+        assert store.log_state() == LogState(LogId(1, 6), LogId(1, 10))
+        assert indexes(store.read(7, 100)) == [7, 8, 9, 10]
+
+    def test_purge_to_the_last_entry_empties_the_log(self, store):
+        store.write([AppendToLog(ents(1, 6))])
+        store.write([PurgeLog(LogId(1, 5))])
+        assert store.log_state() == LogState(LogId(1, 5), LogId(1, 5))
+        assert store.read(1, 100) == []
+        store.write([AppendToLog([ent(6, 2)])])
+        assert store.read(6, 7) == [ent(6, 2)]
+        assert store.log_state() == LogState(LogId(1, 5), LogId(2, 6))
+
+    def test_purge_past_the_last_entry_empties_the_log_and_appends_continue_after_it(self, store):
+        store.write([AppendToLog(ents(1, 6))])
+        store.write([PurgeLog(LogId(3, 50))])
+        assert store.log_state() == LogState(LogId(3, 50), LogId(3, 50))
+        assert store.read(1, 100) == []
+        store.write([AppendToLog(ents(51, 53, term=4))])
+        assert store.log_state() == LogState(LogId(3, 50), LogId(4, 52))
+        assert store.read(51, 100) == ents(51, 53, term=4)
+
+    def test_purge_on_a_pristine_store(self, store):
+        store.write([PurgeLog(LogId(2, 7))])
+        assert store.log_state() == LogState(LogId(2, 7), LogId(2, 7))
+        store.write([AppendToLog([ent(8, 2)])])
+        assert store.read(8, 9) == [ent(8, 2)]
+
+    def test_truncate_after_purge_leaves_the_purged_id_as_last(self, store):
+        store.write([AppendToLog(ents(1, 11))])
+        store.write([PurgeLog(LogId(1, 5))])
+        store.write([TruncateLog(6)])
+        assert store.log_state() == LogState(LogId(1, 5), LogId(1, 5))
+        assert store.read(1, 100) == []
+
+    def test_vote_and_committed_round_trip_and_overwrite(self, store):
+        store.write([SaveVote(Vote(1, None))])
+        assert store.read_vote() == Vote(1, None)
+        store.write([SaveVote(Vote(3, 2)), SaveCommitted(LogId(2, 9))])
+        assert store.read_vote() == Vote(3, 2)
+        assert store.read_committed() == LogId(2, 9)
+        store.write([SaveCommitted(LogId(3, 12)), SaveVote(Vote(4, 4))])
+        assert (store.read_vote(), store.read_committed()) == (Vote(4, 4), LogId(3, 12))
+
+    def test_ops_of_a_batch_run_in_order(self, store):
+        store.write([AppendToLog(ents(1, 6))])
+        store.write([TruncateLog(3), AppendToLog(ents(3, 5, term=2)), SaveVote(Vote(2, 1)),
+                     PurgeLog(LogId(1, 2)), SaveCommitted(LogId(2, 3))])
+        assert store.log_state() == LogState(LogId(1, 2), LogId(2, 4))
+        assert store.read(3, 10) == ents(3, 5, term=2)
+        assert store.read_vote() == Vote(2, 1)
+        assert store.read_committed() == LogId(2, 3)
+
+    def test_an_empty_batch_is_fine(self, store):
+        store.write([])
+        store.write([AppendToLog([])])
+        assert store.log_state() == LogState(None, None)
+
+    def _assert_untouched(self, store):
+        assert store.read_vote() == Vote(1, 1)
+        assert store.read_committed() == LogId(1, 2)
+        assert store.log_state() == LogState(None, LogId(1, 3))
+        assert store.read(1, 100) == ents(1, 4)
+
+    def test_a_batch_with_an_unencodable_entry_stores_nothing(self, store):
+        store.write([SaveVote(Vote(1, 1)), AppendToLog(ents(1, 4)), SaveCommitted(LogId(1, 2))])
+        with pytest.raises(RaftError):
+            store.write([SaveVote(Vote(9, 9)), TruncateLog(2), AppendToLog([ent(2, 9), ent(3, 9, object())]),
+                         SaveCommitted(LogId(9, 3))])
+        self._assert_untouched(store)
+
+    def test_a_batch_that_would_leave_a_hole_stores_nothing(self, store):
+        store.write([SaveVote(Vote(1, 1)), AppendToLog(ents(1, 4)), SaveCommitted(LogId(1, 2))])
+        with pytest.raises(StorageError):
+            store.write([SaveVote(Vote(9, 9)), PurgeLog(LogId(1, 1)), AppendToLog([ent(4), ent(6)])])
+        self._assert_untouched(store)
+        with pytest.raises(StorageError):
+            store.write([SaveCommitted(LogId(9, 9)), AppendToLog([ent(3)])])  # overwrite, not append
+        self._assert_untouched(store)
+
+    def test_readers_on_other_threads_see_whole_batches(self, store):
+        """Concurrent readers never see half a batch, a hole, or a log_state ahead of the entries."""
+        stop = threading.Event()
+        errors: list[str] = []
+        reads = [0]
+
+        def reader():
+            while not stop.is_set():
+                st = store.log_state()
+                got = store.read(1, 1_000_000)
+                reads[0] += 1
+                if indexes(got) != list(range(1, len(got) + 1)):
+                    errors.append(f"hole: {indexes(got)[:5]}...")
+                if got and not got[-1].payload["end"]:
+                    errors.append(f"half a batch: ends at {got[-1].index}")
+                if st.last_log_id is not None and len(got) < st.last_log_id.index:
+                    errors.append("log_state ahead of the entries")
+
+        threads = [threading.Thread(target=reader) for _ in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            i = 1
+            for b in range(150):
+                size = 1 + b % 7
+                batch = [Entry(LogId(1, i + k), EntryKind.NORMAL, {"b": b, "end": k == size - 1})
+                         for k in range(size)]
+                store.write([AppendToLog(batch), SaveCommitted(batch[-1].log_id)])
+                i += size
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert errors == []
+        assert reads[0] > 0
+        assert store.log_state().last_log_id == LogId(1, i - 1)
+
+    def test_close_is_idempotent(self, store):
+        store.close()
+        store.close()
+
+
+# ---------------------------------------------------------------------------
+# KV state machines
+
+M12 = Membership.of({1: Node("tcp://a:1"), 2: Node("tcp://b:2")})
+
+
+def normal(i: int, cmd, term: int = 1) -> Entry:
+    return Entry(LogId(term, i), EntryKind.NORMAL, cmd)
+
+
+def put(k, v, **s):
+    return {"op": "put", "key": k, "value": v, **s}
+
+
+def cas(k, e, v, **s):
+    return {"op": "cas", "key": k, "expected": e, "value": v, **s}
+
+
+def delete(k, **s):
+    return {"op": "delete", "key": k, **s}
+
+
+def get(k, **s):
+    return {"op": "get", "key": k, **s}
+
+
+class Applier:
+    """Feeds commands to a state machine as consecutive entries."""
+
+    def __init__(self, sm, start: int = 1, term: int = 1):
+        self.sm = sm
+        self.next = start
+        self.term = term
+
+    def __call__(self, *cmds):
+        entries = []
+        for c in cmds:
+            entries.append(normal(self.next, c, self.term))
+            self.next += 1
+        res = self.sm.apply(entries)
+        return res if len(cmds) != 1 else res[0]
+
+    def entries(self, *entries_: Entry):
+        self.next = entries_[-1].index + 1
+        return self.sm.apply(list(entries_))
+
+
+class KVContract:
+    """KV command semantics, sessions and snapshots, for every KV state machine.
+
+    Fixtures: ``make_sm`` (``make_sm(name, **kw)`` -> a new, empty state
+    machine; ``kw`` may hold ``session_ttl``).
+    """
+
+    def test_is_a_state_machine(self, make_sm):
+        assert isinstance(make_sm("a"), StateMachine)
+
+    def test_pristine(self, make_sm):
+        sm = make_sm("a")
+        assert sm.applied_state() == (None, None)
+        assert sm.items() == []
+        assert sm.get("x") is None
+        assert sm.current_snapshot() is None
+        assert sm.open_snapshot() is None
+
+    def test_put_get_delete_cas(self, make_sm):
+        sm = make_sm("a")
+        ap = Applier(sm)
+        assert ap(put("k", "v1")) is None
+        assert sm.get("k") == "v1"
+        assert ap(get("k")) == "v1"
+        assert ap(get("nope")) is None
+        assert ap(cas("k", "wrong", "v2")) is False
+        assert ap(cas("k", "v1", "v2")) is True
+        assert sm.get("k") == "v2"
+        assert ap(cas("k", None, "v3")) is False      # None means "absent"
+        assert ap(cas("new", None, "n1")) is True
+        assert ap(cas("gone", "x", "y")) is False
+        assert ap(delete("k")) is True
+        assert ap(delete("k")) is False
+        assert sm.get("k") is None
+        assert sm.items() == [("new", "n1")]
+        assert sm.applied_state()[0] == LogId(1, ap.next - 1)
+
+    def test_keys_and_values_are_any_msgpack_scalars_or_arrays(self, make_sm):
+        sm = make_sm("a")
+        ap = Applier(sm)
+        ap(put(1, "int"), put(1.0, "float"), put(True, "bool"), put("a", "str"), put(b"a", "bytes"),
+           put(None, "nil"), put(["t", 1], {"nested": [1, {"x": b"y"}]}))
+        assert sm.get(1) == "int" and sm.get(1.0) == "float" and sm.get(True) == "bool"
+        assert sm.get("a") == "str" and sm.get(b"a") == "bytes" and sm.get(None) == "nil"
+        assert sm.get(("t", 1)) == sm.get(["t", 1]) == {"nested": [1, {"x": b"y"}]}
+        assert len(sm.items()) == 7
+        assert ("t", 1) in dict(sm.items())
+        assert ap(cas(["t", 1], {"nested": [1, {"x": b"y"}]}, 0)) is True
+
+    def test_malformed_commands_give_an_error_result_and_the_node_goes_on(self, make_sm):
+        sm = make_sm("a")
+        ap = Applier(sm)
+        bad = ["not a map", None, 42, [1, 2], {"op": "frobnicate", "key": 1}, {"key": 1},
+               {"op": "put", "value": 1}, {"op": "put", "key": 1}, {"op": "cas", "key": 1, "value": 2},
+               {"op": "put", "key": {"a": 1}, "value": 1}, {"op": "get", "key": [1, {"b": 2}]},
+               {"op": "put", "key": 1, "value": {1, 2}}, {"op": "put", "key": object(), "value": 1},
+               {"op": 7, "key": 1}, put("k", 1, client="c"), put("k", 1, seq=1),
+               put("k", 1, client=5, seq=1), put("k", 1, client="c", seq=-1),
+               put("k", 1, client="c", seq="1"), put("k", 1, client="c", seq=True)]
+        results = ap(*bad)
+        for cmd, r in zip(bad, results):
+            assert isinstance(r, KVCommandError), cmd
+            assert isinstance(r, RaftError)
+        assert sm.items() == []
+        assert sm.applied_state()[0] == LogId(1, len(bad))
+        assert ap(put("k", "fine")) is None
+        assert sm.get("k") == "fine"
+
+    def test_blank_and_membership_entries(self, make_sm):
+        sm = make_sm("a")
+        ap = Applier(sm)
+        res = ap.entries(Entry(LogId(1, 1), EntryKind.BLANK), Entry(LogId(1, 2), EntryKind.MEMBERSHIP, M12),
+                         normal(3, put("a", 1)))
+        assert res == [None, None, None]
+        assert sm.applied_state() == (LogId(1, 3), StoredMembership(LogId(1, 2), M12))
+
+    def test_entries_must_continue_the_applied_log(self, make_sm):
+        sm = make_sm("a")
+        sm.apply([normal(1, put("a", 1))])
+        with pytest.raises(StorageError):
+            sm.apply([normal(3, put("b", 1))])
+        with pytest.raises(StorageError):
+            sm.apply([normal(1, put("b", 1))])
+        assert sm.items() == [("a", 1)]
+        assert sm.applied_state()[0] == LogId(1, 1)
+
+    def test_a_retried_command_is_applied_once_and_returns_the_first_result(self, make_sm):
+        sm = make_sm("a")
+        ap = Applier(sm)
+        assert ap(put("n", 1, client="c1", seq=1)) is None
+        assert ap(cas("n", 1, 2, client="c1", seq=2)) is True
+        assert ap(cas("n", 1, 2, client="c1", seq=2)) is True     # retry: not re-applied, same result
+        assert sm.get("n") == 2
+        assert ap(delete("other", client=b"c2", seq=7)) is False   # another client, bytes id
+        assert ap(put("n", 9, client="c1", seq=1)) == KVCommandError(
+            "stale request: seq 1 is older than this client's last one (2)")
+        assert sm.get("n") == 2
+        assert ap(get("n", client="c1", seq=5)) == 2               # gaps are fine
+        assert ap(put("n", 3)) is None
+        assert ap(get("n", client="c1", seq=5)) == 2               # the remembered result
+        err = ap({"op": "bogus", "key": 1, "client": "c3", "seq": 1})
+        assert isinstance(err, KVCommandError)
+        assert ap({"op": "bogus", "key": 1, "client": "c3", "seq": 1}) == err
+
+    def test_sessions_expire_by_log_index_only(self, make_sm):
+        sm = make_sm("a", session_ttl=5)
+        ap = Applier(sm)
+        ap(put("x", 1, client="old", seq=1))                        # index 1
+        ap(put("x", 2, client="fresh", seq=1))                      # index 2
+        for _ in range(3):
+            ap(put("filler", 0))                                     # 3..5
+        assert ap(put("x", 99, client="old", seq=1)) is None         # index 6: 5 behind, kept: dedup
+        assert sm.get("x") == 2
+        assert ap(put("x", 99, client="old", seq=1)) is None         # index 7: forgotten -> applied again
+        assert sm.get("x") == 99
+        assert ap(put("x", 98, client="fresh", seq=1)) is None       # index 8: forgotten as well
+        assert sm.get("x") == 98
+
+    def test_results_and_state_do_not_depend_on_batching(self, make_sm):
+        cmds = []
+        for i in range(60):
+            c = f"c{i % 4}"
+            cmds.append(cas("k", i - 1 if i else None, i, client=c, seq=i // 4))
+            if i % 5 == 0:
+                cmds.append(put(f"p{i}", i, client=c, seq=i // 4))   # often a duplicate seq
+            if i % 7 == 0:
+                cmds.append("junk")
+        one, many = make_sm("one", session_ttl=9), make_sm("many", session_ttl=9)
+        entries = [normal(i + 1, c) for i, c in enumerate(cmds)]
+        r1 = one.apply(entries)
+        r2 = []
+        i = 0
+        for size in [1, 2, 3, 5, 8, 13] * 20:
+            if i >= len(entries):
+                break
+            r2 += many.apply(entries[i:i + size])
+            i += size
+        assert r1 == r2
+        assert one.items() == many.items()
+        assert one.applied_state() == many.applied_state()
+
+    def test_snapshot_round_trip_into_another_machine(self, make_sm):
+        src = make_sm("src")
+        ap = Applier(src)
+        ap.entries(Entry(LogId(1, 1), EntryKind.MEMBERSHIP, M12))
+        for i in range(200):
+            ap(put(("k", i), {"v": i, "pad": "x" * (i % 50)}))
+        ap(put("s", 1, client="cl", seq=3))
+        meta = src.build_snapshot()
+        assert meta.last_log_id == LogId(1, ap.next - 1)
+        assert meta.last_membership == StoredMembership(LogId(1, 1), M12)
+        assert src.current_snapshot() == meta
+        got = src.open_snapshot()
+        assert got is not None
+        meta2, f = got
+        assert meta2 == meta
+        dst = make_sm("dst")
+        Applier(dst)(put("stale", "gone after install"))
+        sink = dst.begin_receiving_snapshot()
+        while True:
+            chunk = f.read(1000)
+            if not chunk:
+                break
+            sink.write(chunk)
+        f.close()
+        dst.install_snapshot(meta, sink)
+        assert dst.items() == src.items()
+        assert dst.get("stale") is None
+        assert dst.applied_state() == src.applied_state()
+        assert dst.current_snapshot() == meta
+        # the sessions came along: a retry is still deduplicated after the install
+        dap = Applier(dst, start=ap.next)
+        assert dap(put("s", 2, client="cl", seq=3)) is None
+        assert dst.get("s") == 1
+        # and the installed snapshot can be served on
+        m3, f3 = dst.open_snapshot()
+        f3.close()
+        assert m3 == meta
+
+    def test_snapshot_of_a_pristine_machine(self, make_sm):
+        sm = make_sm("a")
+        meta = sm.build_snapshot()
+        assert meta.last_log_id is None
+        other = make_sm("b")
+        Applier(other)(put("a", 1))
+        m, f = sm.open_snapshot()
+        sink = other.begin_receiving_snapshot()
+        sink.write(f.read())
+        f.close()
+        other.install_snapshot(m, sink)
+        assert other.items() == []
+        assert other.applied_state() == (None, None)
+
+    def test_apply_continues_after_an_installed_snapshot(self, make_sm):
+        src = make_sm("src")
+        Applier(src)(put("a", 1), put("b", 2))
+        meta = src.build_snapshot()
+        m, f = src.open_snapshot()
+        dst = make_sm("dst")
+        sink = dst.begin_receiving_snapshot()
+        sink.write(f.read())
+        f.close()
+        dst.install_snapshot(m, sink)
+        with pytest.raises(StorageError):
+            dst.apply([normal(2, put("c", 3))])
+        assert dst.apply([normal(3, put("c", 3))]) == [None]
+        assert dst.items() == [("a", 1), ("b", 2), ("c", 3)]
+        assert meta.last_log_id == LogId(1, 2)
+
+
+def wait_for(pred, timeout: float = 10.0, interval: float = 0.01):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(interval)

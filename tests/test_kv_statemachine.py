@@ -1,0 +1,302 @@
+"""KVStateMachine: the KV contract, plus restarts, concurrent snapshots, locking, and crash-atomic installs."""
+import os
+import signal
+import sys
+import threading
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from helpers_store import M12, Applier, KVContract, get, normal, put, spawn_python  # noqa: E402
+
+from pyraft.errors import StorageError  # noqa: E402
+from pyraft.kv import KVCommandError, KVStateMachine  # noqa: E402
+from pyraft.stores.lmdb import KV_ENV_NAME, KV_LOCK_NAME, LmdbLogStore, SNAPSHOT_DIR_NAME  # noqa: E402
+from pyraft.types import Entry, EntryKind, LogId, StoredMembership  # noqa: E402
+
+KIB = 1024
+
+
+class TestKVStateMachineContract(KVContract):
+    @pytest.fixture
+    def make_sm(self, tmp_path):
+        opened = []
+
+        def make(name, **kw):
+            sm = KVStateMachine(tmp_path / name, **kw)
+            opened.append(sm)
+            return sm
+
+        yield make
+        for sm in opened:
+            sm.close()
+
+
+def snapshot_files(path):
+    return sorted(os.listdir(os.path.join(path, SNAPSHOT_DIR_NAME)))
+
+
+def transfer(src, dst):
+    """What replication does: stream src's current snapshot into dst's receiving file; return (meta, file)."""
+    meta, f = src.open_snapshot()
+    sink = dst.begin_receiving_snapshot()
+    with f:
+        while chunk := f.read(4096):
+            sink.write(chunk)
+    return meta, sink
+
+
+def test_layout_shares_the_node_data_directory_with_the_log_store(tmp_path):
+    with LmdbLogStore(tmp_path), KVStateMachine(tmp_path) as sm:
+        Applier(sm)(put("a", 1))
+        sm.build_snapshot()
+    names = sorted(os.listdir(tmp_path))
+    assert names == sorted(["log.lmdb", "log.lock", KV_ENV_NAME, KV_LOCK_NAME, SNAPSHOT_DIR_NAME])
+    assert len(snapshot_files(tmp_path)) == 1
+
+
+def test_restart_keeps_state_applied_state_sessions_and_snapshot(tmp_path):
+    with KVStateMachine(tmp_path) as sm:
+        ap = Applier(sm)
+        ap.entries(Entry(LogId(1, 1), EntryKind.MEMBERSHIP, M12))
+        ap(put("a", 1), put("b", [2]), put("c", 3, client="cl", seq=4))
+        meta = sm.build_snapshot()
+        ap(put("d", 4))
+    with KVStateMachine(tmp_path) as sm:
+        assert sm.applied_state() == (LogId(1, 5), StoredMembership(LogId(1, 1), M12))
+        assert sm.items() == [("a", 1), ("b", [2]), ("c", 3), ("d", 4)]
+        assert sm.current_snapshot() == meta
+        m, f = sm.open_snapshot()
+        f.close()
+        assert m == meta
+        ap = Applier(sm, start=6)
+        assert ap(put("c", 99, client="cl", seq=4)) is None          # still deduplicated
+        assert sm.get("c") == 3
+        assert len(sm) == 4
+
+
+def test_a_second_open_is_refused(tmp_path):
+    with KVStateMachine(tmp_path):
+        with pytest.raises(StorageError) as ex:
+            KVStateMachine(tmp_path)
+        assert str(tmp_path) in str(ex.value)
+
+
+def test_the_map_grows_under_apply(tmp_path):
+    with KVStateMachine(tmp_path, map_size=32 * KIB) as sm:
+        ap = Applier(sm)
+        for b in range(20):
+            ap(*[put(("k", b, i), "v" * 900) for i in range(50)])
+        assert len(sm) == 1000
+        assert sm.get(("k", 19, 49)) == "v" * 900
+
+
+def test_only_the_current_snapshot_file_is_kept(tmp_path):
+    with KVStateMachine(tmp_path) as sm:
+        ap = Applier(sm)
+        for i in range(3):
+            ap(put(i, i))
+            meta = sm.build_snapshot()
+            assert len(snapshot_files(tmp_path)) == 1
+        assert sm.current_snapshot() == meta
+        stray = os.path.join(tmp_path, SNAPSHOT_DIR_NAME, "recv-stray.tmp")
+        with open(stray, "wb") as f:
+            f.write(b"partial")
+    with KVStateMachine(tmp_path) as sm:                  # leftovers of a crash go at open
+        assert len(snapshot_files(tmp_path)) == 1
+        assert sm.current_snapshot() == meta
+
+
+def test_a_snapshot_built_while_apply_runs_is_one_consistent_state(tmp_path):
+    """Each entry i puts k<i> and sets "last" = i: a consistent view has exactly k1..k<last>."""
+    sm = KVStateMachine(tmp_path / "src")
+    stop = threading.Event()
+    errors = []
+
+    def applier():
+        try:
+            i = 1
+            while not stop.is_set() and i < 20_000:
+                batch = []
+                for _ in range(25):
+                    batch.append(normal(i, {"op": "put", "key": f"k{i}", "value": i}))
+                    batch.append(normal(i + 1, put("last", i)))
+                    i += 2
+                sm.apply(batch)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(repr(e))
+
+    t = threading.Thread(target=applier)
+    t.start()
+    metas = []
+    try:
+        while len(metas) < 4:
+            meta = sm.build_snapshot()
+            if meta.last_log_id is not None:
+                metas.append(meta)
+    finally:
+        stop.set()
+        t.join()
+    assert errors == []
+    assert len({m.last_log_id for m in metas}) > 1        # built at different points while applying
+    dst = KVStateMachine(tmp_path / "dst")
+    meta, sink = transfer(sm, dst)
+    dst.install_snapshot(meta, sink)
+    last = meta.last_log_id.index
+    got = dict(dst.items())
+    assert got["last"] == last - 1
+    assert {k for k in got if k != "last"} == {f"k{i}" for i in range(1, last, 2)}
+    assert dst.applied_state()[0] == meta.last_log_id
+    sm.close()
+    dst.close()
+
+
+def test_install_replaces_the_whole_state(tmp_path):
+    src = KVStateMachine(tmp_path / "src")
+    Applier(src)(put("new", 1), put("both", "src"))
+    src.build_snapshot()
+    dst = KVStateMachine(tmp_path / "dst")
+    dap = Applier(dst)
+    dap(put("old", 1), put("both", "dst"), put("x", 1, client="only-in-dst", seq=1), put("y", 2), put("z", 3))
+    meta, sink = transfer(src, dst)
+    dst.install_snapshot(meta, sink)
+    assert dict(dst.items()) == {"both": "src", "new": 1}
+    assert dst.applied_state() == (LogId(1, 2), None)
+    # the old session went with the old state: the same seq is applied anew
+    assert Applier(dst, start=3)(put("x", 5, client="only-in-dst", seq=1)) is None
+    assert dst.get("x") == 5
+    src.close()
+    dst.close()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "wrong-meta"])
+def test_a_damaged_snapshot_is_refused_and_the_old_state_stays(tmp_path, damage):
+    src = KVStateMachine(tmp_path / "src")
+    Applier(src)(*[put(i, "v" * 100) for i in range(100)])
+    src.build_snapshot()
+    dst = KVStateMachine(tmp_path / "dst")
+    Applier(dst)(put("mine", 1))
+    meta, f = src.open_snapshot()
+    data = bytearray(f.read())
+    f.close()
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01
+    elif damage == "truncate":
+        del data[-100:]
+    elif damage == "empty":
+        data = bytearray()
+    else:
+        meta = type(meta)(LogId(9, 999), meta.last_membership, meta.snapshot_id)
+    sink = dst.begin_receiving_snapshot()
+    sink.write(bytes(data))
+    with pytest.raises(StorageError):
+        dst.install_snapshot(meta, sink)
+    assert dst.items() == [("mine", 1)]
+    assert dst.applied_state()[0] == LogId(1, 1)
+    assert dst.current_snapshot() is None
+    assert snapshot_files(tmp_path / "dst") == []
+    src.close()
+    dst.close()
+
+
+def test_install_accepts_a_plain_binary_stream_too(tmp_path):
+    import io
+    src = KVStateMachine(tmp_path / "src")
+    Applier(src)(put("a", 1))
+    meta = src.build_snapshot()
+    _, f = src.open_snapshot()
+    buf = io.BytesIO(f.read())
+    f.close()
+    dst = KVStateMachine(tmp_path / "dst")
+    dst.install_snapshot(meta, buf)
+    assert buf.closed
+    assert dst.items() == [("a", 1)]
+    src.close()
+    dst.close()
+
+
+def test_get_through_the_log_and_bad_local_keys(tmp_path):
+    with KVStateMachine(tmp_path) as sm:
+        ap = Applier(sm)
+        ap(put(b"\x00bin", {"v": 1}))
+        assert ap(get(b"\x00bin")) == {"v": 1}
+        with pytest.raises(KVCommandError):
+            sm.get({"a": 1})
+
+
+# ---------------------------------------------------------------------------
+# Crash atomicity of install: kill -9 at each point that matters
+
+INSTALL_CHILD = r"""
+import os, sys, time
+from pyraft.kv import KVStateMachine
+from pyraft.kv.statemachine import KVStateMachine as K
+from pyraft.codec import snapshot_meta_from_wire
+import msgpack
+point, dst, src = sys.argv[1], sys.argv[2], sys.argv[3]
+def hook(where):
+    if where == point:
+        print("AT", where, flush=True)
+        time.sleep(60)
+K._crash_point = staticmethod(hook)
+s = KVStateMachine(src)
+meta, f = s.open_snapshot()
+d = KVStateMachine(dst)
+sink = d.begin_receiving_snapshot()
+sink.write(f.read())
+f.close()
+d.install_snapshot(meta, sink)
+print("DONE", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("point, expect_new", [("install:renamed", False), ("install:loading", False),
+                                               ("install:committed", True)])
+def test_install_killed_at_any_point_leaves_the_old_or_the_new_state(tmp_path, point, expect_new):
+    src_dir, dst_dir = tmp_path / "src", tmp_path / "dst"
+    with KVStateMachine(src_dir) as src:
+        Applier(src)(*[put(("new", i), i) for i in range(3000)])
+        new_meta = src.build_snapshot()
+        new_items = src.items()
+    with KVStateMachine(dst_dir) as dst:
+        ap = Applier(dst)
+        ap(*[put(("old", i), i) for i in range(50)])
+        old_meta = dst.build_snapshot()
+        old_items = dst.items()
+    child = spawn_python(INSTALL_CHILD, point, str(dst_dir), str(src_dir))
+    try:
+        line = child.stdout.readline()
+        assert line.strip() == f"AT {point}", line + child.stderr.read()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+        child.stdout.close()
+        child.stderr.close()
+    with KVStateMachine(dst_dir) as dst:
+        if expect_new:
+            assert dst.applied_state()[0] == new_meta.last_log_id
+            assert dst.items() == new_items
+            assert dst.current_snapshot() == new_meta
+        else:
+            assert dst.applied_state()[0] == old_meta.last_log_id
+            assert dst.items() == old_items
+            assert dst.current_snapshot() == old_meta
+        assert len(snapshot_files(dst_dir)) == 1          # the loser's file is gone
+        m, f = dst.open_snapshot()
+        f.close()
+
+
+def test_the_read_only_view_for_tools(tmp_path):
+    with KVStateMachine(tmp_path) as sm:
+        ap = Applier(sm)
+        ap.entries(Entry(LogId(1, 1), EntryKind.MEMBERSHIP, M12))
+        ap(put("a", 1), put(("b", 2), [3]))
+        meta = sm.build_snapshot()
+    with KVStateMachine.open_readonly(tmp_path) as r:
+        assert r.state() == (LogId(1, 3), StoredMembership(LogId(1, 1), M12), meta, 2)
+        assert r.get(("b", 2)) == [3] and r.get("zz") is None
+        assert dict(r.items()) == {"a": 1, ("b", 2): [3]}
+    with pytest.raises(StorageError):
+        KVStateMachine.open_readonly(tmp_path / "nothing")
