@@ -20,8 +20,14 @@ setup(
     install_requires=["pyzmq>=25", "lmdb>=1.4", "msgpack>=1.0"],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2.1"],
+        "bench": ["pysyncobj"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": [
+        "pyraft-inspect = pyraft.tools.inspect:main",
+        "pyraft-admin = pyraft.tools.admin:main",
+        "pyraft-bench = pyraft.tools.bench:main",
+        "pyraft-kv = pyraft.tools.kv:main",
+    ]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "License :: OSI Approved :: Apache Software License",

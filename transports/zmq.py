@@ -597,14 +597,18 @@ class ZmqTransport:
             while not self._stopping:
                 events = dict(poller.poll(1000))
                 if wake_fd in events:
-                    # Clear the flag *before* draining the outbox: a reply queued after
-                    # this line either is seen by the drain below or writes a new byte.
-                    self._wake_pending = False
+                    # Read the wake-up bytes first, then clear the flag, then drain the
+                    # outbox: a reply queued after the flag is cleared either is seen by
+                    # the drain below or writes a new byte.  (Clearing the flag before
+                    # reading could swallow the byte of a reply queued in between, leave
+                    # the flag set with no byte pending, and stall every later reply
+                    # until the 1 s poll timeout.)
                     try:
                         while self._wake_r.recv(4096):
                             pass
                     except OSError:
                         pass
+                    self._wake_pending = False
                 if router in events:
                     for _ in range(_RECV_BATCH):
                         if self._stopping:  # a handler may close the transport

@@ -1,0 +1,823 @@
+"""``pyraft-kv``: the replicated key-value service (ZeroMQ + LMDB) and its command-line client.
+
+::
+
+    pyraft-kv serve --id N --listen tcp://HOST:PORT --peers 1=tcp://...,2=tcp://...,3=tcp://...
+                    --data-dir DIR [--init] [--config FILE] [--log-level LEVEL]
+                    [--curve-secret FILE [--curve-public FILE] --curve-allow DIR]
+    pyraft-kv put    --cluster ADDR,ADDR,... KEY VALUE
+    pyraft-kv get    --cluster ADDR,ADDR,... KEY [--stale]
+    pyraft-kv delete --cluster ADDR,ADDR,... KEY
+    pyraft-kv cas    --cluster ADDR,ADDR,... KEY VALUE [EXPECTED]
+    pyraft-kv demo   [--keys N] [--threads N] [--dir DIR]
+
+``serve`` runs one node until SIGTERM or SIGINT (then it stops cleanly and
+exits 0).  ``--peers`` lists every initial member; ``--init`` is given on one
+node's first start only, and a restart is the same command without it.
+``--config`` is a JSON object of :class:`pyraft.Config` fields.
+``--fault-control FILE`` is for fault-injection tests only (off by default):
+the node then drops peers' traffic and slows its log writes as the local
+JSON file FILE says (:mod:`pyraft.tools.faults`).  Start-up
+problems (a busy port, a data directory locked by another process or
+belonging to another node or cluster, bad arguments or key files) print one
+line and exit 2; a node that stops on a fatal error exits 1.
+
+The client commands take values as strings; ``get`` prints the value.  ``cas``
+sets KEY to VALUE if its current value is EXPECTED, or, without EXPECTED, if
+KEY is absent.  Exit codes: 0 done; 1 the operation failed (``get``: no such
+key; ``cas``: the value differed; a refused command; no answer within
+``--timeout``, when the outcome of a write is unknown); 2 usage error or
+unreadable key files.  ``--cluster`` defaults to ``$PYRAFT_KV_CLUSTER``.
+With CURVE, give the addresses as ``N=tcp://...``, ``--curve-secret`` (this
+client's secret key file) and ``--curve-keys-dir`` (a directory with
+``N.key`` for every node).
+
+``demo`` starts a local three-node cluster as separate processes, writes,
+kills the leader, shows the failover, checks that every acknowledged write is
+still there, and stops everything.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Sequence
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+log = logging.getLogger("pyraft.kv.serve")
+
+
+class UsageError(Exception):
+    """A bad argument or an unusable file: one line, exit 2."""
+
+
+# ---------------------------------------------------------------------------
+# Argument helpers
+
+def parse_peers(text: str) -> dict[int, str]:
+    """``"1=tcp://a:1,2=tcp://b:2"`` -> ``{1: "tcp://a:1", 2: "tcp://b:2"}``."""
+    peers: dict[int, str] = {}
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        k, sep, addr = part.partition("=")
+        try:
+            node_id = int(k)
+        except ValueError:
+            node_id = -1
+        if not sep or node_id < 0 or "://" not in addr:
+            raise UsageError(f"--peers: expected ID=tcp://HOST:PORT, got {part!r}")
+        if node_id in peers:
+            raise UsageError(f"--peers: node {node_id} is listed twice")
+        peers[node_id] = addr.strip()
+    if not peers:
+        raise UsageError("--peers: no members given")
+    return peers
+
+
+def load_config(path: str | None, cluster_name: str | None = None) -> Any:
+    from pyraft import Config
+    d: dict = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except OSError as e:
+            raise UsageError(f"--config: cannot read {path}: {e.strerror}") from None
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--config: {path} is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise UsageError(f"--config: {path} must hold a JSON object of Config fields")
+    if cluster_name:
+        d["cluster_name"] = cluster_name
+    try:
+        return Config.from_dict(d)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--config: {e}") from None
+
+
+# ---------------------------------------------------------------------------
+# serve
+
+def _serve(args: argparse.Namespace) -> int:
+    from pyraft import Node, Raft, ServerState
+    from pyraft.errors import InitializeError, RaftError, StorageError
+    from pyraft.kv import KVStateMachine
+    from pyraft.kv.server import serve_kv
+    from pyraft.stores.lmdb import LmdbLogStore, node_dir_layout
+    from pyraft.transports.zmq import CurveConfig, TransportError, ZmqTransport
+
+    logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
+                        format=f"%(asctime)s %(levelname)-7s node-{args.id} %(name)s: %(message)s")
+    peers = parse_peers(args.peers)
+    if args.id not in peers:
+        raise UsageError(f"--id {args.id} is not one of the --peers ({', '.join(map(str, sorted(peers)))})")
+    config = load_config(args.config, args.cluster_name)
+    curve = None
+    if args.curve_secret or args.curve_allow or args.curve_public:
+        if not (args.curve_secret and args.curve_allow):
+            raise UsageError("CURVE needs both --curve-secret and --curve-allow")
+        curve = CurveConfig(secret_key_file=args.curve_secret, public_key_file=args.curve_public,
+                            allowed_keys_dir=args.curve_allow)
+        try:
+            curve.keypair()
+            curve.allowed_keys()
+            for i in peers:
+                curve.server_key_for(i)
+        except TransportError as e:
+            raise UsageError(str(e)) from None
+
+    layout = node_dir_layout(args.data_dir)
+    log_store = sm = transport = None
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        try:
+            log_store = LmdbLogStore(layout.root, node_id=args.id, cluster_name=config.cluster_name)
+            sm = KVStateMachine(layout.root)
+            transport = ZmqTransport(args.id, args.listen, cluster_name=config.cluster_name, curve=curve)
+        except (StorageError, TransportError) as e:
+            raise UsageError(str(e)) from None
+        except OSError as e:
+            raise UsageError(f"data directory {layout.root}: {e}") from None
+        if args.fault_control:  # test-only: see pyraft.tools.faults
+            from pyraft.tools.faults import FaultControl
+            FaultControl(args.fault_control, transport, log_store, args.id).start()
+        try:
+            raft = Raft(args.id, config, transport, log_store, sm)
+        except RaftError as e:  # the stores hold something this node cannot start from
+            raise UsageError(f"node {args.id} cannot start: {type(e).__name__}: {e}") from None
+    except BaseException:
+        for r in (transport, sm, log_store):
+            if r is not None:
+                r.close()
+        raise
+    code = EXIT_OK
+    try:
+        serve_kv(raft, sm)
+        try:
+            from pyraft.admin_ops import serve_admin
+        except ImportError:  # the admin ops are optional
+            pass
+        else:
+            serve_admin(raft)
+        if args.init:
+            try:
+                raft.initialize({i: Node(a) for i, a in peers.items()})
+                log.info("initialized the cluster with members %s", peers)
+            except InitializeError as e:
+                log.warning("--init ignored: %s", e)
+        log.info("node %s serving on %s (data in %s, cluster %r)", args.id, transport.endpoint, layout.root,
+                 config.cluster_name)
+        parent = args.parent_pid
+        while not stop.wait(0.2):
+            m = raft.metrics()
+            if m.state == ServerState.FATAL:
+                log.error("node %s stopped: %s", args.id, m.error)
+                code = EXIT_FAILED
+                break
+            if parent and os.getppid() != parent:
+                log.warning("parent process %s is gone: stopping", parent)
+                break
+        log.info("node %s shutting down", args.id)
+    finally:
+        try:
+            raft.shutdown(timeout=30)
+        except RaftError as e:
+            log.error("shutdown: %s", e)
+            code = EXIT_FAILED
+        sm.close()
+        log_store.close()
+    log.info("node %s stopped", args.id)
+    return code
+
+
+# ---------------------------------------------------------------------------
+# client commands
+
+def _client(args: argparse.Namespace) -> Any:
+    from pyraft.kv import KVClient
+    from pyraft.transports.zmq import CurveConfig, TransportError
+    cluster = args.cluster or os.environ.get("PYRAFT_KV_CLUSTER")
+    if not cluster:
+        raise UsageError("--cluster ADDR,ADDR,... is required (or set PYRAFT_KV_CLUSTER)")
+    curve = None
+    if args.curve_secret:
+        if not args.curve_keys_dir:
+            raise UsageError("--curve-secret needs --curve-keys-dir (a directory with N.key for every node)")
+        curve = CurveConfig(secret_key_file=args.curve_secret, public_key_file=args.curve_public,
+                            allowed_keys_dir=args.curve_keys_dir)
+    elif args.curve_keys_dir or args.curve_public:
+        raise UsageError("CURVE options need --curve-secret")
+    try:
+        return KVClient(cluster, timeout=args.timeout, cluster_name=args.cluster_name, curve=curve)
+    except (ValueError, TransportError) as e:
+        raise UsageError(str(e)) from None
+
+
+def _client_command(args: argparse.Namespace) -> int:
+    from pyraft.errors import RaftError, Timeout
+    from pyraft.kv import KVCommandError
+    kv = _client(args)
+    try:
+        if args.cmd == "put":
+            kv.put(args.key, args.value)
+            return EXIT_OK
+        if args.cmd == "get":
+            v = kv.get(args.key, stale=args.stale)
+            if v is None:
+                print(f"pyraft-kv get: {args.key!r}: not found", file=sys.stderr)
+                return EXIT_FAILED
+            print(v if isinstance(v, str) else json.dumps(v, default=repr))
+            return EXIT_OK
+        if args.cmd == "delete":
+            existed = kv.delete(args.key)
+            if not existed:
+                print(f"pyraft-kv delete: {args.key!r}: not found (nothing deleted)", file=sys.stderr)
+            return EXIT_OK
+        if args.cmd == "cas":
+            if kv.cas(args.key, args.expected, args.value):
+                return EXIT_OK
+            want = "absent" if args.expected is None else f"{args.expected!r}"
+            print(f"pyraft-kv cas: {args.key!r} not set: its value is not {want}", file=sys.stderr)
+            return EXIT_FAILED
+        raise UsageError(f"unknown command {args.cmd}")
+    except KVCommandError as e:
+        print(f"pyraft-kv {args.cmd}: refused: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except Timeout as e:
+        print(f"pyraft-kv {args.cmd}: no answer from the cluster within {args.timeout} s: {e} "
+              f"(check the addresses, --cluster-name and the CURVE keys)", file=sys.stderr)
+        return EXIT_FAILED
+    except RaftError as e:
+        print(f"pyraft-kv {args.cmd}: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        kv.close()
+
+
+# ---------------------------------------------------------------------------
+# Local clusters of node processes (the demo; the tests build on it)
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now on ``host`` (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class NodeFailed(RuntimeError):
+    """A node process exited or did not come up; the message ends with its log's tail."""
+
+
+class LocalCluster:
+    """Nodes ``1..n`` of ``pyraft-kv serve`` as child processes, on loopback addresses.
+
+    Each node ``i`` gets ``base_dir/node<i>/`` (its data directory) and
+    ``base_dir/node<i>.log`` (its stderr).  Children are started with
+    ``--parent-pid``, so a node stops by itself if this process dies without
+    stopping it.  ``close()`` stops every node (SIGTERM, then SIGKILL).
+    """
+
+    def __init__(self, base_dir: str | os.PathLike, n: int = 3, *, hosts: Sequence[str] | None = None,
+                 config: dict | None = None, log_level: str = "INFO", curve: bool = False,
+                 cluster_name: str | None = None) -> None:
+        self.base_dir = os.fspath(base_dir)
+        os.makedirs(self.base_dir, exist_ok=True)
+        self.ids = list(range(1, n + 1))
+        hosts = list(hosts) if hosts else ["127.0.0.1"] * n
+        self.addrs = {i: f"tcp://{hosts[i - 1]}:{free_port(hosts[i - 1])}" for i in self.ids}
+        self.config = dict(config or {})
+        if cluster_name:
+            self.config["cluster_name"] = cluster_name
+        self.cluster_name = self.config.get("cluster_name", "pyraft")
+        self.log_level = log_level
+        self.procs: dict[int, subprocess.Popen] = {}
+        self._logs: dict[int, Any] = {}
+        self.config_file = None
+        if self.config:
+            self.config_file = os.path.join(self.base_dir, "config.json")
+            with open(self.config_file, "w", encoding="utf-8") as f:
+                json.dump(self.config, f)
+        self.keys_dir = self.private_dir = None
+        if curve:
+            self._make_keys()
+
+    # -- CURVE keys: keys/N.key (public, the allowed list), private/N.key_secret
+
+    def _make_keys(self) -> None:
+        self.keys_dir = os.path.join(self.base_dir, "keys")
+        self.private_dir = os.path.join(self.base_dir, "private")
+        os.makedirs(self.keys_dir, exist_ok=True)
+        for name in [str(i) for i in self.ids] + ["client"]:
+            self.make_keypair(name, allowed=True)
+
+    def make_keypair(self, name: str, allowed: bool) -> str:
+        """A new CURVE keypair; its public key goes into the allowed keys iff ``allowed``.  Returns the secret file."""
+        from pyraft.transports.zmq import generate_keys
+        d = os.path.join(self.private_dir, name)
+        pub, sec = generate_keys(d, name)
+        if allowed:
+            shutil.copy(pub, os.path.join(self.keys_dir, f"{name}.key"))
+        return sec
+
+    def client_curve(self, secret_file: str | None = None) -> Any:
+        from pyraft.transports.zmq import CurveConfig
+        if self.keys_dir is None:
+            return None
+        return CurveConfig(secret_key_file=secret_file or os.path.join(self.private_dir, "client", "client.key_secret"),
+                           allowed_keys_dir=self.keys_dir)
+
+    # -- processes
+
+    def data_dir(self, i: int) -> str:
+        return os.path.join(self.base_dir, f"node{i}")
+
+    def log_path(self, i: int) -> str:
+        return os.path.join(self.base_dir, f"node{i}.log")
+
+    def argv(self, i: int, init: bool = False) -> list[str]:
+        a = [sys.executable, "-m", "pyraft.tools.kv", "serve", "--id", str(i), "--listen", self.addrs[i],
+             "--peers", ",".join(f"{j}={self.addrs[j]}" for j in self.ids), "--data-dir", self.data_dir(i),
+             "--log-level", self.log_level, "--parent-pid", str(os.getpid())]
+        if self.config_file:
+            a += ["--config", self.config_file]
+        if init:
+            a.append("--init")
+        if self.keys_dir:
+            a += ["--curve-secret", os.path.join(self.private_dir, str(i), f"{i}.key_secret"),
+                  "--curve-allow", self.keys_dir]
+        return a
+
+    def start(self, i: int, init: bool = False, wait: bool = True, timeout: float = 20.0) -> subprocess.Popen:
+        """Start node ``i`` (its previous process must have exited); with ``wait``, until it answers."""
+        old = self.procs.get(i)
+        if old is not None and old.poll() is None:
+            raise RuntimeError(f"node {i} is running (pid {old.pid})")
+        logf = open(self.log_path(i), "ab")
+        if i in self._logs:
+            self._logs[i].close()
+        self._logs[i] = logf
+        p = subprocess.Popen(self.argv(i, init), stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        self.procs[i] = p
+        if wait:
+            self.wait_ready(i, timeout)
+        return p
+
+    def start_all(self, timeout: float = 20.0) -> None:
+        for i in self.ids:
+            self.start(i, init=(i == self.ids[0]), wait=False)
+        for i in self.ids:
+            self.wait_ready(i, timeout)
+
+    def running(self) -> list[int]:
+        return [i for i, p in self.procs.items() if p.poll() is None]
+
+    def signal(self, i: int, sig: int) -> None:
+        p = self.procs[i]
+        if p.poll() is None:
+            p.send_signal(sig)
+
+    def kill(self, i: int) -> None:
+        """SIGKILL node ``i`` and reap it."""
+        p = self.procs[i]
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+
+    def stop(self, i: int, timeout: float = 15.0) -> int:
+        """SIGTERM node ``i``, wait for it (SIGKILL after ``timeout``); its exit code."""
+        p = self.procs[i]
+        if p.poll() is None:
+            try:
+                os.kill(p.pid, signal.SIGCONT)  # a paused node cannot handle SIGTERM
+            except ProcessLookupError:
+                pass
+            p.terminate()
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+        return p.returncode
+
+    def close(self) -> None:
+        """Stop every node: SIGTERM all, then SIGKILL what is left after a grace period."""
+        live = [p for p in self.procs.values() if p.poll() is None]
+        for p in live:
+            try:
+                os.kill(p.pid, signal.SIGCONT)
+                p.terminate()
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        for p in live:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+        for f in self._logs.values():
+            f.close()
+        self._logs.clear()
+
+    def __enter__(self) -> "LocalCluster":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def log_tail(self, i: int, lines: int = 20) -> str:
+        try:
+            with open(self.log_path(i), "rb") as f:
+                data = f.read()[-16384:].decode("utf-8", "replace")
+        except OSError:
+            return ""
+        return "\n".join(data.splitlines()[-lines:])
+
+    # -- asking the nodes
+
+    def status(self, i: int, timeout: float = 0.5) -> dict | None:
+        """Node ``i``'s ``kv.status``, or None when it does not answer in time."""
+        from pyraft.codec import ClientResponse
+        from pyraft.errors import RaftError
+        from pyraft.transports.zmq import ZmqClient
+        curve = self.client_curve()
+        key = curve.server_key_for(i) if curve is not None else None
+        try:
+            with ZmqClient(self.addrs[i], self.cluster_name, curve=curve, server_key=key) as c:
+                from pyraft.codec import ClientRequest
+                r = c.call(ClientRequest("kv.status"), timeout)
+        except RaftError:
+            return None
+        return r.body if isinstance(r, ClientResponse) and r.ok else None
+
+    def wait_ready(self, i: int, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            p = self.procs[i]
+            if p.poll() is not None:
+                raise NodeFailed(f"node {i} exited with code {p.returncode}:\n{self.log_tail(i)}")
+            if self.status(i, 0.3) is not None:
+                return
+            if time.monotonic() > deadline:
+                raise NodeFailed(f"node {i} did not answer within {timeout} s:\n{self.log_tail(i)}")
+            time.sleep(0.05)
+
+    def leader(self, among: Sequence[int] | None = None) -> int | None:
+        """The node that leads, if exactly one of ``among`` (default: running nodes) says it does
+        and every other one that answers follows it (or knows no leader yet)."""
+        ids = list(among) if among is not None else self.running()
+        st = {i: self.status(i, 0.3) for i in ids}
+        leaders = [i for i, s in st.items() if s and s["is_leader"]]
+        if len(leaders) != 1:
+            return None
+        lead = leaders[0]
+        term = st[lead]["term"]
+        if any(s and s["term"] > term for s in st.values()):
+            return None
+        return lead
+
+    def wait_leader(self, timeout: float = 20.0, among: Sequence[int] | None = None,
+                    not_id: int | None = None) -> int:
+        deadline = time.monotonic() + timeout
+        while True:
+            lead = self.leader(among)
+            if lead is not None and lead != not_id:
+                return lead
+            if time.monotonic() > deadline:
+                raise NodeFailed(f"no leader among {among or self.running()} within {timeout} s")
+            time.sleep(0.02)
+
+    def client(self, timeout: float = 10.0, ids: Sequence[int] | None = None, **kw: Any) -> Any:
+        from pyraft.kv import KVClient
+        ids = list(ids) if ids is not None else self.ids
+        kw.setdefault("curve", self.client_curve())
+        return KVClient({i: self.addrs[i] for i in ids}, timeout=timeout, cluster_name=self.cluster_name, **kw)
+
+
+# ---------------------------------------------------------------------------
+# demo
+
+class _Progress:
+    """A one-line progress display (``\\r`` on a terminal, a line every quarter otherwise)."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.total = total
+        self.label = label
+        self.tty = sys.stdout.isatty()
+        self._shown_q = -1
+        self._last = 0.0
+        self.t0 = time.monotonic()
+
+    def show(self, done: int, extra: str = "") -> None:
+        now = time.monotonic()
+        rate = done / max(1e-6, now - self.t0)
+        line = f"  {self.label}: {done:5d}/{self.total} ({rate:6.0f}/s){extra}"
+        if self.tty:
+            if now - self._last >= 0.1 or done == self.total:
+                self._last = now
+                sys.stdout.write("\r" + line.ljust(78))
+                sys.stdout.flush()
+        else:
+            q = done * 4 // max(1, self.total)
+            if q != self._shown_q or now - self._last >= 1.0:
+                self._shown_q = q
+                self._last = now
+                print(line, flush=True)
+
+    def end(self) -> None:
+        if self.tty:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pyraft.errors import RaftError
+
+    base = args.dir or tempfile.mkdtemp(prefix="pyraft-kv-demo-")
+    keep = bool(args.dir) or args.keep
+    total, nthreads = args.keys, args.threads
+    kill_at = total // 2
+    out = lambda *a: print(*a, flush=True)  # noqa: E731
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise _Interrupted(signal.Signals(signum).name)
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    cluster = None
+    kv = None
+    stop_writers = threading.Event()
+    threads: list[threading.Thread] = []
+    try:
+        t_start = time.monotonic()
+        out(f"pyraft-kv demo: a three-node cluster of separate processes on 127.0.0.1 (data in {base})")
+        cluster = LocalCluster(base, 3, config={"heartbeat_interval": 0.05, "election_timeout": [0.3, 0.6]},
+                               log_level="INFO")
+        for i in cluster.ids:
+            cluster.start(i, init=(i == 1), wait=False)
+        for i in cluster.ids:
+            cluster.wait_ready(i)
+            out(f"  node {i}: pid {cluster.procs[i].pid}, {cluster.addrs[i]}")
+        lead = cluster.wait_leader(20)
+        out(f"  leader elected: node {lead} ({time.monotonic() - t_start:.2f} s after start)")
+
+        kv = cluster.client(timeout=10)
+        acked: dict[str, str] = {}
+        acked_lock = threading.Lock()
+        errors: list[str] = []
+        next_key = iter(range(total))
+        key_lock = threading.Lock()
+        done = [0]
+        progress = _Progress(total, "writing")
+        killed = threading.Event()
+
+        def writer() -> None:
+            while not stop_writers.is_set():
+                with key_lock:
+                    n = next(next_key, None)
+                if n is None:
+                    return
+                k, v = f"key-{n:05d}", f"value-{n}"
+                try:
+                    kv.put(k, v)
+                except RaftError as e:
+                    with acked_lock:
+                        errors.append(f"{k}: {type(e).__name__}: {e}")
+                        if len(errors) >= 20:  # the cluster is not serving: give up
+                            stop_writers.set()
+                    continue
+                with acked_lock:
+                    acked[k] = v
+                    done[0] += 1
+
+        t_write = time.monotonic()
+        for _ in range(nthreads):
+            t = threading.Thread(target=writer, name="demo-writer", daemon=True)
+            t.start()
+            threads.append(t)
+        t_kill = t_elected = None
+        new_lead = None
+        old_lead = lead
+        while any(t.is_alive() for t in threads):
+            with acked_lock:
+                n = done[0]
+            progress.show(n, "" if not killed.is_set() else "  (after failover)")
+            if not killed.is_set() and n >= kill_at:
+                progress.end()
+                old_lead = cluster.leader() or lead
+                out(f"  SIGKILL the leader, node {old_lead} (pid {cluster.procs[old_lead].pid}), "
+                    f"with {n} writes acknowledged and {nthreads} writers busy")
+                t_kill = time.monotonic()
+                cluster.kill(old_lead)
+                killed.set()
+                survivors = [i for i in cluster.ids if i != old_lead]
+                new_lead = cluster.wait_leader(20, among=survivors)
+                t_elected = time.monotonic()
+                out(f"  new leader: node {new_lead}, elected {t_elected - t_kill:.2f} s after the kill")
+                progress = _Progress(total, "writing")
+                progress.t0 = t_write
+            time.sleep(0.05)
+        progress.show(done[0])
+        progress.end()
+        write_time = time.monotonic() - t_write
+        for t in threads:
+            t.join()
+        n_acked = len(acked)
+        out(f"  {n_acked} writes acknowledged in {write_time:.2f} s ({n_acked / write_time:.0f}/s); "
+            f"{len(errors)} failed (timeouts: their outcome is unknown)")
+        for e in errors[:5]:
+            out(f"    {e}")
+
+        # Restart the killed node: it catches up from the new leader.
+        out(f"  restarting node {old_lead} (same command, without --init)")
+        t_restart = time.monotonic()
+        cluster.start(old_lead)
+
+        # Every acknowledged write must be readable: linearizable gets through the new leader.
+        t_verify = time.monotonic()
+        missing: list[str] = []
+        verify_q = sorted(acked)
+        vprog = _Progress(len(verify_q), "verifying")
+        checked = [0]
+        vlock = threading.Lock()
+        it = iter(verify_q)
+
+        def verifier() -> None:
+            while True:
+                with vlock:
+                    k = next(it, None)
+                if k is None:
+                    return
+                try:
+                    v = kv.get(k)
+                except RaftError as e:
+                    v = f"<{type(e).__name__}>"
+                with vlock:
+                    if v != acked[k]:
+                        missing.append(k)
+                    checked[0] += 1
+
+        vthreads = [threading.Thread(target=verifier, name="demo-verifier", daemon=True) for _ in range(nthreads)]
+        for t in vthreads:
+            t.start()
+        while any(t.is_alive() for t in vthreads):
+            vprog.show(checked[0])
+            time.sleep(0.05)
+        for t in vthreads:
+            t.join()
+        vprog.show(checked[0])
+        vprog.end()
+        verify_time = time.monotonic() - t_verify
+
+        # The restarted node has caught up: same applied index as the leader.
+        lead_now = cluster.wait_leader(20)
+        target = (cluster.status(lead_now) or {}).get("applied") or 0
+        deadline = time.monotonic() + 20
+        caught_up = False
+        while time.monotonic() < deadline:
+            st = cluster.status(old_lead)
+            if st and (st.get("applied") or 0) >= target:
+                caught_up = True
+                break
+            time.sleep(0.05)
+        st = cluster.status(old_lead) or {}
+        if caught_up:
+            out(f"  node {old_lead} is back as a {st.get('state', '?').lower()} and caught up to index {target} "
+                f"in {time.monotonic() - t_restart:.2f} s ({st.get('keys')} keys)")
+        else:
+            out(f"  node {old_lead} did not catch up to index {target} within 20 s")
+
+        out("")
+        out("summary")
+        out(f"  writes acknowledged       {n_acked} of {total} in {write_time:.2f} s, {nthreads} client threads")
+        if t_kill is not None and t_elected is not None:
+            out(f"  failover                  node {old_lead} killed -> node {new_lead} leading in "
+                f"{t_elected - t_kill:.2f} s")
+        out(f"  linearizable reads        {len(verify_q)} in {verify_time:.2f} s")
+        out(f"  acknowledged writes lost  {len(missing)}")
+        out(f"  total time                {time.monotonic() - t_start:.2f} s")
+        ok = not missing and caught_up and n_acked > 0
+        out("PASS: every acknowledged write survived the leader's SIGKILL" if ok else
+            f"FAIL: {len(missing)} acknowledged writes missing: {missing[:10]}" if missing else
+            "FAIL: see above")
+        return EXIT_OK if ok else EXIT_FAILED
+    except _Interrupted as e:
+        print(f"\npyraft-kv demo: interrupted ({e}); stopping the nodes", file=sys.stderr, flush=True)
+        return 130
+    except NodeFailed as e:
+        print(f"pyraft-kv demo: {e}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    finally:
+        # Ignore further Ctrl-C while cleaning up: nothing may be left running.
+        for s in old_handlers:
+            signal.signal(s, signal.SIG_IGN)
+        stop_writers.set()
+        if kv is not None:
+            kv.close()
+        if cluster is not None:
+            cluster.close()
+            left = cluster.running()
+            if left:
+                print(f"pyraft-kv demo: nodes {left} still running!", file=sys.stderr)
+            else:
+                print("  all node processes stopped", flush=True)
+        if not keep:
+            shutil.rmtree(base, ignore_errors=True)
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+
+
+# ---------------------------------------------------------------------------
+# main
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pyraft-kv", description="The pyraft replicated key-value service.")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("serve", help="run one node of the KV service")
+    s.add_argument("--id", type=int, required=True, help="this node's id (one of --peers)")
+    s.add_argument("--listen", required=True, metavar="tcp://HOST:PORT", help="address to bind; clients use it")
+    s.add_argument("--peers", required=True, metavar="1=tcp://...,2=...", help="every initial member")
+    s.add_argument("--data-dir", required=True, metavar="DIR", help="the node's data directory (LMDB)")
+    s.add_argument("--init", action="store_true", help="initialize the cluster (one node, first start only)")
+    s.add_argument("--config", metavar="FILE", help="JSON object of Config fields")
+    s.add_argument("--cluster-name", help="overrides the config's cluster_name")
+    s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info",
+                                                           "warning", "error"])
+    s.add_argument("--curve-secret", metavar="FILE", help="this node's .key_secret file")
+    s.add_argument("--curve-public", metavar="FILE", help="this node's .key file (checked against the secret)")
+    s.add_argument("--curve-allow", metavar="DIR", help="public keys allowed to connect; node N's is N.key")
+    s.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
+    s.add_argument("--fault-control", metavar="FILE",
+                   help="TEST ONLY, off by default: inject faults (dropped peers, a slow disk) as the local JSON "
+                        "file FILE says; see pyraft.tools.faults.  Never use in production")
+
+    def client_opts(c: argparse.ArgumentParser) -> None:
+        c.add_argument("--cluster", metavar="ADDR,ADDR,...", help="the nodes' --listen addresses")
+        c.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+        c.add_argument("--cluster-name", default="pyraft")
+        c.add_argument("--curve-secret", metavar="FILE", help="this client's .key_secret file")
+        c.add_argument("--curve-public", metavar="FILE", help="this client's .key file (optional check)")
+        c.add_argument("--curve-keys-dir", metavar="DIR", help="directory with N.key for every node N")
+
+    c = sub.add_parser("put", help="set KEY to VALUE")
+    client_opts(c)
+    c.add_argument("key", metavar="KEY")
+    c.add_argument("value", metavar="VALUE")
+    c = sub.add_parser("get", help="print KEY's value (linearizable)")
+    client_opts(c)
+    c.add_argument("key", metavar="KEY")
+    c.add_argument("--stale", action="store_true", help="read any node's copy (may be stale)")
+    c = sub.add_parser("delete", help="remove KEY")
+    client_opts(c)
+    c.add_argument("key", metavar="KEY")
+    c = sub.add_parser("cas", help="set KEY to VALUE if its value is EXPECTED (or, without EXPECTED, absent)")
+    client_opts(c)
+    c.add_argument("key", metavar="KEY")
+    c.add_argument("value", metavar="VALUE")
+    c.add_argument("expected", metavar="EXPECTED", nargs="?", default=None)
+
+    d = sub.add_parser("demo", help="local three-process cluster: write, kill the leader, verify")
+    d.add_argument("--keys", type=int, default=3000, help="keys to write (default 3000)")
+    d.add_argument("--threads", type=int, default=8, help="client threads (default 8)")
+    d.add_argument("--dir", help="keep the nodes' data and logs here (default: a temporary directory)")
+    d.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.cmd == "serve":
+            return _serve(args)
+        if args.cmd == "demo":
+            if args.keys < 2 or args.threads < 1:
+                raise UsageError("--keys must be at least 2 and --threads at least 1")
+            return _demo(args)
+        return _client_command(args)
+    except UsageError as e:
+        print(f"pyraft-kv {args.cmd}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
