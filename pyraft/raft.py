@@ -22,6 +22,7 @@ from .errors import (ChangeMembershipError, Fatal, ForwardToLeader, InitializeEr
                      Timeout)
 from .metrics import ClientWriteResponse, RaftMetrics
 from .runtime.core import RaftCore
+from .runtime.futures import new_future
 from .types import LogId, Node, ServerState, log_index
 
 log = logging.getLogger("pyraft")
@@ -53,6 +54,7 @@ class Raft:
         self._core = RaftCore(node_id, config, transport, log_store, state_machine, rng)
         self._client_handlers: dict[str, Callable[[int, ClientRequest, Any], None]] = {}
         self._shutdown_lock = threading.Lock()
+        self._shutdown_hooks: list[Callable[[], None]] = []
         self.trigger = Trigger(self)
         self._core.start()
         try:
@@ -115,7 +117,7 @@ class Raft:
             msgpack.packb(command, use_bin_type=True)
         except (TypeError, ValueError, OverflowError) as e:
             raise RaftError(f"the command cannot be encoded with msgpack: {e}") from None
-        fut: Future = Future()
+        fut: Future = new_future()  # a concurrent.futures.Future, cheaper to make (runtime/futures.py)
         self._core.call(("write", command, fut))
         return fut
 
@@ -140,8 +142,9 @@ class Raft:
     def add_learner(self, node_id: int, node: Node, blocking: bool = True, timeout: float | None = None) -> LogId | None:
         """Add a learner; with ``blocking`` return once it has caught up with the log as of the call."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        self._wait_leader_ready(deadline)
         fut = self._api(lambda e: (e.add_learner(node_id, node), e.log.last_index))
-        lid, target = _result(fut, timeout, "add_learner")
+        lid, target = _result(fut, _left(deadline), "add_learner")
         w = self.wait(_left(deadline))
         if lid is not None:
             w.metrics(lambda m: log_index(m.committed) >= lid.index, f"the learner entry {lid} to commit")
@@ -151,12 +154,26 @@ class Raft:
         return lid
 
     def change_membership(self, voter_ids: Iterable[int], retain: bool = False, timeout: float | None = None) -> None:
-        """Joint-consensus change to ``voter_ids``; returns once the final configuration is committed."""
+        """Joint-consensus change to ``voter_ids``; returns once the final configuration is committed.
+
+        One change at a time: ``ChangeMembershipError`` while one is in
+        progress, for an empty voter set, or for a voter that is not a learner
+        yet.  Removed voters leave the cluster (``retain=True`` keeps them as
+        learners); their replication workers stop.  A leader that removes
+        itself refuses new writes (``ForwardToLeader``) once the final
+        configuration is in its log, steps down when it commits and hands over
+        to the most up-to-date remaining voter with TimeoutNow.  ``Timeout``
+        when the change does not complete in time (for example because the
+        leader lost its quorum): the cluster then settles on the old
+        configuration (the joint entry was discarded) or on the new one (a
+        later leader finalizes it), never on anything else.
+        """
         voters = set(voter_ids)
         if not all(type(v) is int for v in voters):
             raise ChangeMembershipError("voter ids must be integers")
         deadline = None if timeout is None else time.monotonic() + timeout
-        _result(self._api(lambda e: e.change_membership(voters, retain)), timeout, "change_membership")
+        self._wait_leader_ready(deadline)
+        _result(self._api(lambda e: e.change_membership(voters, retain)), _left(deadline), "change_membership")
 
         def done(m: RaftMetrics) -> bool:
             if m.membership is None or m.membership.is_joint or m.membership.voter_ids != voters:
@@ -165,6 +182,25 @@ class Raft:
 
         # The leader may be removed by this change: then its metrics still show the commit.
         self.wait(_left(deadline)).metrics(done, f"membership {sorted(voters)} to commit")
+
+    def _wait_leader_ready(self, deadline: float | None) -> None:
+        """On a leader that has not committed an entry of its term yet, wait (briefly) until it has.
+
+        A new leader cannot change the membership before that (its view of the
+        committed configuration may be stale); waiting here spares the caller a
+        spurious "retry shortly".  Not a leader: return at once, the call raises
+        ForwardToLeader.
+        """
+        def ready(m: RaftMetrics) -> bool:
+            return (m.state != ServerState.LEADER
+                    or (m.committed is not None and m.committed.term == m.current_term))
+
+        left = _left(deadline)
+        cap = 2 * self.config.election_timeout[1]
+        try:
+            self.wait(cap if left is None else min(left, cap)).metrics(ready, "the leader's first commit")
+        except Timeout:
+            pass  # the engine says why
 
     # ------------------------------------------------------------------ observing
 
@@ -191,6 +227,25 @@ class Raft:
             core.join(timeout)
             if core.is_alive():
                 raise Timeout(f"node {self.node_id} did not stop within {timeout} s")
+            hooks, self._shutdown_hooks = self._shutdown_hooks, []
+        for hook in hooks:
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - one failing hook must not keep the others from running
+                log.exception("node %s: a shutdown hook failed", self.node_id)
+
+    def add_shutdown_hook(self, hook: Callable[[], None]) -> None:
+        """Run ``hook()`` once, after this node's threads have stopped.
+
+        For components bound to the node that own threads of their own (the
+        replicated objects' call dispatcher does), so that ``shutdown()``
+        leaves no ``pyraft-`` thread behind.
+        """
+        with self._shutdown_lock:
+            if self._core.is_alive() or not self._core.shut_down:
+                self._shutdown_hooks.append(hook)
+                return
+        hook()
 
     def __enter__(self) -> "Raft":
         return self

@@ -922,3 +922,17 @@ def test_shutdown_fails_pending_calls_and_stops_the_dispatcher_thread():
         with pytest.raises(ShutDown):
             c.objs[f][0].inc(timeout=T)
         wait_until(lambda: f"pyraft-objects-{f}" not in pyraft_threads(), 5, "the dispatcher to stop")
+
+
+def test_shutdown_stops_the_call_dispatcher_with_the_node():
+    """raft.shutdown() joins every pyraft- thread, the objects' dispatcher included."""
+    c = ObjCluster(lambda i: (ReplCounter(),))
+    try:
+        c.objs[1][0].inc(timeout=T)
+    finally:
+        rafts = list(c.rafts.values())
+        for r in rafts:
+            r.shutdown()
+        c.rafts.clear()
+    assert pyraft_threads() == []
+    c.close()
