@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import msgpack
 
-from .codec import ClientRequest, ClientResponse
+from .codec import ClientRequest, ClientResponse, pack_fast
 from .config import Config
 from .errors import (ChangeMembershipError, Fatal, ForwardToLeader, InitializeError, RaftError, ShutDown,
                      Timeout)
@@ -114,7 +114,7 @@ class Raft:
     def client_write_async(self, command: Any) -> Future:
         """Propose ``command``; the future gets a ``ClientWriteResponse`` once it is applied here."""
         try:
-            msgpack.packb(command, use_bin_type=True)
+            pack_fast(command)  # msgpack.packb, with a per-thread Packer
         except (TypeError, ValueError, OverflowError) as e:
             raise RaftError(f"the command cannot be encoded with msgpack: {e}") from None
         fut: Future = new_future()  # a concurrent.futures.Future, cheaper to make (runtime/futures.py)

@@ -48,13 +48,14 @@ import errno
 import fcntl
 import os
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import lmdb
 
-from pyraft.codec import (decode_entry, encode_entry, index_key, key_index, log_id_from_wire,
+from pyraft.codec import (decode_entries, decode_entry, encode_entries, index_key, key_index, log_id_from_wire,
                           log_id_to_wire, pack, unpack, vote_from_wire, vote_to_wire)
 from pyraft.engine.commands import AppendToLog, PurgeLog, SaveCommitted, SaveVote, TruncateLog
 from pyraft.errors import CodecError, Fatal, StorageError
@@ -243,6 +244,10 @@ class LmdbEnv:
             raise ValueError("map_size and max_map_size must be positive")
         self._max_map_size = max_map_size
         self._gate = _MapGate()
+        # Serializes write transactions: at most one thread of this process is
+        # inside (or waiting for) LMDB's writer lock, and it holds no gate
+        # while waiting here.
+        self._write_lock = threading.Lock()
         self._lock_fd: int | None = None
         self._env: lmdb.Environment | None = None
         if readonly:
@@ -276,6 +281,9 @@ class LmdbEnv:
         try:
             if env.info()["map_size"] < map_size:
                 env.set_mapsize(_round_page(map_size))
+            # Free the reader slots of dead processes (a reader killed inside a
+            # transaction would otherwise pin old pages and grow the file).
+            env.reader_check()
         except lmdb.Error as e:
             env.close()
             raise _storage_error(self.what, p, e) from None
@@ -356,47 +364,53 @@ class LmdbEnv:
         doubled, and ``fn`` run again from scratch (so ``fn`` must not have
         effects outside ``txn``).  Past ``max_map_size`` this raises
         :class:`Fatal`.  Any other exception aborts the transaction: nothing
-        of it is stored.
+        of it is stored.  From any thread; write transactions are serialized.
         """
         if self.readonly:
             raise StorageError(f"{self.what} at {self.root} is opened read-only")
-        while True:
-            txn = self._begin_shared(True, False)
-            try:
+        with self._write_lock:
+            while True:
+                txn = self._begin_shared(True, False)
                 try:
                     result = fn(txn)
-                except BaseException:
-                    txn.abort()
+                    txn.commit()
+                except BaseException as e:
+                    # Abort with this process's readers held off: py-lmdb 3.0's
+                    # abort of a write transaction can starve indefinitely
+                    # behind other threads' busy read transactions.
+                    self._gate.release_shared()
+                    with self._gate.exclusive():
+                        try:
+                            txn.abort()
+                        except lmdb.Error:
+                            pass  # a failed commit has already ended it
+                        if isinstance(e, lmdb.MapFullError):
+                            self._grow_exclusive()
+                            continue
+                    if isinstance(e, lmdb.Error):
+                        raise _storage_error(self.what, self.env_path, e) from None
                     raise
-                txn.commit()
-                return result
-            except lmdb.MapFullError:
-                pass  # LMDB has aborted or will abort the transaction; grow below
-            except lmdb.Error as e:
-                raise _storage_error(self.what, self.env_path, e) from None
-            finally:
                 self._gate.release_shared()
-            self._grow()
+                return result
 
-    def _grow(self) -> None:
-        with self._gate.exclusive():
-            env = self._live()
-            info = env.info()
-            size = info["map_size"]
-            used = (info["last_pgno"] + 1) * _PAGE
-            if size >= self._max_map_size:
-                raise Fatal(
-                    f"{self.what} in {self.root} is full: its LMDB map reached max_map_size="
-                    f"{self._max_map_size} bytes ({used} bytes in use). Raise max_map_size, "
-                    f"or free space (purge the log / snapshot, free disk) and restart the node")
-            new = min(size * 2, _round_page_down(self._max_map_size))
-            if new <= size:
-                new = size + _PAGE
-            try:
-                env.set_mapsize(new)
-            except lmdb.Error as e:
-                raise Fatal(f"{self.what} in {self.root}: cannot grow the LMDB map to {new} bytes "
-                            f"({e}); free disk space or lower the load and restart") from None
+    def _grow_exclusive(self) -> None:
+        """Double the map (the gate is held exclusive); Fatal past max_map_size."""
+        env = self._live()
+        info = env.info()
+        size = info["map_size"]
+        used = (info["last_pgno"] + 1) * _PAGE
+        ceiling = _round_page_down(self._max_map_size)
+        if size >= ceiling:
+            raise Fatal(
+                f"{self.what} in {self.root} is full: its LMDB map reached max_map_size="
+                f"{self._max_map_size} bytes ({used} bytes in use). Raise max_map_size, "
+                f"or free space (purge the log / snapshot, free disk) and restart the node")
+        new = min(size * 2, ceiling)
+        try:
+            env.set_mapsize(new)
+        except lmdb.Error as e:
+            raise Fatal(f"{self.what} in {self.root}: cannot grow the LMDB map to {new} bytes "
+                        f"({e}); free disk space and restart the node") from None
 
     # -- databases ---------------------------------------------------------------
 
@@ -410,12 +424,17 @@ class LmdbEnv:
         out = []
         env = self._live()
         for name in names:
+            # Without txn=, py-lmdb opens the handle in a transaction of its
+            # own that it commits (a handle opened in a read transaction we
+            # end ourselves would be discarded with it).
+            self._gate.acquire_shared()
             try:
-                with self.read() as txn:
-                    out.append(env.open_db(name, txn=txn, create=False))
-            except StorageError as e:
+                out.append(env.open_db(name, create=False))
+            except lmdb.Error as e:
                 raise StorageError(f"{self.what}: {self.env_path} is not a pyraft {self.what} "
-                                   f"(database {name.decode()!r} is missing)") from e
+                                   f"(database {name.decode()!r}: {e})") from None
+            finally:
+                self._gate.release_shared()
         return tuple(out)
 
     def map_size(self) -> int:
@@ -543,7 +562,12 @@ class LmdbLogStore:
 
     def __init__(self, path: str | os.PathLike, *, node_id: int | None = None,
                  cluster_name: str | None = None, sync: bool = True, map_size: int = DEFAULT_MAP_SIZE,
-                 max_map_size: int = DEFAULT_MAX_MAP_SIZE, max_readers: int = DEFAULT_MAX_READERS) -> None:
+                 max_map_size: int = DEFAULT_MAX_MAP_SIZE, max_readers: int = DEFAULT_MAX_READERS,
+                 write_delay: float = 0.0) -> None:
+        #: Test hook (fault injection: a slow disk): seconds to sleep before each
+        #: write transaction commits.  0 (the default) does nothing.  May be changed
+        #: at any time from any thread; ``pyraft-kv serve --fault-control`` sets it.
+        self.write_delay = float(write_delay)
         self._env = LmdbEnv(path, LOG_ENV_NAME, LOG_LOCK_NAME, what="log store", sync=sync,
                             map_size=map_size, max_map_size=max_map_size, max_readers=max_readers)
         try:
@@ -557,7 +581,10 @@ class LmdbLogStore:
         except BaseException:
             self._env.close()
             raise
-        # Written only by write(), after its transaction committed.
+        # _write_mutex guards _cached: write() holds it from reading the old
+        # value to publishing the new one (after the commit).  Readers just
+        # load the attribute: it is replaced whole, never mutated.
+        self._write_mutex = threading.Lock()
         self._cached = _Cached(state, meta.vote, meta.committed)
 
     @classmethod
@@ -625,7 +652,7 @@ class LmdbLogStore:
     def read(self, start: int, stop: int) -> list[Entry]:
         with self._env.read(buffers=True) as txn:
             raw = _read_raw(txn, self._log_db, start, stop)
-        return [decode_entry(i, data) for i, data in raw]
+        return decode_entries(start, [data for _i, data in raw])  # raw is consecutive from start
 
     # -- LogStore: the write path ---------------------------------------------------
 
@@ -639,15 +666,27 @@ class LmdbLogStore:
         """
         if not ops:
             return
-        encoded: list[list[tuple[LogId, bytes]] | None] = []
+        encoded: list[list[bytes] | None] = []
         for op in ops:
             if isinstance(op, AppendToLog):
-                encoded.append([(e.log_id, encode_entry(e)) for e in op.entries])
+                # The runtime may pass the encodings along (it has them from the
+                # client or the leader); else encode here, per batch.
+                rows = op.encoded if op.encoded is not None else encode_entries(op.entries)
+                if len(rows) != len(op.entries):
+                    raise StorageError(f"log store: {len(rows)} encodings for {len(op.entries)} entries")
+                encoded.append(rows)
             elif isinstance(op, (SaveVote, SaveCommitted, TruncateLog, PurgeLog)):
                 encoded.append(None)
             else:
                 raise StorageError(f"log store: unknown operation {op!r}")
-        before = self._cached
+        with self._write_mutex:
+            delay = self.write_delay
+            if delay > 0:
+                time.sleep(delay)  # test hook: a slow fsync (see write_delay)
+            self._cached = self._env.write(self._batch(ops, encoded, self._cached))
+
+    def _batch(self, ops: Sequence[LogOp], encoded: list, before: _Cached) -> Callable[[lmdb.Transaction], _Cached]:
+        """The transaction body of one write(): ops applied over the state ``before``."""
         meta_db, log_db = self._meta_db, self._log_db
 
         def run(txn: lmdb.Transaction) -> _Cached:
@@ -655,13 +694,22 @@ class LmdbLogStore:
             vote, committed = before.vote, before.committed
             for op, rows in zip(ops, encoded):
                 if rows is not None:
-                    for lid, data in rows:
-                        if lid.index != log_index(last) + 1:
-                            raise StorageError(f"log store: entry {lid} does not continue the log "
-                                               f"(last entry {last})")
-                        if not txn.put(index_key(lid.index), data, append=True, db=log_db):
-                            raise StorageError(f"log store: entry {lid.index} already exists")
-                        last = lid
+                    ents = op.entries
+                    if not ents:
+                        continue
+                    first, n = ents[0].index, len(ents)
+                    if first != log_index(last) + 1:
+                        raise StorageError(f"log store: entry {ents[0].log_id} does not continue the log "
+                                           f"(last entry {last})")
+                    if ents[-1].index != first + n - 1:
+                        raise StorageError(f"log store: entries {first}..{ents[-1].index} are not consecutive")
+                    # One C-level loop for the whole batch (append=True: each key must be past the last).
+                    keys = [i.to_bytes(8, "big") for i in range(first, first + n)]
+                    _consumed, added = txn.cursor(db=log_db).putmulti(zip(keys, rows), append=True)
+                    if added != n:
+                        raise StorageError(f"log store: {n - added} of entries {first}..{first + n - 1} "
+                                           f"already exist")
+                    last = ents[-1].log_id
                 elif isinstance(op, SaveVote):
                     txn.put(_K_VOTE, pack(vote_to_wire(op.vote)), db=meta_db)
                     vote = op.vote
@@ -694,7 +742,7 @@ class LmdbLogStore:
                         last = upto
             return _Cached(LogState(purged, last), vote, committed)
 
-        self._cached = self._env.write(run)
+        return run
 
     # -- extras ------------------------------------------------------------------------
 

@@ -63,9 +63,12 @@ def test_wrong_cluster_and_version_are_refused():
         decode_message(msgpack.packb(v), "c1")
 
 
-def test_non_consecutive_entries_are_refused():
+def test_append_entries_carry_stored_encodings_with_implied_indexes():
+    # Entries travel as their stored encodings (so they cannot be non-consecutive:
+    # their indexes follow prev_log_id); anything else in their place is refused.
     v = msgpack.unpackb(encode_message(SAMPLES[0], "c", 1), strict_map_key=False)
-    v[5][3][1][1] = 99  # second entry's index
+    assert v[5][3] == [encode_entry(e) for e in SAMPLES[0].entries]
+    v[5][3][1] = [1, 99, 1, None]  # a version-1 style entry
     with pytest.raises(CodecError):
         decode_message(msgpack.packb(v, use_bin_type=True), "c")
 

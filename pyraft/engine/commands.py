@@ -14,8 +14,13 @@ Ordering contract (etcd-raft's ``Ready`` rule, written where it is enforced):
 * ``AppendToLog`` entries are durable before the runtime reports them with
   ``Engine.on_log_flushed``; the engine acknowledges entries to a leader, and
   a leader counts itself in a quorum, only after that report.
-* ``Replicate`` reads entries from the log store: they were appended by an
-  earlier ``AppendToLog``, so that one must have been executed first.
+* ``Replicate`` sends entries appended by an earlier ``AppendToLog`` (the
+  runtime reads them from the log store, or from its cache of the newest
+  entries).  The runtime may send them before that ``AppendToLog`` is durable
+  *here* (a leader writes to its disk in parallel with replicating, Raft
+  thesis 10.2.1): the engine counts the leader in a quorum only after
+  ``on_log_flushed``.  It must not move a send ahead of a ``SaveVote``,
+  ``TruncateLog`` or ``PurgeLog``.
 * ``Apply`` covers committed entries only.
 """
 from __future__ import annotations
@@ -38,9 +43,16 @@ class SaveVote:
 
 @dataclass(frozen=True, slots=True)
 class AppendToLog:
-    """Append ``entries`` (consecutive, continuing the log).  Report durability with ``on_log_flushed``."""
+    """Append ``entries`` (consecutive, continuing the log).  Report durability with ``on_log_flushed``.
+
+    ``encoded``: None from the engine.  The runtime may hand the store a copy
+    carrying each entry's stored encoding (``codec.encode_entry(e)``, one per
+    entry) when it already has them (a leader's client commands, a follower's
+    AppendEntries), so that the store does not encode them again.
+    """
 
     entries: list[Entry] = field(default_factory=list)
+    encoded: list[bytes] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ Field invariants::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..config import Config
@@ -73,15 +74,25 @@ class Engine:
         self.log = LogIdList.load(r.last_purged, r.last_log_id, r.term_at)
         #: the durable prefix of the log: everything found at start-up is durable
         self.flushed: LogId | None = self.log.last
-        cands = [x for x in (r.committed, r.applied, r.last_purged) if x is not None]
+        saved = r.committed
+        if saved is not None and saved.index > self.log.purged_index:
+            # A saved commit point can run ahead of the durable log: the appends it
+            # covered, or the truncation of stale entries before them, may have been
+            # lost with unflushed writes.  Trust it only where the log holds an entry
+            # of its term (only that term's leader wrote those, and that leader's log
+            # up to the commit point is committed); else fall back to the snapshot.
+            i = min(saved.index, self.log.last_index)
+            saved = LogId(saved.term, i) if self.log.term_at(i) == saved.term else None
+        cands = [x for x in (saved, r.applied, r.last_purged) if x is not None]
         self.committed: LogId | None = max(cands, key=lambda l: l.index) if cands else None
-        if log_index(self.committed) > self.log.last_index and log_index(r.applied) <= self.log.last_index:
-            # a saved commit point can run ahead of a log that lost unflushed entries
-            self.committed = self.log.last
         self.applied: LogId | None = r.applied
         self._apply_submitted = log_index(r.applied)
         self.snapshot: SnapshotMeta | None = r.snapshot
         self._building_snapshot = False
+        #: the last index of the newest snapshot handed to the state machine and not yet installed
+        self._installing = 0
+        #: a purge that in-flight replication held back; tick() retries it (index, 0: none)
+        self._purge_wanted = 0
         self.memberships: list[StoredMembership] = list(r.memberships)
 
         self.state = ServerState.FOLLOWER
@@ -107,6 +118,10 @@ class Engine:
         self._pending_acks: list[tuple[Any, LogId | None, int]] = []
 
         self._startup_repairs()
+        # The invariant: memberships[0] is the committed configuration (the restored list
+        # starts at the state machine's, and may hold entries the saved commit point covers).
+        while len(self.memberships) > 1 and log_index(self.memberships[1].log_id) <= log_index(self.committed):
+            self.memberships.pop(0)
         self._become_follower(self.vote.term, None)
         self._maybe_apply()
 
@@ -145,6 +160,26 @@ class Engine:
     def is_voter(self) -> bool:
         m = self.membership
         return m is not None and m.membership.is_voter(self.id)
+
+    def _membership_durable(self) -> bool:
+        """Our first configuration is on disk.  A vote saved before it (votes are saved at once,
+        entries when flushed) could outlive it: after a crash right after initialize() the node
+        would have a term but no configuration, and could neither campaign nor be initialized."""
+        first = self.committed_membership
+        return first is not None and log_index(first.log_id) <= log_index(self.flushed)
+
+    def _may_campaign(self) -> bool:
+        """A voter of the latest configuration campaigns; so does a voter of the committed one
+        that an uncommitted configuration leaves out.  Until that entry commits, this node may
+        hold the only log the others can vote for (a leader deposed between appending C_new and
+        committing it; cf. Raft thesis 4.2.2, and ScyllaDB raft's "candidate outside the
+        configuration").  Its own vote does not count, and it hands over once C_new commits."""
+        if not self._membership_durable():
+            return False
+        if self.is_voter():
+            return True
+        first = self.committed_membership
+        return first is not None and first.membership.is_voter(self.id)
 
     def replication(self) -> dict[int, LogId | None]:
         """On the leader, each target's matched log id."""
@@ -204,11 +239,13 @@ class Engine:
     def tick(self, now: float) -> None:
         """Advance the clock to ``now`` and fire whatever timers are due."""
         self.advance_clock(now)
+        if self._purge_wanted > self.log.purged_index:
+            self._maybe_purge(self._purge_wanted)
         if self.state == ServerState.LEADER:
             self._tick_leader()
         elif self.now >= self._election_deadline:
             self._reset_election_timer()
-            if self.is_voter():
+            if self._may_campaign():
                 self._campaign(pre_vote=self.cfg.pre_vote)
 
     def _tick_leader(self) -> None:
@@ -236,7 +273,7 @@ class Engine:
         if self.state in (ServerState.FOLLOWER, ServerState.LEARNER):
             self.state = ServerState.FOLLOWER if self.is_voter() else ServerState.LEARNER
 
-    def _become_follower(self, term: int, leader_id: int | None) -> None:
+    def _become_follower(self, term: int, leader_id: int | None, reset_timer: bool = True) -> None:
         was_leader = self.state == ServerState.LEADER
         if term > self.vote.term:
             self._set_vote(Vote(term, None))
@@ -246,7 +283,8 @@ class Engine:
         self._granted = set()
         if was_leader:
             self._stop_leading()
-        self._reset_election_timer()
+        if reset_timer or was_leader:
+            self._reset_election_timer()
 
     def _stop_leading(self) -> None:
         self.progress = {}
@@ -323,6 +361,12 @@ class Engine:
             m = self.membership.membership
             raise ForwardToLeader(self.transferee, m.nodes.get(self.transferee),
                                   f"leadership is being transferred to {self.transferee}")
+        if not self.membership.membership.is_voter(self.id):
+            # A configuration without this leader is in the log: it only waits for that
+            # entry to commit, then hands over.  Accepting nothing more means every
+            # entry it appended commits with that entry, so no client of it is left
+            # waiting on a node the new leader never replicates to.
+            raise ForwardToLeader(None, None, f"leader {self.id} is leaving the cluster")
 
     def initialize(self, nodes: Mapping[int, Node]) -> None:
         """Write the initial membership on a pristine node; it then campaigns at once."""
@@ -340,9 +384,23 @@ class Engine:
         self._election_deadline = self.now  # campaign at the next tick
 
     def propose(self, payloads: Sequence[Any]) -> list[LogId]:
-        """Append client commands; returns their log ids.  Raises ForwardToLeader."""
+        """Append client commands; returns their log ids.  Raises ForwardToLeader.
+
+        ``_append_as_leader`` for a batch of normal entries, with the work per
+        batch rather than per entry (one run of one term, one AppendToLog).
+        """
         self._check_leader()
-        return self._append_as_leader([(EntryKind.NORMAL, p) for p in payloads])
+        if not payloads:
+            return []
+        term = self.vote.term
+        first = self.log.last_index + 1
+        lids = [LogId(term, i) for i in range(first, first + len(payloads))]
+        self.log.append_run(lids[0], lids[-1])
+        self._emit(AppendToLog(list(map(Entry, lids, repeat(EntryKind.NORMAL, len(lids)), payloads))))
+        self._dirty.update(self.progress)
+        if not self.progress:
+            self._maybe_commit()
+        return lids
 
     def add_learner(self, node_id: int, node: Node) -> LogId | None:
         """Propose a membership with ``node_id`` as a learner; None when nothing changes."""
@@ -365,10 +423,10 @@ class Engine:
         voters = frozenset(voter_ids)
         if not voters:
             raise ChangeMembershipError("the new voter set is empty")
-        m = self._membership_for_change()
-        missing = voters - set(m.nodes)
+        missing = voters - set(self.membership.membership.nodes)
         if missing:
             raise ChangeMembershipError(f"nodes {sorted(missing)} are not learners yet; add them with add_learner first")
+        m = self._membership_for_change()
         old = m.configs[-1]
         if voters == old:
             return None
@@ -411,7 +469,7 @@ class Engine:
         self._dirty.add(target)
 
     def trigger_elect(self) -> None:
-        if self.state != ServerState.LEADER and self.is_voter():
+        if self.state != ServerState.LEADER and self.is_voter() and self._membership_durable():
             self._campaign(pre_vote=False)
 
     def trigger_heartbeat(self) -> None:
@@ -437,6 +495,20 @@ class Engine:
         if entry.kind == EntryKind.MEMBERSHIP:
             self.memberships.append(StoredMembership(entry.log_id, entry.payload))
         self._emit(AppendToLog([entry]))
+
+    def _append_batch(self, entries: Sequence[Entry]) -> None:
+        """``_append`` each of ``entries`` (they continue the log), with one AppendToLog."""
+        first, last = entries[0].log_id, entries[-1].log_id
+        if first.term == last.term:
+            self.log.append_run(first, last)
+        else:
+            for e in entries:
+                self.log.append(e.log_id)
+        membership = EntryKind.MEMBERSHIP
+        for e in entries:
+            if e.kind == membership:
+                self.memberships.append(StoredMembership(e.log_id, e.payload))
+        self._emit(AppendToLog(list(entries)))
 
     def _append_as_leader(self, items: Sequence[tuple[EntryKind, Any]]) -> list[LogId]:
         out = []
@@ -472,6 +544,8 @@ class Engine:
         """Handle an incoming request (reply goes to ``token``) or response."""
         if from_id == self.id:
             return
+        if type(msg) is AppendEntriesRequest:
+            _check_append_entries(self.id, msg)  # before its term can change anything
         term = msg.term
         if term > self.vote.term:
             if isinstance(msg, VoteRequest):
@@ -481,7 +555,11 @@ class Engine:
                     # CheckQuorum: while a leader is alive, a vote request does not disturb us
                     return self._reply_vote(msg, token, granted=False)
                 else:
-                    self._become_follower(term, None)
+                    # Only a granted vote restarts the election timer (Figure 2), not the
+                    # term of a request we may refuse: else candidates with stale logs
+                    # (removed nodes, without PreVote) keep the up-to-date nodes from ever
+                    # timing out, and nobody electable campaigns.
+                    self._become_follower(term, None, reset_timer=False)
             elif isinstance(msg, VoteResponse) and msg.pre_vote and msg.granted:
                 pass  # a granted pre-vote carries the term we would use
             else:
@@ -568,7 +646,6 @@ class Engine:
         self._reset_election_timer()
 
     def _on_append_entries(self, from_id: int, msg: AppendEntriesRequest, token: Any) -> None:
-        _check_append_entries(self.id, msg)
         self._accept_leader(msg.leader_id)
         prev_index = log_index(msg.prev_log_id)
         floor = max(log_index(self.committed), self.log.purged_index)
@@ -584,7 +661,11 @@ class Engine:
                                              hint_term=self.log.term_at(hint) or 0, seq=msg.seq)
                 return self._emit(Respond(token, resp))
         # prev matches.  Append what is new; truncate only on a real conflict.
-        for pos, e in enumerate(msg.entries):
+        ents = msg.entries
+        if ents and ents[0].index == self.log.last_index + 1:
+            self._append_batch(ents)  # the streaming case: all of them are new
+            ents = ()
+        for pos, e in enumerate(ents):
             if e.index <= floor:
                 continue
             mine = self.log.term_at(e.index)
@@ -627,12 +708,20 @@ class Engine:
         if log_index(last) <= log_index(self.committed):
             # Already have everything the snapshot holds.
             return self._emit(Respond(token, InstallSnapshotResponse(self.vote.term, True, last)))
+        if log_index(last) < self._installing:
+            # An older snapshot (a late or duplicated message) than one already on its way
+            # into the state machine: installing it after that one would take the state
+            # machine back.  The newer install answers the leader.
+            return
+        self._installing = log_index(last)
         self._emit(ReceiveSnapshotChunk(msg))
         self._emit(InstallSnapshot(msg.meta, token))
 
     def on_snapshot_installed(self, meta: SnapshotMeta, token: Any) -> None:
         """The state machine now holds ``meta``'s snapshot: fix up the log and acknowledge."""
         last = meta.last_log_id
+        if log_index(last) >= self._installing:
+            self._installing = 0
         if last is None or log_index(last) <= log_index(self.committed):
             if token is not None:
                 self._emit(Respond(token, InstallSnapshotResponse(self.vote.term, True, last)))
@@ -850,9 +939,13 @@ class Engine:
         if log_index(log_id) <= log_index(self.applied):
             return
         self.applied = log_id
+        self._maybe_snapshot_by_policy()
+
+    def _maybe_snapshot_by_policy(self) -> None:
+        """Build a snapshot once ``snapshot_every`` entries were applied since the last one."""
         every = self.cfg.snapshot_every
         if every is not None and not self._building_snapshot and \
-                log_id.index - log_index(self.snapshot.last_log_id if self.snapshot else None) >= every:
+                log_index(self.applied) - log_index(self.snapshot.last_log_id if self.snapshot else None) >= every:
             self.trigger_snapshot()
 
     def on_snapshot_built(self, meta: SnapshotMeta | None) -> None:
@@ -863,14 +956,25 @@ class Engine:
         if self.snapshot is None or log_index(meta.last_log_id) >= log_index(self.snapshot.last_log_id):
             self.snapshot = meta
         self._maybe_purge(log_index(meta.last_log_id) - self.cfg.max_in_snapshot_log_to_keep)
+        # Entries applied while this one was being built may already call for the next.
+        self._maybe_snapshot_by_policy()
 
     def _maybe_purge(self, upto: int) -> LogId | None:
+        """Purge up to ``upto`` as far as allowed now; the rest is retried at later ticks (``_purge_wanted``)."""
         snap_index = log_index(self.snapshot.last_log_id) if self.snapshot else 0
         upto = min(upto, snap_index, log_index(self.applied))
+        self._purge_wanted = max(self._purge_wanted, upto)
         if self.state == ServerState.LEADER:
-            # Never purge what a replication worker may still be reading.
+            # Never purge entries a replication worker is streaming (those after a
+            # target's matched index while messages are in flight): purging them
+            # would force a snapshot on a follower that is catching up.  A probe
+            # is not protected: if its entries are gone the worker reports it and
+            # the target gets a snapshot; protecting probes would let one dead
+            # follower stop log compaction for good.  An in-flight stream ends
+            # (acknowledged or timed out) within an rpc_timeout, then tick()
+            # retries the purge.
             for p in self.progress.values():
-                if p.inflight or (p.state == ProgressState.PROBE and p.probe_sent):
+                if p.state == ProgressState.REPLICATE and p.inflight:
                     upto = min(upto, p.matched_index)
         if upto <= self.log.purged_index:
             return None

@@ -97,6 +97,15 @@ class LogIdList:
             self.keys.append(log_id)
         self.last = log_id
 
+    def append_run(self, first: LogId, last: LogId) -> None:
+        """Append the entries ``first.index .. last.index``, all of term ``first.term`` (== ``last.term``)."""
+        assert first.index == self.last_index + 1 and first.term == last.term and last.index >= first.index, \
+            f"append run {first}..{last} after {self.last}"
+        if not self.keys or self.keys[-1].term != first.term:
+            assert not self.last or first.term >= self.last.term, "terms never decrease along a log"
+            self.keys.append(first)
+        self.last = last
+
     def truncate(self, since: int) -> None:
         """Forget entries with index >= since."""
         assert since > self.purged_index, "cannot truncate purged entries"

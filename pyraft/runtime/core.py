@@ -20,19 +20,24 @@ from typing import Any
 
 from ..config import Config
 from ..engine.commands import (AppendToLog, Apply, BuildSnapshot, InstallSnapshot, PurgeLog,
-                               ReceiveSnapshotChunk, Replicate, Respond, RespondRead, SendSnapshot,
-                               SendTimeoutNow, SendVote, STORAGE_COMMANDS, TruncateLog,
+                               ReceiveSnapshotChunk, Replicate, Respond, RespondRead, SaveCommitted,
+                               SendSnapshot, SendTimeoutNow, SendVote, STORAGE_COMMANDS, TruncateLog,
                                UpdateReplication)
 from ..engine.core import Engine, RestoredState
 from ..errors import Fatal, ForwardToLeader, RaftError, ShutDown
+from ..messages import InstallSnapshotResponse
 from ..metrics import RaftMetrics
+from ..codec import encode_entries
 from ..types import EntryKind, LogId, ServerState, StoredMembership, log_index
+from .cache import EntryCache
+from .inbox import Inbox
 from .workers import ReplicationWorker, SMWorker, VoteSender
 
 log = logging.getLogger("pyraft.runtime")
 
 _MAX_DRAIN = 8192
 _LOG_CHANGES = (AppendToLog, TruncateLog, PurgeLog)
+_SNAPSHOT_COMMANDS = (BuildSnapshot, ReceiveSnapshotChunk, InstallSnapshot, SendSnapshot)
 
 
 class _Stop(Exception):
@@ -73,19 +78,30 @@ class RaftCore(threading.Thread):
         self.transport = transport
         self.log_store = log_store
         self.state_machine = state_machine
-        self.inbox: queue.Queue = queue.Queue()
+        self.inbox = Inbox()
+        #: the newest entries (written, or being written) with their encodings, for the workers (cache.py)
+        self.cache = EntryCache()
+        #: entry tuples of this turn's AppendEntries that carry their encodings (codec.EncodedEntries)
+        self._enc_hints: list = []
         self.engine = Engine(node_id, config, rng or random.Random(), time.monotonic(),
                              restore_state(log_store, state_machine))
-        # guarded by _post_lock: once closed, nothing more enters the inbox
+        # _closed: set (under _post_lock) when the core stops; post/call read it without the lock
         self._post_lock = threading.Lock()
         self._closed = False
         self.fatal: str | None = None
         self.shut_down = False
         # client futures, owned by this thread until handed to the SM worker with an Apply
         self._pending_writes: dict[int, tuple[LogId, Future]] = {}
+        self._pending_top = 0  # the highest index ever put in _pending_writes
+        #: a SaveCommitted not written yet: it goes with the next write (see _execute)
+        self._deferred_commit: SaveCommitted | None = None
+        #: the highest index handed to the SM worker in an Apply (pending writes at or below it are gone)
+        self._apply_sent = log_index(self.engine.applied)
         self._read_waiters: list[tuple[int, LogId, Future]] = []
         self._applied = self.engine.applied
         self.workers: dict[int, ReplicationWorker] = {}
+        #: workers told to stop that may still be finishing (a snapshot chunk in flight)
+        self._stopped_workers: list[ReplicationWorker] = []
         self.sm_worker = SMWorker(self)
         self.sender = VoteSender(self)
         # metrics: published after every turn; the condition wakes waiters
@@ -94,18 +110,24 @@ class RaftCore(threading.Thread):
 
     # ------------------------------------------------------------------ posting
 
+    # No lock on these paths (every client write takes one): ``_closed`` is set before
+    # _teardown drains the inbox for the last time, so an item appended before that
+    # drain is failed by it, and one appended after it sees ``_closed`` on the second
+    # look (GIL order) and is refused here.  An item both see is failed twice, which
+    # ``_fail`` tolerates.
+
     def post(self, item: tuple) -> None:
         """Put an item on the inbox; silently dropped once the core has stopped."""
-        with self._post_lock:
-            if not self._closed:
-                self.inbox.put(item)
+        if not self._closed:
+            self.inbox.put(item)
 
     def call(self, item: tuple) -> None:
         """Like post, but raise ShutDown/Fatal when the core no longer runs."""
-        with self._post_lock:
-            if self._closed:
-                raise self.stopped_error()
-            self.inbox.put(item)
+        if self._closed:
+            raise self.stopped_error()
+        self.inbox.put(item)
+        if self._closed:
+            raise self.stopped_error()  # maybe after the last drain: nobody will see the item
 
     def stopped_error(self) -> RaftError:
         if self.fatal is not None:
@@ -132,17 +154,9 @@ class RaftCore(threading.Thread):
         eng = self.engine
         tick = min(self.config.heartbeat_interval, self.config.election_timeout[0]) / 4
         next_tick = time.monotonic() + tick
-        get, get_nowait = self.inbox.get, self.inbox.get_nowait
+        drain = self.inbox.drain
         while True:
-            try:
-                items = [get(timeout=max(0.0, next_tick - time.monotonic()))]
-            except queue.Empty:
-                items = []
-            try:
-                while len(items) < _MAX_DRAIN:
-                    items.append(get_nowait())
-            except queue.Empty:
-                pass
+            items = drain(max(0.0, next_tick - time.monotonic()), _MAX_DRAIN)
             eng.advance_clock(time.monotonic())
             stop = False
             writes: list = []
@@ -183,6 +197,9 @@ class RaftCore(threading.Thread):
             eng.step(it[1], it[2])
         elif kind == "rpc":
             _, from_id, msg, reply = it
+            ents = getattr(msg, "entries", None)
+            if ents and getattr(ents, "encoded", None) is not None:
+                self._enc_hints.append(ents)  # the stored encodings came with them: no need to encode again
             try:
                 eng.step(from_id, msg, reply)
             except ValueError as e:
@@ -192,6 +209,7 @@ class RaftCore(threading.Thread):
             self._applied = it[1]
             eng.on_applied(it[1])
             self._release_reads()
+            self._trim_cache(it[1].index)
         elif kind == "api":
             fn, fut = it[1], it[2]
             if fut.set_running_or_notify_cancel():
@@ -211,8 +229,16 @@ class RaftCore(threading.Thread):
             eng.on_snapshot_built(it[1])
         elif kind == "snapshot_installed":
             self._applied = it[1].last_log_id
+            self._apply_sent = max(self._apply_sent, log_index(it[1].last_log_id))
             eng.on_snapshot_installed(it[1], it[2])
             self._release_reads()
+            # Writes this node accepted as leader at indexes the snapshot covers will
+            # never be applied here one by one: their fate is in the snapshot.
+            self._fail_writes(lambda i: i <= log_index(it[1].last_log_id), "was superseded by a snapshot")
+        elif kind == "snapshot_failed":
+            # The snapshot could not be installed (a chunk went missing): tell the
+            # sender now rather than let it time out; it starts over.
+            it[1].reply(InstallSnapshotResponse(eng.vote.term))
         elif kind == "fatal":
             raise RuntimeError(it[1])
         else:
@@ -226,35 +252,130 @@ class RaftCore(threading.Thread):
                 w[2].set_exception(e)
             return
         pending = self._pending_writes
-        for lid, w in zip(log_ids, writes):
-            old = pending.get(lid.index)
-            if old is not None:
-                old[1].set_exception(ForwardToLeader(None, None, f"write {old[0]} was overwritten"))
-            pending[lid.index] = (lid, w[2])
+        if not log_ids:
+            return
+        first, top = log_ids[0].index, log_ids[-1].index
+        if pending and self._pending_top >= first:
+            # Indexes this node proposed before (a leader again after losing entries): fail those.
+            for lid, w in zip(log_ids, writes):
+                old = pending.get(lid.index)
+                if old is not None:
+                    _fail(old[1], ForwardToLeader(None, None, f"write {old[0]} was overwritten"))
+                pending[lid.index] = (lid, w[2])
+        else:  # the usual case: above every index ever pending, so none can be overwritten
+            pending.update(zip(range(first, top + 1), zip(log_ids, [w[2] for w in writes])))
+        if top > self._pending_top:
+            self._pending_top = top
 
     def _run_engine(self) -> None:
         eng = self.engine
         while True:
             cmds = eng.take_output()
             if not cmds:
+                self._enc_hints.clear()
                 return
             self._execute(cmds)
 
+    def _trim_cache(self, applied: int) -> None:
+        """Drop the cached entries nobody needs any more: applied, and (leading) held by every target.
+
+        Short-lived entries are cheap: they die young, before the garbage
+        collector promotes them and walks them again at every full collection.
+        A target that lags (or is down) keeps them, up to the cache's bound.
+        """
+        upto = applied
+        for p in self.engine.progress.values():
+            m = p.matched_index
+            if m < upto:
+                upto = m
+        if upto > 0:
+            self.cache.purge(upto)
+
+    def _encodings(self, entries: list) -> list[bytes]:
+        """The stored encoding of each entry: from this turn's AppendEntries when they came with them."""
+        if self._enc_hints:
+            known: dict[int, bytes] = {}
+            for ents in self._enc_hints:  # alive until the turn ends, so id() is unambiguous
+                known.update(zip(map(id, ents), ents.encoded))
+            try:
+                return [known[id(e)] for e in entries]
+            except KeyError:
+                pass
+        return encode_entries(entries)
+
     def _execute(self, cmds: list) -> None:
-        """Execute one output: its storage commands first, as one durable batch, then the rest in order."""
+        """Execute one output: its storage commands first, as one durable batch, then the rest in order.
+
+        One exception, Raft's "the leader writes to its disk in parallel with
+        replicating" (thesis 10.2.1): when the batch only appends entries (and
+        saves the commit point), the ``Replicate`` sends go out first, so the
+        followers write while this node does.  The engine counts this node in a
+        quorum only after ``on_log_flushed``, so nothing commits on an entry that
+        is not durable here or on enough followers.  Never with a ``SaveVote``,
+        ``TruncateLog`` or ``PurgeLog`` in the batch: those keep the strict order.
+        """
         storage = [c for c in cmds if isinstance(c, STORAGE_COMMANDS)]
+        sent_early = False
         if storage:
-            self.log_store.write(storage)
+            if all(type(c) is SaveCommitted for c in storage):
+                # The commit point alone is a hint (storage.py: committed entries are never
+                # lost without it): it costs no fsync of its own, but rides with the next write.
+                self._deferred_commit = storage[-1]
+                storage = []
+            elif self._deferred_commit is not None:
+                storage.insert(0, self._deferred_commit)  # a SaveCommitted later in the batch wins
+                self._deferred_commit = None
+        if storage:
+            # Encode once, here: the store writes these bytes, the cache keeps them for the
+            # replication workers (they go on the wire as they are) and the SM worker.
+            storage = [AppendToLog(c.entries, self._encodings(c.entries)) if type(c) is AppendToLog else c
+                       for c in storage]
+            cache = self.cache
+            if self.workers and all(type(c) is AppendToLog or type(c) is SaveCommitted for c in storage) \
+                    and not any(type(c) is UpdateReplication for c in cmds):
+                for c in storage:  # the workers read them from the cache while the store writes them
+                    if type(c) is AppendToLog:
+                        cache.append(c.entries, c.encoded)
+                self._send_replication(cmds)
+                sent_early = True
+                self.log_store.write(storage)
+            else:
+                self.log_store.write(storage)
+                for c in storage:  # the cache follows the store, once the batch is durable
+                    t = type(c)
+                    if t is AppendToLog:
+                        cache.append(c.entries, c.encoded)
+                    elif t is TruncateLog:
+                        cache.truncate(c.since)
+                    elif t is PurgeLog:
+                        cache.purge(c.upto.index)
             if any(isinstance(c, _LOG_CHANGES) for c in storage):
                 self.engine.on_log_flushed(self.engine.log.last)
+            if self._pending_writes:
+                for c in storage:
+                    if type(c) is TruncateLog:
+                        # A truncated entry was never committed and never will be (the leader
+                        # that made us truncate lacks it): its write failed, say so now rather
+                        # than when (if ever) the index is applied again.
+                        self._fail_writes(lambda i, since=c.since: i >= since, "was overwritten by a new leader")
+        replied = False
+        if len(cmds) > 1 and not any(type(c) in _SNAPSHOT_COMMANDS for c in cmds):
+            # Replies first: an acknowledgement is on a leader's critical path; the rest
+            # (handing entries to the SM worker, above all) is not, and would delay it.
+            for c in cmds:
+                if type(c) is Respond:
+                    c.token.reply(c.message)
+            replied = True
         for c in cmds:
             t = type(c)
             if t is Replicate or t is SendSnapshot:
-                w = self.workers.get(c.target)
-                if w is not None:
-                    w.submit(c)
+                if not sent_early:
+                    w = self.workers.get(c.target)
+                    if w is not None:
+                        w.submit(c)
             elif t is Respond:
-                c.token.reply(c.message)
+                if not replied:
+                    c.token.reply(c.message)
             elif t is Apply:
                 self._submit_apply(c)
             elif t is SendVote:
@@ -277,12 +398,41 @@ class RaftCore(threading.Thread):
             elif t is InstallSnapshot:
                 self.sm_worker.q.put(("install", c.meta, c.token))
 
+    def _send_replication(self, cmds: list) -> None:
+        workers = self.workers
+        for c in cmds:
+            t = type(c)
+            if t is Replicate or t is SendSnapshot:
+                w = workers.get(c.target)
+                if w is not None:
+                    w.submit(c)
+
+    def _fail_writes(self, which: Any, why: str) -> None:
+        """Fail the pending client writes whose log index satisfies ``which(index)``."""
+        pending = self._pending_writes
+        for idx in [i for i in pending if which(i)]:
+            lid, fut = pending.pop(idx)
+            _fail(fut, ForwardToLeader(self.engine.leader_id, self.engine.leader_node, f"write {lid} {why}"))
+
     def _submit_apply(self, c: Apply) -> None:
         futures: dict[int, tuple[LogId, Future]] = {}
         pending = self._pending_writes
+        upto = c.upto.index
         if pending:
-            for idx in [i for i in pending if i <= c.upto.index]:
-                futures[idx] = pending.pop(idx)
+            lo = self._apply_sent + 1
+            if upto - lo < 4 * len(pending):
+                # Writes are proposed above the last Apply (at last_index + 1 > committed),
+                # so the ones this Apply covers are all in lo..upto: no scan of the rest.
+                pop = pending.pop
+                for idx in range(lo, upto + 1):
+                    w = pop(idx, None)
+                    if w is not None:
+                        futures[idx] = w
+            else:
+                for idx in [i for i in pending if i <= upto]:
+                    futures[idx] = pending.pop(idx)
+        if upto > self._apply_sent:
+            self._apply_sent = upto
         self.sm_worker.q.put(("apply", c.upto, futures))
 
     def _update_workers(self, c: UpdateReplication) -> None:
@@ -290,6 +440,8 @@ class RaftCore(threading.Thread):
             if target not in c.targets or w.node != c.targets[target] or w.term != c.term:
                 w.stop()
                 del self.workers[target]
+                self._stopped_workers.append(w)  # joined at teardown, so shutdown() leaves no thread
+        self._stopped_workers = [w for w in self._stopped_workers if w.is_alive()]
         for target, node in c.targets.items():
             if target not in self.workers:
                 w = ReplicationWorker(self, target, node, c.term)
@@ -372,7 +524,12 @@ class RaftCore(threading.Thread):
             self.transport.close()
         except Exception:  # noqa: BLE001
             log.exception("closing the transport failed")
-        for w in list(self.workers.values()) + [self.sm_worker, self.sender]:
+        if self._deferred_commit is not None and self.fatal is None:
+            try:  # the commit hint that was waiting for a write: a restart then applies that far at once
+                self.log_store.write([self._deferred_commit])
+            except Exception:  # noqa: BLE001 - only a hint
+                log.warning("node %s: could not save the commit point on shutdown", self.node_id)
+        for w in list(self.workers.values()) + self._stopped_workers + [self.sm_worker, self.sender]:
             if w.is_alive():
                 w.join()
         # Everything still waiting gets the reason (what was durable stays durable).

@@ -11,9 +11,10 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any, TYPE_CHECKING
 
+from ..codec import EncodedEntries, encode_entries
 from ..engine.commands import Replicate, SendSnapshot
 from ..errors import ForwardToLeader
 from ..messages import AppendEntriesRequest, InstallSnapshotRequest, InstallSnapshotResponse
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("pyraft.runtime")
 
 _STOP = object()
+#: how often a snapshot chunk is sent before the transfer counts as failed
+_CHUNK_TRIES = 3
 
 
 class _Worker(threading.Thread):
@@ -101,20 +104,37 @@ class ReplicationWorker(_Worker):
 
     def _replicate(self, cmd: Replicate) -> None:
         start = log_index(cmd.prev_log_id) + 1
-        entries = self.core.log_store.read(start, cmd.end) if cmd.end > start else []
-        if len(entries) != cmd.end - start or any(e.log_id.term > cmd.term for e in entries):
+        core = self.core
+        if cmd.end > start:
+            # The newest entries come from the cache with their stored encodings, which go
+            # on the wire as they are; older ones are read back from the store.
+            got = core.cache.get(start, cmd.end)
+            if got is not None:
+                entries, encoded = got
+            else:
+                entries = core.log_store.read(start, cmd.end)
+                encoded = encode_entries(entries)
+        else:
+            entries, encoded = [], []
+        # Terms never decrease along a log: checking the last entry checks them all.
+        if len(entries) != cmd.end - start or (entries and entries[-1].log_id.term > cmd.term):
             # purged meanwhile, or the log changed under a stale leader: let the engine decide
-            self.core.post(("repl_failed", self.target))
+            core.post(("repl_failed", self.target))
             return
         prev = cmd.prev_log_id
-        max_bytes = self.core.config.max_payload_bytes
+        max_bytes = core.config.max_payload_bytes
         i, n = 0, len(entries)
-        while True:  # split by size; a heartbeat is one message with no entries
+        if sum(map(len, encoded)) <= max_bytes:
+            self.conn.send(AppendEntriesRequest(cmd.term, core.node_id, prev, EncodedEntries(entries, encoded),
+                                                cmd.leader_commit, cmd.seq))
+            return
+        while True:  # split by size (a single larger entry goes alone)
             j, size = i, 0
-            while j < n and (j == i or size + _entry_size(entries[j]) <= max_bytes):
-                size += _entry_size(entries[j])
+            while j < n and (j == i or size + len(encoded[j]) <= max_bytes):
+                size += len(encoded[j])
                 j += 1
-            self.conn.send(AppendEntriesRequest(cmd.term, self.core.node_id, prev, tuple(entries[i:j]),
+            self.conn.send(AppendEntriesRequest(cmd.term, core.node_id, prev,
+                                                EncodedEntries(entries[i:j], encoded[i:j]),
                                                 cmd.leader_commit, cmd.seq))
             if j >= n:
                 return
@@ -137,15 +157,27 @@ class ReplicationWorker(_Worker):
                 if nxt:
                     f.seek(-1, 1)
                 req = InstallSnapshotRequest(cmd.term, self.core.node_id, meta, offset, data, done)
-                rid = self.conn.send(req)
-                resp = self._await_reply(rid, cfg.rpc_timeout * 5)
+                # A chunk is acknowledged at once; the last one only once the target
+                # installed the snapshot, which takes longer.  A lost chunk (or its
+                # ack) is sent again rather than the whole snapshot.
+                tries = 1 if done else _CHUNK_TRIES
+                for _ in range(tries):
+                    rid = self.conn.send(req)
+                    resp = self._await_reply(rid, cfg.rpc_timeout * (5 if done else 1))
+                    if resp is not None:
+                        break
                 if resp is _STOP:
                     return False
                 if resp is None or not isinstance(resp, InstallSnapshotResponse):
                     self.core.post(("repl_failed", self.target))
                     return True
-                if resp.term != cmd.term or done:
+                if resp.term != cmd.term or (done and resp.done):
                     self.core.post(("resp", self.target, resp))
+                    return True
+                if done:
+                    # The target could not install it (it lost a chunk): the engine
+                    # must leave the SNAPSHOT state and try again.
+                    self.core.post(("repl_failed", self.target))
                     return True
                 offset += len(data)
         finally:
@@ -170,13 +202,6 @@ class ReplicationWorker(_Worker):
             if r[0] == rid:
                 return r[1]
             self.core.post(("resp", self.target, r[1]))
-
-
-def _entry_size(e) -> int:
-    p = e.payload
-    if isinstance(p, (bytes, str)):
-        return len(p) + 16
-    return 64
 
 
 class VoteSender(_Worker):
@@ -225,32 +250,50 @@ class SMWorker(_Worker):
     def __init__(self, core: "RaftCore") -> None:
         super().__init__(core, f"pyraft-sm-{core.node_id}")
         self.applied: LogId | None = core.state_machine.applied_state()[0]
+        # the snapshot being received: its file, its id, and whether a chunk went missing
         self._recv_file = None
+        self._recv_id: str | None = None
         self._recv_broken = False
         self._builder: threading.Thread | None = None
 
     def work(self) -> None:
         sm = self.core.state_machine
+        held = None  # an item taken off the queue while coalescing Applies, handled next
         while True:
-            item = self.q.get()
+            item, held = (held, None) if held is not None else (self.q.get(), None)
             if item is _STOP:
                 break
             kind = item[0]
             if kind == "apply":
-                self._apply(item[1], item[2])
+                upto, futures = item[1], item[2]
+                # Batched apply: every Apply queued behind this one joins it, so that one
+                # state-machine batch (one transaction, one fsync for an LMDB machine)
+                # covers what RaftCore committed in several turns while we were busy.
+                while True:
+                    try:
+                        nxt = self.q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is _STOP or nxt[0] != "apply":
+                        held = nxt
+                        break
+                    upto = nxt[1]  # the Applies of RaftCore only go forward
+                    futures.update(nxt[2])
+                self._apply(upto, futures)
             elif kind == "build":
                 self._start_builder()
             elif kind == "chunk":
                 self._write_chunk(item[1])
             elif kind == "install":
                 meta, token = item[1], item[2]
-                f, broken = self._recv_file, self._recv_broken
-                self._recv_file, self._recv_broken = None, False
+                f, broken = self._recv_file, self._recv_broken or self._recv_id != meta.snapshot_id
+                self._recv_file, self._recv_id, self._recv_broken = None, None, False
                 if f is None or broken:
-                    log.warning("node %s: snapshot %s arrived incomplete; waiting for a resend",
+                    log.warning("node %s: snapshot %s arrived incomplete; the leader will send it again",
                                 self.core.node_id, meta.snapshot_id)
                     if f is not None:
                         f.close()
+                    self.core.post(("snapshot_failed", token))
                     continue
                 f.flush()
                 f.seek(0)
@@ -266,26 +309,35 @@ class SMWorker(_Worker):
     def _apply(self, upto: LogId, futures: dict[int, tuple[LogId, Future]]) -> None:
         sm = self.core.state_machine
         store = self.core.log_store
+        cache = self.core.cache
         batch_max = self.core.config.max_apply_batch
         while log_index(self.applied) < upto.index:
             start = log_index(self.applied) + 1
-            entries = store.read(start, min(upto.index + 1, start + batch_max))
+            stop = min(upto.index + 1, start + batch_max)
+            entries = cache.get_entries(start, stop) or store.read(start, stop)
             if not entries:
                 raise RuntimeError(f"committed entries {start}..{upto.index} are missing from the log")
             results = sm.apply(entries)
             if len(results) != len(entries):
                 raise RuntimeError(f"state machine returned {len(results)} results for {len(entries)} entries")
-            for e, res in zip(entries, results):
-                w = futures.pop(e.index, None)
-                if w is None:
-                    continue
-                lid, fut = w
-                if lid != e.log_id:
-                    fut.set_exception(ForwardToLeader(None, None, f"write {lid} was overwritten by a new leader"))
-                elif isinstance(res, BaseException):
-                    fut.set_exception(res)
-                else:
-                    fut.set_result(ClientWriteResponse(lid, res))
+            if futures:
+                pop = futures.pop
+                for e, res in zip(entries, results):
+                    elid = e.log_id
+                    w = pop(elid.index, None)
+                    if w is None:
+                        continue
+                    lid, fut = w
+                    try:
+                        if lid is not elid and lid != elid:
+                            fut.set_exception(ForwardToLeader(None, None,
+                                                              f"write {lid} was overwritten by a new leader"))
+                        elif isinstance(res, BaseException):
+                            fut.set_exception(res)
+                        else:
+                            fut.set_result(ClientWriteResponse(lid, res))
+                    except InvalidStateError:
+                        pass  # the caller cancelled its future
             self.applied = entries[-1].log_id
             self.core.post(("applied", self.applied))
         for lid, fut in futures.values():  # below our applied point: superseded by a snapshot
@@ -313,8 +365,13 @@ class SMWorker(_Worker):
             if self._recv_file is not None:
                 self._recv_file.close()
             self._recv_file = self.core.state_machine.begin_receiving_snapshot()
+            self._recv_id = req.meta.snapshot_id
             self._recv_broken = False
-        if self._recv_file is None or self._recv_file.tell() != req.offset:
-            self._recv_broken = True
+        f = self._recv_file
+        if f is None or self._recv_id != req.meta.snapshot_id or req.offset > f.tell():
+            self._recv_broken = True  # a gap: the install will be refused and the leader starts over
             return
-        self._recv_file.write(req.data)
+        if req.offset < f.tell():  # a chunk sent again (its ack was lost): rewrite from there
+            f.seek(req.offset)
+            f.truncate()
+        f.write(req.data)
