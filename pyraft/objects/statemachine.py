@@ -286,7 +286,7 @@ class ObjectStateMachine:
         raft.set_client_handler("objects.read_index", caller.on_read_index_request)
         caller.announce({"k": "hello", "n": raft.node_id, "vers": self.local_versions()})
         caller.start()
-        raft.add_shutdown_hook(lambda: self._caller is caller and self._stop_caller())
+        raft.add_shutdown_hook(caller.stop)  # pending and later calls raise ShutDown; the thread is joined
 
     def _stop_caller(self) -> None:
         caller, self._caller = self._caller, None
