@@ -254,3 +254,33 @@ def test_config_validation():
         Config(cluster_name="has space")
     with pytest.raises(TypeError):
         Raft(1, {"cluster_name": "x"}, None, None, None)
+
+
+def test_a_cancelled_client_future_does_not_hurt_the_node():
+    """A caller may cancel its future (asyncio.wait_for does); completing it later is a no-op."""
+    with MemCluster(3) as c:
+        leader = c.leader()
+        follower = next(r for r in c.rafts.values() if r is not leader)
+        f1 = follower.client_write_async(put("a", 1))  # ForwardToLeader, after the caller cancels
+        f1.cancel()
+        f2 = leader.client_write_async(put("b", 2))    # applied after the caller cancels
+        f2.cancel()
+        f3 = leader.ensure_linearizable_async()
+        f3.cancel()
+        r = leader.client_write(put("c", 3), timeout=5)
+        c.wait_applied(r.log_id.index)
+        for n in c.rafts.values():
+            assert n.metrics().state != ServerState.FATAL, n.metrics().error
+        assert leader.state_machine.get("c") == 3
+
+
+def test_shutdown_fails_a_read_the_engine_still_holds():
+    with MemCluster(3) as c:
+        leader = c.leader()
+        for i in c.rafts:
+            if i != leader.node_id:
+                c.net.isolate(i)
+        fut = leader.ensure_linearizable_async()  # no quorum to confirm it
+        leader.shutdown()
+        with pytest.raises(ShutDown):
+            fut.result(5)

@@ -456,6 +456,12 @@ class Engine:
         self._heartbeat_requested = True
         self._check_reads()
 
+    def drop_reads(self) -> list:
+        """Forget every read still waiting (the node is stopping); returns their tokens."""
+        tokens = [t for t, _lid, _seq in self._pending_reads] + list(self._reads_waiting_commit)
+        self._pending_reads, self._reads_waiting_commit = [], []
+        return tokens
+
     def transfer_leader(self, target: int) -> None:
         """Hand leadership to ``target``: catch it up, then send TimeoutNow."""
         self._check_leader()

@@ -30,6 +30,7 @@ from ..metrics import RaftMetrics
 from ..codec import encode_entries
 from ..types import EntryKind, LogId, ServerState, StoredMembership, log_index
 from .cache import EntryCache
+from .futures import fail, succeed
 from .inbox import Inbox
 from .workers import ReplicationWorker, SMWorker, VoteSender
 
@@ -98,6 +99,10 @@ class RaftCore(threading.Thread):
         #: the highest index handed to the SM worker in an Apply (pending writes at or below it are gone)
         self._apply_sent = log_index(self.engine.applied)
         self._read_waiters: list[tuple[int, LogId, Future]] = []
+        #: API results of this turn, delivered after its writes are durable
+        self._api_done: list[tuple[Future, Any]] = []
+        #: inbox items a failing turn did not get to (failed by _teardown)
+        self._leftover: list = []
         self._applied = self.engine.applied
         self.workers: dict[int, ReplicationWorker] = {}
         #: workers told to stop that may still be finishing (a snapshot chunk in flight)
@@ -161,23 +166,31 @@ class RaftCore(threading.Thread):
             stop = False
             writes: list = []
             max_batch = self.config.max_proposal_batch
-            for it in items:
-                kind = it[0]
-                if kind == "write":
-                    writes.append(it)
-                    if len(writes) < max_batch:
+            pos = 0
+            try:
+                for pos, it in enumerate(items):
+                    kind = it[0]
+                    if kind == "write":
+                        writes.append(it)
+                        if len(writes) < max_batch:
+                            continue
+                    if writes:
+                        self._propose(writes)
+                        writes = []
+                    if kind == "write":
                         continue
+                    if kind == "stop":
+                        stop = True
+                    else:
+                        self._handle(it)
                 if writes:
                     self._propose(writes)
                     writes = []
-                if kind == "write":
-                    continue
-                if kind == "stop":
-                    stop = True
-                else:
-                    self._handle(it)
-            if writes:
-                self._propose(writes)
+            except BaseException:
+                # The node stops: what this turn had not handled yet is failed by _teardown
+                # (an item failed twice is harmless: completing a done future is a no-op).
+                self._leftover = writes + list(items[pos:])
+                raise
             # Timers fire after the messages that arrived up to now are handled:
             # a long turn must not make a follower time out on heartbeats
             # that are already in its inbox.
@@ -186,6 +199,12 @@ class RaftCore(threading.Thread):
             if now >= next_tick:
                 next_tick = now + tick
             self._run_engine()
+            if self._api_done:
+                # API results go out once this turn's writes are durable (initialize's
+                # membership entry, a membership change's entry).
+                done, self._api_done = self._api_done, []
+                for fut, value in done:
+                    succeed(fut, value)
             self._publish()
             if stop:
                 raise _Stop()
@@ -212,17 +231,19 @@ class RaftCore(threading.Thread):
             self._trim_cache(it[1].index)
         elif kind == "api":
             fn, fut = it[1], it[2]
-            if fut.set_running_or_notify_cancel():
-                try:
-                    fut.set_result(fn(eng))
-                except RaftError as e:
-                    fut.set_exception(e)
+            try:
+                self._api_done.append((fut, fn(eng)))
+            except RaftError as e:
+                fail(fut, e)
+            except BaseException as e:
+                fail(fut, Fatal(f"node {self.node_id}: {type(e).__name__}: {e}"))
+                raise
         elif kind == "read":
             fut = it[1]
             try:
                 eng.read_index(fut)
             except RaftError as e:
-                fut.set_exception(e)
+                fail(fut, e)
         elif kind == "repl_failed":
             eng.on_replication_failed(it[1])
         elif kind == "snapshot_built":
@@ -249,7 +270,7 @@ class RaftCore(threading.Thread):
             log_ids = self.engine.propose([w[1] for w in writes])
         except RaftError as e:
             for w in writes:
-                w[2].set_exception(e)
+                fail(w[2], e)
             return
         pending = self._pending_writes
         if not log_ids:
@@ -453,10 +474,10 @@ class RaftCore(threading.Thread):
         if not c.ok:
             m = self.engine.membership
             node = m.membership.nodes.get(c.leader_id) if (m and c.leader_id is not None) else None
-            fut.set_exception(ForwardToLeader(c.leader_id, node))
+            fail(fut, ForwardToLeader(c.leader_id, node))
             return
         if log_index(self._applied) >= c.read_log_id.index:
-            fut.set_result(c.read_log_id)
+            succeed(fut, c.read_log_id)
         else:
             self._read_waiters.append((c.read_log_id.index, c.read_log_id, fut))
 
@@ -467,7 +488,7 @@ class RaftCore(threading.Thread):
         keep = []
         for idx, lid, fut in self._read_waiters:
             if idx <= applied:
-                fut.set_result(lid)
+                succeed(fut, lid)
             else:
                 keep.append((idx, lid, fut))
         self._read_waiters = keep
@@ -538,9 +559,16 @@ class RaftCore(threading.Thread):
         self._pending_writes.clear()
         for _i, _l, fut in self._read_waiters:
             _fail(fut, err)
+        for fut in self.engine.drop_reads():  # reads the engine still held (no quorum yet)
+            _fail(fut, err)
+        for fut, _value in self._api_done:
+            _fail(fut, err)
+        for fut in self.sm_worker.drop_futures():  # applies it never got to
+            _fail(fut, err)
+        leftover = self._leftover
         while True:
             try:
-                it = self.inbox.get_nowait()
+                it = leftover.pop() if leftover else self.inbox.get_nowait()
             except queue.Empty:
                 break
             if it[0] in ("write", "api"):
@@ -550,9 +578,4 @@ class RaftCore(threading.Thread):
         self._publish(ServerState.FATAL if self.fatal is not None else ServerState.SHUTDOWN)
 
 
-def _fail(fut: Future, err: BaseException) -> None:
-    if not fut.done():
-        try:
-            fut.set_exception(err)
-        except Exception:  # noqa: BLE001 - a racing completion is fine
-            pass
+_fail = fail

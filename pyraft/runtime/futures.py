@@ -215,3 +215,20 @@ def _usable() -> bool:
 
 #: Make a future for a client call: a ClientFuture where this Python's Future is the one it knows.
 new_future = ClientFuture if _usable() else Future
+
+
+def succeed(fut: Future, value: Any) -> None:
+    """Complete ``fut`` with ``value`` unless it is already done: a caller may have cancelled it,
+    and that must never hurt the thread that completes it."""
+    try:
+        fut.set_result(value)
+    except InvalidStateError:
+        pass
+
+
+def fail(fut: Future, err: BaseException) -> None:
+    """Complete ``fut`` with ``err`` unless it is already done (cancelled, or completed by a racing path)."""
+    try:
+        fut.set_exception(err)
+    except InvalidStateError:
+        pass

@@ -20,6 +20,7 @@ from ..errors import ForwardToLeader
 from ..messages import AppendEntriesRequest, InstallSnapshotRequest, InstallSnapshotResponse
 from ..metrics import ClientWriteResponse
 from ..types import LogId, Node, log_index
+from .futures import fail
 
 if TYPE_CHECKING:
     from .core import RaftCore
@@ -255,6 +256,7 @@ class SMWorker(_Worker):
         self._recv_id: str | None = None
         self._recv_broken = False
         self._builder: threading.Thread | None = None
+        self._in_flight: dict[int, tuple[LogId, Future]] = {}
 
     def work(self) -> None:
         sm = self.core.state_machine
@@ -306,7 +308,24 @@ class SMWorker(_Worker):
         if self._recv_file is not None:
             self._recv_file.close()
 
+    def drop_futures(self) -> list[Future]:
+        """After the thread ended: the client futures of the applies it never got to (or died in)."""
+        out = [fut for _lid, fut in self._in_flight.values()]
+        self._in_flight = {}
+        while True:
+            try:
+                item = self.q.get_nowait()
+            except queue.Empty:
+                return out
+            if item is not _STOP and item[0] == "apply":
+                out.extend(fut for _lid, fut in item[2].values())
+
     def _apply(self, upto: LogId, futures: dict[int, tuple[LogId, Future]]) -> None:
+        self._in_flight = futures  # if apply raises, drop_futures() fails what is left
+        self._apply_batches(upto, futures)
+        self._in_flight = {}
+
+    def _apply_batches(self, upto: LogId, futures: dict[int, tuple[LogId, Future]]) -> None:
         sm = self.core.state_machine
         store = self.core.log_store
         cache = self.core.cache
@@ -341,7 +360,8 @@ class SMWorker(_Worker):
             self.applied = entries[-1].log_id
             self.core.post(("applied", self.applied))
         for lid, fut in futures.values():  # below our applied point: superseded by a snapshot
-            fut.set_exception(ForwardToLeader(None, None, f"write {lid} was superseded by a snapshot"))
+            fail(fut, ForwardToLeader(None, None, f"write {lid} was superseded by a snapshot"))
+        futures.clear()
 
     def _start_builder(self) -> None:
         b = self._builder
