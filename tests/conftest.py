@@ -21,7 +21,7 @@ def pytest_addoption(parser):
     group.addoption("--sim-seeds", type=int, default=None,
                     help="how many seeds the simulation runs (default suite: 500; soak: 5000)")
     group.addoption("--sim-steps", type=int, default=None,
-                    help="events per simulation seed (default suite: 3000; soak: 20000)")
+                    help="events per simulation seed (default suite: 10000; soak: 20000)")
     group.addoption("--sim-first-seed", type=int, default=None,
                     help="the first seed of the range (default: 0; soak: 1000000)")
     group.addoption("--sim-jobs", type=int, default=None,

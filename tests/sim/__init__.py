@@ -1,0 +1,1 @@
+"""Deterministic simulation of pyraft clusters: :mod:`.cluster` (the harness) and :mod:`.invariants`."""
