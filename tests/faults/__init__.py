@@ -1,0 +1,11 @@
+"""Jepsen-style fault-injection runs against a local cluster of ``pyraft-kv serve`` processes.
+
+- :mod:`.runner`: the cluster, the workload (concurrent ``KVClient`` threads
+  recording a history), the final checks and :func:`.runner.run`.
+- :mod:`.nemesis`: the faults (SIGKILL and restart, SIGSTOP/SIGCONT pauses,
+  network partitions, a slow disk, leadership transfers, membership changes)
+  and the schedule that mixes them.
+
+``tests/test_faults.py`` runs short scenarios in the default suite;
+``python -m pyraft.tools.faults`` runs long ones.  See ``docs/faults.md``.
+"""

@@ -1,0 +1,630 @@
+"""The nemeses: faults injected into a :class:`FaultCluster` while the workload runs.
+
+========================  =================================================================
+kind                      what it does (each step heals what it broke before it returns)
+========================  =================================================================
+``kill``                  SIGKILL a node (the leader half of the time; now and then a
+                          minority, or the whole cluster), restart it 0-3 s later (or
+                          3-8 s: it then catches up by snapshot); now and then kill it
+                          again while it catches up
+``pause``                 SIGSTOP a node (often the leader) for 0.7-3 s, longer than the
+                          election timeout, then SIGCONT
+``partition``             cut the network through every node's fault-control file: random
+                          majority/minority halves, the leader alone, a bridge (one node
+                          sees both sides, which do not see each other), a one-way cut
+                          (the leader's requests to the others are lost, theirs to it
+                          are not), a flaky network (10-40 % of all messages lost,
+                          client traffic included), for 2-6 s; or flapping: a new
+                          random cut every 0.1-0.6 s for 3-8 s
+``disk``                  a slow disk on one or two nodes (often the leader): every log
+                          write sleeps 20-250 ms before it commits, for 3-8 s
+``transfer``              move the leadership to another voter (``admin.transfer_leader``)
+``membership``            remove a voter (the leader now and then; as a learner or out of
+                          the cluster), then add it back (``admin.add_learner``,
+                          ``admin.change_membership``)
+========================  =================================================================
+
+:class:`Scheduler` runs them on a thread: a pause of 0.5-2 s, then one fault
+(or, a third of the time, two different ones at once), and so on until told
+to stop.  Every step is an :class:`Event` in :attr:`Scheduler.events`.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from pyraft.codec import ClientRequest, ClientResponse
+from pyraft.errors import ForwardToLeader, RaftError, Timeout
+from pyraft.raft import raise_error_response
+from pyraft.tools.faults import write_fault_file
+from pyraft.tools.kv import LocalCluster, NodeFailed
+from pyraft.transports.zmq import ZmqClient
+
+__all__ = ["NEMESES", "FaultCluster", "Scheduler", "Event", "parse_nemeses"]
+
+NEMESES = ("kill", "pause", "partition", "disk", "transfer", "membership")
+
+#: How often each kind is chosen (relative weights).
+_WEIGHTS = {"kill": 3, "pause": 3, "partition": 4, "disk": 2, "transfer": 2, "membership": 2}
+
+
+def parse_nemeses(text: str | Sequence[str]) -> tuple[str, ...]:
+    """``"all"`` or ``"kill,partition"`` -> a tuple of kinds; ValueError for an unknown one."""
+    parts = [p.strip() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
+    if not parts or parts == ["all"]:
+        return NEMESES
+    bad = [p for p in parts if p not in NEMESES]
+    if bad:
+        raise ValueError(f"unknown nemesis {', '.join(bad)}; choose from {', '.join(NEMESES)} or all")
+    return tuple(dict.fromkeys(parts))
+
+
+# ---------------------------------------------------------------------------
+# The cluster, with a fault-control file per node
+
+class FaultCluster(LocalCluster):
+    """A :class:`LocalCluster` whose nodes run with ``--fault-control base_dir/node<i>.faults.json``.
+
+    Tracks what it was told to break: ``network`` (node -> the ids it drops),
+    ``disk`` (node -> delay), ``killed`` (nodes SIGKILLed and not restarted
+    yet) and ``paused``.  Process and file operations are serialized by one lock.
+    """
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.lock = threading.RLock()  # guards network, disk, killed, paused and the processes
+        self.network: dict[int, frozenset[int]] = {i: frozenset() for i in self.ids}
+        self.network_out: dict[int, frozenset[int]] = {i: frozenset() for i in self.ids}
+        self.loss: dict[int, float] = {i: 0.0 for i in self.ids}
+        self.disk: dict[int, float] = {i: 0.0 for i in self.ids}
+        self.killed: set[int] = set()
+        self.paused: set[int] = set()
+        for i in self.ids:
+            self._write_faults(i)
+
+    def fault_file(self, i: int) -> str:
+        return os.path.join(self.base_dir, f"node{i}.faults.json")
+
+    def argv(self, i: int, init: bool = False) -> list[str]:
+        return super().argv(i, init) + ["--fault-control", self.fault_file(i)]
+
+    def _write_faults(self, i: int) -> None:
+        write_fault_file(self.fault_file(i), sorted(self.network[i]), self.disk[i],
+                         drop_out=sorted(self.network_out[i]), loss=self.loss[i])
+
+    # -- network and disk
+
+    def partition(self, groups: Sequence[Sequence[int]], bridge: int | None = None) -> None:
+        """Nodes in different ``groups`` stop hearing each other; ``bridge`` (in no group) hears everyone."""
+        where = {i: g for g, members in enumerate(groups) for i in members}
+        with self.lock:
+            for i in self.ids:
+                if i == bridge or i not in where:
+                    self.network[i] = frozenset()
+                else:
+                    self.network[i] = frozenset(j for j in self.ids if j != bridge and j in where
+                                                and where[j] != where[i])
+                self._write_faults(i)
+
+    def one_way(self, senders: Sequence[int], receivers: Sequence[int]) -> None:
+        """Requests from ``senders`` to ``receivers`` (and their replies) are lost; the other way works."""
+        with self.lock:
+            for i in senders:
+                self.network_out[i] = frozenset(receivers) - {i}
+                self._write_faults(i)
+
+    def flaky(self, nodes: Sequence[int], loss: float) -> None:
+        """Every message through ``nodes``' transports is lost with probability ``loss``."""
+        with self.lock:
+            for i in nodes:
+                self.loss[i] = loss
+                self._write_faults(i)
+
+    def heal_network(self) -> None:
+        with self.lock:
+            for i in self.ids:
+                if self.network[i] or self.network_out[i] or self.loss[i]:
+                    self.network[i] = self.network_out[i] = frozenset()
+                    self.loss[i] = 0.0
+                    self._write_faults(i)
+
+    def slow_disk(self, i: int, delay: float) -> None:
+        with self.lock:
+            self.disk[i] = delay
+            self._write_faults(i)
+
+    def heal_disks(self) -> None:
+        with self.lock:
+            for i in self.ids:
+                if self.disk[i]:
+                    self.disk[i] = 0.0
+                    self._write_faults(i)
+
+    # -- processes
+
+    def crash(self, i: int) -> None:
+        """SIGKILL node ``i`` (it stays down until :meth:`restart`)."""
+        with self.lock:
+            self.kill(i)
+            self.killed.add(i)
+            self.paused.discard(i)
+
+    def restart(self, i: int, timeout: float = 30.0) -> None:
+        with self.lock:
+            if i not in self.killed and self.procs[i].poll() is None:
+                return
+            self.start(i, wait=False)
+            self.killed.discard(i)
+        self.wait_ready(i, timeout)
+
+    def pause(self, i: int) -> None:
+        with self.lock:
+            if i in self.killed:
+                return
+            self.signal(i, signal.SIGSTOP)
+            self.paused.add(i)
+
+    def resume(self, i: int) -> None:
+        with self.lock:
+            self.signal(i, signal.SIGCONT)
+            self.paused.discard(i)
+
+    def heal_processes(self, timeout: float = 30.0) -> None:
+        """SIGCONT every node and restart every one that is down."""
+        with self.lock:
+            for i in self.ids:
+                self.resume(i)
+            down = [i for i in self.ids if self.procs[i].poll() is not None]
+            for i in down:
+                self.start(i, wait=False)
+                self.killed.discard(i)
+        for i in down:
+            self.wait_ready(i, timeout)
+
+    def heal_all(self) -> None:
+        self.heal_network()
+        self.heal_disks()
+        self.heal_processes()
+
+    def unexpected_exits(self) -> list[tuple[int, int]]:
+        """``(node, exit code)`` of nodes that exited although nobody killed them."""
+        with self.lock:
+            return [(i, p.returncode) for i, p in self.procs.items()
+                    if p.poll() is not None and i not in self.killed]
+
+    # -- admin operations (to the leader, following ForwardToLeader)
+
+    def admin(self, op: str, body: dict, timeout: float = 10.0) -> Any:
+        """Run ``admin.<op>`` on the leader; its reply body, or the node's error raised."""
+        deadline = time.monotonic() + timeout
+        lead = self.leader()
+        addr = self.addrs[lead] if lead is not None else self.addrs[self.ids[0]]
+        hops = 0
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Timeout(f"admin.{op} got no answer within {timeout} s")
+            try:
+                with ZmqClient(addr, self.cluster_name, timeout=left) as c:
+                    resp = c.call(ClientRequest(f"admin.{op}", {**body, "timeout": max(0.5, left - 0.5)}), left)
+            except Timeout:
+                raise Timeout(f"admin.{op}: no reply from {addr}") from None
+            if not isinstance(resp, ClientResponse):
+                raise RaftError(f"admin.{op}: unexpected reply {type(resp).__name__}")
+            if resp.ok:
+                return resp.body
+            try:
+                raise_error_response(resp)
+            except ForwardToLeader as e:
+                hops += 1
+                if e.leader_node is None or hops > 5:
+                    raise
+                addr = e.leader_node.addr
+
+    def metrics(self, i: int, timeout: float = 1.0) -> dict | None:
+        try:
+            with ZmqClient(self.addrs[i], self.cluster_name, timeout=timeout) as c:
+                r = c.call(ClientRequest("metrics"), timeout)
+        except RaftError:
+            return None
+        return r.body if isinstance(r, ClientResponse) and r.ok else None
+
+    def voters(self) -> set[int] | None:
+        """The voters in the leader's effective membership (None: no leader answers)."""
+        lead = self.leader()
+        m = self.metrics(lead) if lead is not None else None
+        if not m or not m.get("membership"):
+            return None
+        return set(m["membership"]["voters"])
+
+    def restore_membership(self, timeout: float = 60.0) -> None:
+        """Make every node a voter again (after membership faults); raises Timeout when it cannot."""
+        deadline = time.monotonic() + timeout
+        everyone = set(self.ids)
+        last_error = "no leader"
+        while time.monotonic() < deadline:
+            lead = self.leader()
+            m = self.metrics(lead) if lead is not None else None
+            ms = (m or {}).get("membership")
+            if not ms:
+                time.sleep(0.2)
+                continue
+            voters, nodes = set(ms["voters"]), {int(k) for k in ms["nodes"]}
+            joint = len(ms["configs"]) > 1
+            if voters == everyone and not joint:
+                return
+            try:
+                if not joint:
+                    for i in sorted(everyone - nodes):
+                        self.admin("add_learner", {"id": i, "addr": self.addrs[i]}, timeout=15)
+                    self.admin("change_membership", {"voters": sorted(everyone)}, timeout=15)
+                else:
+                    time.sleep(0.3)  # a change in progress: its leader finishes it
+            except RaftError as e:
+                last_error = f"{type(e).__name__}: {e}"
+                time.sleep(0.3)
+        raise Timeout(f"could not make {sorted(everyone)} the voters within {timeout} s: {last_error}")
+
+
+# ---------------------------------------------------------------------------
+# The schedule
+
+@dataclass
+class Event:
+    """One fault: what, on which nodes, when (seconds since the run started), and how it went."""
+
+    kind: str
+    detail: str
+    start: float
+    end: float | None = None
+    error: str | None = None
+
+    def __str__(self) -> str:
+        end = "..." if self.end is None else f"{self.end:7.2f}"
+        err = f"  ({self.error})" if self.error else ""
+        return f"[{self.start:7.2f} - {end}] {self.kind:<10} {self.detail}{err}"
+
+
+@dataclass
+class Scheduler:
+    """Runs the nemeses on a thread (``start()``; ``stop()`` ends the current step early and heals)."""
+
+    cluster: FaultCluster
+    kinds: Sequence[str]
+    rng: random.Random
+    t0: float
+    log: Callable[[str], None] = lambda s: None
+    overlap: float = 0.35  # chance that a step runs two different faults at once
+    events: list[Event] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    counts: Counter = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._busy: set[int] = set()  # nodes a running process fault holds (guarded by _lock)
+        self._lock = threading.Lock()
+        self._events_lock = threading.Lock()
+
+    # -- life cycle
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="nemesis", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 90.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                self.problems.append("the nemesis thread did not stop")
+
+    def _now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def _sleep(self, seconds: float) -> bool:
+        """Sleep unless stopped; True when the run is stopping."""
+        return self._stop.wait(seconds)
+
+    def _run(self) -> None:
+        try:
+            while not self._sleep(self.rng.uniform(0.5, 2.0)):
+                self._check_exits()
+                kinds = [self._choose()]
+                if len(self.kinds) > 1 and self.rng.random() < self.overlap:
+                    second = self._choose(exclude=kinds[0])
+                    if second is not None:
+                        kinds.append(second)
+                seeds = [self.rng.randrange(1 << 30) for _ in kinds]
+                threads = [threading.Thread(target=self._step, args=(k, random.Random(s)), name=f"nemesis-{k}",
+                                            daemon=True) for k, s in zip(kinds, seeds)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                self._check_exits()
+        except BaseException as e:  # noqa: BLE001
+            self.problems.append(f"nemesis thread failed: {type(e).__name__}: {e}")
+            self.log(f"nemesis thread failed: {type(e).__name__}: {e}")
+
+    def _choose(self, exclude: str | None = None) -> str | None:
+        kinds = [k for k in self.kinds if k != exclude]
+        if not kinds:
+            return None
+        return self.rng.choices(kinds, weights=[_WEIGHTS[k] for k in kinds])[0]
+
+    def _check_exits(self) -> None:
+        for i, code in self.cluster.unexpected_exits():
+            msg = f"node {i} exited by itself with code {code}:\n{self.cluster.log_tail(i, 15)}"
+            self.problems.append(msg)
+            self.log(f"PROBLEM: {msg}")
+            try:
+                self.cluster.restart(i)
+            except (NodeFailed, RuntimeError) as e:
+                self.problems.append(f"node {i} could not be restarted: {e}")
+
+    def _event(self, kind: str, detail: str) -> Event:
+        ev = Event(kind, detail, self._now())
+        with self._events_lock:
+            self.events.append(ev)
+            self.counts[kind] += 1
+        self.log(f"[{ev.start:7.2f}] {kind}: {detail}")
+        return ev
+
+    def _end(self, ev: Event, error: str | None = None) -> None:
+        ev.end = self._now()
+        ev.error = error
+        if error:
+            self.log(f"[{ev.end:7.2f}] {ev.kind}: {ev.detail}: {error}")
+
+    def _step(self, kind: str, rng: random.Random) -> None:
+        try:
+            getattr(self, f"_do_{kind}")(rng)
+        except Exception as e:  # noqa: BLE001 - a failed fault is reported, the run goes on
+            self.problems.append(f"nemesis {kind} failed: {type(e).__name__}: {e}")
+            self.log(f"PROBLEM: nemesis {kind} failed: {type(e).__name__}: {e}")
+
+    # -- choosing targets
+
+    def _claim(self, rng: random.Random, want: int, prefer_leader: float) -> list[int]:
+        """Up to ``want`` nodes no other process fault holds; the leader first with probability ``prefer_leader``."""
+        lead = self.cluster.leader() if rng.random() < prefer_leader else None
+        with self._lock:
+            free = [i for i in self.cluster.ids if i not in self._busy]
+            rng.shuffle(free)
+            if lead in free:
+                free.remove(lead)
+                free.insert(0, lead)
+            got = free[:want]
+            self._busy.update(got)
+        return got
+
+    def _release(self, nodes: Sequence[int]) -> None:
+        with self._lock:
+            self._busy.difference_update(nodes)
+
+    def _minority(self) -> int:
+        return (len(self.cluster.ids) - 1) // 2
+
+    # -- the faults
+
+    def _do_kill(self, rng: random.Random) -> None:
+        c = self.cluster
+        r = rng.random()
+        if r < 0.08:
+            want, what = len(c.ids), "the whole cluster"
+        elif r < 0.25 and self._minority() > 1:
+            want, what = self._minority(), "a minority"
+        else:
+            want, what = 1, "one node"
+        nodes = self._claim(rng, want, prefer_leader=0.5)
+        if not nodes:
+            return
+        try:
+            lead = c.leader() if want == 1 else None
+            tag = " (the leader)" if lead is not None and nodes[0] == lead else ""
+            ev = self._event("kill", f"SIGKILL {what}: nodes {nodes}{tag}")
+            for i in nodes:
+                c.crash(i)
+            down = rng.uniform(3.0, 8.0) if rng.random() < 0.25 else rng.uniform(0.0, 3.0)
+            again = rng.random() < 0.25
+            self._sleep(down)
+            err = None
+            for i in nodes:
+                try:
+                    c.restart(i)
+                except NodeFailed as e:
+                    err = f"node {i} did not restart: {e}"
+                    self.problems.append(err)
+            if again and err is None:
+                # Again while it catches up (a snapshot install, a long append): then for good.
+                self._sleep(rng.uniform(0.0, 1.5))
+                for i in nodes:
+                    c.crash(i)
+                self._sleep(rng.uniform(0.0, 1.0))
+                for i in nodes:
+                    try:
+                        c.restart(i)
+                    except NodeFailed as e:
+                        err = f"node {i} did not restart: {e}"
+                        self.problems.append(err)
+            ev.detail += f", down {down:.1f} s" + (", killed again while catching up" if again else "")
+            self._end(ev, err)
+        finally:
+            self._release(nodes)
+
+    def _do_pause(self, rng: random.Random) -> None:
+        c = self.cluster
+        want = 1 if self._minority() == 1 or rng.random() < 0.7 else self._minority()
+        nodes = self._claim(rng, want, prefer_leader=0.6)
+        if not nodes:
+            return
+        try:
+            # Always longer than the election timeout; short ones let clients still waiting on a
+            # paused leader get its answers once it resumes, before it learns it was deposed.
+            hold = rng.uniform(0.7, 1.0) if rng.random() < 0.4 else rng.uniform(1.0, 3.0)
+            ev = self._event("pause", f"SIGSTOP nodes {nodes} for {hold:.1f} s")
+            for i in nodes:
+                c.pause(i)
+            try:
+                self._sleep(hold)
+            finally:
+                for i in nodes:
+                    c.resume(i)
+            self._end(ev)
+        finally:
+            self._release(nodes)
+
+    def _do_partition(self, rng: random.Random) -> None:
+        c = self.cluster
+        ids = list(c.ids)
+        shape = rng.choice(["halves", "isolate-leader", "bridge", "one-way", "flaky", "flapping"])
+        bridge = None
+        if shape in ("one-way", "flaky"):
+            return self._partial_partition(rng, shape)
+        if shape == "flapping":
+            return self._flapping_partition(rng)
+        if shape == "isolate-leader":
+            lead = c.leader()
+            if lead is None:
+                shape = "halves"
+            else:
+                groups = [[lead], [i for i in ids if i != lead]]
+        if shape == "halves":
+            rng.shuffle(ids)
+            k = rng.randint(1, self._minority())
+            groups = [sorted(ids[:k]), sorted(ids[k:])]
+        elif shape == "bridge":
+            rng.shuffle(ids)
+            bridge = ids[0]
+            rest = ids[1:]
+            half = len(rest) // 2
+            groups = [sorted(rest[:half]), sorted(rest[half:])]
+        hold = rng.uniform(2.0, 6.0)
+        where = f" through node {bridge}" if bridge is not None else ""
+        ev = self._event("partition", f"{shape}: {groups[0]} | {groups[1]}{where} for {hold:.1f} s")
+        c.partition(groups, bridge)
+        try:
+            self._sleep(hold)
+        finally:
+            c.heal_network()
+        self._end(ev)
+
+    def _flapping_partition(self, rng: random.Random) -> None:
+        """A new random cut (or none) every 0.1-0.6 s: elections and replication keep being interrupted."""
+        c = self.cluster
+        hold = rng.uniform(3.0, 8.0)
+        ev = self._event("partition", f"flapping: a new random cut every 0.1-0.6 s for {hold:.1f} s")
+        end = time.monotonic() + hold
+        changes = 0
+        try:
+            while time.monotonic() < end and not self._stop.is_set():
+                ids = list(c.ids)
+                rng.shuffle(ids)
+                r = rng.random()
+                if r < 0.2:
+                    c.heal_network()
+                elif r < 0.6:
+                    k = rng.randint(1, self._minority())
+                    c.partition([ids[:k], ids[k:]])
+                else:
+                    rest = ids[1:]
+                    c.partition([rest[:len(rest) // 2], rest[len(rest) // 2:]], bridge=ids[0])
+                changes += 1
+                self._sleep(rng.uniform(0.1, 0.6))
+        finally:
+            c.heal_network()
+        ev.detail += f" ({changes} cuts)"
+        self._end(ev)
+
+    def _partial_partition(self, rng: random.Random, shape: str) -> None:
+        c = self.cluster
+        hold = rng.uniform(2.0, 6.0)
+        if shape == "one-way":
+            lead = c.leader()
+            src = lead if lead is not None else rng.choice(c.ids)
+            dst = [i for i in c.ids if i != src]
+            ev = self._event("partition", f"one-way: node {src} cannot reach {dst} (they reach it) for {hold:.1f} s")
+            c.one_way([src], dst)
+        else:
+            nodes = c.ids if rng.random() < 0.5 else rng.sample(c.ids, rng.randint(1, len(c.ids) - 1))
+            loss = rng.uniform(0.1, 0.4)
+            ev = self._event("partition", f"flaky: {loss * 100:.0f}% of messages through nodes {sorted(nodes)} lost "
+                                          f"for {hold:.1f} s")
+            c.flaky(nodes, loss)
+        try:
+            self._sleep(hold)
+        finally:
+            c.heal_network()
+        self._end(ev)
+
+    def _do_disk(self, rng: random.Random) -> None:
+        c = self.cluster
+        lead = c.leader() if rng.random() < 0.5 else None
+        nodes = [lead] if lead is not None else rng.sample(c.ids, rng.randint(1, 2))
+        delay = rng.uniform(0.02, 0.25)
+        hold = rng.uniform(3.0, 8.0)
+        ev = self._event("disk", f"slow log writes (+{delay * 1000:.0f} ms each) on nodes {nodes} for {hold:.1f} s")
+        for i in nodes:
+            c.slow_disk(i, delay)
+        try:
+            self._sleep(hold)
+        finally:
+            for i in nodes:
+                c.slow_disk(i, 0.0)
+        self._end(ev)
+
+    def _do_transfer(self, rng: random.Random) -> None:
+        c = self.cluster
+        lead = c.leader()
+        voters = c.voters()
+        if lead is None or not voters:
+            return
+        targets = sorted(voters - {lead})
+        if not targets:
+            return
+        to = rng.choice(targets)
+        ev = self._event("transfer", f"leadership {lead} -> {to}")
+        try:
+            c.admin("transfer_leader", {"id": to}, timeout=6)
+        except RaftError as e:
+            return self._end(ev, f"{type(e).__name__}: {e}")
+        self._end(ev)
+
+    def _do_membership(self, rng: random.Random) -> None:
+        c = self.cluster
+        voters = c.voters()
+        if voters is None:
+            return
+        if voters != set(c.ids):
+            ev = self._event("membership", f"restore the voters {sorted(c.ids)} (now {sorted(voters)})")
+            try:
+                c.restore_membership(timeout=20)
+            except RaftError as e:
+                return self._end(ev, f"{type(e).__name__}: {e}")
+            return self._end(ev)
+        lead = c.leader()
+        victim = lead if (lead is not None and rng.random() < 0.3) else rng.choice(sorted(voters))
+        retain = rng.random() < 0.5
+        hold = rng.uniform(1.0, 4.0)
+        how = "to a learner" if retain else "out of the cluster"
+        tag = " (the leader)" if victim == lead else ""
+        ev = self._event("membership", f"remove node {victim}{tag} {how}, re-add it {hold:.1f} s later")
+        try:
+            c.admin("change_membership", {"voters": sorted(voters - {victim}), "retain": retain}, timeout=10)
+        except RaftError as e:
+            err = f"remove: {type(e).__name__}: {e}"
+        else:
+            err = None
+        self._sleep(hold)
+        try:
+            c.restore_membership(timeout=30)
+        except RaftError as e:
+            err = (err + "; " if err else "") + f"re-add: {type(e).__name__}: {e}"
+        self._end(ev, err)
