@@ -7,6 +7,7 @@ to RaftCore only through its inbox (``core.post``).
 """
 from __future__ import annotations
 
+import abc
 import logging
 import queue
 import threading
@@ -32,7 +33,7 @@ _STOP = object()
 _CHUNK_TRIES = 3
 
 
-class _Worker(threading.Thread):
+class _Worker(threading.Thread, abc.ABC):
     """A thread that reports an unexpected exception to RaftCore, which turns the node Fatal."""
 
     def __init__(self, core: "RaftCore", name: str) -> None:
@@ -47,8 +48,9 @@ class _Worker(threading.Thread):
             log.exception("thread %s died", self.name)
             self.core.post(("fatal", f"thread {self.name} died: {e!r}"))
 
+    @abc.abstractmethod
     def work(self) -> None:
-        raise NotImplementedError
+        """The thread's body; an exception from it makes the node Fatal."""
 
     def stop(self) -> None:
         self.q.put(_STOP)
