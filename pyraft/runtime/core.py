@@ -98,6 +98,8 @@ class RaftCore(threading.Thread):
         self._deferred_commit: SaveCommitted | None = None
         #: the highest index handed to the SM worker in an Apply (pending writes at or below it are gone)
         self._apply_sent = log_index(self.engine.applied)
+        #: this turn's newest Apply, handed to the SM worker as the turn's last act (see _flush_apply)
+        self._apply_due: Apply | None = None
         self._read_waiters: list[tuple[int, LogId, Future]] = []
         #: API results of this turn, delivered after its writes are durable
         self._api_done: list[tuple[Future, Any]] = []
@@ -147,6 +149,7 @@ class RaftCore(threading.Thread):
             self.sender.start()
             self._run_engine()
             self._publish()
+            self._flush_apply()
             self._loop()
         except _Stop:
             pass
@@ -206,6 +209,7 @@ class RaftCore(threading.Thread):
                 for fut, value in done:
                     succeed(fut, value)
             self._publish()
+            self._flush_apply()
             if stop:
                 raise _Stop()
 
@@ -398,7 +402,7 @@ class RaftCore(threading.Thread):
                 if not replied:
                     c.token.reply(c.message)
             elif t is Apply:
-                self._submit_apply(c)
+                self._apply_due = c  # the Applies of a turn only go forward: the last one covers them all
             elif t is SendVote:
                 nodes = self.engine.membership.membership.nodes
                 for target in c.targets:
@@ -413,10 +417,13 @@ class RaftCore(threading.Thread):
             elif t is RespondRead:
                 self._on_read_ready(c)
             elif t is BuildSnapshot:
+                self._flush_apply()  # the SM worker takes its work in the engine's order
                 self.sm_worker.q.put(("build",))
             elif t is ReceiveSnapshotChunk:
+                self._flush_apply()  # the SM worker takes its work in the engine's order
                 self.sm_worker.q.put(("chunk", c.request))
             elif t is InstallSnapshot:
+                self._flush_apply()  # the SM worker takes its work in the engine's order
                 self.sm_worker.q.put(("install", c.meta, c.token))
 
     def _send_replication(self, cmds: list) -> None:
@@ -434,6 +441,19 @@ class RaftCore(threading.Thread):
         for idx in [i for i in pending if which(i)]:
             lid, fut = pending.pop(idx)
             _fail(fut, ForwardToLeader(self.engine.leader_id, self.engine.leader_node, f"write {lid} {why}"))
+
+    def _flush_apply(self) -> None:
+        """Hand the turn's Apply to the SM worker.
+
+        Done last in a turn, after the replies went out and the metrics were
+        published: the SM worker then takes the GIL as this thread goes to
+        sleep, instead of competing for it with the transport thread that
+        sends our acknowledgement (a follower) or with the rest of the turn.
+        """
+        c = self._apply_due
+        if c is not None:
+            self._apply_due = None
+            self._submit_apply(c)
 
     def _submit_apply(self, c: Apply) -> None:
         futures: dict[int, tuple[LogId, Future]] = {}
