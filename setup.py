@@ -10,7 +10,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["pyraft", "pyraft.engine", "pyraft.runtime", "pyraft.kv",
+    packages=["pyraft", "pyraft.engine", "pyraft.runtime", "pyraft.kv", "pyraft.objects",
               "pyraft.transports", "pyraft.stores", "pyraft.tools"],
     package_dir={
         "pyraft.transports": "transports",
