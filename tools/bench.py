@@ -584,6 +584,7 @@ def node_main(argv: Sequence[str]) -> int:
     p.add_argument("--cluster", default="bench")
     p.add_argument("--config", default="{}", help="JSON of pyraft.Config fields")
     p.add_argument("--serve-kv", action="store_true", help="serve KVClient requests (pyraft.kv.server)")
+    p.add_argument("--stages", metavar="FILE", help="probe the runtime (tools/stages.py); records to FILE at stop")
     a = p.parse_args(argv)
     logging.basicConfig(level=os.environ.get("PYRAFT_BENCH_LOG", "WARNING").upper(), stream=sys.stderr,
                         format=f"%(asctime)s node{a.id} %(name)s %(levelname)s %(message)s")
@@ -594,6 +595,9 @@ def node_main(argv: Sequence[str]) -> int:
     from pyraft.stores.lmdb import LmdbLogStore
     from pyraft.transports.zmq import ZmqTransport
 
+    if a.stages:
+        from . import stages
+        stages.install()
     cfg = Config.from_dict({"cluster_name": a.cluster, **json.loads(a.config)})
     transport = ZmqTransport(a.id, "tcp://127.0.0.1:*", cluster_name=a.cluster)
     store = LmdbLogStore(a.data_dir, node_id=a.id, cluster_name=a.cluster, sync=not a.no_fsync)
@@ -641,6 +645,8 @@ def node_main(argv: Sequence[str]) -> int:
         raft.shutdown(10)
         store.close()
         sm.close()
+        if a.stages:
+            stages.dump(a.stages)
     emit(ev="stopped")
     return 0
 
@@ -826,11 +832,14 @@ class Scenario:
 class PyraftCluster:
     """N pyraft node processes in a temporary directory."""
 
-    def __init__(self, n: int, root: str, *, sm: str, fsync: bool, config: dict, serve_kv: bool = False) -> None:
+    def __init__(self, n: int, root: str, *, sm: str, fsync: bool, config: dict, serve_kv: bool = False,
+                 stages: bool = False) -> None:
         self.root = root
         self.nodes: dict[int, NodeProc] = {}
         self.addrs: dict[int, str] = {}
         self.data_dirs: dict[int, str] = {}
+        #: the probe record file of each node (--stages)
+        self.stage_files: dict[int, str] = {}
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         for i in range(1, n + 1):
@@ -842,6 +851,9 @@ class PyraftCluster:
                 argv.append("--no-fsync")
             if serve_kv:
                 argv.append("--serve-kv")
+            if stages:
+                self.stage_files[i] = os.path.join(root, f"node{i}.stages")
+                argv += ["--stages", self.stage_files[i]]
             self.nodes[i] = NodeProc(f"node{i}", argv, os.path.join(root, f"node{i}.log"), env)
 
     def start(self, timeout: float = 30.0) -> int:
@@ -911,7 +923,8 @@ def _drive(leader: NodeProc, all_nodes: dict[Any, NodeProc], cmd: dict, label: s
 
 def run_pyraft(sc: Scenario, a: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     root = tempfile.mkdtemp(prefix="pyraft-bench-", dir=a.tmpdir)
-    cluster = PyraftCluster(a.nodes, root, sm=a.sm, fsync=not a.no_fsync, config=a.config_dict)
+    stages = bool(a.stages and sc.sync)
+    cluster = PyraftCluster(a.nodes, root, sm=a.sm, fsync=not a.no_fsync, config=a.config_dict, stages=stages)
     spies: list[subprocess.Popen] = []
     try:
         lid = cluster.start()
@@ -935,6 +948,10 @@ def run_pyraft(sc: Scenario, a: argparse.Namespace, progress: Progress) -> dict[
         res["disk_bytes"] = {str(i): disk_usage(d)["allocated"] for i, d in cluster.data_dirs.items()}
         if a.py_spy:
             res["profiles"] = a.py_spy
+        if stages:
+            cluster.stop()  # the nodes write their probe records as they stop
+            from . import stages as stages_mod
+            res["stages"] = stages_mod.analyze(cluster.stage_files, lid)
         return res
     finally:
         for s in spies:
@@ -1046,6 +1063,7 @@ def _fmt_ms(v: Any) -> str:
 
 def render_table(doc: dict[str, Any]) -> str:
     lines = []
+    stage_tables: list[dict] = []
     m = doc["machine"]
     lines.append(f"pyraft-bench  {doc['date']}  {m['cpus']} cpus ({m['cpu_model']}), Python {m['python']}, "
                  f"load avg at start {m['loadavg_at_start'][0]}")
@@ -1076,10 +1094,17 @@ def render_table(doc: dict[str, Any]) -> str:
         if res.get("rounds"):
             lines.append(f"{'':<30}{'':>8}  rounds: " + ", ".join(_fmt_rate(x) for x in res["rounds"])
                          + " (the median is shown)")
+        if res.get("stages"):
+            stage_tables.append(res["stages"])
     if any(r["system"] == "null-replication floor" for r in doc["runs"]):
         lines.append("(null-replication floor: tools/bench_floor.py; its latency columns are per batch of "
                      "entries, not per write)")
     lines.append("cpu us/op: CPU microseconds per committed write, all nodes together")
+    if stage_tables:
+        from . import stages
+        for st in stage_tables:
+            lines.append("")
+            lines.append(stages.render(st, doc.get("stage_floors")))
     if doc.get("ratios"):
         lines.append("")
         lines.append("ratios (pyraft / other, same run):")
@@ -1160,6 +1185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--follower-down", choices=("kill", "pause"),
                    help="instead: full load with one follower killed (or SIGSTOPped); track the leader's RSS")
     p.add_argument("--rounds", type=int, default=1, help="repeat every measurement, interleaved; report the median")
+    p.add_argument("--stages", action="store_true",
+                   help="with the synchronous writer: probe every node and show where a lone write's time goes, "
+                        "next to this machine's floors (tools/stages.py); implies --sync-writer")
     p.add_argument("--py-spy", metavar="DIR", help="record py-spy raw profiles of the leader and a follower into DIR")
     p.add_argument("--tmpdir", default=None, help="where the node directories go (default: the system temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the node directories and logs")
@@ -1174,6 +1202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--config must be a JSON object")
     except ValueError as e:
         p.error(str(e))
+    if a.stages and not a.only_sync_writer:
+        a.sync_writer = True
     if a.inflight < 1 or a.duration <= 0 or a.warmup < 0 or any(x < 0 for x in a.payloads):
         p.error("--inflight, --duration and --payload must be positive")
     progress = Progress(not a.quiet)
@@ -1255,6 +1285,11 @@ def _run_matrix(a: argparse.Namespace, doc: dict, progress: Progress) -> None:
             results[i].append(res)
         if a.floor and not a.only_sync_writer:
             floors.append(run_floor(a, progress))
+    if a.stages:
+        from . import stages
+        progress.show("measuring this machine's floors (thread hand-off, ZeroMQ trip, LMDB commit)")
+        doc["stage_floors"] = stages.floors(a.tmpdir)
+        progress.done()
     if a.rounds > 1:
         # The ratio within each round (the systems ran back to back), and its median:
         # steadier than the ratio of medians on a machine shared with other work.

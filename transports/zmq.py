@@ -618,6 +618,8 @@ class ZmqTransport:
                         except zmq.Again:
                             break
                         self._on_frame(parts)
+                        if not router.get(zmq.EVENTS) & zmq.POLLIN:
+                            break  # nothing more queued: no recv that fails (an exception costs)
                 self._flush_replies(router)
         except Exception:
             log.exception("node %s: transport server thread failed", self.node_id)
