@@ -338,8 +338,9 @@ def test_snapshot_metadata_and_export(history, tmp_path):
     assert rc == 0, err
     assert "checksum OK" in out and "150 keys" in out
     # The export is a snapshot file the state machine installs as is.
+    with KVStateMachine.open_readonly(d1) as r:
+        meta = r.status().snapshot
     with KVStateMachine(tmp_path / "restored") as sm, open(dest, "rb") as f:
-        meta = pinspect.KVReader(d1).state().snapshot
         sm.install_snapshot(meta, f)
         assert sm.get("k149") == 149 and sm.get("k0") is None and sm.get("s") == 1
     assert inspect(d1, "snapshot", "--export", dest)[0] == 2  # exists, no --force

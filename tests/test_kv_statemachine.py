@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers_store import M12, Applier, KVContract, get, normal, put, spawn_python  # noqa: E402
 
 from pyraft.errors import StorageError  # noqa: E402
-from pyraft.kv import KVCommandError, KVStateMachine  # noqa: E402
+from pyraft.kv import KVCommandError, KVReader, KVStateMachine  # noqa: E402
 from pyraft.stores.lmdb import KV_ENV_NAME, KV_LOCK_NAME, LmdbLogStore, SNAPSHOT_DIR_NAME  # noqa: E402
 from pyraft.types import Entry, EntryKind, LogId, StoredMembership  # noqa: E402
 
@@ -298,5 +298,17 @@ def test_the_read_only_view_for_tools(tmp_path):
         assert r.state() == (LogId(1, 3), StoredMembership(LogId(1, 1), M12), meta, 2)
         assert r.get(("b", 2)) == [3] and r.get("zz") is None
         assert dict(r.items()) == {"a": 1, ("b", 2): [3]}
+        status = r.status()
+        assert status[:3] == r.state()[:3] and status.keys == 2
+        assert status.snapshot_file == os.path.join(tmp_path, SNAPSHOT_DIR_NAME, snapshot_files(tmp_path)[0])
+        assert r.check_snapshot_file(status.snapshot_file, meta) == (2, 0)
+        assert r.data_file_size() > 0 and r.map_size() >= r.data_file_size()
+    with open(status.snapshot_file, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    with pytest.raises(StorageError, match="checksum mismatch"):
+        KVReader.check_snapshot_file(status.snapshot_file, meta)
     with pytest.raises(StorageError):
         KVStateMachine.open_readonly(tmp_path / "nothing")

@@ -13,8 +13,8 @@
 log store (``log.lmdb``, always) and, for the built-in KV service, the KV
 state machine (``kv.lmdb``, ``snapshots/``); see :mod:`pyraft.stores.lmdb`.
 Everything is read through the library's own readers and codec
-(:meth:`LmdbLogStore.open_readonly`, :func:`pyraft.codec.decode_entry`, the
-KV state machine's meta keys and snapshot reader): no format is parsed here.
+(:meth:`LmdbLogStore.open_readonly`, :func:`pyraft.codec.decode_entry`,
+:meth:`KVStateMachine.open_readonly`): no format is parsed here.
 The environments are opened read-only without taking the node's lock files,
 so this works on a running node (each command reads one consistent LMDB
 transaction per environment) and on a copy of a dead node's directory.
@@ -39,14 +39,14 @@ from typing import Any, Iterator, Sequence
 
 import lmdb
 
-from pyraft.codec import (decode_entry, log_id_from_wire, pack, snapshot_meta_from_wire,
-                          stored_membership_from_wire, unpack)
+from pyraft.codec import decode_entry, pack
 from pyraft.errors import CodecError, StorageError
+from pyraft.kv import KVReader, KVStateMachine, KVStatus
 from pyraft.kv import commands as kv_commands
-from pyraft.kv import statemachine as kv_sm
-from pyraft.stores.lmdb import (FORMAT_VERSION, KV_ENV_NAME, LOG_ENV_NAME, LmdbEnv, LmdbLogReader, LmdbLogStore,
-                                LogStoreMeta, node_dir_layout)
-from pyraft.types import Entry, EntryKind, LogId, Membership, SnapshotMeta, StoredMembership, log_index
+from pyraft.kv.statemachine import FORMAT_VERSION as KV_FORMAT_VERSION
+from pyraft.stores.lmdb import (FORMAT_VERSION, KV_ENV_NAME, LOG_ENV_NAME, LmdbLogReader, LmdbLogStore, LogStoreMeta,
+                                node_dir_layout)
+from pyraft.types import Entry, EntryKind, LogId, Membership, StoredMembership, log_index
 
 EXIT_OK, EXIT_FAULT, EXIT_UNREADABLE = 0, 1, 2
 
@@ -102,64 +102,6 @@ def _check_lmdb_file(env_path: str, what: str) -> None:
                          f"of {psize} bytes ({need} bytes) in use")
 
 
-@dataclass(frozen=True)
-class KVState:
-    """What the KV state machine's ``meta`` database says (one read transaction)."""
-
-    format_version: Any
-    last_applied: LogId | None
-    membership: StoredMembership | None
-    snapshot: SnapshotMeta | None
-    snapshot_file: str | None  # absolute path; may be gone if a newer snapshot replaced it
-    keys: int
-
-
-class KVReader:
-    """Read-only view of the KV state machine in a node data directory (no lock taken).
-
-    Reads the layout :mod:`pyraft.kv.statemachine` defines, through its own
-    names and the codec's decoders.
-    """
-
-    def __init__(self, root: str) -> None:
-        self.root = root
-        self.env = LmdbEnv(root, KV_ENV_NAME, None, what="KV state machine", readonly=True)
-        try:
-            self._meta_db, self._data_db = self.env.open_existing_dbs((kv_sm._META, kv_sm._DATA))
-        except BaseException:
-            self.env.close()
-            raise
-        self.snapshot_dir = node_dir_layout(root).snapshots
-
-    def _meta(self, txn: lmdb.Transaction, key: bytes) -> Any:
-        raw = txn.get(key, db=self._meta_db)
-        return None if raw is None else unpack(bytes(raw), f"KV meta {key.decode()}")
-
-    def state(self) -> KVState:
-        with self.env.read() as txn:
-            version = self._meta(txn, kv_sm._K_FORMAT)
-            applied = log_id_from_wire(self._meta(txn, kv_sm._K_APPLIED), "last_applied")
-            membership = stored_membership_from_wire(self._meta(txn, kv_sm._K_MEMBERSHIP))
-            pointer = self._meta(txn, kv_sm._K_SNAPSHOT)
-            keys = txn.stat(self._data_db)["entries"]
-        snap = file = None
-        if pointer is not None:
-            if type(pointer) is not list or len(pointer) != 2 or type(pointer[1]) is not str:
-                raise CodecError("KV meta snapshot: expected [meta, file name]")
-            snap = snapshot_meta_from_wire(pointer[0])
-            file = os.path.join(self.snapshot_dir, os.path.basename(pointer[1]))
-        return KVState(version, applied, membership, snap, file, keys)
-
-    def data_file_size(self) -> int:
-        return self.env.data_file_size()
-
-    def map_size(self) -> int:
-        return self.env.map_size()
-
-    def close(self) -> None:
-        self.env.close()
-
-
 class DataDir:
     """A node data directory opened read-only: the log store, and the KV state machine if there is one."""
 
@@ -191,14 +133,14 @@ class DataDir:
             if os.path.isdir(self.layout.kv_env):
                 _check_lmdb_file(self.layout.kv_env, "KV state machine")
                 try:
-                    self._kv = KVReader(self.layout.root)
+                    self._kv = KVStateMachine.open_readonly(self.layout.root)
                 except StorageError as e:
                     raise Unreadable(str(e)) from None
         return self._kv
 
-    def kv_state(self) -> KVState | None:
+    def kv_state(self) -> KVStatus | None:
         kv = self.kv
-        return None if kv is None else kv.state()
+        return None if kv is None else kv.status()
 
     def close(self) -> None:
         self.log.close()
@@ -355,7 +297,7 @@ class Memberships:
     in_log: list[StoredMembership] = field(default_factory=list)
 
 
-def effective_membership(kv: KVState | None, log_ms: list[StoredMembership],
+def effective_membership(kv: KVStatus | None, log_ms: list[StoredMembership],
                          committed: LogId | None) -> Memberships:
     """The membership the node would start with: the latest of the state machine's and the log's."""
     # (log index, preference on a tie, source, membership): the log's own entry is named first.
@@ -422,7 +364,7 @@ def gather_summary(dd: DataDir) -> dict:
     if kv is not None:
         out["state_machine"] = {
             "kind": "kv",
-            "format_version": kv.format_version,
+            "format_version": KV_FORMAT_VERSION,
             "last_applied": lid_json(kv.last_applied),
             "keys": kv.keys,
             "membership_log_id": lid_json(kv.membership.log_id) if kv.membership else None,
@@ -436,7 +378,7 @@ def gather_summary(dd: DataDir) -> dict:
     return out
 
 
-def snapshot_json(kv: KVState) -> dict | None:
+def snapshot_json(kv: KVStatus) -> dict | None:
     s = kv.snapshot
     if s is None:
         return None
@@ -671,13 +613,11 @@ def verify(dd: DataDir, progress: Any = None) -> VerifyReport:
     return r
 
 
-def _verify_kv(r: VerifyReport, kv: KVState, kv_after: KVState, committed: LogId | None, purged: LogId | None,
+def _verify_kv(r: VerifyReport, kv: KVStatus, kv_after: KVStatus, committed: LogId | None, purged: LogId | None,
                term_at: dict[int, int]) -> None:
     """``kv`` was read before the log, ``kv_after`` after it (see :func:`verify`)."""
     applied = kv.last_applied
     snap = kv.snapshot
-    if kv.format_version != kv_sm.FORMAT_VERSION:
-        r.fault(None, f"KV format version {kv.format_version!r}, expected {kv_sm.FORMAT_VERSION}")
     if log_index(kv_after.last_applied) < log_index(purged):
         r.fault(log_index(purged), f"the log is purged up to {lid_text(purged)} but the state machine has applied "
                                    f"only {lid_text(kv_after.last_applied)}: entries "
@@ -710,17 +650,15 @@ def _verify_kv(r: VerifyReport, kv: KVState, kv_after: KVState, committed: LogId
             r.fault(None, problem)
 
 
-def check_snapshot_file(kv: KVState) -> str | None:
+def check_snapshot_file(kv: KVStatus) -> str | None:
     """None when the current snapshot file reads back whole (magic, records, counts, CRC), else why not."""
     assert kv.snapshot is not None
     path = kv.snapshot_file
     try:
-        with open(path, "rb") as f:
-            for _ in kv_sm._read_snapshot(f, kv.snapshot):
-                pass
+        KVReader.check_snapshot_file(path, kv.snapshot)
     except FileNotFoundError:
         return None  # replaced by a newer snapshot since the meta was read (the node ignores a missing file too)
-    except (StorageError, CodecError, ValueError, OSError) as e:
+    except (StorageError, OSError) as e:
         return f"snapshot file {path}: {e}"
     return None
 
@@ -815,7 +753,7 @@ def cmd_snapshot(dd: DataDir, args: argparse.Namespace) -> int:
         print(f"pyraft-inspect: {dd.layout.root} has no KV state machine ({KV_ENV_NAME}/): no snapshots to show",
               file=sys.stderr)
         return EXIT_FAULT if args.export else EXIT_OK
-    kv = dd.kv.state()
+    kv = dd.kv.status()
     if kv.snapshot is None:
         if args.json and not args.export:
             print(json.dumps(None))
@@ -838,7 +776,7 @@ def cmd_snapshot(dd: DataDir, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _export_snapshot(dd: DataDir, kv: KVState, args: argparse.Namespace) -> int:
+def _export_snapshot(dd: DataDir, kv: KVStatus, args: argparse.Namespace) -> int:
     dest = os.path.abspath(args.export)
     if os.path.exists(dest) and not args.force:
         print(f"pyraft-inspect: {dest} exists (add --force to overwrite)", file=sys.stderr)
@@ -851,7 +789,7 @@ def _export_snapshot(dd: DataDir, kv: KVState, args: argparse.Namespace) -> int:
             src = open(kv.snapshot_file, "rb")
             break
         except FileNotFoundError:
-            kv = dd.kv.state()  # type: ignore[union-attr]
+            kv = dd.kv.status()  # type: ignore[union-attr]
             if kv.snapshot is None:
                 print("no snapshot", file=sys.stderr)
                 return EXIT_FAULT
@@ -859,17 +797,14 @@ def _export_snapshot(dd: DataDir, kv: KVState, args: argparse.Namespace) -> int:
         print("pyraft-inspect: the snapshot kept being replaced while exporting; retry", file=sys.stderr)
         return EXIT_FAULT
     tmp = dest + ".tmp"
-    counts = [0, 0]
     try:
         with src, open(tmp, "wb") as out:
             shutil.copyfileobj(src, out, 1 << 20)
             out.flush()
             os.fsync(out.fileno())
-        with open(tmp, "rb") as f:
-            for kind, _k, _v in kv_sm._read_snapshot(f, kv.snapshot):
-                counts[kind] += 1
+        counts = KVReader.check_snapshot_file(tmp, kv.snapshot)
         os.replace(tmp, dest)
-    except (StorageError, CodecError, ValueError) as e:
+    except StorageError as e:
         _unlink(tmp)
         print(f"pyraft-inspect: the snapshot file is damaged: {e}", file=sys.stderr)
         return EXIT_FAULT

@@ -5,6 +5,6 @@
 """
 from .client import KVClient
 from .commands import KVCommandError
-from .statemachine import KVReader, KVStateMachine
+from .statemachine import KVReader, KVStateMachine, KVStatus
 
-__all__ = ["KVStateMachine", "KVReader", "KVCommandError", "KVClient"]
+__all__ = ["KVStateMachine", "KVReader", "KVStatus", "KVCommandError", "KVClient"]

@@ -31,31 +31,29 @@ from __future__ import annotations
 
 import os
 import shutil
-import struct
 import threading
 import uuid
-import zlib
-from typing import Any, BinaryIO, Callable, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, NamedTuple, Sequence
 
 import lmdb
 import msgpack
 
-from ..codec import (index_key, key_index, log_id_from_wire, log_id_to_wire, pack, snapshot_meta_from_wire,
-                     snapshot_meta_to_wire, stored_membership_from_wire, stored_membership_to_wire, unpack)
+from ..codec import (index_key, key_index, log_id_from_wire, log_id_to_wire, pack, stored_membership_from_wire,
+                     stored_membership_to_wire, unpack)
 from ..errors import CodecError, StorageError
+from ..snapshot_files import (CHUNK, SnapshotDir, SnapshotWriter, durable, get_pointer, read_records, set_pointer,
+                              unlink_quietly)
 from ..stores.lmdb import (DEFAULT_MAP_SIZE, DEFAULT_MAX_MAP_SIZE, KV_ENV_NAME, KV_LOCK_NAME,
                            SNAPSHOT_DIR_NAME, LmdbEnv)
 from ..types import Entry, EntryKind, LogId, SnapshotMeta, StoredMembership, log_index
 from .commands import DEFAULT_SESSION_TTL, Session, apply_command, decode_key, decode_value, encode_key
 
-__all__ = ["KVStateMachine", "KVReader", "FORMAT_VERSION", "SNAPSHOT_MAGIC"]
+__all__ = ["KVStateMachine", "KVReader", "KVStatus", "FORMAT_VERSION", "SNAPSHOT_MAGIC"]
 
 FORMAT_VERSION = 1
 SNAPSHOT_VERSION = 1
 SNAPSHOT_MAGIC = b"PYRAFTKV"
 _SNAP_SUFFIX = ".kvsnap"
-_TMP_SUFFIX = ".tmp"
-_CHUNK = 1 << 20
 
 _DATA, _META, _SESSIONS, _SINDEX = b"data", b"meta", b"sessions", b"session_index"
 _K_FORMAT = b"format"
@@ -143,24 +141,17 @@ class KVStateMachine:
         self._session_ttl = session_ttl
         self._env = LmdbEnv(path, KV_ENV_NAME, KV_LOCK_NAME, what="KV state machine",
                             map_size=map_size, max_map_size=max_map_size)
-        self._snap_dir = os.path.join(self._env.root, SNAPSHOT_DIR_NAME)
         # _snap_lock guards _snapshot and the set of snap-*.kvsnap files:
         # whoever makes a file current or deletes one holds it.
         self._snap_lock = threading.Lock()
-        self._snapshot: tuple[SnapshotMeta, str] | None = None
-        self._receiving: list[str] = []  # .tmp files handed out by begin_receiving_snapshot (SM thread only)
         try:
-            os.makedirs(self._snap_dir, exist_ok=True)
+            self._snaps = SnapshotDir(os.path.join(self._env.root, SNAPSHOT_DIR_NAME), _SNAP_SUFFIX)
             self._dbs = self._open_dbs()
             with self._env.read() as txn:
                 applied = log_id_from_wire(self._meta(txn, _K_APPLIED), "last_applied")
                 membership = stored_membership_from_wire(self._meta(txn, _K_MEMBERSHIP))
-                pointer = self._meta(txn, _K_SNAPSHOT)
-            if pointer is not None:
-                meta = snapshot_meta_from_wire(pointer[0])
-                file = os.path.join(self._snap_dir, os.path.basename(pointer[1]))
-                if meta is not None and os.path.isfile(file):
-                    self._snapshot = (meta, file)
+                pointer = get_pointer(txn, self._dbs.meta, _K_SNAPSHOT)
+            self._snapshot: tuple[SnapshotMeta, str] | None = self._snaps.existing(pointer)
             self._cleanup(at_open=True)
         except (CodecError, ValueError, TypeError) as e:
             self._env.close()
@@ -277,50 +268,29 @@ class KVStateMachine:
         Returns the meta of the current snapshot afterwards (this one, unless
         a newer one was installed meanwhile).
         """
-        tmp = os.path.join(self._snap_dir, f"build-{uuid.uuid4().hex}{_TMP_SUFFIX}")
-        try:
+        with self._snaps.building() as tmp:
             with self._env.read(buffers=True) as txn:
                 last = log_id_from_wire(self._meta(txn, _K_APPLIED), "last_applied")
                 membership = stored_membership_from_wire(self._meta(txn, _K_MEMBERSHIP))
                 meta = SnapshotMeta(last, membership, f"{last or 'empty'}-{uuid.uuid4().hex[:12]}")
-                with open(tmp, "wb", buffering=_CHUNK) as f:
+                with durable(tmp) as f:
                     _write_snapshot(f, meta, txn, self._dbs)
-                    f.flush()
-                    os.fsync(f.fileno())
             self._crash_point("build:written")
             with self._snap_lock:
-                final = os.path.join(self._snap_dir, _snapshot_file_name(meta))
-                os.rename(tmp, final)
-                _fsync_dir(self._snap_dir)
-                dbs = self._dbs
-
-                def point(txn: lmdb.Transaction) -> bool:
-                    cur = self._meta(txn, _K_SNAPSHOT)
-                    if cur is not None:
-                        cur_meta = snapshot_meta_from_wire(cur[0])
-                        if cur_meta is not None and log_index(cur_meta.last_log_id) > log_index(last):
-                            return False  # a newer snapshot was installed meanwhile
-                    txn.put(_K_SNAPSHOT, pack([snapshot_meta_to_wire(meta), os.path.basename(final)]),
-                            db=dbs.meta)
-                    return True
-
-                if self._env.write(point):
+                final = self._snaps.publish(tmp, meta)
+                meta_db = self._dbs.meta
+                # Not over a newer snapshot installed meanwhile.
+                if self._env.write(lambda txn: set_pointer(txn, meta_db, _K_SNAPSHOT, meta, final,
+                                                           unless_newer=True)):
                     self._snapshot = (meta, final)
                 self._crash_point("build:committed")
                 self._cleanup()
                 assert self._snapshot is not None
                 return self._snapshot[0]
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
     def begin_receiving_snapshot(self) -> BinaryIO:
         """A new empty file in the snapshot directory; an earlier partial one is dropped."""
-        for old in self._receiving:
-            _unlink_quietly(old)
-        path = os.path.join(self._snap_dir, f"recv-{uuid.uuid4().hex}{_TMP_SUFFIX}")
-        self._receiving = [path]
-        return open(path, "w+b")
+        return self._snaps.begin_receiving()
 
     def install_snapshot(self, meta: SnapshotMeta, data: BinaryIO) -> None:
         """Replace the whole state with the snapshot in ``data``, in ONE write transaction.
@@ -330,12 +300,10 @@ class KVStateMachine:
         with the old state untouched.  ``data`` is closed here.
         """
         received = self._adopt(data)
-        final = os.path.join(self._snap_dir, _snapshot_file_name(meta))
         dbs = self._dbs
         crash = self._crash_point
         with self._snap_lock:
-            os.rename(received, final)
-            _fsync_dir(self._snap_dir)
+            final = self._snaps.publish(received, meta)
             crash("install:renamed")
 
             def load(txn: lmdb.Transaction) -> None:
@@ -356,17 +324,16 @@ class KVStateMachine:
                             txn.put(index_key(s.index) + a, b"", db=dbs.sindex)
                 txn.put(_K_APPLIED, pack(log_id_to_wire(meta.last_log_id)), db=dbs.meta)
                 txn.put(_K_MEMBERSHIP, pack(stored_membership_to_wire(meta.last_membership)), db=dbs.meta)
-                txn.put(_K_SNAPSHOT, pack([snapshot_meta_to_wire(meta), os.path.basename(final)]),
-                        db=dbs.meta)
+                set_pointer(txn, dbs.meta, _K_SNAPSHOT, meta, final)
 
             try:
                 self._env.write(load)
             except (StorageError, CodecError, ValueError, TypeError, msgpack.UnpackException) as e:
-                _unlink_quietly(final)
+                unlink_quietly(final)
                 raise StorageError(f"KV state machine in {self._env.root}: cannot install snapshot "
                                    f"{meta.snapshot_id}: {e}") from None
             except BaseException:
-                _unlink_quietly(final)
+                unlink_quietly(final)
                 raise
             crash("install:committed")
             self._applied = (meta.last_log_id, meta.last_membership)
@@ -376,7 +343,7 @@ class KVStateMachine:
     def _adopt(self, data: BinaryIO) -> str:
         """Make ``data`` a durable file in the snapshot directory; close it; return its path."""
         name = getattr(data, "name", None)
-        if isinstance(name, str) and os.path.dirname(os.path.abspath(name)) == self._snap_dir:
+        if isinstance(name, str) and os.path.dirname(os.path.abspath(name)) == self._snaps.path:
             if not data.closed:
                 data.flush()
                 os.fsync(data.fileno())
@@ -384,29 +351,19 @@ class KVStateMachine:
             else:
                 with open(name, "rb+") as f:
                     os.fsync(f.fileno())
-            if name in self._receiving:
-                self._receiving.remove(name)
+            self._snaps.forget_received(name)
             return name
-        path = os.path.join(self._snap_dir, f"recv-{uuid.uuid4().hex}{_TMP_SUFFIX}")
+        path = self._snaps.tmp_path("recv")
         try:
             data.seek(0)
-            with open(path, "wb") as f:
-                shutil.copyfileobj(data, f, _CHUNK)
-                f.flush()
-                os.fsync(f.fileno())
+            with durable(path) as f:
+                shutil.copyfileobj(data, f, CHUNK)
         finally:
             data.close()
         return path
 
     def _cleanup(self, at_open: bool = False) -> None:
-        """Delete superseded snapshot files (and, at open, every leftover .tmp)."""
-        current = None if self._snapshot is None else self._snapshot[1]
-        for name in os.listdir(self._snap_dir):
-            path = os.path.join(self._snap_dir, name)
-            if path == current:
-                continue
-            if name.endswith(_SNAP_SUFFIX) or (at_open and name.endswith(_TMP_SUFFIX)):
-                _unlink_quietly(path)
+        self._snaps.cleanup(None if self._snapshot is None else self._snapshot[1], at_open)
 
     def close(self) -> None:
         self._env.close()
@@ -426,6 +383,16 @@ class KVStateMachine:
         return KVReader(path)
 
 
+class KVStatus(NamedTuple):
+    """What :meth:`KVReader.status` reads in one transaction."""
+
+    last_applied: LogId | None
+    membership: StoredMembership | None
+    snapshot: SnapshotMeta | None
+    snapshot_file: str | None  # absolute path; may be gone if a newer snapshot replaced it
+    keys: int
+
+
 class KVReader:
     """Read-only access to a KVStateMachine's directory: no lock file taken, nothing written.
 
@@ -435,6 +402,7 @@ class KVReader:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self._env = LmdbEnv(path, KV_ENV_NAME, None, what="KV state machine", readonly=True)
+        self._snap_dir = os.path.join(self._env.root, SNAPSHOT_DIR_NAME)
         try:
             self._dbs = _Dbs(*self._env.open_existing_dbs((_DATA, _META, _SESSIONS, _SINDEX)))
             with self._env.read() as txn:
@@ -447,18 +415,46 @@ class KVReader:
             raise StorageError(f"KV state machine in {self._env.root} has format version {version!r}; "
                                f"this pyraft reads version {FORMAT_VERSION}")
 
+    def status(self) -> KVStatus:
+        """The applied state, the current snapshot and its file, the key count; CodecError if they do not decode."""
+        with self._env.read() as txn:
+            applied = log_id_from_wire(_meta_of(txn, self._dbs, _K_APPLIED), "last_applied")
+            membership = stored_membership_from_wire(_meta_of(txn, self._dbs, _K_MEMBERSHIP))
+            pointer = get_pointer(txn, self._dbs.meta, _K_SNAPSHOT)
+            n = txn.stat(self._dbs.data)["entries"]
+        snap, file = (None, None) if pointer is None else (pointer[0], os.path.join(self._snap_dir, pointer[1]))
+        return KVStatus(applied, membership, snap, file, n)
+
     def state(self) -> tuple[LogId | None, StoredMembership | None, SnapshotMeta | None, int]:
         """``(last_applied, last membership, current snapshot meta, number of keys)``, read together."""
         try:
-            with self._env.read() as txn:
-                applied = log_id_from_wire(_meta_of(txn, self._dbs, _K_APPLIED), "last_applied")
-                membership = stored_membership_from_wire(_meta_of(txn, self._dbs, _K_MEMBERSHIP))
-                pointer = _meta_of(txn, self._dbs, _K_SNAPSHOT)
-                n = txn.stat(self._dbs.data)["entries"]
-            snap = None if pointer is None else snapshot_meta_from_wire(pointer[0])
+            s = self.status()
         except (CodecError, TypeError, IndexError) as e:
             raise StorageError(f"KV state machine in {self._env.root} is unreadable: {e}") from None
-        return applied, membership, snap, n
+        return s.last_applied, s.membership, s.snapshot, s.keys
+
+    @staticmethod
+    def check_snapshot_file(path: str, meta: SnapshotMeta) -> tuple[int, int]:
+        """Read the snapshot file ``path`` of ``meta`` whole, checking it; return ``(keys, sessions)``.
+
+        Checks what install checks while it reads (magic, header, record
+        shapes, counts, CRC); StorageError when the file is damaged, OSError
+        when it cannot be read.
+        """
+        counts = [0, 0]
+        with open(path, "rb") as f:
+            try:
+                for kind, _k, _v in _read_snapshot(f, meta):
+                    counts[kind] += 1
+            except CodecError as e:
+                raise StorageError(str(e)) from None
+        return counts[0], counts[1]
+
+    def data_file_size(self) -> int:
+        return self._env.data_file_size()
+
+    def map_size(self) -> int:
+        return self._env.map_size()
 
     def applied_state(self) -> tuple[LogId | None, StoredMembership | None]:
         applied, membership, _snap, _n = self.state()
@@ -494,36 +490,13 @@ def _meta_of(txn: lmdb.Transaction, dbs: _Dbs, key: bytes) -> Any:
 # ---------------------------------------------------------------------------
 # Snapshot files
 
-def _snapshot_file_name(meta: SnapshotMeta) -> str:
-    lid = meta.last_log_id
-    tag = "empty" if lid is None else f"{lid.term}-{lid.index}"
-    return f"snap-{tag}-{uuid.uuid4().hex[:12]}{_SNAP_SUFFIX}"
-
-
-class _CrcWriter:
-    def __init__(self, f: BinaryIO) -> None:
-        self.f = f
-        self.crc = 0
-
-    def write(self, b: bytes) -> None:
-        self.crc = zlib.crc32(b, self.crc)
-        self.f.write(b)
-
-
 def _write_snapshot(f: BinaryIO, meta: SnapshotMeta, txn: lmdb.Transaction, dbs: _Dbs) -> None:
-    w = _CrcWriter(f)
-    p = msgpack.Packer(use_bin_type=True)
-    w.write(SNAPSHOT_MAGIC)
-    w.write(p.pack({"version": SNAPSHOT_VERSION, "meta": snapshot_meta_to_wire(meta)}))
-    n_data = n_sessions = 0
+    w = SnapshotWriter(f, SNAPSHOT_MAGIC, SNAPSHOT_VERSION, meta)
     for k, v in txn.cursor(db=dbs.data):
-        w.write(p.pack([_REC_DATA, bytes(k), bytes(v)]))
-        n_data += 1
+        w.record(_REC_DATA, bytes(k), bytes(v))
     for k, v in txn.cursor(db=dbs.sessions):
-        w.write(p.pack([_REC_SESSION, bytes(k), bytes(v)]))
-        n_sessions += 1
-    w.write(p.pack([_REC_END, n_data, n_sessions]))
-    f.write(struct.pack(">I", w.crc))
+        w.record(_REC_SESSION, bytes(k), bytes(v))
+    w.finish(_REC_END)
 
 
 def _read_snapshot(f: BinaryIO, meta: SnapshotMeta) -> Iterator[tuple[int, bytes, bytes]]:
@@ -532,60 +505,8 @@ def _read_snapshot(f: BinaryIO, meta: SnapshotMeta) -> Iterator[tuple[int, bytes
     Raises StorageError for anything wrong, including (after the last record)
     a count or CRC mismatch: the caller's transaction must then abort.
     """
-    size = os.fstat(f.fileno()).st_size
-    if size < len(SNAPSHOT_MAGIC) + 4 or f.read(len(SNAPSHOT_MAGIC)) != SNAPSHOT_MAGIC:
-        raise StorageError("not a pyraft KV snapshot file")
-    crc = zlib.crc32(SNAPSHOT_MAGIC)
-    remaining = size - 4 - len(SNAPSHOT_MAGIC)
-    unpacker = msgpack.Unpacker(raw=False, use_list=True, strict_map_key=False, max_buffer_size=0)
-    header_seen = ended = False
-    counts = [0, 0]
-    while remaining > 0:
-        chunk = f.read(min(_CHUNK, remaining))
-        if not chunk:
-            raise StorageError("snapshot file is truncated")
-        remaining -= len(chunk)
-        crc = zlib.crc32(chunk, crc)
-        unpacker.feed(chunk)
-        for obj in unpacker:
-            if ended:
-                raise StorageError("data after the end record")
-            if not header_seen:
-                if type(obj) is not dict or obj.get("version") != SNAPSHOT_VERSION:
-                    raise StorageError(f"unknown snapshot header {str(obj)[:80]!r}")
-                hmeta = snapshot_meta_from_wire(obj.get("meta"))
-                if hmeta is None or hmeta.last_log_id != meta.last_log_id:
-                    raise StorageError(f"file holds a snapshot up to {hmeta and hmeta.last_log_id}, "
-                                       f"expected {meta.last_log_id}")
-                header_seen = True
-                continue
-            if type(obj) is not list or len(obj) != 3 or obj[0] not in (_REC_DATA, _REC_SESSION, _REC_END):
-                raise StorageError("malformed snapshot record")
-            if obj[0] == _REC_END:
-                if obj[1] != counts[0] or obj[2] != counts[1]:
-                    raise StorageError("snapshot record counts do not match")
-                ended = True
-                continue
-            if type(obj[1]) is not bytes or type(obj[2]) is not bytes:
-                raise StorageError("malformed snapshot record")
-            counts[obj[0]] += 1
-            yield obj[0], obj[1], obj[2]
-    if not ended:
-        raise StorageError("snapshot file is truncated (no end record)")
-    if struct.unpack(">I", f.read(4))[0] != crc & 0xFFFFFFFF:
-        raise StorageError("snapshot file checksum mismatch")
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    for rec in read_records(f, SNAPSHOT_MAGIC, SNAPSHOT_VERSION, meta, _REC_END, "KV snapshot file"):
+        if (len(rec) != 3 or rec[0] not in (_REC_DATA, _REC_SESSION)
+                or type(rec[1]) is not bytes or type(rec[2]) is not bytes):
+            raise StorageError("malformed snapshot record")
+        yield rec[0], rec[1], rec[2]

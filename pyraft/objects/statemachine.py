@@ -54,21 +54,20 @@ import io
 import logging
 import math
 import os
-import struct
 import threading
 import time
 import uuid
-import zlib
 from collections import OrderedDict
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, BinaryIO, Callable, Iterable, Mapping, Sequence
 
 import lmdb
-import msgpack
 
-from ..codec import (log_id_from_wire, log_id_to_wire, pack, snapshot_meta_from_wire, snapshot_meta_to_wire,
-                     stored_membership_from_wire, stored_membership_to_wire, unpack)
+from ..codec import (log_id_from_wire, log_id_to_wire, pack, stored_membership_from_wire, stored_membership_to_wire,
+                     unpack)
 from ..errors import CodecError, RaftError, StorageError, Timeout
+from ..snapshot_files import (SnapshotDir, SnapshotWriter, durable, get_pointer, read_records, set_pointer,
+                              unlink_quietly)
 from ..stores.lmdb import DEFAULT_MAP_SIZE, DEFAULT_MAX_MAP_SIZE, LmdbEnv
 from ..types import Entry, EntryKind, LogId, SnapshotMeta, StoredMembership, log_index
 from . import _values
@@ -88,8 +87,6 @@ OBJECTS_SNAPSHOT_DIR = "objects-snapshots"
 DEFAULT_SESSION_TTL = 24 * 3600.0
 
 _SNAP_SUFFIX = ".objsnap"
-_TMP_SUFFIX = ".tmp"
-_CHUNK = 1 << 20
 _REC_OBJECT, _REC_SESSION, _REC_SYS, _REC_END = 0, 1, 2, 3
 _META, _OBJECTS, _SESSIONS = b"meta", b"objects", b"sessions"
 _K_FORMAT, _K_APPLIED, _K_MEMBERSHIP, _K_SYS, _K_SNAPSHOT = (b"format", b"last_applied", b"membership", b"sys",
@@ -202,9 +199,8 @@ class ObjectStateMachine:
         # Snapshots: _snap_lock guards _snapshot (memory: (meta, bytes); LMDB: (meta, file path)).
         self._snap_lock = threading.Lock()
         self._snapshot: tuple[SnapshotMeta, Any] | None = None
-        self._receiving: list[str] = []
         self._env: LmdbEnv | None = None
-        self._snap_dir: str | None = None
+        self._snaps: SnapshotDir | None = None
         if path is not None:
             self._open_lmdb(path, map_size, max_map_size)
 
@@ -563,9 +559,8 @@ class ObjectStateMachine:
         env = LmdbEnv(path, OBJECTS_ENV_NAME, OBJECTS_LOCK_NAME, what="object state machine",
                       map_size=map_size, max_map_size=max_map_size)
         self._env = env
-        self._snap_dir = os.path.join(env.root, OBJECTS_SNAPSHOT_DIR)
         try:
-            os.makedirs(self._snap_dir, exist_ok=True)
+            self._snaps = SnapshotDir(os.path.join(env.root, OBJECTS_SNAPSHOT_DIR), _SNAP_SUFFIX)
             names = (_META, _OBJECTS, _SESSIONS)
             if env.is_pristine():
                 def init(txn: lmdb.Transaction) -> tuple:
@@ -584,7 +579,7 @@ class ObjectStateMachine:
                 applied = log_id_from_wire(self._meta(txn, _K_APPLIED), "last_applied")
                 membership = stored_membership_from_wire(self._meta(txn, _K_MEMBERSHIP))
                 sys_v = self._meta(txn, _K_SYS)
-                pointer = self._meta(txn, _K_SNAPSHOT)
+                pointer = get_pointer(txn, meta_db, _K_SNAPSHOT)
                 states = {bytes(k).decode(): bytes(v) for k, v in txn.cursor(db=obj_db)}
                 sessions = [(bytes(k), _Session.from_wire(unpack(bytes(v), "session")))
                             for k, v in txn.cursor(db=sess_db)]
@@ -595,11 +590,7 @@ class ObjectStateMachine:
             self._load_states(states)
             self._applied = (applied, membership)
             self._publish_versions()
-            if pointer is not None:
-                meta = snapshot_meta_from_wire(pointer[0])
-                file = os.path.join(self._snap_dir, os.path.basename(pointer[1]))
-                if meta is not None and os.path.isfile(file):
-                    self._snapshot = (meta, file)
+            self._snapshot = self._snaps.existing(pointer)
             self._cleanup(at_open=True)
         except (CodecError, ValueError, TypeError, KeyError, UnicodeDecodeError) as e:
             env.close()
@@ -665,43 +656,27 @@ class ObjectStateMachine:
                 if self._snapshot is None or log_index(meta.last_log_id) >= log_index(self._snapshot[0].last_log_id):
                     self._snapshot = (meta, buf.getvalue())
                 return self._snapshot[0]
-        assert self._snap_dir is not None
-        tmp = os.path.join(self._snap_dir, f"build-{uuid.uuid4().hex}{_TMP_SUFFIX}")
-        try:
-            meta_db, obj_db, sess_db = self._dbs
+        assert self._snaps is not None
+        meta_db, obj_db, sess_db = self._dbs
+        with self._snaps.building() as tmp:
             with self._env.read(buffers=True) as txn:
                 last = log_id_from_wire(self._meta(txn, _K_APPLIED), "last_applied")
                 membership = stored_membership_from_wire(self._meta(txn, _K_MEMBERSHIP))
                 sys_raw = txn.get(_K_SYS, db=meta_db)
                 meta = SnapshotMeta(last, membership, f"{last or 'empty'}-{uuid.uuid4().hex[:12]}")
-                with open(tmp, "wb", buffering=_CHUNK) as f:
+                with durable(tmp) as f:
                     _write_snapshot(f, meta, ((bytes(k).decode(), bytes(v)) for k, v in txn.cursor(db=obj_db)),
                                     ((bytes(k), bytes(v)) for k, v in txn.cursor(db=sess_db)),
                                     bytes(sys_raw) if sys_raw is not None else pack(self._empty_sys()))
-                    f.flush()
-                    os.fsync(f.fileno())
             with self._snap_lock:
-                final = os.path.join(self._snap_dir, _snapshot_file_name(meta))
-                os.rename(tmp, final)
-                _fsync_dir(self._snap_dir)
-
-                def point(txn: lmdb.Transaction) -> bool:
-                    cur = self._meta(txn, _K_SNAPSHOT)
-                    if cur is not None:
-                        cur_meta = snapshot_meta_from_wire(cur[0])
-                        if cur_meta is not None and log_index(cur_meta.last_log_id) > log_index(last):
-                            return False  # a newer snapshot was installed meanwhile
-                    txn.put(_K_SNAPSHOT, pack([snapshot_meta_to_wire(meta), os.path.basename(final)]), db=meta_db)
-                    return True
-
-                if self._env.write(point):
+                final = self._snaps.publish(tmp, meta)
+                # Not over a newer snapshot installed meanwhile.
+                if self._env.write(lambda txn: set_pointer(txn, meta_db, _K_SNAPSHOT, meta, final,
+                                                           unless_newer=True)):
                     self._snapshot = (meta, final)
                 self._cleanup()
                 assert self._snapshot is not None
                 return self._snapshot[0]
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
     @staticmethod
     def _empty_sys() -> dict:
@@ -721,14 +696,9 @@ class ObjectStateMachine:
             return meta, open(where, "rb")
 
     def begin_receiving_snapshot(self) -> BinaryIO:
-        if self._env is None:
+        if self._snaps is None:
             return io.BytesIO()
-        assert self._snap_dir is not None
-        for old in self._receiving:
-            _unlink_quietly(old)
-        path = os.path.join(self._snap_dir, f"recv-{uuid.uuid4().hex}{_TMP_SUFFIX}")
-        self._receiving = [path]
-        return open(path, "w+b")
+        return self._snaps.begin_receiving()
 
     def install_snapshot(self, meta: SnapshotMeta, data: BinaryIO) -> None:
         """Replace every object's state, the sessions and the applied state with the snapshot.
@@ -753,16 +723,13 @@ class ObjectStateMachine:
             raise StorageError(f"object state machine: snapshot {meta.snapshot_id} is malformed: {e}") from None
         sess.sort(key=lambda kv: kv[1].last)
         if self._env is not None:
-            assert self._snap_dir is not None
-            final = os.path.join(self._snap_dir, _snapshot_file_name(meta))
-            with open(final, "wb") as f:
+            assert self._snaps is not None
+            final = self._snaps.new_file_path(meta)
+            with durable(final) as f:
                 f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
-            _fsync_dir(self._snap_dir)
-            if isinstance(name, str) and name in self._receiving:
-                self._receiving.remove(name)
-                _unlink_quietly(name)
+            self._snaps.sync()
+            if self._snaps.forget_received(name):
+                unlink_quietly(name)
             meta_db, obj_db, sess_db = self._dbs
 
             def load(txn: lmdb.Transaction) -> None:
@@ -775,12 +742,12 @@ class ObjectStateMachine:
                 txn.put(_K_SYS, pack(sys_v), db=meta_db)
                 txn.put(_K_APPLIED, pack(log_id_to_wire(meta.last_log_id)), db=meta_db)
                 txn.put(_K_MEMBERSHIP, pack(stored_membership_to_wire(meta.last_membership)), db=meta_db)
-                txn.put(_K_SNAPSHOT, pack([snapshot_meta_to_wire(meta), os.path.basename(final)]), db=meta_db)
+                set_pointer(txn, meta_db, _K_SNAPSHOT, meta, final)
 
             try:
                 self._env.write(load)
             except BaseException:
-                _unlink_quietly(final)
+                unlink_quietly(final)
                 raise
             snapshot: tuple[SnapshotMeta, Any] = (meta, final)
         else:
@@ -806,15 +773,8 @@ class ObjectStateMachine:
         self._complete_waiters([(s, *outcome_from_wire(w)) for s, w in ready])
 
     def _cleanup(self, at_open: bool = False) -> None:
-        """Delete superseded snapshot files (and, at open, every leftover .tmp)."""
-        assert self._snap_dir is not None
-        current = None if self._snapshot is None else self._snapshot[1]
-        for name in os.listdir(self._snap_dir):
-            p = os.path.join(self._snap_dir, name)
-            if p == current:
-                continue
-            if name.endswith(_SNAP_SUFFIX) or (at_open and name.endswith(_TMP_SUFFIX)):
-                _unlink_quietly(p)
+        assert self._snaps is not None
+        self._snaps.cleanup(None if self._snapshot is None else self._snapshot[1], at_open)
 
     # ------------------------------------------------------------------ closing
 
@@ -842,99 +802,32 @@ class ObjectStateMachine:
 # ---------------------------------------------------------------------------
 # Snapshot streams
 
-def _snapshot_file_name(meta: SnapshotMeta) -> str:
-    lid = meta.last_log_id
-    tag = "empty" if lid is None else f"{lid.term}-{lid.index}"
-    return f"snap-{tag}-{uuid.uuid4().hex[:12]}{_SNAP_SUFFIX}"
-
-
-class _CrcWriter:
-    def __init__(self, f: BinaryIO) -> None:
-        self.f = f
-        self.crc = 0
-
-    def write(self, b: bytes) -> None:
-        self.crc = zlib.crc32(b, self.crc)
-        self.f.write(b)
-
-
 def _write_snapshot(f: BinaryIO, meta: SnapshotMeta, objects: Iterable[tuple[str, bytes]],
                     sessions: Iterable[tuple[bytes, bytes]], sys_b: bytes) -> None:
-    w = _CrcWriter(f)
-    p = msgpack.Packer(use_bin_type=True)
-    w.write(SNAPSHOT_MAGIC)
-    w.write(p.pack({"version": SNAPSHOT_VERSION, "meta": snapshot_meta_to_wire(meta)}))
-    n_obj = n_sess = 0
+    w = SnapshotWriter(f, SNAPSHOT_MAGIC, SNAPSHOT_VERSION, meta)
     for name, b in objects:
-        w.write(p.pack([_REC_OBJECT, name, b]))
-        n_obj += 1
+        w.record(_REC_OBJECT, name, b)
     for c, b in sessions:
-        w.write(p.pack([_REC_SESSION, c, b]))
-        n_sess += 1
-    w.write(p.pack([_REC_SYS, sys_b]))
-    w.write(p.pack([_REC_END, n_obj, n_sess]))
-    f.write(struct.pack(">I", w.crc))
+        w.record(_REC_SESSION, c, b)
+    w.record(_REC_SYS, sys_b)
+    w.finish(_REC_END)
 
 
 def _read_snapshot(blob: bytes, meta: SnapshotMeta) -> tuple[dict[str, bytes], dict[bytes, bytes], Any]:
     """Parse and check a whole snapshot stream; StorageError for anything wrong."""
-    n = len(SNAPSHOT_MAGIC)
-    if len(blob) < n + 4 or blob[:n] != SNAPSHOT_MAGIC:
-        raise StorageError("not a pyraft object snapshot")
-    if struct.unpack(">I", blob[-4:])[0] != zlib.crc32(blob[:-4]) & 0xFFFFFFFF:
-        raise StorageError("snapshot checksum mismatch")
-    unpacker = msgpack.Unpacker(raw=False, use_list=True, strict_map_key=False)
-    unpacker.feed(blob[n:-4])
     objects: dict[str, bytes] = {}
     sessions: dict[bytes, bytes] = {}
     sys_v: Any = None
-    header = ended = False
-    try:
-        for rec in unpacker:
-            if ended:
-                raise StorageError("data after the end record")
-            if not header:
-                if type(rec) is not dict or rec.get("version") != SNAPSHOT_VERSION:
-                    raise StorageError(f"unknown snapshot header {str(rec)[:80]!r}")
-                hmeta = snapshot_meta_from_wire(rec.get("meta"))
-                if hmeta is None or hmeta.last_log_id != meta.last_log_id:
-                    raise StorageError(f"stream holds a snapshot up to {hmeta and hmeta.last_log_id}, "
-                                       f"expected {meta.last_log_id}")
-                header = True
-                continue
-            if type(rec) is not list or not rec:
-                raise StorageError("malformed snapshot record")
-            kind = rec[0]
-            if kind == _REC_OBJECT and len(rec) == 3 and type(rec[1]) is str and type(rec[2]) is bytes:
-                objects[rec[1]] = rec[2]
-            elif kind == _REC_SESSION and len(rec) == 3 and type(rec[1]) is bytes and type(rec[2]) is bytes:
-                sessions[rec[1]] = rec[2]
-            elif kind == _REC_SYS and len(rec) == 2 and type(rec[1]) is bytes:
-                sys_v = unpack(rec[1], "sys record")
-            elif kind == _REC_END and len(rec) == 3:
-                if rec[1] != len(objects) or rec[2] != len(sessions):
-                    raise StorageError("snapshot record counts do not match")
-                ended = True
-            else:
-                raise StorageError("malformed snapshot record")
-    except (msgpack.UnpackException, ValueError) as e:
-        raise StorageError(f"snapshot stream is not msgpack: {e}") from None
-    if not ended or sys_v is None:
+    for rec in read_records(io.BytesIO(blob), SNAPSHOT_MAGIC, SNAPSHOT_VERSION, meta, _REC_END, "object snapshot"):
+        kind = rec[0]
+        if kind == _REC_OBJECT and len(rec) == 3 and type(rec[1]) is str and type(rec[2]) is bytes:
+            objects[rec[1]] = rec[2]
+        elif kind == _REC_SESSION and len(rec) == 3 and type(rec[1]) is bytes and type(rec[2]) is bytes:
+            sessions[rec[1]] = rec[2]
+        elif kind == _REC_SYS and len(rec) == 2 and type(rec[1]) is bytes:
+            sys_v = unpack(rec[1], "sys record")
+        else:
+            raise StorageError("malformed snapshot record")
+    if sys_v is None:
         raise StorageError("snapshot stream is truncated")
     return objects, sessions, sys_v
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
