@@ -206,7 +206,7 @@ def _short(v: Any) -> str:
 
 
 def is_kv_command(p: Any) -> bool:
-    return type(p) is dict and p.get("op") in kv_commands._OPS and "key" in p
+    return type(p) is dict and p.get("op") in kv_commands.OPS and "key" in p
 
 
 def kv_command_text(p: dict) -> str:

@@ -48,7 +48,8 @@ from ..errors import RaftError
 
 DEFAULT_SESSION_TTL = 100_000
 
-_OPS = ("put", "delete", "cas", "get")
+#: the operations a KV command may name
+OPS = ("put", "delete", "cas", "get")
 
 
 class KVCommandError(RaftError):
@@ -201,8 +202,8 @@ def apply_command(backend: KVBackend, index: int, command: Any,
 
 def _execute(backend: KVBackend, cmd: dict) -> Any:
     op = cmd.get("op")
-    if op not in _OPS:
-        return KVCommandError(f"unknown op {op!r}; expected one of {', '.join(_OPS)}")
+    if op not in OPS:
+        return KVCommandError(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
     if "key" not in cmd:
         return KVCommandError(f"{op}: missing 'key'")
     try:
