@@ -42,6 +42,9 @@ class Config:
     #: Snapshot transfer chunk size in bytes.
     snapshot_chunk_size: int = 1024 * 1024
     #: How long a single RPC may wait for its reply before it counts as lost.
+    #: For AppendEntries it is the last resort: a lost one is normally found
+    #: within about two heartbeat intervals (the heartbeat asks the follower
+    #: for the entries it should hold) and re-sent.
     rpc_timeout: float = 1.0
     #: Client writes the leader accepts into one log batch, at most.
     max_proposal_batch: int = 4096

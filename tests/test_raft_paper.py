@@ -628,9 +628,9 @@ def test_leader_transfer_hands_over_to_the_target():
 
 
 def test_leader_transfer_catches_up_a_lagging_target_first_and_refuses_writes_meanwhile():
-    # rpc_timeout below the transfer deadline: the AppendEntries lost while 1->3 was cut is re-sent
-    # only once it times out
-    sim = cluster(3, config=Config(heartbeat_interval=0.05, election_timeout=(0.15, 0.3), rpc_timeout=0.1))
+    # rpc_timeout (1 s by default) beyond the transfer deadline: the AppendEntries lost while 1->3 was
+    # cut is re-sent after a heartbeat asks node 3 for the entries it should hold, not after rpc_timeout
+    sim = cluster(3, config=Config(heartbeat_interval=0.05, election_timeout=(0.15, 0.3)))
     sim.blocked |= {(1, 3)}
     propose(sim, 1, "a", "b")
     settle(sim)

@@ -840,7 +840,12 @@ class Engine:
         self._emit(SendSnapshot(target, self.vote.term, snap))
 
     def _broadcast_heartbeat(self) -> None:
-        """An AppendEntries to every target: probes in PROBE state, prev = matched otherwise."""
+        """An AppendEntries to every target: probes in PROBE state, no entries otherwise.
+
+        A heartbeat's prev is the target's matched entry, except in REPLICATE
+        state when appends sent more than a heartbeat interval ago are still
+        unacknowledged (see :meth:`_heartbeat_prev`).
+        """
         commit = log_index(self.committed)
         for t, p in self.progress.items():
             if p.state == ProgressState.PROBE:
@@ -849,12 +854,40 @@ class Engine:
                 continue
             if p.state == ProgressState.REPLICATE and p.inflight and \
                     self.now - p.inflight[0][1] > self.cfg.rpc_timeout:
-                p.become_probe()  # the oldest message in flight is lost: find the match again
+                # The last resort: an append unacknowledged for an rpc_timeout (the target
+                # answers nothing, not even the heartbeats below).  Probing also stops
+                # holding log purges back for it.
+                p.become_probe()
                 self._dirty.add(t)
                 continue
-            prev = p.matched
+            prev = self._heartbeat_prev(p)
             self._emit(Replicate(t, self.vote.term, prev, log_index(prev) + 1,
                                  min(commit, log_index(prev)), self._seq))
+
+    def _heartbeat_prev(self, p: Progress) -> LogId | None:
+        """The prev of a heartbeat: it asks whether the target holds what the leader streamed to it.
+
+        An append unacknowledged for more than a heartbeat interval may be
+        lost, and if it was the last one sent (or the target's rejection of
+        the next one was lost too) nothing else would tell the leader before
+        rpc_timeout.  The heartbeat then carries, as its prev, the last entry
+        of the newest such append.  A target that lacks it rejects the
+        heartbeat and the leader re-sends from the matched index at once
+        (``Progress.maybe_decrease_to``: REPLICATE to PROBE); a target that
+        has it acknowledges it (once it is on disk), which covers every older
+        append, and nothing is sent again.  Younger appends are left alone:
+        a normal round trip is not taken for a loss.
+
+        Those entries are in the log: the leader purges no entry after a
+        REPLICATE target's matched index while appends are in flight.
+        """
+        cutoff = self.now - self.cfg.heartbeat_interval
+        upto = 0
+        for end, sent in p.inflight:  # in the order sent
+            if sent >= cutoff:
+                break
+            upto = end
+        return self.log.log_id_at(upto) if upto else p.matched
 
     def _maybe_send_timeout_now(self) -> None:
         t = self.transferee
@@ -977,8 +1010,9 @@ class Engine:
             # is not protected: if its entries are gone the worker reports it and
             # the target gets a snapshot; protecting probes would let one dead
             # follower stop log compaction for good.  An in-flight stream ends
-            # (acknowledged or timed out) within an rpc_timeout, then tick()
-            # retries the purge.
+            # (acknowledged, or found lost by a heartbeat, see _heartbeat_prev)
+            # within a few heartbeat intervals, at the latest when it times out
+            # after an rpc_timeout; then tick() retries the purge.
             for p in self.progress.values():
                 if p.state == ProgressState.REPLICATE and p.inflight:
                     upto = min(upto, p.matched_index)

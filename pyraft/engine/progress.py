@@ -6,7 +6,11 @@ States:
   sends one AppendEntries at a time (each heartbeat interval at most) and
   backs off on rejection.
 * ``REPLICATE``: the logs match up to ``matched``; the leader streams entries
-  optimistically, at most ``max_inflight`` messages ahead.
+  optimistically, at most ``max_inflight`` messages ahead.  A lost message is
+  found by a rejection: of a later message (its prev is past the gap), or of
+  a heartbeat that asks for the last entry of the appends unacknowledged for
+  more than a heartbeat interval.  Either takes the target back to ``PROBE``
+  from ``matched``, and the leader re-sends at once.
 * ``SNAPSHOT``: the entries the target needs were purged; a snapshot is on
   its way and nothing else is sent until it is acknowledged or fails.
 
