@@ -75,3 +75,10 @@ def test_stage_analysis_follows_the_first_acknowledgement():
     assert got["network back, worker decodes"] == 70  # 330..400
     assert sum(got.values()) == 450
     assert res["leader_disk"]["p50_us"] == 255
+
+
+@pytest.mark.parametrize("other", [["--mode", "client"], ["--follower-down", "kill"]])
+def test_bench_stages_refuses_workloads_without_the_lone_writer(other):
+    proc = subprocess.run([sys.executable, "-m", "pyraft.tools.bench", "--stages", *other],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--stages" in proc.stderr

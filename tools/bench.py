@@ -1202,6 +1202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--config must be a JSON object")
     except ValueError as e:
         p.error(str(e))
+    if a.stages and (a.mode == "client" or a.follower_down):
+        p.error("--stages profiles the lone writer on the leader: not with --mode client or --follower-down")
     if a.stages and not a.only_sync_writer:
         a.sync_writer = True
     if a.inflight < 1 or a.duration <= 0 or a.warmup < 0 or any(x < 0 for x in a.payloads):
