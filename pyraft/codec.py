@@ -10,7 +10,8 @@ declaration order, with values converted as below.  Log entries on disk are
 is ``[[voter ids per config], {id: [addr, data]}, [leaving ids]]``.  In an
 AppendEntries the entries are a list of those same stored encodings, each a
 msgpack bin, their indexes following ``prev_log_id`` (format version 2; version
-1 sent ``[term, index, kind, payload]`` lists).
+1 sent ``[term, index, kind, payload]`` lists).  Format version 3 added the
+voter's last log id to a VoteResponse (``[term, granted, pre_vote, last_log_id]``).
 
 Decoding never trusts its input: anything malformed, truncated, of the wrong
 type or version, or from another cluster raises :class:`CodecError` and
@@ -31,7 +32,7 @@ from .messages import (AppendEntriesRequest, AppendEntriesResponse, InstallSnaps
                        VoteResponse)
 from .types import Entry, EntryKind, LogId, Membership, Node, SnapshotMeta, StoredMembership, Vote
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 _MAX_INT = 2**63 - 1
 
@@ -386,12 +387,13 @@ def _vote_req_from(b: list) -> VoteRequest:
 
 
 def _vote_resp_to(m: VoteResponse) -> list:
-    return [m.term, m.granted, m.pre_vote]
+    return [m.term, m.granted, m.pre_vote, log_id_to_wire(m.last_log_id)]
 
 
 def _vote_resp_from(b: list) -> VoteResponse:
-    t, g, pre = _list(b, "VoteResponse", 3)
-    return VoteResponse(_int(t, "term"), _bool(g, "granted"), _bool(pre, "pre_vote"))
+    t, g, pre, last = _list(b, "VoteResponse", 4)
+    return VoteResponse(_int(t, "term"), _bool(g, "granted"), _bool(pre, "pre_vote"),
+                        log_id_from_wire(last, "last_log_id"))
 
 
 def _snap_req_to(m: InstallSnapshotRequest) -> list:

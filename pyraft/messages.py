@@ -60,9 +60,13 @@ class VoteRequest:
 
 @dataclass(frozen=True, slots=True)
 class VoteResponse:
+    """``last_log_id``: on a refusal, the voter's last log id (None on a grant).  A candidate
+    whose log is behind it cannot get that vote, and waits longer before campaigning again."""
+
     term: int
     granted: bool
     pre_vote: bool = False
+    last_log_id: LogId | None = None
 
 
 @dataclass(frozen=True, slots=True)

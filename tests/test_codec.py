@@ -33,6 +33,7 @@ SAMPLES = [
     VoteRequest(7, 3, LogId(6, 40), pre_vote=True, transfer=False),
     VoteRequest(7, 3, None),
     VoteResponse(7, True, True),
+    VoteResponse(7, False, last_log_id=LogId(6, 41)),
     InstallSnapshotRequest(8, 1, META, 0, b"\x00" * 100, False),
     InstallSnapshotResponse(8, True, LogId(3, 100)),
     TimeoutNowRequest(9, 1),

@@ -554,6 +554,52 @@ def test_a_refused_vote_request_does_not_restart_the_election_timer():
     assert e.state is CANDIDATE and e.current_term == 10
 
 
+def test_a_candidate_refused_by_a_voter_with_a_longer_log_waits_longer_before_campaigning_again():
+    """A vote refusal carries the voter's last log id (openraft's VoteResponse does too), and a candidate
+    whose log is behind it waits an extra maximum election timeout before its next campaign: it cannot
+    get that vote, and a node with a log like the voter's could.  Without it, stale candidates without
+    PreVote (with stale configurations that need not even list the up-to-date node, which then learns
+    their terms only from refusals of its own requests) raise the term in step with the up-to-date node,
+    and it always campaigns in a term one of them already took (regression: soak seeds 1000095, 1004160;
+    a candidate's request is what tells the stale node in soak seed 1000502, where nobody refuses it)."""
+    cfg = Config(heartbeat_interval=0.05, election_timeout=(0.15, 0.3), pre_vote=False)
+    # the refusal carries the voter's last log id; a grant does not
+    v = engine(2, [1, 2, 2], config=cfg)
+    v.step(1, VoteRequest(3, 1, LogId(1, 2)), token="no")
+    v.step(3, VoteRequest(3, 3, LogId(2, 4)), token="yes")
+    replies = {c.token: c.message for c in v.take_output() if isinstance(c, Respond)}
+    assert replies == {"no": VoteResponse(3, False, last_log_id=LogId(2, 4)), "yes": VoteResponse(3, True)}
+
+    for voter_last, waits in ((LogId(2, 4), True), (LogId(1, 3), False), (LogId(1, 2), False)):
+        e = engine(1, [1, 1], vote=Vote(1, None), config=cfg)        # last log id (1, 3)
+        e.trigger_elect()                                            # term 2; deadline at 0.225
+        e.take_output()
+        e.step(2, VoteResponse(2, False, last_log_id=voter_last))
+        e.step(3, VoteResponse(3, False, last_log_id=voter_last))    # a higher term: adopted
+        assert e.state is FOLLOWER and e.current_term == 3
+        e.tick(0.23)
+        assert any(isinstance(c, SendVote) for c in e.take_output()) is not waits, voter_last
+        if waits:
+            e.tick(0.23 + 0.3)
+            assert any(isinstance(c, SendVote) for c in e.take_output())
+            assert e.state is CANDIDATE and e.current_term == 4
+            # the wait lasts until that campaign: the next one, refused for other reasons, is not delayed
+            e.step(2, VoteResponse(4, False, last_log_id=LogId(1, 3)))
+            e.tick(0.23 + 0.3 + 0.23)
+            assert any(isinstance(c, SendVote) for c in e.take_output())
+
+    # A vote request from a candidate whose log is ahead tells the same, granted or not (here not: we
+    # voted for ourselves in its term; the stale candidate may not even be in its configuration).
+    e = engine(1, [1, 1], vote=Vote(1, None), config=cfg)
+    e.trigger_elect()                                                # term 2; deadline at 0.225
+    e.step(3, VoteRequest(2, 3, LogId(2, 4)), token="t")
+    assert [c.message.granted for c in e.take_output() if isinstance(c, Respond)] == [False]
+    e.tick(0.23)
+    assert not any(isinstance(c, SendVote) for c in e.take_output())
+    e.tick(0.23 + 0.3)
+    assert any(isinstance(c, SendVote) for c in e.take_output()) and e.current_term == 3
+
+
 def test_restart_keeps_the_committed_configuration_first():
     """A restarted node rebuilds its configurations from the state machine's and the log's; the
     saved commit point may cover some of the log's, and the committed one must come first (here it

@@ -101,6 +101,8 @@ class Engine:
         self._election_deadline = now
         self._pre_vote_phase = False
         self._granted: set[int] = set()
+        #: since our last campaign, a vote refusal or request showed a log ahead of ours
+        self._log_behind = False
 
         # leader state
         self.progress: dict[int, Progress] = {}
@@ -216,6 +218,23 @@ class Engine:
 
     def _reset_election_timer(self) -> None:
         self._election_deadline = self.now + self._election_timeout()
+        if self._log_behind:
+            self._election_deadline += self.cfg.election_timeout[1]
+
+    def _note_log_of(self, last: LogId | None) -> None:
+        """A voter refused us, or a candidate asked for our vote, and its log ends at ``last``.  If
+        that is ahead of ours, our election timer runs an extra maximum election timeout, until our
+        next campaign (openraft's "seen a greater log"): that voter never votes for us, and that
+        candidate, or a node with a log like the voter's, could win where we cannot.  Without
+        PreVote, candidates with stale logs keep raising the term; when their (stale) configuration
+        does not list the up-to-date node, it learns their terms only from refusals of its own
+        requests, and campaigning no more often than they do, it would nearly always ask in a term
+        they had already taken (sim seeds 1000095, 1004160, 1000502)."""
+        if self.state == ServerState.LEADER:
+            return
+        if last is not None and not self._log_behind and (self.log.last is None or last > self.log.last):
+            self._log_behind = True
+            self._election_deadline += self.cfg.election_timeout[1]
 
     def _in_leader_lease(self) -> bool:
         """True while this node believes a leader is alive (CheckQuorum's vote guard)."""
@@ -304,6 +323,7 @@ class Engine:
         self.leader_id = None
         self.state = ServerState.CANDIDATE
         self._granted = {self.id}
+        self._log_behind = False
         self._reset_election_timer()
         if pre_vote:
             self._pre_vote_phase = True
@@ -322,6 +342,7 @@ class Engine:
 
     def _become_leader(self) -> None:
         self.state = ServerState.LEADER
+        self._log_behind = False
         self.leader_id = self.id
         self._pre_vote_phase = False
         self._leader_since = self.now
@@ -552,6 +573,8 @@ class Engine:
             return
         if type(msg) is AppendEntriesRequest:
             _check_append_entries(self.id, msg)  # before its term can change anything
+        elif type(msg) is VoteRequest:
+            self._note_log_of(msg.last_log_id)
         term = msg.term
         if term > self.vote.term:
             if isinstance(msg, VoteRequest):
@@ -593,7 +616,7 @@ class Engine:
 
     def _reply_vote(self, msg: VoteRequest, token: Any, granted: bool) -> None:
         term = msg.term if (granted and msg.pre_vote) else self.vote.term
-        self._emit(Respond(token, VoteResponse(term, granted, msg.pre_vote)))
+        self._emit(Respond(token, VoteResponse(term, granted, msg.pre_vote, None if granted else self.log.last)))
 
     def _log_up_to_date(self, last: LogId | None) -> bool:
         mine = self.log.last
@@ -618,7 +641,9 @@ class Engine:
         self._reply_vote(msg, token, ok)
 
     def _on_vote_response(self, from_id: int, msg: VoteResponse, token: Any) -> None:
-        if self.state != ServerState.CANDIDATE or not msg.granted:
+        if not msg.granted:
+            return self._note_log_of(msg.last_log_id)
+        if self.state != ServerState.CANDIDATE:
             return
         m = self.membership.membership
         if msg.pre_vote:
@@ -649,6 +674,7 @@ class Engine:
         if self.state == ServerState.CANDIDATE or self.leader_id != leader_id:
             self._become_follower(self.vote.term, leader_id)
         self._last_leader_contact = self.now
+        self._log_behind = False  # the leader brings our log up to date
         self._reset_election_timer()
 
     def _on_append_entries(self, from_id: int, msg: AppendEntriesRequest, token: Any) -> None:

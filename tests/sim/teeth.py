@@ -111,6 +111,12 @@ MUTANTS: dict[str, tuple[str, str, str]] = {
         "            self.memberships.pop(0)\n        self._become_follower(self.vote.term, None)",
         "        self._become_follower(self.vote.term, None)",
     ),
+    "fix8-no-wait-behind-a-longer-log": (
+        "a node that a vote refusal or request shows a longer log than its own campaigns as soon as "
+        "ever (the engine before fix 8; caught by soak seeds 1000095 and 1004160 at 20000 steps)",
+        "        if last is not None and not self._log_behind and",
+        "        if False and",
+    ),
     "read-without-quorum": (
         "ReadIndex answers without confirming leadership with a quorum",
         "            if not m.is_quorum(acked):\n                break\n            self._emit(RespondRead",
