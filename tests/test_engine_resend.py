@@ -22,7 +22,7 @@ from pyraft.config import Config
 from pyraft.engine.commands import Replicate
 from pyraft.engine.progress import ProgressState
 from pyraft.messages import AppendEntriesRequest, AppendEntriesResponse, TimeoutNowRequest, VoteResponse
-from pyraft.types import LogId, ServerState, Vote
+from pyraft.types import ServerState, Vote
 
 from test_raft_paper import cluster, engine, propose, settle
 

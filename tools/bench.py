@@ -42,7 +42,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 __all__ = ["main", "CountingStateMachine", "InflightLoad", "NodeProc", "percentiles", "free_port"]
 
@@ -450,6 +450,15 @@ class NodeProc:
                 pass
 
 
+def stop_nodes(nodes: Iterable[NodeProc]) -> None:
+    """Stop node processes in parallel (each gets the stop command, then a kill past its timeout)."""
+    threads = [threading.Thread(target=n.stop) for n in nodes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def tail(path: str, n: int = 15) -> str:
     try:
         with open(path, "rb") as f:
@@ -502,7 +511,6 @@ class CountingStateMachine:
     """
 
     def __init__(self) -> None:
-        from pyraft.types import LogId, SnapshotMeta, StoredMembership  # noqa: F401
         self._lock = threading.Lock()  # guards _snapshot
         self.count = 0
         self.last = None
@@ -877,11 +885,7 @@ class PyraftCluster:
         raise RuntimeError(f"no stable leader within {timeout} s")
 
     def stop(self) -> None:
-        threads = [threading.Thread(target=n.stop) for n in self.nodes.values()]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        stop_nodes(self.nodes.values())
 
 
 def _drive(leader: NodeProc, all_nodes: dict[Any, NodeProc], cmd: dict, label: str, progress: Progress,

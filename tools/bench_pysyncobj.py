@@ -32,7 +32,7 @@ import time
 from typing import Any, Sequence
 
 from pyraft.tools.bench import (Emitter, InflightLoad, NodeProc, Progress, _drive, disk_usage, free_port,
-                                memory_info, run_sync_writer)
+                                memory_info, run_sync_writer, stop_nodes)
 
 __all__ = ["run", "node_main"]
 
@@ -162,11 +162,7 @@ class PySyncObjCluster:
         raise RuntimeError(f"PySyncObj: no stable leader within {timeout} s")
 
     def stop(self) -> None:
-        threads = [threading.Thread(target=n.stop) for n in self.nodes.values()]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        stop_nodes(self.nodes.values())
 
 
 def run(sc: Any, a: argparse.Namespace, progress: Progress) -> dict[str, Any]:

@@ -18,8 +18,7 @@ processes that were started with ``--stages``.
 from __future__ import annotations
 
 import bisect
-import os
-import socket
+import shutil
 import statistics
 import subprocess
 import sys
@@ -48,7 +47,6 @@ def _probe(cls: type, name: str, event: str, *, enter: bool = True, leave: bool 
             rec((_ns(), event + ".done"))
         return result
 
-    probed.__wrapped__ = fn  # type: ignore[attr-defined]
     setattr(cls, name, probed)
 
 
@@ -67,7 +65,6 @@ def install() -> None:
     _probe(zmq_transport.ZmqTransport, "_on_frame", "frame_in")
     _probe(core.RaftCore, "_handle", "rpc", when=lambda a: a[1][0] == "rpc")
     _probe(lmdb_store.LmdbLogStore, "write", "disk", leave=True)
-    _probe(zmq_transport._ZmqReply, "reply", "reply")
     _probe(zmq_transport.ZmqTransport, "_flush_replies", "reply_out", when=lambda a: bool(a[0]._outbox))
     _probe(core.RaftCore, "post", "resp_in", when=lambda a: a[1][0] == "resp")
     _probe(core.RaftCore, "_handle", "resp", when=lambda a: a[1][0] == "resp")
@@ -262,7 +259,6 @@ def _lmdb_commit(n: int, tmpdir: str | None) -> float:
         return statistics.median(took) / 1e3
     finally:
         store.close()
-        import shutil
         shutil.rmtree(d, ignore_errors=True)
 
 

@@ -417,14 +417,11 @@ class RaftCore(threading.Thread):
             elif t is RespondRead:
                 self._on_read_ready(c)
             elif t is BuildSnapshot:
-                self._flush_apply()  # the SM worker takes its work in the engine's order
-                self.sm_worker.q.put(("build",))
+                self._to_sm_worker(("build",))
             elif t is ReceiveSnapshotChunk:
-                self._flush_apply()  # the SM worker takes its work in the engine's order
-                self.sm_worker.q.put(("chunk", c.request))
+                self._to_sm_worker(("chunk", c.request))
             elif t is InstallSnapshot:
-                self._flush_apply()  # the SM worker takes its work in the engine's order
-                self.sm_worker.q.put(("install", c.meta, c.token))
+                self._to_sm_worker(("install", c.meta, c.token))
 
     def _send_replication(self, cmds: list) -> None:
         workers = self.workers
@@ -441,6 +438,11 @@ class RaftCore(threading.Thread):
         for idx in [i for i in pending if which(i)]:
             lid, fut = pending.pop(idx)
             _fail(fut, ForwardToLeader(self.engine.leader_id, self.engine.leader_node, f"write {lid} {why}"))
+
+    def _to_sm_worker(self, item: tuple) -> None:
+        """Queue snapshot work for the SM worker, after the turn's Apply: it works in the engine's order."""
+        self._flush_apply()
+        self.sm_worker.q.put(item)
 
     def _flush_apply(self) -> None:
         """Hand the turn's Apply to the SM worker.

@@ -510,11 +510,15 @@ class Scheduler:
         where = f" through node {bridge}" if bridge is not None else ""
         ev = self._event("partition", f"{shape}: {groups[0]} | {groups[1]}{where} for {hold:.1f} s")
         c.partition(groups, bridge)
+        self._hold_then_heal(hold)
+        self._end(ev)
+
+    def _hold_then_heal(self, hold: float) -> None:
+        """Keep the network fault just made for ``hold`` seconds (less if the run stops), then heal."""
         try:
             self._sleep(hold)
         finally:
-            c.heal_network()
-        self._end(ev)
+            self.cluster.heal_network()
 
     def _flapping_partition(self, rng: random.Random) -> None:
         """A new random cut (or none) every 0.1-0.6 s: elections and replication keep being interrupted."""
@@ -558,10 +562,7 @@ class Scheduler:
             ev = self._event("partition", f"flaky: {loss * 100:.0f}% of messages through nodes {sorted(nodes)} lost "
                                           f"for {hold:.1f} s")
             c.flaky(nodes, loss)
-        try:
-            self._sleep(hold)
-        finally:
-            c.heal_network()
+        self._hold_then_heal(hold)
         self._end(ev)
 
     def _do_disk(self, rng: random.Random) -> None:
