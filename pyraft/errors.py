@@ -56,3 +56,19 @@ class CodecError(RaftError):
 
 class StorageError(RaftError):
     """A store cannot be opened or used (wrong directory, locked, wrong cluster or node, bad version)."""
+
+
+class PermissionDenied(RaftError):
+    """The caller's CURVE key does not carry the role this request needs (reader < client < admin)."""
+
+
+class Overloaded(RaftError):
+    """The node has ``Config.max_pending_writes`` writes in flight already; retry later (nothing was proposed)."""
+
+
+class NoSpace(RaftError):
+    """The store is past its size quota: writes that add data are refused; reads, deletes and compaction work."""
+
+
+class Compacted(RaftError):
+    """The requested revision was compacted away (a watch's ``start_revision``, a read at an old revision)."""
