@@ -597,8 +597,12 @@ class Engine:
                 self._become_follower(term, leader)
         elif term < self.vote.term:
             if isinstance(msg, AppendEntriesRequest):
-                return self._emit(Respond(token, AppendEntriesResponse(self.vote.term, False, seq=msg.seq,
-                                                                       rejected=log_index(msg.prev_log_id))))
+                # Only the term of this refusal means something (the sender steps down).  It echoes
+                # neither the heartbeat round nor the prev index: its sender may since have started
+                # again and been elected in our very term, its round counter back at 0, and would
+                # take the echo for an answer to its own round (a ReadIndex confirmed by nobody)
+                # or for a log mismatch (issue 16).
+                return self._emit(Respond(token, AppendEntriesResponse(self.vote.term, False)))
             if isinstance(msg, VoteRequest):
                 return self._reply_vote(msg, token, granted=False)
             if isinstance(msg, InstallSnapshotRequest):
@@ -715,20 +719,27 @@ class Engine:
         new_commit = min(msg.leader_commit, log_index(matched))
         if new_commit > log_index(self.committed):
             self._set_committed(self.log.log_id_at(new_commit))
-        self._pending_acks.append((token, matched, msg.seq))
+        self._pending_acks.append((token, matched, msg.seq, msg.term))
         self._flush_acks()
 
     def _flush_acks(self) -> None:
-        """Send AppendEntries acks whose entries are durable (the rule: ack only what is on disk)."""
+        """Send AppendEntries acks whose entries are durable (the rule: ack only what is on disk).
+
+        Each ack carries the term of the request it answers, not our term when the
+        flush completes: a reply speaks for the leader it answers.  Stamped with a
+        later term, a late ack would tell the leader of that term that we hold
+        entries of an earlier leader, which its own log may not have (issue 16).
+        """
         if not self._pending_acks:
             return
         durable = log_index(self.flushed)
         keep = []
-        for token, matched, seq in self._pending_acks:
+        for ack in self._pending_acks:
+            token, matched, seq, term = ack
             if log_index(matched) <= durable:
-                self._emit(Respond(token, AppendEntriesResponse(self.vote.term, True, matched=matched, seq=seq)))
+                self._emit(Respond(token, AppendEntriesResponse(term, True, matched=matched, seq=seq)))
             else:
-                keep.append((token, matched, seq))
+                keep.append(ack)
         self._pending_acks = keep
 
     def _on_install_snapshot(self, from_id: int, msg: InstallSnapshotRequest, token: Any) -> None:
