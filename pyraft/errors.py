@@ -50,6 +50,26 @@ class QuorumNotEnough(RaftError):
     """The leader could not confirm a quorum (for example for a linearizable read)."""
 
 
+class RemoteProtocolError(RaftError, ValueError):
+    """A peer's message breaks a Raft rule that no correct peer breaks; it was refused (h11's word).
+
+    The engine raises it *before* the message changes anything, so the node
+    keeps serving: a second leader in one term, a term it could not increment
+    and encode, entries out of order or at odds with committed ones, a reply
+    claiming entries the leader never sent.  ``reason`` is a short snake_case
+    name; the runtime counts each refusal as the metrics counter
+    ``refused_<reason>``.  A ``ValueError`` too, so that code catching that
+    (as RaftCore did) keeps working.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (self.reason, str(self)))
+
+
 class CodecError(RaftError):
     """Bytes that are not a valid pyraft frame: malformed, truncated, wrong type, version or cluster."""
 

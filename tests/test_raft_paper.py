@@ -187,7 +187,7 @@ def test_stale_term_requests_are_rejected_with_the_current_term():
     """Figure 2: "Reply false if term < currentTerm" (AppendEntries and RequestVote)."""
     e = engine(1, [1, 3], vote=Vote(3, None))
     e.step(2, AppendEntriesRequest(2, 2, LogId(1, 2), (Entry(LogId(2, 3)),), 0), token="ae")
-    e.step(2, VoteRequest(2, 2, LogId(9, 9)), token="v")
+    e.step(2, VoteRequest(2, 2, LogId(2, 9)), token="v")
     out = e.take_output()
     replies = {c.token: c.message for c in out if isinstance(c, Respond)}
     assert replies["ae"].success is False and replies["ae"].term == 3
@@ -475,7 +475,7 @@ def test_check_quorum_a_follower_with_a_live_leader_ignores_vote_requests():
     sim = cluster(3)
     term = sim.engine(2).current_term
     e2 = sim.engine(2)
-    e2.step(3, VoteRequest(term + 5, 3, LogId(99, 99)), token=(3, None))
+    e2.step(3, VoteRequest(term + 5, 3, LogId(term + 4, 99)), token=(3, None))
     out = e2.take_output()
     (reply,) = [c.message for c in out if isinstance(c, Respond)]
     assert reply.granted is False and e2.current_term == term

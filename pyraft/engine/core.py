@@ -25,7 +25,7 @@ from itertools import repeat
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..config import Config
-from ..errors import ChangeMembershipError, ForwardToLeader, InitializeError, RaftError
+from ..errors import ChangeMembershipError, ForwardToLeader, InitializeError
 from ..messages import (AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest,
                         InstallSnapshotResponse, TimeoutNowRequest, TimeoutNowResponse, VoteRequest,
                         VoteResponse)
@@ -36,6 +36,7 @@ from .commands import (Apply, AppendToLog, BuildSnapshot, InstallSnapshot, Purge
                        SendSnapshot, SendTimeoutNow, SendVote, TruncateLog, UpdateReplication)
 from .log_ids import LogIdList
 from .progress import Progress, ProgressState
+from .refusals import MAX_TERM, check_message
 
 _NEVER = float("-inf")
 
@@ -58,6 +59,35 @@ class RestoredState:
     snapshot: SnapshotMeta | None = None
     memberships: Sequence[StoredMembership] = ()
     term_at: Callable[[int], int | None] = lambda i: None
+
+
+@dataclass(frozen=True, slots=True)
+class Campaign:
+    """An election this node started, and why (the runtime logs each one at INFO).
+
+    ``number`` counts this engine's elections; a pre-vote round that wins goes
+    on as the real election under the same number.  ``refused``: the node
+    wanted to campaign but cannot (its term has no successor it may enter);
+    recorded once, not at every timeout.
+    """
+
+    number: int
+    term: int
+    pre_vote: bool
+    reason: str
+    refused: bool = False
+
+
+@dataclass(slots=True)
+class _Farewell:
+    """A removed node the leader still replicates to, until it acknowledges a heartbeat round
+    (``seq``) sent after it held the configuration that removes it (at index ``until``): that
+    heartbeat's commit index told it the removal is committed."""
+
+    node: Node
+    deadline: float
+    until: int
+    seq: int = 0  # 0 until the node holds the configuration
 
 
 class Engine:
@@ -98,6 +128,13 @@ class Engine:
         self.state = ServerState.FOLLOWER
         self.leader_id: int | None = None
         self._last_leader_contact = _NEVER
+        #: the leader heard from at _last_leader_contact (leader_id is cleared when the term moves on)
+        self._last_leader_seen: int | None = None
+        #: the last term this engine led (a second leader of it is refused; see refusals.py)
+        self.led_term = -1
+        #: the newest election this node started, and why (None: none since it started)
+        self.last_campaign: Campaign | None = None
+        self._initialized_now = False
         self._election_deadline = now
         self._pre_vote_phase = False
         self._granted: set[int] = set()
@@ -115,9 +152,12 @@ class Engine:
         self._reads_waiting_commit: list[Any] = []
         self.transferee: int | None = None
         self._transfer_deadline = 0.0
+        #: nodes a committed configuration removed, still replicated to until they know it
+        self._farewell: dict[int, _Farewell] = {}
 
-        # follower state: AppendEntries responses waiting for their entries to be flushed
-        self._pending_acks: list[tuple[Any, LogId | None, int]] = []
+        # follower state: AppendEntries responses waiting for their entries to be flushed, as
+        # (reply token, matched, seq, term of the request they answer)
+        self._pending_acks: list[tuple[Any, LogId | None, int, int]] = []
 
         self._startup_repairs()
         # The invariant: memberships[0] is the committed configuration (the restored list
@@ -186,6 +226,13 @@ class Engine:
     def replication(self) -> dict[int, LogId | None]:
         """On the leader, each target's matched log id."""
         return {t: p.matched for t, p in self.progress.items()}
+
+    @property
+    def removed(self) -> bool:
+        """This node knows that a committed configuration left it out of the cluster: it no longer campaigns."""
+        first = self.committed_membership
+        return (first is not None and self.id not in first.membership.nodes
+                and self.id not in self.membership.membership.nodes)
 
     def is_pristine(self) -> bool:
         return self.vote.term == 0 and self.log.last is None and not self.memberships
@@ -263,13 +310,28 @@ class Engine:
         if self.state == ServerState.LEADER:
             self._tick_leader()
         elif self.now >= self._election_deadline:
+            reason = self._timeout_reason()
             self._reset_election_timer()
             if self._may_campaign():
-                self._campaign(pre_vote=self.cfg.pre_vote)
+                self._campaign(pre_vote=self.cfg.pre_vote, reason=reason)
+
+    def _timeout_reason(self) -> str:
+        if self._initialized_now:
+            self._initialized_now = False
+            return "initialize() was called: the first election starts at once"
+        if self.state == ServerState.CANDIDATE and self.last_campaign is not None:
+            c = self.last_campaign
+            return f"election timeout: the {'pre-vote' if c.pre_vote else 'election'} for term {c.term} was not won"
+        if self._last_leader_contact == _NEVER:
+            return "election timeout: no leader heard from since this node started"
+        return (f"election timeout: last heard from leader {self._last_leader_seen} "
+                f"{self.now - self._last_leader_contact:.2f} s ago")
 
     def _tick_leader(self) -> None:
         if self.transferee is not None and self.now >= self._transfer_deadline:
             self.transferee = None  # transfer failed: serve again
+        for t in [t for t, f in self._farewell.items() if self.now >= f.deadline]:
+            self._end_farewell(t)  # unreachable: it goes on campaigning (without PreVote, disruptively)
         if self.cfg.check_quorum and self.now - self._leader_since >= self.cfg.election_timeout[1]:
             window = self.cfg.election_timeout[1]
             active = {self.id} | {t for t, p in self.progress.items() if self.now - p.last_ack <= window}
@@ -307,6 +369,7 @@ class Engine:
 
     def _stop_leading(self) -> None:
         self.progress = {}
+        self._farewell = {}
         self._dirty.clear()
         self._heartbeat_requested = False
         self.transferee = None
@@ -318,7 +381,21 @@ class Engine:
         self._reads_waiting_commit = []
         self._emit(UpdateReplication(self.vote.term, {}))
 
-    def _campaign(self, pre_vote: bool, transfer: bool = False) -> None:
+    def _campaign(self, pre_vote: bool, transfer: bool = False, reason: str = "") -> None:
+        last = self.last_campaign
+        if self.vote.term + 1 > MAX_TERM:
+            # Only a forged term (or a cluster bricked before terms were bounded) gets here: the
+            # wire format cannot carry the next term.  Not Fatal: the node still follows and
+            # serves reads of what it applied; see refusals.MAX_TERM.
+            if last is None or not last.refused:
+                self.last_campaign = Campaign(last.number + 1 if last else 1, self.vote.term, pre_vote,
+                                              f"cannot campaign ({reason}): term {self.vote.term} has no "
+                                              f"successor the wire format can carry", refused=True)
+            return
+        if reason:  # a new election (a pre-vote round that won goes on under the same number)
+            self.last_campaign = Campaign(last.number + 1 if last else 1, self.vote.term + 1, pre_vote, reason)
+        elif last is not None:
+            self.last_campaign = Campaign(last.number, self.vote.term + 1, pre_vote, last.reason)
         voters = self.membership.membership.voter_ids
         self.leader_id = None
         self.state = ServerState.CANDIDATE
@@ -342,6 +419,7 @@ class Engine:
 
     def _become_leader(self) -> None:
         self.state = ServerState.LEADER
+        self.led_term = self.vote.term
         self._log_behind = False
         self.leader_id = self.id
         self._pre_vote_phase = False
@@ -403,6 +481,7 @@ class Engine:
         self._append(entry)
         self.state = ServerState.FOLLOWER
         self._election_deadline = self.now  # campaign at the next tick
+        self._initialized_now = True
 
     def propose(self, payloads: Sequence[Any]) -> list[LogId]:
         """Append client commands; returns their log ids.  Raises ForwardToLeader.
@@ -497,7 +576,7 @@ class Engine:
 
     def trigger_elect(self) -> None:
         if self.state != ServerState.LEADER and self.is_voter() and self._membership_durable():
-            self._campaign(pre_vote=False)
+            self._campaign(pre_vote=False, reason="trigger.elect() was called")
 
     def trigger_heartbeat(self) -> None:
         if self.state == ServerState.LEADER:
@@ -571,9 +650,8 @@ class Engine:
         """Handle an incoming request (reply goes to ``token``) or response."""
         if from_id == self.id:
             return
-        if type(msg) is AppendEntriesRequest:
-            _check_append_entries(self.id, msg)  # before its term can change anything
-        elif type(msg) is VoteRequest:
+        check_message(self, from_id, msg)  # RemoteProtocolError before anything changes
+        if type(msg) is VoteRequest:
             self._note_log_of(msg.last_log_id)
         term = msg.term
         if term > self.vote.term:
@@ -611,10 +689,7 @@ class Engine:
                 return self._emit(Respond(token, TimeoutNowResponse(self.vote.term)))
             if not (isinstance(msg, VoteResponse) and msg.pre_vote):
                 return  # a stale response
-        handler = self._HANDLERS.get(type(msg))
-        if handler is None:
-            raise RaftError(f"engine cannot handle {type(msg).__name__}")
-        handler(self, from_id, msg, token)
+        self._HANDLERS[type(msg)](self, from_id, msg, token)
 
     # --- elections
 
@@ -673,11 +748,11 @@ class Engine:
     # --- replication, follower side
 
     def _accept_leader(self, leader_id: int) -> None:
-        if self.state == ServerState.LEADER:
-            raise AssertionError(f"two leaders in term {self.vote.term}: {self.id} and {leader_id}")
+        # A second leader of our term was refused in step() (refusals.check_message).
         if self.state == ServerState.CANDIDATE or self.leader_id != leader_id:
             self._become_follower(self.vote.term, leader_id)
         self._last_leader_contact = self.now
+        self._last_leader_seen = leader_id
         self._log_behind = False  # the leader brings our log up to date
         self._reset_election_timer()
 
@@ -1083,24 +1158,6 @@ class Engine:
             self.committed = a
 
     _HANDLERS: dict = {}
-
-
-def _check_append_entries(self_id: int, msg: AppendEntriesRequest) -> None:
-    """Refuse (ValueError) an AppendEntries no correct leader sends, before it changes anything.
-
-    The codec checks shapes; this checks the Raft invariants a message must
-    carry: entry terms never decrease, start at or after prev's term, and
-    never exceed the leader's term.
-    """
-    if msg.leader_id == self_id:
-        raise ValueError("AppendEntries claims to come from this node")
-    if msg.prev_log_id is not None and msg.prev_log_id.term > msg.term:
-        raise ValueError("prev_log_id term is above the leader's term")
-    t = msg.prev_log_id.term if msg.prev_log_id else 0
-    for e in msg.entries:
-        if e.term < t or e.term > msg.term:
-            raise ValueError(f"entry {e.log_id} breaks term order (prev {t}, leader term {msg.term})")
-        t = e.term
 
 
 Engine._HANDLERS = {

@@ -15,6 +15,7 @@ import queue
 import random
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future
 from typing import Any
 
@@ -39,6 +40,7 @@ log = logging.getLogger("pyraft.runtime")
 _MAX_DRAIN = 8192
 _LOG_CHANGES = (AppendToLog, TruncateLog, PurgeLog)
 _SNAPSHOT_COMMANDS = (BuildSnapshot, ReceiveSnapshotChunk, InstallSnapshot, SendSnapshot)
+_REFUSAL_LOG_INTERVAL = 10.0  # seconds between two log lines about refusals of one reason
 
 
 class _Stop(Exception):
@@ -111,6 +113,13 @@ class RaftCore(threading.Thread):
         self._stopped_workers: list[ReplicationWorker] = []
         self.sm_worker = SMWorker(self)
         self.sender = VoteSender(self)
+        #: this thread's metrics counters (refused messages by reason), merged with the transport's
+        self.counters: Counter[str] = Counter()
+        #: reason -> [when a refusal of it was last logged, refusals since then not logged]
+        self._refusal_log: dict[str, list] = {}
+        #: the engine's election and removal news already logged (see _log_engine_news)
+        self._campaign_logged = self.engine.last_campaign
+        self._removed_logged = False
         # metrics: published after every turn; the condition wakes waiters
         self.cond = threading.Condition()
         self.metrics: RaftMetrics = self._build_metrics()
@@ -217,17 +226,13 @@ class RaftCore(threading.Thread):
         kind = it[0]
         eng = self.engine
         if kind == "resp":
-            eng.step(it[1], it[2])
+            self._step(it[1], it[2], None)
         elif kind == "rpc":
             _, from_id, msg, reply = it
             ents = getattr(msg, "entries", None)
             if ents and getattr(ents, "encoded", None) is not None:
                 self._enc_hints.append(ents)  # the stored encodings came with them: no need to encode again
-            try:
-                eng.step(from_id, msg, reply)
-            except ValueError as e:
-                log.warning("node %s: dropped an invalid %s from %s: %s", self.node_id,
-                            type(msg).__name__, from_id, e)
+            self._step(from_id, msg, reply)
         elif kind == "applied":
             self._applied = it[1]
             eng.on_applied(it[1])
@@ -268,6 +273,23 @@ class RaftCore(threading.Thread):
             raise RuntimeError(it[1])
         else:
             raise RuntimeError(f"unknown inbox item {kind!r}")
+
+    def _step(self, from_id: int, msg: Any, reply: Any) -> None:
+        """A peer's message (a request, or a reply to ours) into the engine; a refusal is counted, not fatal."""
+        try:
+            self.engine.step(from_id, msg, reply)
+        except ValueError as e:  # RemoteProtocolError: refused before it changed anything
+            reason = getattr(e, "reason", "invalid_message")
+            self.counters["refused_" + reason] += 1
+            now = time.monotonic()
+            seen = self._refusal_log.get(reason)
+            if seen is not None and now - seen[0] < _REFUSAL_LOG_INTERVAL:
+                seen[1] += 1
+                return
+            self._refusal_log[reason] = [now, 0]
+            more = f" ({seen[1]} more since the last report)" if seen is not None and seen[1] else ""
+            log.warning("node %s: refused a %s from node %s (%s): %s%s", self.node_id, type(msg).__name__,
+                        from_id, reason, e, more)
 
     def _propose(self, writes: list) -> None:
         try:
@@ -522,6 +544,7 @@ class RaftCore(threading.Thread):
         m = e.membership
         snap = e.snapshot
         counters = getattr(self.transport, "stats", None)
+        counters = {**counters, **self.counters} if isinstance(counters, dict) else dict(self.counters)
         return RaftMetrics(
             id=self.node_id,
             state=state or e.state,
@@ -537,10 +560,30 @@ class RaftCore(threading.Thread):
             membership_log_id=m.log_id if m else None,
             replication=e.replication() if e.state == ServerState.LEADER else {},
             error=self.fatal,
-            counters=dict(counters) if isinstance(counters, dict) else {},
+            counters=counters,
         )
 
+    def _log_engine_news(self) -> None:
+        """Log why each election started (at INFO), and once that this node was removed."""
+        e = self.engine
+        c = e.last_campaign
+        if c is not self._campaign_logged:
+            old, self._campaign_logged = self._campaign_logged, c
+            if c.refused:
+                log.error("node %s: %s; restore a backup into a new cluster to recover", self.node_id, c.reason)
+            elif old is None or c.number != old.number:
+                log.info("node %s: starts %s for term %s: %s", self.node_id,
+                         "a pre-vote" if c.pre_vote else "an election", c.term, c.reason)
+        if e.removed != self._removed_logged:
+            self._removed_logged = e.removed
+            if e.removed:
+                m = e.committed_membership
+                log.info("node %s: the committed configuration at %s (voters %s) no longer lists this node: "
+                         "it was removed from the cluster and does not campaign", self.node_id, m.log_id,
+                         sorted(m.membership.voter_ids))
+
     def _publish(self, state: ServerState | None = None) -> None:
+        self._log_engine_news()
         m = self._build_metrics(state)
         old = self.metrics
         if (m.state, m.current_term, m.current_leader) != (old.state, old.current_term, old.current_leader):
