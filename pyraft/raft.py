@@ -153,9 +153,33 @@ class Raft:
                       f"learner {node_id} to catch up to index {target}")
         return lid
 
+    def remove_learner(self, node_id: int, timeout: float | None = None) -> LogId | None:
+        """Remove the learner ``node_id``; returns once a committed configuration no longer lists it.
+
+        Returns the log id of the configuration entry, or None when the node
+        was not a member.  The leader keeps replicating to the node until it
+        has learned of its removal (an election timeout at most), then its
+        replication worker stops.  ``ChangeMembershipError`` for a voter
+        (remove it with ``change_membership``) or while a change is in
+        progress; ``ForwardToLeader`` off the leader.
+        """
+        if type(node_id) is not int:
+            raise TypeError(f"node_id must be an integer, got {type(node_id).__name__}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._wait_leader_ready(deadline)
+        lid = _result(self._api(lambda e: e.remove_learner(node_id)), _left(deadline), "remove_learner")
+        if lid is not None:
+            self.wait(_left(deadline)).metrics(
+                lambda m: m.membership is not None and node_id not in m.membership.nodes and m.membership_committed,
+                f"the removal of learner {node_id} to commit")
+        return lid
+
     def change_membership(self, voter_ids: Iterable[int], retain: bool = False, timeout: float | None = None) -> None:
         """Joint-consensus change to ``voter_ids``; returns once the final configuration is committed.
 
+        New voters must first catch up with the log (within one AppendEntries
+        of the commit point): the call waits for that, since a joint
+        configuration commits nothing without a majority of the new voters.
         One change at a time: ``ChangeMembershipError`` while one is in
         progress, for an empty voter set, or for a voter that is not a learner
         yet.  Removed voters leave the cluster (``retain=True`` keeps them as
@@ -173,7 +197,15 @@ class Raft:
             raise ChangeMembershipError("voter ids must be integers")
         deadline = None if timeout is None else time.monotonic() + timeout
         self._wait_leader_ready(deadline)
-        _result(self._api(lambda e: e.change_membership(voters, retain)), _left(deadline), "change_membership")
+        while True:
+            self._wait_caught_up(voters, deadline)
+            try:
+                _result(self._api(lambda e: e.change_membership(voters, retain)), _left(deadline), "change_membership")
+                break
+            except ChangeMembershipError as e:
+                if not getattr(e, "lagging", None):
+                    raise
+                # the commit point moved on between the wait and the call: wait again
 
         def done(m: RaftMetrics) -> bool:
             if m.membership is None or m.membership.is_joint or m.membership.voter_ids != voters:
@@ -182,6 +214,22 @@ class Raft:
 
         # The leader may be removed by this change: then its metrics still show the commit.
         self.wait(_left(deadline)).metrics(done, f"membership {sorted(voters)} to commit")
+
+    def _wait_caught_up(self, voters: set[int], deadline: float | None) -> None:
+        """On the leader, wait until each new voter is as close to the commit point as the engine
+        requires (``Engine.lagging``).  Elsewhere return at once: the engine says what is wrong."""
+        m = self.metrics()
+        if m.state != ServerState.LEADER or m.membership is None:
+            return
+        new = {v for v in voters - m.membership.voter_ids if v in m.membership.nodes}
+        slack = self.config.max_payload_entries
+
+        def caught_up(m: RaftMetrics) -> bool:
+            return m.state != ServerState.LEADER or all(
+                log_index(m.replication.get(v)) + slack >= log_index(m.committed) for v in new)
+
+        if new:
+            self.wait(_left(deadline)).metrics(caught_up, f"new voters {sorted(new)} to catch up with the log")
 
     def _wait_leader_ready(self, deadline: float | None) -> None:
         """On a leader that has not committed an entry of its term yet, wait (briefly) until it has.

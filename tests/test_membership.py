@@ -110,6 +110,60 @@ def test_learners_never_vote_and_never_count_toward_commit():
             assert c.rafts[i].state_machine.get("after") == 1
 
 
+def test_remove_learner_commits_its_removal_and_its_replication_worker_stops():
+    with MemCluster(3) as c:
+        leader = c.leader()
+        c.start(4)
+        leader.add_learner(4, c.node(4), timeout=10)
+        leader.client_write(put("k", 1), timeout=5)
+        assert repl_thread(leader.node_id, 4) in pyraft_threads()
+        follower = c.rafts[others(c, leader.node_id, 4)[0]]
+        with pytest.raises(ForwardToLeader):
+            follower.remove_learner(4, timeout=5)
+        with pytest.raises(ChangeMembershipError, match="voter"):
+            leader.remove_learner(follower.node_id, timeout=5)
+        with pytest.raises(TypeError):
+            leader.remove_learner("4", timeout=5)
+        lid = leader.remove_learner(4, timeout=10)
+        assert lid is not None
+        m = leader.metrics()
+        assert 4 not in m.membership.nodes and m.membership_committed
+        assert m.membership.voter_ids == {1, 2, 3}
+        wait_until(lambda: repl_thread(leader.node_id, 4) not in pyraft_threads(), 10,
+                   "the replication worker to node 4 to stop")
+        assert 4 not in leader.metrics().replication
+        # The learner was told before the leader let go of it; it does not campaign.
+        c.rafts[4].wait(5).metrics(lambda m: 4 not in m.membership.nodes and m.membership_committed,
+                                   "node 4 to know it was removed")
+        assert c.rafts[4].metrics().state == ServerState.LEARNER
+        assert leader.remove_learner(4, timeout=5) is None   # not a member: nothing to do
+        leader.client_write(put("after", 1), timeout=5)
+
+
+def test_a_removed_voter_learns_of_its_removal_stops_campaigning_and_says_so(caplog):
+    """A voter removed from the cluster used to go on campaigning for ever (with PreVote it never
+    won, but it never stopped): the leader stopped replicating to it as soon as the new
+    configuration was in its log, so it never learned that its removal committed."""
+    caplog.set_level("INFO", logger="pyraft.runtime")
+    with MemCluster(3) as c:
+        leader = c.leader()
+        gone = others(c, leader.node_id)[0]
+        rest = set(c.rafts) - {gone}
+        leader.change_membership(rest, timeout=10)
+        r = c.rafts[gone]
+        r.wait(5).metrics(lambda m: gone not in m.membership.nodes and m.membership_committed,
+                          f"node {gone} to learn that its removal committed")
+        states = set()
+        for _ in range(20):   # ten election timeouts
+            states.add(r.metrics().state)
+            threading.Event().wait(0.02)
+        assert states == {ServerState.LEARNER}
+        assert any(f"node {gone}: the committed configuration" in rec.getMessage()
+                   and "removed from the cluster" in rec.getMessage() for rec in caplog.records)
+        term = r.metrics().current_term
+        assert term == leader.metrics().current_term
+
+
 # --------------------------------------------------------------------- joint consensus
 
 def test_change_membership_refuses_bad_requests():
@@ -190,10 +244,12 @@ def test_grow_three_to_five_and_shrink_back_under_write_load():
         leader.change_membership(keep, timeout=15)
         m = leader.metrics()
         assert m.membership.configs == (frozenset(keep),) and m.membership.nodes.keys() == keep
+        # The leader replicates to the removed nodes until they know of their removal (see
+        # test_a_removed_voter_learns_of_its_removal_stops_campaigning_and_says_so), then lets go.
         for g in gone:
             wait_until(lambda: repl_thread(leader.node_id, g) not in pyraft_threads(), 5,
                        f"the replication worker to {g} to stop")
-        assert set(m.replication) == keep - {leader.node_id}
+        assert set(leader.metrics().replication) == keep - {leader.node_id}
         w.wait_acked(50)
         acked = w.stop()
         assert len(acked) >= 170

@@ -18,9 +18,9 @@ import pytest
 from pyraft.config import Config
 from pyraft.engine.commands import AppendToLog, InstallSnapshot, Respond, SaveVote, SendVote, TruncateLog
 from pyraft.engine.core import Engine, RestoredState
-from pyraft.errors import ForwardToLeader
-from pyraft.messages import (AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, VoteRequest,
-                             VoteResponse)
+from pyraft.errors import ChangeMembershipError, ForwardToLeader
+from pyraft.messages import (AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, TimeoutNowRequest,
+                             VoteRequest, VoteResponse)
 from pyraft.types import Entry, EntryKind, LogId, Membership, ServerState, SnapshotMeta, StoredMembership, Vote
 
 from sim.cluster import Sim, addr
@@ -194,6 +194,19 @@ def test_stale_term_requests_are_rejected_with_the_current_term():
     assert replies["v"].granted is False and replies["v"].term == 3
     assert not any(isinstance(c, (AppendToLog, TruncateLog)) for c in out)
     assert e.log.last == LogId(3, 3)
+
+
+def test_a_follower_of_a_live_leader_does_not_give_its_unused_vote_in_that_term():
+    """§5.2 allows one vote per term, first come first served; etcd-raft's rule goes further: a node
+    that follows a leader of the term gives no vote of that term (``canVote``).  That leader holds a
+    majority already; a candidate of its term (late, or back from a partition) can only disturb it."""
+    e = engine(1, [1], vote=Vote(1, None))
+    e.step(2, AppendEntriesRequest(2, 2, LogId(1, 2), (), 0), token="ae")    # leader 2 of term 2
+    assert e.leader_id == 2 and e.vote == Vote(2, None)
+    e.step(3, VoteRequest(2, 3, LogId(1, 2)), token="v")
+    replies = [c.message for c in e.take_output() if isinstance(c, Respond) and c.token == "v"]
+    assert replies == [VoteResponse(2, False, last_log_id=LogId(1, 2))]
+    assert e.vote == Vote(2, None)
 
 
 # --------------------------------------------------------------------------- 5.3 log replication
@@ -640,6 +653,58 @@ def test_no_vote_is_cast_before_the_initial_configuration_is_on_disk():
     assert sim.engine(1).state is LEADER
 
 
+def test_new_voters_must_catch_up_before_a_joint_configuration_is_proposed():
+    """§6 (thesis §4.2.1, "catching up new servers"): a new server joins as a non-voting member until
+    its log has caught up, "otherwise ... the cluster is unavailable" while it does.  A joint
+    configuration needs a majority of the new voters for every commit."""
+    cfg = Config(heartbeat_interval=0.05, election_timeout=(0.15, 0.3), rpc_timeout=0.5, max_payload_entries=2)
+    sim = cluster(3, learners=1, config=cfg)
+    sim.isolate(4)
+    propose(sim, 1, *range(10))
+    settle(sim)
+    with pytest.raises(ChangeMembershipError, match="caught up") as exc:
+        sim.engine(1).change_membership({1, 4})
+    assert set(exc.value.lagging) == {4}
+    assert not sim.engine(1).membership.membership.is_joint
+    sim.heal()
+    sim.advance(0.3)
+    j = sim.call(1, lambda e: e.change_membership({1, 4}))
+    assert isinstance(j, LogId)
+    sim.advance(0.3)
+    m = sim.engine(1).membership.membership
+    assert m.voter_ids == {1, 4} and not m.is_joint
+
+
+def test_a_removed_voter_learns_that_its_removal_committed_and_stops_campaigning():
+    """§6: "servers not in C_new ... will not receive heartbeats, so they will time out and start new
+    elections".  The leader replicates to a removed server until it holds the configuration that
+    removes it and a commit index covering it; then the server knows, and stays quiet (with PreVote it
+    never won, but it campaigned for ever)."""
+    sim = cluster(3)
+    j = sim.call(1, lambda e: e.change_membership({1, 2}))
+    assert isinstance(j, LogId)
+    settle(sim)
+    votes = []
+    sim.on_send = lambda s, d, m: (votes.append(s) if isinstance(m, VoteRequest) else None) or True
+    sim.advance(2.0)
+    e3 = sim.engine(3)
+    assert votes == [] and e3.state is LEARNER and e3.removed
+    assert sim.engine(1).replication().keys() == {2}   # it stopped replicating to node 3
+
+
+def test_remove_learner_commits_a_configuration_without_it_and_stops_replicating_to_it():
+    sim = cluster(3, learners=1)
+    with pytest.raises(ChangeMembershipError, match="voter"):
+        sim.engine(1).remove_learner(2)
+    lid = sim.call(1, lambda e: e.remove_learner(4))
+    assert isinstance(lid, LogId)
+    sim.advance(0.5)
+    assert sim.engine(1).committed.index >= lid.index
+    assert 4 not in sim.engine(1).membership.membership.nodes and 4 not in sim.engine(1).replication()
+    assert sim.engine(4).removed
+    assert sim.call(1, lambda e: e.remove_learner(4)) is None   # not a member: nothing to do
+
+
 def test_learners_are_never_counted_in_a_quorum_and_never_campaign():
     """Learners (the thesis's non-voting members, §4.2.1) receive the log but do not count toward
     majorities and never start elections."""
@@ -694,6 +759,20 @@ def test_leader_transfer_catches_up_a_lagging_target_first_and_refuses_writes_me
     assert sim.engine(3).state is LEADER
 
 
+def test_timeout_now_starts_no_election_before_the_configuration_is_on_disk():
+    """TimeoutNow makes the checks ``trigger.elect()`` makes: a vote saved before the node's first
+    configuration is durable could outlive it (see the test of initialize() above)."""
+    e = Engine(2, CFG, FixedRng(), 0.0)
+    e.initialize({1: addr(1), 2: addr(2)})
+    e.take_output()                                            # the configuration is not flushed
+    e.step(1, TimeoutNowRequest(1, 1), token="t")
+    out = e.take_output()
+    assert not any(isinstance(c, SendVote) for c in out) and e.vote.node_id is None
+    e.on_log_flushed(LogId(0, 1))
+    e.step(1, TimeoutNowRequest(1, 1), token="t2")
+    assert any(isinstance(c, SendVote) for c in e.take_output()) and e.vote == Vote(2, 2)
+
+
 def test_read_index_waits_for_a_quorum_heartbeat_and_covers_the_commit_point():
     """Thesis §6.4: the leader records its commit index as the read index, confirms it is still leader
     with a round of heartbeats to a majority, then serves the read."""
@@ -711,6 +790,28 @@ def test_read_index_waits_for_a_quorum_heartbeat_and_covers_the_commit_point():
     sim.stabilize()
     r = sim.reads_done[tok]
     assert r.ok and r.read_log_id.index >= committed.index
+
+
+def test_a_pending_read_is_checked_again_when_the_configuration_changes():
+    """Thesis §6.4 with §4.3: the leader confirms a read with a quorum of its current configuration.
+    When the leader's own flush commits C_old,new and it appends C_new, a read whose heartbeat round
+    a majority of C_new (but not of C_old) answered is served then, not after some later reply."""
+    sim = cluster(3, learners=1)
+    sim.hold_flush = {1}
+    j = sim.call(1, lambda e: e.change_membership({1, 4}))
+    assert isinstance(j, LogId)
+    sim.stabilize()
+    assert all(sim.engine(i).log.last == j for i in (2, 3, 4))
+    assert sim.engine(1).committed.index < j.index            # node 1 has not flushed it yet
+    sim.blocked |= {(1, 2), (1, 3)}                            # 2 and 3 hear no more heartbeats
+    tok = sim.read_index(1)
+    sim.stabilize()                                            # 4 answers the read's round
+    assert tok not in sim.reads_done                           # C_old: {1} is no majority
+    sim.blocked |= {(4, 1)}
+    sim.flush(1)                                               # commits C_old,new; C_new {1, 4} goes in
+    sim.stabilize()
+    assert not sim.engine(1).membership.membership.is_joint
+    assert sim.reads_done[tok].ok
 
 
 def test_read_index_on_a_deposed_leader_never_succeeds():

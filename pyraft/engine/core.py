@@ -433,23 +433,65 @@ class Engine:
         self._append_as_leader([(EntryKind.BLANK, None)])
         self._heartbeat_requested = True
 
+    def _replication_targets(self) -> dict[int, Node]:
+        """Whom a leader replicates to: every member of the committed configuration and of the
+        uncommitted ones after it (until a removal commits, the removed node is a member, and it
+        must get the entry that removes it), and the nodes still being told of their removal."""
+        out = {t: f.node for t, f in self._farewell.items()}
+        for sm in self.memberships:  # oldest first: the newest address of a node wins
+            out.update(sm.membership.nodes)
+        out.pop(self.id, None)
+        return out
+
     def _sync_progress(self, force: bool = False) -> None:
-        """Make the replication targets match the effective membership (leader only)."""
-        nodes = self.membership.membership.nodes
-        want = set(nodes) - {self.id}
+        """Make the replication targets match the configurations (leader only)."""
+        nodes = self._replication_targets()
         changed = False
         for t in list(self.progress):
-            if t not in want:
+            if t not in nodes:
                 del self.progress[t]
                 self._dirty.discard(t)
                 changed = True
-        for t in want:
+        for t in nodes:
             if t not in self.progress:
                 self.progress[t] = Progress(self.log.last_index + 1, self.now)
                 self._dirty.add(t)
                 changed = True
         if changed or force:
-            self._emit(UpdateReplication(self.vote.term, {t: nodes[t] for t in sorted(want)}))
+            self._emit(UpdateReplication(self.vote.term, {t: nodes[t] for t in sorted(nodes)}))
+
+    def _begin_farewells(self, before: Mapping[int, Node]) -> None:
+        """A configuration that removes nodes committed: keep replicating to them until they know.
+
+        A removed voter that never learns that its removal committed goes on
+        campaigning for ever (it may hold the only log the others could elect
+        until then, see _may_campaign).  So it gets heartbeats until it
+        acknowledges one whose commit index covers the configuration, or for
+        one election timeout at most.
+        """
+        gone = set(before) - set(self._replication_targets())
+        until = log_index(self.memberships[0].log_id)
+        deadline = self.now + self.cfg.election_timeout[1]
+        for t in gone:
+            self._farewell[t] = f = _Farewell(before[t], deadline, until)
+            self._maybe_end_farewell(t, f, None)
+
+    def _maybe_end_farewell(self, t: int, f: _Farewell, ack: AppendEntriesResponse | None) -> None:
+        p = self.progress.get(t)
+        if p is None or p.matched_index < f.until:
+            return
+        if not f.seq:
+            # It holds the configuration: a heartbeat round from now on carries a commit index
+            # covering it (a heartbeat asks from the matched index on).
+            self._seq += 1
+            f.seq = self._seq
+            self._heartbeat_requested = True
+        elif ack is not None and ack.success and ack.seq >= f.seq:
+            self._end_farewell(t)
+
+    def _end_farewell(self, t: int) -> None:
+        del self._farewell[t]
+        self._sync_progress()
 
     # ------------------------------------------------------------------ client inputs
 
@@ -513,11 +555,46 @@ class Engine:
         new = Membership(configs=m.configs, nodes={**m.nodes, node_id: node})
         return self._append_as_leader([(EntryKind.MEMBERSHIP, new)])[0]
 
+    def remove_learner(self, node_id: int) -> LogId | None:
+        """Propose a membership without the learner ``node_id``; None when it is not a member.
+
+        Once that entry commits, the leader stops replicating to the node
+        (after telling it, see :meth:`_begin_farewells`).  A voter is removed
+        with :meth:`change_membership` instead.
+        """
+        self._check_leader()
+        m = self._membership_for_change()
+        if m.is_voter(node_id):
+            raise ChangeMembershipError(f"node {node_id} is a voter, not a learner; "
+                                        f"remove it with change_membership")
+        if node_id not in m.nodes:
+            return None
+        new = Membership(configs=m.configs, nodes={k: v for k, v in m.nodes.items() if k != node_id})
+        return self._append_as_leader([(EntryKind.MEMBERSHIP, new)])[0]
+
+    def lagging(self, node_ids: Iterable[int]) -> dict[int, int]:
+        """Those of ``node_ids`` (leader only) whose log is not caught up: id -> entries behind the commit point.
+
+        Caught up means within one AppendEntries (``max_payload_entries``) of
+        the leader's commit point.
+        """
+        commit = log_index(self.committed)
+        out = {}
+        for t in node_ids:
+            p = self.progress.get(t)
+            behind = commit - (p.matched_index if p is not None else 0)
+            if t != self.id and (p is None or behind > self.cfg.max_payload_entries):
+                out[t] = behind
+        return out
+
     def change_membership(self, voter_ids: Iterable[int], retain: bool = False) -> LogId | None:
         """Start a joint-consensus change to ``voter_ids``; None when nothing changes.
 
         The leader finalizes the joint configuration itself once it commits
-        (see :meth:`_on_commit_advanced`).
+        (see :meth:`_on_commit_advanced`).  Every new voter must have caught
+        up first (:meth:`lagging`): a joint configuration needs a majority of
+        the new voters to commit anything, and new voters still downloading
+        the log would stall every write until they are done.
         """
         self._check_leader()
         voters = frozenset(voter_ids)
@@ -530,6 +607,12 @@ class Engine:
         old = m.configs[-1]
         if voters == old:
             return None
+        behind = self.lagging(voters - old)
+        if behind:
+            err = ChangeMembershipError(f"new voters {sorted(behind)} have not caught up with the log yet "
+                                        f"(entries behind the commit point: {behind}); retry once they have")
+            err.lagging = behind  # Raft.change_membership waits and retries on this one
+            raise err
         leaving = frozenset() if retain else frozenset(old - voters)
         new = Membership(configs=(old, voters), nodes=dict(m.nodes), leaving=leaving)
         return self._append_as_leader([(EntryKind.MEMBERSHIP, new)])[0]
@@ -626,6 +709,7 @@ class Engine:
             out.append(lid)
         if membership_changed:
             self._sync_progress()
+            self._check_reads()  # a pending read may have its quorum in the new configuration
         self._dirty.update(self.progress)
         if not self.progress:
             self._maybe_commit()
@@ -709,8 +793,12 @@ class Engine:
                   and (msg.transfer or not self._in_leader_lease())
                   and self._log_up_to_date(msg.last_log_id))
             return self._reply_vote(msg, token, ok)
-        # msg.term == current term here (higher terms were adopted in step())
-        ok = (self.vote.node_id in (None, msg.candidate_id)
+        # msg.term == current term here (higher terms were adopted in step()).  A vote not yet given
+        # in this term is not given while we follow its leader (etcd-raft's rule): that leader
+        # holds a majority already, and a late or rejoining candidate of its term can only
+        # disturb it.
+        ok = ((self.vote.node_id == msg.candidate_id
+               or (self.vote.node_id is None and self.leader_id is None))
               and self.state != ServerState.LEADER
               and self._log_up_to_date(msg.last_log_id))
         if ok:
@@ -739,8 +827,11 @@ class Engine:
 
     def _on_timeout_now(self, from_id: int, msg: TimeoutNowRequest, token: Any) -> None:
         self._emit(Respond(token, TimeoutNowResponse(self.vote.term)))
-        if self.state != ServerState.LEADER and self.is_voter():
-            self._campaign(pre_vote=False, transfer=True)
+        # The checks trigger_elect makes: a vote saved before our first configuration is on disk
+        # could outlive it (see _membership_durable).
+        if self.state != ServerState.LEADER and self.is_voter() and self._membership_durable():
+            self._campaign(pre_vote=False, transfer=True,
+                           reason=f"TimeoutNow from leader {from_id} (leadership transfer)")
 
     def _on_timeout_now_response(self, from_id: int, msg: TimeoutNowResponse, token: Any) -> None:
         pass  # only its term matters, handled in step()
@@ -888,6 +979,9 @@ class Engine:
             p.maybe_decrease_to(msg.rejected, k + 1)
         self._dirty.add(from_id)
         self._check_reads()
+        f = self._farewell.get(from_id)
+        if f is not None:
+            self._maybe_end_farewell(from_id, f, msg)
 
     def _on_install_snapshot_response(self, from_id: int, msg: InstallSnapshotResponse, token: Any) -> None:
         if self.state != ServerState.LEADER or msg.term != self.vote.term:
@@ -1038,8 +1132,13 @@ class Engine:
     def _set_committed(self, log_id: LogId) -> None:
         self.committed = log_id
         self._emit(SaveCommitted(log_id))
-        while len(self.memberships) > 1 and log_index(self.memberships[1].log_id) <= log_id.index:
-            self.memberships.pop(0)
+        if len(self.memberships) > 1 and log_index(self.memberships[1].log_id) <= log_id.index:
+            before = self._replication_targets() if self.state == ServerState.LEADER else {}
+            while len(self.memberships) > 1 and log_index(self.memberships[1].log_id) <= log_id.index:
+                self.memberships.pop(0)
+            if before:
+                self._begin_farewells(before)
+                self._sync_progress()
         self._maybe_apply()
         if self.state == ServerState.LEADER:
             self._on_commit_advanced()
@@ -1057,7 +1156,9 @@ class Engine:
                 # Removed from the cluster: hand over to the most up-to-date voter, then step down.
                 best = max((t for t in self.progress if eff.membership.is_voter(t)),
                            key=lambda t: self.progress[t].matched_index, default=None)
-                if best is not None:
+                # (It has the whole log: the configuration is committed, and nothing was accepted
+                # after it; the check keeps TimeoutNow for caught-up targets only, as transfers do.)
+                if best is not None and self.progress[best].matched_index == self.log.last_index:
                     self._emit(SendTimeoutNow(best, TimeoutNowRequest(self.vote.term, self.id)))
                 self._become_follower(self.vote.term, None)
 
