@@ -25,7 +25,7 @@ from pyraft.objects import _values
 from pyraft.stores.lmdb import LmdbLogStore
 from pyraft.stores.memory import MemoryLogStore
 from pyraft.transports.memory import MemoryNetwork
-from pyraft.types import Entry, EntryKind, LogId
+from pyraft.types import Entry, EntryKind, LogId, Membership, StoredMembership
 
 from memcluster import pyraft_threads, wait_until
 
@@ -675,6 +675,44 @@ def test_version_mismatch_raises_the_typed_error_on_the_calling_node_and_the_clu
         assert c.objs[3][0].add(5, timeout=T) == 10
         c.sync_all()
         assert [c.objs[i][0].value for i in c.ids] == [10, 10, 10]
+
+
+def test_a_call_is_refused_until_every_member_has_announced_it_can_run_that_version():
+    """Issue 16: the version check counted only the members that had announced.  Nodes 1 and 2 ran
+    ``add`` version 0; node 3, a member that had not started yet, ran only version 1.  ``add(1)`` on
+    node 1 succeeded; node 3 then could not apply the entry and its counter differed for good.  Now
+    a member that has not announced refuses every version, so nothing can diverge."""
+    classes = {1: CounterV0, 2: CounterV0, 3: CounterV1Only}
+    with ObjCluster(lambda i: (classes[i](),), init=False) as c:
+        c.stop(3)                                     # a member that has not started yet
+        c.rafts[1].initialize({i: Node(f"mem://{i}") for i in c.ids})
+        c.leader()
+        for i in (1, 2):
+            wait_until(lambda i=i: set(c.sms[i].cluster_versions()) == {1, 2}, 10, f"node {i} to see 1 and 2")
+        with pytest.raises(VersionMismatch, match="not announced") as ei:
+            c.objs[1][0].add(1, timeout=T)
+        assert ei.value.version == 0 and 3 in ei.value.supported
+        c.start(3, objs=(CounterV1Only(),))           # it announces version 1 only
+        _wait_announced(c, {1: [0], 2: [0], 3: [1]})
+        c.sync_all()
+        assert [c.objs[i][0].value for i in c.ids] == [0, 0, 0]
+        with pytest.raises(VersionMismatch):
+            c.objs[1][0].add(1, timeout=T)            # 3 cannot run version 0: refused on every node
+
+
+def test_a_node_without_a_version_the_log_ran_stops_rather_than_diverge():
+    """A node restarted with code that dropped a version it announced (or a new node replaying calls
+    made before it joined) cannot apply such a call the way the others did: its state machine raises
+    (the node stops, Fatal, naming the object, method and version) instead of going on different."""
+    sm = ObjectStateMachine(CounterV1Only())
+    sm._versions = {1: {"counter.add": [0]}}
+    sm._applied = (LogId(1, 1), StoredMembership(LogId(0, 1), Membership.of({1: Node("mem://1")})))
+    call = {"k": "call", "o": "counter", "m": "add", "v": 0, "a": _values.dumps([[1], {}]), "c": b"c" * 16,
+            "s": 1, "f": 0, "t": 1.0}
+    with pytest.raises(VersionMismatch, match="counter.add version 0"):
+        sm.apply([Entry(LogId(1, 2), EntryKind.NORMAL, call)])
+    assert sm.objects["counter"].value == 0 and sm.applied_state()[0] == LogId(1, 1)
+    sm.close()
 
 
 def test_rolling_upgrade_with_the_old_version_kept_never_fails_a_call():

@@ -22,9 +22,14 @@ runs nothing.  Sessions unused for ``session_ttl`` seconds of log time are
 dropped.
 
 Versions: each node announces (``hello``) the versions of every method it
-can run.  A call of version v runs only if every member node that has
-announced runs v for that method; otherwise it is a :class:`VersionMismatch`
-on every node alike (the decision depends only on the log).
+can run.  A call of version v runs only if every member of the configuration
+(voters and learners, as applied at that entry) has announced that it runs v
+for that method; a member that has not announced yet runs nothing.  Otherwise
+the call is a :class:`VersionMismatch` on every node alike (the decision
+depends only on the log).  A node asked to apply a call that the log ran but
+whose version its code lacks (it dropped a version it had announced, or it
+replays calls made before it joined) raises from ``apply``: the node stops
+rather than go on different from the others.
 
 Persistence (``path`` given)::
 
@@ -51,7 +56,6 @@ bytes big-endian).
 from __future__ import annotations
 
 import io
-import logging
 import math
 import os
 import threading
@@ -75,8 +79,6 @@ from .base import (NotAttached, ReplicatedMethod, ReplicatedObject, VersionMisma
                    outcome_to_wire)
 
 __all__ = ["ObjectStateMachine", "OBJECTS_ENV_NAME", "OBJECTS_LOCK_NAME", "OBJECTS_SNAPSHOT_DIR"]
-
-log = logging.getLogger("pyraft.objects")
 
 FORMAT_VERSION = 1
 SNAPSHOT_VERSION = 1
@@ -309,16 +311,18 @@ class ObjectStateMachine:
         return caller.submit_call(body, timeout, lambda: self._choose_version(obj, method))
 
     def _choose_version(self, obj: ReplicatedObject, method: ReplicatedMethod) -> int:
-        """The highest version of the method this node runs that every other announced member runs too.
+        """The highest version of the method this node runs that every other member announced it runs.
 
-        With no such version: the method's current version (the call then
-        fails with VersionMismatch when applied, on every node).
+        With no such version (a member has not announced, or runs none in
+        common): the method's current version (the call then fails with
+        VersionMismatch when applied, on every node).
         """
         mine = sorted(type(obj)._repl_methods.get(method.method_name, {}), reverse=True)
         q = f"{obj.object_name}.{method.method_name}"
         me = getattr(self._raft, "node_id", None)
         members, versions = self._version_view  # no lock: the dispatcher must never wait for apply
-        others = [t.get(q, []) for n, t in versions.items() if n != me and (members is None or n in members)]
+        ids = versions if members is None else members
+        others = [versions.get(n, {}).get(q, []) for n in ids if n != me]
         for v in mine:
             if all(v in vs for vs in others):
                 return v
@@ -498,25 +502,29 @@ class ObjectStateMachine:
             return False, RaftError(f"entry {e.log_id}: malformed call")
         q = f"{oname}.{mname}"
         members = self._member_ids()
-        lacking = {n: list(t.get(q, [])) for n, t in sorted(self._versions.items())
-                   if (members is None or n in members) and ver not in t.get(q, [])}
+        # Every member must have announced the version (only before the first configuration is
+        # applied, which no real log has, are the announced nodes all there is to go by).
+        ids = sorted(self._versions if members is None else members)
+        lacking = {n: list(self._versions.get(n, {}).get(q, [])) for n in ids
+                   if ver not in self._versions.get(n, {}).get(q, [])}
         if lacking:
+            silent = [n for n in lacking if n not in self._versions]
+            why = f"; node(s) {silent} have not announced their versions yet" if silent else ""
             return False, VersionMismatch(
-                f"{q} version {ver} is not run by node(s) {sorted(lacking)} (they run {lacking}); "
+                f"{q} version {ver} is not run by node(s) {sorted(lacking)} (they run {lacking}{why}); "
                 f"nothing was changed", object_name=oname, method=mname, version=ver, supported=lacking)
         obj = self._objects.get(oname)
         impl = type(obj)._repl_methods.get(mname, {}).get(ver) if obj is not None else None
         if impl is None:
-            # The log accepted the call because this node had announced the version: it
-            # has been restarted with code that dropped it.  Its copy of the object
-            # now differs from the others'; say so loudly.
+            # Every member announced the version, this node included or (a node replaying calls
+            # made before it joined) not yet a member: the others ran the call.  Going on without
+            # it would leave this node's object different for good; stop instead, loudly.
             have = sorted(type(obj)._repl_methods.get(mname, {})) if obj is not None else []
-            log.error("objects: entry %s calls %s version %s, which this node announced but no longer runs "
-                      "(it runs %s): this node's %r now DIFFERS from the other nodes'. Keep old versions "
-                      "(@replicated(ver=N)) until every node has announced the new one.",
-                      e.log_id, q, ver, have, oname)
-            return False, VersionMismatch(f"{q} version {ver} is not run by this node (it runs {have})",
-                                          object_name=oname, method=mname, version=ver)
+            raise VersionMismatch(
+                f"entry {e.log_id} calls {q} version {ver}, which the other nodes ran but this node's code "
+                f"does not have (it runs {have}); this node stops rather than let its {oname!r} differ from "
+                f"theirs: restart it with code that keeps that version (@replicated(ver=N))",
+                object_name=oname, method=mname, version=ver)
         try:
             args = _values.loads(a, "call arguments")
             if not (isinstance(args, list) and len(args) == 2 and isinstance(args[0], list)
