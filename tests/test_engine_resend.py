@@ -135,7 +135,7 @@ def test_leader_transfer_to_a_follower_whose_last_append_was_lost_completes_in_t
     sim.call(1, lambda e: e.transfer_leader(3))
     sim.stabilize()
     assert timeouts == []                         # node 3 lacks the last entry
-    sim.advance(Config().election_timeout[0])     # well within the transfer deadline (election_timeout max)
+    sim.advance(cfg().election_timeout[0])        # well within the transfer deadline (election_timeout max)
     assert timeouts == [3]
     assert sim.engine(3).state is ServerState.LEADER and sim.engine(3).current_term == term + 1
 

@@ -256,6 +256,38 @@ def test_config_validation():
         Raft(1, {"cluster_name": "x"}, None, None, None)
 
 
+def test_timing_defaults_hold_on_a_busy_host_and_the_low_latency_preset_is_explicit():
+    """Issue 17: 50 ms / 150-300 ms churned through elections on a busy host; etcd uses 100 ms / 1 s."""
+    c = Config()
+    assert c.heartbeat_interval == 0.1 and c.election_timeout == (1.0, 2.0)
+    fast = Config.low_latency(cluster_name="x", rpc_timeout=0.5)
+    assert (fast.heartbeat_interval, fast.election_timeout) == (0.05, (0.15, 0.30))
+    assert fast.cluster_name == "x" and fast.rpc_timeout == 0.5
+    with pytest.raises(ValueError):
+        Config.low_latency(heartbeat_interval=0.1)   # more than half the minimum election timeout
+
+
+def test_each_election_is_logged_at_info_with_its_reason(caplog):
+    """Issue 17: why did this node start an election?  The initialize() call, the silence of a leader
+    (and for how long), a TimeoutNow, or trigger.elect()."""
+    caplog.set_level("INFO", logger="pyraft.runtime")
+    with MemCluster(3) as c:
+        leader = c.leader()
+        first = [r.getMessage() for r in caplog.records if "starts a" in r.getMessage()]
+        assert any("for term 1: initialize() was called" in m for m in first), first
+        c.net.isolate(leader.node_id)
+        rest = [i for i in c.rafts if i != leader.node_id]
+        c.leader(among=rest)
+        msgs = [r.getMessage() for r in caplog.records if "starts a" in r.getMessage()]
+        assert any(f"election timeout: last heard from leader {leader.node_id}" in m for m in msgs), msgs
+        c.net.heal()
+        follower = wait_until(lambda: next((r for r in c.rafts.values() if r.metrics().state == ServerState.FOLLOWER),
+                                           None), 5, "a follower")
+        follower.trigger.elect()
+        wait_until(lambda: any("trigger.elect() was called" in r.getMessage() for r in caplog.records), 5,
+                   "the trigger.elect() election to be logged")
+
+
 def test_a_cancelled_client_future_does_not_hurt_the_node():
     """A caller may cancel its future (asyncio.wait_for does); completing it later is a no-op."""
     with MemCluster(3) as c:

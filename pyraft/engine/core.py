@@ -317,7 +317,6 @@ class Engine:
 
     def _timeout_reason(self) -> str:
         if self._initialized_now:
-            self._initialized_now = False
             return "initialize() was called: the first election starts at once"
         if self.state == ServerState.CANDIDATE and self.last_campaign is not None:
             c = self.last_campaign
@@ -392,6 +391,7 @@ class Engine:
                                               f"cannot campaign ({reason}): term {self.vote.term} has no "
                                               f"successor the wire format can carry", refused=True)
             return
+        self._initialized_now = False
         if reason:  # a new election (a pre-vote round that won goes on under the same number)
             self.last_campaign = Campaign(last.number + 1 if last else 1, self.vote.term + 1, pre_vote, reason)
         elif last is not None:
