@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import pytest
 
-from pyraft.config import Config
-from pyraft.messages import AppendEntriesRequest, AppendEntriesResponse, VoteRequest, VoteResponse
-from pyraft.types import LogId, ServerState, Vote
+from pyraft.engine.commands import Respond
+from pyraft.messages import AppendEntriesRequest, InstallSnapshotRequest, InstallSnapshotResponse
+from pyraft.types import Entry, EntryKind, LogId, ServerState, SnapshotMeta, Vote
 
 from sim.cluster import Sim
-from test_raft_paper import CFG, cluster, elect, engine, propose, settle
+from test_raft_paper import cluster, elect, engine, propose, settle
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -112,3 +112,19 @@ def test_a_stale_term_refusal_never_confirms_a_read_of_a_later_run():
     tok = sim.read_index(1)
     sim.stabilize()
     assert tok not in sim.reads_done or not sim.reads_done[tok].ok
+
+
+def test_a_snapshot_already_covered_by_the_commit_point_is_acknowledged_only_as_far_as_the_disk():
+    """A follower's commit point may run ahead of its flushes (the leader's commit index covers entries
+    still in our write buffer).  An InstallSnapshot it already covers was answered "done up to the
+    snapshot's last entry", and the leader counted as held entries this follower's disk did not have
+    (found by the simulation's check that a follower really holds what it acknowledged)."""
+    e = engine(2, [1, 1], vote=Vote(1, None))             # entries 2..3, on disk
+    ents = tuple(Entry(LogId(1, i), EntryKind.NORMAL, i) for i in (4, 5))
+    e.step(1, AppendEntriesRequest(1, 1, LogId(1, 3), ents, 5), token="ae")
+    e.take_output()                                        # entries 4..5 are not flushed yet
+    assert e.committed == LogId(1, 5) and e.flushed == LogId(1, 3)
+    snap = SnapshotMeta(LogId(1, 5), None, "s")
+    e.step(1, InstallSnapshotRequest(1, 1, snap, 0, b"", True), token="snap")
+    (reply,) = [c.message for c in e.take_output() if isinstance(c, Respond) and c.token == "snap"]
+    assert reply == InstallSnapshotResponse(1, True, LogId(1, 3))

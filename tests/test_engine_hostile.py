@@ -13,7 +13,7 @@ import threading
 import pytest
 
 from pyraft import Config, Node, ServerState
-from pyraft.engine.commands import Respond, SaveVote, SendVote
+from pyraft.engine.commands import SaveVote, SendVote
 from pyraft.engine.core import Engine
 from pyraft.engine.refusals import MAX_TERM, MAX_TERM_STEP
 from pyraft.errors import RemoteProtocolError
@@ -22,7 +22,7 @@ from pyraft.messages import (AppendEntriesRequest, AppendEntriesResponse, Instal
 from pyraft.types import Entry, EntryKind, LogId, SnapshotMeta, Vote
 
 from memcluster import MemCluster
-from test_raft_paper import cluster, engine, propose, settle
+from test_raft_paper import cluster, engine
 
 pytestmark = pytest.mark.timeout(30)
 

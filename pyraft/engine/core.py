@@ -915,8 +915,11 @@ class Engine:
             self._emit(ReceiveSnapshotChunk(msg))
             return self._emit(Respond(token, InstallSnapshotResponse(self.vote.term)))
         if log_index(last) <= log_index(self.committed):
-            # Already have everything the snapshot holds.
-            return self._emit(Respond(token, InstallSnapshotResponse(self.vote.term, True, last)))
+            # Already have everything the snapshot holds.  Say so only as far as it is on our disk
+            # (our commit point may run ahead of our flushes): the leader counts what we report as
+            # held, and the rest is acknowledged once flushed, as appends are.
+            held = last if log_index(last) <= log_index(self.flushed) else self.flushed
+            return self._emit(Respond(token, InstallSnapshotResponse(self.vote.term, True, held)))
         if log_index(last) < self._installing:
             # An older snapshot (a late or duplicated message) than one already on its way
             # into the state machine: installing it after that one would take the state
