@@ -12,9 +12,12 @@ What is simulated, per node (:class:`SimNode`):
   writes them synchronously before later commands); ``AppendToLog``,
   ``TruncateLog`` and ``PurgeLog`` go to an unflushed buffer that is flushed
   after a short random delay, after which the engine hears
-  ``on_log_flushed``.  A crash loses the buffer (a random prefix of it may
-  have reached the disk) and may strike between any two commands of one
-  ``take_output()`` batch;
+  ``on_log_flushed``; now and then a disk stalls for longer than an election
+  timeout.  A crash loses the buffer (a random prefix of it may have reached
+  the disk) and may strike between any two commands of one ``take_output()``
+  batch;
+* a **process** that may be paused (SIGSTOP) for longer than an election
+  timeout: it handles nothing meanwhile, then everything that waited;
 * a **state machine** worker (FIFO: Apply, BuildSnapshot, InstallSnapshot)
   whose state is ``(applied log id, hash chain of the applied entries)``,
   volatile, rebuilt on restart from the durable snapshot and a replay of the
@@ -24,14 +27,23 @@ What is simulated, per node (:class:`SimNode`):
   (sometimes a little later, as a replication worker would), snapshots go out
   in one or several chunks with an RPC timeout.
 
-The **network** loses, duplicates and reorders messages (random delays) and
-has symmetric and one-way partitions.  A **client** proposes, reads
-(ReadIndex), changes membership, transfers leadership and triggers
-snapshots, purges, elections.  Fault phases alternate with healed phases in
-which a leader must be elected and a fresh proposal commit within ten
-maximum election timeouts (liveness).
+The **network** loses, duplicates and reorders messages (random delays),
+delivers a few of them late enough to outlive an election or a restart of
+either end, and has symmetric and one-way partitions.  A **client**
+proposes, reads (ReadIndex), changes membership (and sometimes loses or
+stops the leader while the joint configuration is open), transfers
+leadership and triggers snapshots, purges, elections.  Fault phases
+alternate with healed phases in which a leader must be elected and a fresh
+proposal commit within ten maximum election timeouts (liveness).
 
-:mod:`invariants` checks the safety properties after every event.
+:mod:`invariants` checks the safety properties after every event.  The
+harness itself checks what only it can see (``DIRECT_CHECKS``): a vote is on
+disk when granted and an entry when acknowledged or counted as flushed; a
+leader's view of what a follower holds is in the leader's log and on the
+follower's disk; no node grants a vote while CheckQuorum's lease binds it; a
+leader sends TimeoutNow only to a caught-up target and accepts no proposal
+while it transfers; client writes are linearizable (one proposed after
+another was acknowledged is ordered after it in the log).
 
 Manual mode (``Sim(..., manual=True)``) turns every delay to zero and every
 random activity off; scenario tests (``tests/test_raft_paper.py``) drive it
@@ -49,7 +61,7 @@ from pyraft.engine import commands as C
 from pyraft.engine.core import Engine, RestoredState
 from pyraft.errors import RaftError
 from pyraft.messages import InstallSnapshotRequest, InstallSnapshotResponse, AppendEntriesRequest, \
-    AppendEntriesResponse, VoteResponse
+    AppendEntriesResponse, VoteRequest, VoteResponse
 from pyraft.types import EntryKind, LogId, Node, ServerState, SnapshotMeta, StoredMembership, Vote
 
 from .invariants import InvariantViolation, Invariants, chain
@@ -57,8 +69,9 @@ from .invariants import InvariantViolation, Invariants, chain
 LEADER = ServerState.LEADER
 
 #: Check the ordering contract directly where it is observable (a vote is on disk when granted, an
-#: acknowledged or flushed entry is on disk).  ``sim.teeth --no-direct-checks`` turns this off to see
-#: whether the Figure 3 invariants alone catch a durability bug, through crashes.
+#: acknowledged or flushed entry is on disk, a leader's view of a follower's log is true, a transfer
+#: goes to a caught-up target).  ``sim.teeth --no-direct-checks`` turns this off to see whether the
+#: Figure 3 invariants alone catch a durability bug, through crashes.
 DIRECT_CHECKS = True
 
 
@@ -218,6 +231,13 @@ class SimNode:
         self.seen_committed: Any = None
         self.saved_committed: LogId | None = None   # the last SaveCommitted of this incarnation
         self.decommissioned = False                  # shut down by the operator (see Sim._heal)
+        self.stall_until = 0.0                       # its disk completes no flush before then
+        self.paused = False                          # the process is stopped (SIGSTOP): events wait
+        self.deferred: list[tuple] = []              # the events that arrived while it was paused
+        #: (term, local time) of the last AppendEntries/InstallSnapshot of a leader it took (lease check)
+        self.contact: tuple[int, float] | None = None
+        #: client writes this incarnation proposed and has not applied yet: index -> (log id, floor)
+        self.writes: dict[int, tuple[LogId, int]] = {}
 
     def now(self) -> float:
         return self.sim.t * self.rate
@@ -295,6 +315,10 @@ class Sim:
         self.loss = 0.0
         self.dup = 0.0
         self.delay = (0.0, 0.0) if manual else (0.0005, 0.005)
+        self.ghost = 0.0            # the share of messages delayed long enough to outlive an election
+        self.write_acked = 0        # the highest index of a client write acknowledged so far
+        #: while a VoteRequest is handled: (voter id, request, whether the voter's lease held, its term)
+        self._voting: tuple[int, Any, bool, int] | None = None
         self.on_send: Callable[[int, int, Any], bool] | None = None  # manual-mode filter
         self.hold_flush: set[int] = set()                 # manual mode: these flush only on Sim.flush
         self.reads_done: dict[Any, C.RespondRead] = {}   # manual mode: completed reads
@@ -312,7 +336,8 @@ class Sim:
         self.read_token = 0
         self.tid = 0
         self.stats = {"crashes": 0, "elections": 0, "snap_installs": 0, "commits": 0, "truncations": 0,
-                      "mid_batch_crashes": 0}
+                      "mid_batch_crashes": 0, "pauses": 0, "stalls": 0, "ghosts": 0, "joint": 0,
+                      "writes_acked": 0}
         for n in self.nodes.values():
             self._boot(n)
         nodes = {i: addr(i) for i in self.voter_ids}
@@ -369,7 +394,7 @@ class Sim:
     def call(self, node_id: int, fn: Callable[[Engine], Any]) -> Any:
         """Run ``fn(engine)`` on a live node and execute its output; RaftErrors are returned, not raised."""
         n = self.nodes[node_id]
-        if not n.alive:
+        if not n.alive or n.paused:
             return None
         n.engine.advance_clock(n.now())
         try:
@@ -391,6 +416,7 @@ class Sim:
         n.recv = None
         n.transfers = {}
         n.repl_term, n.repl_targets = 0, frozenset()
+        n.paused, n.deferred, n.contact, n.writes, n.stall_until = False, [], None, {}, 0.0
         s = n.d_snap
         n.sm_applied = s.meta.last_log_id if s else None
         n.sm_h = s.h if s else 0
@@ -429,6 +455,7 @@ class Sim:
         n.log = SimLog()
         n.smq = deque()
         n.transfers = {}
+        n.paused, n.deferred, n.writes = False, [], {}
         self._check_durable()
         if not self.manual:
             self._at(self.rng.uniform(0.01, 0.8) if down_for is None else down_for, self._restart, n.id, n.inc)
@@ -442,6 +469,34 @@ class Sim:
         n = self.nodes[node_id]
         if n.inc == inc and not n.alive and not n.decommissioned:
             self._boot(n)
+
+    def _held(self, n: SimNode, fn: Callable, *args: Any) -> bool:
+        """A paused process handles nothing: its events wait, in order, until it resumes."""
+        if n.paused:
+            n.deferred.append((fn, args))
+            return True
+        return False
+
+    def pause(self, node_id: int, why: str = "pause", down_for: float | None = None) -> None:
+        """SIGSTOP: the node handles nothing (timers, messages, its disk's completions) until resumed."""
+        n = self.nodes[node_id]
+        if not n.alive or n.paused:
+            return
+        n.paused = True
+        self.stats["pauses"] += 1
+        self.note(node_id, why)
+        if not self.manual:
+            self._at(self.rng.uniform(0.2, 1.2) if down_for is None else down_for, self._resume, node_id, n.inc)
+
+    def _resume(self, node_id: int, inc: int) -> None:
+        n = self.nodes[node_id]
+        if n.inc != inc or not n.paused:
+            return
+        n.paused = False
+        self.note(node_id, "resume", f"{len(n.deferred)} events waited")
+        events, n.deferred = n.deferred, []
+        for fn, args in events:
+            self._at(0.0, fn, *args)
 
     def _check_durable(self) -> None:
         inv = self.inv
@@ -553,7 +608,11 @@ class Sim:
             self.crash(node_id, why, down_for)
 
     def _flush(self, n: SimNode, inc: int) -> None:
-        if n.inc != inc or not n.alive:
+        if n.inc != inc or not n.alive or self._held(n, self._flush, n, inc):
+            return
+        if n.stall_until > self.t:
+            # a disk that stalls (longer than an election timeout): the flush completes later
+            self._at(min(n.stall_until - self.t, 0.05), self._flush, n, inc)
             return
         n.flush_pending = False
         if n.id in self.hold_flush:
@@ -654,7 +713,12 @@ class Sim:
         if self.loss and rng.random() < self.loss:
             return
         lo, hi = self.delay
-        self._at(rng.uniform(lo, hi), self._deliver, src, dst, msg, ctx, is_resp)
+        d = rng.uniform(lo, hi)
+        if self.ghost and rng.random() < self.ghost:
+            # a message that outlives an election or a restart of its sender or receiver
+            d = rng.uniform(0.3, 2.0)
+            self.stats["ghosts"] += 1
+        self._at(d, self._deliver, src, dst, msg, ctx, is_resp)
         if self.dup and rng.random() < self.dup:
             self._at(rng.uniform(lo, 2 * hi), self._deliver, src, dst, msg, ctx, is_resp)
 
@@ -662,19 +726,61 @@ class Sim:
         if (src, dst) in self.blocked:
             return
         n = self.nodes[dst]
-        if not n.alive:
+        if not n.alive or self._held(n, self._deliver, src, dst, msg, ctx, is_resp):
             return
         self.note(dst, f"<-n{src}", msg)
         e = n.engine
         e.advance_clock(n.now())
         if is_resp:
+            p = e.progress.get(src) if e.state is LEADER else None
+            before = p.matched if p is not None else None
             e.step(src, msg, None)
+            if p is not None and p.matched != before and p is e.progress.get(src):
+                self._check_ack(n, src, p.matched)
             self.run_output(n)
             if ctx is not None and n.alive:
                 self._snapshot_progress(n, src, msg, ctx)
         else:
+            t = type(msg)
+            if t is VoteRequest:
+                self._voting = (n.id, msg, self._lease_held(n), e.vote.term)
             e.step(src, msg, (src, ctx))
+            if (t is AppendEntriesRequest or t is InstallSnapshotRequest) and e.vote.term == msg.term \
+                    and e.leader_id == msg.leader_id:
+                n.contact = (msg.term, n.now())
             self.run_output(n)
+            self._voting = None
+
+    # ------------------------------------------------------------------ checks that fail on availability
+
+    def _lease_held(self, n: SimNode) -> bool:
+        """CheckQuorum's vote lease (thesis 4.2.3): a node that heard from its term's leader within the
+        minimum election timeout (or leads) grants no vote or pre-vote for a later term, bar a transfer."""
+        if not self.cfg.check_quorum:
+            return False
+        e = n.engine
+        if e.state is LEADER:
+            return True
+        c = n.contact
+        return c is not None and c[0] == e.vote.term and n.now() - c[1] < self.cfg.election_timeout[0]
+
+    def _check_ack(self, n: SimNode, src: int, m: LogId | None) -> None:
+        """A leader's view of what a follower holds: in the leader's log, and on the follower's disk."""
+        if m is None or not DIRECT_CHECKS:
+            return
+        i, log = m.index, n.log
+        if i > log.last_index or (i > log.base and log.term_at(i) != m.term):
+            self.inv.fail(f"leader {n.id} records node {src} as holding {m}, which its own log "
+                          f"({log.purged}..{log.last}) does not hold")
+        f = self.nodes[src]
+        term = n.engine.vote.term
+        if (f.engine.vote.term if f.alive else (f.d_vote.term if f.d_vote else 0)) != term or i <= log.base:
+            return  # the follower has moved on to a later term: it may have truncated since
+        d = f.d_log
+        if not (d.hash_at(i) == log.hash_at(i) or i <= d.base
+                or (f.d_snap is not None and idx(f.d_snap.meta.last_log_id) >= i)):
+            self.inv.fail(f"leader {n.id} records node {src} as holding {m}, but node {src}'s disk does not "
+                          f"hold it (durable log {d.purged}..{d.last})")
 
     def _c_update_replication(self, n: SimNode, cmd: C.UpdateReplication) -> None:
         targets = frozenset(cmd.targets)
@@ -697,7 +803,7 @@ class Sim:
             self._replicate_read(n, n.inc, cmd, now=True)
 
     def _replicate_read(self, n: SimNode, inc: int, cmd: C.Replicate, now: bool = False) -> None:
-        if n.inc != inc or not n.alive:
+        if n.inc != inc or not n.alive or (not now and self._held(n, self._replicate_read, n, inc, cmd)):
             return
         if not now and (cmd.term != n.repl_term or cmd.target not in n.repl_targets):
             return  # the worker was stopped
@@ -760,7 +866,7 @@ class Sim:
         self._send_chunk(n, src)
 
     def _snapshot_timeout(self, n: SimNode, inc: int, target: int, tid: int, end: int) -> None:
-        if n.inc != inc or not n.alive:
+        if n.inc != inc or not n.alive or self._held(n, self._snapshot_timeout, n, inc, target, tid, end):
             return
         tr = n.transfers.get(target)
         if tr is None or tr[0] != tid or tr[5] != end:
@@ -772,11 +878,19 @@ class Sim:
         self.run_output(n)
 
     def _c_send_vote(self, n: SimNode, cmd: C.SendVote) -> None:
+        n.contact = None  # a candidate follows no leader
         for t in cmd.targets:
             self.send(n.id, t, cmd.request, None, False)
 
     def _c_timeout_now(self, n: SimNode, cmd: C.SendTimeoutNow) -> None:
         self.note(n.id, "TimeoutNow", f"->n{cmd.target}")
+        t, last = self.nodes[cmd.target], n.log.last_index
+        if DIRECT_CHECKS and t.alive and t.engine.vote.term <= cmd.request.term and last > n.log.base:
+            d = t.d_log
+            if not (d.hash_at(last) == n.log.hash_at(last) or last <= d.base
+                    or (t.d_snap is not None and idx(t.d_snap.meta.last_log_id) >= last)):
+                self.inv.fail(f"unsafe transfer: leader {n.id} sends TimeoutNow to node {t.id}, whose log "
+                              f"({d.purged}..{d.last} on disk) lacks its last entry {n.log.last}")
         self.send(n.id, cmd.target, cmd.request, None, False)
 
     def _c_respond(self, n: SimNode, cmd: C.Respond) -> None:
@@ -795,6 +909,10 @@ class Sim:
             if m.granted and not m.pre_vote and n.d_vote != Vote(m.term, to):
                 self.inv.fail(f"node {n.id} grants its vote in term {m.term} to n{to} "
                               f"but its vote on disk is {n.d_vote}")
+            v = self._voting
+            if m.granted and v is not None and v[0] == n.id and v[2] and not v[1].transfer and m.term > v[3]:
+                self.inv.fail(f"leader lease ignored: node {n.id} grants a {'pre-' if m.pre_vote else ''}vote "
+                              f"for term {m.term} to n{to} while it follows a live leader (CheckQuorum)")
         self.send(n.id, to, m, ctx, True)
         if type(m) is VoteResponse and m.granted and not m.pre_vote and self.phase == "fault" \
                 and not self.manual and self.rng.random() < 0.15:
@@ -847,7 +965,7 @@ class Sim:
             self._at(self.rng.uniform(*self.sm_delay) if not self.manual else 0.0, self._sm_run, n, n.inc)
 
     def _sm_run(self, n: SimNode, inc: int) -> None:
-        if n.inc != inc or not n.alive:
+        if n.inc != inc or not n.alive or self._held(n, self._sm_run, n, inc):
             return
         task = n.smq.popleft()
         e = n.engine
@@ -867,6 +985,8 @@ class Sim:
                                  f"({log.purged}..{log.last})")
                     h = chain(h, ent)
                     inv.on_apply(n.id, ent.log_id, h)
+                    if n.writes:
+                        self._ack_write(n, ent.log_id)
                     if ent.kind == EntryKind.MEMBERSHIP:
                         n.sm_membership = StoredMembership(ent.log_id, ent.payload)
                 if ent.log_id != upto:
@@ -891,6 +1011,8 @@ class Sim:
                               f"machine back from {n.sm_applied}")
             self.stats["snap_installs"] += 1
             self.note(n.id, "snapshot installed", meta.last_log_id)
+            for i in [i for i in n.writes if i <= idx(meta.last_log_id)]:
+                del n.writes[i]  # their fate is in the snapshot: the runtime fails them
             n.sm_applied, n.sm_h, n.sm_membership = meta.last_log_id, h, meta.last_membership
             n.d_snap = Snap(meta, h, data)
             self.inv.on_snapshot_state(n.id, meta.last_log_id, h)
@@ -909,6 +1031,31 @@ class Sim:
         self.inv.on_read_done(cmd.token, cmd.read_log_id, cmd.ok)
         if self.manual:
             self.reads_done[cmd.token] = cmd
+
+    def propose(self, node_id: int, payloads: list) -> Any:
+        """A client write: proposed on ``node_id``, acknowledged when that node (this incarnation)
+        applies it at the log id it got.  Checks real-time order: a write proposed after another was
+        acknowledged is ordered after it in the log (linearizability of writes)."""
+        n = self.nodes[node_id]
+        busy = n.alive and n.engine.transferee is not None
+        r = self.call(node_id, lambda e: e.propose(payloads))
+        if isinstance(r, list) and r:
+            if busy:
+                self.inv.fail(f"node {node_id} accepts proposals {r} while it transfers its leadership")
+            for lid in r:
+                n.writes[lid.index] = (lid, self.write_acked)
+        return r
+
+    def _ack_write(self, n: SimNode, lid: LogId) -> None:
+        w = n.writes.pop(lid.index, None)
+        if w is None or w[0] != lid:
+            return  # not a write of this incarnation, or overwritten (the runtime fails those)
+        if lid.index <= w[1]:
+            self.inv.fail(f"linearizability: write {lid} on node {n.id} was proposed after the write at "
+                          f"index {w[1]} was acknowledged, yet it is ordered before it")
+        self.stats["writes_acked"] += 1
+        if lid.index > self.write_acked:
+            self.write_acked = lid.index
 
     def read_index(self, node_id: int) -> Any:
         """Start a ReadIndex on ``node_id``; returns the token (None if refused at once)."""
@@ -943,7 +1090,7 @@ class Sim:
     # ------------------------------------------------------------------ random activity
 
     def _tick(self, n: SimNode, inc: int) -> None:
-        if n.inc != inc or not n.alive:
+        if n.inc != inc or not n.alive or self._held(n, self._tick, n, inc):
             return
         n.engine.tick(n.now())
         self.run_output(n)
@@ -967,7 +1114,7 @@ class Sim:
             k = rng.randint(1, 3)
             payloads = list(range(self.payload + 1, self.payload + k + 1))
             self.payload += k
-            self.call(n.id, lambda e: e.propose(payloads))
+            self.propose(n.id, payloads)
         elif r < 0.65:
             tok = self.read_index(n.id)
             self.note(n.id, "read_index", tok)
@@ -1000,6 +1147,14 @@ class Sim:
             retain = rng.random() < 0.5
             res = self.call(n.id, lambda e: e.change_membership(voters, retain))
             self.note(n.id, f"change_membership({voters}, retain={retain})", res)
+            if isinstance(res, LogId):
+                self.stats["joint"] += 1
+                if self.phase == "fault" and rng.random() < 0.3:
+                    # keep the joint phase open: lose (or stop) the leader before it commits the change
+                    if rng.random() < 0.5:
+                        self._at(rng.uniform(0.0, 0.03), self._depose, n.id, n.inc)
+                    else:
+                        self.pause(n.id, "pause the leader of a joint phase")
         elif r < 0.89:
             m = e.membership.membership if e.membership else None
             if m is None:
@@ -1028,41 +1183,56 @@ class Sim:
             what = rng.random()
             if what < 0.3:
                 self.crash(x, "crash the leader")
-            elif what < 0.7:
+            elif what < 0.55:
                 self.blocked |= {(x, y) for y in ids} | {(y, x) for y in ids}
                 self.note("*", "isolate the leader", x)
+            elif what < 0.75:
+                # a stopped process: it wakes up believing it still leads, with work queued up
+                self.pause(x, "pause the leader")
             else:
                 others = [i for i in ids if i != x]
                 a = {x} | set(rng.sample(others, rng.randint(0, max(0, (len(ids) - 1) // 2))))
                 self.blocked = {(p, q) for p in ids for q in ids if (p in a) != (q in a)}
                 self.note("*", "partition, leader in minority", f"{sorted(a)} | {sorted(set(ids) - a)}")
             return
-        if r < 0.3:
+        if r < 0.25:
             alive = [i for i in ids if self.nodes[i].alive]
             if alive:
                 self.crash(rng.choice(alive))
-        elif r < 0.45:
+        elif r < 0.37:
             a = set(rng.sample(ids, rng.randint(1, max(1, len(ids) // 2))))
             self.blocked = {(x, y) for x in ids for y in ids if (x in a) != (y in a)}
             self.note("*", "partition", f"{sorted(a)} | {sorted(set(ids) - a)}")
-        elif r < 0.55:
+        elif r < 0.45:
             x, y = rng.sample(ids, 2) if len(ids) > 1 else (ids[0], ids[0])
             self.blocked.add((x, y))
             self.note("*", "one-way block", f"{x}->{y}")
-        elif r < 0.62:
+        elif r < 0.51:
             x = rng.choice(ids)
             self.blocked |= {(x, y) for y in ids} | {(y, x) for y in ids}
             self.note("*", "isolate", x)
-        elif r < 0.75:
+        elif r < 0.61:
             self.blocked = set()
             self.note("*", "network healed")
-        elif r < 0.85:
+        elif r < 0.69:
             self.loss = rng.choice([0.0, 0.0, 0.02, 0.1, 0.3])
             self.dup = rng.choice([0.0, 0.0, 0.02, 0.1])
             self.note("*", "loss/dup", (self.loss, self.dup))
-        elif r < 0.92:
+        elif r < 0.75:
             self.delay = rng.choice([(0.0005, 0.005), (0.001, 0.03), (0.001, 0.12)])
             self.note("*", "delay", self.delay)
+        elif r < 0.81:
+            self.pause(rng.choice(ids))
+        elif r < 0.88:
+            # a disk that stalls for longer than an election timeout (fsync behind a busy device)
+            for x in rng.sample(ids, min(len(ids), rng.choice([1, 1, 2]))):
+                n = self.nodes[x]
+                n.stall_until = max(n.stall_until, self.t + rng.uniform(0.2, 1.0))
+                self.stats["stalls"] += 1
+                self.note(x, "disk stalls until", f"{n.stall_until:.4f}")
+        elif r < 0.93:
+            self.ghost = rng.choice([0.0, 0.01, 0.03, 0.1])
+            self.note("*", "messages outliving elections", self.ghost)
         else:
             self.p_mid_crash = rng.choice([0.0, 0.002, 0.01, 0.03])
 
@@ -1070,9 +1240,12 @@ class Sim:
         """End a fault phase: heal everything; a leader must commit a fresh entry soon."""
         self.phase = "heal"
         self.blocked = set()
-        self.loss = self.dup = 0.0
+        self.loss = self.dup = self.ghost = 0.0  # (ghosts already on their way still arrive)
         self.delay = (0.0005, 0.005)
         self.p_mid_crash = 0.0
+        for n in self.nodes.values():
+            n.stall_until = 0.0
+            self._resume(n.id, n.inc)
         self.probes = {}
         self.heal_deadline = self.t + 10 * self.cfg.election_timeout[1]
         self.note("*", "HEAL", f"liveness deadline {self.heal_deadline:.4f}")

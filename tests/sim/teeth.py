@@ -6,12 +6,20 @@ instead of the real engine: the file on disk is never modified, so nobody
 editing or testing the engine concurrently is affected and nothing needs
 reverting.
 
-    cd tests && python -m sim.teeth [--seeds 500] [--steps 10000] [--jobs 2] [--no-direct-checks] [mutant ...]
+    cd tests && python -m sim.teeth [--seeds 500] [--steps 10000] [--jobs 2] [--no-direct-checks]
+                                    [--suite] [--markdown] [mutant ...]
 
-``--no-direct-checks`` drops the harness's direct ordering-contract checks
-(vote on disk before it is granted, entries on disk before they are
-acknowledged), leaving only the Figure 3 invariants: then a durability bug is
-caught only when a crash turns it into a safety violation.
+``--no-direct-checks`` drops the harness's direct checks (a vote on disk
+before it is granted, entries on disk before they are acknowledged, a leader's
+view of a follower's log, the vote lease, transfers to caught-up targets),
+leaving only the Figure 3 invariants: then a durability bug is caught only
+when a crash turns it into a safety violation.
+
+``--suite`` also runs, under each mutant, what else the default test suite
+runs against the engine: the pinned seeds of ``test_simulation.py`` and the
+deterministic engine tests (:data:`SUITE_TESTS`), each in a fresh process
+whose ``pyraft.engine.core`` is the mutant.  ``--markdown`` prints the
+results as the table rows of ``docs/testing.md``.
 """
 from __future__ import annotations
 
@@ -122,6 +130,89 @@ MUTANTS: dict[str, tuple[str, str, str]] = {
         "            if not m.is_quorum(acked):\n                break\n            self._emit(RespondRead",
         "            self._emit(RespondRead",
     ),
+    # --- issue 16: the mutants a consensus reviewer would try first
+    "no-joint-consensus": (
+        "a membership change switches to the new voter set in one step (no joint configuration)",
+        "        new = Membership(configs=(old, voters), nodes=dict(m.nodes), leaving=leaving)",
+        "        new = Membership(configs=(voters,), nodes={k: v for k, v in m.nodes.items() if k not in leaving})",
+    ),
+    "joint-commit-new-only": (
+        "while joint, entries commit with a majority of the new voter set only",
+        "        n = self.membership.membership.quorum_index(matched)",
+        "        from ..types import _majority_index\n"
+        "        new = self.membership.membership.configs[-1]\n"
+        "        n = _majority_index([matched.get(x, 0) for x in new], len(new))",
+    ),
+    "joint-election-new-only": (
+        "while joint, a candidate wins with a majority of the new voter set only",
+        "        if m.is_quorum(self._granted & m.voter_ids):",
+        "        if len(self._granted & m.configs[-1]) * 2 > len(m.configs[-1]):",
+    ),
+    "read-before-term-commit": (
+        "ReadIndex serves a new leader before it committed an entry of its own term",
+        "        if self.committed is None or self.committed.term != self.vote.term:\n"
+        "            self._reads_waiting_commit.append(token)",
+        "        if self.committed is None:\n            self._reads_waiting_commit.append(token)",
+    ),
+    "read-round-not-bumped": (
+        "a ReadIndex read does not start a new heartbeat round (older acknowledgements confirm it)",
+        "        self._seq += 1\n        self._pending_reads.append",
+        "        self._pending_reads.append",
+    ),
+    "snapshot-rolls-back-commit": (
+        "installing a snapshot older than the commit point (committed meanwhile) sets the commit point back",
+        "        if last is None or log_index(last) <= log_index(self.committed):\n            if token is not None:",
+        "        if last is None:\n            if token is not None:",
+    ),
+    "snapshot-ignores-membership": (
+        "installing a snapshot keeps the old configuration instead of the snapshot's",
+        "        self.memberships = ([base] if base is not None else self.memberships[:1]) + later",
+        "        self.memberships = (self.memberships[:1] if self.memberships else [base]) + later",
+    ),
+    "snapshot-drops-matching-suffix": (
+        "installing a snapshot drops the log after it even where the log matches it",
+        "        if self.log.term_at(last.index) not in (None, last.term):\n"
+        "            self._truncate(last.index)  # a conflicting (uncommitted) suffix",
+        "        if self.log.last_index > last.index:\n            self._truncate(last.index + 1)",
+    ),
+    "up-to-date-by-last-term": (
+        "the election restriction compares last terms only, not log lengths",
+        "        return mine is None or last >= mine",
+        "        return mine is None or last.term >= mine.term",
+    ),
+    "removed-leader-stays": (
+        "a leader that a committed configuration removed goes on leading (no hand-over, no step-down)",
+        "                    self._emit(SendTimeoutNow(best, TimeoutNowRequest(self.vote.term, self.id)))\n"
+        "                self._become_follower(self.vote.term, None)",
+        "                    pass",
+    ),
+    "lease-ignored": (
+        "CheckQuorum's vote lease is ignored: a follower of a live leader votes for a later term",
+        "        if not self.cfg.check_quorum:\n            return False\n        if self.state == ServerState.LEADER:",
+        "        if True:\n            return False\n        if self.state == ServerState.LEADER:",
+    ),
+    "transfer-not-caught-up": (
+        "leadership transfer sends TimeoutNow to a target whose log is not caught up",
+        "        if p is not None and log_index(p.matched) == self.log.last_index:",
+        "        if p is not None:",
+    ),
+    "transfer-accepts-proposals": (
+        "a leader that is transferring its leadership still accepts proposals",
+        "        if self.transferee is not None:\n            m = self.membership.membership",
+        "        if False:\n            m = self.membership.membership",
+    ),
+    "bug1-ack-with-current-term": (
+        "a follower's delayed AppendEntries ack carries its term when the flush completes, not the "
+        "request's (issue 16, bug 1)",
+        "AppendEntriesResponse(term, True, matched=matched, seq=seq)",
+        "AppendEntriesResponse(self.vote.term, True, matched=matched, seq=seq)",
+    ),
+    "bug2-stale-refusal-echoes-round": (
+        "a refusal of a stale-term AppendEntries echoes its heartbeat round and prev index (issue 16, bug 2)",
+        "                return self._emit(Respond(token, AppendEntriesResponse(self.vote.term, False)))",
+        "                return self._emit(Respond(token, AppendEntriesResponse(self.vote.term, False, seq=msg.seq,\n"
+        "                                                                       rejected=log_index(msg.prev_log_id))))",
+    ),
 }
 
 
@@ -167,6 +258,47 @@ def run_mutant(name: str | None, seeds: list[int], steps: int, jobs: int,
     return sorted(x for part in res for x in part)
 
 
+#: The deterministic tests of the default suite that drive the engine (scenarios, regressions).
+SUITE_TESTS = ("test_raft_paper.py", "test_engine_freshness.py", "test_engine_hostile.py")
+
+
+def _pinned() -> dict[int, tuple[int, str]]:
+    from test_simulation import PINNED  # tests/ is the working directory (see the module docstring)
+    return PINNED
+
+
+def run_pinned(name: str) -> list[int]:
+    """The pinned seeds of the default suite that fail under mutant ``name``."""
+    by_steps: dict[int, list[int]] = {}
+    for seed, (steps, _why) in _pinned().items():
+        by_steps.setdefault(steps, []).append(seed)
+    out = []
+    for steps, seeds in sorted(by_steps.items()):
+        out += [s for s, _ in _run((name, seeds, steps, True))]
+    return sorted(out)
+
+
+_TESTS_MAIN = """
+import sys
+import pytest
+import sim.teeth as teeth
+sys.modules["pyraft.engine.core"] = teeth.load_mutant(sys.argv[1])
+import pyraft.engine
+pyraft.engine.core = sys.modules["pyraft.engine.core"]
+sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "-o", "addopts=", *sys.argv[2:]]))
+"""
+
+
+def run_tests(name: str) -> list[str]:
+    """The deterministic suite tests that fail under mutant ``name`` (run in a fresh process)."""
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", _TESTS_MAIN, name, *SUITE_TESTS], cwd=here,
+                       capture_output=True, text=True)
+    return [line.split(" ")[1].split("::")[-1] for line in r.stdout.splitlines() if line.startswith("FAILED ")]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("mutants", nargs="*")
@@ -174,18 +306,32 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10000)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--no-direct-checks", action="store_true",
-                    help="only the Figure 3 invariants, not the direct ordering-contract checks")
+                    help="only the Figure 3 invariants, not the harness's direct checks")
+    ap.add_argument("--suite", action="store_true",
+                    help="also the pinned seeds and the deterministic engine tests of the default suite")
+    ap.add_argument("--markdown", action="store_true", help="print table rows for docs/testing.md")
     a = ap.parse_args()
     names = a.mutants or list(MUTANTS)
     seeds = list(range(a.seeds))
     for name in names:
         t0 = time.time()
-        fails = run_mutant(name, seeds, a.steps, a.jobs, not a.no_direct_checks)
+        fails = run_mutant(name, seeds, a.steps, a.jobs, not a.no_direct_checks) if seeds else []
+        pinned = run_pinned(name) if a.suite else []
+        tests = run_tests(name) if a.suite else []
         dt = time.time() - t0
         first = fails[0] if fails else None
+        if a.markdown:
+            what = first[1].split(":")[0] + ": " + first[1].split(":", 1)[1].strip()[:70] if first else "-"
+            print(f"| `{name}` | {len(fails)}/{len(seeds)} ({100 * len(fails) / max(1, len(seeds)):.1f}%) "
+                  f"| {first[0] if first else '-'} | {what.replace('|', '/')} "
+                  f"| {', '.join(map(str, pinned)) or '-'} | {len(tests)} |", flush=True)
+            continue
         print(f"{name}: {MUTANTS[name][0]}")
         print(f"   caught by {len(fails)}/{len(seeds)} seeds ({dt:.0f}s); first seed: "
               f"{first[0] if first else '-'}  {first[1] if first else ''}", flush=True)
+        if a.suite:
+            print(f"   pinned seeds failing: {pinned or '-'}; deterministic tests failing: {len(tests)} "
+                  f"{tests[:4]}", flush=True)
 
 
 if __name__ == "__main__":
