@@ -232,6 +232,17 @@ def test_follower_truncates_only_on_a_real_conflict():
     assert e.log.last == LogId(2, 4)
 
 
+def test_follower_commit_index_never_passes_the_last_entry_the_message_matched():
+    """Figure 2, AppendEntries: "If leaderCommit > commitIndex, set commitIndex = min(leaderCommit, index
+    of last new entry)" -- not our last index: entries after the message's may be a stale suffix that
+    the leader has not overwritten yet.  (None of the 500 default seeds reaches this: a leader's probes find
+    the first conflicting index, so a stale suffix rarely outlives the message that matches up to it.)"""
+    e = engine(2, [1, 1, 1, 1], vote=Vote(1, None))         # entries 2..5 of term 1; 4 and 5 are stale
+    e.step(1, AppendEntriesRequest(2, 1, LogId(1, 2), (Entry(LogId(1, 3), payload=(1, 3)),), 5), token="ae")
+    e.take_output()
+    assert e.log.last == LogId(1, 5) and e.committed == LogId(1, 3)
+
+
 def test_follower_acknowledges_entries_only_after_they_are_on_disk():
     """Figure 2 (persistent state is "updated on stable storage before responding to RPCs"): the
     AppendEntries success for new entries waits for on_log_flushed."""
@@ -521,6 +532,28 @@ def test_joint_consensus_needs_a_majority_of_both_configurations():
     assert leader in (3, 4, 5)
     m = sim.engine(leader).membership.membership
     assert not m.is_joint and m.voter_ids == {3, 4, 5}
+
+
+def test_a_candidate_in_a_joint_configuration_needs_a_majority_of_both_voter_sets():
+    """§6: "Agreement (for elections and entry commitment) requires separate majorities from both the old
+    and new configurations."  With C_old,new = {1,2,3} / {1,4,5} and the old voters gone, nodes 4 and 5
+    are a majority of C_new only: neither may win."""
+    sim = cluster(3, learners=2)
+    final = lambda m: isinstance(m, AppendEntriesRequest) and any(
+        e.kind == EntryKind.MEMBERSHIP and not e.payload.is_joint for e in m.entries)
+    sim.on_send = lambda s, d, m: not final(m)            # C_new never leaves node 1
+    j = sim.call(1, lambda e: e.change_membership({1, 4, 5}))
+    assert isinstance(j, LogId)
+    settle(sim)
+    assert all(sim.engine(i).membership.membership.is_joint for i in (4, 5))
+    for i in (1, 2, 3):
+        sim.crash(i)
+    sim.on_send = None
+    sim.skip(1.0)
+    for i in (4, 5):
+        sim.call(i, lambda e: e.trigger_elect())
+        sim.stabilize()
+        assert sim.leaders() == []
 
 
 def test_a_voter_that_an_uncommitted_configuration_leaves_out_still_campaigns():

@@ -238,6 +238,8 @@ class SimNode:
         self.contact: tuple[int, float] | None = None
         #: client writes this incarnation proposed and has not applied yet: index -> (log id, floor)
         self.writes: dict[int, tuple[LogId, int]] = {}
+        #: (term, target, heartbeat round) of every AppendEntries this incarnation sent
+        self.rounds: set[tuple[int, int, int]] = set()
 
     def now(self) -> float:
         return self.sim.t * self.rate
@@ -417,6 +419,7 @@ class Sim:
         n.transfers = {}
         n.repl_term, n.repl_targets = 0, frozenset()
         n.paused, n.deferred, n.contact, n.writes, n.stall_until = False, [], None, {}, 0.0
+        n.rounds = set()
         s = n.d_snap
         n.sm_applied = s.meta.last_log_id if s else None
         n.sm_h = s.h if s else 0
@@ -732,6 +735,11 @@ class Sim:
         e = n.engine
         e.advance_clock(n.now())
         if is_resp:
+            if DIRECT_CHECKS and type(msg) is AppendEntriesResponse and msg.seq and e.state is LEADER \
+                    and msg.term == e.vote.term and (msg.term, src, msg.seq) not in n.rounds:
+                # it would count as an answer to a heartbeat round it never sent (ReadIndex)
+                self.inv.fail(f"leader {n.id} of term {msg.term} gets a reply of heartbeat round {msg.seq} from "
+                              f"node {src}, a round it never sent it in this term (a reply to an earlier run?)")
             p = e.progress.get(src) if e.state is LEADER else None
             before = p.matched if p is not None else None
             e.step(src, msg, None)
@@ -744,7 +752,7 @@ class Sim:
             t = type(msg)
             if t is VoteRequest:
                 self._voting = (n.id, msg, self._lease_held(n), e.vote.term)
-            e.step(src, msg, (src, ctx))
+            e.step(src, msg, (src, ctx, msg))
             if (t is AppendEntriesRequest or t is InstallSnapshotRequest) and e.vote.term == msg.term \
                     and e.leader_id == msg.leader_id:
                 n.contact = (msg.term, n.now())
@@ -825,6 +833,7 @@ class Sim:
         if entries and entries[-1].log_id.term > cmd.term:
             return
         req = AppendEntriesRequest(cmd.term, n.id, prev, entries, cmd.leader_commit, cmd.seq)
+        n.rounds.add((cmd.term, cmd.target, cmd.seq))
         self.send(n.id, cmd.target, req, None, False)
 
     def _c_send_snapshot(self, n: SimNode, cmd: C.SendSnapshot) -> None:
@@ -894,11 +903,15 @@ class Sim:
         self.send(n.id, cmd.target, cmd.request, None, False)
 
     def _c_respond(self, n: SimNode, cmd: C.Respond) -> None:
-        to, ctx = cmd.token
+        to, ctx, req = cmd.token
         m = cmd.message
         if not DIRECT_CHECKS:
             pass
         elif type(m) is AppendEntriesResponse:
+            if m.success and m.term != req.term:
+                # Figure 2's "currentTerm, for leader to update itself" is the term of the exchange: an
+                # acknowledgement sent late (after a flush) still answers the request's leader
+                self.inv.fail(f"node {n.id} acknowledges an AppendEntries of term {req.term} with term {m.term}")
             if m.success and m.matched is not None:
                 i = m.matched.index
                 if n.d_log.term_at(i) != m.matched.term and \
