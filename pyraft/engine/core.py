@@ -930,7 +930,13 @@ class Engine:
         self._emit(InstallSnapshot(msg.meta, token))
 
     def on_snapshot_installed(self, meta: SnapshotMeta, token: Any) -> None:
-        """The state machine now holds ``meta``'s snapshot: fix up the log and acknowledge."""
+        """The state machine now holds ``meta``'s snapshot: fix up the log and acknowledge.
+
+        The acknowledgement carries our term now, which may be later than the
+        request's (unlike an AppendEntries ack, see _flush_acks): what it
+        reports is true for any leader, as the snapshot holds only committed
+        entries and is on disk once installed.
+        """
         last = meta.last_log_id
         if log_index(last) >= self._installing:
             self._installing = 0
