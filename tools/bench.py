@@ -1,6 +1,6 @@
 """pyraft-bench: throughput and latency of a local pyraft cluster, and the same workload on PySyncObj.
 
-Usage (see ``docs/bench.md`` for the results table and how it was made)::
+Usage (see ``docs/benchmarks.md`` for the results and how they were made)::
 
     pyraft-bench                                  # 3 nodes, 10-byte writes, 10,000 in flight, fsync on
     pyraft-bench --payload 10,1024 --baseline pysyncobj --floor --sync-writer
