@@ -1,4 +1,5 @@
 """pyraft: Raft consensus for threaded Python programs."""
+from ._version import __version__
 from .config import Config
 from .metrics import ClientWriteResponse, RaftMetrics
 from .raft import Raft
