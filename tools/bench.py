@@ -44,8 +44,6 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
 
-from pyraft.tools import module_argv
-
 __all__ = ["main", "CountingStateMachine", "InflightLoad", "NodeProc", "percentiles", "free_port"]
 
 log = logging.getLogger("pyraft.bench")
@@ -776,7 +774,7 @@ def run_client_mode(a: argparse.Namespace, payload: int, progress: Progress) -> 
         lid = cluster.start()
         spec = ",".join(f"{i}={addr}" for i, addr in cluster.addrs.items())
         for c in range(a.clients):
-            clients.append(NodeProc(f"client{c}", [*module_argv("pyraft.tools.bench"), "client",
+            clients.append(NodeProc(f"client{c}", [sys.executable, "-m", "pyraft.tools.bench", "client",
                                                     "--cluster", spec, "--threads", str(a.client_threads),
                                                     "--payload", str(payload), "--name", f"c{c}-"],
                                     os.path.join(root, f"client{c}.log")))
@@ -855,7 +853,7 @@ class PyraftCluster:
         for i in range(1, n + 1):
             d = os.path.join(root, f"node{i}")
             self.data_dirs[i] = d
-            argv = [*module_argv("pyraft.tools.bench"), "node", "--id", str(i), "--data-dir", d,
+            argv = [sys.executable, "-m", "pyraft.tools.bench", "node", "--id", str(i), "--data-dir", d,
                     "--sm", sm, "--config", json.dumps(config)]
             if not fsync:
                 argv.append("--no-fsync")
@@ -1030,7 +1028,7 @@ def run_floor(a: argparse.Namespace, progress: Progress) -> dict[str, Any]:
 
     Returns ``{payload: result}`` plus ``"latency_single_entry"``, or ``{"error": ...}``.
     """
-    argv = [*module_argv("pyraft.tools.bench_floor"), "--json", "--seconds", str(a.duration),
+    argv = [sys.executable, "-m", "pyraft.tools.bench_floor", "--json", "--seconds", str(a.duration),
             "--payloads", ",".join(str(p) for p in a.payloads)]
     if a.tmpdir:
         argv += ["--dir", a.tmpdir]

@@ -52,7 +52,6 @@ import threading
 import time
 from typing import Any, Sequence
 
-from pyraft.tools import module_argv
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -351,7 +350,7 @@ class LocalCluster:
         return os.path.join(self.base_dir, f"node{i}.log")
 
     def argv(self, i: int, init: bool = False) -> list[str]:
-        a = [*module_argv("pyraft.tools.kv"), "serve", "--id", str(i), "--listen", self.addrs[i],
+        a = [sys.executable, "-m", "pyraft.tools.kv", "serve", "--id", str(i), "--listen", self.addrs[i],
              "--peers", ",".join(f"{j}={self.addrs[j]}" for j in self.ids), "--data-dir", self.data_dir(i),
              "--log-level", self.log_level, "--parent-pid", str(os.getpid())]
         if self.config_file:
