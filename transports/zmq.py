@@ -378,6 +378,42 @@ def _set_common(sock: zmq.Socket, *, hwm: int, max_frame_size: int, heartbeat: f
 # ---------------------------------------------------------------------------
 # The transport
 
+def check_address(addr: str) -> None:
+    """Raise ValueError unless ``addr`` is an address a ZeroMQ DEALER can connect to.
+
+    ``tcp://HOST:PORT`` (HOST a DNS name, an IPv4 address or ``[IPv6]``, PORT
+    1-65535), ``ipc://PATH`` or ``inproc://NAME``.  Stricter than libzmq's own
+    parsing, so that an address accepted here never makes ``connect`` fail:
+    ``Raft.add_learner`` and ``initialize`` check a node's address with it
+    before it goes into the log.  Whether the host resolves or listens is not
+    checked (that may change; the replication worker retries).
+    """
+    import ipaddress
+    import re
+
+    if type(addr) is not str:
+        raise TypeError(f"a ZeroMQ address is a str, got {type(addr).__name__}")
+    scheme, sep, rest = addr.partition("://")
+    if not sep or not rest or "\x00" in rest or len(addr) > 1024:
+        raise ValueError(f"bad ZeroMQ address {addr!r:.80}: expected tcp://HOST:PORT")
+    if scheme in ("ipc", "inproc"):
+        return
+    if scheme != "tcp":
+        raise ValueError(f"bad ZeroMQ address {addr!r:.80}: the transport is tcp://, ipc:// or inproc://")
+    host, colon, port = rest.rpartition(":")
+    if not colon or not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"bad ZeroMQ address {addr!r:.80}: expected tcp://HOST:PORT with PORT in 1-65535")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"bad ZeroMQ address {addr!r:.80}: {host} is not an IPv6 address") from None
+        return
+    label = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+    if len(host) > 253 or not re.fullmatch(rf"{label}(?:\.{label})*\.?", host):
+        raise ValueError(f"bad ZeroMQ address {addr!r:.80}: {host!r:.60} is not a host name or IP address")
+
+
 class ZmqTransport:
     """A node's ZeroMQ endpoint: a ROUTER serving ``listen`` and DEALER connections to peers.
 
@@ -464,6 +500,9 @@ class ZmqTransport:
         self.endpoint = r.getsockopt_string(zmq.LAST_ENDPOINT)
 
     # ------------------------------------------------------------ Transport
+
+    #: the address check ``Raft`` applies to a node before it goes into the log
+    check_address = staticmethod(check_address)
 
     def start(self, handler: RequestHandler) -> None:
         """Start the server thread; every valid incoming request goes to ``handler``."""
