@@ -297,10 +297,10 @@ class MemoryStateMachine:
             new_data = {bytes(k): bytes(val) for k, val in v["data"]}
             rows = [(bytes(c), Session.from_bytes(s)) for c, s in v["sessions"]]
         except CodecError as e:
-            raise StorageError(f"state machine: snapshot {meta.snapshot_id} is malformed: {e}") from None
+            raise CodecError(f"state machine: snapshot {meta.snapshot_id} is malformed: {e}") from None
         except Exception as e:  # msgpack and shape errors of a corrupt blob
-            raise StorageError(f"state machine: snapshot {meta.snapshot_id} is malformed: "
-                               f"{e.__class__.__name__}: {e}") from None
+            raise CodecError(f"state machine: snapshot {meta.snapshot_id} is malformed: "
+                             f"{e.__class__.__name__}: {e}") from None
         rows.sort(key=lambda r: r[1].index)
         with self._lock:
             self._data = new_data

@@ -20,7 +20,11 @@ How a call proceeds:
 - The whole call returns or raises within ``timeout`` seconds: past it,
   :class:`~pyraft.errors.Timeout` (the outcome of a write is then unknown:
   it may still take effect).  A command the state machine refuses raises
-  :class:`~pyraft.kv.commands.KVCommandError` at once.
+  :class:`~pyraft.kv.commands.KVCommandError` at once (a key the store
+  cannot hold is refused here, before anything is sent), and so do
+  :class:`~pyraft.errors.NoSpace` (the cluster's store is past its quota)
+  and :class:`~pyraft.errors.Overloaded` (the leader has too many writes in
+  flight): retrying cannot help the first and would add to the second.
 
 Exactly-once: every write carries a session, ``client`` (16 random bytes)
 and ``seq`` (one more per write), and every retry of that write carries the
@@ -50,7 +54,7 @@ from ..codec import ClientRequest, ClientResponse
 from ..errors import RaftError, Timeout
 from ..raft import raise_error_response
 from ..transports.zmq import CurveConfig, TransportError, ZmqClient
-from .commands import KVCommandError
+from .commands import KVCommandError, check_key
 
 __all__ = ["KVClient", "parse_addresses"]
 
@@ -147,20 +151,24 @@ class KVClient:
 
     def put(self, key: Any, value: Any) -> None:
         """Set ``key`` to ``value``."""
+        check_key(key)
         self._write({"op": "put", "key": key, "value": value})
 
     def get(self, key: Any, stale: bool = False) -> Any:
         """The value of ``key`` (None when absent): linearizable, or with ``stale`` any node's local copy."""
+        check_key(key)
         if stale:
             return self._call("kv.get_stale", {"key": key}, write=False)
         return self._call("kv.get", {"key": key}, write=False)
 
     def delete(self, key: Any) -> bool:
         """Remove ``key``; True if it existed."""
+        check_key(key)
         return bool(self._write({"op": "delete", "key": key}))
 
     def cas(self, key: Any, expected: Any, new: Any) -> bool:
         """Set ``key`` to ``new`` if its value is ``expected`` (None: if absent); True if it did."""
+        check_key(key)
         return bool(self._write({"op": "cas", "key": key, "expected": expected, "value": new}))
 
     def status(self, address: str | None = None, timeout: float | None = None) -> dict:

@@ -21,9 +21,12 @@ Keys are compared by their msgpack encoding too: ``1``, ``1.0`` and ``True``
 are three keys, ``"a"`` and ``b"a"`` two.  A key is a scalar (str, bytes,
 int, float, bool, None) or an array of keys; arrays come back as tuples.
 Maps are refused as keys (their encoding depends on insertion order).
+A key's encoding is at most :data:`MAX_KEY_BYTES` (511) bytes, LMDB's
+limit: a ``str`` key of up to 127 characters always fits, a ``bytes`` key
+of up to 500 bytes too.
 
-Exactly-once: a command may carry ``"client": <str or bytes>`` and
-``"seq": <int >= 0>``.  Per client the state machine remembers the last seq
+Exactly-once: a command may carry ``"client": <str or bytes>`` (encoded in
+at most :data:`MAX_CLIENT_BYTES`, 503, bytes) and ``"seq": <int >= 0>``.  Per client the state machine remembers the last seq
 applied and its result.  ``seq`` greater than it: apply and remember;
 ``seq`` equal: return the remembered result without applying again; ``seq``
 smaller: a :class:`KVCommandError` (the client already moved on).  A session
@@ -35,7 +38,9 @@ A malformed command (not a map, unknown op, missing field, bad key or
 session fields, a value msgpack cannot encode) never stops the node: its
 result is a :class:`KVCommandError` instance, which the runtime delivers to
 the waiting client as raised.  With valid session fields the error is
-remembered like any other result.
+remembered like any other result.  A key or a client id the store cannot
+hold is refused before it is proposed (:func:`check_command`), and the same
+as a result if such an entry is in a log all the same.
 """
 from __future__ import annotations
 
@@ -50,6 +55,13 @@ DEFAULT_SESSION_TTL = 100_000
 
 #: the operations a KV command may name
 OPS = ("put", "delete", "cas", "get")
+#: the operations that may add data: refused past a store's size quota (NoSpace)
+ADDING_OPS = ("put", "cas")
+
+#: The longest stored key: LMDB's key size limit (511 bytes in its default build).
+MAX_KEY_BYTES = 511
+#: The longest stored client id: the session index keys it after an 8-byte log index.
+MAX_CLIENT_BYTES = MAX_KEY_BYTES - 8
 
 
 class KVCommandError(RaftError):
@@ -69,9 +81,12 @@ def encode_key(key: Any) -> bytes:
     """The stored form of a key; KVCommandError for a key that is not allowed."""
     _check_key(key, 0)
     try:
-        return msgpack.packb(key, use_bin_type=True)
+        b = msgpack.packb(key, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as e:
         raise KVCommandError(f"key cannot be encoded: {e}") from None
+    if len(b) > MAX_KEY_BYTES:
+        raise KVCommandError(f"key is too long: {len(b)} bytes encoded, at most {MAX_KEY_BYTES}")
+    return b
 
 
 def _check_key(key: Any, depth: int) -> None:
@@ -105,7 +120,34 @@ def decode_value(data: bytes) -> Any:
 def encode_client(client: Any) -> bytes:
     if type(client) not in (str, bytes):
         raise KVCommandError(f"session 'client' must be str or bytes, not {type(client).__name__}")
-    return msgpack.packb(client, use_bin_type=True)
+    b = msgpack.packb(client, use_bin_type=True)
+    if len(b) > MAX_CLIENT_BYTES:
+        raise KVCommandError(f"session 'client' is too long: {len(b)} bytes encoded, at most {MAX_CLIENT_BYTES}")
+    return b
+
+
+def check_key(key: Any) -> None:
+    """KVCommandError unless ``key`` is a key the store can hold; cheap for short str and bytes keys."""
+    t = type(key)
+    # At most 4 bytes per character and a 3-byte header: 127 characters fit in 511 bytes.
+    if (t is str and len(key) <= 127) or (t is bytes and len(key) <= 500) or t in (int, bool, float) or key is None:
+        return
+    encode_key(key)
+
+
+def check_command(command: Any) -> None:
+    """Refuse, before it is proposed, a command whose key or client id the store could not hold.
+
+    Raises KVCommandError.  Everything else about a command is decided when
+    it is applied, the same way on every node (see :func:`apply_command`).
+    """
+    if type(command) is not dict:
+        return
+    if "key" in command:
+        check_key(command["key"])
+    client = command.get("client")
+    if client is not None and not (type(client) in (str, bytes) and len(client) <= 125):
+        encode_client(client)
 
 
 # ---------------------------------------------------------------------------

@@ -18,7 +18,9 @@ op                  request body                             reply body
 A node that does not lead answers ``kv.write`` and ``kv.get`` with a
 ``ForwardToLeader`` error carrying the leader's id and address when it knows
 them (see :func:`pyraft.raft.error_response`).  A refused command answers
-with a ``KVCommandError`` error.
+with a ``KVCommandError`` error; a write the node will not propose answers
+``Overloaded`` (too many in flight) or ``NoSpace`` (the store is past its
+quota), decided here, before proposing (``Raft.client_write_async``).
 
 Threads: handlers run on the transport's server thread and never block: a
 write or a read is handed to RaftCore (``client_write_async`` /

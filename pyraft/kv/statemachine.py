@@ -13,6 +13,18 @@ Layout in the node data directory ``path`` (see :mod:`pyraft.stores.lmdb`)::
         session_index  index_key(session.index) + pack(client id) -> b""  (expiry order)
     path/snapshots/   snap-*.kvsnap: snapshot files; *.tmp: being built or received
 
+Size quota (etcd's ``--quota-backend-bytes``): the store's size is the bytes
+of the LMDB pages that hold its data (keys, values, sessions, b-tree
+pages), measured after each applied batch.  Deletes lower it at once (LMDB
+reuses freed pages; the file itself never shrinks).  Past ``quota_bytes``,
+:meth:`KVStateMachine.check_command` refuses the commands that may add data
+(``put``, ``cas``) with :class:`~pyraft.errors.NoSpace` before they are
+proposed, on the node they are submitted to; reads, deletes, snapshots and
+log purges go on, and writes resume by themselves once deletes bring the
+size back under the quota (no alarm to disarm).  The decision is never made
+in ``apply``: page usage differs from replica to replica, and every replica
+must apply every entry alike.
+
 The one rule that makes restarts exact: every effect of a batch of entries,
 ``last_applied``, the last membership and the sessions are written in ONE
 LMDB write transaction (:meth:`KVStateMachine.apply`), so after a crash the
@@ -40,15 +52,19 @@ import msgpack
 
 from ..codec import (index_key, key_index, log_id_from_wire, log_id_to_wire, pack, stored_membership_from_wire,
                      stored_membership_to_wire, unpack)
-from ..errors import CodecError, StorageError
+from ..errors import CodecError, NoSpace, StorageError
 from ..snapshot_files import (CHUNK, SnapshotDir, SnapshotWriter, durable, get_pointer, read_records, set_pointer,
                               unlink_quietly)
 from ..stores.lmdb import (DEFAULT_MAP_SIZE, DEFAULT_MAX_MAP_SIZE, KV_ENV_NAME, KV_LOCK_NAME,
                            SNAPSHOT_DIR_NAME, LmdbEnv)
 from ..types import Entry, EntryKind, LogId, SnapshotMeta, StoredMembership, log_index
-from .commands import DEFAULT_SESSION_TTL, Session, apply_command, decode_key, decode_value, encode_key
+from .commands import (ADDING_OPS, DEFAULT_SESSION_TTL, MAX_CLIENT_BYTES, MAX_KEY_BYTES, Session, apply_command,
+                       check_command, decode_key, decode_value, encode_key)
 
-__all__ = ["KVStateMachine", "KVReader", "KVStatus", "FORMAT_VERSION", "SNAPSHOT_MAGIC"]
+__all__ = ["KVStateMachine", "KVReader", "KVStatus", "FORMAT_VERSION", "SNAPSHOT_MAGIC", "DEFAULT_QUOTA_BYTES"]
+
+#: The default size quota: etcd's default (2 GiB), 1/32 of the LMDB map's default ceiling.
+DEFAULT_QUOTA_BYTES = 2 * 1024 ** 3
 
 FORMAT_VERSION = 1
 SNAPSHOT_VERSION = 1
@@ -120,13 +136,26 @@ class _LmdbBackend:
         self._min = None
 
 
+def _used_bytes(txn: lmdb.Transaction, dbs: "_Dbs") -> int:
+    """The bytes of the pages that hold the store's databases (what the quota measures)."""
+    total = 0
+    for db in (dbs.data, dbs.meta, dbs.sessions, dbs.sindex):
+        st = txn.stat(db)
+        total += (st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]) * st["psize"]
+    return total
+
+
 class KVStateMachine:
     """The built-in KV state machine (commands: :mod:`pyraft.kv.commands`) in LMDB.
 
     ``path`` is the node data directory (created if absent; may be shared with
     :class:`~pyraft.stores.lmdb.LmdbLogStore`).  Locked to this object while
     open.  ``session_ttl``: sessions idle for more than that many log indexes
-    are forgotten.  Local reads from any thread: :meth:`get`, :meth:`items`.
+    are forgotten.  ``quota_bytes``: the size quota (module docstring); at most
+    half of ``max_map_size``, so that it trips while the map still has room
+    for the writes already in flight and for the pages that long read
+    transactions (a snapshot being built) keep alive.  Local reads from any
+    thread: :meth:`get`, :meth:`items`.
     """
 
     #: Test hook: called with a label at the points where a crash matters
@@ -135,10 +164,19 @@ class KVStateMachine:
     _crash_point: Callable[[str], None] = staticmethod(lambda where: None)
 
     def __init__(self, path: str | os.PathLike, *, session_ttl: int = DEFAULT_SESSION_TTL,
-                 map_size: int = DEFAULT_MAP_SIZE, max_map_size: int = DEFAULT_MAX_MAP_SIZE) -> None:
+                 map_size: int = DEFAULT_MAP_SIZE, max_map_size: int = DEFAULT_MAX_MAP_SIZE,
+                 quota_bytes: int = DEFAULT_QUOTA_BYTES) -> None:
         if session_ttl < 1:
             raise ValueError("session_ttl must be >= 1")
+        if type(quota_bytes) is not int or quota_bytes <= 0:
+            raise ValueError(f"quota_bytes must be a positive integer, got {quota_bytes!r}")
+        if type(max_map_size) is int and quota_bytes > max_map_size // 2:
+            raise ValueError(f"quota_bytes ({quota_bytes}) must be at most half of max_map_size ({max_map_size}): "
+                             f"the quota must trip well before the map is full")
         self._session_ttl = session_ttl
+        self._quota = quota_bytes
+        #: the store's size as of the last applied batch (see _used_bytes); replaced whole, read lock-free
+        self._used = 0
         self._env = LmdbEnv(path, KV_ENV_NAME, KV_LOCK_NAME, what="KV state machine",
                             map_size=map_size, max_map_size=max_map_size)
         # _snap_lock guards _snapshot and the set of snap-*.kvsnap files:
@@ -151,6 +189,7 @@ class KVStateMachine:
                 applied = log_id_from_wire(self._meta(txn, _K_APPLIED), "last_applied")
                 membership = stored_membership_from_wire(self._meta(txn, _K_MEMBERSHIP))
                 pointer = get_pointer(txn, self._dbs.meta, _K_SNAPSHOT)
+                self._used = _used_bytes(txn, self._dbs)
             self._snapshot: tuple[SnapshotMeta, str] | None = self._snaps.existing(pointer)
             self._cleanup(at_open=True)
         except (CodecError, ValueError, TypeError) as e:
@@ -213,6 +252,29 @@ class KVStateMachine:
     def applied_state(self) -> tuple[LogId | None, StoredMembership | None]:
         return self._applied
 
+    @property
+    def quota_bytes(self) -> int:
+        return self._quota
+
+    @property
+    def used_bytes(self) -> int:
+        """The store's size as the quota measures it, as of the last applied batch."""
+        return self._used
+
+    # -- before proposing -----------------------------------------------------------------
+
+    def check_command(self, command: Any) -> None:
+        """Refuse a command before it is proposed (the Raft handle calls this; storage.py).
+
+        NoSpace for a ``put`` or ``cas`` while the store is past its quota;
+        KVCommandError for a key or client id the store cannot hold.  Any thread.
+        """
+        if self._used > self._quota and type(command) is dict and command.get("op") in ADDING_OPS:
+            raise NoSpace(f"KV store in {self._env.root} is past its quota: {self._used} bytes in use, "
+                          f"quota_bytes={self._quota}; delete keys (reads, deletes, snapshots and purges "
+                          f"still work) or raise the quota")
+        check_command(command)
+
     # -- apply ---------------------------------------------------------------------------
 
     def apply(self, entries: Sequence[Entry]) -> list[Any]:
@@ -242,9 +304,9 @@ class KVStateMachine:
             txn.put(_K_APPLIED, pack(log_id_to_wire(entries[-1].log_id)), db=dbs.meta)
             if membership is not membership0:
                 txn.put(_K_MEMBERSHIP, pack(stored_membership_to_wire(membership)), db=dbs.meta)
-            return results, membership
+            return results, membership, _used_bytes(txn, dbs)
 
-        results, membership = self._env.write(run)
+        results, membership, self._used = self._env.write(run)
         self._applied = (entries[-1].log_id, membership)
         return results
 
@@ -295,9 +357,12 @@ class KVStateMachine:
     def install_snapshot(self, meta: SnapshotMeta, data: BinaryIO) -> None:
         """Replace the whole state with the snapshot in ``data``, in ONE write transaction.
 
-        The file is checked (magic, version, CRC, record shapes, counts) while
-        it loads; any fault aborts the transaction and raises StorageError
-        with the old state untouched.  ``data`` is closed here.
+        The file is checked (magic, version, CRC, record shapes, key sizes,
+        sessions, counts) while it loads; content that does not decode or
+        validate aborts the transaction and raises CodecError with the old
+        state untouched (storage.py: the snapshot is refused, the node goes
+        on).  A failing disk raises StorageError or OSError.  ``data`` is
+        closed here.
         """
         received = self._adopt(data)
         dbs = self._dbs
@@ -317,24 +382,31 @@ class KVStateMachine:
                         kind, a, b = rec
                         if kind == _REC_DATA:
                             if not txn.put(a, b, db=dbs.data, append=True):
-                                raise StorageError("data records are not in key order")
+                                raise CodecError("data records are not in key order")
                         else:
-                            s = Session.from_bytes(b)
+                            try:
+                                s = Session.from_bytes(b)
+                            except (ValueError, TypeError, msgpack.UnpackException) as e:
+                                raise CodecError(f"session record: {e}") from None
+                            if not 0 <= s.index < 2**64:
+                                raise CodecError(f"session record: log index {s.index} out of range")
                             txn.put(a, b, db=dbs.sessions)
                             txn.put(index_key(s.index) + a, b"", db=dbs.sindex)
                 txn.put(_K_APPLIED, pack(log_id_to_wire(meta.last_log_id)), db=dbs.meta)
                 txn.put(_K_MEMBERSHIP, pack(stored_membership_to_wire(meta.last_membership)), db=dbs.meta)
                 set_pointer(txn, dbs.meta, _K_SNAPSHOT, meta, final)
+                return _used_bytes(txn, dbs)
 
             try:
-                self._env.write(load)
-            except (StorageError, CodecError, ValueError, TypeError, msgpack.UnpackException) as e:
+                used = self._env.write(load)
+            except CodecError as e:
                 unlink_quietly(final)
-                raise StorageError(f"KV state machine in {self._env.root}: cannot install snapshot "
-                                   f"{meta.snapshot_id}: {e}") from None
+                raise CodecError(f"KV state machine in {self._env.root}: refused snapshot "
+                                 f"{meta.snapshot_id}: {e}") from None
             except BaseException:
                 unlink_quietly(final)
                 raise
+            self._used = used
             crash("install:committed")
             self._applied = (meta.last_log_id, meta.last_membership)
             self._snapshot = (meta, final)
@@ -502,11 +574,22 @@ def _write_snapshot(f: BinaryIO, meta: SnapshotMeta, txn: lmdb.Transaction, dbs:
 def _read_snapshot(f: BinaryIO, meta: SnapshotMeta) -> Iterator[tuple[int, bytes, bytes]]:
     """Yield the data and session records of a snapshot file, checking it as it goes.
 
-    Raises StorageError for anything wrong, including (after the last record)
-    a count or CRC mismatch: the caller's transaction must then abort.
+    Raises CodecError for any fault of the content, including (after the last
+    record) a count or CRC mismatch: the caller's transaction must then abort.
+    OSError when the file cannot be read.
     """
-    for rec in read_records(f, SNAPSHOT_MAGIC, SNAPSHOT_VERSION, meta, _REC_END, "KV snapshot file"):
+    records = read_records(f, SNAPSHOT_MAGIC, SNAPSHOT_VERSION, meta, _REC_END, "KV snapshot file")
+    while True:
+        try:
+            rec = next(records)
+        except StopIteration:
+            return
+        except StorageError as e:  # read_records says the content is wrong
+            raise CodecError(str(e)) from None
         if (len(rec) != 3 or rec[0] not in (_REC_DATA, _REC_SESSION)
                 or type(rec[1]) is not bytes or type(rec[2]) is not bytes):
-            raise StorageError("malformed snapshot record")
+            raise CodecError("malformed snapshot record")
+        # LMDB's key limit: a longer key would make the load fail as if the disk had.
+        if len(rec[1]) > (MAX_KEY_BYTES if rec[0] == _REC_DATA else MAX_CLIENT_BYTES):
+            raise CodecError(f"a snapshot record's key is {len(rec[1])} bytes, more than the store holds")
         yield rec[0], rec[1], rec[2]
