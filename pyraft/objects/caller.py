@@ -35,7 +35,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..codec import ClientRequest, ClientResponse
-from ..errors import Fatal, RaftError, ShutDown, Timeout
+from ..errors import Fatal, Overloaded, RaftError, ShutDown, Timeout
 from ..raft import error_response
 from ..types import LogId, Node, ServerState
 from .base import _GRACE, outcome_to_wire
@@ -403,8 +403,11 @@ class Caller:
                 fut = self.raft.client_write_async(dict(p.body, f=self._floor(), t=self.sm._clock()))
             else:
                 fut = self.raft.ensure_linearizable_async()
-        except (ShutDown, Fatal):
-            p.next_try = now + self.backoff  # the loop sees the node's state next
+        except (ShutDown, Fatal, Overloaded):
+            p.next_try = now + self.backoff  # the loop sees the node's state next; or room is made
+            return
+        except RaftError as e:  # the state machine refused the command before it was proposed
+            self._fail(p, e)
             return
         token = object()
         p.token, p.target, p.try_deadline = token, self.node_id, now + self.try_timeout
