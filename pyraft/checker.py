@@ -67,7 +67,6 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterable, Sequence
 

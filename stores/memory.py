@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import bisect
 import io
-import logging
 import threading
 import uuid
 from contextlib import contextmanager
@@ -28,7 +27,7 @@ from pyraft.engine.commands import AppendToLog, PurgeLog, SaveCommitted, SaveVot
 from pyraft.errors import CodecError, StorageError
 from pyraft.kv.commands import DEFAULT_SESSION_TTL, DEFAULT_WATCH_HISTORY, Session, apply_command
 from pyraft.kv.encoding import decode_key, decode_value, encode_key, record_header, record_value
-from pyraft.kv.reads import KVReads
+from pyraft.kv.reads import ApplyListeners, KVReads
 from pyraft.storage import LogOp, LogState
 from pyraft.types import Entry, EntryKind, LogId, SnapshotMeta, StoredMembership, Vote, log_index
 
@@ -302,7 +301,7 @@ class _MemoryView:
 _SNAPSHOT_VERSION = 2
 
 
-class MemoryStateMachine(KVReads):
+class MemoryStateMachine(KVReads, ApplyListeners):
     """A :class:`~pyraft.storage.StateMachine` running KV commands in memory.  Test-only.
 
     Same commands, results, watch history and listeners as
@@ -319,7 +318,6 @@ class MemoryStateMachine(KVReads):
         self._lock = threading.Lock()
         self._st = _MemoryState()
         self._snapshot: tuple[SnapshotMeta, bytes] | None = None
-        self._listeners: tuple[Callable, ...] = ()
 
     # -- reads --------------------------------------------------------------------
 
@@ -347,19 +345,6 @@ class MemoryStateMachine(KVReads):
     def revision(self) -> int:
         with self._lock:
             return log_index(self._st.last_applied)
-
-    def add_apply_listener(self, listener: Callable) -> None:
-        self._listeners = self._listeners + (listener,)
-
-    def remove_apply_listener(self, listener: Callable) -> None:
-        self._listeners = tuple(x for x in self._listeners if x is not listener)
-
-    def _notify(self, revision: int, lease_changes: tuple | None) -> None:
-        for fn in self._listeners:
-            try:
-                fn(revision, lease_changes)
-            except Exception:  # noqa: BLE001 - a listener never stops applying
-                logging.getLogger("pyraft.kv").exception("an apply listener failed")
 
     # -- apply ------------------------------------------------------------------------
 

@@ -252,27 +252,32 @@ def test_recorder_marks_failed_writes_indeterminate():
 
 # ---------------------------------------------------------------------------------- against brute force
 
-def _brute_force(ops):
-    """Every subset of the indeterminate ops, every order respecting real time: any that the model accepts?"""
+def _orders(ops, optional=lambda o: o.indeterminate):
+    """Every subset of the optional ops with all the others, in every order that respects real time."""
     import itertools
-    from pyraft.checker import _freeze, _prepare, _step
-    det = [o for o in ops if not o.indeterminate]
-    ind = [o for o in ops if o.indeterminate]
+    det = [o for o in ops if not optional(o)]
+    ind = [o for o in ops if optional(o)]
     for r in range(len(ind) + 1):
         for chosen in itertools.combinations(ind, r):
             sel = det + list(chosen)
             for perm in itertools.permutations(sel):
                 pos = {id(o): i for i, o in enumerate(perm)}
-                if any(a.return_time is not None and a.return_time < b.call_time and pos[id(a)] > pos[id(b)]
-                       for a in sel for b in sel):
-                    continue
-                state = None
-                for o in perm:
-                    good, state = _step(state, _prepare(o))
-                    if not good:
-                        break
-                else:
-                    return True
+                if not any(a.return_time is not None and a.return_time < b.call_time and pos[id(a)] > pos[id(b)]
+                           for a in sel for b in sel):
+                    yield perm
+
+
+def _brute_force(ops):
+    """Every subset of the indeterminate ops, every order respecting real time: any that the model accepts?"""
+    from pyraft.checker import _prepare, _step
+    for perm in _orders(ops):
+        state = None
+        for o in perm:
+            good, state = _step(state, _prepare(o))
+            if not good:
+                break
+        else:
+            return True
     return False
 
 
@@ -398,44 +403,34 @@ def test_random_concurrent_transfers_keep_their_sum_and_pass():
 
 
 def _brute_force_map(ops):
-    """Every subset of the indeterminate ops in every real-time order, run on a plain dict model."""
-    import itertools
-    det = [o for o in ops if not o.indeterminate]
-    ind = [o for o in ops if o.indeterminate and o.op not in ("get", "range")]
-    for r in range(len(ind) + 1):
-        for chosen in itertools.combinations(ind, r):
-            sel = det + list(chosen)
-            for perm in itertools.permutations(sel):
-                pos = {id(o): i for i, o in enumerate(perm)}
-                if any(a.return_time is not None and a.return_time < b.call_time and pos[id(a)] > pos[id(b)]
-                       for a in sel for b in sel):
-                    continue
-                store: dict = {}  # key -> [value, version]
-                good = True
-                for o in perm:
-                    if o.op == "put":
-                        store[o.key] = [o.args[0], store.get(o.key, [None, 0])[1] + 1]
-                    elif o.op == "get":
-                        good = o.result == store.get(o.key, [None])[0]
-                    elif o.op == "range":
-                        good = [tuple(x) for x in o.result] == [(k, v[0]) for k, v in sorted(store.items())]
-                    else:  # txn over plain values/versions
-                        compare, success, failure = o.args
-                        held = all(k in store and (store[k][0] == v) == (op_ == "==") if t == "value" else
-                                   (store.get(k, [None, 0])[1] == v) == (op_ == "==") for k, t, op_, v in compare)
-                        resp = []
-                        for x in (success if held else failure):
-                            if x[0] == "put":
-                                store[x[1]] = [x[2], store.get(x[1], [None, 0])[1] + 1]
-                                resp.append(None)
-                            else:
-                                resp.append(store.get(x[1], [None])[0])
-                        if not o.indeterminate:
-                            good = (held, tuple(resp)) == (o.result[0], tuple(o.result[1]))
-                    if not good:
-                        break
-                if good:
-                    return True
+    """Every subset of the indeterminate writes in every real-time order, run on a plain dict model."""
+    for perm in _orders([o for o in ops if not (o.indeterminate and o.op in ("get", "range"))]):
+        store: dict = {}  # key -> [value, version]
+        good = True
+        for o in perm:
+            if o.op == "put":
+                store[o.key] = [o.args[0], store.get(o.key, [None, 0])[1] + 1]
+            elif o.op == "get":
+                good = o.result == store.get(o.key, [None])[0]
+            elif o.op == "range":
+                good = [tuple(x) for x in o.result] == [(k, v[0]) for k, v in sorted(store.items())]
+            else:  # txn over plain values/versions
+                compare, success, failure = o.args
+                held = all(k in store and (store[k][0] == v) == (op_ == "==") if t == "value" else
+                           (store.get(k, [None, 0])[1] == v) == (op_ == "==") for k, t, op_, v in compare)
+                resp = []
+                for x in (success if held else failure):
+                    if x[0] == "put":
+                        store[x[1]] = [x[2], store.get(x[1], [None, 0])[1] + 1]
+                        resp.append(None)
+                    else:
+                        resp.append(store.get(x[1], [None])[0])
+                if not o.indeterminate:
+                    good = (held, tuple(resp)) == (o.result[0], tuple(o.result[1]))
+            if not good:
+                break
+        if good:
+            return True
     return False
 
 

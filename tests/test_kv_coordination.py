@@ -6,7 +6,6 @@ ZmqCluster); a "leader change" shuts a node down.  The SIGKILL versions run
 """
 from __future__ import annotations
 
-import random
 import threading
 import time
 
@@ -14,13 +13,14 @@ import pytest
 
 from pyraft.checker import HistoryRecorder, check_history
 from pyraft.codec import ClientRequest, ClientResponse
-from pyraft.errors import Compacted, LeaseNotFound, Overloaded, Timeout
+from pyraft.errors import Compacted, LeaseNotFound
 from pyraft.kv import KVClient, KVCommandError, KVStateMachine
 from pyraft.kv.recipes import Election, Lock, discover, register_service, watch_services
 from pyraft.kv.server import serve_kv
 from pyraft.stores.memory import MemoryStateMachine
 from pyraft.transports.zmq import ZmqClient
 
+from kvhistory import transfer_client
 from memcluster import pyraft_threads, wait_until
 from test_kv_client import ZmqCluster
 
@@ -265,39 +265,8 @@ def test_concurrent_txn_transfers_are_atomic_and_linearizable_across_a_leader_sh
         for a in accounts:
             rec.record("init", "put", a, (100,), lambda a=a: kv.put(a, 100))
 
-        def rows(r):
-            return [(x.key, x.value) for x in r]
-
-        def worker(c):
-            rng = random.Random(c)
-            try:
-                while not stop.is_set():
-                    try:
-                        if rng.random() < 0.3:
-                            rec.record(c, "range", "acct/", (None, True, 0),
-                                       lambda: rows(kv.range("acct/", prefix=True)))
-                            continue
-                        frm, to = rng.sample(accounts, 2)
-                        have = dict(rec.record(c, "range", "acct/", (None, True, 0),
-                                               lambda: rows(kv.range("acct/", prefix=True))))
-                        amount = rng.randrange(1, 10)
-                        compare = ((frm, "value", "==", have[frm]), (to, "value", "==", have[to]))
-                        success = (("put", frm, have[frm] - amount), ("put", to, have[to] + amount))
-                        failure = (("get", frm),)
-
-                        def run():
-                            r = kv.txn([{"key": k, "target": t, "op": o, "value": v} for k, t, o, v in compare],
-                                       [{"op": "put", "key": k, "value": v} for _op, k, v in success],
-                                       [{"op": "get", "key": k} for _op, k in failure])
-                            return r.succeeded, tuple(None if x is None else getattr(x, "value", x)
-                                                      for x in r.responses)
-                        rec.record(c, "txn", None, (compare, success, failure), run)
-                    except Timeout:
-                        pass
-            except BaseException as e:  # noqa: BLE001
-                errors.append(e)
-
-        threads = [threading.Thread(target=worker, args=(c,)) for c in range(4)]
+        threads = [threading.Thread(target=transfer_client, args=(kv, rec, c, accounts, stop, errors))
+                   for c in range(4)]
         for t in threads:
             t.start()
         time.sleep(1.5)

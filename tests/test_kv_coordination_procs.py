@@ -19,7 +19,8 @@ from pyraft.checker import HistoryRecorder, check_history
 from pyraft.errors import LeaseNotFound, Timeout
 from pyraft.kv import KVClient, KVCommandError
 
-from procs import PROC_CONFIG, make_cluster, wait_caught_up, wait_for  # noqa: F401
+from kvhistory import transfer_client
+from procs import PROC_CONFIG, make_cluster, random_faults, wait_caught_up, wait_for  # noqa: F401
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
@@ -176,40 +177,14 @@ def test_soak_txn_and_range_history_through_kill_rounds_is_linearizable(make_clu
             rec.record("init", "put", a, (50,), lambda a=a: kv.put(a, 50))
 
     def client(cid: int) -> None:
-        r = random.Random(cid)
         with c.client(timeout=4) as kv:
-            while not stop.is_set():
-                try:
-                    have = dict(rec.record(cid, "range", "acct/", (None, True, 0),
-                                           lambda: [(x.key, x.value) for x in kv.range("acct/", prefix=True)]))
-                    frm, to = r.sample(accounts, 2)
-                    amount = r.randrange(1, 5)
-                    compare = ((frm, "value", "==", have[frm]), (to, "value", "==", have[to]))
-                    success = (("put", frm, have[frm] - amount), ("put", to, have[to] + amount))
-
-                    def run():
-                        res = kv.txn([{"key": k, "target": t, "op": o, "value": v} for k, t, o, v in compare],
-                                     [{"op": "put", "key": k, "value": v} for _op, k, v in success])
-                        return res.succeeded, tuple(res.responses)
-                    rec.record(cid, "txn", None, (compare, success, ()), run)
-                except Timeout:
-                    pass
-                except BaseException as e:  # noqa: BLE001
-                    errors.append(e)
-                    return
+            transfer_client(kv, rec, cid, accounts, stop, errors)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     try:
-        end = time.monotonic() + 60
-        while time.monotonic() < end:
-            time.sleep(rng.uniform(0.5, 2.0))
-            lead = c.leader()
-            victim = lead if (lead is not None and rng.random() < 0.7) else rng.choice(c.ids)
-            c.kill(victim)
-            time.sleep(rng.uniform(0.0, 1.0))
-            c.start(victim)
+        random_faults(c, rng, 60, pauses=False)
     finally:
         stop.set()
         for t in threads:

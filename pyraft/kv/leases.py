@@ -32,7 +32,6 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future
 from typing import Any, Callable
 
 from ..codec import ClientResponse

@@ -8,15 +8,18 @@ what a caller finally sees.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from ..errors import Compacted
 from .encoding import (EVENT_TYPES, RECORD_HEADER, decode_key, decode_value, event_key, range_bounds,
                        record_header, unpack_event)
 
-__all__ = ["KeyValue", "RangeResult", "WatchEvent", "TxnResult", "KVView", "KVReads", "read_range",
-           "read_events", "check_limit", "MAX_REPLY_BYTES"]
+__all__ = ["KeyValue", "RangeResult", "WatchEvent", "TxnResult", "KVView", "KVReads", "ApplyListener",
+           "ApplyListeners", "read_range", "read_events", "check_limit", "MAX_REPLY_BYTES"]
+
+log = logging.getLogger("pyraft.kv")
 
 #: A range or watch reply stops adding keys or events past this many bytes (the
 #: transport's frames are at most 16 MiB by default), and says there is more.
@@ -225,3 +228,30 @@ class KVReads:
                 events += [WatchEvent.from_stored(r, e) for r, e in got]
                 if len(events) >= limit or rev > v.revision:
                     return events, rev
+
+
+#: ``listener(revision, lease_changes)``, called after each applied batch on the applying
+#: thread: ``lease_changes`` is a tuple of ``(lease id, ttl, or None when revoked)`` of the
+#: batch, or None when a snapshot replaced the whole state.  It must be quick and never block.
+ApplyListener = Callable[[int, "tuple[tuple[int, float | None], ...] | None"], None]
+
+
+class ApplyListeners:
+    """What the KV service's watch and lease threads hear from a state machine (a mixin)."""
+
+    # Added rarely, from any thread, and read by apply: replaced whole, never changed in place.
+    _listeners: tuple[ApplyListener, ...] = ()
+
+    def add_apply_listener(self, listener: ApplyListener) -> None:
+        """Call ``listener`` after every applied batch and snapshot install (see :data:`ApplyListener`)."""
+        self._listeners = self._listeners + (listener,)
+
+    def remove_apply_listener(self, listener: ApplyListener) -> None:
+        self._listeners = tuple(x for x in self._listeners if x is not listener)
+
+    def _notify(self, revision: int, lease_changes: tuple | None) -> None:
+        for fn in self._listeners:
+            try:
+                fn(revision, lease_changes)
+            except Exception:  # noqa: BLE001 - a listener never stops applying
+                log.exception("KV state machine: an apply listener failed")

@@ -101,10 +101,10 @@ from ..types import Entry, EntryKind, LogId, SnapshotMeta, StoredMembership, log
 from .commands import (ADDING_OPS, DEFAULT_SESSION_TTL, DEFAULT_WATCH_HISTORY, MAX_CLIENT_BYTES, MAX_KEY_BYTES, Session, apply_command,
                        check_command)
 from .encoding import RECORD_HEADER, decode_key, decode_value, encode_key, record_header, record_value
-from .reads import KVReads
+from .reads import ApplyListeners, KVReads
 
 __all__ = ["KVStateMachine", "KVReader", "KVStatus", "FORMAT_VERSION", "SNAPSHOT_MAGIC", "DEFAULT_QUOTA_BYTES",
-           "DEFAULT_WATCH_HISTORY", "ApplyListener"]
+           "DEFAULT_WATCH_HISTORY"]
 
 log = logging.getLogger("pyraft.kv")
 
@@ -129,12 +129,6 @@ _K_FLOOR = b"history_floor"
 _REC_DATA, _REC_SESSION, _REC_END, _REC_LEASE = 0, 1, 2, 3
 _TTL = struct.Struct(">d")
 _SUB = struct.Struct(">I")
-
-#: ``listener(revision, lease_changes)``, called after each applied batch on the applying
-#: thread: ``lease_changes`` is a tuple of ``(lease id, ttl, or None when revoked)`` of the
-#: batch, or None when a snapshot replaced the whole state.  It must be quick and never block.
-ApplyListener = Callable[[int, "tuple[tuple[int, float | None], ...] | None"], None]
-
 
 def _boot_id() -> str | None:
     """This boot of the machine (Linux), None where unknown (every unclean stop then rebuilds)."""
@@ -331,7 +325,7 @@ def _check_format(version: Any, root: str) -> None:
                        f"this pyraft reads version {FORMAT_VERSION}")
 
 
-class KVStateMachine(KVReads):
+class KVStateMachine(KVReads, ApplyListeners):
     """The built-in KV state machine (commands: :mod:`pyraft.kv.commands`) in LMDB.
 
     ``path`` is the node data directory (created if absent; may be shared with
@@ -378,8 +372,6 @@ class KVStateMachine(KVReads):
         # _snap_lock guards _snapshot and the set of snap-*.kvsnap files:
         # whoever makes a file current or deletes one holds it.
         self._snap_lock = threading.Lock()
-        # Listeners are added rarely, from any thread, and read by apply: replaced whole.
-        self._listeners: tuple[ApplyListener, ...] = ()
         try:
             self._snaps = SnapshotDir(os.path.join(self._env.root, SNAPSHOT_DIR_NAME), _SNAP_SUFFIX)
             self._dbs = self._open_dbs()
@@ -534,20 +526,6 @@ class KVStateMachine(KVReads):
     def used_bytes(self) -> int:
         """The store's size as the quota measures it, as of the last applied batch."""
         return self._used
-
-    def add_apply_listener(self, listener: ApplyListener) -> None:
-        """Call ``listener`` after every applied batch and snapshot install (see :data:`ApplyListener`)."""
-        self._listeners = self._listeners + (listener,)
-
-    def remove_apply_listener(self, listener: ApplyListener) -> None:
-        self._listeners = tuple(x for x in self._listeners if x is not listener)
-
-    def _notify(self, revision: int, lease_changes: tuple | None) -> None:
-        for fn in self._listeners:
-            try:
-                fn(revision, lease_changes)
-            except Exception:  # noqa: BLE001 - a listener never stops applying
-                log.exception("KV state machine: an apply listener failed")
 
     # -- before proposing -----------------------------------------------------------------
 
