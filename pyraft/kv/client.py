@@ -7,6 +7,17 @@
         kv.get("x")              # 1, linearizable (ReadIndex on the leader)
         kv.cas("x", 1, 2)        # True
         kv.delete("x")           # True: it existed
+        kv.range("svc/", prefix=True)          # [KeyValue(...)], with .revision, .count, .more
+        for ev in kv.watch("svc/", prefix=True): ...   # WatchEvent(type, key, value, revision)
+        with kv.lease(10) as lease:            # granted, kept alive by a thread, revoked at the end
+            kv.put("svc/me", "10.0.0.5:80", lease=lease.id)
+        kv.txn([{"key": "x", "target": "version", "op": "==", "value": 0}],
+               [{"op": "put", "key": "x", "value": 1}])        # TxnResult(succeeded, responses, revision)
+
+The coordination primitives and their guarantees: docs/kv.md.  Watches
+(:class:`Watch`) and keep-alive helpers (:class:`KeepAlive`, :class:`Lease`)
+own their connections or their thread; the other calls share the machinery
+below.
 
 How a call proceeds:
 
