@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import collections
 import os
+import random
 import threading
 import time
 from typing import Any, Iterable, Mapping
@@ -533,7 +534,8 @@ class Watch:
         self._sub = 0
         self._events: collections.deque[WatchEvent] = collections.deque()
         self._sess = _Session()
-        self._addr = client._first_choice()
+        # Any member serves a watch: spread them, so that they do not all load the leader.
+        self._addr = client._next_after(random.choice(client._addrs))
         self._closed = threading.Event()
 
     @property
