@@ -724,6 +724,23 @@ class KVContract:
         assert one.leases() == many.leases() == (7, {7: 4.0})
         assert list(one.range("", prefix=True)) == list(many.range("", prefix=True))
 
+    def test_a_batch_reads_its_own_writes(self, make_sm):
+        # One batch applied whole (writes kept for its end, reads served from them) and the
+        # same entries one by one must agree on every result and on the state.
+        cmds = [put("a", 1), put("b", 1), get("a"), cas("a", 1, 2), delete("b"), get("b"), put("b", 3),
+                txn([cmp("b", "version", "==", 1)], [{"op": "range", "key": "", "prefix": True}], []),
+                lease_grant(10), put("c", 1, lease=9), put("a", 4, lease=9), lease_revoke(9), get("a"),
+                cas("c", None, 5), delete("zz"), put("a", 6),
+                txn([cmp("a", "value", "==", 6)], [delete("a"), get("a"), put("d", 1)], [])]
+        whole, single = make_sm("whole"), make_sm("single")
+        entries = [normal(i + 1, c) for i, c in enumerate(cmds)]
+        r1 = whole.apply(entries)
+        r2 = [single.apply([e])[0] for e in entries]
+        assert r1 == r2
+        assert r1[7] == [True, [[[["a", 2, 1, 4, 2, 0], ["b", 3, 7, 7, 1, 0]], False]], 8]
+        assert list(whole.range("", prefix=True)) == list(single.range("", prefix=True))
+        assert whole.events("", prefix=True, start_revision=1) == single.events("", prefix=True, start_revision=1)
+
 
 def lease_grant(ttl, **s):
     return {"op": "lease_grant", "ttl": ttl, **s}

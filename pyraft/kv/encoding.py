@@ -76,8 +76,19 @@ class KVCommandError(RaftError):
 # ---------------------------------------------------------------------------
 # Keys
 
+_STR_TAG, _BYTES_TAG = bytes([_STR]), bytes([_BYTES])
+
+
 def encode_key(key: Any) -> bytes:
     """The stored form of a key; KVCommandError for a key that is not allowed or too long."""
+    t = type(key)
+    if t is str and len(key) <= 127:  # the common case; at most 4 bytes a character: it fits
+        try:
+            return _STR_TAG + key.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise KVCommandError(f"key cannot be encoded: {e}") from None
+    if t is bytes and len(key) <= MAX_KEY_BYTES - 1:
+        return _BYTES_TAG + key
     out = bytearray()
     _enc(key, out, 0, False)
     if len(out) > MAX_KEY_BYTES:

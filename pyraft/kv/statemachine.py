@@ -100,7 +100,8 @@ from ..stores.lmdb import (DEFAULT_MAP_SIZE, DEFAULT_MAX_MAP_SIZE, KV_ENV_NAME, 
 from ..types import Entry, EntryKind, LogId, SnapshotMeta, StoredMembership, log_index
 from .commands import (ADDING_OPS, DEFAULT_SESSION_TTL, DEFAULT_WATCH_HISTORY, MAX_CLIENT_BYTES, MAX_KEY_BYTES, Session, apply_command,
                        check_command)
-from .encoding import RECORD_HEADER, decode_key, decode_value, encode_key, record_header, record_value
+from .encoding import (RECORD_HEADER, KVCommandError, decode_key, decode_value, encode_key, record_header,
+                       record_value)
 from .reads import ApplyListeners, KVReads
 
 __all__ = ["KVStateMachine", "KVReader", "KVStatus", "FORMAT_VERSION", "SNAPSHOT_MAGIC", "DEFAULT_QUOTA_BYTES",
@@ -129,6 +130,8 @@ _K_FLOOR = b"history_floor"
 _REC_DATA, _REC_SESSION, _REC_END, _REC_LEASE = 0, 1, 2, 3
 _TTL = struct.Struct(">d")
 _SUB = struct.Struct(">I")
+_EVENT_KEY = struct.Struct(">QI")  # events: revision, sequence number within it
+_PLAIN_OPS = ("put", "delete", "cas", "get")
 
 def _boot_id() -> str | None:
     """This boot of the machine (Linux), None where unknown (every unclean stop then rebuilds)."""
@@ -148,40 +151,119 @@ class _Dbs:
         self.events, self.leases, self.lease_keys = events, leases, lease_keys
 
 
+class _Overlay:
+    """One database's writes in a batch, kept here and written at its end in one call.
+
+    Every call into LMDB gives the GIL away and must win it back, which costs
+    up to a switch interval while other threads run Python (RaftCore, the
+    replication workers): a batch that reads its keys with one ``getmulti``
+    and writes them with one ``putmulti`` pays that a few times, not a few
+    times per entry.  Reads see the batch's own writes first.
+    """
+
+    __slots__ = ("txn", "db", "changes", "known")
+
+    def __init__(self, txn: lmdb.Transaction, db: Any) -> None:
+        self.txn = txn
+        self.db = db
+        self.changes: dict[bytes, bytes | None] = {}  # written in this batch (None: deleted)
+        self.known: dict[bytes, bytes | None] = {}  # read ahead (None: absent)
+
+    def prefetch(self, keys: list[bytes]) -> None:
+        found = dict(self.txn.cursor(db=self.db).getmulti(keys))
+        for k in keys:
+            self.known[k] = found.get(k)
+
+    def get(self, key: bytes) -> bytes | None:
+        v = self.changes.get(key, _MISSING)
+        if v is not _MISSING:
+            return v
+        v = self.known.get(key, _MISSING)
+        return self.txn.get(key, db=self.db) if v is _MISSING else v
+
+    def flush(self) -> None:
+        """Write the batch's changes to the transaction (before anything reads the database directly)."""
+        if not self.changes:
+            return
+        puts = sorted((k, v) for k, v in self.changes.items() if v is not None)
+        if puts:
+            self.txn.cursor(db=self.db).putmulti(puts)
+        for k, v in self.changes.items():
+            if v is None:
+                self.txn.delete(k, db=self.db)
+        self.changes = {}
+        self.known = {}
+
+
+_MISSING = object()
+
+
 class _LmdbBackend:
-    """The KVBackend of one write transaction."""
+    """The KVBackend of one write transaction (data writes through an _Overlay)."""
 
     _UNKNOWN = -1
 
     def __init__(self, txn: lmdb.Transaction, dbs: _Dbs) -> None:
         self.txn = txn
         self.dbs = dbs
+        self.data = _Overlay(txn, dbs.data)
         # The smallest session index in session_index, None when empty, or _UNKNOWN.
         self._min: int | None = self._UNKNOWN
         self._ev_rev = 0  # the revision of the last event added, and its sequence number
         self._ev_sub = 0
+        # Events are appended at the end of the batch, in one call (flush_events): fewer calls into
+        # LMDB, each of which gives the GIL away and must win it back.
+        self._events: list[tuple[bytes, bytes]] = []
         self.lease_changes: list[tuple[int, float | None]] = []
 
     def get(self, key: bytes) -> bytes | None:
-        return self.txn.get(key, db=self.dbs.data)
+        return self.data.get(key)
 
     def put(self, key: bytes, record: bytes) -> None:
-        self.txn.put(key, record, db=self.dbs.data)
+        self.data.changes[key] = record
 
     def delete(self, key: bytes) -> None:
-        self.txn.delete(key, db=self.dbs.data)
+        self.data.changes[key] = None
 
     def scan(self, start: bytes, stop: bytes) -> Iterator[tuple[bytes, bytes]]:
+        self.data.flush()
         return _scan(self.txn.cursor(db=self.dbs.data), start, stop)
+
+    def prefetch(self, entries: Sequence[Entry]) -> None:
+        """Read ahead, in one call, the records of the keys the batch's plain commands name."""
+        keys = []
+        for e in entries:
+            cmd = e.payload
+            if type(cmd) is dict and cmd.get("op") in _PLAIN_OPS:
+                k = cmd.get("key")
+                if type(k) is str or type(k) is bytes:
+                    try:
+                        keys.append(encode_key(k))
+                    except KVCommandError:
+                        pass  # refused when applied
+        if keys:
+            self.data.prefetch(keys)
+
+    def finish(self) -> None:
+        """Write what the batch kept for its end: data changes, then watch events."""
+        self.data.flush()
+        self.flush_events()
 
     def add_event(self, revision: int, event: bytes) -> None:
         if revision != self._ev_rev:
             self._ev_rev, self._ev_sub = revision, 0
         else:
             self._ev_sub += 1
-        if not self.txn.put(index_key(revision) + _SUB.pack(self._ev_sub), event, db=self.dbs.events,
-                            append=True):
-            raise StorageError(f"KV state machine: watch event of revision {revision} is out of order")
+        self._events.append((_EVENT_KEY.pack(revision, self._ev_sub), event))
+
+    def flush_events(self) -> None:
+        """Append the batch's events to the history (their keys follow every key already there)."""
+        if self._events:
+            consumed, added = self.txn.cursor(db=self.dbs.events).putmulti(self._events, append=True)
+            if added != len(self._events):
+                raise StorageError(f"KV state machine: {len(self._events) - added} watch event(s) of revisions "
+                                   f"up to {self._ev_rev} are out of order")
+            self._events = []
 
     def get_lease(self, lease_id: int) -> float | None:
         raw = self.txn.get(index_key(lease_id), db=self.dbs.leases)
@@ -563,6 +645,7 @@ class KVStateMachine(KVReads, ApplyListeners):
 
         def run(txn: lmdb.Transaction) -> tuple[list[Any], StoredMembership | None, int, tuple]:
             backend = _LmdbBackend(txn, dbs)
+            backend.prefetch(entries)
             results: list[Any] = []
             membership = membership0
             for e in entries:
@@ -572,6 +655,7 @@ class KVStateMachine(KVReads, ApplyListeners):
                     if e.kind == EntryKind.MEMBERSHIP:
                         membership = StoredMembership(e.log_id, e.payload)
                     results.append(None)
+            backend.finish()
             backend.compact_events(last.index + 1 - self._history)
             txn.put(_K_APPLIED, pack(log_id_to_wire(last)), db=dbs.meta)
             if membership is not membership0:
