@@ -288,14 +288,16 @@ class KVClient:
         it was, so no event is lost or repeated.  A revision no member keeps
         any more raises :class:`~pyraft.errors.Compacted`.
         """
-        body = self._range_body(key, end, prefix, False)
+        query = self._range_body(key, end, prefix, False)  # checks the range before anything is sent
+        del query["stale"]
         if start_revision is None:
             # "After this call" is after everything a linearizable read sees now (a lagging
             # member's own revision could be older than a write this caller saw finish).
-            start_revision = self._call("kv.range", {**body, "count_only": True}, write=False)["revision"] + 1
+            # (A one-key count: its revision is the point, not its count.)
+            start_revision = self._call("kv.range", {"key": key, "count_only": True}, write=False)["revision"] + 1
         elif type(start_revision) is not int or start_revision < 1:
             raise ValueError(f"start_revision must be an integer >= 1 or None, got {start_revision!r}")
-        return Watch(self, {"key": key, "end": end, "prefix": prefix}, start_revision)
+        return Watch(self, query, start_revision)
 
     def status(self, address: str | None = None, timeout: float | None = None) -> dict:
         """``kv.status`` of one node (default: the one this client would try first)."""

@@ -68,6 +68,7 @@ from ..codec import ClientRequest, ClientResponse
 from ..errors import Overloaded, RaftError
 from ..raft import Raft, error_response
 from ..types import ServerState
+from .commands import _flag
 from .encoding import KVCommandError, range_bounds
 from .leases import LeaseKeeper, min_lease_ttl
 from .reads import check_limit, read_range
@@ -91,13 +92,6 @@ def _body(req: ClientRequest) -> dict:
     if type(body) is not dict or "key" not in body:
         raise KVCommandError(f"{req.op}: the body must be a map with a 'key'")
     return body
-
-
-def _flag(body: dict, name: str) -> bool:
-    v = body.get(name, False)
-    if type(v) is not bool:
-        raise KVCommandError(f"'{name}' must be true or false, got {v!r}")
-    return v
 
 
 class _Reads:
