@@ -44,7 +44,7 @@ Faults (all take effect at once and apply to requests and replies alike):
 Principals (test-only, in place of CURVE keys): requests arrive with
 ``reply.principal`` set to the sending transport's principal,
 :data:`~pyraft.network.TRUSTED` unless ``net.transport(id, principal=p)``
-(or ``transport.set_principal(p)``) gave it one.  A sender with a principal
+gave it one.  A sender with a principal
 counts as authenticated: its Raft RPCs are dropped (``dropped_rpc_not_peer``,
 ``dropped_rpc_wrong_id``, counted on the receiver) unless it is
 ``Principal("peer", node_id=<its own id>)``, as ZmqTransport does with CURVE.
@@ -407,10 +407,6 @@ class MemoryTransport:
             raise RaftError(f"transport of node {self.node_id} is already started")
         self._on_failure = on_failure
         self._handler = handler
-
-    def set_principal(self, principal: Principal | None) -> None:
-        """Who this transport's requests arrive as from now on (None: TRUSTED).  Tests only."""
-        self._principal = principal
 
     def _report_failure(self, reason: str) -> None:
         cb = self._on_failure
