@@ -27,8 +27,9 @@ Server side (:class:`ZmqTransport`)::
   :attr:`ZmqTransport.stats` by reason, and logged (rate-limited) on the
   ``pyraft.transport`` logger.  Nothing a frame holds can stop the server
   thread; if libzmq fails it, ``start(handler, on_failure)`` tells the owner.
-- Receive queues are bounded in bytes: the ROUTER's ``RCVHWM`` is
-  ``recv_queue_bytes // max_frame_size`` (libzmq counts messages).
+- Receive queues are bounded in bytes: the ``RCVHWM`` of the ROUTER and of
+  the node's connections is ``recv_queue_bytes // max_frame_size`` (libzmq
+  counts messages).
 - Replies go out with ``ROUTER_MANDATORY``: a reply to a peer that has gone
   (or whose queue is full) raises in libzmq; it is dropped and counted.
 
@@ -629,13 +630,14 @@ class ZmqTransport:
     - ``max_client_frame_size``: bytes; a :class:`~pyraft.codec.ClientRequest`
       larger than this is answered with :class:`~pyraft.errors.RequestTooLarge`
       without decoding its body (Raft RPCs may use up to ``max_frame_size``).
-    - ``recv_queue_bytes``: bytes one connection may have waiting in the
-      ROUTER's receive queue: libzmq counts messages, so its ``RCVHWM`` is
+    - ``recv_queue_bytes``: bytes one connection may have waiting in a
+      receive queue (the ROUTER's, and this node's own connections' for
+      their replies): libzmq counts messages, so ``RCVHWM`` is
       ``recv_queue_bytes // max_frame_size`` (at least 1; :attr:`recv_hwm`).
       A connection holds at most ``(recv_hwm + 1) * max_frame_size`` bytes in
       libzmq (the queue, plus the frame being received) besides the kernel's
       socket buffer; past it libzmq stops reading that connection.
-    - ``hwm``: frames queued per socket and direction on connections (and the
+    - ``hwm``: frames queued for sending per socket (connections, and the
       ROUTER's replies), at most (libzmq may refuse a write somewhat
       earlier); beyond it sends and replies drop.
     - ``reconnect_ivl``/``reconnect_ivl_max``: DEALER reconnect back-off, seconds.
@@ -1078,10 +1080,13 @@ class _ZmqReply:
 
 def _dealer(ctx: zmq.Context, addr: str, *, hwm: int, max_frame_size: int, heartbeat: float,
             reconnect_ivl: float, reconnect_ivl_max: float,
-            keypair: tuple[bytes, bytes] | None, server_key: bytes | None, affinity: int = 0) -> zmq.Socket:
+            keypair: tuple[bytes, bytes] | None, server_key: bytes | None, affinity: int = 0,
+            recv_hwm: int | None = None) -> zmq.Socket:
     s = ctx.socket(zmq.DEALER)
     try:
         _set_common(s, hwm=hwm, max_frame_size=max_frame_size, heartbeat=heartbeat, addr=addr)
+        if recv_hwm is not None:
+            s.setsockopt(zmq.RCVHWM, recv_hwm)
         s.setsockopt(zmq.AFFINITY, affinity)
         s.setsockopt(zmq.IMMEDIATE, 1)
         s.setsockopt(zmq.RECONNECT_IVL, _ms(reconnect_ivl))
@@ -1125,7 +1130,7 @@ class ZmqConnection:
             transport._ctx, addr, hwm=transport.hwm, max_frame_size=transport.max_frame_size,
             heartbeat=transport.heartbeat, reconnect_ivl=transport.reconnect_ivl,
             reconnect_ivl_max=transport.reconnect_ivl_max, keypair=transport._keypair, server_key=server_key,
-            affinity=_io_affinity(transport._ctx, _CONNECT_IO))
+            affinity=_io_affinity(transport._ctx, _CONNECT_IO), recv_hwm=transport.recv_hwm)
         self._ids = itertools.count(1)
         # Until the first send goes through: frames waiting for the first connection.
         self._pending: collections.deque[bytes] | None = collections.deque()
