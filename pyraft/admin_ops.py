@@ -31,9 +31,10 @@ on expiry the reply is a ``Timeout`` error and the outcome is unknown (a
 membership entry may still commit).  A node shutting down fails its pending
 operations with ``ShutDown``.
 
-Security: whoever can send requests to the node's address can run these.
-Use CURVE (:class:`~pyraft.transports.zmq.CurveConfig`) so that only
-allowed keys can connect.
+Security: every op here needs the ``admin`` role: with CURVE
+(:class:`~pyraft.transports.zmq.CurveConfig`), a key in the allow list's
+``admins/``; other keys get ``PermissionDenied``.  Without CURVE whoever can
+send requests to the node's address can run these.
 """
 from __future__ import annotations
 
@@ -269,7 +270,7 @@ def serve_admin(raft: Raft, *, max_timeout: float = MAX_TIMEOUT, max_concurrent:
         return handler
 
     for op, (fn, leader_only) in _OPS.items():
-        raft.set_client_handler(op, make_handler(op, fn, leader_only))
+        raft.set_client_handler(op, make_handler(op, fn, leader_only), role="admin")
 
 
 def stop_serving_admin(raft: Raft) -> None:

@@ -72,3 +72,7 @@ class NoSpace(RaftError):
 
 class Compacted(RaftError):
     """The requested revision was compacted away (a watch's ``start_revision``, a read at an old revision)."""
+
+
+class RequestTooLarge(RaftError):
+    """A client request's frame is larger than the node accepts (``ZmqTransport(max_client_frame_size=...)``)."""

@@ -11,7 +11,8 @@
         transfer-leader ID              hand the leadership to voter ID
         snapshot                        build a snapshot on the contacted node now
         purge-log INDEX                 purge the contacted node's log up to INDEX
-    pyraft-admin keygen DIR [--name NAME]   write a CURVE key pair (NAME.key, NAME.key_secret)
+    pyraft-admin keygen DIR [--name NAME]   write a CURVE key pair (NAME.key, NAME.key_secret, the
+                                            secret created readable by its owner only)
 
 Every command but ``keygen`` first asks ``--node`` for its ``"metrics"``.
 Membership changes and leadership transfers go to the leader: the tool
@@ -22,7 +23,9 @@ is registered on them (``pyraft-kv serve`` does).
 
 Exit codes: 0 done; 1 the operation failed (the node said no, or it timed
 out: then its outcome is unknown); 2 usage error, node unreachable, or bad
-CURVE key files.
+CURVE key files.  With CURVE, ``status`` needs a key with at least the
+reader role and the other commands an admin key (``admins/`` in the
+nodes' allow list); others fail with ``PermissionDenied``.
 """
 from __future__ import annotations
 
@@ -78,7 +81,7 @@ class Admin:
         try:
             return self.curve.server_key_for(node_id)
         except TransportError as e:
-            raise UsageError(f"{e} (give --curve-keys-dir with N.key for every node)") from None
+            raise UsageError(f"{e} (give --curve-keys-dir: the allow list, with peers/N.key for every node)") from None
 
     def call(self, addr: str, op: str, body: Any = None, *, timeout: float, node_id: int | None = None,
              contacted: str | None = None) -> Any:
@@ -303,7 +306,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--curve-public", metavar="FILE", help="this tool's .key file (checked against the secret)")
     g.add_argument("--curve-server-key", metavar="KEY", help="the --node's public key: a .key file or Z85 text")
     g.add_argument("--curve-keys-dir", metavar="DIR",
-                   help="directory holding N.key for every node N (to reach the other members)")
+                   help="the allow list, with peers/N.key for every node N (to reach the other members)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -360,7 +363,9 @@ def _run(args: argparse.Namespace) -> int:
         except TransportError as e:
             print(f"pyraft-admin: {e}", file=sys.stderr)
             return EXIT_FAILED
-        print(f"public key: {pub}\nsecret key: {sec}")
+        print(f"public key: {pub}\nsecret key: {sec} (readable by its owner only)\n"
+              f"Copy the public key into the nodes' allow list: peers/N.key for node N, admins/, clients/ "
+              f"or readers/ for a tool or a client (see docs/security.md).")
         return EXIT_OK
     if not args.node:
         raise UsageError("--node ADDR is required")

@@ -4,7 +4,7 @@
 
     pyraft-kv serve --id N --listen tcp://HOST:PORT --peers 1=tcp://...,2=tcp://...,3=tcp://...
                     --data-dir DIR [--init] [--config FILE] [--log-level LEVEL]
-                    [--curve-secret FILE [--curve-public FILE] --curve-allow DIR]
+                    [--curve-secret FILE [--curve-public FILE] --curve-allow DIR | --insecure]
     pyraft-kv put    --cluster ADDR,ADDR,... KEY VALUE
     pyraft-kv get    --cluster ADDR,ADDR,... KEY [--stale]
     pyraft-kv delete --cluster ADDR,ADDR,... KEY
@@ -20,7 +20,11 @@ the node then drops peers' traffic and slows its log writes as the local
 JSON file FILE says (:mod:`pyraft.tools.faults`).  Start-up
 problems (a busy port, a data directory locked by another process or
 belonging to another node or cluster, bad arguments or key files) print one
-line and exit 2; a node that stops on a fatal error exits 1.
+line and exit 2; a node that stops on a fatal error exits 1.  Without CURVE
+``serve`` listens only on loopback addresses (127.0.0.0/8, ``::1``,
+``localhost``) unless ``--insecure`` says the network is trusted: anyone who
+reaches a node without CURVE can read, write and reconfigure the cluster
+(see docs/security.md).
 
 The client commands take values as strings; ``get`` prints the value.  ``cas``
 sets KEY to VALUE if its current value is EXPECTED, or, without EXPECTED, if
@@ -29,8 +33,8 @@ key; ``cas``: the value differed; a refused command; no answer within
 ``--timeout``, when the outcome of a write is unknown); 2 usage error or
 unreadable key files.  ``--cluster`` defaults to ``$PYRAFT_KV_CLUSTER``.
 With CURVE, give the addresses as ``N=tcp://...``, ``--curve-secret`` (this
-client's secret key file) and ``--curve-keys-dir`` (a directory with
-``N.key`` for every node).
+client's secret key file) and ``--curve-keys-dir`` (the allow list, where
+``peers/N.key`` is node N's public key).
 
 ``demo`` starts a local three-node cluster as separate processes, writes,
 kills the leader, shows the failover, checks that every acknowledged write is
@@ -87,6 +91,29 @@ def parse_peers(text: str) -> dict[int, str]:
     return peers
 
 
+def raise_fd_limit() -> None:
+    """Raise this process's soft limit of open files to its hard limit.
+
+    Every connection to a node holds a file descriptor: under the usual soft
+    limit of 1,024, a few hundred idle connections leave the node without
+    descriptors for its peers, its clients and its files (and libzmq retries
+    failing accepts in a loop).  The hard limit is what the administrator
+    allows; Go programs raise to it at start-up the same way.
+    """
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as e:
+        log.warning("cannot raise the open files limit from %s to %s: %s", soft, target, e)
+
+
 def load_config(path: str | None, cluster_name: str | None = None) -> Any:
     from pyraft import Config
     d: dict = {}
@@ -117,7 +144,7 @@ def _serve(args: argparse.Namespace) -> int:
     from pyraft.kv import KVStateMachine
     from pyraft.kv.server import serve_kv
     from pyraft.stores.lmdb import LmdbLogStore, node_dir_layout
-    from pyraft.transports.zmq import CurveConfig, TransportError, ZmqTransport
+    from pyraft.transports.zmq import CurveConfig, TransportError, ZmqTransport, is_loopback
 
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
                         format=f"%(asctime)s %(levelname)-7s node-{args.id} %(name)s: %(message)s")
@@ -138,6 +165,11 @@ def _serve(args: argparse.Namespace) -> int:
                 curve.server_key_for(i)
         except TransportError as e:
             raise UsageError(str(e)) from None
+    elif not is_loopback(args.listen) and not args.insecure:
+        raise UsageError(f"--listen {args.listen} is reachable from other hosts, and without CURVE anyone who "
+                         f"reaches it can read, write and reconfigure the cluster: give --curve-secret and "
+                         f"--curve-allow, or --insecure if the network itself is trusted")
+    raise_fd_limit()
 
     layout = node_dir_layout(args.data_dir)
     log_store = sm = transport = None
@@ -217,7 +249,7 @@ def _client(args: argparse.Namespace) -> Any:
     curve = None
     if args.curve_secret:
         if not args.curve_keys_dir:
-            raise UsageError("--curve-secret needs --curve-keys-dir (a directory with N.key for every node)")
+            raise UsageError("--curve-secret needs --curve-keys-dir (the allow list, with peers/N.key for every node)")
         curve = CurveConfig(secret_key_file=args.curve_secret, public_key_file=args.curve_public,
                             allowed_keys_dir=args.curve_keys_dir)
     elif args.curve_keys_dir or args.curve_public:
@@ -316,30 +348,44 @@ class LocalCluster:
         if curve:
             self._make_keys()
 
-    # -- CURVE keys: keys/N.key (public, the allowed list), private/N.key_secret
+    # -- CURVE keys: the allow list keys/ by role (peers/N.key, clients/, admins/),
+    #    and each secret in private/NAME/NAME.key_secret
 
     def _make_keys(self) -> None:
         self.keys_dir = os.path.join(self.base_dir, "keys")
         self.private_dir = os.path.join(self.base_dir, "private")
         os.makedirs(self.keys_dir, exist_ok=True)
-        for name in [str(i) for i in self.ids] + ["client"]:
-            self.make_keypair(name, allowed=True)
+        for i in self.ids:
+            self.make_keypair(str(i), role="peer")
+        self.make_keypair("client", role="client")
+        self.make_keypair("admin", role="admin")
 
-    def make_keypair(self, name: str, allowed: bool) -> str:
-        """A new CURVE keypair; its public key goes into the allowed keys iff ``allowed``.  Returns the secret file."""
-        from pyraft.transports.zmq import generate_keys
+    def make_keypair(self, name: str, allowed: bool = True, role: str = "client") -> str:
+        """A new CURVE keypair; returns its secret file.
+
+        With ``allowed``, its public key goes into the allow list with ``role``
+        (``"peer"``: ``name`` must be the node id; ``"admin"``, ``"client"`` or
+        ``"reader"``).
+        """
+        from pyraft.transports.zmq import ROLE_DIRS, generate_keys
         d = os.path.join(self.private_dir, name)
         pub, sec = generate_keys(d, name)
         if allowed:
-            shutil.copy(pub, os.path.join(self.keys_dir, f"{name}.key"))
+            sub = {r: s for s, r in ROLE_DIRS.items()}[role]
+            os.makedirs(os.path.join(self.keys_dir, sub), exist_ok=True)
+            shutil.copy(pub, os.path.join(self.keys_dir, sub, f"{name}.key"))
         return sec
 
+    def secret_file(self, name: str) -> str:
+        """The secret key file of ``name`` (a node id, ``"client"``, ``"admin"``, or a ``make_keypair`` name)."""
+        return os.path.join(self.private_dir, name, f"{name}.key_secret")
+
     def client_curve(self, secret_file: str | None = None) -> Any:
+        """A CurveConfig for a client of this cluster: the client key by default, or ``secret_file``'s."""
         from pyraft.transports.zmq import CurveConfig
         if self.keys_dir is None:
             return None
-        return CurveConfig(secret_key_file=secret_file or os.path.join(self.private_dir, "client", "client.key_secret"),
-                           allowed_keys_dir=self.keys_dir)
+        return CurveConfig(secret_key_file=secret_file or self.secret_file("client"), allowed_keys_dir=self.keys_dir)
 
     # -- processes
 
@@ -358,8 +404,7 @@ class LocalCluster:
         if init:
             a.append("--init")
         if self.keys_dir:
-            a += ["--curve-secret", os.path.join(self.private_dir, str(i), f"{i}.key_secret"),
-                  "--curve-allow", self.keys_dir]
+            a += ["--curve-secret", self.secret_file(str(i)), "--curve-allow", self.keys_dir]
         return a
 
     def start(self, i: int, init: bool = False, wait: bool = True, timeout: float = 20.0) -> subprocess.Popen:
@@ -766,7 +811,11 @@ def _parser() -> argparse.ArgumentParser:
                                                            "warning", "error"])
     s.add_argument("--curve-secret", metavar="FILE", help="this node's .key_secret file")
     s.add_argument("--curve-public", metavar="FILE", help="this node's .key file (checked against the secret)")
-    s.add_argument("--curve-allow", metavar="DIR", help="public keys allowed to connect; node N's is N.key")
+    s.add_argument("--curve-allow", metavar="DIR",
+                   help="the allow list of public keys by role: peers/N.key (node N), admins/, clients/, readers/")
+    s.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --listen without CURVE: anyone who reaches the port can read, write "
+                        "and reconfigure the cluster (use only on a network you trust entirely)")
     s.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
     s.add_argument("--fault-control", metavar="FILE",
                    help="TEST ONLY, off by default: inject faults (dropped peers, a slow disk) as the local JSON "
@@ -778,7 +827,7 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--cluster-name", default="pyraft")
         c.add_argument("--curve-secret", metavar="FILE", help="this client's .key_secret file")
         c.add_argument("--curve-public", metavar="FILE", help="this client's .key file (optional check)")
-        c.add_argument("--curve-keys-dir", metavar="DIR", help="directory with N.key for every node N")
+        c.add_argument("--curve-keys-dir", metavar="DIR", help="the allow list: peers/N.key for every node N")
 
     c = sub.add_parser("put", help="set KEY to VALUE")
     client_opts(c)

@@ -15,6 +15,9 @@ op                  request body                             reply body
                                                              "leader_addr", "applied", "keys"}``
 ==================  =======================================  =====================================
 
+Roles (with CURVE, see ``pyraft.network.Principal``): ``kv.write`` needs a
+client key; the reads and ``kv.status`` a reader key.
+
 A node that does not lead answers ``kv.write`` and ``kv.get`` with a
 ``ForwardToLeader`` error carrying the leader's id and address when it knows
 them (see :func:`pyraft.raft.error_response`).  A refused command answers
@@ -146,10 +149,10 @@ def serve_kv(raft: Raft, sm: Any | None = None) -> None:
     if not callable(getattr(sm, "get", None)):
         raise TypeError(f"serve_kv needs a state machine with get(key), got {type(sm).__name__}")
     svc = _KVService(raft, sm)
-    raft.set_client_handler("kv.write", svc.on_write)
-    raft.set_client_handler("kv.get", svc.on_get)
-    raft.set_client_handler("kv.get_stale", svc.on_get_stale)
-    raft.set_client_handler("kv.status", svc.on_status)
+    raft.set_client_handler("kv.write", svc.on_write, role="client")
+    raft.set_client_handler("kv.get", svc.on_get, role="reader")
+    raft.set_client_handler("kv.get_stale", svc.on_get_stale, role="reader")
+    raft.set_client_handler("kv.status", svc.on_status, role="reader")
 
 
 def unserve_kv(raft: Raft) -> None:
