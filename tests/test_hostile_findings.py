@@ -69,6 +69,23 @@ def _at_rest(c, lead: int) -> dict:
     return c.metrics(lead)
 
 
+def _cluster_with_a_write(hostile_cluster, layout: str):
+    """A started cluster holding one acknowledged write, ``before=1``; returns it and its leader."""
+    c = hostile_cluster(layout)
+    with c.kv() as kv:
+        kv.put("before", 1)
+    return c, c.wait_leader(20)
+
+
+def _attack(c, i: int, message, claimed: int) -> int:
+    """Send ``message`` to node ``i`` with the client key, claiming to be ``claimed``, and wait until
+    the node dealt with it.  Returns the node's refusal count from before."""
+    before = refusals_of(c, i)
+    with c.raw(i, "client") as s:
+        wait_handled(c, i, before, s, s.send(message, from_id=claimed))
+    return before
+
+
 def _assert_refusal_counted(c, i: int, before: int, trusted: bool) -> None:
     """The node counted what it refused (a ``refused_*`` counter when the engine refused it)."""
     wait_for(lambda: refusals_of(c, i) > before, 10, f"node {i} to count the attack as refused or dropped")
@@ -208,17 +225,11 @@ def test_client_and_reader_keys_cannot_administer_and_a_reader_cannot_write(host
 
 @ATTACKERS
 def test_forged_append_entries_at_the_leaders_term_does_not_make_the_leader_fatal(hostile_cluster, layout):
-    c = hostile_cluster(layout)
-    lead = c.wait_leader(20)
-    with c.kv() as kv:
-        kv.put("before", 1)
+    c, lead = _cluster_with_a_write(hostile_cluster, layout)
     term = c.status(lead)["term"]
     other = _follower(c, lead)
-    before = refusals_of(c, lead)
-    with c.raw(lead, "client") as s:
-        # 19 bytes on the wire: "I, node `other`, lead this term too".
-        rid = s.send(AppendEntriesRequest(term, other, None, (), 0), from_id=other)
-        wait_handled(c, lead, before, s, rid)
+    # 19 bytes on the wire: "I, node `other`, lead this term too".
+    before = _attack(c, lead, AppendEntriesRequest(term, other, None, (), 0), claimed=other)
     st = assert_serving(c)
     assert_terms_sane(st)
     assert st[lead]["is_leader"] and st[lead]["term"] == term, st[lead]
@@ -229,18 +240,13 @@ def test_forged_append_entries_at_the_leaders_term_does_not_make_the_leader_fata
 @ATTACKERS
 def test_vote_request_at_the_largest_term_does_not_brick_the_cluster_even_across_a_restart(hostile_cluster,
                                                                                            layout):
-    c = hostile_cluster(layout)
-    with c.kv() as kv:
-        kv.put("before", 1)
+    c, _ = _cluster_with_a_write(hostile_cluster, layout)
     before = {}
     for i in c.ids:
         cand = next(j for j in c.ids if j != i)
-        before[i] = refusals_of(c, i)
-        with c.raw(i, "client") as s:
-            # transfer=True passes the CheckQuorum lease; nobody could ever campaign after this term.
-            rid = s.send(VoteRequest(MAX_TERM, cand, LogId(MAX_TERM, MAX_TERM), pre_vote=False, transfer=True),
-                         from_id=cand)
-            wait_handled(c, i, before[i], s, rid)
+        # transfer=True passes the CheckQuorum lease; nobody could ever campaign after this term.
+        before[i] = _attack(c, i, VoteRequest(MAX_TERM, cand, LogId(MAX_TERM, MAX_TERM), pre_vote=False,
+                                              transfer=True), claimed=cand)
     assert_terms_sane(assert_serving(c))
     for i in c.ids:
         _assert_refusal_counted(c, i, before[i], trusted=layout == "none")
@@ -266,20 +272,14 @@ def test_vote_request_at_the_largest_term_does_not_brick_the_cluster_even_across
 
 @pytest.mark.parametrize("layout", [CURVE_LAYOUT], ids=[f"curve-{CURVE_LAYOUT}-client-key"])
 def test_forged_append_entries_at_the_next_term_cannot_get_an_unproposed_put_committed(hostile_cluster, layout):
-    c = hostile_cluster(layout)
-    lead = c.wait_leader(20)
-    with c.kv() as kv:
-        kv.put("before", 1)
+    c, lead = _cluster_with_a_write(hostile_cluster, layout)
     m = _at_rest(c, lead)
-    term, (_, last) = m["current_term"], m["committed"]
+    term, (last_term, last) = m["current_term"], m["committed"]
     f = _follower(c, lead)
     evil = Entry(LogId(term + 1, last + 1), EntryKind.NORMAL, {"op": "put", "key": "hijacked", "value": "pwned"})
-    before = refusals_of(c, f)
-    with c.raw(f, "client") as s:
-        # A log one entry longer, at a newer term: this follower would win the next election.
-        rid = s.send(AppendEntriesRequest(term + 1, lead, LogId(m["committed"][0], last), (evil,), last + 1),
-                     from_id=lead)
-        wait_handled(c, f, before, s, rid)
+    # A log one entry longer, at a newer term, committed: this follower would win the next election.
+    before = _attack(c, f, AppendEntriesRequest(term + 1, lead, LogId(last_term, last), (evil,), last + 1),
+                     claimed=lead)
     c.wait_leader(20)
     with c.kv() as kv:
         kv.put("after", 2)
@@ -290,20 +290,14 @@ def test_forged_append_entries_at_the_next_term_cannot_get_an_unproposed_put_com
 
 @ATTACKERS
 def test_garbage_install_snapshot_does_not_make_a_follower_fatal(hostile_cluster, layout):
-    c = hostile_cluster(layout)
-    lead = c.wait_leader(20)
-    with c.kv() as kv:
-        kv.put("before", 1)
+    c, lead = _cluster_with_a_write(hostile_cluster, layout)
     m = _at_rest(c, lead)
     term, last = m["current_term"], m["last_log_index"]
     f = _follower(c, lead)
     members = Membership.of({i: Node(c.addrs[i]) for i in c.ids})
     # A meta that lies (a snapshot far past the log) over bytes that are no snapshot at all.
     meta = SnapshotMeta(LogId(term, last + 100), StoredMembership(LogId(1, 1), members), "evil")
-    before = refusals_of(c, f)
-    with c.raw(f, "client") as s:
-        rid = s.send(InstallSnapshotRequest(term, lead, meta, 0, os.urandom(4096), True), from_id=lead)
-        wait_handled(c, f, before, s, rid)
+    before = _attack(c, f, InstallSnapshotRequest(term, lead, meta, 0, os.urandom(4096), True), claimed=lead)
     st = assert_serving(c)
     assert_terms_sane(st)
     settle_and_compare(c, {"before": 1})
@@ -506,6 +500,21 @@ class _Writer:
         return max(b - a for a, b in zip(self.times, self.times[1:]))
 
 
+def _send_big_frames(c, i: int, frames: list[bytes], timeout: float) -> None:
+    """Send ``frames`` to node ``i`` on one connection and wait until the node got past them."""
+    with c.raw(i, None) as s:
+        for frame in frames:
+            assert s.send_frame(frame)
+        # A small request behind them on the same connection: its reply means they were handled
+        # (or the connection was dropped for them and the socket reconnected).
+        sent = set()
+
+        def answered():
+            sent.add(s.send(ClientRequest("kv.status"), 0))
+            return any(rid in sent for rid, _ in s.replies(1.0))
+        wait_for(answered, timeout, f"node {i} to get past the big frames")
+
+
 #: Elections well apart from the work of an honest busy machine, so a leader change means an attack hit.
 STEADY = {"heartbeat_interval": 0.1, "election_timeout": [1.0, 2.0], "rpc_timeout": 1.0}
 
@@ -519,17 +528,7 @@ def test_a_16_mib_frame_neither_stalls_commits_nor_costs_the_leadership(hostile_
     w = _Writer(c, "w")
     wait_for(lambda: len(w.acked) >= 20, 20, "writes to flow")
     size = 16 * 1024 * 1024
-    with c.raw(lead, None) as s:
-        for cluster in ("other", c.cluster_name):
-            assert s.send_frame(_huge_array_frame(cluster, size))
-        # A small request behind them on the same connection: its reply means both were handled
-        # (or the connection was dropped for them and the socket reconnected).
-        sent = set()
-
-        def answered():
-            sent.add(s.send(ClientRequest("kv.status"), 0))
-            return any(rid in sent for rid, _ in s.replies(1.0))
-        wait_for(answered, 90, "the node to get past the big frames")
+    _send_big_frames(c, lead, [_huge_array_frame(cluster, size) for cluster in ("other", c.cluster_name)], 90)
     n = len(w.acked)
     wait_for(lambda: len(w.acked) >= n + 20, 20, "writes to flow after the big frames")
     gap = w.stop()
@@ -552,16 +551,7 @@ def test_soak_forty_16_mib_frames_keep_a_followers_memory_bounded(hostile_cluste
     f = _follower(c, lead)
     rss0 = _peak_rss_mib(c.procs[f].pid)
     w = _Writer(c, "w")
-    frame = _huge_array_frame(c.cluster_name, 16 * 1024 * 1024)
-    with c.raw(f, None) as s:
-        for _ in range(40):
-            s.send_frame(frame)
-        sent = set()
-
-        def answered():
-            sent.add(s.send(ClientRequest("kv.status"), 0))
-            return any(rid in sent for rid, _ in s.replies(1.0))
-        wait_for(answered, 600, "the follower to get past the big frames")
+    _send_big_frames(c, f, [_huge_array_frame(c.cluster_name, 16 * 1024 * 1024)] * 40, 600)
     n = len(w.acked)
     wait_for(lambda: len(w.acked) >= n + 20, 30, "writes to flow after the big frames")
     w.stop()
@@ -695,16 +685,17 @@ def _leader(rafts: dict[int, Raft]) -> Raft:
 
 
 def _write(rafts: dict[int, Raft], key: str, value, timeout: float = 20.0) -> None:
-    """Write through whichever node leads, through elections."""
-    from pyraft.errors import ForwardToLeader
+    """Write through whichever node leads, through elections (and past a full queue of writes)."""
+    from pyraft.errors import ForwardToLeader, Overloaded
     deadline = time.monotonic() + timeout
     while True:
         try:
             _leader(rafts).client_write({"op": "put", "key": key, "value": value}, timeout=5)
             return
-        except (ForwardToLeader, Timeout):
+        except (ForwardToLeader, Overloaded, Timeout):
             if time.monotonic() > deadline:
                 raise
+            time.sleep(0.05)
 
 
 def _none_fatal(rafts: dict[int, Raft]) -> None:
