@@ -35,7 +35,6 @@ from pyraft.codec import ClientRequest, ClientResponse, decode_message
 from pyraft.errors import CodecError, Fatal, PermissionDenied, RaftError, ShutDown, Timeout
 from pyraft.messages import AppendEntriesRequest, InstallSnapshotRequest, VoteRequest
 from pyraft.stores.memory import MemoryLogStore, MemoryStateMachine
-from pyraft.tools import module_argv
 from pyraft.tools.kv import free_port
 from pyraft.transports.zmq import ZmqClient, ZmqTransport
 from pyraft.types import Entry, EntryKind, LogId, Membership, SnapshotMeta, StoredMembership
@@ -112,7 +111,7 @@ def test_zmq_transport_listens_on_loopback_by_default():
 
 
 def _serve_argv(port: int, data_dir: str, *extra: str) -> list[str]:
-    return [*module_argv("pyraft.tools.kv"), "serve", "--id", "1", "--listen", f"tcp://0.0.0.0:{port}",
+    return [sys.executable, "-m", "pyraft.tools.kv", "serve", "--id", "1", "--listen", f"tcp://0.0.0.0:{port}",
             "--peers", f"1=tcp://127.0.0.1:{port}", "--data-dir", data_dir, "--init",
             "--parent-pid", str(os.getpid()), *extra]
 
