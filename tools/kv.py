@@ -555,7 +555,17 @@ class LocalCluster:
     def log_path(self, i: int) -> str:
         return os.path.join(self.base_dir, f"node{i}.log")
 
-    def argv(self, i: int, init: bool = False) -> list[str]:
+    def add_node(self, i: int, host: str = "127.0.0.1") -> str:
+        """Give a new node ``i`` an address and a data directory (start it with :meth:`start`); its address."""
+        if i in self.addrs:
+            raise ValueError(f"node {i} exists already")
+        self.addrs[i] = f"tcp://{host}:{free_port(host)}"
+        self.ids.append(i)
+        if self.keys_dir:
+            self.make_keypair(str(i), allowed=True)
+        return self.addrs[i]
+
+    def argv(self, i: int, init: bool = False, extra: Sequence[str] = ()) -> list[str]:
         a = [sys.executable, "-m", "pyraft.tools.kv", "serve", "--id", str(i), "--listen", self.addrs[i],
              "--peers", ",".join(f"{j}={self.addrs[j]}" for j in self.ids), "--data-dir", self.data_dir(i),
              "--log-level", self.log_level, "--parent-pid", str(os.getpid())]
@@ -566,10 +576,14 @@ class LocalCluster:
         if self.keys_dir:
             a += ["--curve-secret", os.path.join(self.private_dir, str(i), f"{i}.key_secret"),
                   "--curve-allow", self.keys_dir]
-        return a
+        return a + list(extra)
 
-    def start(self, i: int, init: bool = False, wait: bool = True, timeout: float = 20.0) -> subprocess.Popen:
-        """Start node ``i`` (its previous process must have exited); with ``wait``, until it answers."""
+    def start(self, i: int, init: bool = False, wait: bool = True, timeout: float = 20.0,
+              extra: Sequence[str] = ()) -> subprocess.Popen:
+        """Start node ``i`` (its previous process must have exited); with ``wait``, until it answers.
+
+        ``extra``: more ``serve`` arguments (``--force-new-cluster``, ``--metrics-listen ...``).
+        """
         old = self.procs.get(i)
         if old is not None and old.poll() is None:
             raise RuntimeError(f"node {i} is running (pid {old.pid})")
@@ -577,7 +591,7 @@ class LocalCluster:
         if i in self._logs:
             self._logs[i].close()
         self._logs[i] = logf
-        p = subprocess.Popen(self.argv(i, init), stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+        p = subprocess.Popen(self.argv(i, init, extra), stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                              start_new_session=True)
         self.procs[i] = p
         if wait:
