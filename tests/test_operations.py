@@ -23,7 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from procs import free_port, make_cluster  # noqa: E402,F401 - the fixture
-from test_inspect import LmdbCluster, put, wait_until  # noqa: E402
+from test_admin import cluster  # noqa: E402,F401 - the fixture: in-process voters 1-3, node 4 not a member
+from test_inspect import put, wait_until  # noqa: E402
 
 from pyraft import Raft, ServerState  # noqa: E402
 from pyraft.backup import BackupError, read_backup_header  # noqa: E402
@@ -53,17 +54,6 @@ def adm(node: str, *argv, name: str = "pyraft") -> tuple[int, str, str]:
     return run(padmin.main, "--node", node, "--cluster-name", name, "--connect-timeout", "2", *argv)
 
 
-@pytest.fixture
-def lc(tmp_path):
-    """Three in-process voters serving the admin ops; node 4 running, not a member."""
-    c = LmdbCluster(tmp_path, ids=(1, 2, 3, 4), admin=True)
-    try:
-        c.initialize([1, 2, 3])
-        yield c
-    finally:
-        c.close()
-
-
 def _hold_apply(sm: KVStateMachine, gate: threading.Event, fail: threading.Event) -> None:
     """Make ``sm`` wait at each batch until ``gate`` is set, and raise (a failing disk) once ``fail`` is."""
     real = sm.apply
@@ -80,57 +70,57 @@ def _hold_apply(sm: KVStateMachine, gate: threading.Event, fail: threading.Event
 # ---------------------------------------------------------------------------
 # health
 
-def test_health_exit_codes_healthy_lagging_fatal_no_leader_unreachable(lc):
-    name = lc.config.cluster_name
-    leader = lc.leader().node_id
+def test_health_exit_codes_healthy_lagging_fatal_no_leader_unreachable(cluster):
+    name = cluster.config.cluster_name
+    leader = cluster.leader().node_id
     f, g = [i for i in (1, 2, 3) if i != leader]
     for i in (leader, f):
-        rc, out, err = adm(lc.addrs[i], "health", name=name)
+        rc, out, err = adm(cluster.addrs[i], "health", name=name)
         assert rc == 0 and "healthy" in out, err
-    rc, out, _ = adm(lc.addrs[f], "health", "--json", name=name)
+    rc, out, _ = adm(cluster.addrs[f], "health", "--json", name=name)
     rep = json.loads(out)
     assert rc == 0 and rep["healthy"] is True and rep["current_leader"] == leader and rep["exit_code"] == 0
 
     # Lagging: node f's state machine is held while the others commit 30 entries.
     gate, fail = threading.Event(), threading.Event()
-    _hold_apply(lc.rafts[f].state_machine, gate, fail)
-    lc.write([put(f"k{i}", i) for i in range(30)])
-    rc, out, err = adm(lc.addrs[f], "health", "--max-lag", "5", name=name)
+    _hold_apply(cluster.rafts[f].state_machine, gate, fail)
+    cluster.write([put(f"k{i}", i) for i in range(30)])
+    rc, out, err = adm(cluster.addrs[f], "health", "--max-lag", "5", name=name)
     assert rc == 1 and "lags" in err and err.count("\n") == 1, (out, err)
-    assert adm(lc.addrs[f], "health", name=name)[0] == 0  # within the default --max-lag
+    assert adm(cluster.addrs[f], "health", name=name)[0] == 0  # within the default --max-lag
     gate.set()
-    wait_until(lambda: adm(lc.addrs[f], "health", "--max-lag", "0", name=name)[0] == 0, 20, "f caught up")
+    wait_until(lambda: adm(cluster.addrs[f], "health", "--max-lag", "0", name=name)[0] == 0, 20, "f caught up")
 
     # Fatal: node f's disk fails while it applies; it answers with its state and the reason.
     fail.set()
-    lc.write([put("boom", 1)])
-    wait_until(lambda: lc.rafts[f].metrics().state == ServerState.FATAL, 20, "node f Fatal")
-    rc, out, err = adm(lc.addrs[f], "health", "--json", name=name)
+    cluster.write([put("boom", 1)])
+    wait_until(lambda: cluster.rafts[f].metrics().state == ServerState.FATAL, 20, "node f Fatal")
+    rc, out, err = adm(cluster.addrs[f], "health", "--json", name=name)
     rep = json.loads(out)
     assert rc == 1 and rep["state"] == "Fatal" and "Input/output error" in rep["reason"], rep
 
     # No leader: the leader and f stop; g alone cannot elect one.
-    lc.stop(leader)
-    lc.stop(f)
-    wait_until(lambda: lc.rafts[g].metrics().current_leader is None, 20, "g to lose its leader")
-    rc, out, err = adm(lc.addrs[g], "health", name=name)
+    cluster.stop(leader)
+    cluster.stop(f)
+    wait_until(lambda: cluster.rafts[g].metrics().current_leader is None, 20, "g to lose its leader")
+    rc, out, err = adm(cluster.addrs[g], "health", name=name)
     assert rc == 1 and "knows no leader" in err, (out, err)
 
     # Unreachable.
-    lc.stop(g)
+    cluster.stop(g)
     t0 = time.monotonic()
-    rc, out, err = adm(lc.addrs[g], "health", "--connect-timeout", "0.5", name=name)
+    rc, out, err = adm(cluster.addrs[g], "health", "--connect-timeout", "0.5", name=name)
     assert rc == 2 and "unreachable" in err and time.monotonic() - t0 < 10
 
 
-def test_health_over_a_cluster_list_reports_every_member(lc, monkeypatch):
-    name = lc.config.cluster_name
+def test_health_over_a_cluster_list_reports_every_member(cluster, monkeypatch):
+    name = cluster.config.cluster_name
     dead = f"tcp://127.0.0.1:{free_port()}"
-    monkeypatch.setenv("PYRAFT_CLUSTER", ",".join(lc.addrs[i] for i in (1, 2, 3)))
+    monkeypatch.setenv("PYRAFT_CLUSTER", ",".join(cluster.addrs[i] for i in (1, 2, 3)))
     rc, out, err = run(padmin.main, "health", "--json", "--cluster-name", name)
     rep = json.loads(out)
     assert rc == 0 and rep["healthy"] and len(rep["members"]) == 3, err
-    rc, out, err = run(padmin.main, "health", "--cluster", f"{lc.addrs[1]},{dead}", "--connect-timeout", "0.5",
+    rc, out, err = run(padmin.main, "health", "--cluster", f"{cluster.addrs[1]},{dead}", "--connect-timeout", "0.5",
                        "--cluster-name", name)
     assert rc == 2 and "healthy" in out and "unreachable" in err
 
@@ -139,21 +129,21 @@ def test_health_over_a_cluster_list_reports_every_member(lc, monkeypatch):
 # removing members
 
 @needs_remove_learner
-def test_remove_learner_and_its_refusals(lc):
-    name = lc.config.cluster_name
-    home = lc.addrs[1]
-    assert adm(home, "add-learner", 4, lc.addrs[4], name=name)[0] == 0
+def test_remove_learner_and_its_refusals(cluster):
+    name = cluster.config.cluster_name
+    home = cluster.addrs[1]
+    assert adm(home, "add-learner", 4, cluster.addrs[4], name=name)[0] == 0
     rc, out, err = adm(home, "remove-learner", 4, "--json", name=name)
     assert rc == 0, err
     assert "4" not in json.loads(out)["membership"]["nodes"]
-    for r in lc.rafts.values():
+    for r in cluster.rafts.values():
         r.wait(10).metrics(lambda m: m.membership is not None and 4 not in m.membership.nodes, "4 gone")
     rc, out, err = adm(home, "remove-learner", 2, name=name)
     assert rc == 1 and "voter" in err
     rc, out, err = adm(home, "remove-learner", 9, "--json", name=name)
     assert rc == 1 and "not a member" in json.loads(out)["message"]
     # `remove` takes a learner too
-    assert adm(home, "add-learner", 4, lc.addrs[4], name=name)[0] == 0
+    assert adm(home, "add-learner", 4, cluster.addrs[4], name=name)[0] == 0
     rc, out, err = adm(home, "remove", 4, name=name)
     assert rc == 0, err
     rc, out, _ = adm(home, "status", "--json", name=name)
@@ -161,35 +151,41 @@ def test_remove_learner_and_its_refusals(lc):
 
 
 @needs_remove_learner
-def test_a_removed_voter_goes_quiet(lc):
+def test_a_removed_voter_goes_quiet(cluster):
     """The operator's view: after `remove`, the old voter stops campaigning; the cluster's term stays put."""
-    name = lc.config.cluster_name
-    victim = next(i for i in (1, 2, 3) if i != lc.leader().node_id)
-    rc, _, err = adm(lc.addrs[1], "remove", victim, name=name)
+    name = cluster.config.cluster_name
+    victim = next(i for i in (1, 2, 3) if i != cluster.leader().node_id)
+    rc, _, err = adm(cluster.addrs[1], "remove", victim, name=name)
     assert rc == 0, err
     rest = [i for i in (1, 2, 3) if i != victim]
     for i in rest:
-        lc.rafts[i].wait(10).voter_ids(rest)
-    lc.rafts[victim].wait(10).metrics(lambda m: m.membership is not None and victim not in m.membership.voter_ids,
+        cluster.rafts[i].wait(10).voter_ids(rest)
+    cluster.rafts[victim].wait(10).metrics(lambda m: m.membership is not None and victim not in m.membership.voter_ids,
                                       "the victim to learn of its removal")
-    term = max(lc.rafts[i].metrics().current_term for i in rest)
-    victim_term = lc.rafts[victim].metrics().current_term
-    time.sleep(5 * lc.config.election_timeout[1])  # five election timeouts: a campaigner would show it
-    assert max(lc.rafts[i].metrics().current_term for i in rest) == term
-    assert lc.rafts[victim].metrics().current_term == victim_term
+    term = max(cluster.rafts[i].metrics().current_term for i in rest)
+    victim_term = cluster.rafts[victim].metrics().current_term
+    time.sleep(5 * cluster.config.election_timeout[1])  # five election timeouts: a campaigner would show it
+    assert max(cluster.rafts[i].metrics().current_term for i in rest) == term
+    assert cluster.rafts[victim].metrics().current_term == victim_term
 
 
 # ---------------------------------------------------------------------------
 # backup and restore
 
-def test_backup_of_a_follower_restores_into_a_new_three_node_cluster(make_cluster, tmp_path):
+def _three_nodes_holding(make_cluster, keys: dict):
+    """A new three-process cluster with ``keys`` written; (cluster, leader id, an open client)."""
     c = make_cluster(3)
     c.start_all()
     lead = c.wait_leader()
     kv = c.client(timeout=20)
-    acked = {f"k{i:04d}": i for i in range(300)}
-    for k, v in acked.items():
+    for k, v in keys.items():
         kv.put(k, v)
+    return c, lead, kv
+
+
+def test_backup_of_a_follower_restores_into_a_new_three_node_cluster(make_cluster, tmp_path):
+    acked = {f"k{i:04d}": i for i in range(300)}
+    c, lead, kv = _three_nodes_holding(make_cluster, acked)
     # Online: a writer goes on while the backup streams.
     stop = threading.Event()
     during: list[str] = []
@@ -282,13 +278,8 @@ def test_restore_refuses_a_damaged_backup(make_cluster, tmp_path):
 # lost quorum
 
 def test_lost_quorum_survivor_is_forced_into_a_new_cluster_and_grown_again(make_cluster):
-    c = make_cluster(3)
-    c.start_all()
-    lead = c.wait_leader()
-    kv = c.client(timeout=20)
     keys = {f"k{i}": i for i in range(100)}
-    for k, v in keys.items():
-        kv.put(k, v)
+    c, lead, kv = _three_nodes_holding(make_cluster, keys)
     kv.close()
     survivor = next(i for i in c.ids if i != lead)
     for i in c.ids:
@@ -363,10 +354,10 @@ def _value(fams: dict, name: str, **labels) -> float:
     raise KeyError((name, labels))
 
 
-def test_metrics_exposition_of_a_leader_parses_with_its_followers(lc):
-    r = lc.leader()
-    lc.write([put("a", 1), put("b", 2)])
-    lc.wait_applied_everywhere()
+def test_metrics_exposition_of_a_leader_parses_with_its_followers(cluster):
+    r = cluster.leader()
+    cluster.write([put("a", 1), put("b", 2)])
+    cluster.wait_applied_everywhere()
     with MetricsServer(r.node_id, r.metrics, "127.0.0.1", 0, cluster_name="inspect-test") as srv:
         assert f"pyraft-metrics-{r.node_id}" in [t.name for t in threading.enumerate()]
         fams = _scrape(srv.url)

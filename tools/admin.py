@@ -340,15 +340,10 @@ def health(admin: Admin, addr: str, max_lag: int) -> tuple[int, dict]:
     # asked from here, against the one this node last heard of (it trails by a heartbeat).
     leader_commit, measured = rep["committed"], "this node's commit index"
     if leader != m["id"]:
-        la = _node_addrs(m).get(leader)
-        if la:
-            try:
-                lm = admin.metrics(la, leader, contacted=addr)
-            except (Unreachable, UsageError, RaftError, TransportError):
-                lm = None
-            if lm is not None and lm.get("state") == "Leader":
-                leader_commit = max(leader_commit, _index(lm.get("committed")) or 0)
-                measured = f"leader {leader}'s commit index"
+        lm = _ask_leader(admin, addr, m)
+        if lm is not None:
+            leader_commit = max(leader_commit, _index(lm.get("committed")) or 0)
+            measured = f"leader {leader}'s commit index"
     else:
         measured = "its own commit index (it leads)"
     lag = max(0, leader_commit - applied)
@@ -363,19 +358,25 @@ def health(admin: Admin, addr: str, max_lag: int) -> tuple[int, dict]:
     return EXIT_OK, rep
 
 
+def _ask_leader(admin: Admin, addr: str, m: dict) -> dict | None:
+    """The metrics of the leader that ``m`` (node ``addr``'s metrics) names, if it answers as the leader."""
+    leader = m.get("current_leader")
+    la = _node_addrs(m).get(leader) if leader is not None else None
+    if not la:
+        return None
+    try:
+        lm = admin.metrics(la, leader, contacted=addr)
+    except (Unreachable, UsageError, RaftError, TransportError):
+        return None
+    return lm if lm.get("state") == "Leader" else None
+
+
 def _leader_commit_fence(admin: Admin, addr: str, m: dict, deadline: float) -> int | None:
     """The leader's commit index, once it has committed an entry of its term (then it covers every
     acknowledged write); None when no leader answers."""
     while True:
-        leader = m.get("current_leader")
-        la = _node_addrs(m).get(leader) if leader is not None else None
-        lm = None
-        if la:
-            try:
-                lm = admin.metrics(la, leader, contacted=addr)
-            except (Unreachable, UsageError, RaftError, TransportError):
-                lm = None
-        if lm is not None and lm.get("state") == "Leader":
+        lm = _ask_leader(admin, addr, m)
+        if lm is not None:
             c = lm.get("committed")
             if isinstance(c, list) and c[0] == lm["current_term"]:
                 return c[1]
