@@ -26,7 +26,7 @@ from procs import free_port, make_cluster  # noqa: E402,F401 - the fixture
 from test_admin import cluster  # noqa: E402,F401 - the fixture: in-process voters 1-3, node 4 not a member
 from test_inspect import put, wait_until  # noqa: E402
 
-from pyraft import Raft, ServerState  # noqa: E402
+from pyraft import Config, Membership, Node, Raft, ServerState, Vote  # noqa: E402
 from pyraft.backup import BackupError, read_backup_header  # noqa: E402
 from pyraft.kv import KVStateMachine  # noqa: E402
 from pyraft.prometheus import MetricsServer  # noqa: E402
@@ -34,7 +34,10 @@ from pyraft.stores.lmdb import LmdbLogStore  # noqa: E402
 from pyraft.tools import admin as padmin  # noqa: E402
 from pyraft.tools import inspect as pinspect  # noqa: E402
 from pyraft.tools import kv as pkv  # noqa: E402
-from pyraft.types import EntryKind  # noqa: E402
+from pyraft.engine.commands import AppendToLog, SaveCommitted, SaveVote  # noqa: E402
+from pyraft.recovery import force_new_cluster  # noqa: E402
+from pyraft.transports.memory import MemoryNetwork  # noqa: E402
+from pyraft.types import Entry, EntryKind, LogId  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -323,6 +326,36 @@ def test_lost_quorum_survivor_is_forced_into_a_new_cluster_and_grown_again(make_
                 one.close()
     finally:
         kv.close()
+
+
+def test_force_new_cluster_commits_the_survivors_tail_in_a_fresh_term(tmp_path):
+    """The log ids of recovery: the survivor's uncommitted tail becomes committed; the new membership entry
+    sits in a term above every term it has seen, and the node then leads alone in a later one."""
+    d = tmp_path / "n3"
+    ls, sm = LmdbLogStore(d, node_id=3), KVStateMachine(d)
+    three = Membership.of({i: Node(f"tcp://127.0.0.{i}:7000") for i in (1, 2, 3)})
+    ls.write([SaveVote(Vote(4, 1)),
+              AppendToLog([Entry(LogId(0, 1), EntryKind.MEMBERSHIP, three), Entry(LogId(2, 2), EntryKind.BLANK),
+                           Entry(LogId(2, 3), EntryKind.NORMAL, put("a", 1)),
+                           Entry(LogId(4, 4), EntryKind.NORMAL, put("b", 2))]),  # never known committed
+              SaveCommitted(LogId(2, 3))])
+    forced = force_new_cluster(ls, sm, 3, Node("tcp://127.0.0.3:7000"))
+    assert forced.entry == LogId(5, 5) and forced.newly_committed == 1
+    assert ls.read_vote() == Vote(5, 3) and ls.read_committed() == LogId(5, 5)
+    assert force_new_cluster(ls, sm, 3, Node("tcp://127.0.0.3:7000")) is None  # idempotent
+    net = MemoryNetwork()
+    r = Raft(3, Config(heartbeat_interval=0.05, election_timeout=(0.2, 0.4)), net.transport(3), ls, sm)
+    try:
+        m = r.wait(10).state(ServerState.LEADER)
+        assert m.current_term > 5 and m.membership.voter_ids == {3} and set(m.membership.nodes) == {3}
+        r.wait(10).applied_index_at_least(5)
+        assert sm.get("a") == 1 and sm.get("b") == 2
+        assert r.client_write(put("c", 3), timeout=10).log_id.term == m.current_term
+    finally:
+        r.shutdown(10)
+        net.close()
+        ls.close()
+        sm.close()
 
 
 def test_force_new_cluster_refuses_a_node_without_data(tmp_path):
