@@ -355,6 +355,9 @@ class Raft:
         """Stop every thread of this node and close its transport.  Idempotent; from any thread.
 
         Pending calls fail with ``ShutDown``; what was durable stays durable.
+        A node that stopped as ``Fatal`` keeps its transport open until this
+        call: it answers ``"metrics"`` (state Fatal, with the reason in
+        ``error``) and fails every other request with ``Fatal``.
         From a user's thread it returns once every thread of the node has
         ended and the shutdown hooks have run (``Timeout`` if that takes longer
         than ``timeout``).
@@ -393,6 +396,8 @@ class Raft:
             core.join(timeout)
             if core.is_alive():
                 raise Timeout(f"node {self.node_id} did not stop within {timeout} s")
+            if core.fatal is not None:
+                core.close_transport()  # kept open while Fatal (RaftCore._teardown); idempotent
             hooks, self._shutdown_hooks = self._shutdown_hooks, []
         for hook in hooks:
             try:
