@@ -82,3 +82,7 @@ class LeaseNotFound(RaftError):
 
     def __hash__(self) -> int:
         return hash((type(self), self.args))
+
+
+class RequestTooLarge(RaftError):
+    """A client request's frame is larger than the node accepts (``ZmqTransport(max_client_frame_size=...)``)."""

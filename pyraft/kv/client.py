@@ -48,11 +48,14 @@ their own session and connections from a small pool: the client is
 thread-safe, and calls from different threads run in parallel.
 
 CURVE: with ``curve`` (a :class:`~pyraft.transports.zmq.CurveConfig` with
-this client's ``secret_key_file`` and an ``allowed_keys_dir`` holding each
-node's public key as ``N.key``), the client must know each address's node
-id: give ``addresses`` as ``{1: "tcp://...", ...}`` or as ``"1=tcp://..."``
-strings.  A server that does not list this client's public key never
-completes the handshake: calls raise ``Timeout``.
+this client's ``secret_key_file`` and the ``allowed_keys_dir`` holding each
+node's public key as ``peers/N.key``), the client must know each address's
+node id: give ``addresses`` as ``{1: "tcp://...", ...}`` or as
+``"1=tcp://..."`` strings.  A server that does not list this client's public
+key never completes the handshake: calls raise ``Timeout``.  A key whose
+role does not allow the call (a reader's key writing) raises
+:class:`~pyraft.errors.PermissionDenied` at once, as does a request larger
+than the nodes accept (:class:`~pyraft.errors.RequestTooLarge`): no retry.
 """
 from __future__ import annotations
 
@@ -77,7 +80,8 @@ __all__ = ["KVClient", "Watch", "KeepAlive", "Lease", "parse_addresses"]
 _AVOID_FOR = 1.5
 #: Pauses between attempts while no leader is known: doubles from the first to the last.
 _BACKOFF_MIN, _BACKOFF_MAX = 0.02, 0.25
-#: Errors after which the call is retried on another node (anything else but KVCommandError raises).
+#: Errors after which the call is retried on another node (anything else, such as KVCommandError,
+#: PermissionDenied or RequestTooLarge, raises at once: no node would answer otherwise).
 _RETRY_ELSEWHERE = ("ForwardToLeader", "Timeout", "QuorumNotEnough", "ShutDown", "Fatal", "RaftError",
                     "CodecError")
 

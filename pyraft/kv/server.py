@@ -2,7 +2,7 @@
 
 :func:`serve_kv` registers these client ops on the node's transport
 (``raft.set_client_handler``); every reply is a ``ClientResponse``.  The role
-column is what a caller needs once ops carry roles (reader < client):
+column is the role each op needs (reader < client < admin):
 
 =====================  ====================================  ======================================  ======
 op                     request body                          reply body                              role
@@ -29,8 +29,12 @@ their order-preserving encoding, key records (revisions, lease, then the
 value's msgpack) and event records; the client decodes them.  Without
 ``stale`` a range is linearizable (ReadIndex on the leader, as ``kv.get``);
 its ``revision`` is the applied index it was read at.  A watch is served by
-any member from its own history.  ``kv.lease_keepalive`` and ``kv.get``
-answer ``ForwardToLeader`` on a follower.
+any member from its own history.
+
+Roles (with CURVE, see ``pyraft.network.Principal``): each op is registered
+with the role of the table (``set_client_handler(..., role=...)``): writes,
+txns, leases and keepalives need a client key; gets, ranges, watches and
+``kv.status`` a reader key.
 
 A node that does not lead answers ``kv.write``, ``kv.get``, a linearizable
 ``kv.range`` and ``kv.lease_keepalive`` with a ``ForwardToLeader`` error
@@ -150,12 +154,13 @@ class KVService:
             self.watches = WatchHub(sm, raft.node_id, max_waiting=max_watchers)
             self.leases = LeaseKeeper(raft, sm)
 
-    def handlers(self) -> dict[str, Callable[[int, ClientRequest, Any], None]]:
-        h = {"kv.write": self.on_write, "kv.get": self.on_get, "kv.get_stale": self.on_get_stale,
-             "kv.status": self.on_status}
+    def handlers(self) -> dict[str, tuple[Callable[[int, ClientRequest, Any], None], str]]:
+        """``{op: (handler, the role it needs)}`` (the module docstring's table)."""
+        h = {"kv.write": (self.on_write, "client"), "kv.get": (self.on_get, "reader"),
+             "kv.get_stale": (self.on_get_stale, "reader"), "kv.status": (self.on_status, "reader")}
         if self.full:
-            h.update({"kv.range": self.on_range, "kv.watch": self.on_watch,
-                      "kv.lease_keepalive": self.on_lease_keepalive})
+            h.update({"kv.range": (self.on_range, "reader"), "kv.watch": (self.on_watch, "reader"),
+                      "kv.lease_keepalive": (self.on_lease_keepalive, "client")})
         return h
 
     def stop(self) -> None:
@@ -331,8 +336,8 @@ def serve_kv(raft: Raft, sm: Any | None = None, *, max_watchers: int = DEFAULT_M
     unserve_kv(raft)
     svc = KVService(raft, sm, max_watchers=max_watchers)
     _services[raft] = svc
-    for op, h in svc.handlers().items():
-        raft.set_client_handler(op, h)
+    for op, (h, role) in svc.handlers().items():
+        raft.set_client_handler(op, h, role=role)
     raft.add_shutdown_hook(svc.stop)
     return svc
 

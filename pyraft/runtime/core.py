@@ -633,11 +633,21 @@ class RaftCore(threading.Thread):
         old = self.metrics
         if (m.state, m.current_term, m.current_leader) != (old.state, old.current_term, old.current_leader):
             log.info("node %s: %s in term %s, leader %s", self.node_id, m.state, m.current_term, m.current_leader)
+        if m.membership_log_id != old.membership_log_id and m.membership is not None:
+            ms = m.membership
+            log.info("node %s: membership at %s: voters %s, learners %s", self.node_id, m.membership_log_id,
+                     " -> ".join(str(sorted(c)) for c in ms.configs), sorted(ms.learner_ids))
         with self.cond:
             self.metrics = m
             self.cond.notify_all()
 
     # ------------------------------------------------------------------ stopping
+
+    def close_transport(self) -> None:
+        try:
+            self.transport.close()
+        except Exception:  # noqa: BLE001
+            log.exception("closing the transport failed")
 
     def _go_fatal(self, reason: str, exc: BaseException | None = None) -> None:
         self.fatal = reason
@@ -651,10 +661,11 @@ class RaftCore(threading.Thread):
             w.stop()
         self.sm_worker.stop()
         self.sender.stop()
-        try:
-            self.transport.close()
-        except Exception:  # noqa: BLE001
-            log.exception("closing the transport failed")
+        if self.fatal is None:
+            self.close_transport()
+        # else a Fatal node keeps its transport until Raft.shutdown() closes it: it answers
+        # "metrics" with the state Fatal and the reason, and every other request with the
+        # Fatal error, so that a health check tells "dead, and why" from "unreachable".
         if self._deferred_commit is not None and self.fatal is None:
             try:  # the commit hint that was waiting for a write: a restart then applies that far at once
                 self.log_store.write([self._deferred_commit])
