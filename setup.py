@@ -1,14 +1,29 @@
+import pathlib
+import re
+
 from setuptools import setup
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def _version() -> str:
+    # pyraft/_version.py is the one place the version is written; read it without importing
+    # pyraft, whose dependencies need not be installed while it is being built.
+    text = (HERE / "pyraft" / "_version.py").read_text(encoding="utf-8")
+    return re.search(r'^__version__ = "([^"]+)"$', text, re.M).group(1)
+
 
 # transports/, stores/ and tools/ live at the top of the repository but are
 # installed as pyraft.transports, pyraft.stores and pyraft.tools, so that no
 # generic top-level name is put into site-packages.
 setup(
     name="pyraft",
-    version="0.1.0",
+    version=_version(),
     description="Raft consensus for threaded Python programs: ZeroMQ transport, LMDB storage",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    keywords=["raft", "consensus", "replication", "distributed", "lmdb", "zeromq"],
     python_requires=">=3.10",
     packages=["pyraft", "pyraft.engine", "pyraft.runtime", "pyraft.kv", "pyraft.objects",
               "pyraft.transports", "pyraft.stores", "pyraft.tools"],
@@ -17,9 +32,11 @@ setup(
         "pyraft.stores": "stores",
         "pyraft.tools": "tools",
     },
+    # PEP 561: the package carries its own type hints.
+    package_data={"pyraft": ["py.typed"]},
     install_requires=["pyzmq>=25", "lmdb>=1.4", "msgpack>=1.0"],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2.1"],
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "prometheus_client>=0.16"],
         "bench": ["pysyncobj"],
     },
     entry_points={"console_scripts": [
@@ -29,8 +46,14 @@ setup(
         "pyraft-kv = pyraft.tools.kv:main",
     ]},
     classifiers=[
-        "Programming Language :: Python :: 3",
+        "Development Status :: 3 - Alpha",
+        "Intended Audience :: Developers",
         "License :: OSI Approved :: Apache Software License",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Topic :: Database",
         "Topic :: System :: Distributed Computing",
+        "Typing :: Typed",
     ],
 )

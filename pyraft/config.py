@@ -57,6 +57,21 @@ class Config:
     rpc_timeout: float = 1.0
     #: Client writes the leader accepts into one log batch, at most.
     max_proposal_batch: int = 4096
+    #: Client writes in flight on this node (accepted by ``client_write_async``,
+    #: not yet completed), at most; beyond it a write fails at once with
+    #: ``Overloaded`` and nothing is proposed.  The default holds about half a
+    #: second of the leader's top rate (~120,000 writes/s in one process) and
+    #: five times ``pyraft-bench``'s 10,000 writes in flight, so a busy but
+    #: healthy node never refuses; a leader whose followers or disk fall behind
+    #: stops buffering there (50,000 writes of 1 KiB hold about 50 MiB).
+    max_pending_writes: int = 50_000
+    #: Raft requests from peers waiting in RaftCore's inbox, at most (and as many
+    #: replies to this node's own requests); beyond it they are dropped as a lossy
+    #: network drops them (Raft sends again) and counted in the metrics counters
+    #: ``inbox_dropped_rpcs`` / ``inbox_dropped_replies``.  Honest peers keep far
+    #: fewer waiting: a leader has at most ``max_inflight`` AppendEntries in
+    #: flight per follower.
+    max_queued_rpcs: int = 1024
 
     def __post_init__(self) -> None:
         if not isinstance(self.cluster_name, str) or not _CLUSTER_NAME.match(self.cluster_name):
@@ -78,10 +93,11 @@ class Config:
                 f"heartbeat_interval ({self.heartbeat_interval}) must be at most half the minimum "
                 f"election timeout ({lo}), or followers time out between heartbeats"
             )
-        if self.rpc_timeout <= 0:
+        if not isinstance(self.rpc_timeout, (int, float)) or isinstance(self.rpc_timeout, bool) \
+                or not self.rpc_timeout > 0:
             raise ValueError(f"rpc_timeout must be positive, got {self.rpc_timeout!r}")
         for name in ("max_payload_entries", "max_payload_bytes", "max_inflight", "max_apply_batch",
-                     "snapshot_chunk_size", "max_proposal_batch"):
+                     "snapshot_chunk_size", "max_proposal_batch", "max_pending_writes", "max_queued_rpcs"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")

@@ -38,6 +38,9 @@ class RaftMetrics:
     error: str | None = None
     #: frames dropped by the transport, and similar counters
     counters: Mapping[str, int] = field(default_factory=dict)
+    #: on the leader: why a replication target cannot be reached (its connection
+    #: failed; the worker retries with back-off), for each target that has such an error
+    replication_errors: Mapping[int, str] = field(default_factory=dict)
 
     @property
     def membership_committed(self) -> bool:
@@ -71,4 +74,5 @@ class RaftMetrics:
             "replication": {str(k): lid(v) for k, v in sorted(self.replication.items())},
             "error": self.error,
             "counters": dict(self.counters),
+            "replication_errors": {str(k): v for k, v in sorted(self.replication_errors.items())},
         }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import math
 import threading
 import time
 from concurrent.futures import Future
@@ -18,9 +19,10 @@ import msgpack
 
 from .codec import ClientRequest, ClientResponse, pack_fast
 from .config import Config
-from .errors import (ChangeMembershipError, Fatal, ForwardToLeader, InitializeError, RaftError, ShutDown,
-                     Timeout)
+from .errors import (ChangeMembershipError, Fatal, ForwardToLeader, InitializeError, PermissionDenied, RaftError,
+                     ShutDown, Timeout)
 from .metrics import ClientWriteResponse, RaftMetrics
+from .network import OP_ROLES, TRUSTED
 from .runtime.core import RaftCore
 from .runtime.futures import new_future
 from .types import LogId, Node, ServerState, log_index
@@ -28,6 +30,36 @@ from .types import LogId, Node, ServerState, log_index
 log = logging.getLogger("pyraft")
 
 __all__ = ["Raft", "Wait", "Trigger", "ClientWriteResponse", "RaftMetrics"]
+
+
+#: Node ids are what the wire format carries: integers in [0, 2**63 - 1].
+_MAX_NODE_ID = 2**63 - 1
+
+
+def _check_node_id(v: Any, what: str = "node_id") -> int:
+    """``v`` if it is a node id; TypeError or ValueError saying why not."""
+    if type(v) is not int:
+        raise TypeError(f"{what} must be an int, got {type(v).__name__} {v!r:.40}")
+    if not 0 <= v <= _MAX_NODE_ID:
+        raise ValueError(f"{what} must be an integer in [0, 2**63 - 1], got {v}")
+    return v
+
+
+def _check_timeout(t: Any, what: str = "timeout") -> float | None:
+    """``t`` if it is None or a finite number of seconds >= 0; TypeError or ValueError otherwise."""
+    if t is None:
+        return None
+    if not isinstance(t, (int, float)) or isinstance(t, bool):
+        raise TypeError(f"{what} must be a number of seconds or None, got {type(t).__name__}")
+    if not (math.isfinite(t) and t >= 0):
+        raise ValueError(f"{what} must be a finite number of seconds >= 0 (or None), got {t!r}")
+    return t
+
+
+def _check_bool(v: Any, what: str) -> bool:
+    if type(v) is not bool:
+        raise TypeError(f"{what} must be True or False, got {type(v).__name__}")
+    return v
 
 
 def _result(fut: Future, timeout: float | None, what: str) -> Any:
@@ -42,8 +74,8 @@ class Raft:
 
     def __init__(self, node_id: int, config: Config, transport: Any, log_store: Any, state_machine: Any,
                  *, rng: Any = None) -> None:
-        if type(node_id) is not int or node_id < 0:
-            raise ValueError(f"node_id must be a non-negative integer, got {node_id!r}")
+        if type(node_id) is not int or not 0 <= node_id <= _MAX_NODE_ID:
+            raise ValueError(f"node_id must be an integer in [0, 2**63 - 1], got {node_id!r}")
         if not isinstance(config, Config):
             raise TypeError(f"config must be a pyraft.Config, got {type(config).__name__}")
         self.node_id = node_id
@@ -52,13 +84,28 @@ class Raft:
         self.log_store = log_store
         self.state_machine = state_machine
         self._core = RaftCore(node_id, config, transport, log_store, state_machine, rng)
-        self._client_handlers: dict[str, Callable[[int, ClientRequest, Any], None]] = {}
-        self._shutdown_lock = threading.Lock()
+        self._max_pending_writes = config.max_pending_writes
+        #: the state machine's optional check of a command before it is proposed (storage.py)
+        self._check_command: Callable[[Any], None] | None = getattr(state_machine, "check_command", None)
+        #: the transport's optional check of a node address (ZmqTransport.check_address)
+        self._check_address: Callable[[str], None] | None = getattr(transport, "check_address", None)
+        # op -> (handler, the role its caller needs)
+        self._client_handlers: dict[str, tuple[Callable[[int, ClientRequest, Any], None], str]] = {}
+        #: threads that delivered requests to this node (the transport's): shutdown() from
+        #: one of them must not wait for the transport to stop (it would wait for itself)
+        self._serving_threads: set[threading.Thread] = set()
+        self._shutdown_lock = threading.Lock()  # guards the joining stop and _shutdown_hooks
         self._shutdown_hooks: list[Callable[[], None]] = []
+        # A stop started from one of the node's own threads is finished by this thread
+        # (see shutdown); _finisher_lock guards it and is never held while joining.
+        self._finisher_lock = threading.Lock()
+        self._finisher: threading.Thread | None = None
         self.trigger = Trigger(self)
         self._core.start()
         try:
-            transport.start(self._on_request)
+            # A transport that can no longer serve makes the node Fatal (visible in its
+            # metrics and to every caller) rather than leave it running deaf.
+            transport.start(self._on_request, on_failure=lambda reason: self._core.post(("fatal", reason)))
         except BaseException:
             self.shutdown()
             raise
@@ -66,35 +113,66 @@ class Raft:
     # ------------------------------------------------------------------ plumbing
 
     def _on_request(self, from_id: int, msg: Any, reply: Any) -> None:
-        """Transport server thread: Raft RPCs go to RaftCore, client requests to their op's handler."""
+        """Transport server thread: Raft RPCs go to RaftCore, client requests to their op's handler.
+
+        The transport has already checked who may send Raft RPCs; a client op
+        runs only when ``reply.principal`` has the role the op needs (else
+        ``PermissionDenied``).
+        """
+        t = threading.current_thread()
+        if t not in self._serving_threads:
+            self._serving_threads.add(t)
         if not isinstance(msg, ClientRequest):
-            self._core.post(("rpc", from_id, msg, reply))
+            self._core.post_rpc(("rpc", from_id, msg, reply))
             return
         if msg.op == "metrics":
-            reply.reply(ClientResponse(True, self.metrics().to_dict()))
-            return
-        h = self._client_handlers.get(msg.op)
-        if h is None:
+            entry = (self._reply_metrics, "reader")
+        else:
+            entry = self._client_handlers.get(msg.op)
+        if entry is None:
             reply.reply(error_response(RaftError(f"node {self.node_id} does not serve {msg.op!r}")))
             return
+        handler, role = entry
+        principal = getattr(reply, "principal", TRUSTED)
+        if not principal.allows(role):
+            reply.reply(error_response(PermissionDenied(
+                f"{msg.op!r} needs the {role} role; the caller's key has the {principal.role} role")))
+            return
         try:
-            h(from_id, msg, reply)
+            handler(from_id, msg, reply)
         except Exception as e:  # noqa: BLE001 - a bad request never takes the node down
             log.warning("node %s: %r request failed: %s", self.node_id, msg.op, e)
             reply.reply(error_response(e))
 
-    def set_client_handler(self, op: str, handler: Callable[[int, ClientRequest, Any], None] | None) -> None:
+    def _reply_metrics(self, _from_id: int, _msg: ClientRequest, reply: Any) -> None:
+        reply.reply(ClientResponse(True, self.metrics().to_dict()))
+
+    def set_client_handler(self, op: str, handler: Callable[[int, ClientRequest, Any], None] | None, *,
+                           role: str = "client") -> None:
         """Serve ``ClientRequest(op, ...)`` messages arriving on this node's transport.
 
         ``handler(from_id, request, reply)`` runs on the transport's thread and
         must not block: use the ``*_async`` calls and ``reply.reply(...)`` from
         a future's callback.  ``None`` removes the handler.  The op
         ``"metrics"`` is built in: it answers with ``metrics().to_dict()``.
+
+        ``role`` is what the caller's key must carry (``"reader"``,
+        ``"client"`` or ``"admin"``; see ``pyraft.network.Principal``): a
+        caller below it gets ``PermissionDenied``.  Without CURVE every
+        caller is trusted.  The built-in ``"metrics"`` needs ``"reader"``.
         """
+        if type(op) is not str:
+            raise TypeError(f"op must be a str, got {type(op).__name__}")
+        if handler is not None and not callable(handler):
+            raise TypeError(f"handler must be callable or None, got {type(handler).__name__}")
+        if role not in OP_ROLES:
+            raise ValueError(f"role must be one of {', '.join(OP_ROLES)}, got {role!r}")
+        if op == "metrics":
+            raise ValueError("'metrics' is built in")
         if handler is None:
             self._client_handlers.pop(op, None)
         else:
-            self._client_handlers[op] = handler
+            self._client_handlers[op] = (handler, role)
 
     def _api(self, fn: Callable[[Any], Any]) -> Future:
         fut: Future = Future()
@@ -105,24 +183,69 @@ class Raft:
 
     def initialize(self, nodes: Mapping[int, Node], timeout: float | None = 10.0) -> None:
         """Write the initial membership on a pristine node.  ``InitializeError`` otherwise."""
-        if not isinstance(nodes, Mapping) or not all(type(k) is int and isinstance(v, Node) for k, v in nodes.items()):
+        if not isinstance(nodes, Mapping):
             raise InitializeError("initialize takes a mapping of node id (int) to Node")
+        _check_timeout(timeout)
+        for k, v in nodes.items():
+            try:
+                _check_node_id(k, "a node id")
+                self._check_node(v, f"node {k}")
+            except (TypeError, ValueError) as e:
+                raise InitializeError(f"initialize takes a mapping of node id (int) to Node: {e}") from None
         _result(self._api(lambda e: e.initialize(dict(nodes))), timeout, "initialize")
+
+    def _check_node(self, node: Any, what: str) -> Node:
+        """``node`` if it is a Node this cluster can store and its transport can reach; else TypeError/ValueError.
+
+        Its address goes into the log with the membership: one the transport
+        cannot use would otherwise be found only by the replication worker of
+        every leader to come.
+        """
+        if not isinstance(node, Node):
+            raise TypeError(f"{what} must be a pyraft.Node, got {type(node).__name__}")
+        if type(node.addr) is not str or not node.addr:
+            raise ValueError(f"{what}: the address must be a non-empty str, got {node.addr!r:.60}")
+        if node.data is not None:
+            if not isinstance(node.data, Mapping):
+                raise TypeError(f"{what}: data must be a mapping or None, got {type(node.data).__name__}")
+            try:
+                pack_fast(dict(node.data))
+            except (TypeError, ValueError, OverflowError) as e:
+                raise ValueError(f"{what}: data cannot be encoded with msgpack: {e}") from None
+        if self._check_address is not None:
+            self._check_address(node.addr)
+        return node
 
     # ------------------------------------------------------------------ writes
 
     def client_write_async(self, command: Any) -> Future:
-        """Propose ``command``; the future gets a ``ClientWriteResponse`` once it is applied here."""
+        """Propose ``command``; the future gets a ``ClientWriteResponse`` once it is applied here.
+
+        Raises at once, with nothing proposed: ``Overloaded`` when
+        ``Config.max_pending_writes`` writes are in flight on this node already,
+        whatever the state machine's ``check_command`` raises for a command it
+        could not hold (``NoSpace``, ``KVCommandError``), ``RaftError`` for a
+        command msgpack cannot encode, ``ShutDown``/``Fatal`` when the node stopped.
+        """
+        core = self._core
+        # The hot path: a few attribute reads, no lock (see RaftCore.write_tickets).
+        if core.writes_accepted - core.writes_released - core.writes_released_sm >= self._max_pending_writes:
+            raise core.overloaded()
+        check = self._check_command
+        if check is not None:
+            check(command)
         try:
             pack_fast(command)  # msgpack.packb, with a per-thread Packer
         except (TypeError, ValueError, OverflowError) as e:
             raise RaftError(f"the command cannot be encoded with msgpack: {e}") from None
         fut: Future = new_future()  # a concurrent.futures.Future, cheaper to make (runtime/futures.py)
-        self._core.call(("write", command, fut))
+        core.call(("write", command, fut))
+        core.writes_accepted = next(core.write_tickets)
         return fut
 
     def client_write(self, command: Any, timeout: float | None = None) -> ClientWriteResponse:
         """Propose ``command`` and wait until it is committed and applied on this node."""
+        _check_timeout(timeout)
         return _result(self.client_write_async(command), timeout, "client_write")
 
     # ------------------------------------------------------------------ reads
@@ -135,12 +258,23 @@ class Raft:
 
     def ensure_linearizable(self, timeout: float | None = None) -> LogId:
         """Block until reading the local state machine is linearizable (ReadIndex)."""
+        _check_timeout(timeout)
         return _result(self.ensure_linearizable_async(), timeout, "ensure_linearizable")
 
     # ------------------------------------------------------------------ membership
 
     def add_learner(self, node_id: int, node: Node, blocking: bool = True, timeout: float | None = None) -> LogId | None:
-        """Add a learner; with ``blocking`` return once it has caught up with the log as of the call."""
+        """Add a learner; with ``blocking`` return once it has caught up with the log as of the call.
+
+        ``node_id`` must be an int in [0, 2**63 - 1] and ``node`` a :class:`Node`
+        whose address the transport accepts (``ZmqTransport.check_address``),
+        else TypeError or ValueError, with nothing proposed.  Adding an existing
+        learner again with another ``Node`` changes its address.
+        """
+        _check_node_id(node_id)
+        self._check_node(node, f"node {node_id}")
+        _check_bool(blocking, "blocking")
+        _check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         self._wait_leader_ready(deadline)
         fut = self._api(lambda e: (e.add_learner(node_id, node), e.log.last_index))
@@ -161,10 +295,11 @@ class Raft:
         has learned of its removal (an election timeout at most), then its
         replication worker stops.  ``ChangeMembershipError`` for a voter
         (remove it with ``change_membership``) or while a change is in
-        progress; ``ForwardToLeader`` off the leader.
+        progress; ``ForwardToLeader`` off the leader.  ``node_id`` must be an
+        int in [0, 2**63 - 1], else TypeError or ValueError, with nothing proposed.
         """
-        if type(node_id) is not int:
-            raise TypeError(f"node_id must be an integer, got {type(node_id).__name__}")
+        _check_node_id(node_id)
+        _check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         self._wait_leader_ready(deadline)
         lid = _result(self._api(lambda e: e.remove_learner(node_id)), _left(deadline), "remove_learner")
@@ -193,8 +328,10 @@ class Raft:
         later leader finalizes it), never on anything else.
         """
         voters = set(voter_ids)
-        if not all(type(v) is int for v in voters):
-            raise ChangeMembershipError("voter ids must be integers")
+        if not all(type(v) is int and 0 <= v <= _MAX_NODE_ID for v in voters):
+            raise ChangeMembershipError(f"voter ids must be integers in [0, 2**63 - 1], got {sorted(map(repr, voters))}")
+        _check_bool(retain, "retain")
+        _check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         self._wait_leader_ready(deadline)
         while True:
@@ -259,22 +396,57 @@ class Raft:
         return self._core.metrics.state == ServerState.LEADER
 
     def wait(self, timeout: float | None = None) -> "Wait":
-        return Wait(self._core, timeout)
+        return Wait(self._core, _check_timeout(timeout))
 
     # ------------------------------------------------------------------ stopping
 
     def shutdown(self, timeout: float | None = None) -> None:
-        """Stop every thread of this node and close its transport.  Idempotent.
+        """Stop every thread of this node and close its transport.  Idempotent; from any thread.
 
         Pending calls fail with ``ShutDown``; what was durable stays durable.
+        A node that stopped as ``Fatal`` keeps its transport open until this
+        call: it answers ``"metrics"`` (state Fatal, with the reason in
+        ``error``) and fails every other request with ``Fatal``.
+        From a user's thread it returns once every thread of the node has
+        ended and the shutdown hooks have run (``Timeout`` if that takes longer
+        than ``timeout``).
+
+        From one of the node's own threads (a future's done-callback, a client
+        request handler, a replicated method) it cannot wait for them: that
+        thread is one of them.  It then starts the stop and returns at once.
+        The caller can rely on this: RaftCore stops at the end of its current
+        turn; every call made from then on, and every call still pending,
+        fails with ``ShutDown``; the node's threads end as soon as the calling
+        one returns to the node (a background thread ``pyraft-shutdown-<id>``
+        joins them and runs the hooks); a later ``shutdown()`` from a user's
+        thread waits for all of that.
         """
+        _check_timeout(timeout)
+        core = self._core
+        core.shut_down = True
+        core.post(("stop",))
+        if core.owns_current_thread() or threading.current_thread() in self._serving_threads:
+            with self._finisher_lock:
+                if self._finisher is None:
+                    self._finisher = threading.Thread(target=self._finish_shutdown, args=(None,),
+                                                      name=f"pyraft-shutdown-{self.node_id}", daemon=True)
+                    self._finisher.start()
+            return
+        self._finish_shutdown(timeout)
+        with self._finisher_lock:
+            finisher = self._finisher
+        if finisher is not None and finisher is not threading.current_thread():
+            finisher.join(timeout)  # the hooks it runs (if it got the lock first) are done too
+
+    def _finish_shutdown(self, timeout: float | None) -> None:
+        """Wait for RaftCore (which joins the other threads) to end, then run the shutdown hooks once."""
         with self._shutdown_lock:
             core = self._core
-            core.shut_down = True
-            core.post(("stop",))
             core.join(timeout)
             if core.is_alive():
                 raise Timeout(f"node {self.node_id} did not stop within {timeout} s")
+            if core.fatal is not None:
+                core.close_transport()  # kept open while Fatal (RaftCore._teardown); idempotent
             hooks, self._shutdown_hooks = self._shutdown_hooks, []
         for hook in hooks:
             try:
@@ -396,4 +568,5 @@ class Trigger:
         return self._do(lambda e: e.trigger_purge(upto_index), "trigger.purge_log")
 
     def transfer_leader(self, to_node_id: int) -> None:
+        _check_node_id(to_node_id, "to_node_id")
         self._do(lambda e: e.transfer_leader(to_node_id), "trigger.transfer_leader")

@@ -80,6 +80,25 @@ class StateMachine(Protocol):
     short-lived snapshot-builder thread while ``apply`` may run concurrently,
     so it must read a consistent view (an LMDB read transaction is one);
     ``open_snapshot`` by replication workers.
+
+    What may fail, and what it costs: a command is input, so ``apply``
+    returns an error *result* for a command it cannot execute (the built-in
+    state machines never raise on a command).  A received snapshot is input
+    too: ``install_snapshot`` raises :class:`~pyraft.errors.CodecError` for
+    content it refuses, and the node goes on.  Anything else raised by these
+    methods means the disk or the state machine's own code failed: the node
+    stops as ``Fatal``, loudly.
+
+    Optional (not part of the protocol, found by name): ``check_command(command)``
+    raises to refuse a command before it is proposed; nothing is proposed
+    then.  ``Raft.client_write_async`` calls it on the caller's thread (any
+    thread), on the node the write is submitted to, for every write: keep it
+    cheap.  Raise a :class:`~pyraft.errors.RaftError` (``NoSpace``, a command
+    error) or ``TypeError``/``ValueError``; it reaches the caller as raised.
+    ``KVStateMachine`` refuses keys and client ids LMDB cannot hold, and past
+    its quota the commands that add data.  ``apply`` must still cope with any
+    command: an entry may be in a log without having passed there (written
+    by an older version, or forged).
     """
 
     def applied_state(self) -> tuple[LogId | None, StoredMembership | None]:
@@ -92,7 +111,9 @@ class StateMachine(Protocol):
         effects, so that a restart never applies an entry twice or skips one.
         A result that is an exception instance is delivered to the waiting
         client as raised (for application-level errors); any raised exception
-        stops the node as Fatal.
+        stops the node as Fatal.  Every replica applies every entry, whatever
+        its own disk usage: a decision that may differ between replicas (a
+        size quota) belongs in ``check_command``, never here.
         """
 
     def build_snapshot(self) -> SnapshotMeta:
@@ -113,6 +134,13 @@ class StateMachine(Protocol):
         Atomic: after a crash at any point the state is either the old one or
         the new one, and ``applied_state`` says which.  ``data`` is closed by
         the callee.
+
+        The data comes from the leader, over the network: raise
+        :class:`~pyraft.errors.CodecError` when it does not decode or
+        validate, with the state unchanged.  The snapshot is then refused
+        (logged, counted as ``snapshots_refused``) and the leader told to send
+        it again; the node goes on.  Any other exception (a disk that fails,
+        a bug) stops the node as Fatal.
         """
 
     def close(self) -> None:

@@ -4,8 +4,8 @@ Each scenario starts a local cluster, drives concurrent KVClients, injects
 one family of faults (or all of them) for a few seconds, heals, and checks
 that the history is linearizable per key, that no acknowledged write was
 lost, that the logs agree up to the commit index and that the state
-machines match.  See ``tests/faults/`` and ``docs/faults.md``; the long runs
-are ``python -m pyraft.tools.faults`` and the ``soak`` tests below.
+machines match.  See ``tests/faults/`` and ``docs/testing.md``; the long runs
+are ``cd tests && python -m faults`` and the ``soak`` tests below.
 
 ``PYRAFT_SEED`` changes the seed of every scenario.
 """

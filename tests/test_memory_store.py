@@ -9,7 +9,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers_store import Applier, KVContract, LogStoreContract, ent, ents, put  # noqa: E402
 
 from pyraft.engine.commands import AppendToLog, SaveVote  # noqa: E402
-from pyraft.errors import StorageError  # noqa: E402
+from pyraft.errors import CodecError  # noqa: E402
 from pyraft.stores.memory import MemoryLogStore, MemoryStateMachine  # noqa: E402
 from pyraft.types import LogId, Vote  # noqa: E402
 
@@ -60,7 +60,7 @@ def test_memory_state_machine_rejects_a_malformed_snapshot_and_keeps_its_state()
     meta = src.build_snapshot()
     sink = sm.begin_receiving_snapshot()
     sink.write(b"\x93garbage")
-    with pytest.raises(StorageError):
+    with pytest.raises(CodecError):
         sm.install_snapshot(meta, sink)
     assert sm.items() == [("a", 1)]
     assert sm.applied_state()[0] == LogId(1, 1)

@@ -18,7 +18,7 @@ import pytest
 
 from pyraft import Config, Node, Raft, ServerState
 from pyraft.codec import ClientRequest, ClientResponse
-from pyraft.errors import ForwardToLeader, RaftError, ShutDown, StorageError, Timeout
+from pyraft.errors import CodecError, ForwardToLeader, RaftError, ShutDown, Timeout
 from pyraft.objects import (NotAttached, ObjectStateMachine, ReplCounter, ReplDict, ReplicatedObject, ReplList,
                             ReplLockManager, ReplQueue, ReplSet, VersionMismatch, replicated)
 from pyraft.objects import _values
@@ -590,7 +590,7 @@ def test_snapshot_is_consistent_while_applying_goes_on_and_installs_atomically()
     blob = bytearray(f.read())
     blob[len(blob) // 2] ^= 0xFF
     before = other[0].get()
-    with pytest.raises(StorageError):
+    with pytest.raises(CodecError):
         osm.install_snapshot(meta, io.BytesIO(bytes(blob)))
     assert other[0].get() == before
 

@@ -1,6 +1,6 @@
 """pyraft-bench: throughput and latency of a local pyraft cluster, and the same workload on PySyncObj.
 
-Usage (see ``docs/bench.md`` for the results table and how it was made)::
+Usage (see ``docs/benchmarks.md`` for the results and how they were made)::
 
     pyraft-bench                                  # 3 nodes, 10-byte writes, 10,000 in flight, fsync on
     pyraft-bench --payload 10,1024 --baseline pysyncobj --floor --sync-writer
@@ -44,7 +44,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
 
-from pyraft.tools import module_argv
+from pyraft import __version__
 
 __all__ = ["main", "CountingStateMachine", "InflightLoad", "NodeProc", "percentiles", "free_port"]
 
@@ -776,7 +776,7 @@ def run_client_mode(a: argparse.Namespace, payload: int, progress: Progress) -> 
         lid = cluster.start()
         spec = ",".join(f"{i}={addr}" for i, addr in cluster.addrs.items())
         for c in range(a.clients):
-            clients.append(NodeProc(f"client{c}", [*module_argv("pyraft.tools.bench"), "client",
+            clients.append(NodeProc(f"client{c}", [sys.executable, "-m", "pyraft.tools.bench", "client",
                                                     "--cluster", spec, "--threads", str(a.client_threads),
                                                     "--payload", str(payload), "--name", f"c{c}-"],
                                     os.path.join(root, f"client{c}.log")))
@@ -855,7 +855,7 @@ class PyraftCluster:
         for i in range(1, n + 1):
             d = os.path.join(root, f"node{i}")
             self.data_dirs[i] = d
-            argv = [*module_argv("pyraft.tools.bench"), "node", "--id", str(i), "--data-dir", d,
+            argv = [sys.executable, "-m", "pyraft.tools.bench", "node", "--id", str(i), "--data-dir", d,
                     "--sm", sm, "--config", json.dumps(config)]
             if not fsync:
                 argv.append("--no-fsync")
@@ -1030,7 +1030,7 @@ def run_floor(a: argparse.Namespace, progress: Progress) -> dict[str, Any]:
 
     Returns ``{payload: result}`` plus ``"latency_single_entry"``, or ``{"error": ...}``.
     """
-    argv = [*module_argv("pyraft.tools.bench_floor"), "--json", "--seconds", str(a.duration),
+    argv = [sys.executable, "-m", "pyraft.tools.bench_floor", "--json", "--seconds", str(a.duration),
             "--payloads", ",".join(str(p) for p in a.payloads)]
     if a.tmpdir:
         argv += ["--dir", a.tmpdir]
@@ -1169,6 +1169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return client_main(argv[1:])
     p = argparse.ArgumentParser(prog="pyraft-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--nodes", type=int, choices=(3, 5), default=3, help="cluster size (default 3)")
     p.add_argument("--inflight", type=int, default=10_000, help="writes kept in flight (default 10000)")
     p.add_argument("--payload", default="10", help="command size in bytes; a comma list runs each (e.g. 10,1024)")

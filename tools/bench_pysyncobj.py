@@ -31,7 +31,6 @@ import threading
 import time
 from typing import Any, Sequence
 
-from pyraft.tools import module_argv
 from pyraft.tools.bench import (Emitter, InflightLoad, NodeProc, Progress, _drive, disk_usage, free_port,
                                 memory_info, run_sync_writer, stop_nodes)
 
@@ -140,7 +139,7 @@ class PySyncObjCluster:
             d = os.path.join(root, f"node{i}")
             os.makedirs(d, exist_ok=True)
             self.dirs[i] = d
-            argv = [*module_argv("pyraft.tools.bench_pysyncobj"), "node", "--self", addr,
+            argv = [sys.executable, "-m", "pyraft.tools.bench_pysyncobj", "node", "--self", addr,
                     "--partners", ",".join(v for k, v in self.addrs.items() if k != i)]
             if journal:
                 argv += ["--journal", os.path.join(d, "journal.bin")]
@@ -194,10 +193,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "node":
         return node_main(argv[1:])
+    asked = bool(argv) and argv[0] in ("-h", "--help")
     print("usage: python -m pyraft.tools.bench_pysyncobj node --self HOST:PORT --partners H:P,H:P "
           "[--journal FILE] [--no-batch]\n(run the comparison with: pyraft-bench --baseline pysyncobj)",
-          file=sys.stderr)
-    return 2
+          file=sys.stdout if asked else sys.stderr)
+    return 0 if asked else 2
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Fault injection for ``pyraft-kv serve`` nodes (test-only) and the long fault-injection runs.
+"""Fault injection for ``pyraft-kv serve`` nodes (test-only).
 
 Two halves:
 
@@ -27,25 +27,11 @@ Two halves:
   the node's user, or that other users may write, is ignored (with a
   warning).  It exists for fault-injection tests; never give it in production.
 
-- ``python -m pyraft.tools.faults`` (the long runs): starts a local cluster of
-  ``pyraft-kv serve`` processes, drives concurrent clients while nemeses kill,
-  pause, partition, slow down and reconfigure nodes, then heals everything and
-  checks the history (linearizable per key), the acknowledged writes, the logs
-  and the state machines.  It needs a source checkout (the runner lives in
-  ``tests/faults``).  See ``docs/faults.md``.
-
-  ::
-
-      python -m pyraft.tools.faults --duration 180 --nodes 3 --seed 7
-      python -m pyraft.tools.faults --duration 60 --nemesis partition,kill --nodes 5
-
-  Prints one summary line (operations ok / failed / indeterminate, faults
-  injected, verdict) and exits 0 when every check passed, 1 otherwise, 2 on
-  a usage error.
+- :func:`write_fault_file`, the other side: what a fault-injection run (the test
+  suite's ``tests/faults/``, see ``docs/testing.md``) calls to change a node's faults.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -205,63 +191,11 @@ def write_fault_file(path: str | os.PathLike, drop: Sequence[int] = (), disk_del
     os.replace(tmp, path)
 
 
-# ---------------------------------------------------------------------------
-# The long runs
-
-def _find_runner() -> Any:
-    here = os.path.dirname(os.path.abspath(__file__))
-    tests = os.path.join(os.path.dirname(here), "tests")
-    if not os.path.isfile(os.path.join(tests, "faults", "runner.py")):
-        raise ImportError(f"the fault-injection runner is not at {tests}/faults/runner.py: "
-                          f"run this from a source checkout of pyraft (pip install -e .)")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
-    from faults import runner  # type: ignore[import-not-found]
-    return runner
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pyraft.tools.faults",
-                                description="Jepsen-style fault-injection run against a local pyraft-kv cluster.")
-    p.add_argument("--duration", type=float, default=180.0, help="seconds of faults under load (default 180)")
-    p.add_argument("--nodes", type=int, default=3, choices=[3, 5], help="cluster size (default 3)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the fault schedule and the workload")
-    p.add_argument("--nemesis", default="all",
-                   help="comma-separated: kill,pause,partition,transfer,membership,disk, or all (default)")
-    p.add_argument("--clients", type=int, default=6, help="client threads, one KVClient each (default 6)")
-    p.add_argument("--keys", type=int, default=3, help="keys in use at a time (default 3)")
-    p.add_argument("--vary-config", action="store_true",
-                   help="draw the nodes' Config from the seed (PreVote/CheckQuorum off, tiny batches and "
-                        "snapshot chunks, ...) instead of the default fault-run settings")
-    p.add_argument("--dir", help="keep the nodes' data, logs and the history here")
-    p.add_argument("--keep", action="store_true", help="keep the run's directory even when it passes")
-    p.add_argument("--quiet", action="store_true", help="print only the summary")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        runner = _find_runner()
-    except ImportError as e:
-        print(f"pyraft-faults: {e}", file=sys.stderr)
-        return 2
-    try:
-        nemeses = runner.parse_nemeses(args.nemesis)
-    except ValueError as e:
-        print(f"pyraft-faults: {e}", file=sys.stderr)
-        return 2
-    if args.duration <= 0 or args.clients < 1 or args.keys < 1:
-        print("pyraft-faults: --duration, --clients and --keys must be positive", file=sys.stderr)
-        return 2
-    extra = {"raft_config": runner.varied_config(args.seed)} if args.vary_config else {}
-    cfg = runner.RunConfig(nodes=args.nodes, duration=args.duration, seed=args.seed, nemeses=nemeses, **extra,
-                           clients=args.clients, keys=args.keys, base_dir=args.dir, keep=args.keep or bool(args.dir),
-                           verbose=not args.quiet)
-    result = runner.run_with_signals(cfg)
-    print(result.summary(), flush=True)
-    return 0 if result.ok else 1
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    # This module used to start the long fault-injection runs; they are test code and
+    # live in the checkout's tests/faults/, which an installed pyraft does not have.
+    print("pyraft.tools.faults is the node side of `pyraft-kv serve --fault-control` and has no command "
+          "line. The long fault-injection runs are part of pyraft's test suite: from a checkout of the "
+          "repository, `cd tests && python -m faults --help` (docs/testing.md).",
+          file=sys.stdout if sys.argv[1:2] in (["-h"], ["--help"]) else sys.stderr)
+    sys.exit(0 if sys.argv[1:2] in (["-h"], ["--help"]) else 2)

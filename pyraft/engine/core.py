@@ -143,6 +143,8 @@ class Engine:
 
         # leader state
         self.progress: dict[int, Progress] = {}
+        #: the targets (and their nodes) of the last UpdateReplication this leader emitted
+        self._repl_nodes: dict[int, Node] = {}
         self._leader_since = now
         self._heartbeat_due = now
         self._seq = 0
@@ -457,8 +459,11 @@ class Engine:
                 self.progress[t] = Progress(self.log.last_index + 1, self.now)
                 self._dirty.add(t)
                 changed = True
-        if changed or force:
-            self._emit(UpdateReplication(self.vote.term, {t: nodes[t] for t in sorted(nodes)}))
+        targets = {t: nodes[t] for t in sorted(nodes)}
+        # A target whose address changed (add_learner again with a new Node) needs a new worker too.
+        if changed or force or targets != self._repl_nodes:
+            self._repl_nodes = targets
+            self._emit(UpdateReplication(self.vote.term, targets))
 
     def _begin_farewells(self, before: Mapping[int, Node]) -> None:
         """A configuration that removes nodes committed: keep replicating to them until they know.
@@ -928,6 +933,12 @@ class Engine:
         self._installing = log_index(last)
         self._emit(ReceiveSnapshotChunk(msg))
         self._emit(InstallSnapshot(msg.meta, token))
+
+    def on_snapshot_refused(self, meta: SnapshotMeta) -> None:
+        """The state machine did not install ``meta``'s snapshot (a chunk went missing, or its
+        content did not decode): another one, even an older one, may be installed now."""
+        if log_index(meta.last_log_id) >= self._installing:
+            self._installing = 0
 
     def on_snapshot_installed(self, meta: SnapshotMeta, token: Any) -> None:
         """The state machine now holds ``meta``'s snapshot: fix up the log and acknowledge.

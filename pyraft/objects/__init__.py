@@ -11,7 +11,7 @@
     counter.inc(timeout=5)                                # replicated: proposed via the leader
     counter.get()                                         # local read
 
-See ``docs/objects.md`` (README section "Replicated objects").
+See ``docs/objects.md``.
 """
 from .base import (BoundReplicatedMethod, NotAttached, ReplicatedMethod, ReplicatedMethodError, ReplicatedObject,
                    VersionMismatch, replicated)

@@ -11,6 +11,13 @@ Exact types only: a subclass of a msgpack type (an IntEnum, a namedtuple, an
 OrderedDict) is stored as its base type; anything else is a ``TypeError``
 at the caller.  Decoding builds only these plain values: no pickle, no code,
 no import.
+
+Nesting is bounded: tuples and sets nest at most :data:`MAX_EXT_DEPTH` deep
+(a ``TypeError`` at the caller, a ``CodecError`` when decoding), and plain
+lists and maps as deep as msgpack itself allows (about 1,000 levels).  Each
+level of ext values is decoded by a nested call of the unpacker, which
+takes tens of KiB of the thread's C stack: a couple of hundred levels made
+a node's thread overflow it and the process crash.
 """
 from __future__ import annotations
 
@@ -22,14 +29,28 @@ from ..errors import CodecError
 
 _TUPLE, _SET, _FROZENSET = 1, 2, 3
 
+#: How deep tuples and sets may nest in one value (see the module docstring).
+MAX_EXT_DEPTH = 32
 
-def _default(o: Any) -> Any:
-    if isinstance(o, tuple):
-        return msgpack.ExtType(_TUPLE, _pack_array(o))
-    if isinstance(o, frozenset):
-        return msgpack.ExtType(_FROZENSET, _pack_array(o))
-    if isinstance(o, set):
-        return msgpack.ExtType(_SET, _pack_array(o))
+
+class _Default:
+    """msgpack's ``default`` for values ``depth`` tuples or sets deep."""
+
+    __slots__ = ("depth",)
+
+    def __init__(self, depth: int) -> None:
+        self.depth = depth
+
+    def __call__(self, o: Any) -> Any:
+        if isinstance(o, (tuple, set, frozenset)):
+            if self.depth >= MAX_EXT_DEPTH:
+                raise TypeError(f"tuples and sets nest more than {MAX_EXT_DEPTH} deep")
+            code = _TUPLE if isinstance(o, tuple) else _FROZENSET if isinstance(o, frozenset) else _SET
+            return msgpack.ExtType(code, _pack_array(o, self.depth + 1))
+        return _plain(o)
+
+
+def _plain(o: Any) -> Any:
     # strict_types sends subclasses here: store them as their msgpack base type
     if isinstance(o, bool):
         return bool(o)
@@ -48,29 +69,46 @@ def _default(o: Any) -> Any:
     raise TypeError(f"a {type(o).__name__} cannot be replicated (use msgpack values, tuples and sets)")
 
 
-def _pack_array(items: Any) -> bytes:
-    return msgpack.packb(list(items), use_bin_type=True, strict_types=True, default=_default)
+_DEFAULTS = [_Default(d) for d in range(MAX_EXT_DEPTH + 1)]
 
 
-def _ext_hook(code: int, data: bytes) -> Any:
-    if code == _TUPLE:
-        return tuple(_unpack(data))
-    if code == _SET:
-        return set(_unpack(data))
-    if code == _FROZENSET:
-        return frozenset(_unpack(data))
-    raise CodecError(f"unknown value ext type {code}")
+def _pack_array(items: Any, depth: int) -> bytes:
+    return msgpack.packb(list(items), use_bin_type=True, strict_types=True, default=_DEFAULTS[depth])
 
 
-def _unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=False, ext_hook=_ext_hook)
+class _ExtHook:
+    """msgpack's ``ext_hook`` for ext values found ``depth`` levels deep."""
+
+    __slots__ = ("depth",)
+
+    def __init__(self, depth: int) -> None:
+        self.depth = depth
+
+    def __call__(self, code: int, data: bytes) -> Any:
+        if self.depth >= MAX_EXT_DEPTH:
+            # Checked before decoding the payload: the unpacker must not nest any deeper.
+            raise CodecError(f"tuples and sets nest more than {MAX_EXT_DEPTH} deep")
+        if code == _TUPLE:
+            return tuple(_unpack(data, self.depth + 1))
+        if code == _SET:
+            return set(_unpack(data, self.depth + 1))
+        if code == _FROZENSET:
+            return frozenset(_unpack(data, self.depth + 1))
+        raise CodecError(f"unknown value ext type {code}")
+
+
+_EXT_HOOKS = [_ExtHook(d) for d in range(MAX_EXT_DEPTH + 1)]
+
+
+def _unpack(data: bytes, depth: int = 0) -> Any:
+    return msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=False, ext_hook=_EXT_HOOKS[depth])
 
 
 def dumps(value: Any) -> bytes:
-    """Encode ``value``; ``TypeError`` when it holds something that is not a plain value."""
+    """Encode ``value``; ``TypeError`` when it holds something that is not a plain value, or nests too deep."""
     try:
-        return msgpack.packb(value, use_bin_type=True, strict_types=True, default=_default)
-    except (ValueError, OverflowError) as e:
+        return msgpack.packb(value, use_bin_type=True, strict_types=True, default=_DEFAULTS[0])
+    except (ValueError, OverflowError, RecursionError) as e:
         raise TypeError(f"value cannot be replicated: {e}") from None
 
 

@@ -35,7 +35,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..codec import ClientRequest, ClientResponse
-from ..errors import Fatal, RaftError, ShutDown, Timeout
+from ..errors import Fatal, Overloaded, PermissionDenied, RaftError, RequestTooLarge, ShutDown, Timeout
 from ..raft import error_response
 from ..types import LogId, Node, ServerState
 from .base import _GRACE, outcome_to_wire
@@ -50,6 +50,8 @@ OP_CALL = "objects.call"
 OP_READ_INDEX = "objects.read_index"
 
 _POLL = 0.05  # longest the dispatcher sleeps: it notices a stopped node within this
+#: Errors a leader answers that retrying cannot change: the call fails with them at once.
+_FINAL_ERRORS = {"PermissionDenied": PermissionDenied, "RequestTooLarge": RequestTooLarge}
 
 
 class _Pending:
@@ -403,8 +405,11 @@ class Caller:
                 fut = self.raft.client_write_async(dict(p.body, f=self._floor(), t=self.sm._clock()))
             else:
                 fut = self.raft.ensure_linearizable_async()
-        except (ShutDown, Fatal):
-            p.next_try = now + self.backoff  # the loop sees the node's state next
+        except (ShutDown, Fatal, Overloaded):
+            p.next_try = now + self.backoff  # the loop sees the node's state next; or room is made
+            return
+        except RaftError as e:  # the state machine refused the command before it was proposed
+            self._fail(p, e)
             return
         token = object()
         p.token, p.target, p.try_deadline = token, self.node_id, now + self.try_timeout
@@ -474,7 +479,10 @@ class Caller:
             else:
                 p.next_try = now + self.backoff
             return
-        name, _msg, leader_id, addr = resp.error
+        name, msg, leader_id, addr = resp.error
+        if name in _FINAL_ERRORS:  # no other node or later try would answer otherwise
+            self._fail(p, _FINAL_ERRORS[name](f"node {p.target}: {msg}"))
+            return
         if name == "ForwardToLeader" and type(leader_id) is int and leader_id != p.target:
             p.hint = (leader_id, Node(addr) if isinstance(addr, str) and addr else None)
             p.next_try = now

@@ -88,6 +88,11 @@ OBJECTS_LOCK_NAME = "objects.lock"
 OBJECTS_SNAPSHOT_DIR = "objects-snapshots"
 DEFAULT_SESSION_TTL = 24 * 3600.0
 
+#: The longest client id a call may carry: sessions are keyed by it in LMDB (511 bytes at most).
+MAX_CLIENT_ID_BYTES = 255
+#: The longest object name (utf-8): objects are keyed by it in LMDB.
+MAX_NAME_BYTES = 511
+
 _SNAP_SUFFIX = ".objsnap"
 _REC_OBJECT, _REC_SESSION, _REC_SYS, _REC_END = 0, 1, 2, 3
 _META, _OBJECTS, _SESSIONS = b"meta", b"objects", b"sessions"
@@ -212,6 +217,8 @@ class ObjectStateMachine:
         if not isinstance(obj, ReplicatedObject):
             raise TypeError(f"ObjectStateMachine takes ReplicatedObject instances, got {type(obj).__name__}")
         name = obj.object_name
+        if len(name.encode()) > MAX_NAME_BYTES:
+            raise ValueError(f"an object name is at most {MAX_NAME_BYTES} bytes of utf-8, got {name[:40]!r}...")
         if name in self._objects:
             raise ValueError(f"two objects are named {name!r}; give one a name= at construction")
         if getattr(obj, "_repl_sm", None) is not None:
@@ -280,8 +287,9 @@ class ObjectStateMachine:
         self._raft = raft
         caller = Caller(self, raft, client)
         self._caller = caller
-        raft.set_client_handler("objects.call", caller.on_call_request)
-        raft.set_client_handler("objects.read_index", caller.on_read_index_request)
+        # Peers forward calls to the leader, so a peer key has client rights.
+        raft.set_client_handler("objects.call", caller.on_call_request, role="client")
+        raft.set_client_handler("objects.read_index", caller.on_read_index_request, role="reader")
         caller.announce({"k": "hello", "n": raft.node_id, "vers": self.local_versions()})
         caller.start()
         raft.add_shutdown_hook(caller.stop)  # pending and later calls raise ShutDown; the thread is joined
@@ -441,7 +449,7 @@ class ObjectStateMachine:
         if kind not in ("call", "hello"):
             return RaftError(f"entry {e.log_id} is not a replicated-object command")
         c, s, f, t = cmd.get("c"), cmd.get("s"), cmd.get("f"), cmd.get("t")
-        if type(c) is not bytes or type(s) is not int or type(f) is not int or \
+        if type(c) is not bytes or len(c) > MAX_CLIENT_ID_BYTES or type(s) is not int or type(f) is not int or \
                 not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t):
             return RaftError(f"entry {e.log_id}: malformed replicated-object command")
         # The log's clock: the leader's stamp, never going back.
@@ -712,8 +720,10 @@ class ObjectStateMachine:
         """Replace every object's state, the sessions and the applied state with the snapshot.
 
         The stream is read and checked completely (CRC, counts, every state
-        decoded) before anything changes; with ``path`` the new state is one
-        write transaction.  ``data`` is closed here.
+        decoded) before anything changes: content that does not decode or
+        validate raises CodecError, with nothing changed (storage.py: the
+        snapshot is refused, the node goes on).  With ``path`` the new state
+        is one write transaction.  ``data`` is closed here.
         """
         try:
             data.seek(0)
@@ -725,10 +735,14 @@ class ObjectStateMachine:
             objects, sessions, sys_v = _read_snapshot(blob, meta)
             decoded = {n: _values.loads(b, f"state of {n!r}") for n, b in objects.items() if n in self._objects}
             sess = [(c, _Session.from_wire(unpack(b, "session"))) for c, b in sessions.items()]
-            if not isinstance(sys_v, dict):
+            if not isinstance(sys_v, dict) or not isinstance(sys_v.get("log_time"), (int, float)):
                 raise CodecError("malformed sys record")
-        except (CodecError, StorageError) as e:
-            raise StorageError(f"object state machine: snapshot {meta.snapshot_id} is malformed: {e}") from None
+            _versions_from_wire(sys_v.get("versions", {}))  # what _load_sys reads, once the state is replaced
+            if any(len(c) > MAX_CLIENT_ID_BYTES for c in sessions) or \
+                    any(len(n.encode()) > MAX_NAME_BYTES for n in objects):
+                raise CodecError("a session or object key is longer than the store holds")
+        except (CodecError, StorageError) as e:  # read_records raises StorageError for what it refuses
+            raise CodecError(f"object state machine: snapshot {meta.snapshot_id} is malformed: {e}") from None
         sess.sort(key=lambda kv: kv[1].last)
         if self._env is not None:
             assert self._snaps is not None

@@ -10,12 +10,12 @@ the network commands of that turn executed.  Ticks come from the inbox's
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import random
 import threading
 import time
-from collections import Counter
 from concurrent.futures import Future
 from typing import Any
 
@@ -25,22 +25,21 @@ from ..engine.commands import (AppendToLog, Apply, BuildSnapshot, InstallSnapsho
                                SendSnapshot, SendTimeoutNow, SendVote, STORAGE_COMMANDS, TruncateLog,
                                UpdateReplication)
 from ..engine.core import Engine, RestoredState
-from ..errors import Fatal, ForwardToLeader, RaftError, ShutDown
+from ..errors import Fatal, ForwardToLeader, Overloaded, RaftError, ShutDown, StorageError
 from ..messages import InstallSnapshotResponse
 from ..metrics import RaftMetrics
 from ..codec import encode_entries
 from ..types import EntryKind, LogId, ServerState, StoredMembership, log_index
 from .cache import EntryCache
 from .futures import fail, succeed
-from .inbox import Inbox
-from .workers import ReplicationWorker, SMWorker, VoteSender
+from .inbox import Inbox, Lane
+from .workers import ReplicationWorker, SMWorker, VoteSender, rate_limited
 
 log = logging.getLogger("pyraft.runtime")
 
 _MAX_DRAIN = 8192
 _LOG_CHANGES = (AppendToLog, TruncateLog, PurgeLog)
 _SNAPSHOT_COMMANDS = (BuildSnapshot, ReceiveSnapshotChunk, InstallSnapshot, SendSnapshot)
-_REFUSAL_LOG_INTERVAL = 10.0  # seconds between two log lines about refusals of one reason
 
 
 class _Stop(Exception):
@@ -51,6 +50,14 @@ def restore_state(log_store: Any, state_machine: Any) -> RestoredState:
     """Read what the stores hold into the engine's start-up state."""
     ls = log_store.log_state()
     applied, sm_membership = state_machine.applied_state()
+    if log_index(applied) < log_index(ls.last_purged):
+        # The entries in between are neither in the log nor in the state machine: applying
+        # on would skip them.  (A state machine that does not fsync what it applies must be
+        # durable up to every snapshot before the log is purged to it: see KVStateMachine.)
+        raise StorageError(f"the state machine has applied up to index {log_index(applied)} but the log is "
+                           f"purged up to {ls.last_purged}: entries {log_index(applied) + 1}.."
+                           f"{log_index(ls.last_purged)} are lost on this node; wipe its data directory "
+                           f"and let it catch up from the cluster")
     memberships: list[StoredMembership] = [sm_membership] if sm_membership is not None else []
     start = max(log_index(applied), log_index(ls.last_purged)) + 1
     last = log_index(ls.last_log_id)
@@ -82,6 +89,29 @@ class RaftCore(threading.Thread):
         self.log_store = log_store
         self.state_machine = state_machine
         self.inbox = Inbox()
+        # What peers can put in the inbox is bounded (inbox.py): their requests, and
+        # the replies to this node's requests, each in its own lane so that a flood
+        # of one cannot crowd out the other.
+        self.rpc_lane = Lane(config.max_queued_rpcs)
+        self.reply_lane = Lane(config.max_queued_rpcs)
+        # Client writes in flight, for Config.max_pending_writes, counted without a lock
+        # on the client's path.  ``writes_accepted`` is the last ticket that
+        # Raft.client_write_async drew from ``write_tickets`` (next() is atomic; racing
+        # callers may store theirs out of order, which undercounts by at most their
+        # number until the next write).  ``writes_released`` (this thread only) and
+        # ``writes_released_sm`` (the SM worker only) count the writes whose future left
+        # this node's hands: completed, failed or overwritten.  One writer each: no
+        # count is ever lost, so the difference cannot drift.
+        self.write_tickets = itertools.count(1)
+        self.writes_accepted = 0
+        self.writes_released = 0
+        self.writes_released_sm = 0
+        # RaftCore's own metrics counters, bumped from any thread (refusals, overload,
+        # connection failures), and each replication worker's connection error while it
+        # has one (target -> (worker, error)); both guarded by _counters_lock.
+        self._counters_lock = threading.Lock()
+        self._counters: dict[str, int] = {}
+        self._repl_errors: dict[int, tuple[ReplicationWorker, str]] = {}
         #: the newest entries (written, or being written) with their encodings, for the workers (cache.py)
         self.cache = EntryCache()
         #: entry tuples of this turn's AppendEntries that carry their encodings (codec.EncodedEntries)
@@ -113,10 +143,6 @@ class RaftCore(threading.Thread):
         self._stopped_workers: list[ReplicationWorker] = []
         self.sm_worker = SMWorker(self)
         self.sender = VoteSender(self)
-        #: this thread's metrics counters (refused messages by reason), merged with the transport's
-        self.counters: Counter[str] = Counter()
-        #: reason -> [when a refusal of it was last logged, refusals since then not logged]
-        self._refusal_log: dict[str, list] = {}
         #: the engine's election and removal news already logged (see _log_engine_news)
         self._campaign_logged = self.engine.last_campaign
         self._removed_logged = False
@@ -144,6 +170,47 @@ class RaftCore(threading.Thread):
         self.inbox.put(item)
         if self._closed:
             raise self.stopped_error()  # maybe after the last drain: nobody will see the item
+
+    def post_rpc(self, item: tuple) -> None:
+        """Put a peer's request on the inbox, unless its lane is full (then it is dropped, and counted)."""
+        if not self._closed and self.rpc_lane.admit():
+            self.inbox.put(item)
+
+    def post_reply(self, item: tuple) -> None:
+        """Put a peer's reply to this node's request on the inbox, unless its lane is full."""
+        if not self._closed and self.reply_lane.admit():
+            self.inbox.put(item)
+
+    def pending_writes(self) -> int:
+        """Client writes accepted and not yet released (approximate; see ``write_tickets``)."""
+        return self.writes_accepted - self.writes_released - self.writes_released_sm
+
+    def overloaded(self) -> Overloaded:
+        """Count a write refused for Config.max_pending_writes; the error to raise."""
+        self.count("writes_refused_overloaded")
+        return Overloaded(f"node {self.node_id} has {self.pending_writes()} client writes in flight "
+                          f"(Config.max_pending_writes={self.config.max_pending_writes}); nothing was "
+                          f"proposed, retry later")
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to one of RaftCore's metrics counters.  Any thread."""
+        with self._counters_lock:
+            self._counters[name] = self._counters.get(name, 0) + n
+
+    def set_replication_error(self, worker: ReplicationWorker, error: str | None) -> None:
+        """Show (or clear) why ``worker`` cannot reach its target; shown while it is the target's worker."""
+        with self._counters_lock:
+            if error is not None:
+                self._repl_errors[worker.target] = (worker, error)
+            elif self._repl_errors.get(worker.target, (None,))[0] is worker:
+                del self._repl_errors[worker.target]
+
+    def owns_current_thread(self) -> bool:
+        """True on a thread this node joins when it stops: joining from it would wait for itself."""
+        me = threading.current_thread()
+        if me is self or me is self.sm_worker or me is self.sender or me is self.sm_worker.builder:
+            return True
+        return any(me is w for w in list(self.workers.values()) + self._stopped_workers)
 
     def stopped_error(self) -> RaftError:
         if self.fatal is not None:
@@ -226,8 +293,10 @@ class RaftCore(threading.Thread):
         kind = it[0]
         eng = self.engine
         if kind == "resp":
+            self.reply_lane.taken += 1
             self._step(it[1], it[2], None)
         elif kind == "rpc":
+            self.rpc_lane.taken += 1
             _, from_id, msg, reply = it
             ents = getattr(msg, "entries", None)
             if ents and getattr(ents, "encoded", None) is not None:
@@ -266,8 +335,10 @@ class RaftCore(threading.Thread):
             # never be applied here one by one: their fate is in the snapshot.
             self._fail_writes(lambda i: i <= log_index(it[1].last_log_id), "was superseded by a snapshot")
         elif kind == "snapshot_failed":
-            # The snapshot could not be installed (a chunk went missing): tell the
-            # sender now rather than let it time out; it starts over.
+            # The snapshot could not be installed (a chunk went missing, or the state
+            # machine refused its content): tell the sender now rather than let it
+            # time out; it starts over.
+            eng.on_snapshot_refused(it[2])
             it[1].reply(InstallSnapshotResponse(eng.vote.term))
         elif kind == "fatal":
             raise RuntimeError(it[1])
@@ -280,21 +351,16 @@ class RaftCore(threading.Thread):
             self.engine.step(from_id, msg, reply)
         except ValueError as e:  # RemoteProtocolError: refused before it changed anything
             reason = getattr(e, "reason", "invalid_message")
-            self.counters["refused_" + reason] += 1
-            now = time.monotonic()
-            seen = self._refusal_log.get(reason)
-            if seen is not None and now - seen[0] < _REFUSAL_LOG_INTERVAL:
-                seen[1] += 1
-                return
-            self._refusal_log[reason] = [now, 0]
-            more = f" ({seen[1]} more since the last report)" if seen is not None and seen[1] else ""
-            log.warning("node %s: refused a %s from node %s (%s): %s%s", self.node_id, type(msg).__name__,
-                        from_id, reason, e, more)
+            self.count("refused_" + reason)
+            rate_limited.warning(f"refused {self.node_id} {reason}", "node %s: refused a %s from node %s (%s): %s",
+                                 self.node_id, type(msg).__name__, from_id, reason, e)
 
     def _propose(self, writes: list) -> None:
         try:
             log_ids = self.engine.propose([w[1] for w in writes])
         except RaftError as e:
+            # Released before their futures complete (and run their callbacks), here and below.
+            self.writes_released += len(writes)
             for w in writes:
                 fail(w[2], e)
             return
@@ -307,6 +373,7 @@ class RaftCore(threading.Thread):
             for lid, w in zip(log_ids, writes):
                 old = pending.get(lid.index)
                 if old is not None:
+                    self.writes_released += 1
                     _fail(old[1], ForwardToLeader(None, None, f"write {old[0]} was overwritten"))
                 pending[lid.index] = (lid, w[2])
         else:  # the usual case: above every index ever pending, so none can be overwritten
@@ -459,6 +526,7 @@ class RaftCore(threading.Thread):
         pending = self._pending_writes
         for idx in [i for i in pending if which(i)]:
             lid, fut = pending.pop(idx)
+            self.writes_released += 1
             _fail(fut, ForwardToLeader(self.engine.leader_id, self.engine.leader_node, f"write {lid} {why}"))
 
     def _to_sm_worker(self, item: tuple) -> None:
@@ -544,7 +612,12 @@ class RaftCore(threading.Thread):
         m = e.membership
         snap = e.snapshot
         counters = getattr(self.transport, "stats", None)
-        counters = {**counters, **self.counters} if isinstance(counters, dict) else dict(self.counters)
+        counters = dict(counters) if isinstance(counters, dict) else {}
+        counters["inbox_dropped_rpcs"] = self.rpc_lane.dropped
+        counters["inbox_dropped_replies"] = self.reply_lane.dropped
+        with self._counters_lock:
+            counters.update(self._counters)
+            repl_errors = {t: err for t, (w, err) in self._repl_errors.items() if self.workers.get(t) is w}
         return RaftMetrics(
             id=self.node_id,
             state=state or e.state,
@@ -561,6 +634,7 @@ class RaftCore(threading.Thread):
             replication=e.replication() if e.state == ServerState.LEADER else {},
             error=self.fatal,
             counters=counters,
+            replication_errors=repl_errors,
         )
 
     def _log_engine_news(self) -> None:
@@ -588,11 +662,21 @@ class RaftCore(threading.Thread):
         old = self.metrics
         if (m.state, m.current_term, m.current_leader) != (old.state, old.current_term, old.current_leader):
             log.info("node %s: %s in term %s, leader %s", self.node_id, m.state, m.current_term, m.current_leader)
+        if m.membership_log_id != old.membership_log_id and m.membership is not None:
+            ms = m.membership
+            log.info("node %s: membership at %s: voters %s, learners %s", self.node_id, m.membership_log_id,
+                     " -> ".join(str(sorted(c)) for c in ms.configs), sorted(ms.learner_ids))
         with self.cond:
             self.metrics = m
             self.cond.notify_all()
 
     # ------------------------------------------------------------------ stopping
+
+    def close_transport(self) -> None:
+        try:
+            self.transport.close()
+        except Exception:  # noqa: BLE001
+            log.exception("closing the transport failed")
 
     def _go_fatal(self, reason: str, exc: BaseException | None = None) -> None:
         self.fatal = reason
@@ -606,10 +690,11 @@ class RaftCore(threading.Thread):
             w.stop()
         self.sm_worker.stop()
         self.sender.stop()
-        try:
-            self.transport.close()
-        except Exception:  # noqa: BLE001
-            log.exception("closing the transport failed")
+        if self.fatal is None:
+            self.close_transport()
+        # else a Fatal node keeps its transport until Raft.shutdown() closes it: it answers
+        # "metrics" with the state Fatal and the reason, and every other request with the
+        # Fatal error, so that a health check tells "dead, and why" from "unreachable".
         if self._deferred_commit is not None and self.fatal is None:
             try:  # the commit hint that was waiting for a write: a restart then applies that far at once
                 self.log_store.write([self._deferred_commit])

@@ -18,7 +18,7 @@ import queue
 import threading
 from typing import Any
 
-__all__ = ["Inbox"]
+__all__ = ["Inbox", "Lane"]
 
 
 class Inbox:
@@ -71,3 +71,32 @@ class Inbox:
 
     def get_nowait(self) -> Any:
         return self.get(False)
+
+
+class Lane:
+    """A bound on the inbox items of one kind that come from the network (peers' requests, or replies).
+
+    The inbox itself never refuses: API calls and the node's own
+    notifications must always get through.  What peers send goes through a
+    lane first: beyond ``limit`` items waiting, :meth:`admit` says no and the
+    item is dropped, as a congested network would drop it (Raft sends again).
+    """
+
+    __slots__ = ("limit", "_lock", "_admitted", "taken", "dropped")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()  # guards _admitted and dropped: several threads admit
+        self._admitted = 0  # items ever admitted
+        #: items ever taken off the inbox; written by the consumer only (a stale read only makes admit stricter)
+        self.taken = 0
+        self.dropped = 0  # items refused
+
+    def admit(self) -> bool:
+        """Any thread: True when one more item may wait (and count it), False when it must be dropped."""
+        with self._lock:
+            if self._admitted - self.taken >= self.limit:
+                self.dropped += 1
+                return False
+            self._admitted += 1
+            return True

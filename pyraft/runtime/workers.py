@@ -17,7 +17,7 @@ from typing import Any, TYPE_CHECKING
 
 from ..codec import EncodedEntries, encode_entries
 from ..engine.commands import Replicate, SendSnapshot
-from ..errors import ForwardToLeader
+from ..errors import CodecError, ForwardToLeader
 from ..messages import AppendEntriesRequest, InstallSnapshotRequest, InstallSnapshotResponse
 from ..metrics import ClientWriteResponse
 from ..types import LogId, Node, log_index
@@ -31,6 +31,34 @@ log = logging.getLogger("pyraft.runtime")
 _STOP = object()
 #: how often a snapshot chunk is sent before the transfer counts as failed
 _CHUNK_TRIES = 3
+#: seconds between connection attempts to a target that cannot be connected to: doubling from min to max
+_CONNECT_BACKOFF_MIN, _CONNECT_BACKOFF_MAX = 0.1, 5.0
+#: seconds between two log lines about the same recurring problem
+_LOG_EVERY = 10.0
+
+
+class RateLimitedLog:
+    """Logs a recurring warning once per ``interval`` seconds per key, with how many were not logged."""
+
+    def __init__(self, interval: float = _LOG_EVERY) -> None:
+        self.interval = interval
+        self._lock = threading.Lock()  # guards _last
+        self._last: dict[str, tuple[float, int]] = {}  # key -> (when last logged, suppressed since)
+
+    def warning(self, key: str, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            when, suppressed = self._last.get(key, (-1e18, 0))
+            if now - when < self.interval:
+                self._last[key] = (when, suppressed + 1)
+                return
+            self._last[key] = (now, 0)
+        if suppressed:
+            msg += f" ({suppressed} more like it not logged)"
+        log.warning(msg, *args)
+
+
+rate_limited = RateLimitedLog()
 
 
 class _Worker(threading.Thread, abc.ABC):
@@ -72,6 +100,8 @@ class ReplicationWorker(_Worker):
         self.term = term
         self.conn = None
         self._snapshot_rids: set[int] = set()
+        self._connect_failures = 0  # in a row
+        self._retry_at = 0.0  # monotonic time of the next connection attempt
 
     def submit(self, cmd: Any) -> None:
         self.q.put(cmd)
@@ -83,27 +113,69 @@ class ReplicationWorker(_Worker):
         self.submit(_STOP)
 
     def work(self) -> None:
-        self.conn = self.core.transport.connect(self.target, self.node)
+        held = None  # a command taken off the queue while waiting to reconnect, executed next
         try:
             while True:
+                if self.conn is None and time.monotonic() >= self._retry_at:
+                    self._connect()
                 while True:
-                    try:
-                        cmd = self.q.get_nowait()
-                    except queue.Empty:
-                        break
+                    if held is not None:
+                        cmd, held = held, None
+                    else:
+                        try:
+                            cmd = self.q.get_nowait()
+                        except queue.Empty:
+                            break
                     if cmd is _STOP:
                         return
-                    if isinstance(cmd, Replicate):
+                    if self.conn is None:
+                        # Not connected: the message is lost, as on a network that is down;
+                        # the engine probes again at its next heartbeat.
+                        self.core.post(("repl_failed", self.target))
+                    elif isinstance(cmd, Replicate):
                         self._replicate(cmd)
                     elif isinstance(cmd, SendSnapshot):
                         if not self._send_snapshot(cmd):
                             return
+                if self.conn is None:
+                    try:
+                        held = self.q.get(timeout=max(0.0, self._retry_at - time.monotonic()))
+                    except queue.Empty:
+                        pass
+                    continue
                 r = self.conn.recv(1.0)
                 while r is not None:
-                    self.core.post(("resp", self.target, r[1]))
+                    self.core.post_reply(("resp", self.target, r[1]))
                     r = self.conn.recv(0)
         finally:
-            self.conn.close()
+            if self.conn is not None:
+                self.conn.close()
+
+    def _connect(self) -> None:
+        """Open the connection to the target; on failure, show it and schedule the next attempt.
+
+        A target's address comes from a committed membership entry: one the
+        transport cannot use (a typo that skipped the check of ``add_learner``,
+        a name that no longer resolves) must not stop the leader, or every
+        next leader would stop the same way.  The worker keeps retrying, with
+        back-off, until the membership changes the address or drops the target.
+        """
+        core = self.core
+        try:
+            self.conn = core.transport.connect(self.target, self.node)
+        except Exception as e:  # noqa: BLE001 - whatever the transport raises, the target is unreachable
+            self._connect_failures += 1
+            delay = min(_CONNECT_BACKOFF_MAX, _CONNECT_BACKOFF_MIN * 2 ** min(self._connect_failures - 1, 16))
+            self._retry_at = time.monotonic() + delay
+            why = f"cannot connect to {self.node.addr!r}: {type(e).__name__}: {e}"
+            core.count("replication_connect_failures")
+            core.set_replication_error(self, why)
+            rate_limited.warning(f"connect {core.node_id}->{self.target}", "node %s: replication to %s: %s "
+                                 "(retrying; fix the address with add_learner)", core.node_id, self.target, why)
+            return
+        if self._connect_failures:
+            self._connect_failures = 0
+            core.set_replication_error(self, None)
 
     def _replicate(self, cmd: Replicate) -> None:
         start = log_index(cmd.prev_log_id) + 1
@@ -175,7 +247,7 @@ class ReplicationWorker(_Worker):
                     self.core.post(("repl_failed", self.target))
                     return True
                 if resp.term != cmd.term or (done and resp.done):
-                    self.core.post(("resp", self.target, resp))
+                    self.core.post_reply(("resp", self.target, resp))
                     return True
                 if done:
                     # The target could not install it (it lost a chunk): the engine
@@ -204,7 +276,7 @@ class ReplicationWorker(_Worker):
                 continue  # other commands are superseded by the snapshot in progress
             if r[0] == rid:
                 return r[1]
-            self.core.post(("resp", self.target, r[1]))
+            self.core.post_reply(("resp", self.target, r[1]))
 
 
 class VoteSender(_Worker):
@@ -234,17 +306,31 @@ class VoteSender(_Worker):
                     if entry is None or entry[0] != node:
                         if entry is not None:
                             entry[1].close()
-                        entry = self.conns[target] = (node, self.core.transport.connect(target, node))
-                    entry[1].send(msg)
-                    self._poll_until = time.monotonic() + self.core.config.rpc_timeout
+                            del self.conns[target]
+                        entry = self._connect(target, node)
+                    if entry is not None:
+                        entry[1].send(msg)
+                        self._poll_until = time.monotonic() + self.core.config.rpc_timeout
                 for target, (_node, conn) in self.conns.items():
                     r = conn.recv(0)
                     while r is not None:
-                        self.core.post(("resp", target, r[1]))
+                        self.core.post_reply(("resp", target, r[1]))
                         r = conn.recv(0)
         finally:
             for _node, conn in self.conns.values():
                 conn.close()
+
+    def _connect(self, target: int, node: Node) -> tuple[Node, Any] | None:
+        """A connection to ``target``, or None (the message is lost) when the transport cannot make one."""
+        core = self.core
+        try:
+            entry = self.conns[target] = (node, core.transport.connect(target, node))
+        except Exception as e:  # noqa: BLE001 - an unusable address must not stop the node (see ReplicationWorker)
+            core.count("vote_connect_failures")
+            rate_limited.warning(f"vote-connect {core.node_id}->{target}", "node %s: cannot connect to %s at %r: "
+                                 "%s: %s", core.node_id, target, node.addr, type(e).__name__, e)
+            return None
+        return entry
 
 
 class SMWorker(_Worker):
@@ -297,18 +383,36 @@ class SMWorker(_Worker):
                                 self.core.node_id, meta.snapshot_id)
                     if f is not None:
                         f.close()
-                    self.core.post(("snapshot_failed", token))
+                    self.core.post(("snapshot_failed", token, meta))
                     continue
                 f.flush()
                 f.seek(0)
-                sm.install_snapshot(meta, f)
+                try:
+                    sm.install_snapshot(meta, f)
+                except CodecError as e:
+                    # The content was refused (storage.py: CodecError means the snapshot does
+                    # not decode or validate; the state is unchanged).  Whoever sent it is told
+                    # to try again; a disk or a user state machine failing raises anything
+                    # else, and that stops the node.
+                    self.core.count("snapshots_refused")
+                    rate_limited.warning(f"snapshot {self.core.node_id}", "node %s: refused snapshot %s: %s",
+                                         self.core.node_id, meta.snapshot_id, e)
+                    self.core.post(("snapshot_failed", token, meta))
+                    continue
                 self.applied = sm.applied_state()[0]
+                log.info("node %s: installed snapshot %s from the leader, up to %s", self.core.node_id,
+                         meta.snapshot_id, meta.last_log_id)
                 self.core.post(("snapshot_installed", meta, token))
         b = self._builder
         if b is not None:
             b.join()
         if self._recv_file is not None:
             self._recv_file.close()
+
+    @property
+    def builder(self) -> threading.Thread | None:
+        """The snapshot builder thread, if one was started (it may have ended)."""
+        return self._builder
 
     def drop_futures(self) -> list[Future]:
         """After the thread ended: the client futures of the applies it never got to (or died in)."""
@@ -342,12 +446,16 @@ class SMWorker(_Worker):
             if len(results) != len(entries):
                 raise RuntimeError(f"state machine returned {len(results)} results for {len(entries)} entries")
             if futures:
+                core = self.core
                 pop = futures.pop
                 for e, res in zip(entries, results):
                     elid = e.log_id
                     w = pop(elid.index, None)
                     if w is None:
                         continue
+                    # Released before it completes: a done-callback that writes again must not
+                    # find this write still counted against Config.max_pending_writes.
+                    core.writes_released_sm += 1
                     lid, fut = w
                     try:
                         if lid is not elid and lid != elid:
@@ -361,6 +469,7 @@ class SMWorker(_Worker):
                         pass  # the caller cancelled its future
             self.applied = entries[-1].log_id
             self.core.post(("applied", self.applied))
+        self.core.writes_released_sm += len(futures)
         for lid, fut in futures.values():  # below our applied point: superseded by a snapshot
             fail(fut, ForwardToLeader(None, None, f"write {lid} was superseded by a snapshot"))
         futures.clear()
@@ -377,6 +486,7 @@ class SMWorker(_Worker):
                 log.exception("snapshot build failed")
                 self.core.post(("fatal", f"snapshot builder died: {e!r}"))
                 return
+            log.info("node %s: built snapshot %s, up to %s", self.core.node_id, meta.snapshot_id, meta.last_log_id)
             self.core.post(("snapshot_built", meta))
 
         self._builder = threading.Thread(target=build, name=f"pyraft-snapshot-{self.core.node_id}", daemon=True)

@@ -7,5 +7,6 @@
   and the schedule that mixes them.
 
 ``tests/test_faults.py`` runs short scenarios in the default suite;
-``python -m pyraft.tools.faults`` runs long ones.  See ``docs/faults.md``.
+``cd tests && python -m faults`` runs long ones (:mod:`.__main__`).  See
+``docs/testing.md``.
 """
