@@ -247,9 +247,10 @@ class Engine:
             if self._heartbeat_requested:
                 self._heartbeat_requested = False
                 self._broadcast_heartbeat()
-            for t in sorted(self._dirty):
-                self._send_append(t)
-            self._dirty.clear()
+            if self._dirty:
+                for t in sorted(self._dirty):
+                    self._send_append(t)
+                self._dirty.clear()
         out, self._out = self._out, []
         return out
 

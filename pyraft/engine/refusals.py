@@ -115,16 +115,18 @@ def _check_committed_prefix(e: "Engine", lid: LogId | None) -> None:
 
 def _check_append_entries(e: "Engine", msg: AppendEntriesRequest) -> None:
     prev = msg.prev_log_id
-    _check_not_from_future(prev, msg.term, "prev_log_id")
+    term = msg.term
+    _check_not_from_future(prev, term, "prev_log_id")
     t = prev.term if prev is not None else 0
     i = prev.index if prev is not None else 0
-    for ent in msg.entries:
+    for ent in msg.entries:  # (every message a follower gets passes here: one attribute read per entry)
+        lid = ent.log_id
         i += 1
-        if ent.index != i or ent.term < t:
-            raise _refuse("entries_out_of_order", f"entry {ent.log_id} does not follow {LogId(t, i - 1)}")
-        if ent.term > msg.term:
-            raise _refuse("term_from_future", f"entry {ent.log_id} is of a term after the leader's ({msg.term})")
-        t = ent.term
+        if lid.index != i or lid.term < t:
+            raise _refuse("entries_out_of_order", f"entry {lid} does not follow {LogId(t, i - 1)}")
+        t = lid.term
+    if t > term:  # terms never decrease along the entries: the last one is the newest
+        raise _refuse("term_from_future", f"entry {msg.entries[-1].log_id} is of a term after the leader's ({term})")
     if msg.term < e.vote.term:
         return  # refused with our term; nothing else about it matters
     _check_one_leader(e, msg.term, msg.leader_id)
