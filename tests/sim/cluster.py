@@ -40,7 +40,10 @@ proposal commit within ten maximum election timeouts (liveness).
 harness itself checks what only it can see (``DIRECT_CHECKS``): a vote is on
 disk when granted and an entry when acknowledged or counted as flushed; a
 leader's view of what a follower holds is in the leader's log and on the
-follower's disk; no node grants a vote while CheckQuorum's lease binds it; a
+follower's disk; a new leader had the votes of a majority of every voter set
+of its configuration; a leader commits by counting replicas only an entry of
+its own term, held on the disks of a majority of every voter set; no node
+grants a vote while CheckQuorum's lease binds it; a
 leader sends TimeoutNow only to a caught-up target and accepts no proposal
 while it transfers; client writes are linearizable (one proposed after
 another was acknowledged is ordered after it in the log).
@@ -68,9 +71,10 @@ from .invariants import InvariantViolation, Invariants, chain
 
 LEADER = ServerState.LEADER
 
-#: Check the ordering contract directly where it is observable (a vote is on disk when granted, an
-#: acknowledged or flushed entry is on disk, a leader's view of a follower's log is true, a transfer
-#: goes to a caught-up target).  ``sim.teeth --no-direct-checks`` turns this off to see whether the
+#: Check the ordering contract and the quorum rules directly where they are observable (a vote is on
+#: disk when granted, an acknowledged or flushed entry is on disk, a leader's view of a follower's log
+#: is true, a leader won and commits with majorities of every voter set, a transfer goes to a
+#: caught-up target).  ``sim.teeth --no-direct-checks`` turns this off to see whether the
 #: Figure 3 invariants alone catch a durability bug, through crashes.
 DIRECT_CHECKS = True
 
@@ -240,6 +244,8 @@ class SimNode:
         self.writes: dict[int, tuple[LogId, int]] = {}
         #: (term, target, heartbeat round) of every AppendEntries this incarnation sent
         self.rounds: set[tuple[int, int, int]] = set()
+        #: what _check_node last checked (see there)
+        self.checked: tuple | None = None
 
     def now(self) -> float:
         return self.sim.t * self.rate
@@ -321,6 +327,8 @@ class Sim:
         self.write_acked = 0        # the highest index of a client write acknowledged so far
         #: while a VoteRequest is handled: (voter id, request, whether the voter's lease held, its term)
         self._voting: tuple[int, Any, bool, int] | None = None
+        #: (term, candidate) -> the nodes that granted it their vote (sent, not necessarily received)
+        self.grants: dict[tuple[int, int], set[int]] = {}
         self.on_send: Callable[[int, int, Any], bool] | None = None  # manual-mode filter
         self.hold_flush: set[int] = set()                 # manual mode: these flush only on Sim.flush
         self.reads_done: dict[Any, C.RespondRead] = {}   # manual mode: completed reads
@@ -379,12 +387,14 @@ class Sim:
             self.steps += 1
             fn(*args)
 
-    def note(self, node_id: int | str, what: str, obj: Any = "") -> None:
+    def note(self, node_id: int | str, what: str | int, obj: Any = "") -> None:
         self.trace.append((self.t, node_id, what, obj))
 
     def format_trace(self, last: int = 30) -> str:
         lines = []
         for t, n, what, obj in list(self.trace)[-last:]:
+            if type(what) is int:
+                what = f"<-n{what}"
             lines.append(f"  {t:9.5f} n{n} {what} {obj}")
         return "\n".join(lines)
 
@@ -437,6 +447,7 @@ class Sim:
         n.engine = Engine(n.id, self.cfg, erng, n.now(), rs)
         n.seen_committed = None
         n.saved_committed = None
+        n.checked = None
         self.note(n.id, "boot", f"vote={n.d_vote} log={n.d_log.purged}..{n.d_log.last} committed={n.d_committed} "
                                 f"snapshot={n.sm_applied}")
         self.run_output(n)
@@ -548,11 +559,20 @@ class Sim:
                 self.stats["elections"] += 1
                 self.note(n.id, "LEADER", f"term {term} last={e.log.last}")
                 inv.on_leader(n.id, term, n.log)
+                if DIRECT_CHECKS:
+                    self._check_election(n, term)
                 if self.phase == "fault" and not self.manual and self.rng.random() < 0.2:
                     # buggify: a leader lost right after its election leaves entries of several
                     # terms half replicated -- the histories of the paper's Figure 8
                     self._at(self.rng.uniform(0.0, 0.03), self._depose, n.id, n.inc)
         c = e.committed
+        log = e.log
+        # Most outputs change none of what the checks below read: skip them then (the same objects,
+        # which are immutable; a flush or crash that changes the disk clears the key).
+        key = (c, e.applied, e.flushed, log.last, log.purged)
+        if key == n.checked:
+            return
+        n.checked = key
         ci = idx(c)
         if not idx(e.applied) <= ci <= e.log.last_index:
             inv.fail(f"node {n.id}: expected applied <= committed <= last log index, got "
@@ -572,6 +592,7 @@ class Sim:
     # ------------------------------------------------------------------ storage commands
 
     def _write_durable(self, n: SimNode, ops: list) -> None:
+        n.checked = None
         d = n.d_log
         for op in ops:
             kind = op[0]
@@ -697,6 +718,9 @@ class Sim:
             self.inv.fail(f"node {n.id}: SaveCommitted {lid} does not advance from {n.saved_committed}")
         n.d_committed = n.saved_committed = lid
         self.stats["commits"] += 1
+        e = n.engine
+        if DIRECT_CHECKS and e.state is LEADER and n.led_term == e.vote.term:
+            self._check_leader_commit(n, lid)
         leaders = [(m.id, m.engine.vote.term, m.log) for m in self.nodes.values()
                    if m.alive and m.engine.state is LEADER]
         self.inv.on_commit(n.id, n.engine.vote.term, lid, n.log,
@@ -731,7 +755,7 @@ class Sim:
         n = self.nodes[dst]
         if not n.alive or self._held(n, self._deliver, src, dst, msg, ctx, is_resp):
             return
-        self.note(dst, f"<-n{src}", msg)
+        self.note(dst, src, msg)  # (an int: "<-n{src}", formatted only when the trace is printed)
         e = n.engine
         e.advance_clock(n.now())
         if is_resp:
@@ -743,7 +767,7 @@ class Sim:
             p = e.progress.get(src) if e.state is LEADER else None
             before = p.matched if p is not None else None
             e.step(src, msg, None)
-            if p is not None and p.matched != before and p is e.progress.get(src):
+            if p is not None and p.matched is not before and p is e.progress.get(src):
                 self._check_ack(n, src, p.matched)
             self.run_output(n)
             if ctx is not None and n.alive:
@@ -771,6 +795,35 @@ class Sim:
             return True
         c = n.contact
         return c is not None and c[0] == e.vote.term and n.now() - c[1] < self.cfg.election_timeout[0]
+
+    def _check_election(self, n: SimNode, term: int) -> None:
+        """A new leader won a majority of every voter set of its configuration (both, when joint)."""
+        votes = self.grants.get((term, n.id), set()) | {n.id}
+        for cfg in n.engine.membership.membership.configs:
+            if len(votes & cfg) * 2 <= len(cfg):
+                self.inv.fail(f"node {n.id} leads term {term} with the votes of {sorted(votes)}, not a majority "
+                              f"of voter set {sorted(cfg)} of its configuration {_fmt_membership(n.engine.membership)}")
+
+    def _check_leader_commit(self, n: SimNode, lid: LogId) -> None:
+        """A leader commits by counting replicas only an entry of its own term (the paper's Figure 8),
+        held on the disks of a majority of every voter set of its configuration (both, when joint)."""
+        e = n.engine
+        term = e.vote.term
+        if lid.term != term:
+            self.inv.fail(f"leader {n.id} of term {term} commits {lid}, an entry of an earlier term, by counting "
+                          f"replicas (Figure 8: only an entry of the leader's term commits that way)")
+        h = n.log.hash_at(lid.index)
+        for cfg in e.membership.membership.configs:
+            holders = []
+            for v in cfg:
+                f = self.nodes.get(v)
+                d = f.d_log if f is not None else None
+                if d is not None and (d.hash_at(lid.index) == h or lid.index <= d.base
+                                      or (f.d_snap is not None and idx(f.d_snap.meta.last_log_id) >= lid.index)):
+                    holders.append(v)
+            if len(holders) * 2 <= len(cfg):
+                self.inv.fail(f"leader {n.id} commits {lid}, held on the disks of only {sorted(holders)} of voter "
+                              f"set {sorted(cfg)} of its configuration {_fmt_membership(e.membership)}")
 
     def _check_ack(self, n: SimNode, src: int, m: LogId | None) -> None:
         """A leader's view of what a follower holds: in the leader's log, and on the follower's disk."""
@@ -919,9 +972,11 @@ class Sim:
                     self.inv.fail(f"node {n.id} acknowledges {m.matched} to n{to} before it is on disk "
                                   f"(durable log {n.d_log.purged}..{n.d_log.last})")
         elif type(m) is VoteResponse:
-            if m.granted and not m.pre_vote and n.d_vote != Vote(m.term, to):
-                self.inv.fail(f"node {n.id} grants its vote in term {m.term} to n{to} "
-                              f"but its vote on disk is {n.d_vote}")
+            if m.granted and not m.pre_vote:
+                if n.d_vote != Vote(m.term, to):
+                    self.inv.fail(f"node {n.id} grants its vote in term {m.term} to n{to} "
+                                  f"but its vote on disk is {n.d_vote}")
+                self.grants.setdefault((m.term, to), set()).add(n.id)
             v = self._voting
             if m.granted and v is not None and v[0] == n.id and v[2] and not v[1].transfer and m.term > v[3]:
                 self.inv.fail(f"leader lease ignored: node {n.id} grants a {'pre-' if m.pre_vote else ''}vote "

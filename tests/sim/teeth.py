@@ -11,7 +11,8 @@ reverting.
 
 ``--no-direct-checks`` drops the harness's direct checks (a vote on disk
 before it is granted, entries on disk before they are acknowledged, a leader's
-view of a follower's log, the vote lease, transfers to caught-up targets),
+view of a follower's log, the election and commit quorums of every voter set,
+the Figure 8 rule, the vote lease, transfers to caught-up targets),
 leaving only the Figure 3 invariants: then a durability bug is caught only
 when a crash turns it into a safety violation.
 
