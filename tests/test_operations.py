@@ -41,10 +41,6 @@ from pyraft.types import Entry, EntryKind, LogId  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 
-needs_remove_learner = pytest.mark.skipif(not hasattr(Raft, "remove_learner"),
-                                          reason="Raft.remove_learner (the engine's part of issue 17) is not here yet")
-
-
 def run(main, *argv) -> tuple[int, str, str]:
     """A tool's main() in this process: (exit code, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
@@ -131,7 +127,6 @@ def test_health_over_a_cluster_list_reports_every_member(cluster, monkeypatch):
 # ---------------------------------------------------------------------------
 # removing members
 
-@needs_remove_learner
 def test_remove_learner_and_its_refusals(cluster):
     name = cluster.config.cluster_name
     home = cluster.addrs[1]
@@ -153,7 +148,6 @@ def test_remove_learner_and_its_refusals(cluster):
     assert 4 not in [m["id"] for m in json.loads(out)["members"]]
 
 
-@needs_remove_learner
 def test_a_removed_voter_goes_quiet(cluster):
     """The operator's view: after `remove`, the old voter stops campaigning; the cluster's term stays put."""
     name = cluster.config.cluster_name
