@@ -57,8 +57,8 @@ def test_stage_analysis_follows_the_first_acknowledgement():
     from pyraft.tools import stages
 
     lead = [(0, "write"), (10, "propose"), (20, "submit"), (30, "replicate"), (40, "send.done"), (45, "disk"),
-            (300, "disk.done"), (400, "resp_in"), (410, "resp"), (420, "commit"), (430, "apply"), (440, "result"),
-            (450, "write.done")]
+            (300, "disk.done"), (400, "resp_in"), (410, "resp"), (420, "commit"), (430, "apply"),
+            (434, "sm_commit"), (437, "sm_commit.done"), (440, "result"), (450, "write.done")]
     # follower 2 acknowledges first (reply_out at 330); follower 3 later (reply_out at 390)
     f2 = [(100, "frame_in"), (110, "rpc"), (120, "disk"), (320, "disk.done"), (330, "reply_out")]
     f3 = [(105, "frame_in"), (115, "rpc"), (125, "disk"), (380, "disk.done"), (390, "reply_out")]
@@ -73,8 +73,19 @@ def test_stage_analysis_follows_the_first_acknowledgement():
     assert res["writes"] == 1 and res["total"]["p50_us"] == 450
     assert got["follower LMDB commit (fsync)"] == 200  # follower 2's: 120..320
     assert got["network back, worker decodes"] == 70  # 330..400
+    assert got["state machine: LMDB commit"] == 3
     assert sum(got.values()) == 450
     assert res["leader_disk"]["p50_us"] == 255
+    # A state machine without an LMDB transaction (the floor): those stages are empty, the time goes on
+    with tempfile.TemporaryDirectory() as d:
+        for i, recs in ((1, [r for r in lead if not r[1].startswith("sm_commit")]), (2, f2), (3, f3)):
+            with open(paths[i].replace(os.path.dirname(paths[i]), d), "w") as f:
+                f.writelines(f"{t * 1000} {e}\n" for t, e in recs)
+        res = stages.analyze({i: p.replace(os.path.dirname(p), d) for i, p in paths.items()}, leader=1, skip=0)
+    got = {r["stage"]: r["p50_us"] for r in res["stages"]}
+    assert got["state machine: LMDB commit"] is None and got["complete the client's future"] is None
+    assert got["state machine: apply the entry (KV: its commands)"] == 10  # 430..440
+    assert sum(v for v in got.values() if v is not None) == 450
 
 
 @pytest.mark.parametrize("other", [["--mode", "client"], ["--follower-down", "kill"]])

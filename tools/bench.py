@@ -10,9 +10,10 @@ Usage (see ``docs/benchmarks.md`` for the results and how they were made)::
 Each node is its own process (``python -m pyraft.tools.bench node ...``): a
 :class:`~pyraft.Raft` with :class:`~pyraft.transports.zmq.ZmqTransport` on a
 free 127.0.0.1 port, :class:`~pyraft.stores.lmdb.LmdbLogStore` (fsync on unless
-``--no-fsync``) and a state machine (``--sm count``: a trivial in-memory
-counter, the like of PySyncObj's ``@replicated`` setter; ``--sm kv``:
-:class:`~pyraft.kv.KVStateMachine`), all in a temporary directory.  The
+``--no-fsync``) and a state machine (``--sm kv``, the default:
+:class:`~pyraft.kv.KVStateMachine`, what users embed; ``--sm floor``: the
+state-machine floor, an in-memory counter that costs next to nothing to apply,
+the like of PySyncObj's ``@replicated`` setter), all in a temporary directory.  The
 controller (this process) talks to each node over its stdin/stdout, one JSON
 object per line.  The load runs inside the leader's process
 (``client_write_async`` with ``--inflight`` writes kept in flight), or with
@@ -503,7 +504,10 @@ class Progress:
 
 
 # =====================================================================================
-# A trivial state machine: counts what it applies (the PySyncObj "@replicated setter")
+# The state-machine floor (--sm floor): counts what it applies (the PySyncObj "@replicated setter")
+
+#: --sm: the built-in KVStateMachine (default), or the floor (CountingStateMachine)
+SM_CHOICES = ("kv", "floor")
 
 class CountingStateMachine:
     """An in-memory :class:`~pyraft.storage.StateMachine` that counts entries and keeps the last command.
@@ -589,7 +593,7 @@ def node_main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="pyraft.tools.bench node")
     p.add_argument("--id", type=int, required=True)
     p.add_argument("--data-dir", required=True)
-    p.add_argument("--sm", choices=("count", "kv"), default="count")
+    p.add_argument("--sm", choices=SM_CHOICES, default="kv")
     p.add_argument("--no-fsync", action="store_true")
     p.add_argument("--cluster", default="bench")
     p.add_argument("--config", default="{}", help="JSON of pyraft.Config fields")
@@ -1179,8 +1183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="also measure one synchronous writer (latency of a lone write)")
     p.add_argument("--only-sync-writer", action="store_true", help="measure only the synchronous writer")
     p.add_argument("--no-fsync", action="store_true", help="LmdbLogStore(sync=False): NOT durable")
-    p.add_argument("--sm", choices=("count", "kv"), default="count",
-                   help="state machine: count (in-memory counter, like PySyncObj's) or kv (KVStateMachine, LMDB)")
+    p.add_argument("--sm", choices=SM_CHOICES, default="kv",
+                   help="state machine: kv (KVStateMachine, LMDB: the default) or floor (an in-memory counter "
+                        "that costs next to nothing to apply, like PySyncObj's setter: the state-machine floor)")
     p.add_argument("--mode", choices=("leader", "client"), default="leader",
                    help="leader: load generated in the leader's process; client: KVClient processes")
     p.add_argument("--clients", type=int, default=4, help="client processes for --mode client (default 4)")

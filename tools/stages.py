@@ -70,7 +70,29 @@ def install() -> None:
     _probe(core.RaftCore, "_handle", "resp", when=lambda a: a[1][0] == "resp")
     _probe(core.RaftCore, "_submit_apply", "commit")
     _probe(workers.SMWorker, "_apply", "apply")
+    _probe_sm_commit(lmdb_store.LmdbEnv)
     _probe(futures.ClientFuture, "set_result", "result")
+
+
+def _probe_sm_commit(env_cls: type) -> None:
+    """Mark where a state machine's LMDB write transaction (KVStateMachine's) ends its work and commits."""
+    write = env_cls.write
+    rec = _records.append
+
+    def probed(self: Any, fn: Callable[[Any], Any]) -> Any:
+        if self.what != "KV state machine":
+            return write(self, fn)
+
+        def work(txn: Any) -> Any:
+            out = fn(txn)
+            rec((_ns(), "sm_commit"))
+            return out
+
+        out = write(self, work)
+        rec((_ns(), "sm_commit.done"))
+        return out
+
+    env_cls.write = probed
 
 
 def dump(path: str) -> None:
@@ -103,9 +125,14 @@ STAGES: list[tuple[str, str, str, str, str]] = [
     ("worker -> RaftCore (hand-off)", "L", "resp_in", "L", "resp"),
     ("engine: count the ack, commit", "L", "resp", "L", "commit"),
     ("RaftCore -> SM worker (hand-off)", "L", "commit", "L", "apply"),
-    ("apply the entry", "L", "apply", "L", "result"),
+    ("state machine: apply the entry (KV: its commands)", "L", "apply", "L", "sm_commit"),
+    ("state machine: LMDB commit", "L", "sm_commit", "L", "sm_commit.done"),
+    ("complete the client's future", "L", "sm_commit.done", "L", "result"),
     ("SM worker -> client (hand-off)", "L", "result", "L", "write.done"),
 ]
+#: events only some state machines have (KVStateMachine's LMDB transaction): without them the
+#: stage that ends at the first one runs on to the next event there is, and the others have no samples
+OPTIONAL = {("L", "sm_commit"), ("L", "sm_commit.done")}
 
 
 def analyze(paths: dict[int, str], leader: int, skip: float = 0.2) -> dict[str, Any]:
@@ -149,10 +176,21 @@ def analyze(paths: dict[int, str], leader: int, skip: float = 0.2) -> dict[str, 
         f = min(outs)[1]
         # Walk the path: each stage ends at the first matching record after it began.
         marks: dict[tuple[str, str], int] = {("L", "write"): a}
+        absent: set[str] = set()
         complete = True
-        for _name, p0, e0, p1, e1 in STAGES:
+
+        def end(p1: str, e1: str, t0: int) -> int | None:
+            return b if (p1, e1) == ("L", "write.done") else first(leader if p1 == "L" else f, e1, t0, b)
+
+        for k, (name, p0, e0, p1, e1) in enumerate(STAGES):
             t0 = marks[(p0, e0)]
-            t1 = b if (p1, e1) == ("L", "write.done") else first(leader if p1 == "L" else f, e1, t0, b)
+            if (p0, e0) in OPTIONAL and t0 == marks.get(("absent", e0)):
+                absent.add(name)  # an earlier stage ran on past this one
+            t1 = end(p1, e1, t0)
+            if t1 is None and (p1, e1) in OPTIONAL:
+                later = next(s for s in STAGES[k + 1:] if (s[3], s[4]) not in OPTIONAL)
+                t1 = end(later[3], later[4], t0)
+                marks[("absent", e1)] = t1
             if t1 is None:
                 complete = False
                 break
@@ -160,7 +198,8 @@ def analyze(paths: dict[int, str], leader: int, skip: float = 0.2) -> dict[str, 
         if not complete:
             continue
         for name, p0, e0, p1, e1 in STAGES:
-            samples[name].append((marks[(p1, e1)] - marks[(p0, e0)]) / 1e3)
+            if name not in absent:
+                samples[name].append((marks[(p1, e1)] - marks[(p0, e0)]) / 1e3)
         d0 = first(leader, "disk", a, b)
         d1 = first(leader, "disk.done", d0, b) if d0 is not None else None
         if d1 is not None:
