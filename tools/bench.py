@@ -176,7 +176,11 @@ def disk_usage(path: str) -> dict[str, int]:
 
 
 class GcTimer:
-    """Time spent in the cyclic garbage collector, per generation (installed in node processes)."""
+    """CPU time spent in the cyclic garbage collector, per generation (installed in node processes).
+
+    CPU time of the collecting thread (it holds the GIL throughout): wall-clock
+    time would add whatever else ran on the machine meanwhile.
+    """
 
     def __init__(self) -> None:
         import gc
@@ -187,10 +191,10 @@ class GcTimer:
 
     def _cb(self, phase: str, info: dict) -> None:
         if phase == "start":
-            self._t0 = time.perf_counter()
+            self._t0 = time.thread_time()
         else:
             g = info.get("generation", 2)
-            self.seconds[g] += time.perf_counter() - self._t0
+            self.seconds[g] += time.thread_time() - self._t0
             self.count[g] += 1
 
     def snapshot(self) -> dict[str, Any]:
@@ -948,11 +952,15 @@ def run_pyraft(sc: Scenario, a: argparse.Namespace, progress: Progress) -> dict[
         res = _drive(leader, cluster.nodes, cmd, sc.label, progress, a.warmup + a.duration + 60)
         res["leader"] = lid
         res["gc_per_node"] = {}
-        for i, n in cluster.nodes.items():  # seconds in the garbage collector, whole run (wall clock)
+        res["gc_share_of_cpu"] = {}
+        for i, n in cluster.nodes.items():  # CPU seconds in the garbage collector, whole run
             try:
-                res["gc_per_node"][str(i)] = n.call(cmd="status", timeout=10)["gc"]
+                gc_now = res["gc_per_node"][str(i)] = n.call(cmd="status", timeout=10)["gc"]
             except RuntimeError:
-                pass
+                continue
+            cpu = cpu_seconds(n.pid)
+            if cpu:
+                res["gc_share_of_cpu"][str(i)] = round(sum(gc_now["seconds"]) / cpu, 3)
         for s in spies:
             s.wait(a.warmup + a.duration + 30)
         res["disk_bytes"] = {str(i): disk_usage(d)["allocated"] for i, d in cluster.data_dirs.items()}
@@ -1101,6 +1109,9 @@ def render_table(doc: dict[str, Any]) -> str:
         lines.append(f"{r['system']:<30}{r['payload']:>7}B{_fmt_rate(res.get('ops_per_s')):>11}"
                      f"{_fmt_ms(lat.get('p50_ms')):>9}{_fmt_ms(lat.get('p90_ms')):>9}{_fmt_ms(lat.get('p99_ms')):>9}"
                      f"{_fmt_ms(lat.get('max_ms')):>9}  {cpu:<16}{per_op_s:>10}  {disk_s}")
+        if res.get("gc_share_of_cpu"):
+            lines.append(f"{'':<30}{'':>8}  garbage collector, share of each node's CPU: " + " ".join(
+                f"{v:.0%}" for _k, v in sorted(res["gc_share_of_cpu"].items())))
         if res.get("rounds"):
             lines.append(f"{'':<30}{'':>8}  rounds: " + ", ".join(_fmt_rate(x) for x in res["rounds"])
                          + " (the median is shown)")
