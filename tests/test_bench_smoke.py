@@ -50,7 +50,7 @@ def test_bench_stages_lines_up_every_stage_of_a_lone_write(tmp_path):
         assert row["p50_us"] is not None and row["p50_us"] >= 0, row
     assert st["total"]["p50_us"] >= max(row["p50_us"] for row in st["stages"])
     assert st["leader_disk"]["p50_us"] > 0
-    assert all(v > 0 for v in doc["stage_floors"].values()) and len(doc["stage_floors"]) == 3
+    assert all(v > 0 for v in doc["stage_floors"].values()) and len(doc["stage_floors"]) == 4
 
 
 def test_stage_analysis_follows_the_first_acknowledgement():

@@ -9,7 +9,8 @@ and reports the median and p90 of every stage.
 
 :func:`floors` measures, on the same machine, what the slowest parts cost
 when nothing else runs: handing work from one Python thread to another, one
-ZeroMQ DEALER/ROUTER trip over loopback, and one durable LMDB commit.  The
+ZeroMQ DEALER/ROUTER trip over loopback, one durable LMDB commit, and one
+LMDB commit without fsync (what a state machine's apply commits).  The
 stage table next to the floors shows what bounds the latency.
 
 The probes cost about a microsecond each and exist only in benchmark node
@@ -301,12 +302,31 @@ def _lmdb_commit(n: int, tmpdir: str | None) -> float:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def _lmdb_commit_nosync(n: int, tmpdir: str | None) -> float:
+    """One small write transaction committed without fsync: what a state machine's apply commits."""
+    from pyraft.stores.lmdb import LmdbEnv
+
+    d = tempfile.mkdtemp(prefix="pyraft-floor-", dir=tmpdir)
+    env = LmdbEnv(d, "sm.lmdb", "sm.lock", what="floor", sync=False)
+    try:
+        took = []
+        for i in range(n):
+            t0 = _ns()
+            env.write(lambda txn: txn.put(i.to_bytes(8, "big"), b"x" * 40))
+            took.append(_ns() - t0)
+        return statistics.median(took) / 1e3
+    finally:
+        env.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def floors(tmpdir: str | None = None, n: int = 2000) -> dict[str, float]:
     """What the slow parts cost alone on this machine (microseconds, medians)."""
     return {
         "thread_hand_off_us": round(_thread_hop(n), 1),
         "zmq_one_way_us": round(_zmq_one_way(n), 1),
         "lmdb_commit_us": round(_lmdb_commit(min(n, 1000), tmpdir), 1),
+        "lmdb_commit_nosync_us": round(_lmdb_commit_nosync(min(n, 1000), tmpdir), 1),
     }
 
 
@@ -322,9 +342,16 @@ def render(result: dict[str, Any], fl: dict[str, float] | None) -> str:
     if fl:
         hops = sum(1 for name, *_ in STAGES if "hand-off" in name)
         floor = hops * fl["thread_hand_off_us"] + 2 * fl["zmq_one_way_us"] + fl["lmdb_commit_us"]
+        sm = next((r for r in result["stages"] if r["stage"] == "state machine: LMDB commit"), None)
+        sm_commit = sm is not None and sm["p50_us"] is not None and "lmdb_commit_nosync_us" in fl
+        if sm_commit:
+            floor += fl["lmdb_commit_nosync_us"]
         rows.append(f"floors on this machine, alone: thread hand-off {fl['thread_hand_off_us']} us, ZeroMQ one way "
-                    f"{fl['zmq_one_way_us']} us, LMDB commit {fl['lmdb_commit_us']} us; the path has {hops} "
-                    f"hand-offs, 2 network trips and 1 commit: {floor:.0f} us before any Raft work")
+                    f"{fl['zmq_one_way_us']} us, LMDB commit {fl['lmdb_commit_us']} us"
+                    + (f", without fsync {fl['lmdb_commit_nosync_us']} us" if "lmdb_commit_nosync_us" in fl else "")
+                    + f"; the path has {hops} hand-offs, 2 network trips and 1 commit"
+                    + (" (+ the state machine's, without fsync)" if sm_commit else "")
+                    + f": {floor:.0f} us before any Raft work")
     return "\n".join(rows)
 
 
