@@ -235,11 +235,12 @@ class Raft:
         if check is not None:
             check(command)
         try:
-            pack_fast(command)  # msgpack.packb, with a per-thread Packer
+            packed = pack_fast(command)  # msgpack.packb, with a per-thread Packer
         except (TypeError, ValueError, OverflowError) as e:
             raise RaftError(f"the command cannot be encoded with msgpack: {e}") from None
         fut: Future = new_future()  # a concurrent.futures.Future, cheaper to make (runtime/futures.py)
-        core.call(("write", command, fut))
+        # The bytes go along: RaftCore stores them as the entry's payload (no second pack on its thread).
+        core.call(("write", command, fut, packed))
         core.writes_accepted = next(core.write_tickets)
         return fut
 

@@ -28,7 +28,7 @@ from ..engine.core import Engine, RestoredState
 from ..errors import Fatal, ForwardToLeader, Overloaded, RaftError, ShutDown, StorageError
 from ..messages import InstallSnapshotResponse
 from ..metrics import RaftMetrics
-from ..codec import encode_entries
+from ..codec import encode_entries, normal_entry_prefix
 from ..types import EntryKind, LogId, ServerState, StoredMembership, log_index
 from .cache import EntryCache
 from .futures import fail, succeed
@@ -116,6 +116,8 @@ class RaftCore(threading.Thread):
         self.cache = EntryCache()
         #: entry tuples of this turn's AppendEntries that carry their encodings (codec.EncodedEntries)
         self._enc_hints: list = []
+        #: this turn's proposals: index of the first -> (term, the payloads as the clients packed them)
+        self._packed_runs: dict[int, tuple[int, list[bytes]]] = {}
         self.engine = Engine(node_id, config, rng or random.Random(), time.monotonic(),
                              restore_state(log_store, state_machine))
         # _closed: set (under _post_lock) when the core stops; post/call read it without the lock
@@ -359,6 +361,7 @@ class RaftCore(threading.Thread):
         if not log_ids:
             return
         first, top = log_ids[0].index, log_ids[-1].index
+        self._packed_runs[first] = (log_ids[0].term, [w[3] for w in writes])
         if pending and self._pending_top >= first:
             # Indexes this node proposed before (a leader again after losing entries): fail those.
             for lid, w in zip(log_ids, writes):
@@ -378,6 +381,7 @@ class RaftCore(threading.Thread):
             cmds = eng.take_output()
             if not cmds:
                 self._enc_hints.clear()
+                self._packed_runs.clear()
                 return
             self._execute(cmds)
 
@@ -397,7 +401,20 @@ class RaftCore(threading.Thread):
             self.cache.purge(upto)
 
     def _encodings(self, entries: list) -> list[bytes]:
-        """The stored encoding of each entry: from this turn's AppendEntries when they came with them."""
+        """The stored encoding of each entry: from this turn's AppendEntries when they came with them,
+        or from the payloads the clients packed when these are this turn's proposals."""
+        runs = self._packed_runs
+        if runs:
+            out: list[bytes] = []
+            n = len(entries)
+            while len(out) < n:
+                run = runs.get(entries[len(out)].index)
+                if run is None:
+                    break
+                prefix = normal_entry_prefix(run[0])
+                out += [prefix + p for p in run[1]]
+            if len(out) == n:
+                return out
         if self._enc_hints:
             known: dict[int, bytes] = {}
             for ents in self._enc_hints:  # alive until the turn ends, so id() is unambiguous
