@@ -93,3 +93,19 @@ def test_bench_stages_refuses_workloads_without_the_lone_writer(other):
     proc = subprocess.run([sys.executable, "-m", "pyraft.tools.bench", "--stages", *other],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--stages" in proc.stderr
+
+
+def test_the_race_table_shows_each_ratio_against_its_target():
+    from pyraft.tools import bench
+
+    runs = [{"system": system, "payload": p, "sync": False, "result": {"ops_per_s": rate}}
+            for p, rates in ((10, (90_000, 60_000, 40_000)), (1024, (50_000, 60_000, 20_000)))
+            for system, rate in zip(("pyraft", "pysyncobj-memory", "pysyncobj-journal"), rates)]
+    runs.append({"system": "pyraft sync-writer", "payload": 10, "sync": True,
+                 "result": {"latency": {"p50_ms": 0.7, "p99_ms": 2.0}}})
+    doc = {"sm": "kv", "no_fsync": False, "runs": runs, "ratios": bench.compute_ratios(runs)}
+    rows = bench.render_race(doc).splitlines()
+    assert "2.25x ok" in rows[2] and "1.50x ok" in rows[2]
+    assert "2.50x ok" in rows[3] and "0.83x BELOW" in rows[3]
+    assert "0.70 / 2.00" in rows[4] and rows[4].endswith("ok)")
+    assert bench.render_race({**doc, "runs": runs[:1]}) == ""  # no baseline in the run: no race table

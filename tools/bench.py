@@ -1126,6 +1126,10 @@ def render_table(doc: dict[str, Any]) -> str:
         for st in stage_tables:
             lines.append("")
             lines.append(stages.render(st, doc.get("stage_floors")))
+    summary = render_race(doc)
+    if summary:
+        lines.append("")
+        lines.append(summary)
     if doc.get("ratios"):
         lines.append("")
         lines.append("ratios (pyraft / other, same run):")
@@ -1143,6 +1147,43 @@ def render_table(doc: dict[str, Any]) -> str:
                          f"max {mb(fd['rss_max'])}; anonymous RSS max first half "
                          f"{mb(fd['rss_anon_first_half_max'])}, second half {mb(fd['rss_anon_second_half_max'])}")
     return "\n".join(lines)
+
+
+#: the race's targets: pyraft / PySyncObj throughput, and the lone writer's p50 and p99 in ms
+RACE_TARGETS = {"pysyncobj-journal": 2.0, "pysyncobj-memory": 1.0}
+LONE_WRITER_TARGET_MS = (0.8, 3.0)
+
+
+def render_race(doc: dict[str, Any]) -> str:
+    """The race against PySyncObj as one table (with --baseline pysyncobj): writes/s per payload and
+    the ratios of this run (the median of the rounds' ratios with --rounds), then the lone writer."""
+    rate = {(r["system"], r["payload"]): (r.get("result") or {}).get("ops_per_s") for r in doc["runs"]}
+    payloads = [p for (system, p) in rate if system == "pyraft"]
+    if not payloads or not any(("pysyncobj-journal", p) in rate for p in payloads):
+        return ""
+    ratios = doc.get("ratios") or {}
+    out = [f"the race: pyraft ({doc['sm']} state machine, fsync {'off' if doc['no_fsync'] else 'on'}) "
+           f"against PySyncObj, same run"]
+    out.append(f"  {'':<26}{'pyraft':>10}   {'PySyncObj journal, ratio':<23}{'PySyncObj memory, ratio':<23}")
+    for p in payloads:
+        cells = [f"{_fmt_rate(rate.get(('pyraft', p))):>10}"]
+        for other, target in RACE_TARGETS.items():
+            key = _ratio_key("pyraft", other, p)
+            ratio = ratios.get(key + " (median of rounds)", ratios.get(key))
+            verdict = "" if ratio is None else ("ok" if ratio >= target else "BELOW")
+            r_s = "-" if ratio is None else f"{ratio:.2f}x"
+            cells.append(f"{_fmt_rate(rate.get((other, p))):>10} {r_s:>6} {verdict:<5}")
+        out.append(f"  {f'writes/s, {p} B':<26}" + "".join(cells))
+    lone = next((r for r in doc["runs"] if r["system"] == "pyraft sync-writer"), None)
+    if lone is not None and "error" not in (lone.get("result") or {}):
+        lat = lone["result"]["latency"]
+        p50, p99 = lat.get("p50_ms"), lat.get("p99_ms")
+        ok = p50 is not None and p99 is not None and p50 <= LONE_WRITER_TARGET_MS[0] and p99 <= LONE_WRITER_TARGET_MS[1]
+        out.append(f"  {'lone writer p50 / p99 ms':<26}{_fmt_ms(p50):>10} / {_fmt_ms(p99)}  "
+                   f"(target <= {LONE_WRITER_TARGET_MS[0]} / {LONE_WRITER_TARGET_MS[1]}: {'ok' if ok else 'BELOW'})")
+    out.append(f"  targets: pyraft >= {RACE_TARGETS['pysyncobj-journal']}x PySyncObj with its journal, "
+               f">= {RACE_TARGETS['pysyncobj-memory']}x in memory")
+    return "\n".join(out)
 
 
 def _ratio_key(a: str, b: str, payload: int) -> str:
