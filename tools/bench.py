@@ -1164,7 +1164,8 @@ def render_race(doc: dict[str, Any]) -> str:
     ratios = doc.get("ratios") or {}
     out = [f"the race: pyraft ({doc['sm']} state machine, fsync {'off' if doc['no_fsync'] else 'on'}) "
            f"against PySyncObj, same run"]
-    out.append(f"  {'':<26}{'pyraft':>10}   {'PySyncObj journal, ratio':<23}{'PySyncObj memory, ratio':<23}")
+    out.append(f"  {'':<26}{'pyraft':>10}{'journal':>10}{'':13}{'memory':>10}   "
+               f"(PySyncObj's, each with pyraft's ratio to it)")
     for p in payloads:
         cells = [f"{_fmt_rate(rate.get(('pyraft', p))):>10}"]
         for other, target in RACE_TARGETS.items():
