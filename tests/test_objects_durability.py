@@ -145,7 +145,7 @@ def test_a_power_cut_after_kill_9_keeps_each_acknowledged_call_exactly_once(tmp_
     mount_mod = pytest.importorskip("powerloss.mount", reason="the power-loss filesystem (tests/powerloss/)")
     mount_mod.require_fuse()
     # ext4's rule (a sync makes the name changes before it durable): this test is about the
-    # objects' unsynced commits, not about directory fsyncs (docs/power-loss.md)
+    # objects' unsynced commits, not about directory fsyncs
     mount = mount_mod.LazyMount(str(tmp_path / "disk"), str(tmp_path / "mnt"), "ext4")
     try:
         data = os.path.join(mount.mountpoint, "node1")
