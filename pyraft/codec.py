@@ -328,6 +328,7 @@ def normal_entry_prefix(term: int) -> bytes:
 # __init__ (types.FAST_BUILD): that pays for the frame's container budget on the
 # AppendEntries path.
 
+
 def decode_entries(first_index: int, datas: Sequence[bytes], *, unpack_options: dict | None = None) -> list[Entry]:
     """``[decode_entry(first_index + k, d) for k, d in enumerate(datas)]``, with less work per entry.
 
