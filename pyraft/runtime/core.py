@@ -116,8 +116,8 @@ class RaftCore(threading.Thread):
         self.cache = EntryCache()
         #: entry tuples of this turn's AppendEntries that carry their encodings (codec.EncodedEntries)
         self._enc_hints: list = []
-        #: this turn's proposals: index of the first -> (term, the payloads as the clients packed them)
-        self._packed_runs: dict[int, tuple[int, list[bytes]]] = {}
+        #: this turn's proposals: index of the first -> (its LogIds, the payloads as the clients packed them)
+        self._packed_runs: dict[int, tuple[list[LogId], list[bytes]]] = {}
         self.engine = Engine(node_id, config, rng or random.Random(), time.monotonic(),
                              restore_state(log_store, state_machine))
         # _closed: set (under _post_lock) when the core stops; post/call read it without the lock
@@ -361,7 +361,7 @@ class RaftCore(threading.Thread):
         if not log_ids:
             return
         first, top = log_ids[0].index, log_ids[-1].index
-        self._packed_runs[first] = (log_ids[0].term, [w[3] for w in writes])
+        self._packed_runs[first] = (log_ids, [w[3] for w in writes])
         if pending and self._pending_top >= first:
             # Indexes this node proposed before (a leader again after losing entries): fail those.
             for lid, w in zip(log_ids, writes):
@@ -408,10 +408,14 @@ class RaftCore(threading.Thread):
             out: list[bytes] = []
             n = len(entries)
             while len(out) < n:
-                run = runs.get(entries[len(out)].index)
-                if run is None:
+                k = len(out)
+                run = runs.get(entries[k].index)
+                # The very entries proposed (not others at the same index: a new leader's,
+                # after this node stepped down and truncated in the same turn).
+                if run is None or k + len(run[0]) > n or entries[k].log_id is not run[0][0] \
+                        or entries[k + len(run[0]) - 1].log_id is not run[0][-1]:
                     break
-                prefix = normal_entry_prefix(run[0])
+                prefix = normal_entry_prefix(run[0][0].term)
                 out += [prefix + p for p in run[1]]
             if len(out) == n:
                 return out
