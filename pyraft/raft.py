@@ -8,6 +8,7 @@ back through a ``concurrent.futures.Future``.  Blocking calls take a
 from __future__ import annotations
 
 import concurrent.futures
+import inspect
 import logging
 import math
 import threading
@@ -24,7 +25,7 @@ from .errors import (ChangeMembershipError, Fatal, ForwardToLeader, InitializeEr
 from .metrics import ClientWriteResponse, RaftMetrics
 from .network import OP_ROLES, TRUSTED
 from .runtime.core import RaftCore
-from .runtime.futures import new_future
+from .runtime.futures import fail, new_future
 from .types import LogId, Node, ServerState, log_index
 
 log = logging.getLogger("pyraft")
@@ -101,11 +102,22 @@ class Raft:
         self._finisher_lock = threading.Lock()
         self._finisher: threading.Thread | None = None
         self.trigger = Trigger(self)
+        # Client writes that handlers make while the transport delivers one burst of requests
+        # (on the transport's thread): proposed together when the burst ends (_end_burst).
+        self._burst = _Burst()
+        start_kw: dict[str, Any] = {}
+        try:
+            self._bursts = "on_burst_end" in inspect.signature(transport.start).parameters
+        except (TypeError, ValueError):
+            self._bursts = False
+        if self._bursts:
+            start_kw["on_burst_end"] = self._end_burst
         self._core.start()
         try:
             # A transport that can no longer serve makes the node Fatal (visible in its
             # metrics and to every caller) rather than leave it running deaf.
-            transport.start(self._on_request, on_failure=lambda reason: self._core.post(("fatal", reason)))
+            transport.start(self._on_request, on_failure=lambda reason: self._core.post(("fatal", reason)),
+                            **start_kw)
         except BaseException:
             self.shutdown()
             raise
@@ -138,11 +150,35 @@ class Raft:
             reply.reply(error_response(PermissionDenied(
                 f"{msg.op!r} needs the {role} role; the caller's key has the {principal.role} role")))
             return
+        burst = self._burst
+        if burst.writes is None:
+            burst.writes = []
         try:
             handler(from_id, msg, reply)
         except Exception as e:  # noqa: BLE001 - a bad request never takes the node down
             log.warning("node %s: %r request failed: %s", self.node_id, msg.op, e)
             reply.reply(error_response(e))
+        if not self._bursts:
+            self._end_burst()
+
+    def _end_burst(self) -> None:
+        """The transport's thread, after a burst of requests: propose its client writes as one batch.
+
+        One inbox item for the lot, so RaftCore wakes once and proposes them
+        together, instead of once per request as they trickle in.
+        """
+        burst = self._burst
+        writes = burst.writes
+        burst.writes = None
+        if writes:
+            self._post_writes(writes)
+
+    def _post_writes(self, writes: list) -> None:
+        try:
+            self._core.call(("writes", writes))
+        except RaftError as e:  # ShutDown, Fatal: nobody will propose them
+            for w in writes:
+                fail(w[2], e)
 
     def _reply_metrics(self, _from_id: int, _msg: ClientRequest, reply: Any) -> None:
         reply.reply(ClientResponse(True, self.metrics().to_dict()))
@@ -239,14 +275,25 @@ class Raft:
         except (TypeError, ValueError, OverflowError) as e:
             raise RaftError(f"the command cannot be encoded with msgpack: {e}") from None
         fut: Future = new_future()  # a concurrent.futures.Future, cheaper to make (runtime/futures.py)
-        core.call(("write", command, fut))
+        batch = self._burst.writes
+        if batch is not None:  # a client handler on the transport's thread: proposed at the burst's end
+            if core._closed:
+                raise core.stopped_error()
+            batch.append(("write", command, fut))
+        else:
+            core.call(("write", command, fut))
         core.writes_accepted = next(core.write_tickets)
         return fut
 
     def client_write(self, command: Any, timeout: float | None = None) -> ClientWriteResponse:
         """Propose ``command`` and wait until it is committed and applied on this node."""
         _check_timeout(timeout)
-        return _result(self.client_write_async(command), timeout, "client_write")
+        fut = self.client_write_async(command)
+        burst = self._burst
+        if burst.writes:  # a handler that waits (it should not): propose what the burst has now
+            writes, burst.writes = burst.writes, []
+            self._post_writes(writes)
+        return _result(fut, timeout, "client_write")
 
     # ------------------------------------------------------------------ reads
 
@@ -427,6 +474,12 @@ class Raft:
     def __repr__(self) -> str:
         m = self._core.metrics
         return f"<Raft {self.node_id} {m.state} term={m.current_term} leader={m.current_leader}>"
+
+
+class _Burst(threading.local):
+    """Per thread: the client writes of the burst the transport is delivering on it (None: not in one)."""
+
+    writes: list | None = None
 
 
 def error_response(e: BaseException) -> ClientResponse:
