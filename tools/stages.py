@@ -66,7 +66,7 @@ def install() -> None:
     _probe(core.RaftCore, "_handle", "rpc", when=lambda a: a[1][0] == "rpc")
     _probe(lmdb_store.LmdbLogStore, "write", "disk", leave=True)
     _probe(zmq_transport.ZmqTransport, "_flush_replies", "reply_out", when=lambda a: bool(a[0]._outbox))
-    _probe(core.RaftCore, "post", "resp_in", when=lambda a: a[1][0] == "resp")
+    _probe(core.RaftCore, "post_reply", "resp_in")
     _probe(core.RaftCore, "_handle", "resp", when=lambda a: a[1][0] == "resp")
     _probe(core.RaftCore, "_submit_apply", "commit")
     _probe(workers.SMWorker, "_apply", "apply")
