@@ -1487,8 +1487,13 @@ class _Call:
         self.done = False
 
 
-class _Closed:
-    """The reply of a call cut short by :meth:`ZmqChannel.close`."""
+class _Failed:
+    """The reply of a call that could not be sent: the error it raises."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
 
 
 class ZmqChannel:
@@ -1530,7 +1535,7 @@ class ZmqChannel:
         # the thread holding the I/O role (_io), which it takes and leaves under _lock.
         self._lock = threading.Lock()
         self._calls: dict[int, _Call] = {}
-        self._outbox: list[tuple[str, bytes]] = []
+        self._outbox: list[tuple[int, str, bytes]] = []
         self._io: _Call | None = None  # the call whose thread holds the I/O role
         self._wake_pending = False
         self._closed = False
@@ -1556,7 +1561,7 @@ class ZmqChannel:
             if self._closed:
                 raise TransportError("channel is closed")
             self._calls[rid] = c
-            self._outbox.append((addr, data))
+            self._outbox.append((rid, addr, data))
             io = self._io is None
             if io:
                 self._io = c
@@ -1585,8 +1590,8 @@ class ZmqChannel:
 
     @staticmethod
     def _result(c: _Call, addr: str) -> Any:
-        if c.reply is _Closed:
-            raise TransportError("channel is closed")
+        if type(c.reply) is _Failed:
+            raise c.reply.error
         return c.reply
 
     def _wake(self) -> None:
@@ -1607,8 +1612,14 @@ class ZmqChannel:
                 if closed:
                     self._close_sockets()
                     return
-                for addr, data in out:
-                    self._send(addr, data)
+                failed = []
+                for rid, addr, data in out:
+                    try:
+                        self._send(addr, data)
+                    except TransportError as e:  # no socket for addr (a CURVE key missing): that call fails
+                        failed.append((rid, _Failed(e)))
+                if failed:
+                    self._complete(failed)
                 left = deadline - time.monotonic()
                 events = dict(self._poller.poll(_ms(left) if left > 0 else 0))
                 if self._wake_r.fileno() in events:
@@ -1639,9 +1650,7 @@ class ZmqChannel:
     def _send(self, addr: str, data: bytes) -> None:
         sock = self._socks.get(addr)
         if sock is None:
-            sock = self._open(addr)
-            if sock is None:
-                return  # cannot connect there: the call times out, the caller tries elsewhere
+            sock = self._open(addr)  # TransportError: the caller is told (see _drive)
         held = self._held.get(addr)
         if held:  # the first connection is not up yet: keep the order
             held.append(data)
@@ -1670,14 +1679,10 @@ class ZmqChannel:
         self._held.pop(addr, None)
         self._poller.modify(sock, zmq.POLLIN)
 
-    def _open(self, addr: str) -> zmq.Socket | None:
-        try:
-            key = self._server_key(addr) if self._server_key is not None else None
-            sock = _dealer(self._ctx, addr, hwm=self._hwm, max_frame_size=self._max_frame_size, heartbeat=1.0,
-                           reconnect_ivl=0.1, reconnect_ivl_max=1.0, keypair=self._keypair, server_key=key)
-        except TransportError as e:
-            log.warning("client: %s", e)
-            return None
+    def _open(self, addr: str) -> zmq.Socket:
+        key = self._server_key(addr) if self._server_key is not None else None
+        sock = _dealer(self._ctx, addr, hwm=self._hwm, max_frame_size=self._max_frame_size, heartbeat=1.0,
+                       reconnect_ivl=0.1, reconnect_ivl_max=1.0, keypair=self._keypair, server_key=key)
         self._socks[addr] = sock
         self._by_sock[sock] = addr
         self._poller.register(sock, zmq.POLLIN)
@@ -1746,7 +1751,7 @@ class ZmqChannel:
             self._closed = True
             for c in self._calls.values():
                 if c is not self._io:
-                    c.reply, c.done = _Closed, True
+                    c.reply, c.done = _Failed(TransportError("channel is closed")), True
                     c.waiter.release()
             self._calls = {c.rid: c for c in self._calls.values() if c is self._io}
             idle = self._io is None
