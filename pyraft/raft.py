@@ -299,7 +299,7 @@ class Raft:
 
     def ensure_linearizable_async(self) -> Future:
         """ReadIndex: the future gets the LogId the state machine has applied up to when the read is safe."""
-        fut: Future = Future()
+        fut: Future = new_future()  # one per client read, like a write's (runtime/futures.py)
         self._core.call(("read", fut))
         return fut
 
