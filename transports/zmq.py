@@ -1386,6 +1386,20 @@ class ZmqConnection:
         self.close()
 
 
+def _client_reply(parts: list[bytes], cluster_name: str, addr: Any) -> tuple[int, Any] | None:
+    """``(request id, message)`` of a reply a client's DEALER received; None (logged) for anything else."""
+    if len(parts) != 1:
+        return None
+    try:
+        frame = decode_message(parts[0], cluster_name)
+    except CodecError as e:
+        log.warning("client: dropped an invalid reply from %s: %s", addr, e)
+        return None
+    if isinstance(frame.message, _REQUEST_TYPES):
+        return None
+    return frame.request_id, frame.message
+
+
 class ZmqClient:
     """A blocking request/reply helper for tools and clients: one DEALER, one thread.
 
@@ -1442,16 +1456,10 @@ class ZmqClient:
                     parts = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     continue
-                if len(parts) != 1:
-                    continue
-                try:
-                    frame = decode_message(parts[0], self.cluster_name)
-                except CodecError as e:
-                    log.warning("client: dropped an invalid reply from %s: %s", self.addr, e)
-                    continue
-                if frame.request_id == rid and not isinstance(frame.message, _REQUEST_TYPES):
-                    return frame.message
-                continue  # a stale reply to an earlier call
+                got = _client_reply(parts, self.cluster_name, self.addr)
+                if got is not None and got[0] == rid:
+                    return got[1]
+                continue  # a stale reply to an earlier call, or not a reply
             if time.monotonic() >= deadline:
                 raise Timeout(f"no reply from {self.addr} within {timeout}s")
 
@@ -1695,15 +1703,9 @@ class ZmqChannel:
                 parts = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if len(parts) != 1:
-                continue
-            try:
-                frame = decode_message(parts[0], name)
-            except CodecError as e:
-                log.warning("client: dropped an invalid reply from %s: %s", self._by_sock.get(sock), e)
-                continue
-            if not isinstance(frame.message, _REQUEST_TYPES):
-                got.append((frame.request_id, frame.message))
+            reply = _client_reply(parts, name, self._by_sock.get(sock))
+            if reply is not None:
+                got.append(reply)
             # A lone caller's reply comes alone: asking EVENTS costs less than the exception
             # of a recv that finds nothing.
             if not sock.get(zmq.EVENTS) & _POLLIN:
