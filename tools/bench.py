@@ -860,12 +860,14 @@ def drive_clients(clients: list[NodeProc], servers: dict[Any, int], a: argparse.
         t0 = time.monotonic()
         time.sleep(a.warmup)
         cpu0 = {k: cpu_seconds(pid) for k, pid in servers.items()}
+        ccpu0 = [cpu_seconds(c.pid) for c in clients]
         sw0 = {k: thread_switches(pid, (thread_names or {}).get(k)) for k, pid in servers.items()}
         t1 = time.monotonic()
         while time.monotonic() < t1 + a.duration:
             progress.show(f"  {label}: {time.monotonic() - t0:5.1f}/{a.warmup + a.duration:.0f}s")
             time.sleep(0.25)
         cpu1 = {k: cpu_seconds(pid) for k, pid in servers.items()}
+        ccpu1 = [cpu_seconds(c.pid) for c in clients]
         sw1 = {k: thread_switches(pid, (thread_names or {}).get(k)) for k, pid in servers.items()}
         t2 = time.monotonic()
         results = [c.expect("result", 60 + a.duration) for c in clients]
@@ -889,6 +891,10 @@ def drive_clients(clients: list[NodeProc], servers: dict[Any, int], a: argparse.
         per = {k: round(v * 1e4 / res["ops_per_s"], 2) for k, v in res["cpu_percent"].items()}
         per["total"] = round(sum(per.values()), 1)
         res["cpu_us_per_op"] = per
+        # the client processes' own CPU (they share the machine with the servers)
+        spent = sum(b - a for a, b in zip(ccpu0, ccpu1) if a is not None and b is not None)
+        res["client_cpu_us_per_op"] = round(spent / (t2 - t1) * 1e6 / res["ops_per_s"], 1)
+        res["client_cpu_percent"] = round(spent / (t2 - t1) * 100, 1)
         # ops counts the clients' window; the switches are read over about the same window
         res["wakeups_per_op"] = {str(k): switches_per_op(sw0[k], sw1[k], ops) for k in sw0}
     return res

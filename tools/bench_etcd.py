@@ -20,8 +20,9 @@ like on a machine whose load drifts:
   a sequential writer (one thread: p50/p99 of a put); a linearizable read
   (one thread: p50 of a get, etcd's default consistency).  For each, the
   servers' CPU microseconds per operation (all three members, from
-  ``/proc/<pid>/stat`` over the measured window) and at the end the
-  servers' anonymous resident memory (``RssAnon``, all three).
+  ``/proc/<pid>/stat`` over the measured window), the client process's
+  own, and at the end the servers' anonymous resident memory (``RssAnon``,
+  all three).
 
 Nothing is installed here: without etcd or the ``etcd3`` package the
 comparison stops at once and says what is missing (:func:`missing`).
@@ -43,8 +44,7 @@ import time
 import urllib.request
 from typing import Any, Callable
 
-from .bench import (NodeProc, Progress, PyraftCluster, drive_clients, free_port, memory_info, start_clients,
-                    tail)
+from .bench import Progress, PyraftCluster, drive_clients, free_port, memory_info, start_clients, tail
 
 __all__ = ["EtcdCluster", "etcd_client", "find_etcd", "missing", "run", "render"]
 
@@ -302,8 +302,9 @@ def render(doc: dict[str, Any]) -> str:
              f"(grpcio {v.get('grpcio')}, protobuf {v.get('protobuf')}, pure-Python)",
              f"{doc['nodes']} members each on 127.0.0.1, fsync on for both; one client process per system "
              f"and row; warmup {doc['warmup']} s, measured {doc['duration']} s per row", "",
-             "| row | pyraft-kv | etcd | ratio | servers' CPU µs/op (pyraft-kv / etcd) |",
-             "|---|---|---|---|---|"]
+             "| row | pyraft-kv | etcd | ratio | servers' CPU µs/op (pyraft-kv / etcd) "
+             "| client's CPU µs/op (pyraft-kv / etcd) |",
+             "|---|---|---|---|---|---|"]
     rat = c.get("ratios", {})
     for r in c["rows"]:
         p, e = r.get("pyraft-kv", {}), r.get("etcd", {})
@@ -321,13 +322,15 @@ def render(doc: dict[str, Any]) -> str:
         ratio_s = "-" if ratio is None else f"{ratio}×" + ("" if met is None else (" ✓" if met else " ✗"))
         cpu = " / ".join("-" if "cpu_us_per_op" not in x else f"{x['cpu_us_per_op']['total']:,.0f}"
                          for x in (p, e))
-        lines.append(f"| {name} | {pc} | {ec} | {ratio_s} | {cpu} |")
+        ccpu = " / ".join("-" if "client_cpu_us_per_op" not in x else f"{x['client_cpu_us_per_op']:,.0f}"
+                          for x in (p, e))
+        lines.append(f"| {name} | {pc} | {ec} | {ratio_s} | {cpu} | {ccpu} |")
     mem = c.get("memory")
     if mem:
         mr = rat.get("servers' anonymous memory", {})
         lines.append(f"| servers' anonymous memory (3 members) | {_anon(mem['pyraft-kv']) / 2**20:,.0f} MiB | "
                      f"{_anon(mem['etcd']) / 2**20:,.0f} MiB | {mr.get('ratio')}×"
-                     f"{' ✓' if mr.get('met') else ' ✗'} | |")
+                     f"{' ✓' if mr.get('met') else ' ✗'} | | |")
     failed = [f"{r['kind']} {r['payload']}B x {r['threads']} {name}: {res.get('error') or res.get('first_error')}"
               for r in c["rows"] for name in ("pyraft-kv", "etcd") for res in [r.get(name, {})]
               if "error" in res or res.get("failed")]
