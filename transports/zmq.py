@@ -1578,7 +1578,15 @@ class ZmqChannel:
         if not io:
             if wake:
                 self._wake()
-            c.waiter.acquire(timeout=max(0.0, deadline - time.monotonic()))
+            try:
+                c.waiter.acquire(timeout=max(0.0, deadline - time.monotonic()))
+            except BaseException:  # KeyboardInterrupt in the wait: never strand the I/O role with us
+                with self._lock:
+                    self._calls.pop(rid, None)
+                    promoted = self._io is c
+                if promoted:
+                    self._pass_role(c)
+                raise
             with self._lock:
                 if not c.done and self._io is not c:
                     # Timed out, or cut short by close(): either way, no longer waited for.
