@@ -1532,8 +1532,8 @@ class ZmqChannel:
                  context: zmq.Context | None = None, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
                  hwm: int = 10_000):
         self.cluster_name = cluster_name
-        self._curve = curve
         self._keypair = curve.keypair() if curve is not None else None
+        #: ``server_key(addr)``: the CURVE public key of the server at ``addr`` (with ``curve``)
         self._server_key = server_key
         self._ctx = context or default_context()
         self._max_frame_size = max_frame_size
@@ -1547,7 +1547,7 @@ class ZmqChannel:
         self._io: _Call | None = None  # the call whose thread holds the I/O role
         self._wake_pending = False
         self._closed = False
-        # Owned by the I/O role: address -> DEALER, frames waiting for a first connection.
+        # Owned by the I/O role: address -> DEALER (and back), frames held while it is not connected.
         self._socks: dict[str, zmq.Socket] = {}
         self._by_sock: dict[zmq.Socket, str] = {}
         self._held: dict[str, collections.deque[bytes]] = {}
@@ -1595,17 +1595,17 @@ class ZmqChannel:
                         raise TransportError("channel is closed")
                     raise Timeout(f"no reply from {addr} within {timeout}s")
             if c.done:
-                return self._result(c, addr)
+                return self._result(c)
             # Promoted: this thread now holds the I/O role.
         self._drive(c, deadline)
         if c.done:
-            return self._result(c, addr)
+            return self._result(c)
         if self._closed:
             raise TransportError("channel is closed")
         raise Timeout(f"no reply from {addr} within {timeout}s")
 
     @staticmethod
-    def _result(c: _Call, addr: str) -> Any:
+    def _result(c: _Call) -> Any:
         if type(c.reply) is _Failed:
             raise c.reply.error
         return c.reply
