@@ -102,8 +102,8 @@ class Raft:
         self._finisher_lock = threading.Lock()
         self._finisher: threading.Thread | None = None
         self.trigger = Trigger(self)
-        # Client writes that handlers make while the transport delivers one burst of requests
-        # (on the transport's thread): proposed together when the burst ends (_end_burst).
+        # Client writes and reads that handlers make while the transport delivers one burst of
+        # requests (on the transport's thread): handed to RaftCore together when it ends (_end_burst).
         self._burst = _Burst()
         start_kw: dict[str, Any] = {}
         try:
@@ -151,8 +151,8 @@ class Raft:
                 f"{msg.op!r} needs the {role} role; the caller's key has the {principal.role} role")))
             return
         burst = self._burst
-        if burst.writes is None:
-            burst.writes = []
+        if burst.items is None:
+            burst.items = []
         try:
             handler(from_id, msg, reply)
         except Exception as e:  # noqa: BLE001 - a bad request never takes the node down
@@ -162,23 +162,24 @@ class Raft:
             self._end_burst()
 
     def _end_burst(self) -> None:
-        """The transport's thread, after a burst of requests: propose its client writes as one batch.
+        """The transport's thread, after a burst of requests: its client writes and reads go to RaftCore at once.
 
-        One inbox item for the lot, so RaftCore wakes once and proposes them
-        together, instead of once per request as they trickle in.
+        One inbox item for the lot, so RaftCore wakes once and proposes the
+        writes as one batch (the reads share a heartbeat round), instead of
+        once per request as they trickle in.
         """
         burst = self._burst
-        writes = burst.writes
-        burst.writes = None
-        if writes:
-            self._post_writes(writes)
+        items = burst.items
+        burst.items = None
+        if items:
+            self._post_burst(items)
 
-    def _post_writes(self, writes: list) -> None:
+    def _post_burst(self, items: list) -> None:
         try:
-            self._core.call(("writes", writes))
-        except RaftError as e:  # ShutDown, Fatal: nobody will propose them
-            for w in writes:
-                fail(w[2], e)
+            self._core.call(("burst", items))
+        except RaftError as e:  # ShutDown, Fatal: nobody will handle them
+            for it in items:
+                fail(it[-1], e)
 
     def _reply_metrics(self, _from_id: int, _msg: ClientRequest, reply: Any) -> None:
         reply.reply(ClientResponse(True, self.metrics().to_dict()))
@@ -275,7 +276,7 @@ class Raft:
         except (TypeError, ValueError, OverflowError) as e:
             raise RaftError(f"the command cannot be encoded with msgpack: {e}") from None
         fut: Future = new_future()  # a concurrent.futures.Future, cheaper to make (runtime/futures.py)
-        batch = self._burst.writes
+        batch = self._burst.items
         if batch is not None:  # a client handler on the transport's thread: proposed at the burst's end
             if core._closed:
                 raise core.stopped_error()
@@ -289,24 +290,37 @@ class Raft:
         """Propose ``command`` and wait until it is committed and applied on this node."""
         _check_timeout(timeout)
         fut = self.client_write_async(command)
-        burst = self._burst
-        if burst.writes:  # a handler that waits (it should not): propose what the burst has now
-            writes, burst.writes = burst.writes, []
-            self._post_writes(writes)
+        self._hand_over_burst()
         return _result(fut, timeout, "client_write")
+
+    def _hand_over_burst(self) -> None:
+        """Before a blocking call waits on the transport's thread (a handler should not block; one
+        that does must not wait for its own request, held until the burst ends): hand the burst over now."""
+        burst = self._burst
+        if burst.items:
+            items, burst.items = burst.items, []
+            self._post_burst(items)
 
     # ------------------------------------------------------------------ reads
 
     def ensure_linearizable_async(self) -> Future:
         """ReadIndex: the future gets the LogId the state machine has applied up to when the read is safe."""
         fut: Future = new_future()  # one per client read, like a write's (runtime/futures.py)
-        self._core.call(("read", fut))
+        batch = self._burst.items
+        if batch is not None:  # a client handler on the transport's thread: handed over at the burst's end
+            if self._core._closed:
+                raise self._core.stopped_error()
+            batch.append(("read", fut))
+        else:
+            self._core.call(("read", fut))
         return fut
 
     def ensure_linearizable(self, timeout: float | None = None) -> LogId:
         """Block until reading the local state machine is linearizable (ReadIndex)."""
         _check_timeout(timeout)
-        return _result(self.ensure_linearizable_async(), timeout, "ensure_linearizable")
+        fut = self.ensure_linearizable_async()
+        self._hand_over_burst()
+        return _result(fut, timeout, "ensure_linearizable")
 
     # ------------------------------------------------------------------ membership
 
@@ -477,9 +491,12 @@ class Raft:
 
 
 class _Burst(threading.local):
-    """Per thread: the client writes of the burst the transport is delivering on it (None: not in one)."""
+    """Per thread: the client writes and reads of the burst the transport is delivering on it (None: not in one).
 
-    writes: list | None = None
+    ``("write", command, future)`` and ``("read", future)``: RaftCore's inbox items, in arrival order.
+    """
+
+    items: list | None = None
 
 
 def error_response(e: BaseException) -> ClientResponse:

@@ -246,11 +246,18 @@ class RaftCore(threading.Thread):
                         writes.append(it)
                         if len(writes) < max_batch:
                             continue
-                    elif kind == "writes":  # a burst of client writes from the transport (Raft._end_burst)
-                        writes.extend(it[1])
-                        while len(writes) >= max_batch:
-                            batch, writes = writes[:max_batch], writes[max_batch:]
-                            self._propose(batch)
+                    elif kind == "burst":  # client writes and reads the transport delivered together
+                        for sub in it[1]:
+                            if sub[0] == "write":
+                                writes.append(sub)
+                                if len(writes) >= max_batch:
+                                    self._propose(writes)
+                                    writes = []
+                            else:  # a read: it follows the writes before it, as if posted alone
+                                if writes:
+                                    self._propose(writes)
+                                    writes = []
+                                self._handle(sub)
                         continue
                     if writes:
                         self._propose(writes)
@@ -703,9 +710,9 @@ class RaftCore(threading.Thread):
                 break
             if it[0] in ("write", "api"):
                 _fail(it[2], err)
-            elif it[0] == "writes":
-                for w in it[1]:
-                    _fail(w[2], err)
+            elif it[0] == "burst":
+                for sub in it[1]:
+                    _fail(sub[-1], err)
             elif it[0] == "read":
                 _fail(it[1], err)
         self._publish(ServerState.FATAL if self.fatal is not None else ServerState.SHUTDOWN)
