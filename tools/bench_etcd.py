@@ -337,3 +337,18 @@ def render(doc: dict[str, Any]) -> str:
     if failed:
         lines += ["", "errors:"] + [f"  {f}" for f in failed]
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pyraft.tools.bench_etcd``: says how to run the comparison and whether it can run here."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    asked = bool(argv) and argv[0] in ("-h", "--help")
+    why = missing()
+    print("usage: pyraft-bench --baseline etcd [--payload 10,1024] [--client-threads 64,256] [--duration S]\n"
+          f"(this module holds the etcd side of it; here: {why or 'etcd and etcd3 are installed'})",
+          file=sys.stdout if asked else sys.stderr)
+    return 0 if asked else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
