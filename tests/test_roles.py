@@ -90,12 +90,16 @@ def test_set_client_handler_checks_the_role():
 def test_each_role_gets_its_ops_and_permission_denied_beyond_them(kv_cluster):
     c = kv_cluster
     lead = c.leader().node_id
+    lease = c.rafts[lead].client_write({"op": "lease_grant", "ttl": 60}, timeout=10).result
     ops = {  # op -> (body, the role it needs)
         "metrics": (None, "reader"),
         "kv.status": (None, "reader"),
         "kv.get_stale": ({"key": "k"}, "reader"),
         "kv.get": ({"key": "k"}, "reader"),
+        "kv.range": ({"key": "", "prefix": True}, "reader"),
+        "kv.watch": ({"key": "k", "start_revision": 1, "wait": 0}, "reader"),
         "kv.write": ({"op": "put", "key": "k", "value": 1}, "client"),
+        "kv.lease_keepalive": ({"id": lease}, "client"),
         "admin.transfer_leader": ({"id": lead}, "admin"),  # to itself: answered at once
     }
     for principal in (READER, CLIENT, ADMIN, Principal("peer", 2, "p" * 40)):

@@ -26,7 +26,7 @@ from ..engine.commands import (AppendToLog, Apply, BuildSnapshot, InstallSnapsho
                                SendSnapshot, SendTimeoutNow, SendVote, STORAGE_COMMANDS, TruncateLog,
                                UpdateReplication)
 from ..engine.core import Engine, RestoredState
-from ..errors import Fatal, ForwardToLeader, Overloaded, RaftError, ShutDown
+from ..errors import Fatal, ForwardToLeader, Overloaded, RaftError, ShutDown, StorageError
 from ..messages import InstallSnapshotResponse
 from ..metrics import RaftMetrics
 from ..codec import encode_entries
@@ -51,6 +51,14 @@ def restore_state(log_store: Any, state_machine: Any) -> RestoredState:
     """Read what the stores hold into the engine's start-up state."""
     ls = log_store.log_state()
     applied, sm_membership = state_machine.applied_state()
+    if log_index(applied) < log_index(ls.last_purged):
+        # The entries in between are neither in the log nor in the state machine: applying
+        # on would skip them.  (A state machine that does not fsync what it applies must be
+        # durable up to every snapshot before the log is purged to it: see KVStateMachine.)
+        raise StorageError(f"the state machine has applied up to index {log_index(applied)} but the log is "
+                           f"purged up to {ls.last_purged}: entries {log_index(applied) + 1}.."
+                           f"{log_index(ls.last_purged)} are lost on this node; wipe its data directory "
+                           f"and let it catch up from the cluster")
     memberships: list[StoredMembership] = [sm_membership] if sm_membership is not None else []
     start = max(log_index(applied), log_index(ls.last_purged)) + 1
     last = log_index(ls.last_log_id)
