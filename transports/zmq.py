@@ -1488,9 +1488,9 @@ class _Call:
 
     def __init__(self, rid: int) -> None:
         self.rid = rid
-        # Held from birth; released once, by whoever completes the call or hands it the I/O role.
-        self.waiter = threading.Lock()
-        self.waiter.acquire()
+        #: made (held) by a caller that will wait; released once, by whoever completes the call or
+        #: hands it the I/O role.  None for the I/O thread's own call: nobody ever releases it.
+        self.waiter: Any = None
         self.reply: Any = None
         self.done = False
 
@@ -1573,8 +1573,11 @@ class ZmqChannel:
             io = self._io is None
             if io:
                 self._io = c
-            elif not self._wake_pending:
-                self._wake_pending = wake = True
+            else:
+                c.waiter = threading.Lock()
+                c.waiter.acquire()
+                if not self._wake_pending:
+                    self._wake_pending = wake = True
         if not io:
             if wake:
                 self._wake()
@@ -1714,8 +1717,9 @@ class ZmqChannel:
             reply = _client_reply(parts, name, self._by_sock.get(sock))
             if reply is not None:
                 got.append(reply)
-            # A lone caller's reply comes alone: asking EVENTS costs less than the exception
-            # of a recv that finds nothing.
+                if len(self._calls) <= 1:
+                    return  # a lone caller's reply: nothing else is awaited (the poll is level-triggered)
+            # Asking EVENTS costs less than the exception of a recv that finds nothing.
             if not sock.get(zmq.EVENTS) & _POLLIN:
                 return
 
