@@ -10,7 +10,6 @@ import pytest
 
 from pyraft.codec import ClientRequest, ClientResponse
 from pyraft.errors import Timeout
-from pyraft.kv import KVClient
 from pyraft.transports.zmq import ZmqChannel, ZmqClient, ZmqTransport
 
 from memcluster import pyraft_threads, wait_until
@@ -414,4 +413,3 @@ def test_kvclient_lone_writer_uses_no_extra_thread(mcluster):
         for i in range(10):
             kv.put("a", i)
         assert {t.name for t in threading.enumerate()} == names
-        assert isinstance(kv, KVClient)
