@@ -10,6 +10,7 @@ the network commands of that turn executed.  Ticks come from the inbox's
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import queue
@@ -88,6 +89,9 @@ class RaftCore(threading.Thread):
         self.transport = transport
         self.log_store = log_store
         self.state_machine = state_machine
+        #: ``with core.replies_held():`` around completing many client futures in a row: their
+        #: replies leave together (ZmqTransport.replies_held), when the transport offers it
+        self.replies_held = getattr(transport, "replies_held", None) or contextlib.nullcontext
         self.inbox = Inbox()
         # What peers can put in the inbox is bounded (inbox.py): their requests, and
         # the replies to this node's requests, each in its own lane so that a flood
@@ -252,6 +256,19 @@ class RaftCore(threading.Thread):
                         writes.append(it)
                         if len(writes) < max_batch:
                             continue
+                    elif kind == "burst":  # client writes and reads the transport delivered together
+                        for sub in it[1]:
+                            if sub[0] == "write":
+                                writes.append(sub)
+                                if len(writes) >= max_batch:
+                                    self._propose(writes)
+                                    writes = []
+                            else:  # a read: it follows the writes before it, as if posted alone
+                                if writes:
+                                    self._propose(writes)
+                                    writes = []
+                                self._handle(sub)
+                        continue
                     if writes:
                         self._propose(writes)
                         writes = []
@@ -308,7 +325,9 @@ class RaftCore(threading.Thread):
         elif kind == "applied":
             self._applied = it[1]
             eng.on_applied(it[1])
-            self._release_reads()
+            if self._read_waiters:
+                with self.replies_held():
+                    self._release_reads()
             self._trim_cache(it[1].index)
         elif kind == "api":
             fn, fut = it[1], it[2]
@@ -492,6 +511,7 @@ class RaftCore(threading.Thread):
                 if type(c) is Respond:
                     c.token.reply(c.message)
             replied = True
+        reads: list[RespondRead] = []
         for c in cmds:
             t = type(c)
             if t is Replicate or t is SendSnapshot:
@@ -516,13 +536,17 @@ class RaftCore(threading.Thread):
             elif t is UpdateReplication:
                 self._update_workers(c)
             elif t is RespondRead:
-                self._on_read_ready(c)
+                reads.append(c)
             elif t is BuildSnapshot:
                 self._to_sm_worker(("build",))
             elif t is ReceiveSnapshotChunk:
                 self._to_sm_worker(("chunk", c.request))
             elif t is InstallSnapshot:
                 self._to_sm_worker(("install", c.meta, c.token))
+        if reads:  # the reads confirmed together are answered together (replies_held)
+            with self.replies_held():
+                for c in reads:
+                    self._on_read_ready(c)
 
     def _send_replication(self, cmds: list) -> None:
         workers = self.workers
@@ -715,6 +739,9 @@ class RaftCore(threading.Thread):
                 break
             if it[0] in ("write", "api"):
                 _fail(it[2], err)
+            elif it[0] == "burst":
+                for sub in it[1]:  # ("write", command, future, packed) or ("read", future)
+                    _fail(sub[2] if sub[0] == "write" else sub[1], err)
             elif it[0] == "read":
                 _fail(it[1], err)
         self._publish(ServerState.FATAL if self.fatal is not None else ServerState.SHUTDOWN)
