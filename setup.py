@@ -36,8 +36,8 @@ setup(
     package_data={"pyraft": ["py.typed"]},
     install_requires=["pyzmq>=25", "lmdb>=1.4", "msgpack>=1.0"],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "prometheus_client>=0.16"],
-        "bench": ["pysyncobj"],
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "prometheus_client>=0.16", "etcd3>=0.12"],
+        "bench": ["pysyncobj", "etcd3>=0.12"],
     },
     entry_points={"console_scripts": [
         "pyraft-inspect = pyraft.tools.inspect:main",

@@ -91,8 +91,8 @@ class FaultCluster(LocalCluster):
     def fault_file(self, i: int) -> str:
         return os.path.join(self.base_dir, f"node{i}.faults.json")
 
-    def argv(self, i: int, init: bool = False) -> list[str]:
-        return super().argv(i, init) + ["--fault-control", self.fault_file(i)]
+    def argv(self, i: int, init: bool = False, extra: Sequence[str] = ()) -> list[str]:
+        return super().argv(i, init, ["--fault-control", self.fault_file(i), *extra])
 
     def _write_faults(self, i: int) -> None:
         write_fault_file(self.fault_file(i), sorted(self.network[i]), self.disk[i],
