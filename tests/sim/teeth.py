@@ -323,7 +323,8 @@ def main() -> None:
         first = fails[0] if fails else None
         if a.markdown:
             what = first[1].split(":")[0] + ": " + first[1].split(":", 1)[1].strip()[:70] if first else "-"
-            print(f"| `{name}` | {len(fails)}/{len(seeds)} ({100 * len(fails) / max(1, len(seeds)):.1f}%) "
+            print(f"| `{name}`: {MUTANTS[name][0]} "
+                  f"| {len(fails)}/{len(seeds)} ({100 * len(fails) / max(1, len(seeds)):.1f}%) "
                   f"| {first[0] if first else '-'} | {what.replace('|', '/')} "
                   f"| {', '.join(map(str, pinned)) or '-'} | {len(tests)} |", flush=True)
             continue
