@@ -74,6 +74,7 @@ bytes big-endian).
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
 import threading
@@ -97,6 +98,8 @@ from .base import (NotAttached, ReplicatedMethod, ReplicatedObject, VersionMisma
                    outcome_to_wire)
 
 __all__ = ["ObjectStateMachine", "OBJECTS_ENV_NAME", "OBJECTS_LOCK_NAME", "OBJECTS_BOOT_NAME", "OBJECTS_SNAPSHOT_DIR"]
+
+log = logging.getLogger("pyraft.objects")
 
 FORMAT_VERSION = 1
 SNAPSHOT_VERSION = 1
