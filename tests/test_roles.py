@@ -14,7 +14,7 @@ from pyraft.errors import PermissionDenied
 from pyraft.kv.server import serve_kv
 from pyraft.messages import AppendEntriesRequest, VoteRequest
 from pyraft.network import TRUSTED, Principal, raft_sender_refusal
-from pyraft.objects import ObjectStateMachine, ReplCounter
+from pyraft.objects import ObjectStateMachine, ReplCounter, VersionMismatch
 from pyraft.stores.memory import MemoryLogStore
 from pyraft.types import LogId
 
@@ -175,7 +175,11 @@ def test_peers_forward_object_calls_with_client_rights_and_a_reader_key_fails_at
         assert leader.node_id in (1, 2)
         other = 3 - leader.node_id
         rafts[other].wait(10).current_leader(leader.node_id)
-        assert objs[other].inc(timeout=10) == 1  # forwarded to the leader with a peer's (client) rights
+        # Forwarded to the leader with a peer's (client) rights, proposed and applied; it runs
+        # nowhere only because node 3, whose reader key can announce nothing, is a member that has
+        # not announced its versions (a call runs once every member has: docs/objects.md).
+        with pytest.raises(VersionMismatch, match="have not announced"):
+            objs[other].inc(timeout=10)
         rafts[3].wait(10).current_leader(leader.node_id)
         with pytest.raises(PermissionDenied):
             objs[3].inc(timeout=10)
