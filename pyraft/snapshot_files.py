@@ -24,6 +24,7 @@ import msgpack
 
 from .codec import pack, snapshot_meta_from_wire, snapshot_meta_to_wire, unpack
 from .errors import CodecError, StorageError
+from .stores.lmdb import make_dirs
 from .types import SnapshotMeta, log_index
 
 CHUNK = 1 << 20
@@ -116,10 +117,15 @@ def read_records(f: BinaryIO, magic: bytes, version: int, meta: SnapshotMeta, en
         raise StorageError("snapshot file checksum mismatch")
 
 
+def _private(path: str, flags: int) -> int:
+    """``open()``'s opener for snapshot files: created 0600, as they hold all the data."""
+    return os.open(path, flags, 0o600)
+
+
 @contextmanager
 def durable(path: str) -> Iterator[BinaryIO]:
-    """``path`` opened for writing; flushed and fsynced when the block ends without an error."""
-    with open(path, "wb", buffering=CHUNK) as f:
+    """``path`` (created 0600) opened for writing; flushed and fsynced when the block ends without an error."""
+    with open(path, "wb", buffering=CHUNK, opener=_private) as f:
         yield f
         f.flush()
         os.fsync(f.fileno())
@@ -151,7 +157,7 @@ class SnapshotDir:
     """A state machine's snapshot directory (created if absent); ``suffix`` ends its snapshot file names."""
 
     def __init__(self, path: str, suffix: str) -> None:
-        os.makedirs(path, exist_ok=True)
+        make_dirs(path, "snapshot directory")  # 0700, its name durable before a snapshot goes in
         self.path = path
         self.suffix = suffix
         self._receiving: list[str] = []  # .tmp files handed out by begin_receiving (SM thread only)
@@ -202,7 +208,7 @@ class SnapshotDir:
             unlink_quietly(old)
         path = self.tmp_path("recv")
         self._receiving = [path]
-        return open(path, "w+b")
+        return open(path, "w+b", opener=_private)
 
     def forget_received(self, name: Any) -> bool:
         """True when ``name`` is the file :meth:`begin_receiving` handed out; the caller disposes of it."""
