@@ -84,3 +84,21 @@ def test_data_directories_and_files_are_private(tmp_path):
             assert os.stat(os.path.join(root, d)).st_mode & 0o777 == 0o700, os.path.join(root, d)
         for f in files:
             assert os.stat(os.path.join(root, f)).st_mode & 0o777 == 0o600, os.path.join(root, f)
+
+
+# ---------------------------------------------------------------------------
+# A short power-loss run (the long ones: python -m pyraft.tools.faults --nemesis all,power)
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_power_losses_of_one_node_a_minority_and_the_whole_cluster(tmp_path):
+    from faults.runner import POWER_NEMESES, RunConfig, run
+
+    require_fuse()
+    cfg = RunConfig(base_dir=str(tmp_path / "run"), nemeses=POWER_NEMESES, duration=20, seed=SEED,
+                    lazyfs="strict", first_faults=("power-all",))
+    result = run(cfg)
+    print(result.summary())
+    assert result.ok, result.summary()
+    assert result.ops["ok"] > 100 and result.faults["power-all"] >= 1, result.summary()
+    assert result.forgotten["cuts"] >= 3, result.summary()

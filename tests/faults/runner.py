@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -49,16 +50,21 @@ from pyraft.checker import Op, check_history
 from pyraft.errors import RaftError
 from pyraft.kv import KVClient, KVCommandError
 
-from .nemesis import NEMESES, FaultCluster, Scheduler, parse_nemeses
+from .nemesis import NEMESES, POWER_NEMESES, FaultCluster, Scheduler, parse_nemeses
 
-__all__ = ["RunConfig", "RunResult", "run", "run_with_signals", "parse_nemeses", "NEMESES", "RAFT_CONFIG",
-           "check_logs", "check_acknowledged", "compare_state_machines", "History", "Keyspace", "LogAuditor", "scan_node_logs",
+__all__ = ["RunConfig", "RunResult", "run", "run_with_signals", "parse_nemeses", "NEMESES", "POWER_NEMESES",
+           "RAFT_CONFIG", "POWER_CONFIG", "check_logs", "check_acknowledged", "check_election_safety",
+           "check_snapshot_files", "compare_state_machines", "History", "Keyspace", "LogAuditor", "scan_node_logs",
            "varied_config"]
 
 #: Node settings for fault runs on a busy machine: quick but not twitchy elections, and
 #: snapshots (with short logs behind them) often enough that catching up uses them.
 RAFT_CONFIG = {"heartbeat_interval": 0.05, "election_timeout": [0.3, 0.6], "rpc_timeout": 0.5,
                "snapshot_every": 1000, "max_in_snapshot_log_to_keep": 500}
+
+#: The same for runs with power losses: snapshots every few hundred entries, so that many
+#: cuts find a node with a fresh snapshot file (whose bytes must have been synced).
+POWER_CONFIG = {**RAFT_CONFIG, "snapshot_every": 300, "max_in_snapshot_log_to_keep": 100}
 
 
 def varied_config(seed: int) -> dict:
@@ -103,6 +109,20 @@ class RunConfig:
     verbose: bool = True
     log: Callable[[str], None] | None = None
     check_timeout: float = 600.0
+    #: The nodes' data on lazy filesystems that lose power ("strict" or "ext4": the rule that makes
+    #: names durable, see tests/powerloss/); None: on the machine's own disk.  The power nemeses need it.
+    lazyfs: str | None = None
+    #: Run the nodes with this durability bug patched in (tests/faults/mutants.py); None: as shipped.
+    mutant: str | None = None
+    #: Faults run first, one at a time and in this order, before the random schedule.
+    first_faults: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if any(k in POWER_NEMESES for k in self.nemeses):
+            if self.lazyfs is None:
+                self.lazyfs = "strict"
+            if self.raft_config == RAFT_CONFIG:
+                self.raft_config = dict(POWER_CONFIG)
 
 
 @dataclass
@@ -123,6 +143,7 @@ class RunResult:
     keys: int = 0
     elapsed: float = 0.0
     ok_after_heal: int = 0
+    forgotten: Counter = field(default_factory=Counter)  # power cuts: cuts, bytes, names forgotten
 
     @property
     def ok(self) -> bool:
@@ -145,10 +166,14 @@ class RunResult:
         faults = ", ".join(f"{k} {v}" for k, v in sorted(self.faults.items())) or "none"
         lin = {True: "yes", False: "NO", None: "unknown"}[self.linearizable]
         verdict = "PASS" if self.ok else "FAIL"
-        varied = " config=varied" if c.raft_config != RAFT_CONFIG else ""
-        line = (f"pyraft-faults seed={c.seed} nodes={c.nodes} duration={c.duration:g}s{varied} "
+        varied = "" if c.raft_config in (RAFT_CONFIG, POWER_CONFIG) else " config=varied"
+        disk = f" lazyfs={c.lazyfs}" if c.lazyfs else ""
+        mutant = f" mutant={c.mutant}" if c.mutant else ""
+        power = (f"power cuts {self.forgotten['cuts']} (forgot {self.forgotten['bytes']} unsynced bytes, "
+                 f"{self.forgotten['names']} name changes); " if c.lazyfs else "")
+        line = (f"pyraft-faults seed={c.seed} nodes={c.nodes} duration={c.duration:g}s{varied}{disk}{mutant} "
                 f"nemeses={','.join(c.nemeses)}: ops {self.ops['ok']} ok / {self.ops['failed']} failed / "
-                f"{self.ops['indeterminate']} indeterminate; faults {sum(self.faults.values())} ({faults}); "
+                f"{self.ops['indeterminate']} indeterminate; faults {sum(self.faults.values())} ({faults}); {power}"
                 f"linearizable {lin} ({self.keys} keys); lost writes {len(self.lost_writes)}; "
                 f"logs {'agree' if not self.log_problems else 'DIFFER'} (commit {self.commit_index}, "
                 f"{self.audited} entries audited); "
@@ -358,37 +383,41 @@ class LogAuditor:
             self.audit_once()
 
     def audit_once(self) -> None:
-        from pyraft.kv import KVStateMachine
-        from pyraft.stores.lmdb import LmdbLogStore
         for i in self.cluster.ids:
             if len(self.problems) > 20:
                 return
             try:
-                with KVStateMachine.open_readonly(self.cluster.data_dir(i)) as kvr:
-                    applied = kvr.state()[0]
-                with LmdbLogStore.open_readonly(self.cluster.data_dir(i)) as r, r.view() as v:
-                    meta = v.meta
-                    first = v.first_index() or 0
-                    points = [x for x in (meta.committed, applied) if x is not None]
-                    upto = 0
-                    for lid in points:
-                        got = next(v.iter_entries(lid.index), None)
-                        if got is not None and got.index == lid.index and got.term == lid.term:
-                            upto = max(upto, lid.index)
-                    start = self.read_upto[i] + 1
-                    if upto < start:
-                        continue
-                    if first > start:
-                        self.missed += first - start
-                        start = first
-                    for e in v.iter_entries(start):
-                        if e.index > upto:
-                            break
-                        self._check(i, e.index, (e.term, e.kind, e.payload))
-                    self.read_upto[i] = upto
+                with self.cluster.reading(i):  # not across a power cut of the node
+                    self._audit_node(i)
             except Exception as e:  # noqa: BLE001 - a node being created or restarted; next time
                 if "no LMDB environment" not in str(e):
                     self.problems.append(f"auditor: node {i}: cannot read its stores: {type(e).__name__}: {e}")
+
+    def _audit_node(self, i: int) -> None:
+        from pyraft.kv import KVStateMachine
+        from pyraft.stores.lmdb import LmdbLogStore
+        with KVStateMachine.open_readonly(self.cluster.data_dir(i)) as kvr:
+            applied = kvr.state()[0]
+        with LmdbLogStore.open_readonly(self.cluster.data_dir(i)) as r, r.view() as v:
+            meta = v.meta
+            first = v.first_index() or 0
+            points = [x for x in (meta.committed, applied) if x is not None]
+            upto = 0
+            for lid in points:
+                got = next(v.iter_entries(lid.index), None)
+                if got is not None and got.index == lid.index and got.term == lid.term:
+                    upto = max(upto, lid.index)
+            start = self.read_upto[i] + 1
+            if upto < start:
+                return
+            if first > start:
+                self.missed += first - start
+                start = first
+            for e in v.iter_entries(start):
+                if e.index > upto:
+                    break
+                self._check(i, e.index, (e.term, e.kind, e.payload))
+            self.read_upto[i] = upto
 
     def _check(self, node: int, index: int, entry: tuple) -> None:
         self.checked += 1
@@ -477,6 +506,45 @@ def compare_state_machines(cluster: FaultCluster, final: dict[Any, Any]) -> tupl
     return problems, applied
 
 
+_LEADER_LINE = re.compile(r"node (\d+): Leader in term (\d+),")
+
+
+def check_election_safety(paths: dict[int, str]) -> list[str]:
+    """Election Safety over the whole run: at most one node became leader in any term (from the nodes' logs).
+
+    A node that forgot a vote it had granted (or the term it was in) may vote
+    twice in one term, and two leaders of one term can then both commit.
+    """
+    leaders: dict[int, set[int]] = defaultdict(set)
+    for i, path in sorted(paths.items()):
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    m = _LEADER_LINE.search(line)
+                    if m:
+                        leaders[int(m.group(2))].add(int(m.group(1)))
+        except OSError:
+            continue
+    return [f"Election Safety: nodes {sorted(ids)} were all leader in term {term}"
+            for term, ids in sorted(leaders.items()) if len(ids) > 1]
+
+
+def check_snapshot_files(cluster: FaultCluster) -> list[str]:
+    """Every node's current snapshot file (the one its state machine points at) exists and reads back whole."""
+    from pyraft.kv import KVStateMachine
+    from pyraft.kv.statemachine import KVReader
+    problems = []
+    for i in cluster.ids:
+        try:
+            with KVStateMachine.open_readonly(cluster.data_dir(i)) as r:
+                st = r.status()
+            if st.snapshot is not None:
+                KVReader.check_snapshot_file(st.snapshot_file, st.snapshot)
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"node {i}: its current snapshot is unreadable: {type(e).__name__}: {e}")
+    return problems
+
+
 # ---------------------------------------------------------------------------
 # One run
 
@@ -486,6 +554,27 @@ def _say(cfg: RunConfig) -> Callable[[str], None]:
     if cfg.verbose:
         return lambda s: print(s, flush=True)
     return lambda s: None
+
+
+def _most_applied_state(cluster: FaultCluster, keys: list[Any], problems: list[str]) -> dict[Any, Any]:
+    """Each of ``keys``' value (None: absent) in the state machine of the node that applied the most (read offline)."""
+    from pyraft.kv import KVStateMachine
+    best: tuple[int, int, dict] | None = None
+    for i in cluster.ids:
+        try:
+            with KVStateMachine.open_readonly(cluster.data_dir(i)) as r:
+                lid, items = r.state()[0], dict(r.items())
+        except Exception:  # noqa: BLE001 - compare_state_machines reports it
+            continue
+        applied = lid.index if lid else 0
+        if best is None or applied > best[0]:
+            best = (applied, i, items)
+    if best is None:
+        problems.append("the cluster did not serve after healing and no node's state machine could be read")
+        return {}
+    problems.append(f"the cluster did not serve after healing: acknowledged writes judged by node {best[1]}'s "
+                    f"state machine (applied index {best[0]})")
+    return {k: best[2].get(k) for k in keys}
 
 
 def _applied(cluster: FaultCluster, i: int) -> int:
@@ -520,7 +609,11 @@ def run(cfg: RunConfig) -> RunResult:
         log(f"pyraft-faults: seed {cfg.seed}, {cfg.nodes} nodes, {cfg.duration:g} s of "
             f"{','.join(cfg.nemeses)}, {cfg.clients} clients; run directory {base}")
         log(f"node config: {json.dumps(cfg.raft_config, sort_keys=True)}")
-        cluster = FaultCluster(os.path.join(base, "cluster"), cfg.nodes, config=cfg.raft_config, log_level="INFO")
+        if cfg.lazyfs:
+            log(f"node data on lazy filesystems (names durable by the {cfg.lazyfs} rule)"
+                + (f"; nodes run with mutant {cfg.mutant}" if cfg.mutant else ""))
+        cluster = FaultCluster(os.path.join(base, "cluster"), cfg.nodes, config=cfg.raft_config, log_level="INFO",
+                               lazyfs=cfg.lazyfs, mutant=cfg.mutant)
         cluster.start_all(timeout=30)
         cluster.wait_leader(30)
         t0 = time.monotonic()
@@ -537,7 +630,7 @@ def run(cfg: RunConfig) -> RunResult:
         # -- faults
         auditor = LogAuditor(cluster)
         auditor.start()
-        sched = Scheduler(cluster, cfg.nemeses, random.Random(cfg.seed), t0, log=log)
+        sched = Scheduler(cluster, cfg.nemeses, random.Random(cfg.seed), t0, log=log, first=cfg.first_faults)
         sched.start()
         end = time.monotonic() + cfg.duration
         last_report = time.monotonic()
@@ -576,6 +669,7 @@ def run(cfg: RunConfig) -> RunResult:
         # -- barrier: a committed write every node applies, then linearizable reads of every key
         res.problems += [f"node {i} exited by itself with code {code}" for i, code in cluster.unexpected_exits()]
         barrier_index = 0
+        serving = True
         with KVClient(dict(cluster.addrs), timeout=30, cluster_name=cluster.cluster_name) as kv:
             try:
                 kv.put("barrier", "after-heal")
@@ -583,6 +677,7 @@ def run(cfg: RunConfig) -> RunResult:
                 barrier_index = (cluster.status(lead, 2.0) or {}).get("committed") or 0
             except (RaftError, Exception) as e:  # noqa: BLE001
                 res.problems.append(f"the barrier write failed after healing: {type(e).__name__}: {e}")
+                serving = False
             deadline = time.monotonic() + 60
             lagging = list(cluster.ids)
             while lagging and time.monotonic() < deadline:
@@ -594,7 +689,7 @@ def run(cfg: RunConfig) -> RunResult:
             keys = sorted({o.key for o in ops})
             res.keys = len(keys)
             final: dict[Any, Any] = {}
-            for k in keys:
+            for k in keys if serving else ():  # else each read would only time out, 5 times a key
                 for _attempt in range(5):
                     out, v = history.record("final", "get", k, (), lambda: kv.get(k))
                     if out == "ok":
@@ -618,14 +713,24 @@ def run(cfg: RunConfig) -> RunResult:
         for i, p in cluster.procs.items():
             if p.returncode not in (0, None):
                 res.problems.append(f"node {i} exited with code {p.returncode} when stopped")
-        res.problems += scan_node_logs({i: cluster.log_path(i) for i in cluster.ids})
+        node_logs = {i: cluster.log_path(i) for i in cluster.ids}
+        res.problems += scan_node_logs(node_logs)
+        if not serving:
+            # No final reads: judge the acknowledged writes by the most advanced node's state machine.
+            final = _most_applied_state(cluster, keys, res.problems)
         res.sm_problems, _applied_at = compare_state_machines(cluster, final)
+        res.sm_problems += check_snapshot_files(cluster)
         logs, commits, problems = _read_logs(cluster)
-        res.log_problems = problems + check_logs(logs, commits)
+        res.log_problems = problems + check_logs(logs, commits) + check_election_safety(node_logs)
         res.commit_index = max(commits.values(), default=0)
         auditor.audit_once()  # everything up to the final commit indexes
         res.log_problems += auditor.problems
         res.audited = len(auditor.committed)
+        seen = max(auditor.committed, default=0)
+        if seen > res.commit_index:
+            res.log_problems.append(f"committed entries lost: entry {seen} was read committed on node "
+                                    f"{auditor.seen_by[seen]} during the run, but at the end the highest commit "
+                                    f"index of any node is {res.commit_index}")
 
         # -- the history
         res.lost_writes = check_acknowledged(ops, outcome, final)
@@ -655,6 +760,8 @@ def run(cfg: RunConfig) -> RunResult:
             auditor.stop()
         if cluster is not None:
             _stop_everything(cluster)
+            res.forgotten = Counter(cluster.forgotten)
+            cluster.unmount()
         res.elapsed = time.monotonic() - started
         for line in res.summary().splitlines():
             events_out.write(line + "\n")

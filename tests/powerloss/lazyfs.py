@@ -235,7 +235,8 @@ class LazyFS(mfusepy.Operations):
 
     def stats(self) -> dict:
         with self._lock:
-            return {"rule": self.rule, **self.counts, "unsynced_bytes": sum(u.nbytes() for u in self._unsynced.values()),
+            return {"rule": self.rule, **self.counts,
+                    "unsynced_bytes": sum(u.nbytes() for u in self._unsynced.values()),
                     "unsynced_files": len(self._unsynced), "pending_names": len(self._journal)}
 
     # -- FUSE operations ---------------------------------------------------------------
