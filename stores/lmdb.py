@@ -224,8 +224,9 @@ def _lock_file(lock_path: str, what: str, root: str) -> int:
     """Take the exclusive flock that makes ``root`` this process's and this store's alone.
 
     A new lock file is created 0600 (its name is made durable with the
-    environment's, by :meth:`LmdbEnv._open_writable`).  flock() belongs to the open file, so a second open in the same process is
-    refused as well as one in another process.  Returns the descriptor, which
+    environment's, by :meth:`LmdbEnv._open_writable`).  flock() belongs to
+    the open file, so a second open in the same process is refused as well as
+    one in another process.  Returns the descriptor, which
     holds the lock until it is closed (also by process death).
     """
     try:
