@@ -23,7 +23,14 @@
    reads.  Nodes that exited by themselves or logged errors, faults that
    could not be healed and a cluster that does not serve after healing fail
    the run too.  A :class:`LogAuditor` thread compares the nodes' committed
-   log entries during the run as well (snapshots purge the logs).
+   log entries during the run as well (snapshots purge the logs); no entry
+   it saw committed may lie above the final commit index.  Election Safety
+   holds over the whole run (no two leaders of one term, from the nodes'
+   logs) and every node's current snapshot file reads back whole.
+
+With power nemeses (``power-*``) the nodes' data lives on lazy filesystems
+(``RunConfig.lazyfs``, tests/powerloss/) and every power cut is checked on
+the spot (:mod:`.durability`).
 
 :class:`RunResult` holds the counts, the problems found and a one-line
 :meth:`~RunResult.summary`.  Every process started is stopped, also on
