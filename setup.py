@@ -37,7 +37,7 @@ setup(
     install_requires=["pyzmq>=25", "lmdb>=1.4", "msgpack>=1.0"],
     extras_require={
         # mfusepy: the power-loss tests' FUSE filesystem (tests/powerloss/); needs libfuse3 (apt fuse3).
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "mfusepy>=3.1,<4"],
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "prometheus_client>=0.16", "mfusepy>=3.1,<4"],
         "bench": ["pysyncobj"],
     },
     entry_points={"console_scripts": [

@@ -38,19 +38,42 @@ The model (one register per key, ``None`` = absent, so a stored None is absent):
 =========================  ===================================================
 
 Values are compared by a frozen form (lists as tuples, maps as sorted items).
+
+Ranges and transactions touch several keys, so the keys they touch are
+checked together: the keys fall into groups (union-find: a txn joins the
+keys it names, a range every key of the history inside its bounds, in the KV
+service's key order), a group without a range or txn keeps the register
+model above, and a group with one is searched with a map model whose state
+is every key's value and version (1 on create, +1 per put or swap, 0 when
+absent):
+
+=============================================  ======================================================
+``range(end, prefix, limit)`` (key: the start)  result must equal the ``(key, value)`` pairs in the
+                                               range, in key order, the first ``limit`` (0/None: all)
+``txn(compare, success, failure)``              compares ``(key, target, op, value)`` with target
+                                               ``value`` or ``version`` and op ``== != < >``; ops
+                                               ``("put", k, v)``, ``("delete", k)``, ``("get", k)``;
+                                               result ``(succeeded, responses)``, responses as
+                                               put/delete/get above (put: None)
+=============================================  ======================================================
+
+As in the KV service, a compare on a missing key's value is false whatever
+its op, and a missing key has version 0.  An indeterminate txn is placed
+anywhere after its call, with either branch the state then gives; an
+indeterminate range is dropped.
 """
 from __future__ import annotations
 
 import math
 import threading
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterable, Sequence
 
 __all__ = ["Op", "check_history", "check_key", "HistoryRecorder", "OPS"]
 
-OPS = ("put", "get", "delete", "cas")
+OPS = ("put", "get", "delete", "cas", "range", "txn")
+_ARITY = {"put": 1, "get": 0, "delete": 0, "cas": 2, "range": 3, "txn": 3}
 _INF = math.inf
 
 
@@ -59,8 +82,11 @@ class Op:
     """One operation of a history.
 
     ``args``: ``(value,)`` for put, ``()`` for get and delete,
-    ``(expected, new)`` for cas.  ``return_time=None``: indeterminate (the
-    client does not know whether it took effect; ``result`` is ignored).
+    ``(expected, new)`` for cas, ``(end, prefix, limit)`` for range (``key``
+    is the range's start or prefix), ``(compare, success, failure)`` for txn
+    (``key`` is not used; see the module docstring).  ``return_time=None``:
+    indeterminate (the client does not know whether it took effect;
+    ``result`` is ignored).
     """
 
     client: Hashable
@@ -74,15 +100,30 @@ class Op:
     def __post_init__(self) -> None:
         if self.op not in OPS:
             raise ValueError(f"unknown op {self.op!r}; expected one of {', '.join(OPS)}")
-        want = {"put": 1, "get": 0, "delete": 0, "cas": 2}[self.op]
+        want = _ARITY[self.op]
         if len(self.args) != want:
             raise ValueError(f"{self.op} takes {want} argument(s), got {self.args!r}")
+        if self.op == "txn":
+            compare, success, failure = self.args
+            for c in compare:
+                if len(c) != 4 or c[1] not in ("value", "version") or c[2] not in ("==", "!=", "<", ">"):
+                    raise ValueError(f"txn compare must be (key, 'value'|'version', op, value), got {c!r}")
+            for o in (*success, *failure):
+                if not o or o[0] not in ("put", "delete", "get") or len(o) != (3 if o[0] == "put" else 2):
+                    raise ValueError(f"txn op must be ('put', k, v), ('delete', k) or ('get', k), got {o!r}")
         if self.return_time is not None and self.return_time < self.call_time:
             raise ValueError(f"return_time {self.return_time} is before call_time {self.call_time}")
 
     @property
     def indeterminate(self) -> bool:
         return self.return_time is None
+
+    def keys(self) -> list[Any]:
+        """The keys this operation names (a range: its start; the keys it covers are found by the checker)."""
+        if self.op != "txn":
+            return [self.key]
+        compare, success, failure = self.args
+        return [c[0] for c in compare] + [o[1] for o in (*success, *failure)]
 
     def __str__(self) -> str:
         args = ", ".join(repr(a) for a in self.args)
@@ -168,7 +209,7 @@ class _Deadline(Exception):
 
 
 def check_key(ops: Sequence[Op], *, initial: Any = None, deadline: float | None = None) -> tuple[bool, dict]:
-    """Check the operations of ONE key.  Returns ``(ok, info)``.
+    """Check the operations of ONE key (register model).  Returns ``(ok, info)``.
 
     ``info`` on failure: ``{"ops": [...], "longest": [indexes of the largest
     set of operations that could be linearized], "explored": n}``.
@@ -176,10 +217,15 @@ def check_key(ops: Sequence[Op], *, initial: Any = None, deadline: float | None 
     """
     # Indeterminate gets have no effect and constrain nothing.
     ops = [o for o in ops if not (o.indeterminate and o.op == "get")]
+    return _search(ops, [_prepare(o) for o in ops], _step, _freeze(initial), True, deadline)
+
+
+def _search(ops: list[Op], prepared: list[_Prepared], step: Callable[[Any, _Prepared], tuple[bool, Any]],
+            state: Any, blind_rule: bool, deadline: float | None) -> tuple[bool, dict]:
+    """Wing & Gong's search with Lowe's cache over ``ops`` (module docstring); ``step`` is the model."""
     n = len(ops)
     if n == 0:
         return True, {"ops": [], "explored": 0}
-    prepared = [_prepare(o) for o in ops]
     events: list[tuple[float, int, int]] = []
     for i, o in enumerate(ops):
         events.append((o.call_time, 0, i))
@@ -198,7 +244,6 @@ def check_key(ops: Sequence[Op], *, initial: Any = None, deadline: float | None 
         node.prev = prev
         prev = node
 
-    state = _freeze(initial)
     linearized = 0  # bitset of operation indexes
     cache: set[tuple[int, Any]] = {(0, state)}
     stack: list[tuple[_Node, Any]] = []
@@ -214,13 +259,13 @@ def check_key(ops: Sequence[Op], *, initial: Any = None, deadline: float | None 
             raise _Deadline()
         if entry.is_call:
             p = prepared[entry.idx]
-            ok, new_state = _step(state, p)
+            ok, new_state = step(state, p)
             if ok and not p[3] and (new_state == state or (
-                    p[0] in _BLIND and stack and not prepared[stack[-1][0].idx][3])):
+                    blind_rule and p[0] in _BLIND and stack and not prepared[stack[-1][0].idx][3])):
                 # Only place an indeterminate operation where it matters: one that changes
-                # nothing, or a blind write right after another indeterminate operation
-                # (which it would overwrite), can be moved to the end instead.  Without this,
-                # k concurrent timed-out writes cost 2**k.
+                # nothing, or (one register) a blind write right after another indeterminate
+                # operation (which it would overwrite), can be moved to the end instead.
+                # Without this, k concurrent timed-out writes cost 2**k.
                 ok = False
             if ok:
                 bits = linearized | (1 << entry.idx)
@@ -249,6 +294,180 @@ def check_key(ops: Sequence[Op], *, initial: Any = None, deadline: float | None 
     return True, {"ops": ops, "explored": explored, "order": [e.idx for e, _s in stack]}
 
 
+# ---------------------------------------------------------------------------------- several keys
+
+def _order(key: Any) -> bytes:
+    """A key's place in the KV service's key order (its stored form)."""
+    from .kv.encoding import encode_key
+    return encode_key(key)
+
+
+class _Covers:
+    """Which keys a range covers: ``[start, stop)`` in stored forms (pyraft.kv.encoding)."""
+
+    def __init__(self, op: Op) -> None:
+        from .kv.encoding import range_bounds
+        end, prefix, _limit = op.args
+        self.start, self.stop = range_bounds(op.key, end, bool(prefix))
+
+    def __call__(self, key: Any) -> bool:
+        return self.start <= _order(key) < self.stop
+
+
+def _map_step(covers: dict[int, _Covers]) -> Callable[[Any, _Prepared], tuple[bool, Any]]:
+    """The map model: the state is a tuple of ``(stored form, key, value, version)`` sorted by stored form."""
+
+    def lookup(state: tuple, key: Any) -> tuple[Any, int]:
+        for _o, k, v, ver in state:
+            if k == key:
+                return v, ver
+        return None, 0
+
+    def setkey(state: tuple, key: Any, value: Any, version: int) -> tuple:
+        rest = [row for row in state if row[1] != key]
+        if version:
+            rest.append((_order(key), key, value, version))
+            rest.sort(key=lambda r: r[0])
+        return tuple(rest)
+
+    def run_txn(state: tuple, args: tuple) -> tuple[tuple, tuple]:
+        compare, success, failure = args
+        ok = True
+        for key, target, op, value in compare:
+            cur, ver = lookup(state, key)
+            if target == "value" and cur is None:
+                ok = False
+                break
+            x = cur if target == "value" else ver
+            try:
+                holds = {"==": lambda: x == value, "!=": lambda: x != value, "<": lambda: x < value,
+                         ">": lambda: x > value}[op]()
+            except TypeError:  # values that do not order: the store refuses such a txn
+                holds = False
+            if not holds:
+                ok = False
+                break
+        responses = []
+        for o in (success if ok else failure):
+            cur, ver = lookup(state, o[1])
+            if o[0] == "put":
+                state = setkey(state, o[1], o[2], ver + 1)
+                responses.append(None)
+            elif o[0] == "delete":
+                state = setkey(state, o[1], None, 0)
+                responses.append(cur is not None)
+            else:
+                responses.append(cur)
+        return state, (ok, tuple(responses))
+
+    def step(state: tuple, p: _Prepared) -> tuple[bool, Any]:
+        kind, args, result, determinate, idx, key = p
+        if kind == "range":
+            rows = tuple((k, v) for _o, k, v, _ver in state if covers[idx](k))
+            limit = args[2]
+            if limit:
+                rows = rows[:limit]
+            return (not determinate or result == rows), state
+        if kind == "txn":
+            new, got = run_txn(state, args)
+            return (not determinate or result == got), new
+        cur, ver = lookup(state, key)
+        if kind == "put":
+            return True, setkey(state, key, args[0], ver + 1)
+        if kind == "get":
+            return (not determinate or result == cur), state
+        if kind == "delete":
+            if determinate and result is not None and bool(result) != (cur is not None):
+                return False, state
+            return True, setkey(state, key, None, 0)
+        expected, new = args  # cas
+        matched = cur is None if expected is None else cur == expected
+        if determinate and result != matched:
+            return False, state
+        return True, (setkey(state, key, new, ver + 1) if matched else state)
+
+    return step
+
+
+def _check_group(ops: list[Op], keys: list[Any], initial: Callable[[Any], Any] | None,
+                 deadline: float | None) -> tuple[bool, dict]:
+    """Check the operations of a group of keys joined by ranges and txns (map model)."""
+    ops = [o for o in ops if not (o.indeterminate and o.op in ("get", "range"))]
+    covers = {i: _Covers(o) for i, o in enumerate(ops) if o.op == "range"}
+    prepared = []
+    for i, o in enumerate(ops):
+        prepared.append((*_prepare(o), i, _freeze(o.key)))
+    rows = []
+    for k in keys:
+        v = None if initial is None else _freeze(initial(k))
+        if v is not None:
+            rows.append((_order(k), k, v, 1))
+    rows.sort(key=lambda r: r[0])
+    return _search(ops, prepared, _map_step(covers), tuple(rows), False, deadline)
+
+
+def _groups(ops: list[Op]) -> list[tuple[list[Any], list[Op], bool]]:
+    """Partition the history: ``(keys, ops, multi)`` per group; ``multi`` when ranges or txns join keys."""
+    parent: dict[Any, Any] = {}
+
+    def find(k: Any) -> Any:
+        parent.setdefault(k, k)
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    def union(a: Any, b: Any) -> None:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[ra] = rb
+
+    universe: set[Any] = set()
+    for o in ops:
+        if o.op == "range":
+            if o.return_time is not None:
+                universe.update(_freeze(r[0]) for r in o.result)
+        else:
+            universe.update(_freeze(k) for k in o.keys())
+    for k in universe:
+        find(k)
+    anchor: dict[int, Any] = {}  # op index -> a key of its group
+    empty_ranges: list[Op] = []
+    for i, o in enumerate(ops):
+        if o.op == "range":
+            cov = _Covers(o)
+            inside = [k for k in universe if cov(k)]
+            if not inside:
+                empty_ranges.append(o)
+                continue
+            for k in inside[1:]:
+                union(inside[0], k)
+            anchor[i] = inside[0]
+        elif o.op == "txn":
+            ks = [_freeze(k) for k in o.keys()]
+            for k in ks[1:]:
+                union(ks[0], k)
+            if ks:
+                anchor[i] = ks[0]
+            else:
+                empty_ranges.append(o)
+        else:
+            anchor[i] = _freeze(o.key)
+    by_root: dict[Any, tuple[list[Any], list[Op], list[bool]]] = {}
+    for k in universe:
+        by_root.setdefault(find(k), ([], [], [False]))[0].append(k)
+    for i, o in enumerate(ops):
+        if i in anchor:
+            g = by_root[find(anchor[i])]
+            g[1].append(o)
+            if o.op in ("range", "txn"):
+                g[2][0] = True
+    out = [(keys, gops, multi[0]) for keys, gops, multi in by_root.values() if gops]
+    if empty_ranges:  # ranges over no key of the history, txns naming none: checked alone
+        out.append(([], empty_ranges, True))
+    return out
+
+
 def check_history(ops: Iterable[Op], *, timeout: float | None = None,
                   initial: Callable[[Any], Any] | None = None) -> tuple[bool | None, dict]:
     """Is this KV history linearizable?  Returns ``(ok, info)``.
@@ -256,22 +475,24 @@ def check_history(ops: Iterable[Op], *, timeout: float | None = None,
     ``ok`` is True or False, or None when ``timeout`` seconds passed first
     (the answer is unknown).  ``info`` holds ``keys`` and ``ops`` (counts),
     ``explored`` (search steps) and, when not linearizable, ``key`` (the first
-    key found to be non-linearizable), ``key_ops`` (its operations, in call
-    order), ``longest`` (the largest prefix set that could be linearized, as
-    indexes into ``key_ops``) and ``report`` (a printable explanation).
+    key found to be non-linearizable; for a group of keys joined by ranges or
+    txns, a tuple of them), ``key_ops`` (its operations, in call order),
+    ``longest`` (the largest prefix set that could be linearized, as indexes
+    into ``key_ops``) and ``report`` (a printable explanation).
     ``initial(key)`` gives a key's state before the history (default: absent).
     """
     deadline = None if timeout is None else time.monotonic() + timeout
-    by_key: dict[Any, list[Op]] = defaultdict(list)
-    n = 0
-    for o in ops:
-        by_key[_freeze(o.key)].append(o)
-        n += 1
-    info: dict[str, Any] = {"keys": len(by_key), "ops": n, "explored": 0}
-    for key, kops in by_key.items():
-        kops.sort(key=lambda o: o.call_time)
+    ops = list(ops)
+    groups = _groups(ops)
+    info: dict[str, Any] = {"keys": sum(len(g[0]) for g in groups), "ops": len(ops), "explored": 0}
+    for keys, gops, multi in groups:
+        gops.sort(key=lambda o: o.call_time)
+        key: Any = tuple(keys) if multi else keys[0]
         try:
-            ok, kinfo = check_key(kops, initial=None if initial is None else initial(key), deadline=deadline)
+            if multi:
+                ok, kinfo = _check_group(gops, keys, initial, deadline)
+            else:
+                ok, kinfo = check_key(gops, initial=None if initial is None else initial(key), deadline=deadline)
         except _Deadline:
             info["timed_out"] = True
             info["key"] = key

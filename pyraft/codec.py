@@ -17,12 +17,30 @@ Decoding never trusts its input: anything malformed, truncated, of the wrong
 type or version, or from another cluster raises :class:`CodecError` and
 nothing else.  msgpack is used with ``strict_map_key=False`` only where int
 keys are expected, and never with ext types: no pickle, no code.
+
+Decoding is bounded by the frame (see :func:`decode_message`):
+
+- The envelope (version, cluster name, sender, request id, tag) is read by
+  hand, field by field, with every length checked against the bytes that
+  remain, before a single byte of the body is decoded: a frame of another
+  cluster or version costs a few comparisons whatever its size, and a
+  transport can refuse a tag (or a sender) before paying for the body
+  (:func:`decode_envelope`, :func:`decode_body`).
+- A decoded value costs far more than its encoding: an empty array is one
+  byte on the wire and about 60 bytes as a Python list, so 16 MiB of nested
+  empty arrays used to decode to 1.2 GB while holding the GIL for seconds.
+  A frame of ``n`` bytes may therefore decode to at most
+  :func:`container_budget` ``(n)`` arrays, maps and ext values.  Frames too
+  small to exceed it decode at msgpack's full speed; larger ones decode with
+  msgpack hooks that count containers as they are built (a cost per
+  container, not per byte: nothing for a large value), which also lets
+  other threads take the GIL during a long decode.
 """
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import msgpack
 
@@ -35,6 +53,52 @@ from .types import Entry, EntryKind, LogId, Membership, Node, SnapshotMeta, Stor
 FORMAT_VERSION = 3
 
 _MAX_INT = 2**63 - 1
+
+def container_budget(frame_size: int) -> int:
+    """Arrays, maps and ext values a frame of ``frame_size`` bytes may decode to, at most.
+
+    One per three bytes (plus a floor for small frames): a list of pairs of
+    small integers is about the densest real data gets (log entries and
+    commands have one container per 15 bytes or more), while a list of
+    one-byte empty arrays costs 70 times its size.  With this budget a frame
+    decodes to at most about 40 times its size (as many containers as
+    allowed, the rest 2-character strings, which cost 24 times their size
+    by themselves), against 80 times without it.
+    """
+    return frame_size // 3 + 4096
+
+
+_SMALL_FRAME = 6144  # frames up to this size cannot hold more containers than their budget
+
+
+class _Budget:
+    """msgpack hooks that count the containers a decode builds and stop it past the budget."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def _over(self) -> CodecError:
+        return CodecError("frame: decodes to more arrays and maps than its size allows")
+
+    def hook(self, value: Any) -> Any:
+        self.left -= 1
+        if self.left < 0:
+            raise self._over()
+        return value
+
+    def ext(self, code: int, data: bytes) -> msgpack.ExtType:
+        self.left -= 1
+        if self.left < 0:
+            raise self._over()
+        return msgpack.ExtType(code, data)
+
+    def options(self) -> dict:
+        return dict(_UNPACK, list_hook=self.hook, object_hook=self.hook, ext_hook=self.ext)
+
+
+_UNPACK = {"raw": False, "strict_map_key": False, "use_list": True}
 
 
 # ---------------------------------------------------------------------------
@@ -259,17 +323,37 @@ def normal_entry_prefix(term: int) -> bytes:
     return b"\x93" + msgpack.packb(term) + b"\x01"
 
 
-def decode_entries(first_index: int, datas: Sequence[bytes]) -> list[Entry]:
-    """``[decode_entry(first_index + k, d) for k, d in enumerate(datas)]``, with less work per entry."""
+# decode_entries builds its LogId and Entry values without their frozen dataclass
+# __init__, which sets each field through object.__setattr__ and so costs more than
+# decoding the entry itself: the slot descriptors set the fields directly, to the
+# same values.  That pays for the frame's container budget on the AppendEntries
+# path.  It holds only while neither class checks anything on construction.
+_FAST_BUILD = not hasattr(LogId, "__post_init__") and not hasattr(Entry, "__post_init__")
+_new_object = object.__new__
+_set_term, _set_index = LogId.term.__set__, LogId.index.__set__  # type: ignore[attr-defined]
+_set_log_id, _set_kind, _set_payload = (Entry.log_id.__set__, Entry.kind.__set__,  # type: ignore[attr-defined]
+                                        Entry.payload.__set__)  # type: ignore[attr-defined]
+
+
+def decode_entries(first_index: int, datas: Sequence[bytes], *, unpack_options: dict | None = None) -> list[Entry]:
+    """``[decode_entry(first_index + k, d) for k, d in enumerate(datas)]``, with less work per entry.
+
+    Anything in ``datas`` that is not bytes-like is a CodecError too (msgpack
+    refuses it).  ``unpack_options``: msgpack options (the frame's counting
+    hooks when the entries came in a frame that needs them).
+    """
     out: list[Entry] = []
     append = out.append
     unpackb = msgpack.unpackb
     kinds = _KINDS
     index = first_index
-    term_id: tuple[int, int] = (-1, -1)
+    options = _UNPACK if unpack_options is None else unpack_options
+    new = _new_object
     for data in datas:
         try:
-            v = unpackb(data, raw=False, strict_map_key=False, use_list=True)
+            v = unpackb(data, **options)
+        except CodecError:
+            raise
         except Exception as ex:  # msgpack raises several unrelated types
             raise CodecError(f"entry {index}: not msgpack ({ex.__class__.__name__})") from None
         if type(v) is not list or len(v) != 3:
@@ -280,7 +364,19 @@ def decode_entries(first_index: int, datas: Sequence[bytes]) -> list[Entry]:
         if type(k) is not int or not 0 <= k < len(kinds):
             raise CodecError(f"entry {index}: unknown kind {k!r}")
         kind = kinds[k]
-        append(Entry(LogId(t, index), kind, p if kind is _NORMAL else _entry_payload_from_wire(kind, p)))
+        if kind is not _NORMAL:
+            p = _entry_payload_from_wire(kind, p)
+        if _FAST_BUILD:
+            lid = new(LogId)
+            _set_term(lid, t)
+            _set_index(lid, index)
+            e = new(Entry)
+            _set_log_id(e, lid)
+            _set_kind(e, kind)
+            _set_payload(e, p)
+            append(e)
+        else:
+            append(Entry(LogId(t, index), kind, p))
         index += 1
     return out
 
@@ -353,14 +449,14 @@ def _ae_req_to(m: AppendEntriesRequest) -> list:
     return [m.term, m.leader_id, log_id_to_wire(m.prev_log_id), encoded, m.leader_commit, m.seq]
 
 
-def _ae_req_from(b: list) -> AppendEntriesRequest:
+def _ae_req_from(b: list, unpack_options: dict | None = None) -> AppendEntriesRequest:
     t, lid, prev, ents, commit, seq = _list(b, "AppendEntries", 6)
     prev_id = log_id_from_wire(prev, "prev_log_id")
     datas = _list(ents, "entries")
-    for d in datas:
-        if type(d) is not bytes:
-            raise CodecError("AppendEntries: an entry is not bytes")
-    entries = EncodedEntries(decode_entries((prev_id.index if prev_id else 0) + 1, datas), datas)
+    # An entry that is not bytes fails in decode_entries (msgpack refuses it):
+    # no separate pass over the list here.
+    entries = EncodedEntries(decode_entries((prev_id.index if prev_id else 0) + 1, datas,
+                                            unpack_options=unpack_options), datas)
     return AppendEntriesRequest(_int(t, "term"), _int(lid, "leader_id"), prev_id, entries,
                                 _int(commit, "leader_commit"), _int(seq, "seq"))
 
@@ -456,6 +552,13 @@ _BY_TYPE: dict[type, _Codec] = {
 }
 _BY_TAG = {tag: dec for (tag, _enc, dec) in _BY_TYPE.values()}
 
+#: The tags of the Raft requests (AppendEntries, Vote, InstallSnapshot, TimeoutNow).
+RAFT_REQUEST_TAGS = frozenset({1, 3, 5, 7})
+#: The tag of a :class:`ClientRequest`.
+CLIENT_REQUEST_TAG = 20
+#: The tags of every request (what a server accepts; the rest are replies).
+REQUEST_TAGS = RAFT_REQUEST_TAGS | {CLIENT_REQUEST_TAG}
+
 
 @dataclass(frozen=True, slots=True)
 class Frame:
@@ -464,6 +567,20 @@ class Frame:
     from_id: int
     request_id: int
     message: Any
+
+
+class Envelope(NamedTuple):
+    """A frame's header, checked before its body is decoded (:func:`decode_envelope`).
+
+    ``tag`` is a known message tag (see :data:`REQUEST_TAGS`); the body starts
+    at byte ``body_offset``.  (A named tuple rather than a frozen dataclass:
+    one is made per frame, and it costs a third.)
+    """
+
+    from_id: int
+    request_id: int
+    tag: int
+    body_offset: int
 
 
 def encode_message(message: Any, cluster_name: str, from_id: int, request_id: int = 0) -> bytes:
@@ -479,31 +596,151 @@ def encode_message(message: Any, cluster_name: str, from_id: int, request_id: in
         raise CodecError(f"{type(message).__name__} cannot be encoded: {ex}") from None
 
 
-def decode_message(data: bytes, cluster_name: str | None) -> Frame:
-    """Decode and validate one frame.
+#: msgpack integer markers -> payload width (unsigned, then signed: other encoders may pick those)
+_UINT_WIDTH = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+_SINT_WIDTH = {0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8}
 
-    ``cluster_name=None`` accepts any cluster (for tools that ask a node who it is).
-    Raises :class:`CodecError` for anything but a valid frame of this cluster.
-    """
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise CodecError("frame: expected bytes")
+
+def _env_int(data: bytes, pos: int, what: str) -> tuple[int, int]:
+    """A non-negative msgpack integer at ``pos``: ``(value, next position)``."""
+    if pos >= len(data):
+        raise CodecError(f"frame: truncated before {what}")
+    b = data[pos]
+    if b < 0x80:
+        return b, pos + 1
+    width = _UINT_WIDTH.get(b)
+    signed = width is None
+    if signed:
+        width = _SINT_WIDTH.get(b)
+    if width is None or pos + 1 + width > len(data):
+        raise CodecError(f"{what}: expected an integer >= 0")
+    v = int.from_bytes(data[pos + 1:pos + 1 + width], "big", signed=signed)
+    if not 0 <= v <= _MAX_INT:
+        raise CodecError(f"{what}: expected an integer >= 0")
+    return v, pos + 1 + width
+
+
+_prefixes: dict[str, bytes] = {}
+
+
+def _prefix(cluster_name: str) -> bytes:
+    """What every frame of ``cluster_name`` starts with: array of 6, the version, the name."""
+    p = _prefixes.get(cluster_name)
+    if p is None:
+        p = b"\x96" + msgpack.packb(FORMAT_VERSION) + msgpack.packb(cluster_name)
+        if len(_prefixes) < 64:  # a process knows a few cluster names; never grow without bound
+            _prefixes[cluster_name] = p
+    return p
+
+
+def _cluster_end(data: bytes, cluster_name: str | None) -> int:
+    """Check the version and the cluster name field by field; return where the name ends."""
+    if len(data) < 8 or data[0] != 0x96:  # fixarray of 6: the shortest frame has 8 bytes
+        raise CodecError("frame: not a pyraft frame (expected an array of 6 items)")
+    if data[1] != FORMAT_VERSION:
+        v = data[1]
+        raise CodecError(f"frame: unsupported format version {v if v < 0x80 else '(not a small integer)'} "
+                         f"(this node speaks {FORMAT_VERSION})")
+    b = data[2]
+    if 0xA0 <= b <= 0xBF:
+        n, pos = b - 0xA0, 3
+    elif b in (0xD9, 0xDA, 0xDB):
+        width = 1 << (b - 0xD9)
+        n, pos = int.from_bytes(data[3:3 + width], "big"), 3 + width
+    else:
+        raise CodecError("frame.cluster: expected a string")
+    if pos + n > len(data):
+        raise CodecError("frame: truncated cluster name")
     try:
-        v = msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
-    except Exception as ex:  # msgpack raises ValueError, ExtraData, FormatError, StackError, ...
-        raise CodecError(f"frame: not msgpack ({ex.__class__.__name__})") from None
-    version, cluster, from_id, request_id, tag, body = _list(v, "frame", 6)
-    if version != FORMAT_VERSION:
-        raise CodecError(f"frame: unsupported format version {version!r} (this node speaks {FORMAT_VERSION})")
-    _str(cluster, "frame.cluster")
+        cluster = data[pos:pos + n].decode("utf-8")
+    except UnicodeDecodeError:
+        raise CodecError("frame.cluster: not UTF-8") from None
     if cluster_name is not None and cluster != cluster_name:
-        raise CodecError(f"frame: from cluster {cluster!r}, this is {cluster_name!r}")
-    dec = _BY_TAG.get(tag) if type(tag) is int else None
-    if dec is None:
-        raise CodecError(f"frame: unknown message tag {tag!r}")
+        raise CodecError(f"frame: from cluster {cluster[:64]!r}, this is {cluster_name!r}")
+    return pos + n
+
+
+def _envelope(data: bytes, cluster_name: str | None) -> tuple[int, int, int, int]:
+    """``(from_id, request_id, tag, body offset)``; see :func:`decode_envelope`."""
+    prefix = _prefixes.get(cluster_name) if cluster_name is not None else None  # type: ignore[arg-type]
+    if prefix is None and cluster_name is not None:
+        prefix = _prefix(cluster_name)
+    if prefix is not None and data.startswith(prefix):
+        pos = len(prefix)  # the common case: one comparison checks the version and the name
+    else:
+        pos = _cluster_end(data, cluster_name)
+    if pos < len(data) and data[pos] < 0x80:  # a node id is one byte: inline the common case
+        from_id = data[pos]
+        pos += 1
+    else:
+        from_id, pos = _env_int(data, pos, "frame.from_id")
+    request_id, pos = _env_int(data, pos, "frame.request_id")
+    if pos >= len(data) or data[pos] not in _BY_TAG:
+        raise CodecError(f"frame: unknown message tag {data[pos] if pos < len(data) else None!r}")
+    return from_id, request_id, data[pos], pos + 1
+
+
+def _as_bytes(data: Any) -> bytes | bytearray:
+    if isinstance(data, (bytes, bytearray)):
+        return data
+    if isinstance(data, memoryview):
+        return data.tobytes()
+    raise CodecError("frame: expected bytes")
+
+
+def decode_envelope(data: bytes | bytearray | memoryview, cluster_name: str | None) -> Envelope:
+    """Read and check a frame's header without decoding its body.
+
+    Checks that the frame is a 6-item array of this format version and
+    ``cluster_name`` (None accepts any cluster) with a valid sender, request
+    id and a known tag: field by field, each length against the bytes that
+    remain, so it costs the same for a frame of 100 bytes or 16 MiB.
+    Raises :class:`CodecError` and nothing else.
+    """
+    return Envelope._make(_envelope(_as_bytes(data), cluster_name))
+
+
+def decode_body(data: bytes | bytearray | memoryview, envelope: Envelope) -> Any:
+    """The message of a frame whose envelope :func:`decode_envelope` read.
+
+    Bounded by the frame: at most :func:`container_budget` ``(len(data))``
+    arrays, maps and ext values are built.  Raises :class:`CodecError` and
+    nothing else.
+    """
+    return _body(_as_bytes(data), envelope.tag, envelope.body_offset)
+
+
+def _body(data: bytes | bytearray, tag: int, offset: int) -> Any:
+    dec = _BY_TAG[tag]
     try:
-        msg = dec(_list(body, "frame.body"))
+        if len(data) <= _SMALL_FRAME:
+            # Too small to hold more containers than its budget: msgpack at full speed
+            # (a slice of a small frame costs less than a memoryview of it).
+            body = msgpack.unpackb(data[offset:], raw=False, strict_map_key=False, use_list=True)
+            return dec(_list(body, "frame.body"))
+        # Hooks count every array, map and ext value as msgpack builds it and stop
+        # the decode past the budget; running Python code, they also let other
+        # threads take the GIL during a long decode.
+        options = _Budget(container_budget(len(data))).options()
+        body = msgpack.unpackb(memoryview(data)[offset:], **options)
+        if dec is _ae_req_from:
+            return _ae_req_from(_list(body, "frame.body"), options)
+        return dec(_list(body, "frame.body"))
     except CodecError:
         raise
     except (TypeError, ValueError, KeyError, AttributeError) as ex:
         raise CodecError(f"frame: malformed body ({ex.__class__.__name__}: {ex})") from None
-    return Frame(_int(from_id, "frame.from_id"), _int(request_id, "frame.request_id"), msg)
+    except Exception as ex:  # msgpack raises ValueError, ExtraData, FormatError, StackError, ...
+        raise CodecError(f"frame: body is not msgpack ({ex.__class__.__name__})") from None
+
+
+def decode_message(data: bytes | bytearray | memoryview, cluster_name: str | None) -> Frame:
+    """Decode and validate one frame: :func:`decode_envelope`, then :func:`decode_body`.
+
+    ``cluster_name=None`` accepts any cluster (for tools that ask a node who it is).
+    Raises :class:`CodecError` for anything but a valid frame of this cluster.
+    """
+    if type(data) is not bytes:
+        data = _as_bytes(data)
+    from_id, request_id, tag, offset = _envelope(data, cluster_name)
+    return Frame(from_id, request_id, _body(data, tag, offset))

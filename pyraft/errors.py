@@ -72,3 +72,17 @@ class NoSpace(RaftError):
 
 class Compacted(RaftError):
     """The requested revision was compacted away (a watch's ``start_revision``, a read at an old revision)."""
+
+
+class LeaseNotFound(RaftError):
+    """The KV lease does not exist: never granted, revoked, or expired (etcd's ErrLeaseNotFound)."""
+
+    def __eq__(self, other: object) -> bool:  # a command's result: compared by value, as KVCommandError
+        return type(other) is type(self) and other.args == self.args
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.args))
+
+
+class RequestTooLarge(RaftError):
+    """A client request's frame is larger than the node accepts (``ZmqTransport(max_client_frame_size=...)``)."""

@@ -13,13 +13,72 @@ with fault injection, for tests).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol, runtime_checkable
 
 from .types import Node
 
+#: The roles a sender may have, from the least to the most trusted client role.
+#: "peer" is a node of the cluster: client rights, plus Raft RPCs as its own id.
+ROLES = ("reader", "client", "peer", "admin")
+#: The roles a client op may require (``Raft.set_client_handler(op, h, role=...)``).
+OP_ROLES = ("reader", "client", "admin")
+_RANK = {"reader": 0, "client": 1, "peer": 1, "admin": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who sent a request, as the transport authenticated it; ``reply.principal`` carries it.
+
+    - ``role``: one of :data:`ROLES`.  Rights grow reader < client < admin;
+      a peer has a client's rights and may also carry Raft RPCs, as node
+      ``node_id`` only.
+    - ``node_id``: the node a peer key belongs to (None for other roles).
+    - ``key``: the sender's CURVE public key (Z85 text), None when the
+      transport does not authenticate.
+
+    Without authentication every sender is :data:`TRUSTED` (the network is
+    the trust boundary).
+    """
+
+    role: str
+    node_id: int | None = None
+    key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.role not in _RANK:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
+        if (self.role == "peer") != (self.node_id is not None):
+            raise ValueError("a peer principal needs its node_id, and only a peer has one")
+
+    def allows(self, role: str) -> bool:
+        """Whether this principal may run an op that needs ``role`` (one of :data:`OP_ROLES`)."""
+        return _RANK[self.role] >= _RANK[role]
+
+
+#: Every sender on a transport that does not authenticate (no CURVE).
+TRUSTED = Principal("admin")
+
+
+def raft_sender_refusal(principal: Principal, from_id: int) -> str | None:
+    """Why an authenticated transport must drop a Raft RPC from ``principal`` claiming ``from_id``.
+
+    None when it may pass: only node N's own key carries Raft RPCs, and only as
+    node N.  Returns ``"rpc_not_peer"`` or ``"rpc_wrong_id"`` (the transports'
+    ``dropped_<reason>`` counters).
+    """
+    if principal.role != "peer":
+        return "rpc_not_peer"
+    if principal.node_id != from_id:
+        return "rpc_wrong_id"
+    return None
+
 
 @runtime_checkable
 class ReplyHandle(Protocol):
+    #: Who sent the request (:data:`TRUSTED` on a transport that does not authenticate).
+    principal: Principal
+
     def reply(self, message: Any) -> None:
         """Send the response to the request this handle came with.
 
@@ -32,6 +91,11 @@ class ReplyHandle(Protocol):
 #: thread for every valid incoming request.  It must not block: RaftCore's
 #: handler only puts the request on its inbox.
 RequestHandler = Callable[[int, Any, ReplyHandle], None]
+
+#: ``on_failure(reason)``: the transport stopped serving for good (its server
+#: thread failed: a bug, or resources such as file descriptors ran out).
+#: Called once, from the failing thread; it must not block.
+FailureHandler = Callable[[str], None]
 
 
 @runtime_checkable
@@ -66,8 +130,12 @@ class Transport(Protocol):
 
     node_id: int
 
-    def start(self, handler: RequestHandler) -> None:
-        """Start serving: every valid incoming request is passed to ``handler``."""
+    def start(self, handler: RequestHandler, on_failure: FailureHandler | None = None) -> None:
+        """Start serving: every valid incoming request is passed to ``handler``.
+
+        ``on_failure(reason)`` is called if the transport can no longer serve
+        (never for bad input, which is dropped and counted).
+        """
 
     def connect(self, target_id: int, node: Node) -> Connection:
         """A new connection to ``target_id`` at ``node``, for the calling thread only."""

@@ -19,9 +19,10 @@ import msgpack
 
 from .codec import ClientRequest, ClientResponse, pack_fast
 from .config import Config
-from .errors import (ChangeMembershipError, Fatal, ForwardToLeader, InitializeError, RaftError, ShutDown,
-                     Timeout)
+from .errors import (ChangeMembershipError, Fatal, ForwardToLeader, InitializeError, PermissionDenied, RaftError,
+                     ShutDown, Timeout)
 from .metrics import ClientWriteResponse, RaftMetrics
+from .network import OP_ROLES, TRUSTED
 from .runtime.core import RaftCore
 from .runtime.futures import new_future
 from .types import LogId, Node, ServerState, log_index
@@ -88,7 +89,8 @@ class Raft:
         self._check_command: Callable[[Any], None] | None = getattr(state_machine, "check_command", None)
         #: the transport's optional check of a node address (ZmqTransport.check_address)
         self._check_address: Callable[[str], None] | None = getattr(transport, "check_address", None)
-        self._client_handlers: dict[str, Callable[[int, ClientRequest, Any], None]] = {}
+        # op -> (handler, the role its caller needs)
+        self._client_handlers: dict[str, tuple[Callable[[int, ClientRequest, Any], None], str]] = {}
         #: threads that delivered requests to this node (the transport's): shutdown() from
         #: one of them must not wait for the transport to stop (it would wait for itself)
         self._serving_threads: set[threading.Thread] = set()
@@ -101,7 +103,9 @@ class Raft:
         self.trigger = Trigger(self)
         self._core.start()
         try:
-            transport.start(self._on_request)
+            # A transport that can no longer serve makes the node Fatal (visible in its
+            # metrics and to every caller) rather than leave it running deaf.
+            transport.start(self._on_request, on_failure=lambda reason: self._core.post(("fatal", reason)))
         except BaseException:
             self.shutdown()
             raise
@@ -109,7 +113,12 @@ class Raft:
     # ------------------------------------------------------------------ plumbing
 
     def _on_request(self, from_id: int, msg: Any, reply: Any) -> None:
-        """Transport server thread: Raft RPCs go to RaftCore, client requests to their op's handler."""
+        """Transport server thread: Raft RPCs go to RaftCore, client requests to their op's handler.
+
+        The transport has already checked who may send Raft RPCs; a client op
+        runs only when ``reply.principal`` has the role the op needs (else
+        ``PermissionDenied``).
+        """
         t = threading.current_thread()
         if t not in self._serving_threads:
             self._serving_threads.add(t)
@@ -117,34 +126,53 @@ class Raft:
             self._core.post_rpc(("rpc", from_id, msg, reply))
             return
         if msg.op == "metrics":
-            reply.reply(ClientResponse(True, self.metrics().to_dict()))
-            return
-        h = self._client_handlers.get(msg.op)
-        if h is None:
+            entry = (self._reply_metrics, "reader")
+        else:
+            entry = self._client_handlers.get(msg.op)
+        if entry is None:
             reply.reply(error_response(RaftError(f"node {self.node_id} does not serve {msg.op!r}")))
             return
+        handler, role = entry
+        principal = getattr(reply, "principal", TRUSTED)
+        if not principal.allows(role):
+            reply.reply(error_response(PermissionDenied(
+                f"{msg.op!r} needs the {role} role; the caller's key has the {principal.role} role")))
+            return
         try:
-            h(from_id, msg, reply)
+            handler(from_id, msg, reply)
         except Exception as e:  # noqa: BLE001 - a bad request never takes the node down
             log.warning("node %s: %r request failed: %s", self.node_id, msg.op, e)
             reply.reply(error_response(e))
 
-    def set_client_handler(self, op: str, handler: Callable[[int, ClientRequest, Any], None] | None) -> None:
+    def _reply_metrics(self, _from_id: int, _msg: ClientRequest, reply: Any) -> None:
+        reply.reply(ClientResponse(True, self.metrics().to_dict()))
+
+    def set_client_handler(self, op: str, handler: Callable[[int, ClientRequest, Any], None] | None, *,
+                           role: str = "client") -> None:
         """Serve ``ClientRequest(op, ...)`` messages arriving on this node's transport.
 
         ``handler(from_id, request, reply)`` runs on the transport's thread and
         must not block: use the ``*_async`` calls and ``reply.reply(...)`` from
         a future's callback.  ``None`` removes the handler.  The op
         ``"metrics"`` is built in: it answers with ``metrics().to_dict()``.
+
+        ``role`` is what the caller's key must carry (``"reader"``,
+        ``"client"`` or ``"admin"``; see ``pyraft.network.Principal``): a
+        caller below it gets ``PermissionDenied``.  Without CURVE every
+        caller is trusted.  The built-in ``"metrics"`` needs ``"reader"``.
         """
         if type(op) is not str:
             raise TypeError(f"op must be a str, got {type(op).__name__}")
         if handler is not None and not callable(handler):
             raise TypeError(f"handler must be callable or None, got {type(handler).__name__}")
+        if role not in OP_ROLES:
+            raise ValueError(f"role must be one of {', '.join(OP_ROLES)}, got {role!r}")
+        if op == "metrics":
+            raise ValueError("'metrics' is built in")
         if handler is None:
             self._client_handlers.pop(op, None)
         else:
-            self._client_handlers[op] = handler
+            self._client_handlers[op] = (handler, role)
 
     def _api(self, fn: Callable[[Any], Any]) -> Future:
         fut: Future = Future()
@@ -327,6 +355,9 @@ class Raft:
         """Stop every thread of this node and close its transport.  Idempotent; from any thread.
 
         Pending calls fail with ``ShutDown``; what was durable stays durable.
+        A node that stopped as ``Fatal`` keeps its transport open until this
+        call: it answers ``"metrics"`` (state Fatal, with the reason in
+        ``error``) and fails every other request with ``Fatal``.
         From a user's thread it returns once every thread of the node has
         ended and the shutdown hooks have run (``Timeout`` if that takes longer
         than ``timeout``).
@@ -365,6 +396,8 @@ class Raft:
             core.join(timeout)
             if core.is_alive():
                 raise Timeout(f"node {self.node_id} did not stop within {timeout} s")
+            if core.fatal is not None:
+                core.close_transport()  # kept open while Fatal (RaftCore._teardown); idempotent
             hooks, self._shutdown_hooks = self._shutdown_hooks, []
         for hook in hooks:
             try:

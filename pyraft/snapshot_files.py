@@ -117,6 +117,27 @@ def read_records(f: BinaryIO, magic: bytes, version: int, meta: SnapshotMeta, en
         raise StorageError("snapshot file checksum mismatch")
 
 
+def read_header(f: BinaryIO, magic: bytes, version: int, what: str) -> SnapshotMeta:
+    """The meta in the header of the stream in ``f`` (only the header is read; nothing else is checked).
+
+    Raises StorageError (CodecError for a meta that does not decode).
+    """
+    f.seek(0)
+    if f.read(len(magic)) != magic:
+        raise StorageError(f"not a pyraft {what}")
+    unpacker = msgpack.Unpacker(f, raw=False, use_list=True, strict_map_key=False, max_buffer_size=CHUNK)
+    try:
+        rec = next(unpacker)
+    except (StopIteration, msgpack.UnpackException, ValueError) as e:
+        raise StorageError(f"{what}: no readable header: {e}") from None
+    if type(rec) is not dict or rec.get("version") != version:
+        raise StorageError(f"unknown snapshot header {str(rec)[:80]!r}")
+    meta = snapshot_meta_from_wire(rec.get("meta"))
+    if meta is None:
+        raise StorageError(f"{what}: the header holds no snapshot meta")
+    return meta
+
+
 def _private(path: str, flags: int) -> int:
     """``open()``'s opener for snapshot files: created 0600, as they hold all the data."""
     return os.open(path, flags, 0o600)

@@ -268,7 +268,12 @@ class LmdbEnv:
 
     Writable mode: ``root`` is created if absent, ``root/lock_name`` is
     flock()ed for the object's lifetime, and :meth:`write` grows the map
-    (doubling, up to ``max_map_size``) when LMDB reports it full.  Read-only
+    (doubling, up to ``max_map_size``) when LMDB reports it full.  ``prepare``,
+    if given, is called with the environment's path once the lock is held and
+    before LMDB opens it (a store may discard an environment it cannot trust).
+    ``sync=False`` commits without fsync (LMDB's NOSYNC and NOMETASYNC): a
+    process crash loses nothing, an operating-system crash may lose or tear the
+    writes since the last :meth:`sync`.  Read-only
     mode (``lock_name=None``, ``readonly=True``): no lock file is taken and the
     environment must exist; it works while the owner writes in another
     process.  Thread-safe: transactions from any thread; never nest them.
@@ -277,7 +282,7 @@ class LmdbEnv:
     def __init__(self, root: str | os.PathLike, env_name: str, lock_name: str | None, *, what: str,
                  readonly: bool = False, sync: bool = True, map_size: int = DEFAULT_MAP_SIZE,
                  max_map_size: int = DEFAULT_MAX_MAP_SIZE, max_readers: int = DEFAULT_MAX_READERS,
-                 max_dbs: int = 8) -> None:
+                 max_dbs: int = 8, prepare: Callable[[str], None] | None = None) -> None:
         self.root = os.path.abspath(os.fspath(root))
         self.env_path = os.path.join(self.root, env_name)
         self.what = what
@@ -302,6 +307,8 @@ class LmdbEnv:
         assert lock_name is not None
         self._lock_fd = _lock_file(os.path.join(self.root, lock_name), what, self.root)
         try:
+            if prepare is not None:
+                prepare(self.env_path)
             self._env = self._open_writable(sync, map_size, max_readers, max_dbs)
         except BaseException:
             os.close(self._lock_fd)
@@ -449,6 +456,16 @@ class LmdbEnv:
                     raise
                 self._gate.release_shared()
                 return result
+
+    def sync(self) -> None:
+        """Flush every committed write transaction to disk (fsync); a no-op cost when nothing is unsynced."""
+        self._gate.acquire_shared()
+        try:
+            self._live().sync(True)
+        except lmdb.Error as e:
+            raise _storage_error(self.what, self.env_path, e) from None
+        finally:
+            self._gate.release_shared()
 
     def _grow_exclusive(self) -> None:
         """Double the map (the gate is held exclusive); Fatal past max_map_size."""

@@ -13,18 +13,21 @@ store object to a new ``Raft``.
 """
 from __future__ import annotations
 
+import bisect
 import io
 import threading
 import uuid
-from typing import Any, BinaryIO, Sequence
+from contextlib import contextmanager
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 import msgpack
 
 from pyraft.codec import decode_entry, encode_entry, snapshot_meta_from_wire, snapshot_meta_to_wire
 from pyraft.engine.commands import AppendToLog, PurgeLog, SaveCommitted, SaveVote, TruncateLog
 from pyraft.errors import CodecError, StorageError
-from pyraft.kv.commands import (DEFAULT_SESSION_TTL, Session, apply_command, decode_key, decode_value,
-                                encode_key)
+from pyraft.kv.commands import DEFAULT_SESSION_TTL, DEFAULT_WATCH_HISTORY, Session, apply_command
+from pyraft.kv.encoding import decode_key, decode_value, encode_key, record_header, record_value
+from pyraft.kv.reads import ApplyListeners, KVReads
 from pyraft.storage import LogOp, LogState
 from pyraft.types import Entry, EntryKind, LogId, SnapshotMeta, StoredMembership, Vote, log_index
 
@@ -141,88 +144,207 @@ class MemoryLogStore:
 # ---------------------------------------------------------------------------
 
 class _MemoryBackend:
-    """A KVBackend over the state machine's dicts, with an undo log for the batch."""
+    """A KVBackend over the state machine's containers, with an undo log for the batch."""
 
-    def __init__(self, data: dict[bytes, bytes], sessions: dict[bytes, Session]) -> None:
-        self.data = data
-        self.sessions = sessions  # insertion order == order of Session.index
-        self.undo: list[tuple[str, bytes, Any]] = []
+    def __init__(self, st: "_MemoryState") -> None:
+        self.st = st
+        self.undo: list[Callable[[], None]] = []
+        self.lease_changes: list[tuple[int, float | None]] = []
+        self._ev_rev = 0
+        self._ev_sub = 0
 
     def get(self, key: bytes) -> bytes | None:
-        return self.data.get(key)
+        return self.st.data.get(key)
 
-    def put(self, key: bytes, value: bytes) -> None:
-        self.undo.append(("d", key, self.data.get(key)))
-        self.data[key] = value
+    def put(self, key: bytes, record: bytes) -> None:
+        st = self.st
+        old = st.data.get(key)
+        if old is None:
+            bisect.insort(st.keys, key)
+            self.undo.append(lambda: (st.data.pop(key), st.keys.remove(key)))
+        else:
+            self.undo.append(lambda: st.data.__setitem__(key, old))
+        st.data[key] = record
 
-    def delete(self, key: bytes) -> bool:
-        if key not in self.data:
-            return False
-        self.undo.append(("d", key, self.data.pop(key)))
-        return True
+    def delete(self, key: bytes) -> None:
+        st = self.st
+        old = st.data.pop(key)
+        st.keys.remove(key)
+
+        def undo() -> None:
+            st.data[key] = old
+            bisect.insort(st.keys, key)
+        self.undo.append(undo)
+
+    def scan(self, start: bytes, stop: bytes) -> Iterator[tuple[bytes, bytes]]:
+        return self.st.scan(start, stop)
+
+    def add_event(self, revision: int, event: bytes) -> None:
+        if revision != self._ev_rev:
+            self._ev_rev, self._ev_sub = revision, 0
+        else:
+            self._ev_sub += 1
+        ev = self.st.events
+        ev.append((revision, self._ev_sub, event))
+        self.undo.append(ev.pop)
+
+    def get_lease(self, lease_id: int) -> float | None:
+        return self.st.leases.get(lease_id)
+
+    def put_lease(self, lease_id: int, ttl: float) -> None:
+        st = self.st
+        st.leases[lease_id] = ttl
+        st.lease_keys[lease_id] = set()
+        self.undo.append(lambda: (st.leases.pop(lease_id), st.lease_keys.pop(lease_id)))
+        self.lease_changes.append((lease_id, ttl))
+
+    def delete_lease(self, lease_id: int) -> None:
+        st = self.st
+        ttl, keys = st.leases.pop(lease_id), st.lease_keys.pop(lease_id)
+        self.undo.append(lambda: (st.leases.__setitem__(lease_id, ttl), st.lease_keys.__setitem__(lease_id, keys)))
+        self.lease_changes.append((lease_id, None))
+
+    def attach(self, lease_id: int, key: bytes) -> None:
+        keys = self.st.lease_keys[lease_id]
+        keys.add(key)
+        self.undo.append(lambda: keys.discard(key))
+
+    def detach(self, lease_id: int, key: bytes) -> None:
+        keys = self.st.lease_keys[lease_id]
+        keys.discard(key)
+        self.undo.append(lambda: keys.add(key))
+
+    def lease_keys(self, lease_id: int) -> list[bytes]:
+        return sorted(self.st.lease_keys[lease_id])
 
     def get_session(self, client: bytes) -> Session | None:
-        return self.sessions.get(client)
+        return self.st.sessions.get(client)
 
     def put_session(self, client: bytes, session: Session, old: Session | None) -> None:
-        self.undo.append(("s", client, self.sessions.pop(client, None)))
-        self.sessions[client] = session  # re-inserted last: the dict stays ordered by index
+        sessions = self.st.sessions
+        prev = sessions.pop(client, None)
+        sessions[client] = session  # re-inserted last: the dict stays ordered by index
+
+        def undo() -> None:
+            sessions.pop(client, None)
+            if prev is not None:
+                sessions[client] = prev  # (its place in the order may change: rollback is for tests' failures)
+        self.undo.append(undo)
 
     def expire_sessions(self, before_index: int) -> None:
-        while self.sessions:
-            client, s = next(iter(self.sessions.items()))
+        sessions = self.st.sessions
+        while sessions:
+            client, s = next(iter(sessions.items()))
             if s.index >= before_index:
                 return
-            self.undo.append(("s", client, self.sessions.pop(client)))
+            sessions.pop(client)
+            self.undo.append(lambda c=client, s=s: sessions.__setitem__(c, s))
+
+    def compact_events(self, before: int) -> None:
+        ev = self.st.events
+        n = bisect.bisect_left(ev, (before,))
+        if n:
+            gone = ev[:n]
+            del ev[:n]
+            self.undo.append(lambda: ev.__setitem__(slice(0, 0), gone))
 
     def rollback(self) -> None:
-        for kind, k, old in reversed(self.undo):
-            target: dict = self.data if kind == "d" else self.sessions
-            if old is None:
-                target.pop(k, None)
-            else:
-                target[k] = old
+        for fn in reversed(self.undo):
+            fn()
         self.undo.clear()
 
 
-_SNAPSHOT_VERSION = 1
+class _MemoryState:
+    """Everything a MemoryStateMachine holds but its snapshot (guarded by the machine's lock)."""
+
+    def __init__(self) -> None:
+        self.data: dict[bytes, bytes] = {}
+        self.keys: list[bytes] = []  # sorted: the keys of data
+        self.sessions: dict[bytes, Session] = {}
+        self.events: list[tuple[int, int, bytes]] = []  # the watch history, in order
+        self.leases: dict[int, float] = {}
+        self.lease_keys: dict[int, set[bytes]] = {}
+        self.history_floor = 1
+        self.last_applied: LogId | None = None
+        self.membership: StoredMembership | None = None
+
+    def scan(self, start: bytes, stop: bytes) -> Iterator[tuple[bytes, bytes]]:
+        keys = self.keys
+        i = bisect.bisect_left(keys, start)
+        j = bisect.bisect_left(keys, stop)
+        return iter([(k, self.data[k]) for k in keys[i:j]])
 
 
-class MemoryStateMachine:
+class _MemoryView:
+    """A KVView of a MemoryStateMachine (its lock is held while the view is used)."""
+
+    def __init__(self, st: _MemoryState, history: int) -> None:
+        self.st = st
+        self.revision = log_index(st.last_applied)
+        self.history_start = max(st.history_floor, self.revision + 1 - history)
+
+    def scan(self, start: bytes, stop: bytes) -> Iterator[tuple[bytes, bytes]]:
+        return self.st.scan(start, stop)
+
+    def count(self, start: bytes, stop: bytes) -> int:
+        keys = self.st.keys
+        return max(0, bisect.bisect_left(keys, stop) - bisect.bisect_left(keys, start))
+
+    def events(self, revision: int, sub: int) -> Iterator[tuple[int, int, bytes]]:
+        ev = self.st.events
+        return iter(ev[bisect.bisect_left(ev, (revision, sub)):])
+
+    def leases(self) -> Iterator[tuple[int, float]]:
+        return iter(sorted(self.st.leases.items()))
+
+
+_SNAPSHOT_VERSION = 2
+
+
+class MemoryStateMachine(KVReads, ApplyListeners):
     """A :class:`~pyraft.storage.StateMachine` running KV commands in memory.  Test-only.
 
-    Same commands and results as :class:`pyraft.kv.KVStateMachine`.  A
-    snapshot is one msgpack value held in memory; ``open_snapshot`` returns
-    an ``io.BytesIO`` over it.  Local reads: :meth:`get`, :meth:`items`.
+    Same commands, results, watch history and listeners as
+    :class:`pyraft.kv.KVStateMachine`.  A snapshot is one msgpack value held
+    in memory; ``open_snapshot`` returns an ``io.BytesIO`` over it.  Local
+    reads: :meth:`get`, :meth:`items`, :meth:`range`, :meth:`events`, ...
     """
 
-    def __init__(self, *, session_ttl: int = DEFAULT_SESSION_TTL) -> None:
+    def __init__(self, *, session_ttl: int = DEFAULT_SESSION_TTL, watch_history: int = DEFAULT_WATCH_HISTORY) -> None:
         self._session_ttl = session_ttl
-        # _lock guards every field below: apply/install change them under it,
+        self._history = watch_history
+        # _lock guards _st and _snapshot: apply/install change them under it,
         # readers and the snapshot builder copy under it.
         self._lock = threading.Lock()
-        self._data: dict[bytes, bytes] = {}
-        self._sessions: dict[bytes, Session] = {}
-        self._last_applied: LogId | None = None
-        self._membership: StoredMembership | None = None
+        self._st = _MemoryState()
         self._snapshot: tuple[SnapshotMeta, bytes] | None = None
 
     # -- reads --------------------------------------------------------------------
 
+    @contextmanager
+    def view(self) -> Iterator[_MemoryView]:
+        with self._lock:
+            yield _MemoryView(self._st, self._history)
+
     def get(self, key: Any) -> Any:
         k = encode_key(key)
         with self._lock:
-            raw = self._data.get(k)
-        return None if raw is None else decode_value(raw)
+            raw = self._st.data.get(k)
+        return None if raw is None else decode_value(record_value(raw))
 
     def items(self) -> list[tuple[Any, Any]]:
         with self._lock:
-            rows = sorted(self._data.items())
-        return [(decode_key(k), decode_value(v)) for k, v in rows]
+            rows = [(k, self._st.data[k]) for k in self._st.keys]
+        return [(decode_key(k), decode_value(record_value(v))) for k, v in rows]
 
     def applied_state(self) -> tuple[LogId | None, StoredMembership | None]:
         with self._lock:
-            return self._last_applied, self._membership
+            return self._st.last_applied, self._st.membership
+
+    @property
+    def revision(self) -> int:
+        with self._lock:
+            return log_index(self._st.last_applied)
 
     # -- apply ------------------------------------------------------------------------
 
@@ -230,15 +352,16 @@ class MemoryStateMachine:
         if not entries:
             return []
         with self._lock:
-            expect = log_index(self._last_applied) + 1
+            st = self._st
+            expect = log_index(st.last_applied) + 1
             for e in entries:
                 if e.index != expect:
                     raise StorageError(f"state machine: entry {e.log_id} applied out of order "
                                        f"(next expected index {expect})")
                 expect += 1
-            backend = _MemoryBackend(self._data, self._sessions)
+            backend = _MemoryBackend(st)
             results: list[Any] = []
-            membership = self._membership
+            membership = st.membership
             try:
                 for e in entries:
                     if e.kind == EntryKind.NORMAL:
@@ -247,23 +370,28 @@ class MemoryStateMachine:
                         if e.kind == EntryKind.MEMBERSHIP:
                             membership = StoredMembership(e.log_id, e.payload)
                         results.append(None)
+                backend.compact_events(entries[-1].index + 1 - self._history)
             except BaseException:
                 backend.rollback()
                 raise
-            self._last_applied = entries[-1].log_id
-            self._membership = membership
-            return results
+            st.last_applied = entries[-1].log_id
+            st.membership = membership
+        if self._listeners:
+            self._notify(entries[-1].index, tuple(backend.lease_changes))
+        return results
 
     # -- snapshots ------------------------------------------------------------------------
 
     def build_snapshot(self) -> SnapshotMeta:
         with self._lock:
-            data = list(self._data.items())
-            sessions = [(c, s.to_bytes()) for c, s in self._sessions.items()]
-            last, membership = self._last_applied, self._membership
+            st = self._st
+            data = [(k, st.data[k]) for k in st.keys]
+            sessions = [(c, s.to_bytes()) for c, s in st.sessions.items()]
+            leases = sorted(st.leases.items())
+            last, membership = st.last_applied, st.membership
         meta = SnapshotMeta(last, membership, f"{last or 'empty'}-{uuid.uuid4().hex[:12]}")
         blob = msgpack.packb({"version": _SNAPSHOT_VERSION, "meta": snapshot_meta_to_wire(meta),
-                              "data": data, "sessions": sessions}, use_bin_type=True)
+                              "data": data, "sessions": sessions, "leases": leases}, use_bin_type=True)
         with self._lock:
             if self._snapshot is None or _newer(meta, self._snapshot[0]):
                 self._snapshot = (meta, blob)
@@ -289,12 +417,23 @@ class MemoryStateMachine:
             blob = data.read()
         finally:
             data.close()
+        st = _MemoryState()
         try:
             v = msgpack.unpackb(blob, raw=False, use_list=True, strict_map_key=False)
             if type(v) is not dict or v.get("version") != _SNAPSHOT_VERSION:
                 raise CodecError("not a pyraft memory snapshot of a known version")
             snapshot_meta_from_wire(v["meta"])  # validates
-            new_data = {bytes(k): bytes(val) for k, val in v["data"]}
+            for lease_id, ttl in v["leases"]:
+                st.leases[int(lease_id)] = float(ttl)
+                st.lease_keys[int(lease_id)] = set()
+            for k, rec in v["data"]:
+                k, rec = bytes(k), bytes(rec)
+                decode_key(k)
+                lease = record_header(rec)[3]
+                if lease:
+                    st.lease_keys[lease].add(k)
+                st.data[k] = rec
+            st.keys = sorted(st.data)
             rows = [(bytes(c), Session.from_bytes(s)) for c, s in v["sessions"]]
         except CodecError as e:
             raise CodecError(f"state machine: snapshot {meta.snapshot_id} is malformed: {e}") from None
@@ -302,12 +441,14 @@ class MemoryStateMachine:
             raise CodecError(f"state machine: snapshot {meta.snapshot_id} is malformed: "
                              f"{e.__class__.__name__}: {e}") from None
         rows.sort(key=lambda r: r[1].index)
+        st.sessions = dict(rows)
+        st.last_applied = meta.last_log_id
+        st.membership = meta.last_membership
+        st.history_floor = log_index(meta.last_log_id) + 1
         with self._lock:
-            self._data = new_data
-            self._sessions = dict(rows)
-            self._last_applied = meta.last_log_id
-            self._membership = meta.last_membership
+            self._st = st
             self._snapshot = (meta, blob)
+        self._notify(log_index(meta.last_log_id), None)
 
     def close(self) -> None:
         """Nothing to release; the state stays for a simulated restart."""

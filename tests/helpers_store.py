@@ -14,7 +14,7 @@ import time
 import pytest
 
 from pyraft.engine.commands import AppendToLog, PurgeLog, SaveCommitted, SaveVote, TruncateLog
-from pyraft.errors import RaftError, StorageError
+from pyraft.errors import Compacted, LeaseNotFound, RaftError, StorageError
 from pyraft.kv.commands import KVCommandError
 from pyraft.storage import LogState, LogStore, StateMachine
 from pyraft.types import Entry, EntryKind, LogId, Membership, Node, StoredMembership, Vote
@@ -262,12 +262,12 @@ def normal(i: int, cmd, term: int = 1) -> Entry:
     return Entry(LogId(term, i), EntryKind.NORMAL, cmd)
 
 
-def put(k, v, **s):
-    return {"op": "put", "key": k, "value": v, **s}
+def put(k, v, lease=None, **s):
+    return {"op": "put", "key": k, "value": v, **({} if lease is None else {"lease": lease}), **s}
 
 
-def cas(k, e, v, **s):
-    return {"op": "cas", "key": k, "expected": e, "value": v, **s}
+def cas(k, e, v, lease=None, **s):
+    return {"op": "cas", "key": k, "expected": e, "value": v, **({} if lease is None else {"lease": lease}), **s}
 
 
 def delete(k, **s):
@@ -507,6 +507,255 @@ class KVContract:
         assert dst.apply([normal(3, put("c", 3))]) == [None]
         assert dst.items() == [("a", 1), ("b", 2), ("c", 3)]
         assert meta.last_log_id == LogId(1, 2)
+
+    # ------------------------------------------------------------------ revisions, ranges, history
+
+    def test_revisions_and_versions(self, make_sm):
+        sm = make_sm("a")
+        ap = Applier(sm)
+        ap(put("k", 1), put("other", 0), put("k", 2))            # revisions 1, 2, 3
+        [kv] = sm.range("k")
+        assert (kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.version, kv.lease) == ("k", 2, 1, 3, 2, 0)
+        assert ap(cas("k", 2, 3)) is True                          # 4: a swap is a put
+        assert ap(cas("k", 2, 9)) is False                         # 5: no change
+        assert sm.range("k")[0].mod_revision == 4 and sm.range("k")[0].version == 3
+        assert ap(delete("k")) is True                             # 6
+        assert sm.range("k") == [] and sm.range("k").revision == 6
+        ap(put("k", "again"))                                      # 7: created anew
+        kv = sm.range("k")[0]
+        assert (kv.create_revision, kv.mod_revision, kv.version) == (7, 7, 1)
+        assert sm.revision == 7
+
+    def test_keys_sort_by_type_then_value_and_prefixes_are_contiguous(self, make_sm):
+        sm = make_sm("a")
+        keys = [None, False, True, -2**63, -1, 0, 1, 2**64 - 1, float("-inf"), -0.5, -0.0, 0.0, 2.5,
+                "", "a", "a\x00", "aa", "b", "\u00e9", b"", b"\x00", b"a", ("a",), ("a", 1), ("a", "b"),
+                ("a\x00",), ("aa",), (("x",),)]
+        ap = Applier(sm)
+        ap(*[put(k, i) for i, k in enumerate(reversed(keys))])
+        # (1 == 1.0 == True in Python: compare by type and repr)
+        assert [(type(k), repr(k)) for k, _v in sm.items()] == [(type(k), repr(k)) for k in keys]
+        assert [kv.key for kv in sm.range("", prefix=True)] == ["", "a", "a\x00", "aa", "b", "\u00e9"]
+        assert [kv.key for kv in sm.range("a", prefix=True)] == ["a", "a\x00", "aa"]
+        assert [kv.key for kv in sm.range(b"", prefix=True)] == [b"", b"\x00", b"a"]
+        assert [kv.key for kv in sm.range(("a",), prefix=True)] == [("a",), ("a", 1), ("a", "b")]
+        assert [kv.key for kv in sm.range(-1, 2)] == [-1, 0, 1]
+        assert [kv.key for kv in sm.range("a", "b")] == ["a", "a\x00", "aa"]
+        assert [kv.key for kv in sm.range(0.0)] == [0.0] and [kv.key for kv in sm.range(-0.0)] == [-0.0]
+        for bad in (1, None, 2.5):
+            with pytest.raises(KVCommandError, match="prefix"):
+                sm.range(bad, prefix=True)
+
+    def test_range_limit_count_more_and_keys_only(self, make_sm):
+        sm = make_sm("a")
+        Applier(sm)(*[put(f"p/{i:02}", i) for i in range(10)], put("q", 1))
+        r = sm.range("p/", prefix=True, limit=3)
+        assert [kv.key for kv in r] == ["p/00", "p/01", "p/02"]
+        assert (r.count, r.more, r.revision) == (10, True, 11)
+        r = sm.range("p/", prefix=True, limit=10, keys_only=True)
+        assert r.count == 10 and not r.more and all(kv.value is None for kv in r)
+        assert sm.count("p/", prefix=True) == 10 and sm.count("", prefix=True) == 11
+        assert sm.count("zzz") == 0
+
+    def test_every_change_leaves_an_event_in_the_history(self, make_sm):
+        sm = make_sm("a")
+        ap = Applier(sm)
+        ap(put("a", 1), put("b", 2), delete("a"), delete("nope"), cas("b", 2, 3), cas("b", 0, 4), get("b"))
+        ev, nxt = sm.events("", prefix=True, start_revision=1)
+        assert [(e.type, e.key, e.value, e.revision) for e in ev] == [
+            ("put", "a", 1, 1), ("put", "b", 2, 2), ("delete", "a", None, 3), ("put", "b", 3, 5)]
+        assert nxt == 8
+        assert [e.revision for e in sm.events("b", start_revision=3)[0]] == [5]
+        assert sm.events("a", start_revision=nxt) == ([], 8)
+        assert sm.events("a")[0] == []  # None: only what comes after now
+
+    def test_the_history_keeps_a_window_of_revisions(self, make_sm):
+        sm = make_sm("a", watch_history=5)
+        ap = Applier(sm)
+        ap(*[put("k", i) for i in range(1, 11)])                   # revisions 1..10
+        ev, _ = sm.events("k", start_revision=6)
+        assert [e.value for e in ev] == [6, 7, 8, 9, 10]
+        with pytest.raises(Compacted, match="revision 5 is compacted"):
+            sm.events("k", start_revision=5)
+
+    # ------------------------------------------------------------------ leases
+
+    def test_leases_attach_keys_and_revoke_deletes_exactly_them(self, make_sm):
+        sm = make_sm("a")
+        ap = Applier(sm)
+        lid = ap(lease_grant(10))
+        assert lid == 1 and sm.leases() == (1, {1: 10.0})
+        other = ap(lease_grant(5.5))
+        ap(put("e/1", 1, lease=lid), put("e/2", 2, lease=lid), put("e/3", 3, lease=other), put("plain", 0))
+        ap(put("e/2", 22))                                         # a put without the lease detaches it
+        ap(put("e/4", 4, lease=lid), delete("e/4"))                # a delete detaches too
+        assert sm.range("e/1")[0].lease == lid and sm.range("e/2")[0].lease == 0
+        assert ap(put("x", 1, lease=999)) == LeaseNotFound("put: lease 999 not found")
+        assert ap(cas("x", None, 1, lease=999)) == LeaseNotFound("cas: lease 999 not found")
+        assert sm.get("x") is None
+        before = sm.revision
+        assert ap(lease_revoke(lid)) is True
+        assert sm.get("e/1") is None and sm.get("e/2") == 22 and sm.get("e/3") == 3 and sm.get("plain") == 0
+        ev, _ = sm.events("", prefix=True, start_revision=before + 1)
+        assert [(e.type, e.key, e.revision) for e in ev] == [("delete", "e/1", before + 1)]
+        assert ap(lease_revoke(lid)) is False
+        assert ap(put("y", 1, lease=lid)) == LeaseNotFound(f"put: lease {lid} not found")
+        assert sm.leases()[1] == {other: 5.5}
+
+    def test_lease_grants_are_validated(self, make_sm):
+        sm = make_sm("a")
+        ap = Applier(sm)
+        for bad in (0, 0.5, -1, float("inf"), float("nan"), "10", True, None, 2e9):
+            assert isinstance(ap(lease_grant(bad)), KVCommandError), bad
+        for bad in (-1, "1", 1.5, 2**64):
+            assert isinstance(ap(lease_revoke(bad)), KVCommandError), bad
+            assert isinstance(ap(put("k", 1, lease=bad)), KVCommandError), bad
+        assert sm.leases()[1] == {} and sm.items() == []
+
+    def test_apply_listeners_hear_of_every_batch_and_its_lease_changes(self, make_sm):
+        sm = make_sm("a")
+        heard = []
+        sm.add_apply_listener(lambda rev, changes: heard.append((rev, changes)))
+        ap = Applier(sm)
+        ap(put("a", 1))
+        lid = ap(lease_grant(3))
+        ap(put("b", 1, lease=lid), lease_revoke(lid))
+        assert heard == [(1, ()), (2, ((2, 3.0),)), (4, ((2, None),))]
+
+    # ------------------------------------------------------------------ transactions
+
+    def test_txn_compares_every_target_and_runs_one_branch(self, make_sm):
+        sm = make_sm("a")
+        ap = Applier(sm)
+        lid = ap(lease_grant(10))                                          # 1
+        ap(put("k", 5, lease=lid), put("k", 6, lease=lid))                 # 2, 3: version 2
+        cases = [("value", "==", 6, True), ("value", "!=", 6, False), ("value", "<", 7, True),
+                 ("value", ">", 7, False), ("version", "==", 2, True), ("create_revision", "==", 2, True),
+                 ("mod_revision", ">", 2, True), ("mod_revision", "<", 3, False), ("lease", "==", lid, True),
+                 ("version", "!=", 2, False)]
+        for target, op, value, held in cases:
+            r = ap(txn([cmp("k", target, op, value)], [get("k")], [get("nope")]))
+            assert r[0] is held, (target, op, value)
+            assert r[1] == ([[6, 2, 3, 2, lid]] if held else [None])
+        # a missing key: version and revisions 0, and every compare on its value fails
+        assert ap(txn([cmp("gone", "version", "==", 0), cmp("gone", "create_revision", "<", 1)], [], []))[0] is True
+        for op in ("==", "!=", "<", ">"):
+            assert ap(txn([cmp("gone", "value", op, 1)], [], []))[0] is False
+        assert isinstance(ap(txn([cmp("k", "value", "<", "a string")], [], [])), KVCommandError)
+
+    def test_txn_ops_run_in_order_at_one_revision(self, make_sm):
+        sm = make_sm("a")
+        ap = Applier(sm)
+        ap(put("acct/a", 10), put("acct/b", 0))
+        r = ap(txn([cmp("acct/a", "value", "==", 10)],
+                   [put("acct/a", 7), put("acct/b", 3), get("acct/a"), delete("acct/x"),
+                    {"op": "range", "key": "acct/", "prefix": True, "limit": 1}], []))
+        assert r == [True, [None, None, [7, 1, 3, 2, 0], False, [[["acct/a", 7, 1, 3, 2, 0]], True]], 3]
+        ev, _ = sm.events("acct/", prefix=True, start_revision=3)
+        assert [(e.key, e.value, e.revision) for e in ev] == [("acct/a", 7, 3), ("acct/b", 3, 3)]
+
+    def test_a_txn_is_all_or_nothing(self, make_sm):
+        sm = make_sm("a")
+        ap = Applier(sm)
+        ap(put("a", 1))
+        # The chosen branch puts to a lease that does not exist: nothing of it happens.
+        r = ap(txn([], [put("a", 2), put("b", 2, lease=77)], []))
+        assert r == LeaseNotFound("txn put: lease 77 not found")
+        bad = [txn("x", [], []), txn([], "x", []), txn([{"key": "a"}], [], []),
+               txn([cmp("a", "size", "==", 1)], [], []), txn([cmp("a", "version", "~", 1)], [], []),
+               txn([cmp("a", "version", "==", "1")], [], []), txn([], [{"op": "cas", "key": "a"}], []),
+               txn([], [put("a", 3)], [{"op": "put", "key": {"m": 1}, "value": 1}]),
+               txn([], [put("a", 3)] * 129, []), txn([cmp("a", "version", "==", 1)] * 129, [], [])]
+        for b in bad:
+            assert isinstance(ap(b), KVCommandError), b
+        assert sm.items() == [("a", 1)] and sm.range("a")[0].version == 1
+        ev, _ = sm.events("", prefix=True, start_revision=2)
+        assert ev == []
+
+    def test_a_retried_txn_is_applied_once(self, make_sm):
+        sm = make_sm("a")
+        ap = Applier(sm)
+        t = txn([cmp("n", "version", "==", 0)], [put("n", 1)], [get("n")], client="c", seq=1)
+        assert ap(t) == [True, [None], 1]
+        assert ap(t) == [True, [None], 1]
+        assert sm.range("n")[0].version == 1
+
+    def test_snapshots_keep_revisions_and_leases_and_the_history_starts_after_them(self, make_sm):
+        src = make_sm("src")
+        ap = Applier(src)
+        lid = ap(lease_grant(30))
+        ap(put("a", 1, lease=lid), put("a", 2, lease=lid), put("b", 1))
+        meta = src.build_snapshot()
+        m, f = src.open_snapshot()
+        dst = make_sm("dst")
+        heard = []
+        dst.add_apply_listener(lambda rev, changes: heard.append((rev, changes)))
+        sink = dst.begin_receiving_snapshot()
+        sink.write(f.read())
+        f.close()
+        dst.install_snapshot(m, sink)
+        assert heard == [(4, None)]
+        assert list(dst.range("", prefix=True)) == list(src.range("", prefix=True))
+        assert dst.leases() == (4, {lid: 30.0})
+        with pytest.raises(Compacted):
+            dst.events("a", start_revision=4)
+        assert dst.events("a", start_revision=5) == ([], 5)
+        dap = Applier(dst, start=5)
+        assert dap(lease_revoke(lid)) is True
+        assert dst.items() == [("b", 1)]
+        assert [e.type for e in dst.events("a", start_revision=5)[0]] == ["delete"]
+        assert meta.last_log_id == LogId(1, 4)
+
+    def test_history_and_leases_do_not_depend_on_batching(self, make_sm):
+        cmds = [lease_grant(10), put("a", 1, lease=1), txn([cmp("a", "version", "==", 1)],
+                                                            [put("b", 1), delete("a")], []),
+                put("c", 1, lease=1), lease_revoke(1), put("d", 2), lease_grant(4)]
+        one, many = make_sm("one", watch_history=3), make_sm("many", watch_history=3)
+        entries = [normal(i + 1, c) for i, c in enumerate(cmds)]
+        r1 = one.apply(entries)
+        r2 = []
+        for i in range(0, len(entries), 2):
+            r2 += many.apply(entries[i:i + 2])
+        assert r1 == r2
+        for sm in (one, many):
+            with pytest.raises(Compacted):
+                sm.events("", prefix=True, start_revision=4)
+        assert one.events("", prefix=True, start_revision=5) == many.events("", prefix=True, start_revision=5)
+        assert one.leases() == many.leases() == (7, {7: 4.0})
+        assert list(one.range("", prefix=True)) == list(many.range("", prefix=True))
+
+    def test_a_batch_reads_its_own_writes(self, make_sm):
+        # One batch applied whole (writes kept for its end, reads served from them) and the
+        # same entries one by one must agree on every result and on the state.
+        cmds = [put("a", 1), put("b", 1), get("a"), cas("a", 1, 2), delete("b"), get("b"), put("b", 3),
+                txn([cmp("b", "version", "==", 1)], [{"op": "range", "key": "", "prefix": True}], []),
+                lease_grant(10), put("c", 1, lease=9), put("a", 4, lease=9), lease_revoke(9), get("a"),
+                cas("c", None, 5), delete("zz"), put("a", 6),
+                txn([cmp("a", "value", "==", 6)], [delete("a"), get("a"), put("d", 1)], [])]
+        whole, single = make_sm("whole"), make_sm("single")
+        entries = [normal(i + 1, c) for i, c in enumerate(cmds)]
+        r1 = whole.apply(entries)
+        r2 = [single.apply([e])[0] for e in entries]
+        assert r1 == r2
+        assert r1[7] == [True, [[[["a", 2, 1, 4, 2, 0], ["b", 3, 7, 7, 1, 0]], False]], 8]
+        assert list(whole.range("", prefix=True)) == list(single.range("", prefix=True))
+        assert whole.events("", prefix=True, start_revision=1) == single.events("", prefix=True, start_revision=1)
+
+
+def lease_grant(ttl, **s):
+    return {"op": "lease_grant", "ttl": ttl, **s}
+
+
+def lease_revoke(lease_id, **s):
+    return {"op": "lease_revoke", "id": lease_id, **s}
+
+
+def cmp(key, target, op, value):
+    return {"key": key, "target": target, "op": op, "value": value}
+
+
+def txn(compare, success, failure, **s):
+    return {"op": "txn", "compare": compare, "success": success, "failure": failure, **s}
 
 
 def wait_for(pred, timeout: float = 10.0, interval: float = 0.01):

@@ -93,3 +93,21 @@ def wait_caught_up(c: LocalCluster, ids, timeout: float = 20.0) -> int:
     for i in ids:
         wait_for(lambda: applied(c, i) >= target, timeout, f"node {i} to apply index {target}")
     return target
+
+
+def random_faults(c: LocalCluster, rng: Any, seconds: float, *, pauses: bool = True) -> None:
+    """For ``seconds``: every 0.2-1.5 s hit a node (the leader 60% of the time): SIGKILL and restart it
+    after up to 1.5 s, or (with ``pauses``, half the time) SIGSTOP it for 0.1-1.5 s."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(rng.uniform(0.2, 1.5))
+        lead = c.leader()
+        victim = lead if (lead is not None and rng.random() < 0.6) else rng.choice(c.ids)
+        if not pauses or rng.random() < 0.5:
+            c.kill(victim)
+            time.sleep(rng.uniform(0.0, 1.5))
+            c.start(victim)
+        else:
+            c.signal(victim, signal.SIGSTOP)
+            time.sleep(rng.uniform(0.1, 1.5))
+            c.signal(victim, signal.SIGCONT)

@@ -237,15 +237,18 @@ def test_admin_ops_answer_forward_to_leader_and_reject_bad_bodies(cluster):
 
 def test_keygen_and_status_over_curve(tmp_path):
     keys, private = tmp_path / "keys", tmp_path / "private"
-    keys.mkdir()
+    for d in ("peers", "admins", "clients"):
+        (keys / d).mkdir(parents=True)
     for i in (1, 2, 3):
         generate_keys(private, str(i))
-        shutil.copy(private / f"{i}.key", keys / f"{i}.key")
+        shutil.copy(private / f"{i}.key", keys / "peers" / f"{i}.key")
     rc, out, err = admin("keygen", private, "--name", "ops")
     assert rc == 0 and "ops.key_secret" in out, err
     assert admin("keygen", private, "--name", "ops")[0] == 1  # exists
     assert admin("keygen", private, "--name", "ops", "--force")[0] == 0
-    shutil.copy(private / "ops.key", keys / "ops.key")  # allow the tool in
+    shutil.copy(private / "ops.key", keys / "admins" / "ops.key")  # allow the tool in, as an admin
+    generate_keys(private, "app")
+    shutil.copy(private / "app.key", keys / "clients" / "app.key")
 
     # One CurveConfig per node: its own secret, everyone in keys/ allowed.
     class CurveCluster(LmdbCluster):
@@ -259,12 +262,17 @@ def test_keygen_and_status_over_curve(tmp_path):
         c.initialize()
         curve = ["--curve-secret", str(private / "ops.key_secret"), "--curve-public", str(private / "ops.key"),
                  "--curve-keys-dir", str(keys)]
-        st = status(c.addrs[1], extra=curve + ["--curve-server-key", str(keys / "1.key")])
+        server_key = ["--curve-server-key", str(keys / "peers" / "1.key")]
+        st = status(c.addrs[1], extra=curve + server_key)
         assert {m["id"] for m in st["members"] if m["reachable"]} == {1, 2, 3}
         leader = c.leader().node_id
         target = next(i for i in (1, 2, 3) if i != leader)
-        rc, _, err = admin("transfer-leader", target, node=c.addrs[1],
-                           extra=curve + ["--curve-server-key", str(keys / "1.key")])
+        # A client key sees the status but may not change the cluster.
+        app = ["--curve-secret", str(private / "app.key_secret"), "--curve-keys-dir", str(keys)]
+        assert status(c.addrs[1], extra=app + server_key)["id"] == 1
+        rc, _, err = admin("transfer-leader", target, node=c.addrs[1], extra=app + server_key)
+        assert rc == 1 and "PermissionDenied" in err and "admin" in err, err
+        rc, _, err = admin("transfer-leader", target, node=c.addrs[1], extra=curve + server_key)
         assert rc == 0, err
         # Without keys the node does not talk to us: unreachable.
         rc, _, err = admin("status", node=c.addrs[1], extra=["--connect-timeout", "0.5"])
@@ -273,7 +281,7 @@ def test_keygen_and_status_over_curve(tmp_path):
         generate_keys(tmp_path / "stranger", "x")
         rc, _, _ = admin("status", node=c.addrs[1],
                          extra=["--connect-timeout", "0.5", "--curve-secret", str(tmp_path / "stranger" / "x.key_secret"),
-                                "--curve-server-key", str(keys / "1.key")])
+                                "--curve-server-key", str(keys / "peers" / "1.key")])
         assert rc == 2
     finally:
         c.close()

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import random
+import time
+import tracemalloc
 
 import msgpack
 import pytest
 
-from pyraft.codec import (FORMAT_VERSION, ClientRequest, ClientResponse, decode_entry, decode_message,
-                          encode_entry, encode_message)
+from pyraft.codec import (CLIENT_REQUEST_TAG, FORMAT_VERSION, ClientRequest, ClientResponse, Envelope,
+                          container_budget, decode_body, decode_entries, decode_entry, decode_envelope,
+                          decode_message, encode_entries, encode_entry, encode_message)
 from pyraft.errors import CodecError
 from pyraft.messages import (AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest,
                              InstallSnapshotResponse, TimeoutNowRequest, TimeoutNowResponse, VoteRequest,
@@ -149,3 +152,114 @@ def test_deeply_nested_and_huge_declared_lengths():
         decode_message(b"\xdd\xff\xff\xff\xff", "c")
     with pytest.raises(CodecError):
         decode_message(b"\xc6\xff\xff\xff\xff" + b"x" * 10, "c")
+
+
+# ---------------------------------------------------------------------------
+# Bounded decoding: the envelope first, then a body within the frame's budget
+
+HEAD = b"\x96\x03\xa1c\x01\x07"  # [3, "c", from 1, request 7, ...
+
+
+def _array(n: int) -> bytes:
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def _client_frame(body: bytes) -> bytes:
+    return HEAD + bytes([CLIENT_REQUEST_TAG]) + b"\x92\xa2op" + body
+
+
+def _ae_frame(entries: list[bytes]) -> bytes:
+    bins = b"".join(b"\xc6" + len(e).to_bytes(4, "big") + e for e in entries)
+    return HEAD + b"\x01\x96\x05\x01\xc0" + _array(len(entries)) + bins + b"\x00\x00"
+
+
+def _peak(fn) -> tuple[int, float]:
+    """Bytes ``fn`` allocated at its peak (tracemalloc), and the seconds it took."""
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        fn()
+    finally:
+        dt = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak, dt
+
+
+def _worst_frames(size: int) -> dict[str, bytes]:
+    room = size - 64
+    deep = b"\x91" * 500 + b"\x90"
+    nested_entry = b"\x93\x05\x01" + _array(2000) + b"\x90" * 2000
+    return {
+        "empty arrays": _client_frame(_array(room) + b"\x90" * room),
+        "empty maps": _client_frame(_array(room) + b"\x80" * room),
+        "deep chains": _client_frame(_array(room // len(deep)) + deep * (room // len(deep))),
+        "ext values": _client_frame(_array(room // 3) + b"\xd4\x05\x00" * (room // 3)),
+        "entries of empty arrays": _ae_frame([nested_entry] * (room // (len(nested_entry) + 5))),
+        "one giant entry": _ae_frame([b"\x93\x05\x01" + _array(room - 40) + b"\x90" * (room - 40)]),
+    }
+
+
+def test_a_frame_of_another_cluster_is_refused_before_its_body_is_decoded():
+    body = _array(2_000_000) + b"\x90" * 2_000_000  # 2 MB of empty arrays: ~150 MB once decoded
+    frame = _client_frame(body)
+    for cluster in ("other", "c"):
+        data = frame.replace(b"\xa1c", b"\xa5other", 1) if cluster == "other" else frame
+        if cluster == "c":
+            data = data[:1] + b"\x04" + data[2:]  # an unknown format version
+        peak, _dt = _peak(lambda: pytest.raises(CodecError, decode_message, data, "c"))
+        assert peak < 64 * 1024, f"{peak} bytes allocated to refuse the frame by its envelope"
+    with pytest.raises(CodecError, match="cluster"):
+        decode_envelope(frame, "other")
+    with pytest.raises(CodecError, match="tag"):
+        decode_envelope(HEAD + b"\x63\x90", "c")
+    env = decode_envelope(frame, "c")
+    assert env == Envelope(from_id=1, request_id=7, tag=CLIENT_REQUEST_TAG, body_offset=len(HEAD) + 1)
+
+
+def test_envelope_and_body_decode_to_what_decode_message_gives():
+    for m in SAMPLES:
+        data = encode_message(m, "c", 300, 2**40)
+        env = decode_envelope(data, "c")
+        assert (env.from_id, env.request_id) == (300, 2**40)
+        assert decode_body(data, env) == decode_message(data, "c").message == m
+        assert decode_message(memoryview(data), "c").message == m
+        assert decode_envelope(data, None).from_id == 300  # any cluster
+
+
+def _decode_or_refuse(data: bytes) -> None:
+    try:
+        decode_message(data, "c")
+    except CodecError:
+        pass
+
+
+@pytest.mark.parametrize("kind", list(_worst_frames(7000)))
+def test_a_frame_never_decodes_to_more_than_a_bounded_multiple_of_its_size(kind):
+    data = _worst_frames(1 << 18)[kind]
+    peak, _dt = _peak(lambda: _decode_or_refuse(data))
+    # 65-75 times the frame without the container budget; 22-27 times with it.
+    assert peak < 32 * len(data), f"{kind}: {peak / len(data):.1f} times the frame"
+
+
+def test_real_traffic_fits_the_container_budget():
+    pairs = [[i % 100, (i + 1) % 100] for i in range(200_000)]  # the densest real shape: 3 bytes a list
+    m = ClientRequest("x", {"pairs": pairs, "maps": [{"a": 1}] * 50_000})
+    assert decode_message(encode_message(m, "c", 1), "c").message == m
+    entries = tuple(Entry(LogId(3, 10 + i), EntryKind.NORMAL, {"op": "put", "key": f"k{i}", "value": [i, {"x": i}]})
+                    for i in range(2000))
+    ae = AppendEntriesRequest(3, 1, LogId(3, 9), entries, 9, 1)
+    assert decode_message(encode_message(ae, "c", 1), "c").message == ae
+    assert container_budget(3 * 10**6) == 10**6 + 4096
+
+
+def test_decoded_entries_are_ordinary_values():
+    entries = [Entry(LogId(4, 20 + i), kind, payload) for i, (kind, payload) in
+               enumerate([(EntryKind.NORMAL, {"a": [1]}), (EntryKind.BLANK, None), (EntryKind.MEMBERSHIP, M)])]
+    got = decode_entries(20, encode_entries(entries))
+    assert got == entries and hash(got[1]) == hash(entries[1])
+    assert got[0].log_id == LogId(4, 20) and got[0].log_id < LogId(4, 21)
+    with pytest.raises(AttributeError):
+        got[0].log_id.term = 9  # still frozen
+    with pytest.raises(CodecError):
+        decode_entries(1, [b"\x93\x01\x01\xc0", "not bytes"])

@@ -250,3 +250,18 @@ def test_serve_start_up_errors_are_one_line_with_exit_code_2(tmp_path):
     args6, _ = serve_args(tmp_path, data="bad", extra=["--config", str(cfg)])
     p = run(*args6, timeout=30)
     assert p.returncode == 2 and "election_timeout" in p.stderr and p.stderr.count("\n") == 1, p.stderr
+
+
+def test_serve_refuses_a_non_loopback_listen_without_curve_unless_insecure(tmp_path):
+    for listen in ("tcp://0.0.0.0:7001", "tcp://*:7001", "tcp://10.255.255.1:7001"):
+        args, _ = serve_args(tmp_path, data="open")
+        args[args.index("--listen") + 1] = listen
+        p = run(*args, timeout=30)
+        assert p.returncode == 2, p.stderr
+        assert p.stderr.count("\n") == 1 and "CURVE" in p.stderr and "--insecure" in p.stderr, p.stderr
+        assert not (tmp_path / "open").exists()  # refused before anything was touched
+    # --insecure passes the check: this address is not on this host, so binding it fails next.
+    args, _ = serve_args(tmp_path, data="open", extra=["--insecure"])
+    args[args.index("--listen") + 1] = "tcp://10.255.255.1:7001"
+    p = run(*args, timeout=30)
+    assert p.returncode == 2 and "cannot listen" in p.stderr, p.stderr

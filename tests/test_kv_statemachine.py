@@ -4,13 +4,14 @@ import signal
 import sys
 import threading
 
+import msgpack
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from helpers_store import M12, Applier, KVContract, get, normal, put, spawn_python  # noqa: E402
 
-from pyraft.errors import CodecError, StorageError  # noqa: E402
+from pyraft.errors import CodecError, Compacted, StorageError  # noqa: E402
 from pyraft.kv import KVCommandError, KVReader, KVStateMachine  # noqa: E402
 from pyraft.stores.lmdb import KV_ENV_NAME, KV_LOCK_NAME, LmdbLogStore, SNAPSHOT_DIR_NAME  # noqa: E402
 from pyraft.types import Entry, EntryKind, LogId, StoredMembership  # noqa: E402
@@ -312,3 +313,149 @@ def test_the_read_only_view_for_tools(tmp_path):
         KVReader.check_snapshot_file(status.snapshot_file, meta)
     with pytest.raises(StorageError):
         KVStateMachine.open_readonly(tmp_path / "nothing")
+
+
+# ---------------------------------------------------------------------------
+# Format 2 and durability without fsync on apply (issue 20)
+
+def test_a_format_1_store_is_refused_with_a_clear_error(tmp_path):
+    import lmdb as _lmdb
+    env = _lmdb.open(str(tmp_path / KV_ENV_NAME), max_dbs=8)
+    meta = env.open_db(b"meta")
+    for name in (b"data", b"sessions", b"session_index"):
+        env.open_db(name)
+    with env.begin(write=True) as txn:
+        txn.put(b"format", msgpack.packb(1), db=meta)
+    env.close()
+    with pytest.raises(StorageError, match="format version 1 .* does not convert it"):
+        KVStateMachine(tmp_path)
+    with pytest.raises(StorageError, match="format version 1"):
+        KVReader(tmp_path)
+
+
+APPLY_CHILD = r"""
+import sys, time
+from pyraft.kv import KVStateMachine
+sys.path.insert(0, "tests")
+from helpers_store import Applier, put
+sm = KVStateMachine(sys.argv[1])
+ap = Applier(sm)
+ap(*[put(("a", i), i) for i in range(100)])
+if sys.argv[2] == "snapshot":
+    sm.build_snapshot()
+    ap(*[put(("b", i), i) for i in range(50)])
+print("APPLIED", sm.applied_state()[0].index, flush=True)
+time.sleep(60)
+"""
+
+
+def _apply_and_kill(path, mode):
+    """A child applies entries (never closing: nothing synced but what a snapshot synced) and is SIGKILLed."""
+    child = spawn_python(APPLY_CHILD, str(path), mode)
+    try:
+        line = child.stdout.readline()
+        assert line.startswith("APPLIED"), line + child.stderr.read()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+        child.stdout.close()
+        child.stderr.close()
+    return int(line.split()[1])
+
+
+def test_kill_9_loses_nothing_applied(tmp_path):
+    # Apply commits without fsync; a process crash leaves the page cache to the kernel: all there.
+    last = _apply_and_kill(tmp_path, "snapshot")
+    assert last == 150
+    with KVStateMachine(tmp_path) as sm:
+        assert sm.applied_state()[0].index == 150
+        assert len(sm) == 150
+        assert [e.revision for e in sm.events(("b",), prefix=True, start_revision=101)[0]] == list(range(101, 151))
+
+
+@pytest.mark.parametrize("mode", ["snapshot", "none"])
+def test_after_a_reboot_unsynced_state_is_rebuilt_from_the_newest_snapshot(tmp_path, monkeypatch, caplog, mode):
+    # kv.boot names the boot the unsynced writes were made in; another boot id means the
+    # machine went down since: the environment may be torn and is rebuilt (the log replays the rest).
+    _apply_and_kill(tmp_path, mode)
+    monkeypatch.setattr("pyraft.kv.statemachine._boot_id", lambda: "another-boot")
+    with KVStateMachine(tmp_path) as sm:
+        if mode == "snapshot":
+            assert sm.applied_state()[0].index == 100          # the snapshot's, fsynced when it was made
+            assert sm.current_snapshot().last_log_id.index == 100
+            assert len(sm) == 100 and sm.get(("b", 0)) is None
+            with pytest.raises(Compacted):
+                sm.events(("a",), prefix=True, start_revision=100)
+            assert sm.events(("a",), prefix=True, start_revision=101) == ([], 101)
+        else:
+            assert sm.applied_state() == (None, None) and len(sm) == 0  # no snapshot: the log replays all
+        assert "rebuilding it from the newest snapshot" in caplog.text
+        with open(tmp_path / "kv.boot") as f:
+            assert f.read().strip() == "another-boot"
+    assert not os.path.exists(tmp_path / "kv.boot")                # a clean close synced and said so
+
+
+def test_a_clean_close_needs_no_rebuild_after_a_reboot(tmp_path, monkeypatch):
+    with KVStateMachine(tmp_path) as sm:
+        Applier(sm)(put("a", 1), put("b", 2))
+    monkeypatch.setattr("pyraft.kv.statemachine._boot_id", lambda: "another-boot")
+    with KVStateMachine(tmp_path) as sm:
+        assert sm.applied_state()[0].index == 2 and sm.get("b") == 2
+
+
+def test_the_log_is_purged_only_up_to_what_the_state_machine_holds_durably(tmp_path):
+    """Every PurgeLog reaches the log store after the state machine synced at least that far."""
+    from pyraft import Config, Node, Raft, ServerState
+    from pyraft.engine.commands import PurgeLog
+    from pyraft.stores.memory import MemoryLogStore
+    from pyraft.transports.memory import MemoryNetwork
+
+    synced = [0]  # the applied index the state machine had at its last sync
+    purges = []
+
+    class SpySM(KVStateMachine):
+        def __init__(self, path):
+            super().__init__(path)
+            env_sync = self._env.sync
+
+            def sync():
+                applied = self.revision
+                env_sync()
+                synced[0] = max(synced[0], applied)
+            self._env.sync = sync
+
+    class SpyLog(MemoryLogStore):
+        def write(self, ops):
+            for op in ops:
+                if isinstance(op, PurgeLog):
+                    purges.append((op.upto.index, synced[0]))
+            return super().write(ops)
+
+    cfg = Config(heartbeat_interval=0.02, election_timeout=(0.1, 0.2), snapshot_every=20,
+                 max_in_snapshot_log_to_keep=0)
+    net = MemoryNetwork()
+    sm = SpySM(tmp_path)
+    r = Raft(1, cfg, net.transport(1), SpyLog(), sm)
+    try:
+        r.initialize({1: Node("mem://1")})
+        r.wait(10).state(ServerState.LEADER)
+        for i in range(150):
+            r.client_write(put(f"k{i}", i), timeout=10)
+        r.wait(10).metrics(lambda m: m.purged is not None and m.purged.index >= 100, "purges")
+    finally:
+        r.shutdown()
+        sm.close()
+    assert purges
+    assert all(upto <= durable for upto, durable in purges), purges
+
+
+def test_a_node_whose_state_machine_is_behind_the_purged_log_refuses_to_start():
+    from pyraft import Config, Raft
+    from pyraft.engine.commands import AppendToLog, PurgeLog
+    from pyraft.stores.memory import MemoryLogStore, MemoryStateMachine
+    from pyraft.transports.memory import MemoryNetwork
+
+    log = MemoryLogStore()
+    log.write([AppendToLog([normal(i, put("k", i)) for i in range(1, 11)]), PurgeLog(LogId(1, 6))])
+    with pytest.raises(StorageError, match="entries 1..6 are lost on this node"):
+        Raft(1, Config(), MemoryNetwork().transport(1), log, MemoryStateMachine())

@@ -326,3 +326,52 @@ def test_wake_interrupts_recv_from_another_thread(net):
     t0 = time.monotonic()
     assert c.recv(5.0) is None
     assert time.monotonic() - t0 < 2.0
+
+
+def test_requests_carry_the_senders_principal_and_authenticated_raft_rpcs_pass_only_as_their_own_id(net):
+    from pyraft.network import TRUSTED, Principal
+    seen = []
+    server = net.transport(1)
+    server.start(lambda f, m, r: (seen.append((f, type(m).__name__, r.principal)), r.reply(ClientResponse(True))))
+    plain = net.transport(2)
+    client = net.transport(3, principal=Principal("client", key="c" * 40))
+    peer = net.transport(4, principal=Principal("peer", 4, "p" * 40))
+    liar = net.transport(5, principal=Principal("peer", 6, "q" * 40))
+    vote = VoteRequest(1, 9, None)
+    for t in (plain, client, peer, liar):
+        c = t.connect(1)
+        c.send(ClientRequest("x"))
+        c.send(vote)
+    wait_until(lambda: len(seen) == 6, what="the requests that pass")
+    assert sorted((f, kind, p.role) for f, kind, p in seen) == [
+        (2, "ClientRequest", "admin"), (2, "VoteRequest", "admin"), (3, "ClientRequest", "client"),
+        (4, "ClientRequest", "peer"), (4, "VoteRequest", "peer"), (5, "ClientRequest", "peer")]
+    assert next(p for f, _k, p in seen if f == 2) is TRUSTED
+    wait_until(lambda: server.stats.get("dropped_rpc_wrong_id") == 1, what="the lying peer's vote dropped")
+    assert server.stats["dropped_rpc_not_peer"] == 1
+
+
+def test_a_dying_delivery_thread_reports_to_every_open_transport(net, monkeypatch):
+    failures = []
+    ts = {i: net.transport(i) for i in (1, 2)}
+    for i, t in ts.items():
+        t.start(echo, on_failure=lambda reason, i=i: failures.append((i, reason)))
+    monkeypatch.setattr(net, "_deliver_loop", lambda: (_ for _ in ()).throw(RuntimeError("a bug")))
+    ts[2].connect(1).send(ClientRequest("x"))
+    wait_until(lambda: len(failures) == 2, what="both owners told")
+    assert sorted(i for i, _ in failures) == [1, 2] and "a bug" in failures[0][1]
+
+
+def test_a_node_whose_memory_transport_fails_goes_fatal(monkeypatch):
+    from pyraft import Config, Raft, ServerState
+    from pyraft.stores.memory import MemoryLogStore, MemoryStateMachine
+    net = MemoryNetwork()
+    raft = Raft(1, Config(), net.transport(1), MemoryLogStore(), MemoryStateMachine())
+    try:
+        monkeypatch.setattr(net, "_deliver_loop", lambda: (_ for _ in ()).throw(RuntimeError("a bug")))
+        net.transport(2).connect(1).send(ClientRequest("x"))
+        raft.wait(10).state(ServerState.FATAL)
+        assert "delivery thread failed" in raft.metrics().error
+    finally:
+        raft.shutdown()
+        net.close()

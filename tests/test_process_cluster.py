@@ -18,7 +18,7 @@ from pyraft.checker import HistoryRecorder, check_history
 from pyraft.errors import RaftError, Timeout
 from pyraft.kv import KVClient, KVCommandError
 
-from procs import DISTINCT_HOSTS, applied, make_cluster, wait_caught_up, wait_for  # noqa: F401
+from procs import DISTINCT_HOSTS, applied, make_cluster, random_faults, wait_caught_up, wait_for  # noqa: F401
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
@@ -222,19 +222,7 @@ def test_soak_linearizable_through_random_kills_and_pauses(make_cluster, seed):
     stop = threading.Event()
     rec, threads, errors = _record_history(c, stop, keys=("x", "y", "z", "w"))
     try:
-        end = time.monotonic() + 90
-        while time.monotonic() < end:
-            time.sleep(rng.uniform(0.2, 1.5))
-            lead = c.leader()
-            victim = lead if (lead is not None and rng.random() < 0.6) else rng.choice(c.ids)
-            if rng.random() < 0.5:
-                c.kill(victim)
-                time.sleep(rng.uniform(0.0, 1.5))
-                c.start(victim)
-            else:
-                c.signal(victim, signal.SIGSTOP)
-                time.sleep(rng.uniform(0.1, 1.5))
-                c.signal(victim, signal.SIGCONT)
+        random_faults(c, rng, 90)
     finally:
         for i in c.ids:
             c.signal(i, signal.SIGCONT)

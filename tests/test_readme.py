@@ -240,6 +240,7 @@ def _parameters(cls) -> dict[str, object]:
 
 def _configured_classes() -> dict[str, list]:
     from pyraft.kv import KVClient, KVStateMachine
+    from pyraft.kv.server import serve_kv
     from pyraft.objects import ObjectStateMachine
     from pyraft.stores.lmdb import LmdbLogStore
     from pyraft.stores.memory import MemoryLogStore, MemoryStateMachine
@@ -250,7 +251,7 @@ def _configured_classes() -> dict[str, list]:
             "ObjectStateMachine": [ObjectStateMachine],
             "MemoryLogStore": [MemoryLogStore, MemoryStateMachine], "ZmqTransport": [ZmqTransport],
             "CurveConfig": [CurveConfig], "ZmqClient": [ZmqClient], "MemoryNetwork": [MemoryNetwork],
-            "KVClient": [KVClient]}
+            "KVClient": [KVClient], "serve_kv": [serve_kv]}
 
 
 def test_the_configuration_reference_has_every_config_field_with_its_default():

@@ -1,6 +1,7 @@
 """ZmqTransport, ZmqConnection and ZmqClient on 127.0.0.0/8."""
 from __future__ import annotations
 
+import inspect
 import queue
 import socket
 import threading
@@ -14,7 +15,9 @@ from pyraft.codec import ClientRequest, ClientResponse, encode_message
 from pyraft.errors import CodecError, RaftError, Timeout
 from pyraft.messages import AppendEntriesRequest, AppendEntriesResponse, VoteRequest, VoteResponse
 from pyraft.network import Connection, Transport
-from pyraft.transports.zmq import CONNECT_BUFFER, TransportError, ZmqClient, ZmqTransport, _ZmqReply
+import pyraft.transports.zmq as zmq_transport
+from pyraft.transports.zmq import (CONNECT_BUFFER, DEFAULT_LISTEN, TransportError, ZmqClient, ZmqTransport, _ZmqReply,
+                                   is_loopback)
 from pyraft.types import Entry, LogId, Node
 
 pytestmark = pytest.mark.timeout(60)
@@ -440,3 +443,107 @@ def test_many_transports_talk_to_each_other(server):
                 conn = ts[a].connect(b, Node(ts[b].endpoint))
                 assert call(conn, ClientRequest("hi", a)) == ClientResponse(True, [a, a])
                 conn.close()
+
+
+# ---------------------------------------------------------------------------
+# Safe defaults, limits, and a server thread that cannot die unnoticed
+
+def test_the_default_listen_address_is_loopback():
+    assert inspect.signature(ZmqTransport).parameters["listen"].default == DEFAULT_LISTEN == "tcp://127.0.0.1:7001"
+    for addr in ("tcp://127.0.0.1:7001", "tcp://127.3.4.5:1", "tcp://localhost:7001", "tcp://[::1]:7001",
+                 "ipc:///tmp/pyraft.sock"):
+        assert is_loopback(addr), addr
+    for addr in ("tcp://*:7001", "tcp://0.0.0.0:7001", "tcp://[::]:7001", "tcp://10.0.0.5:7001",
+                 "tcp://eth0:7001", "tcp://example.com:7001", "7001", ""):
+        assert not is_loopback(addr), addr
+
+
+def test_a_client_request_over_the_client_limit_is_answered_without_being_decoded(server, client):
+    hits = []
+    srv = server(1, lambda f, m, r: (hits.append(type(m).__name__), r.reply(ClientResponse(True))),
+                 max_client_frame_size=10_000)
+    c = client(2).connect(1, Node(srv.endpoint))
+    resp = call(c, ClientRequest("x", b"\0" * 20_000))
+    assert not resp.ok and resp.error[0] == "RequestTooLarge" and "10000" in resp.error[1]
+    assert srv.stats["client_requests_too_large"] == 1 and hits == []
+    # Raft RPCs may use the whole max_frame_size (log entries come from peers, in batches).
+    entries = (Entry(LogId(1, 1), payload=b"\0" * 20_000),)
+    call(c, AppendEntriesRequest(1, 2, None, entries, 0))
+    assert hits == ["AppendEntriesRequest"]
+
+
+def test_the_receive_queue_is_bounded_in_bytes(server):
+    """libzmq counts messages: the ROUTER's RCVHWM comes from recv_queue_bytes // max_frame_size."""
+    release = threading.Event()
+    srv = server(1, lambda f, m, r: release.wait(30), max_frame_size=1 << 20, recv_queue_bytes=2 << 20)
+    assert srv.recv_hwm == 2 and srv._router.getsockopt(zmq.RCVHWM) == 2
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.setsockopt(zmq.SNDHWM, 1)
+    raw.connect(srv.endpoint)
+    frame = encode_message(ClientRequest("x", b"\0" * 900_000), "pyraft", 2, 1)
+    try:
+        # The handler blocks on the first frame: everything after it waits in queues.
+        accepted, deadline = 0, time.monotonic() + 3
+        while accepted < 60 and time.monotonic() < deadline:
+            try:
+                raw.send(frame, zmq.NOBLOCK)
+                accepted += 1
+            except zmq.Again:
+                time.sleep(0.01)
+        # RCVHWM frames in the ROUTER's queue, one being read, one in the sender's, and what
+        # the kernel's socket buffers hold (a few MB on loopback); RCVHWM 1000 took all 60.
+        assert accepted < 30, accepted
+    finally:
+        release.set()
+        raw.close(0)
+
+
+def test_a_server_thread_that_fails_reports_it_and_a_bad_frame_does_not_kill_it(server, client, monkeypatch):
+    failures = []
+    srv = ZmqTransport(1, ANY)
+    srv.start(echo, on_failure=failures.append)
+    try:
+        c = client(2).connect(1, Node(srv.endpoint))
+        assert call(c, ClientRequest("x", 1)) == ClientResponse(True, [2, 1])
+        # A bug on one frame costs that frame.
+        real = zmq_transport.decode_body
+        calls = []
+
+        def fail_once(data, env):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("a bug")
+            return real(data, env)
+
+        monkeypatch.setattr(zmq_transport, "decode_body", fail_once)
+        c.send(ClientRequest("lost"))
+        assert call(c, ClientRequest("x", 2)) == ClientResponse(True, [2, 2])
+        assert srv.stats["frame_errors"] == 1 and failures == []
+        # libzmq failing under the thread: it stops and says so.
+        monkeypatch.setattr(srv, "_flush_replies", lambda router: (_ for _ in ()).throw(zmq.ZMQError(zmq.EMFILE)))
+        c.send(ClientRequest("x", 3))
+        wait_until(lambda: failures, what="the failure report")
+        assert "transport server thread failed" in failures[0]
+        wait_until(lambda: "pyraft-zmq-server-1" not in pyraft_threads(), what="the thread to end")
+    finally:
+        srv.close()
+
+
+def test_a_node_whose_transport_fails_goes_fatal(monkeypatch):
+    from pyraft import Config, Raft, ServerState
+    from pyraft.errors import Fatal
+    from pyraft.stores.memory import MemoryLogStore, MemoryStateMachine
+    t = ZmqTransport(1, ANY)
+    raft = Raft(1, Config(), t, MemoryLogStore(), MemoryStateMachine())
+    try:
+        assert raft.metrics().state != ServerState.FATAL
+        monkeypatch.setattr(t, "_flush_replies", lambda router: (_ for _ in ()).throw(zmq.ZMQError(zmq.ENOMEM)))
+        t._wake()
+        raft.wait(10).state(ServerState.FATAL)
+        assert "transport server thread failed" in raft.metrics().error
+        with pytest.raises(Fatal):
+            raft.client_write({"op": "put"}, timeout=5)
+    finally:
+        raft.shutdown()
+    assert pyraft_threads() == []

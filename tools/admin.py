@@ -2,43 +2,57 @@
 
 ::
 
-    pyraft-admin --node ADDR [--cluster-name NAME] [--timeout S] [CURVE options] COMMAND
-        status [--json]                 every member: role, term, log, commit, apply, lag, reachable
+    pyraft-admin --node ADDR [--cluster-name NAME] [--timeout S] [--json] [CURVE options] COMMAND
+        status                          every member: role, term, log, commit, apply, lag, reachable
+        health [--max-lag N]            exit 0 healthy, 1 not (no leader, lagging, Fatal), 2 unreachable
         add-learner ID ADDR [--no-wait] add a non-voting member (waits until it caught up)
         change-membership ID,ID,... [--retain]
                                         make exactly these nodes the voters (joint consensus)
-        remove ID                       drop a voter from the cluster
+        remove ID                       drop a member (a voter through a membership change)
+        remove-learner ID               drop a learner
         transfer-leader ID              hand the leadership to voter ID
         snapshot                        build a snapshot on the contacted node now
         purge-log INDEX                 purge the contacted node's log up to INDEX
-    pyraft-admin keygen DIR [--name NAME]   write a CURVE key pair (NAME.key, NAME.key_secret)
+        backup FILE [--force] [--stale] an online, consistent backup of the contacted node
+    pyraft-admin keygen DIR [--name NAME]   write a CURVE key pair (NAME.key, NAME.key_secret, the
+                                            secret created readable by its owner only)
 
-Every command but ``keygen`` first asks ``--node`` for its ``"metrics"``.
+Global options go before or after the command.  Without ``--node``, the
+addresses of ``--cluster`` (or ``$PYRAFT_CLUSTER``) are tried in order and
+the first that answers is used (``health`` checks every one of them).
+
+Every command but ``keygen`` first asks the node for its ``"metrics"``.
 Membership changes and leadership transfers go to the leader: the tool
 follows the contacted node's leader hint (and a ``ForwardToLeader`` reply)
-by itself.  ``snapshot`` and ``purge-log`` act on the contacted node.
-The nodes answer these requests once :func:`pyraft.admin_ops.serve_admin`
-is registered on them (``pyraft-kv serve`` does).
+by itself.  ``snapshot``, ``purge-log`` and ``backup`` act on the contacted
+node.  The nodes answer these requests once
+:func:`pyraft.admin_ops.serve_admin` is registered on them (``pyraft-kv
+serve`` does).
 
-Exit codes: 0 done; 1 the operation failed (the node said no, or it timed
-out: then its outcome is unknown); 2 usage error, node unreachable, or bad
-CURVE key files.
+Exit codes: :data:`pyraft.tools.cli.EXIT_CODES` (0 done; 1 the operation
+failed: the node said no, or it timed out and its outcome is unknown, or the
+node is unhealthy; 2 usage error, node unreachable, or bad CURVE key files).
+With CURVE, ``status`` and ``health`` need a key with at least the reader
+role and the other commands an admin key (``admins/`` in the nodes' allow
+list); others fail with ``PermissionDenied``.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
 import json
+import os
 import sys
 import time
 from typing import Any, Sequence
 
+from pyraft.backup import BackupError
 from pyraft.codec import ClientRequest, ClientResponse
 from pyraft.errors import ForwardToLeader, RaftError, Timeout
 from pyraft.raft import raise_error_response
+from pyraft.tools.cli import (CLUSTER_ENV, EXIT_FAILED, EXIT_OK, EXIT_USAGE, Parser, UsageError, add_global,
+                              add_version, cluster_from, emit_error, run_main)
 from pyraft.transports.zmq import CurveConfig, TransportError, ZmqClient, generate_keys
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 #: How long to wait for a node to answer a ``metrics`` request.
 DEFAULT_CONNECT_TIMEOUT = 3.0
@@ -52,10 +66,6 @@ class Unreachable(Exception):
     """No reply from a node within the time given (it is down, or the address/CURVE keys are wrong)."""
 
 
-class UsageError(Exception):
-    pass
-
-
 class Admin:
     """Talks to the nodes of one cluster: one short-lived :class:`ZmqClient` per call."""
 
@@ -67,6 +77,8 @@ class Admin:
         self.server_key = server_key
         self.connect_timeout = connect_timeout
         self.timeout = timeout
+        #: node ids of addresses given as N=ADDR (to find their CURVE server keys)
+        self.known_ids: dict[str, int] = {}
 
     def _key_for(self, addr: str, node_id: int | None, contacted: str | None) -> Any:
         if self.curve is None:
@@ -74,11 +86,13 @@ class Admin:
         if addr == contacted and self.server_key is not None:
             return self.server_key
         if node_id is None:
+            node_id = self.known_ids.get(addr)
+        if node_id is None:
             raise UsageError(f"no CURVE server key for {addr}: give --curve-server-key")
         try:
             return self.curve.server_key_for(node_id)
         except TransportError as e:
-            raise UsageError(f"{e} (give --curve-keys-dir with N.key for every node)") from None
+            raise UsageError(f"{e} (give --curve-keys-dir: the allow list, with peers/N.key for every node)") from None
 
     def call(self, addr: str, op: str, body: Any = None, *, timeout: float, node_id: int | None = None,
              contacted: str | None = None) -> Any:
@@ -287,53 +301,210 @@ def _lid(v: Any) -> str:
 # ---------------------------------------------------------------------------
 # CLI
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="pyraft-admin",
-        description="Look at and change a live pyraft cluster. Exit codes: 0 ok, 1 operation failed, "
-                    "2 usage error or node unreachable.")
-    p.add_argument("--node", metavar="ADDR", help="address of any cluster member, e.g. tcp://127.0.0.1:7101")
-    p.add_argument("--cluster-name", default="pyraft", metavar="NAME", help="the cluster's name (default: pyraft)")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
-                   help=f"how long an operation may take (default {DEFAULT_TIMEOUT:g} s)")
-    p.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT, metavar="S",
-                   help=f"how long to wait for a node to answer at all (default {DEFAULT_CONNECT_TIMEOUT:g} s)")
-    g = p.add_argument_group("CURVE (when the cluster uses it)")
-    g.add_argument("--curve-secret", metavar="FILE", help="this tool's .key_secret file")
-    g.add_argument("--curve-public", metavar="FILE", help="this tool's .key file (checked against the secret)")
-    g.add_argument("--curve-server-key", metavar="KEY", help="the --node's public key: a .key file or Z85 text")
-    g.add_argument("--curve-keys-dir", metavar="DIR",
-                   help="directory holding N.key for every node N (to reach the other members)")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
+def _split_addresses(text: str) -> list[tuple[int | None, str]]:
+    """``ADDR,ADDR`` or ``N=ADDR,...`` -> [(N or None, ADDR)]."""
+    out: list[tuple[int | None, str]] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        k, sep, a = part.partition("=")
+        if sep and "://" not in k:
+            try:
+                out.append((int(k), a.strip()))
+            except ValueError:
+                raise UsageError(f"--cluster: expected ADDR or N=ADDR, got {part!r}") from None
+        else:
+            out.append((None, part))
+    if not out:
+        raise UsageError("--cluster: no addresses given")
+    return out
 
-    s = sub.add_parser("status", help="every member's role, term, log, commit, apply, lag and reachability")
-    s.add_argument("--json", action="store_true", help="one JSON object")
-    s = sub.add_parser("add-learner", help="add node ID at ADDR as a learner")
+
+def health(admin: Admin, addr: str, max_lag: int) -> tuple[int, dict]:
+    """etcd's ``endpoint health`` for one node: (exit code, report with ``healthy`` and ``reason``)."""
+    rep: dict[str, Any] = {"address": addr, "healthy": False, "reachable": False, "max_lag": max_lag}
+    try:
+        m = admin.metrics(addr, contacted=addr)
+    except Unreachable as e:
+        rep.update(error="Unreachable", message=str(e), reason=f"unreachable: {e}")
+        return EXIT_USAGE, rep
+    applied = _index(m.get("last_applied")) or 0
+    rep.update(reachable=True, id=m["id"], state=m["state"], current_term=m["current_term"],
+               current_leader=m.get("current_leader"), last_applied=applied,
+               committed=_index(m.get("committed")) or 0)
+    if m["state"] in ("Fatal", "Shutdown"):
+        rep["reason"] = f"node {m['id']} is {m['state']}" + (f": {m['error']}" if m.get("error") else "")
+        return EXIT_FAILED, rep
+    leader = m.get("current_leader")
+    if leader is None:
+        rep["reason"] = f"node {m['id']} knows no leader ({m['state']} in term {m['current_term']})"
+        return EXIT_FAILED, rep
+    # The lag is measured against the leader's own commit index; when the leader cannot be
+    # asked from here, against the one this node last heard of (it trails by a heartbeat).
+    leader_commit, measured = rep["committed"], "this node's commit index"
+    if leader != m["id"]:
+        lm = _ask_leader(admin, addr, m)
+        if lm is not None:
+            leader_commit = max(leader_commit, _index(lm.get("committed")) or 0)
+            measured = f"leader {leader}'s commit index"
+    else:
+        measured = "its own commit index (it leads)"
+    lag = max(0, leader_commit - applied)
+    rep.update(leader_committed=leader_commit, lag=lag, lag_measured_against=measured)
+    if lag > max_lag:
+        rep["reason"] = (f"node {m['id']} lags: applied {applied}, {measured} {leader_commit} "
+                         f"({lag} entries behind, --max-lag {max_lag})")
+        return EXIT_FAILED, rep
+    rep["healthy"] = True
+    rep["reason"] = (f"node {m['id']} is healthy: {m['state']} in term {m['current_term']}, leader {leader}, "
+                     f"{lag} entries behind {measured}")
+    return EXIT_OK, rep
+
+
+def _ask_leader(admin: Admin, addr: str, m: dict) -> dict | None:
+    """The metrics of the leader that ``m`` (node ``addr``'s metrics) names, if it answers as the leader."""
+    leader = m.get("current_leader")
+    la = _node_addrs(m).get(leader) if leader is not None else None
+    if not la:
+        return None
+    try:
+        lm = admin.metrics(la, leader, contacted=addr)
+    except (Unreachable, UsageError, RaftError, TransportError):
+        return None
+    return lm if lm.get("state") == "Leader" else None
+
+
+def _leader_commit_fence(admin: Admin, addr: str, m: dict, deadline: float) -> int | None:
+    """The leader's commit index, once it has committed an entry of its term (then it covers every
+    acknowledged write); None when no leader answers."""
+    while True:
+        lm = _ask_leader(admin, addr, m)
+        if lm is not None:
+            c = lm.get("committed")
+            if isinstance(c, list) and c[0] == lm["current_term"]:
+                return c[1]
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.2)
+        m = admin.metrics(addr, contacted=addr)
+
+
+def backup(admin: Admin, addr: str, path: str, *, stale: bool = False, force: bool = False) -> dict:
+    """Stream an online backup of node ``addr`` to ``path`` (atomically); returns the backup's summary."""
+    from pyraft import __version__
+    from pyraft.backup import BackupHeader, BackupWriter
+    from pyraft.codec import snapshot_meta_from_wire
+
+    if os.path.exists(path) and not force:
+        raise UsageError(f"{path} exists (add --force to replace it)")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise UsageError(f"the directory of {path} does not exist")
+    m = admin.metrics(addr, contacted=addr)
+    nid = m["id"]
+    min_index = 0
+    if m.get("state") != "Leader":
+        fence = _leader_commit_fence(admin, addr, m, time.monotonic() + min(admin.timeout, 10.0))
+        if fence is not None:
+            min_index = fence
+        elif not stale:
+            raise RaftError(f"no leader answers: a backup of node {nid} now could miss acknowledged writes; "
+                            f"add --stale to back up what node {nid} has applied")
+    r = admin.call(addr, "admin.backup_begin", {"min_index": min_index, "timeout": admin.timeout},
+                   timeout=admin.timeout + _REPLY_MARGIN, node_id=nid, contacted=addr)
+    bid = r["backup"]
+    try:
+        header = BackupHeader(cluster_name=r["cluster_name"], node_id=r["node_id"], created=time.time(),
+                              pyraft_version=__version__, meta=snapshot_meta_from_wire(r["snapshot_meta"]),
+                              snapshot_format=r["snapshot_format"], snapshot_size=r["size"],
+                              fence_index=r["fence_index"])
+        with BackupWriter(path, header) as w:
+            while w.written < header.snapshot_size:
+                c = admin.call(addr, "admin.backup_chunk", {"backup": bid, "offset": w.written},
+                               timeout=admin.timeout, node_id=nid, contacted=addr)
+                data = c.get("data") if isinstance(c, dict) else None
+                if type(data) is not bytes or not data:
+                    raise RaftError(f"node {nid} sent no data at offset {w.written} of {header.snapshot_size}")
+                w.write(data)
+            w.commit()
+    finally:
+        try:
+            admin.call(addr, "admin.backup_end", {"backup": bid}, timeout=admin.connect_timeout, node_id=nid,
+                       contacted=addr)
+        except (Unreachable, RaftError, TransportError):
+            pass  # the node closes it when idle
+    out = header.summary()
+    out["file"] = os.path.abspath(path)
+    out["file_size"] = os.path.getsize(path)
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = Parser(prog="pyraft-admin",
+               description="Look at and change a live pyraft cluster.  Global options may come before or "
+                           "after the command.")
+    add_version(p)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
+    subs: list[argparse.ArgumentParser] = []
+
+    def cmd(name: str, help: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help, description=help)
+        subs.append(s)
+        return s
+
+    s = cmd("status", "every member's role, term, log, commit, apply, lag and reachability")
+    s = cmd("health", "exit 0 when the node is up, knows a leader and is within --max-lag of its commit "
+                      "(1 not healthy, 2 unreachable)")
+    s.add_argument("--max-lag", type=int, default=DEFAULT_MAX_LAG, metavar="N",
+                   help=f"entries the node may trail the leader's commit index by (default {DEFAULT_MAX_LAG})")
+    s = cmd("add-learner", "add node ID at ADDR as a learner")
     s.add_argument("id", type=int, metavar="ID")
     s.add_argument("addr", metavar="ADDR")
     s.add_argument("--no-wait", action="store_true", help="return once the entry commits, before it caught up")
-    s.add_argument("--json", action="store_true")
-    s = sub.add_parser("change-membership", help="make exactly ID,ID,... the voters")
+    s = cmd("change-membership", "make exactly ID,ID,... the voters")
     s.add_argument("voters", metavar="ID,ID,...")
     s.add_argument("--retain", action="store_true", help="keep removed voters as learners")
-    s.add_argument("--json", action="store_true")
-    s = sub.add_parser("remove", help="remove voter ID from the cluster")
+    s = cmd("remove", "remove member ID from the cluster (a voter through a membership change, or a learner)")
     s.add_argument("id", type=int, metavar="ID")
-    s.add_argument("--json", action="store_true")
-    s = sub.add_parser("transfer-leader", help="hand the leadership to voter ID")
+    s = cmd("remove-learner", "remove learner ID from the cluster")
     s.add_argument("id", type=int, metavar="ID")
-    s.add_argument("--json", action="store_true")
-    s = sub.add_parser("snapshot", help="build a snapshot on the contacted node")
-    s.add_argument("--json", action="store_true")
-    s = sub.add_parser("purge-log", help="purge the contacted node's log up to INDEX (bounded by its snapshot)")
+    s = cmd("transfer-leader", "hand the leadership to voter ID")
+    s.add_argument("id", type=int, metavar="ID")
+    s = cmd("snapshot", "build a snapshot on the contacted node")
+    s = cmd("purge-log", "purge the contacted node's log up to INDEX (bounded by its snapshot)")
     s.add_argument("index", type=int, metavar="INDEX")
-    s.add_argument("--json", action="store_true")
-    s = sub.add_parser("keygen", help="write a CURVE key pair NAME.key and NAME.key_secret into DIR")
+    s = cmd("backup", "write an online, consistent backup of the contacted node to FILE (atomically)")
+    s.add_argument("file", metavar="FILE")
+    s.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    s.add_argument("--stale", action="store_true",
+                   help="when no leader answers (lost quorum), back up what the node has applied anyway")
+    s = cmd("keygen", "write a CURVE key pair NAME.key and NAME.key_secret into DIR")
     s.add_argument("dir", metavar="DIR")
     s.add_argument("--name", default="admin", help="file name stem (default: admin)")
     s.add_argument("--force", action="store_true", help="overwrite existing key files")
+
+    g = add_global
+    g(p, subs, "--node", metavar="ADDR", help="address of the node to talk to, e.g. tcp://127.0.0.1:7101")
+    g(p, subs, "--cluster", metavar="ADDR,ADDR,...",
+      help=f"without --node: the cluster's addresses (default ${CLUSTER_ENV}); the first that answers is "
+           f"used, and health checks them all")
+    g(p, subs, "--cluster-name", default="pyraft", metavar="NAME", help="the cluster's name (default: pyraft)")
+    g(p, subs, "--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
+      help=f"how long an operation may take (default {DEFAULT_TIMEOUT:g} s)")
+    g(p, subs, "--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT, metavar="S",
+      help=f"how long to wait for a node to answer at all (default {DEFAULT_CONNECT_TIMEOUT:g} s)")
+    g(p, subs, "--json", action="store_true", default=False, help="print one JSON object (errors too)")
+    g(p, subs, "--curve-secret", metavar="FILE", help="CURVE: this tool's .key_secret file")
+    g(p, subs, "--curve-public", metavar="FILE", help="CURVE: this tool's .key file (checked against the secret)")
+    g(p, subs, "--curve-server-key", metavar="KEY", help="CURVE: the --node's public key (a .key file or Z85)")
+    g(p, subs, "--curve-keys-dir", metavar="DIR",
+      help="CURVE: the cluster's key directory (peers/N.key, or N.key), to reach the other members")
     return p
+
+
+#: health's default --max-lag: a follower under a steady write load trails by a few batches.
+DEFAULT_MAX_LAG = 1000
 
 
 def _parse_voters(text: str) -> list[int]:
@@ -347,39 +518,77 @@ def _parse_voters(text: str) -> list[int]:
 
 
 def _emit(args: argparse.Namespace, result: dict, text: str) -> None:
-    if getattr(args, "json", False):
+    if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
         print(text)
+
+
+def _targets(args: argparse.Namespace) -> list[tuple[int | None, str]]:
+    if args.node:
+        return [(None, args.node)]
+    cluster = cluster_from(args.cluster)
+    if not cluster:
+        raise UsageError(f"give --node ADDR (or --cluster ADDR,... or ${CLUSTER_ENV})")
+    return _split_addresses(cluster)
+
+
+def _first_answering(admin: Admin, targets: list[tuple[int | None, str]]) -> str:
+    if len(targets) == 1:
+        return targets[0][1]
+    errors = []
+    for nid, a in targets:
+        try:
+            admin.metrics(a, nid)
+            return a
+        except (Unreachable, RaftError) as e:
+            errors.append(f"{a}: {e}")
+    raise Unreachable("no node answered: " + "; ".join(errors))
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "keygen":
         try:
             pub, sec = generate_keys(args.dir, args.name, overwrite=args.force)
-        except TransportError as e:
-            print(f"pyraft-admin: {e}", file=sys.stderr)
-            return EXIT_FAILED
-        print(f"public key: {pub}\nsecret key: {sec}")
+        except TransportError as e:  # the files exist (without --force), or cannot be written
+            return emit_error("pyraft-admin", args.json, EXIT_FAILED, e)
+        _emit(args, {"public_key_file": pub, "secret_key_file": sec}, f"public key: {pub}\nsecret key: {sec}")
         return EXIT_OK
-    if not args.node:
-        raise UsageError("--node ADDR is required")
     if args.timeout <= 0 or args.connect_timeout <= 0:
         raise UsageError("--timeout and --connect-timeout must be positive")
+    targets = _targets(args)
     curve = None
     if args.curve_secret:
         curve = CurveConfig(secret_key_file=args.curve_secret, public_key_file=args.curve_public,
                             allowed_keys_dir=args.curve_keys_dir)
         curve.keypair()  # fail now on an unreadable key file
-        if not args.curve_server_key:
-            raise UsageError("--curve-secret needs --curve-server-key (the --node's public key)")
+        if not args.curve_server_key and not (args.curve_keys_dir and all(n is not None for n, _ in targets)):
+            raise UsageError("--curve-secret needs --curve-server-key (the --node's public key), or "
+                             "--cluster N=ADDR,... with --curve-keys-dir")
     elif args.curve_public or args.curve_server_key or args.curve_keys_dir:
         raise UsageError("the CURVE options need --curve-secret")
     admin = Admin(args.cluster_name, curve=curve, server_key=args.curve_server_key,
                   connect_timeout=args.connect_timeout, timeout=args.timeout)
-    node = args.node
+    admin.known_ids = {a: n for n, a in targets if n is not None}
     cmd = args.command
 
+    if cmd == "health":
+        if args.max_lag < 0:
+            raise UsageError("--max-lag must be >= 0")
+        reports = [health(admin, a, args.max_lag) for _n, a in targets]
+        for c, r in reports:
+            r["exit_code"] = c
+        code = max(c for c, _r in reports)
+        if args.json:
+            out = reports[0][1] if len(reports) == 1 else {"healthy": code == EXIT_OK,
+                                                           "members": [r for _c, r in reports]}
+            print(json.dumps(out, sort_keys=True))
+        else:
+            for c, r in reports:
+                print(f"{r['address']}: {r['reason']}", file=sys.stdout if c == EXIT_OK else sys.stderr)
+        return code
+
+    node = _first_answering(admin, targets)
     if cmd == "status":
         st = gather_status(admin, node)
         if args.json:
@@ -390,7 +599,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if cmd == "add-learner":
         _, r = call_leader(admin, node, "admin.add_learner",
-                               {"id": args.id, "addr": args.addr, "blocking": not args.no_wait})
+                           {"id": args.id, "addr": args.addr, "blocking": not args.no_wait})
         state = "caught up" if not args.no_wait else "entry committed"
         _emit(args, r, f"node {args.id} ({args.addr}) is a learner (log entry {_lid(r['log_id'])}, {state}); "
                        f"{_fmt_membership(r['membership'])}")
@@ -400,8 +609,9 @@ def _run(args: argparse.Namespace) -> int:
         _, r = call_leader(admin, node, "admin.change_membership", {"voters": voters, "retain": args.retain})
         _emit(args, r, f"membership committed: {_fmt_membership(r['membership'])}")
         return EXIT_OK
-    if cmd == "remove":
-        _, r = call_leader(admin, node, "admin.remove", {"id": args.id})
+    if cmd in ("remove", "remove-learner"):
+        op = "admin.remove" if cmd == "remove" else "admin.remove_learner"
+        _, r = call_leader(admin, node, op, {"id": args.id})
         _emit(args, r, f"node {args.id} removed; {_fmt_membership(r['membership'])}")
         return EXIT_OK
     if cmd == "transfer-leader":
@@ -415,6 +625,12 @@ def _run(args: argparse.Namespace) -> int:
         r["id"] = m["id"]
         _emit(args, r, f"node {m['id']}: snapshot at {_lid(r['snapshot'])} (applied {_lid(r['last_applied'])})")
         return EXIT_OK
+    if cmd == "backup":
+        r = backup(admin, node, args.file, stale=args.stale, force=args.force)
+        _emit(args, r, f"node {r['node_id']}: backup written to {r['file']} ({r['file_size']} bytes): snapshot "
+                       f"at {_lid(r['last_log_id'])} covering every write acknowledged up to index "
+                       f"{r['fence_index']}; voters {r['voters']}, cluster {r['cluster_name']!r}")
+        return EXIT_OK
     if cmd == "purge-log":
         if args.index < 0:
             raise UsageError("INDEX must be >= 0")
@@ -424,9 +640,14 @@ def _run(args: argparse.Namespace) -> int:
         r["id"] = m["id"]
         purged = _index(r["purged"]) or 0
         if r["purged_now"] is None and purged < args.index:
-            _emit(args, r, f"node {m['id']}: nothing purged: the log is purged up to {_lid(r['purged'])}, and a "
-                           f"purge cannot pass the snapshot ({_lid(r['snapshot'])}) or entries still being "
-                           f"replicated; build a snapshot first")
+            msg = (f"node {m['id']}: nothing purged: the log is purged up to {_lid(r['purged'])}, and a "
+                   f"purge cannot pass the snapshot ({_lid(r['snapshot'])}) or entries still being "
+                   f"replicated; build a snapshot first")
+            if args.json:
+                print(json.dumps({**r, "error": "NothingPurged", "message": msg, "exit_code": EXIT_FAILED},
+                                 sort_keys=True))
+            else:
+                print(msg)
             return EXIT_FAILED
         note = "" if purged >= args.index else f" (not to {args.index}: limited by the snapshot at " \
                                                 f"{_lid(r['snapshot'])} and replication)"
@@ -435,27 +656,25 @@ def _run(args: argparse.Namespace) -> int:
     raise UsageError(f"unknown command {cmd!r}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    j = args.json
     try:
         return _run(args)
-    except UsageError as e:
-        print(f"pyraft-admin: {e}", file=sys.stderr)
-        return EXIT_USAGE
     except Unreachable as e:
-        print(f"pyraft-admin: unreachable: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return emit_error("pyraft-admin", j, EXIT_USAGE, e, prefix="unreachable: ")
     except TransportError as e:
-        print(f"pyraft-admin: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return emit_error("pyraft-admin", j, EXIT_USAGE, e)
+    except BackupError as e:
+        return emit_error("pyraft-admin", j, EXIT_FAILED, e, prefix="backup failed: ")
     except ForwardToLeader as e:
-        print(f"pyraft-admin: failed: no leader: {e}", file=sys.stderr)
-        return EXIT_FAILED
+        return emit_error("pyraft-admin", j, EXIT_FAILED, e, prefix="failed: no leader: ")
     except RaftError as e:
-        print(f"pyraft-admin: failed: {type(e).__name__}: {e}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        return 130
+        return emit_error("pyraft-admin", j, EXIT_FAILED, e, prefix=f"failed: {type(e).__name__}: ")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main("pyraft-admin", argv, _main)
 
 
 if __name__ == "__main__":

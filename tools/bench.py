@@ -44,6 +44,8 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
 
+from pyraft import __version__
+
 __all__ = ["main", "CountingStateMachine", "InflightLoad", "NodeProc", "percentiles", "free_port"]
 
 log = logging.getLogger("pyraft.bench")
@@ -1167,6 +1169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return client_main(argv[1:])
     p = argparse.ArgumentParser(prog="pyraft-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--nodes", type=int, choices=(3, 5), default=3, help="cluster size (default 3)")
     p.add_argument("--inflight", type=int, default=10_000, help="writes kept in flight (default 10000)")
     p.add_argument("--payload", default="10", help="command size in bytes; a comma list runs each (e.g. 10,1024)")

@@ -278,7 +278,7 @@ def _fs_type(path: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m pyraft.tools.bench_floor", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=5.0, help="duration of each throughput run (default 5)")
     ap.add_argument("--payloads", default="10,1024", help="payload sizes in bytes, comma-separated")

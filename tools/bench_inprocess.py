@@ -91,7 +91,7 @@ def run(writes: int, inflight: int, sync_writes: int, lmdb: bool, payload: int) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m pyraft.tools.bench_inprocess", description=__doc__.split("\n\n")[0])
     ap.add_argument("--writes", type=int, default=50_000)
     ap.add_argument("--inflight", type=int, default=5_000)
     ap.add_argument("--sync-writes", type=int, default=2_000)

@@ -193,10 +193,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "node":
         return node_main(argv[1:])
+    asked = bool(argv) and argv[0] in ("-h", "--help")
     print("usage: python -m pyraft.tools.bench_pysyncobj node --self HOST:PORT --partners H:P,H:P "
           "[--journal FILE] [--no-batch]\n(run the comparison with: pyraft-bench --baseline pysyncobj)",
-          file=sys.stderr)
-    return 2
+          file=sys.stdout if asked else sys.stderr)
+    return 0 if asked else 2
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@ def n_batches_for(batch: int, payload: int, quick: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m pyraft.tools.bench_store", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", help="where to create the environments (default: a temp dir); "
                                   "put it on the disk you care about")
     ap.add_argument("--quick", action="store_true", help="fewer batches (a smoke run)")

@@ -196,5 +196,6 @@ if __name__ == "__main__":
     # live in the checkout's tests/faults/, which an installed pyraft does not have.
     print("pyraft.tools.faults is the node side of `pyraft-kv serve --fault-control` and has no command "
           "line. The long fault-injection runs are part of pyraft's test suite: from a checkout of the "
-          "repository, `cd tests && python -m faults --help` (docs/testing.md).", file=sys.stderr)
-    sys.exit(2)
+          "repository, `cd tests && python -m faults --help` (docs/testing.md).",
+          file=sys.stdout if sys.argv[1:2] in (["-h"], ["--help"]) else sys.stderr)
+    sys.exit(0 if sys.argv[1:2] in (["-h"], ["--help"]) else 2)

@@ -48,7 +48,9 @@ from pyraft.stores.lmdb import (FORMAT_VERSION, KV_ENV_NAME, LOG_ENV_NAME, LmdbL
                                 node_dir_layout)
 from pyraft.types import Entry, EntryKind, LogId, Membership, StoredMembership, log_index
 
-EXIT_OK, EXIT_FAULT, EXIT_UNREADABLE = 0, 1, 2
+from pyraft.tools.cli import EXIT_OK, Parser, add_global, add_version, emit_error, run_main
+from pyraft.tools.cli import EXIT_FAILED as EXIT_FAULT
+from pyraft.tools.cli import EXIT_USAGE as EXIT_UNREADABLE
 
 _HEX_PREFIX = 16      # bytes of an opaque payload shown in hex
 _REPR_MAX = 60        # characters of a key or value shown in a log line
@@ -750,16 +752,17 @@ def cmd_membership(dd: DataDir, args: argparse.Namespace) -> int:
 
 def cmd_snapshot(dd: DataDir, args: argparse.Namespace) -> int:
     if dd.kv is None:
-        print(f"pyraft-inspect: {dd.layout.root} has no KV state machine ({KV_ENV_NAME}/): no snapshots to show",
-              file=sys.stderr)
-        return EXIT_FAULT if args.export else EXIT_OK
+        msg = f"{dd.layout.root} has no KV state machine ({KV_ENV_NAME}/): no snapshots to show"
+        if args.export:
+            return emit_error("pyraft-inspect", args.json, EXIT_FAULT, msg, kind="NoSnapshot")
+        print(f"pyraft-inspect: {msg}", file=sys.stderr)
+        return EXIT_OK
     kv = dd.kv.status()
     if kv.snapshot is None:
-        if args.json and not args.export:
-            print(json.dumps(None))
-        else:
-            print("no snapshot")
-        return EXIT_FAULT if args.export else EXIT_OK
+        if args.export:
+            return emit_error("pyraft-inspect", args.json, EXIT_FAULT, "no snapshot to export", kind="NoSnapshot")
+        print(json.dumps(None) if args.json else "no snapshot")
+        return EXIT_OK
     if args.export:
         return _export_snapshot(dd, kv, args)
     info = snapshot_json(kv)
@@ -779,8 +782,8 @@ def cmd_snapshot(dd: DataDir, args: argparse.Namespace) -> int:
 def _export_snapshot(dd: DataDir, kv: KVStatus, args: argparse.Namespace) -> int:
     dest = os.path.abspath(args.export)
     if os.path.exists(dest) and not args.force:
-        print(f"pyraft-inspect: {dest} exists (add --force to overwrite)", file=sys.stderr)
-        return EXIT_UNREADABLE
+        return emit_error("pyraft-inspect", args.json, EXIT_UNREADABLE, f"{dest} exists (add --force to overwrite)",
+                          kind="UsageError")
     # The node deletes a superseded snapshot file: open it first (an open
     # file stays readable), and if it is gone already, read the pointer again.
     for _ in range(5):
@@ -791,11 +794,10 @@ def _export_snapshot(dd: DataDir, kv: KVStatus, args: argparse.Namespace) -> int
         except FileNotFoundError:
             kv = dd.kv.status()  # type: ignore[union-attr]
             if kv.snapshot is None:
-                print("no snapshot", file=sys.stderr)
-                return EXIT_FAULT
+                return emit_error("pyraft-inspect", args.json, EXIT_FAULT, "no snapshot to export", kind="NoSnapshot")
     else:
-        print("pyraft-inspect: the snapshot kept being replaced while exporting; retry", file=sys.stderr)
-        return EXIT_FAULT
+        return emit_error("pyraft-inspect", args.json, EXIT_FAULT,
+                          "the snapshot kept being replaced while exporting; retry", kind="SnapshotReplaced")
     tmp = dest + ".tmp"
     try:
         with src, open(tmp, "wb") as out:
@@ -806,12 +808,11 @@ def _export_snapshot(dd: DataDir, kv: KVStatus, args: argparse.Namespace) -> int
         os.replace(tmp, dest)
     except StorageError as e:
         _unlink(tmp)
-        print(f"pyraft-inspect: the snapshot file is damaged: {e}", file=sys.stderr)
-        return EXIT_FAULT
+        return emit_error("pyraft-inspect", args.json, EXIT_FAULT, f"the snapshot file is damaged: {e}")
     except OSError as e:
         _unlink(tmp)
-        print(f"pyraft-inspect: cannot write {dest}: {e.strerror or e}", file=sys.stderr)
-        return EXIT_UNREADABLE
+        return emit_error("pyraft-inspect", args.json, EXIT_UNREADABLE, f"cannot write {dest}: {e.strerror or e}",
+                          kind=type(e).__name__)
     info = snapshot_json(kv) or {}
     info.update({"exported_to": dest, "exported_bytes": os.path.getsize(dest), "keys": counts[0],
                  "sessions": counts[1]})
@@ -844,31 +845,31 @@ def _nonneg(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="pyraft-inspect",
-        description="Read a pyraft node's data directory (read-only; safe while the node runs). "
-                    "Exit codes: 0 ok, 1 logical fault, 2 usage error or unreadable files.")
+    p = Parser(prog="pyraft-inspect",
+               description="Read a pyraft node's data directory (read-only; safe while the node runs).  "
+                           "--json may come before or after the command.")
+    add_version(p)
     p.add_argument("data_dir", metavar="DATA_DIR", help="the node data directory (pyraft-kv serve --data-dir)")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
+    subs = []
     s = sub.add_parser("summary", help="node, term and vote, log range, commit, apply, snapshot, membership, sizes")
-    s.add_argument("--json", action="store_true")
-    s = sub.add_parser("log", help="one line per log entry")
+    subs.append(s)
+    s = sub.add_parser("log", help="one line per log entry (--json: a JSON array of entries)")
     s.add_argument("--from", dest="from_", type=_nonneg, metavar="I", help="first index (default: the first)")
     s.add_argument("--to", type=_nonneg, metavar="J", help="last index, inclusive (default: the last)")
     s.add_argument("--tail", type=_nonneg, metavar="N", help="only the last N entries of the range")
-    s.add_argument("--json", action="store_true", help="a JSON array of entries")
+    subs.append(s)
     s = sub.add_parser("verify", help="check the log: exit 0 sound, 1 logical fault, 2 unreadable")
-    s.add_argument("--json", action="store_true")
     s.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    s = sub.add_parser("membership", help="the effective membership and every membership entry")
-    s.add_argument("--json", action="store_true")
-    s = sub.add_parser("vote", help="the stored term and vote")
-    s.add_argument("--json", action="store_true")
+    subs.append(s)
+    subs.append(sub.add_parser("membership", help="the effective membership and every membership entry"))
+    subs.append(sub.add_parser("vote", help="the stored term and vote"))
     s = sub.add_parser("snapshot", help="the current KV snapshot's metadata")
-    s.add_argument("--json", action="store_true")
     s.add_argument("--export", metavar="FILE", help="copy the snapshot file to FILE (checked as it is read)")
     s.add_argument("--force", action="store_true", help="overwrite FILE")
+    subs.append(s)
+    add_global(p, subs, "--json", action="store_true", default=False, help="print JSON (errors too)")
     return p
 
 
@@ -876,20 +877,20 @@ _COMMANDS = {"summary": cmd_summary, "log": cmd_log, "verify": cmd_verify, "memb
              "vote": cmd_vote, "snapshot": cmd_snapshot}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    j = args.json
     try:
         with DataDir(args.data_dir) as dd:
             return _COMMANDS[args.command](dd, args)
     except Unreadable as e:
-        print(f"pyraft-inspect: {e}", file=sys.stderr)
-        return EXIT_UNREADABLE
+        return emit_error("pyraft-inspect", j, EXIT_UNREADABLE, e)
     except (StorageError, lmdb.Error) as e:
-        print(f"pyraft-inspect: cannot read {args.data_dir}: {e}", file=sys.stderr)
-        return EXIT_UNREADABLE
+        return emit_error("pyraft-inspect", j, EXIT_UNREADABLE, f"cannot read {args.data_dir}: {e}",
+                          kind=type(e).__name__)
     except (CodecError, ValueError, TypeError) as e:
-        print(f"pyraft-inspect: {args.data_dir}: stored metadata does not decode: {e} (run verify)", file=sys.stderr)
-        return EXIT_FAULT
+        return emit_error("pyraft-inspect", j, EXIT_FAULT,
+                          f"{args.data_dir}: stored metadata does not decode: {e} (run verify)", kind="CodecError")
     except BrokenPipeError:
         # `pyraft-inspect DIR log | head`: the reader went away.
         try:
@@ -897,8 +898,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError:
             pass
         return EXIT_OK
-    except KeyboardInterrupt:
-        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main("pyraft-inspect", argv, _main)
 
 
 if __name__ == "__main__":

@@ -3,34 +3,56 @@
 ::
 
     pyraft-kv serve --id N --listen tcp://HOST:PORT --peers 1=tcp://...,2=tcp://...,3=tcp://...
-                    --data-dir DIR [--init] [--config FILE] [--log-level LEVEL]
-                    [--curve-secret FILE [--curve-public FILE] --curve-allow DIR]
-    pyraft-kv put    --cluster ADDR,ADDR,... KEY VALUE
+                    --data-dir DIR [--init | --force-new-cluster] [--config FILE] [--log-level LEVEL]
+                    [--metrics-listen HOST:PORT]
+                    [--curve-secret FILE [--curve-public FILE] --curve-allow DIR | --insecure]
+    pyraft-kv put    --cluster ADDR,ADDR,... KEY VALUE [--type T]
     pyraft-kv get    --cluster ADDR,ADDR,... KEY [--stale]
     pyraft-kv delete --cluster ADDR,ADDR,... KEY
-    pyraft-kv cas    --cluster ADDR,ADDR,... KEY VALUE [EXPECTED]
+    pyraft-kv cas    --cluster ADDR,ADDR,... KEY VALUE [EXPECTED] [--type T]
+    pyraft-kv restore FILE --data-dir DIR --id N --peers 1=tcp://...,2=tcp://... [--cluster-name NAME]
     pyraft-kv demo   [--keys N] [--threads N] [--dir DIR]
+
+Global options (``--json``, ``--cluster``, ``--cluster-name``, ``--timeout``
+and the CURVE ones) go before or after the command.  ``--json`` prints one
+JSON object per command, errors included.
 
 ``serve`` runs one node until SIGTERM or SIGINT (then it stops cleanly and
 exits 0).  ``--peers`` lists every initial member; ``--init`` is given on one
 node's first start only, and a restart is the same command without it.
 ``--config`` is a JSON object of :class:`pyraft.Config` fields.
+``--force-new-cluster`` restarts the survivor of a lost quorum as a
+one-member cluster keeping its data (:func:`pyraft.recovery.force_new_cluster`;
+docs/operations.md); give it once, then remove it.  ``--metrics-listen``
+serves the node's metrics in the Prometheus text format at
+``http://HOST:PORT/metrics`` (:mod:`pyraft.prometheus`).
 ``--fault-control FILE`` is for fault-injection tests only (off by default):
 the node then drops peers' traffic and slows its log writes as the local
 JSON file FILE says (:mod:`pyraft.tools.faults`).  Start-up
 problems (a busy port, a data directory locked by another process or
 belonging to another node or cluster, bad arguments or key files) print one
-line and exit 2; a node that stops on a fatal error exits 1.
+line and exit 2; a node that stops on a fatal error exits 1.  Without CURVE
+``serve`` listens only on loopback addresses (127.0.0.0/8, ``::1``,
+``localhost``) unless ``--insecure`` says the network is trusted: anyone who
+reaches a node without CURVE can read, write and reconfigure the cluster
+(see docs/security.md).
 
-The client commands take values as strings; ``get`` prints the value.  ``cas``
-sets KEY to VALUE if its current value is EXPECTED, or, without EXPECTED, if
-KEY is absent.  Exit codes: 0 done; 1 the operation failed (``get``: no such
-key; ``cas``: the value differed; a refused command; no answer within
-``--timeout``, when the outcome of a write is unknown); 2 usage error or
-unreadable key files.  ``--cluster`` defaults to ``$PYRAFT_KV_CLUSTER``.
+The client commands take values as strings, or as ``--type`` says (``int``,
+``float``, ``json``, ``bytes-hex``); ``get`` prints the value (JSON for
+anything but a string, hex for bytes).  ``cas`` sets KEY to VALUE if its
+current value is EXPECTED, or, without EXPECTED, if KEY is absent.  Exit
+codes (:data:`pyraft.tools.cli.EXIT_CODES`): 0 done; 1 the operation failed
+(``get``: no such key; ``cas``: the value differed; a refused command; no
+answer within ``--timeout``, when the outcome of a write is unknown); 2
+usage error or unreadable key files.  ``--cluster`` defaults to
+``$PYRAFT_CLUSTER`` (or the older ``$PYRAFT_KV_CLUSTER``).
+
+``restore`` prepares a new, empty data directory from a backup written by
+``pyraft-admin backup``: run it for every member of the new cluster with the
+same FILE and ``--peers``, then start each with ``serve`` (no ``--init``).
 With CURVE, give the addresses as ``N=tcp://...``, ``--curve-secret`` (this
-client's secret key file) and ``--curve-keys-dir`` (a directory with
-``N.key`` for every node).
+client's secret key file) and ``--curve-keys-dir`` (the allow list, where
+``peers/N.key`` is node N's public key).
 
 ``demo`` starts a local three-node cluster as separate processes, writes,
 kills the leader, shows the failover, checks that every acknowledged write is
@@ -53,13 +75,46 @@ import time
 from typing import Any, Sequence
 
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+from pyraft.tools.cli import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Parser, UsageError, add_global,
+                              add_version, cluster_from, emit_error, run_main)
 
 log = logging.getLogger("pyraft.kv.serve")
 
+#: The value types ``put`` and ``cas`` take (``--type``).
+VALUE_TYPES = ("str", "int", "float", "json", "bytes-hex")
 
-class UsageError(Exception):
-    """A bad argument or an unusable file: one line, exit 2."""
+
+def parse_value(text: str, kind: str) -> Any:
+    """A command-line VALUE as ``--type`` says; UsageError when it is not one."""
+    try:
+        if kind == "str":
+            return text
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+        if kind == "json":
+            return json.loads(text)
+        if kind == "bytes-hex":
+            return bytes.fromhex(text)
+    except ValueError as e:
+        raise UsageError(f"{text[:40]!r} is not a {kind} value: {e}") from None
+    raise UsageError(f"unknown --type {kind!r}")
+
+
+def value_to_json(v: Any) -> tuple[Any, str]:
+    """A stored value as ``(JSON-able value, its --type)``; bytes become hex."""
+    if isinstance(v, bytes):
+        return v.hex(), "bytes-hex"
+    if isinstance(v, str):
+        return v, "str"
+    if isinstance(v, bool) or v is None or isinstance(v, (list, dict)):
+        return v, "json"
+    if isinstance(v, int):
+        return v, "int"
+    if isinstance(v, float):
+        return v, "float"
+    return repr(v), "str"
 
 
 # ---------------------------------------------------------------------------
@@ -85,6 +140,29 @@ def parse_peers(text: str) -> dict[int, str]:
     if not peers:
         raise UsageError("--peers: no members given")
     return peers
+
+
+def raise_fd_limit() -> None:
+    """Raise this process's soft limit of open files to its hard limit.
+
+    Every connection to a node holds a file descriptor: under the usual soft
+    limit of 1,024, a few hundred idle connections leave the node without
+    descriptors for its peers, its clients and its files (and libzmq retries
+    failing accepts in a loop).  The hard limit is what the administrator
+    allows; Go programs raise to it at start-up the same way.
+    """
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as e:
+        log.warning("cannot raise the open files limit from %s to %s: %s", soft, target, e)
 
 
 def load_config(path: str | None, cluster_name: str | None = None) -> Any:
@@ -117,13 +195,23 @@ def _serve(args: argparse.Namespace) -> int:
     from pyraft.kv import KVStateMachine
     from pyraft.kv.server import serve_kv
     from pyraft.stores.lmdb import LmdbLogStore, node_dir_layout
-    from pyraft.transports.zmq import CurveConfig, TransportError, ZmqTransport
+    from pyraft.transports.zmq import CurveConfig, TransportError, ZmqTransport, is_loopback
 
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
                         format=f"%(asctime)s %(levelname)-7s node-{args.id} %(name)s: %(message)s")
     peers = parse_peers(args.peers)
     if args.id not in peers:
         raise UsageError(f"--id {args.id} is not one of the --peers ({', '.join(map(str, sorted(peers)))})")
+    if args.init and args.force_new_cluster:
+        raise UsageError("--init starts a new cluster on an empty node and --force-new-cluster rewrites an "
+                         "existing node's membership: give one of them")
+    metrics_at = None
+    if args.metrics_listen:
+        from pyraft.prometheus import parse_listen
+        try:
+            metrics_at = parse_listen(args.metrics_listen)
+        except ValueError as e:
+            raise UsageError(f"--metrics-listen: {e}") from None
     config = load_config(args.config, args.cluster_name)
     curve = None
     if args.curve_secret or args.curve_allow or args.curve_public:
@@ -138,6 +226,11 @@ def _serve(args: argparse.Namespace) -> int:
                 curve.server_key_for(i)
         except TransportError as e:
             raise UsageError(str(e)) from None
+    elif not is_loopback(args.listen) and not args.insecure:
+        raise UsageError(f"--listen {args.listen} is reachable from other hosts, and without CURVE anyone who "
+                         f"reaches it can read, write and reconfigure the cluster: give --curve-secret and "
+                         f"--curve-allow, or --insecure if the network itself is trusted")
+    raise_fd_limit()
 
     layout = node_dir_layout(args.data_dir)
     log_store = sm = transport = None
@@ -153,6 +246,8 @@ def _serve(args: argparse.Namespace) -> int:
             raise UsageError(str(e)) from None
         except OSError as e:
             raise UsageError(f"data directory {layout.root}: {e}") from None
+        if args.force_new_cluster:
+            _force_new_cluster(log_store, sm, args.id, Node(peers[args.id]))
         if args.fault_control:  # test-only: see pyraft.tools.faults
             from pyraft.tools.faults import FaultControl
             FaultControl(args.fault_control, transport, log_store, args.id).start()
@@ -166,7 +261,10 @@ def _serve(args: argparse.Namespace) -> int:
                 r.close()
         raise
     code = EXIT_OK
+    metrics_server = None
     try:
+        if metrics_at is not None:
+            metrics_server = _start_metrics(raft, sm, metrics_at, config.cluster_name)
         serve_kv(raft, sm)
         try:
             from pyraft.admin_ops import serve_admin
@@ -194,6 +292,8 @@ def _serve(args: argparse.Namespace) -> int:
                 break
         log.info("node %s shutting down", args.id)
     finally:
+        if metrics_server is not None:
+            metrics_server.close()
         try:
             raft.shutdown(timeout=30)
         except RaftError as e:
@@ -205,66 +305,204 @@ def _serve(args: argparse.Namespace) -> int:
     return code
 
 
+def _force_new_cluster(log_store: Any, sm: Any, node_id: int, node: Any) -> None:
+    from pyraft.recovery import RecoveryError, force_new_cluster
+    try:
+        forced = force_new_cluster(log_store, sm, node_id, node)
+    except RecoveryError as e:
+        raise UsageError(f"--force-new-cluster: {e}") from None
+    if forced is None:
+        log.warning("--force-new-cluster: node %s already is a one-member cluster of itself; nothing changed "
+                    "(remove the flag from its command line)", node_id)
+        return
+    log.warning("--force-new-cluster: node %s is now the only member of its cluster (membership entry %s, "
+                "at %s); its %d entries past the commit point it knew (%s) are committed now. Remove "
+                "--force-new-cluster from this node's command line, then grow the cluster again with "
+                "pyraft-admin add-learner and change-membership (docs/operations.md)", node_id, forced.entry,
+                node.addr, forced.newly_committed, forced.committed_before)
+
+
+def _start_metrics(raft: Any, sm: Any, at: tuple[str, int], cluster_name: str) -> Any:
+    from pyraft.prometheus import Gauge, MetricsServer
+
+    def kv_gauges() -> list[Gauge]:
+        return [Gauge("pyraft_kv_keys", "Keys in the KV store.", len(sm)),
+                Gauge("pyraft_kv_used_bytes", "Bytes of the KV store's pages (what the quota measures).",
+                      sm.used_bytes),
+                Gauge("pyraft_kv_quota_bytes", "The KV store's size quota: past it, writes fail with NoSpace.",
+                      sm.quota_bytes)]
+
+    try:
+        server = MetricsServer(raft.node_id, raft.metrics, at[0], at[1], cluster_name=cluster_name,
+                               extra=kv_gauges)
+    except OSError as e:
+        raise UsageError(f"--metrics-listen: cannot listen on {at[0]}:{at[1]}: {e.strerror or e}") from None
+    log.info("node %s: metrics at %s", raft.node_id, server.url)
+    return server
+
+
+# ---------------------------------------------------------------------------
+# restore
+
+def _restore(args: argparse.Namespace) -> int:
+    from pyraft import Node
+    from pyraft.backup import BackupError, copy_snapshot, read_backup_header
+    from pyraft.errors import CodecError, StorageError
+    from pyraft.kv import KVStateMachine
+    from pyraft.kv.statemachine import SNAPSHOT_MAGIC
+    from pyraft.recovery import RecoveryError, restore_snapshot
+    from pyraft.stores.lmdb import LmdbLogStore
+
+    peers = parse_peers(args.peers)
+    if args.id not in peers:
+        raise UsageError(f"--id {args.id} is not one of the --peers ({', '.join(map(str, sorted(peers)))})")
+    dest = os.path.abspath(args.data_dir)
+    if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
+        raise UsageError(f"--data-dir {dest} is not empty: restore only into a new (or empty) directory")
+    parent = os.path.dirname(dest)
+    if not os.path.isdir(parent):
+        raise UsageError(f"the parent directory {parent} does not exist")
+    try:
+        f = open(args.file, "rb")
+    except OSError as e:
+        raise UsageError(f"cannot read {args.file}: {e.strerror or e}") from None
+    with f:
+        try:
+            header, offset = read_backup_header(f)
+        except BackupError as e:
+            return emit_error("pyraft-kv restore", args.json, EXIT_FAILED, e, prefix=f"{args.file}: ")
+        if header.snapshot_format != SNAPSHOT_MAGIC.decode():
+            return emit_error("pyraft-kv restore", args.json, EXIT_FAILED,
+                              BackupError(f"{args.file} holds a {header.snapshot_format!r} snapshot, not a KV "
+                                          f"store's: restore it with the program that wrote it"))
+        cluster_name = args.cluster_name or header.cluster_name
+        # Built beside DIR and renamed onto it at the end: DIR is the restored node or absent/empty,
+        # never half a restore that serve would start from.
+        tmp = os.path.join(parent, f".{os.path.basename(dest)}.restoring-{os.getpid()}")
+        os.makedirs(tmp)
+        try:
+            log_store = LmdbLogStore(tmp, node_id=args.id, cluster_name=cluster_name)
+            try:
+                sm = KVStateMachine(tmp)
+                try:
+                    meta = restore_snapshot(log_store, sm, header.meta, copy_snapshot(f, header, offset),
+                                            {i: Node(a) for i, a in peers.items()})
+                    keys = len(sm)
+                finally:
+                    sm.close()
+            finally:
+                log_store.close()
+            os.rename(tmp, dest)
+            fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except (BackupError, CodecError, RecoveryError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return emit_error("pyraft-kv restore", args.json, EXIT_FAILED, e, prefix=f"{args.file}: ")
+        except (StorageError, OSError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UsageError(f"{dest}: {e}") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    lid = meta.last_log_id
+    result = {"data_dir": dest, "id": args.id, "cluster_name": cluster_name, "keys": keys,
+              "last_log_id": [lid.term, lid.index], "members": {str(i): a for i, a in sorted(peers.items())},
+              "backup_node_id": header.node_id, "backup_created": header.created}
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        print(f"restored {keys} keys into {dest} as node {args.id} of cluster {cluster_name!r} (snapshot at "
+              f"{lid}; members {', '.join(f'{i}={a}' for i, a in sorted(peers.items()))}); start it with "
+              f"pyraft-kv serve --id {args.id} --data-dir {args.data_dir} ... (without --init)")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------
 # client commands
 
 def _client(args: argparse.Namespace) -> Any:
     from pyraft.kv import KVClient
     from pyraft.transports.zmq import CurveConfig, TransportError
-    cluster = args.cluster or os.environ.get("PYRAFT_KV_CLUSTER")
+    cluster = cluster_from(args.cluster, "PYRAFT_KV_CLUSTER")
     if not cluster:
-        raise UsageError("--cluster ADDR,ADDR,... is required (or set PYRAFT_KV_CLUSTER)")
+        raise UsageError("--cluster ADDR,ADDR,... is required (or set PYRAFT_CLUSTER)")
     curve = None
     if args.curve_secret:
         if not args.curve_keys_dir:
-            raise UsageError("--curve-secret needs --curve-keys-dir (a directory with N.key for every node)")
+            raise UsageError("--curve-secret needs --curve-keys-dir (the allow list, with peers/N.key for every node)")
         curve = CurveConfig(secret_key_file=args.curve_secret, public_key_file=args.curve_public,
                             allowed_keys_dir=args.curve_keys_dir)
     elif args.curve_keys_dir or args.curve_public:
         raise UsageError("CURVE options need --curve-secret")
+    if not args.timeout > 0:
+        raise UsageError("--timeout must be positive")
     try:
         return KVClient(cluster, timeout=args.timeout, cluster_name=args.cluster_name, curve=curve)
     except (ValueError, TransportError) as e:
         raise UsageError(str(e)) from None
 
 
+def _json_default(o: Any) -> Any:
+    return o.hex() if isinstance(o, bytes) else repr(o)
+
+
 def _client_command(args: argparse.Namespace) -> int:
     from pyraft.errors import RaftError, Timeout
     from pyraft.kv import KVCommandError
+    prog = f"pyraft-kv {args.cmd}"
+    j = args.json
+    value = expected = None
+    if args.cmd in ("put", "cas"):
+        value = parse_value(args.value, args.type)
+        if args.cmd == "cas" and args.expected is not None:
+            expected = parse_value(args.expected, args.type)
+
+    def done(result: dict, text: str | None = None, note: str | None = None) -> int:
+        if j:
+            print(json.dumps(result, sort_keys=True, default=_json_default))
+        else:
+            if text is not None:
+                print(text)
+            if note is not None:
+                print(f"{prog}: {note}", file=sys.stderr)
+        return EXIT_OK
+
+    def fail(kind: str, message: str) -> int:
+        return emit_error(prog, j, EXIT_FAILED, message, kind=kind)
+
     kv = _client(args)
     try:
         if args.cmd == "put":
-            kv.put(args.key, args.value)
-            return EXIT_OK
+            kv.put(args.key, value)
+            return done({"key": args.key, "put": True})
         if args.cmd == "get":
             v = kv.get(args.key, stale=args.stale)
             if v is None:
-                print(f"pyraft-kv get: {args.key!r}: not found", file=sys.stderr)
-                return EXIT_FAILED
-            print(v if isinstance(v, str) else json.dumps(v, default=repr))
-            return EXIT_OK
+                return fail("NotFound", f"{args.key!r}: not found")
+            jv, kind = value_to_json(v)
+            text = v if isinstance(v, str) else jv if kind == "bytes-hex" else json.dumps(v, default=_json_default)
+            return done({"key": args.key, "value": jv, "type": kind}, text)
         if args.cmd == "delete":
             existed = kv.delete(args.key)
-            if not existed:
-                print(f"pyraft-kv delete: {args.key!r}: not found (nothing deleted)", file=sys.stderr)
-            return EXIT_OK
+            return done({"key": args.key, "deleted": bool(existed)},
+                        note=None if existed else f"{args.key!r}: not found (nothing deleted)")
         if args.cmd == "cas":
-            if kv.cas(args.key, args.expected, args.value):
-                return EXIT_OK
-            want = "absent" if args.expected is None else f"{args.expected!r}"
-            print(f"pyraft-kv cas: {args.key!r} not set: its value is not {want}", file=sys.stderr)
-            return EXIT_FAILED
+            if kv.cas(args.key, expected, value):
+                return done({"key": args.key, "swapped": True})
+            want = "absent" if args.expected is None else f"{expected!r}"
+            return fail("CasFailed", f"{args.key!r} not set: its value is not {want}")
         raise UsageError(f"unknown command {args.cmd}")
     except KVCommandError as e:
-        print(f"pyraft-kv {args.cmd}: refused: {e}", file=sys.stderr)
-        return EXIT_FAILED
+        return emit_error(prog, j, EXIT_FAILED, e, prefix="refused: ")
     except Timeout as e:
-        print(f"pyraft-kv {args.cmd}: no answer from the cluster within {args.timeout} s: {e} "
-              f"(check the addresses, --cluster-name and the CURVE keys)", file=sys.stderr)
-        return EXIT_FAILED
+        return emit_error(prog, j, EXIT_FAILED, f"no answer from the cluster within {args.timeout} s: {e} "
+                                                f"(check the addresses, --cluster-name and the CURVE keys)",
+                          kind="Timeout")
     except RaftError as e:
-        print(f"pyraft-kv {args.cmd}: {type(e).__name__}: {e}", file=sys.stderr)
-        return EXIT_FAILED
+        return emit_error(prog, j, EXIT_FAILED, e, prefix=f"{type(e).__name__}: ")
     finally:
         kv.close()
 
@@ -316,30 +554,44 @@ class LocalCluster:
         if curve:
             self._make_keys()
 
-    # -- CURVE keys: keys/N.key (public, the allowed list), private/N.key_secret
+    # -- CURVE keys: the allow list keys/ by role (peers/N.key, clients/, admins/),
+    #    and each secret in private/NAME/NAME.key_secret
 
     def _make_keys(self) -> None:
         self.keys_dir = os.path.join(self.base_dir, "keys")
         self.private_dir = os.path.join(self.base_dir, "private")
         os.makedirs(self.keys_dir, exist_ok=True)
-        for name in [str(i) for i in self.ids] + ["client"]:
-            self.make_keypair(name, allowed=True)
+        for i in self.ids:
+            self.make_keypair(str(i), role="peer")
+        self.make_keypair("client", role="client")
+        self.make_keypair("admin", role="admin")
 
-    def make_keypair(self, name: str, allowed: bool) -> str:
-        """A new CURVE keypair; its public key goes into the allowed keys iff ``allowed``.  Returns the secret file."""
-        from pyraft.transports.zmq import generate_keys
+    def make_keypair(self, name: str, allowed: bool = True, role: str = "client") -> str:
+        """A new CURVE keypair; returns its secret file.
+
+        With ``allowed``, its public key goes into the allow list with ``role``
+        (``"peer"``: ``name`` must be the node id; ``"admin"``, ``"client"`` or
+        ``"reader"``).
+        """
+        from pyraft.transports.zmq import ROLE_DIRS, generate_keys
         d = os.path.join(self.private_dir, name)
         pub, sec = generate_keys(d, name)
         if allowed:
-            shutil.copy(pub, os.path.join(self.keys_dir, f"{name}.key"))
+            sub = {r: s for s, r in ROLE_DIRS.items()}[role]
+            os.makedirs(os.path.join(self.keys_dir, sub), exist_ok=True)
+            shutil.copy(pub, os.path.join(self.keys_dir, sub, f"{name}.key"))
         return sec
 
+    def secret_file(self, name: str) -> str:
+        """The secret key file of ``name`` (a node id, ``"client"``, ``"admin"``, or a ``make_keypair`` name)."""
+        return os.path.join(self.private_dir, name, f"{name}.key_secret")
+
     def client_curve(self, secret_file: str | None = None) -> Any:
+        """A CurveConfig for a client of this cluster: the client key by default, or ``secret_file``'s."""
         from pyraft.transports.zmq import CurveConfig
         if self.keys_dir is None:
             return None
-        return CurveConfig(secret_key_file=secret_file or os.path.join(self.private_dir, "client", "client.key_secret"),
-                           allowed_keys_dir=self.keys_dir)
+        return CurveConfig(secret_key_file=secret_file or self.secret_file("client"), allowed_keys_dir=self.keys_dir)
 
     # -- processes
 
@@ -349,7 +601,17 @@ class LocalCluster:
     def log_path(self, i: int) -> str:
         return os.path.join(self.base_dir, f"node{i}.log")
 
-    def argv(self, i: int, init: bool = False) -> list[str]:
+    def add_node(self, i: int, host: str = "127.0.0.1") -> str:
+        """Give a new node ``i`` an address and a data directory (start it with :meth:`start`); its address."""
+        if i in self.addrs:
+            raise ValueError(f"node {i} exists already")
+        self.addrs[i] = f"tcp://{host}:{free_port(host)}"
+        self.ids.append(i)
+        if self.keys_dir:
+            self.make_keypair(str(i), role="peer")
+        return self.addrs[i]
+
+    def argv(self, i: int, init: bool = False, extra: Sequence[str] = ()) -> list[str]:
         a = [sys.executable, "-m", "pyraft.tools.kv", "serve", "--id", str(i), "--listen", self.addrs[i],
              "--peers", ",".join(f"{j}={self.addrs[j]}" for j in self.ids), "--data-dir", self.data_dir(i),
              "--log-level", self.log_level, "--parent-pid", str(os.getpid())]
@@ -358,12 +620,15 @@ class LocalCluster:
         if init:
             a.append("--init")
         if self.keys_dir:
-            a += ["--curve-secret", os.path.join(self.private_dir, str(i), f"{i}.key_secret"),
-                  "--curve-allow", self.keys_dir]
-        return a
+            a += ["--curve-secret", self.secret_file(str(i)), "--curve-allow", self.keys_dir]
+        return a + list(extra)
 
-    def start(self, i: int, init: bool = False, wait: bool = True, timeout: float = 20.0) -> subprocess.Popen:
-        """Start node ``i`` (its previous process must have exited); with ``wait``, until it answers."""
+    def start(self, i: int, init: bool = False, wait: bool = True, timeout: float = 20.0,
+              extra: Sequence[str] = ()) -> subprocess.Popen:
+        """Start node ``i`` (its previous process must have exited); with ``wait``, until it answers.
+
+        ``extra``: more ``serve`` arguments (``--force-new-cluster``, ``--metrics-listen ...``).
+        """
         old = self.procs.get(i)
         if old is not None and old.poll() is None:
             raise RuntimeError(f"node {i} is running (pid {old.pid})")
@@ -371,7 +636,7 @@ class LocalCluster:
         if i in self._logs:
             self._logs[i].close()
         self._logs[i] = logf
-        p = subprocess.Popen(self.argv(i, init), stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+        p = subprocess.Popen(self.argv(i, init, extra), stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                              start_new_session=True)
         self.procs[i] = p
         if wait:
@@ -516,15 +781,18 @@ class LocalCluster:
 class _Progress:
     """A one-line progress display (``\\r`` on a terminal, a line every quarter otherwise)."""
 
-    def __init__(self, total: int, label: str) -> None:
+    def __init__(self, total: int, label: str, quiet: bool = False) -> None:
         self.total = total
         self.label = label
+        self.quiet = quiet
         self.tty = sys.stdout.isatty()
         self._shown_q = -1
         self._last = 0.0
         self.t0 = time.monotonic()
 
     def show(self, done: int, extra: str = "") -> None:
+        if self.quiet:
+            return
         now = time.monotonic()
         rate = done / max(1e-6, now - self.t0)
         line = f"  {self.label}: {done:5d}/{self.total} ({rate:6.0f}/s){extra}"
@@ -541,7 +809,7 @@ class _Progress:
                 print(line, flush=True)
 
     def end(self) -> None:
-        if self.tty:
+        if self.tty and not self.quiet:
             sys.stdout.write("\n")
             sys.stdout.flush()
 
@@ -557,7 +825,8 @@ def _demo(args: argparse.Namespace) -> int:
     keep = bool(args.dir) or args.keep
     total, nthreads = args.keys, args.threads
     kill_at = total // 2
-    out = lambda *a: print(*a, flush=True)  # noqa: E731
+    quiet = args.json  # then one JSON object at the end, nothing else on stdout
+    out = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))  # noqa: E731
 
     def on_signal(signum: int, _frame: Any) -> None:
         raise _Interrupted(signal.Signals(signum).name)
@@ -587,7 +856,7 @@ def _demo(args: argparse.Namespace) -> int:
         next_key = iter(range(total))
         key_lock = threading.Lock()
         done = [0]
-        progress = _Progress(total, "writing")
+        progress = _Progress(total, "writing", quiet)
         killed = threading.Event()
 
         def writer() -> None:
@@ -633,7 +902,7 @@ def _demo(args: argparse.Namespace) -> int:
                 new_lead = cluster.wait_leader(20, among=survivors)
                 t_elected = time.monotonic()
                 out(f"  new leader: node {new_lead}, elected {t_elected - t_kill:.2f} s after the kill")
-                progress = _Progress(total, "writing")
+                progress = _Progress(total, "writing", quiet)
                 progress.t0 = t_write
             time.sleep(0.05)
         progress.show(done[0])
@@ -656,7 +925,7 @@ def _demo(args: argparse.Namespace) -> int:
         t_verify = time.monotonic()
         missing: list[str] = []
         verify_q = sorted(acked)
-        vprog = _Progress(len(verify_q), "verifying")
+        vprog = _Progress(len(verify_q), "verifying", quiet)
         checked = [0]
         vlock = threading.Lock()
         it = iter(verify_q)
@@ -719,13 +988,23 @@ def _demo(args: argparse.Namespace) -> int:
         out("PASS: every acknowledged write survived the leader's SIGKILL" if ok else
             f"FAIL: {len(missing)} acknowledged writes missing: {missing[:10]}" if missing else
             "FAIL: see above")
+        if quiet:
+            print(json.dumps({"passed": ok, "writes_acknowledged": n_acked, "writes_attempted": total,
+                              "writes_failed": len(errors), "write_seconds": round(write_time, 3),
+                              "killed_leader": old_lead, "new_leader": new_lead,
+                              "failover_seconds": None if t_kill is None or t_elected is None
+                              else round(t_elected - t_kill, 3),
+                              "reads_verified": len(verify_q), "acknowledged_writes_lost": len(missing),
+                              "restarted_node_caught_up": caught_up,
+                              "total_seconds": round(time.monotonic() - t_start, 3)}, sort_keys=True), flush=True)
         return EXIT_OK if ok else EXIT_FAILED
     except _Interrupted as e:
-        print(f"\npyraft-kv demo: interrupted ({e}); stopping the nodes", file=sys.stderr, flush=True)
-        return 130
+        if not quiet:
+            print(file=sys.stderr)
+        return emit_error("pyraft-kv demo", quiet, EXIT_INTERRUPTED, f"interrupted ({e}); stopping the nodes",
+                          kind="Interrupted")
     except NodeFailed as e:
-        print(f"pyraft-kv demo: {e}", file=sys.stderr, flush=True)
-        return EXIT_FAILED
+        return emit_error("pyraft-kv demo", quiet, EXIT_FAILED, e)
     finally:
         # Ignore further Ctrl-C while cleaning up: nothing may be left running.
         for s in old_handlers:
@@ -738,7 +1017,7 @@ def _demo(args: argparse.Namespace) -> int:
             left = cluster.running()
             if left:
                 print(f"pyraft-kv demo: nodes {left} still running!", file=sys.stderr)
-            else:
+            elif not quiet:
                 print("  all node processes stopped", flush=True)
         if not keep:
             shutil.rmtree(base, ignore_errors=True)
@@ -750,74 +1029,119 @@ def _demo(args: argparse.Namespace) -> int:
 # main
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pyraft-kv", description="The pyraft replicated key-value service.")
-    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+    p = Parser(prog="pyraft-kv", description="The pyraft replicated key-value service.  Global options may come "
+                                             "before or after the command.")
+    add_version(p)
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=Parser)
     sub.required = True
+    subs: list[argparse.ArgumentParser] = []
+    clients: list[argparse.ArgumentParser] = []
 
-    s = sub.add_parser("serve", help="run one node of the KV service")
+    def cmd(name: str, help: str, client: bool = False) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help, description=help)
+        subs.append(s)
+        if client:
+            clients.append(s)
+        return s
+
+    s = cmd("serve", "run one node of the KV service")
     s.add_argument("--id", type=int, required=True, help="this node's id (one of --peers)")
     s.add_argument("--listen", required=True, metavar="tcp://HOST:PORT", help="address to bind; clients use it")
     s.add_argument("--peers", required=True, metavar="1=tcp://...,2=...", help="every initial member")
     s.add_argument("--data-dir", required=True, metavar="DIR", help="the node's data directory (LMDB)")
     s.add_argument("--init", action="store_true", help="initialize the cluster (one node, first start only)")
+    s.add_argument("--force-new-cluster", action="store_true",
+                   help="lost quorum: restart this node as the only member of its cluster, keeping its data "
+                        "(once; then remove the flag and grow the cluster again; see docs/operations.md)")
+    s.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (keep HOST on loopback or a "
+                        "monitoring network: there is no authentication)")
     s.add_argument("--config", metavar="FILE", help="JSON object of Config fields")
-    s.add_argument("--cluster-name", help="overrides the config's cluster_name")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info",
                                                            "warning", "error"])
-    s.add_argument("--curve-secret", metavar="FILE", help="this node's .key_secret file")
-    s.add_argument("--curve-public", metavar="FILE", help="this node's .key file (checked against the secret)")
-    s.add_argument("--curve-allow", metavar="DIR", help="public keys allowed to connect; node N's is N.key")
+    s.add_argument("--curve-allow", metavar="DIR",
+                   help="the allow list of public keys by role: peers/N.key (node N), admins/, clients/, readers/")
+    s.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --listen without CURVE: anyone who reaches the port can read, write "
+                        "and reconfigure the cluster (use only on a network you trust entirely)")
     s.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
     s.add_argument("--fault-control", metavar="FILE",
                    help="TEST ONLY, off by default: inject faults (dropped peers, a slow disk) as the local JSON "
                         "file FILE says; see pyraft.tools.faults.  Never use in production")
 
-    def client_opts(c: argparse.ArgumentParser) -> None:
-        c.add_argument("--cluster", metavar="ADDR,ADDR,...", help="the nodes' --listen addresses")
-        c.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
-        c.add_argument("--cluster-name", default="pyraft")
-        c.add_argument("--curve-secret", metavar="FILE", help="this client's .key_secret file")
-        c.add_argument("--curve-public", metavar="FILE", help="this client's .key file (optional check)")
-        c.add_argument("--curve-keys-dir", metavar="DIR", help="directory with N.key for every node N")
-
-    c = sub.add_parser("put", help="set KEY to VALUE")
-    client_opts(c)
+    c = cmd("put", "set KEY to VALUE", client=True)
     c.add_argument("key", metavar="KEY")
     c.add_argument("value", metavar="VALUE")
-    c = sub.add_parser("get", help="print KEY's value (linearizable)")
-    client_opts(c)
+    c.add_argument("--type", choices=VALUE_TYPES, default="str", help="how to read VALUE (default: str)")
+    c = cmd("get", "print KEY's value (linearizable)", client=True)
     c.add_argument("key", metavar="KEY")
     c.add_argument("--stale", action="store_true", help="read any node's copy (may be stale)")
-    c = sub.add_parser("delete", help="remove KEY")
-    client_opts(c)
+    c = cmd("delete", "remove KEY", client=True)
     c.add_argument("key", metavar="KEY")
-    c = sub.add_parser("cas", help="set KEY to VALUE if its value is EXPECTED (or, without EXPECTED, absent)")
-    client_opts(c)
+    c = cmd("cas", "set KEY to VALUE if its value is EXPECTED (or, without EXPECTED, absent)", client=True)
     c.add_argument("key", metavar="KEY")
     c.add_argument("value", metavar="VALUE")
     c.add_argument("expected", metavar="EXPECTED", nargs="?", default=None)
+    c.add_argument("--type", choices=VALUE_TYPES, default="str",
+                   help="how to read VALUE and EXPECTED (default: str)")
 
-    d = sub.add_parser("demo", help="local three-process cluster: write, kill the leader, verify")
+    r = cmd("restore", "prepare a new, empty data directory as a member of a new cluster holding a backup's data")
+    r.add_argument("file", metavar="FILE", help="a backup written by pyraft-admin backup")
+    r.add_argument("--data-dir", required=True, metavar="DIR", help="the new node's data directory (empty)")
+    r.add_argument("--id", type=int, required=True, help="the new node's id (one of --peers)")
+    r.add_argument("--peers", required=True, metavar="1=tcp://...,2=...",
+                   help="every member of the new cluster (the same on every member)")
+
+    d = cmd("demo", "local three-process cluster: write, kill the leader, verify")
     d.add_argument("--keys", type=int, default=3000, help="keys to write (default 3000)")
     d.add_argument("--threads", type=int, default=8, help="client threads (default 8)")
     d.add_argument("--dir", help="keep the nodes' data and logs here (default: a temporary directory)")
     d.add_argument("--keep", action="store_true", help="keep the temporary directory")
+
+    add_global(p, subs, "--json", action="store_true", default=False,
+               help="print one JSON object (errors too); serve: start-up errors only")
+    add_global(p, subs, "--cluster-name", default=None, metavar="NAME",
+               help="the cluster's name (clients: default pyraft; serve: overrides the config's; restore: "
+                    "default the backup's)")
+    add_global(p, subs, "--curve-secret", metavar="FILE", help="CURVE: this process's .key_secret file")
+    add_global(p, subs, "--curve-public", metavar="FILE",
+               help="CURVE: this process's .key file (checked against the secret)")
+    add_global(p, [*clients], "--cluster", metavar="ADDR,ADDR,...",
+               help="client commands: the nodes' --listen addresses (N=ADDR with CURVE; default $PYRAFT_CLUSTER)")
+    add_global(p, [*clients], "--timeout", type=float, default=5.0, metavar="S",
+               help="client commands: seconds (default 5)")
+    add_global(p, [*clients], "--curve-keys-dir", metavar="DIR",
+               help="client commands, CURVE: directory with N.key for every node N")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+#: Options given before the command that only the client commands use.
+_CLIENT_ONLY = {"cluster": None, "timeout": 5.0, "curve_keys_dir": None}
+
+
+def _main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    try:
-        if args.cmd == "serve":
-            return _serve(args)
-        if args.cmd == "demo":
-            if args.keys < 2 or args.threads < 1:
-                raise UsageError("--keys must be at least 2 and --threads at least 1")
-            return _demo(args)
-        return _client_command(args)
-    except UsageError as e:
-        print(f"pyraft-kv {args.cmd}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    if args.cmd not in ("put", "get", "delete", "cas"):
+        given = [k for k, default in _CLIENT_ONLY.items() if getattr(args, k) != default]
+        if given:
+            raise UsageError(f"{args.cmd} takes no --{given[0].replace('_', '-')} (only the client commands do)")
+    if args.cmd in ("restore", "demo") and (args.curve_secret or args.curve_public):
+        raise UsageError(f"{args.cmd} takes no CURVE options")
+    if args.cmd == "serve":
+        return _serve(args)
+    if args.cmd == "restore":
+        return _restore(args)
+    if args.cmd == "demo":
+        if args.keys < 2 or args.threads < 1:
+            raise UsageError("--keys must be at least 2 and --threads at least 1")
+        return _demo(args)
+    if args.cluster_name is None:
+        args.cluster_name = "pyraft"
+    return _client_command(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main("pyraft-kv", argv, _main)
 
 
 if __name__ == "__main__":

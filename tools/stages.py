@@ -294,7 +294,11 @@ def _us(v: float | None) -> str:
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
+    import argparse
     import json
+    argparse.ArgumentParser(prog="python -m pyraft.tools.stages",
+                            description="Measure this machine's floors (a thread hand-off, a ZeroMQ one-way "
+                                        "trip, an LMDB commit) and print them as one JSON object.").parse_args(argv)
     print(json.dumps(floors()))
     return 0
 

@@ -41,6 +41,14 @@ Faults (all take effect at once and apply to requests and replies alike):
 - ``set_delay(lo, hi)``: delay each message by a uniform random time (seconds);
   ``set_delay(0, 0)`` turns it off.
 
+Principals (test-only, in place of CURVE keys): requests arrive with
+``reply.principal`` set to the sending transport's principal,
+:data:`~pyraft.network.TRUSTED` unless ``net.transport(id, principal=p)``
+gave it one.  A sender with a principal
+counts as authenticated: its Raft RPCs are dropped (``dropped_rpc_not_peer``,
+``dropped_rpc_wrong_id``, counted on the receiver) unless it is
+``Principal("peer", node_id=<its own id>)``, as ZmqTransport does with CURVE.
+
 Per-transport fault filter (same signature as ZmqTransport's):
 ``transport.set_fault_filter(f)`` where ``f(direction, peer_id, message) -> bool``
 returns True to drop.  ``direction`` is ``"send"`` (a request leaving a
@@ -64,7 +72,7 @@ from typing import Any, Callable
 from pyraft.codec import ClientRequest, decode_message, encode_message
 from pyraft.errors import CodecError, RaftError
 from pyraft.messages import AppendEntriesRequest, InstallSnapshotRequest, TimeoutNowRequest, VoteRequest
-from pyraft.network import RequestHandler
+from pyraft.network import TRUSTED, FailureHandler, Principal, RequestHandler, raft_sender_refusal
 from pyraft.types import Node
 
 __all__ = ["MemoryNetwork", "MemoryTransport", "MemoryConnection", "FaultFilter"]
@@ -106,12 +114,14 @@ class MemoryNetwork:
 
     # ------------------------------------------------------------------ nodes
 
-    def transport(self, node_id: int, *, cluster_name: str | None = None) -> "MemoryTransport":
+    def transport(self, node_id: int, *, cluster_name: str | None = None,
+                  principal: Principal | None = None) -> "MemoryTransport":
         """A new transport for ``node_id``.
 
         Raises ``ValueError`` while another open transport has that id (close
         it first: that is how a test restarts a node).  ``cluster_name``
-        overrides the network's (to test cluster-name checks).
+        overrides the network's (to test cluster-name checks).  ``principal``:
+        who its requests arrive as (see the module docstring).
         """
         with self._lock:
             if self._closed:
@@ -120,6 +130,7 @@ class MemoryNetwork:
             if old is not None and not old._closed:
                 raise ValueError(f"node {node_id} already has an open transport on this network")
             t = MemoryTransport(self, node_id, cluster_name or self.cluster_name)
+            t._principal = principal
             self._transports[node_id] = t
             return t
 
@@ -187,7 +198,7 @@ class MemoryNetwork:
         """Counters of the whole network: ``sends``, ``delivered_requests``,
         ``delivered_replies``, ``dropped_<reason>`` (``partition``, ``loss``,
         ``closed``, ``no_target``, ``invalid``, ``not_request``, ``not_reply``,
-        ``fault_filter``), ``handler_errors``."""
+        ``fault_filter``, ``rpc_not_peer``, ``rpc_wrong_id``), ``handler_errors``."""
         with self._lock:
             return dict(self._stats)
 
@@ -258,6 +269,17 @@ class MemoryNetwork:
             th.join(5.0)
 
     def _run(self) -> None:
+        try:
+            self._deliver_loop()
+        except BaseException as e:  # a bug here leaves every node deaf: tell their owners
+            log.exception("memory network: the delivery thread failed")
+            with self._lock:
+                self._thread = None
+                transports = [t for t in self._transports.values() if not t._closed]
+            for t in transports:
+                t._report_failure(f"memory network delivery thread failed: {type(e).__name__}: {e}")
+
+    def _deliver_loop(self) -> None:
         while True:
             with self._cond:
                 while True:
@@ -315,11 +337,18 @@ class MemoryNetwork:
         if not isinstance(msg, _REQUEST_TYPES):
             self._count("dropped_not_request", target)
             return
+        principal = conn._transport._principal
+        if principal is not None and not isinstance(msg, ClientRequest):
+            refusal = raft_sender_refusal(principal, frame.from_id)
+            if refusal is not None:
+                self._count("dropped_" + refusal, target)
+                return
         if target._filtered("request", frame.from_id, msg):
             self._count("dropped_fault_filter", target)
             return
         self._count("delivered_requests", target)
-        handler(frame.from_id, msg, _MemoryReply(self, target, conn, frame.from_id, frame.request_id))
+        handler(frame.from_id, msg, _MemoryReply(self, target, conn, frame.from_id, frame.request_id,
+                                                 principal or TRUSTED))
 
     def _deliver_reply(self, item: tuple) -> None:
         _, _src, _dst, conn, data = item
@@ -353,8 +382,11 @@ class MemoryTransport:
         self.cluster_name = cluster_name
         self._net = net
         self._handler: RequestHandler | None = None
+        self._on_failure: FailureHandler | None = None
         self._closed = False
         self._fault_filter: FaultFilter | None = None
+        #: who this transport's requests arrive as; None: TRUSTED, and its Raft RPCs pass
+        self._principal: Principal | None = None
         self._stats: Counter[str] = Counter()  # guarded by the network's _lock
 
     @property
@@ -367,12 +399,22 @@ class MemoryTransport:
         with self._net._lock:
             return dict(self._stats)
 
-    def start(self, handler: RequestHandler) -> None:
+    def start(self, handler: RequestHandler, on_failure: FailureHandler | None = None) -> None:
+        """Deliver this node's requests to ``handler``; ``on_failure(reason)`` if the network's thread dies."""
         if self._closed:
             raise RaftError(f"transport of node {self.node_id} is closed")
         if self._handler is not None:
             raise RaftError(f"transport of node {self.node_id} is already started")
+        self._on_failure = on_failure
         self._handler = handler
+
+    def _report_failure(self, reason: str) -> None:
+        cb = self._on_failure
+        if cb is not None:
+            try:
+                cb(reason)
+            except Exception:  # noqa: BLE001 - one owner's callback must not keep the others from theirs
+                log.exception("memory network: node %s's failure callback failed", self.node_id)
 
     def connect(self, target_id: int, node: Node | None = None) -> "MemoryConnection":
         """A connection to ``target_id``; ``node`` is ignored (routing is by id)."""
@@ -461,16 +503,18 @@ class MemoryConnection:
 class _MemoryReply:
     """The reply handle of one delivered request."""
 
-    __slots__ = ("_net", "_responder", "_conn", "_requester", "_request_id", "_used")
+    __slots__ = ("_net", "_responder", "_conn", "_requester", "_request_id", "_used", "principal")
 
     def __init__(self, net: MemoryNetwork, responder: MemoryTransport, conn: MemoryConnection,
-                 requester: int, request_id: int):
+                 requester: int, request_id: int, principal: Principal = TRUSTED):
         self._net = net
         self._responder = responder
         self._conn = conn
         self._requester = requester
         self._request_id = request_id
         self._used = False
+        #: who sent the request (see pyraft.network.Principal)
+        self.principal = principal
 
     def reply(self, message: Any) -> None:
         if self._used:

@@ -20,10 +20,16 @@ Server side (:class:`ZmqTransport`)::
   ROUTER (``zmq.Poller`` takes plain file descriptors).  No ZeroMQ socket is
   ever used by two threads, and nothing is created per calling thread.
 - Every incoming frame is size-checked (``MAXMSGSIZE`` on the socket too: a
-  peer that sends more is disconnected by libzmq), decoded with
-  :func:`pyraft.codec.decode_message` against the cluster name, and checked to
-  be a request.  Anything else is dropped, counted in :attr:`ZmqTransport.stats`
-  by reason, and logged (rate-limited) on the ``pyraft.transport`` logger.
+  peer that sends more is disconnected by libzmq); its envelope is read with
+  :func:`pyraft.codec.decode_envelope` (cluster name, version, sender, tag)
+  and the sender's right to send it checked before its body is decoded,
+  within the codec's container budget.  Anything else is dropped, counted in
+  :attr:`ZmqTransport.stats` by reason, and logged (rate-limited) on the
+  ``pyraft.transport`` logger.  Nothing a frame holds can stop the server
+  thread; if libzmq fails it, ``start(handler, on_failure)`` tells the owner.
+- Receive queues are bounded in bytes: the ``RCVHWM`` of the ROUTER and of
+  the node's connections is ``recv_queue_bytes // max_frame_size`` (libzmq
+  counts messages).
 - Replies go out with ``ROUTER_MANDATORY``: a reply to a peer that has gone
   (or whose queue is full) raises in libzmq; it is dropped and counted.
 
@@ -40,24 +46,32 @@ otherwise the first request on a fresh connection (a vote, the first
 heartbeat) would always be lost to the TCP handshake.
 
 CURVE (:class:`CurveConfig`): every endpoint has a keypair in zmq.auth
-certificate files (:func:`generate_keys`).  Key layout::
+certificate files (:func:`generate_keys`).  Key layout, with roles::
 
     keys/                      allowed_keys_dir: public halves only
-        1.key  2.key  3.key    node N's public key is <allowed_keys_dir>/N.key
-        admin.key  client.key  any other name: clients allowed to connect
+        peers/1.key 2.key ...  node N's key: Raft RPCs as node N, client rights;
+                               clients find node N's server key here
+        admins/ops.key         admin: client rights plus admin operations
+        clients/app.key        client: read and write data
+        readers/dash.key       reader: KV reads, status, metrics
     private/1.key_secret       node 1's secret file, only on node 1
 
-A server accepts a client only when the client's public key is one of the
-allowed keys (the ``*.key`` files in ``allowed_keys_dir``, re-read when files
+(The old flat layout, ``keys/N.key`` for node N and any other ``keys/*.key``
+for a client, still loads with a warning.)  A server accepts a connection
+only when the client's public key is one of the allowed keys (the ``*.key``
+files of ``allowed_keys_dir`` and its role directories, re-read when files
 are added or removed, or the files listed in ``allowed_key_files``); this is
 enforced by a ZAP handler (:class:`zmq.auth.thread.ThreadAuthenticator`, one
 per ``zmq.Context``, shared by all transports of the process, each using its
-own ZAP domain).  A client learns the server key of node ``N`` from
-``Node.data["curve_public_key"]`` (a Z85 string) when the node carries one,
-else from the file ``N.key`` in ``allowed_keys_dir`` (or the file so named in
-``allowed_key_files``).  :class:`ZmqClient` takes the server key explicitly.
-Note: CURVE authenticates keys, not node ids: an allowed key may claim any
-``from_id`` in its frames.
+own ZAP domain).  libzmq stamps every frame with the key its connection
+authenticated as (the ZAP User-Id, the Z85 key), which gives the request's
+:class:`~pyraft.network.Principal`: a Raft RPC passes only from node N's key
+claiming to be node N, and a client op only with the role it needs (checked
+by the :class:`~pyraft.Raft` handle).  A client learns the server key of
+node ``N`` from ``Node.data["curve_public_key"]`` (a Z85 string) when the
+node carries one, else from ``peers/N.key`` (or the flat ``N.key``) in
+``allowed_keys_dir``, or the file so named in ``allowed_key_files``.
+:class:`ZmqClient` takes the server key explicitly.
 
 Fault injection (tests only, in-process only, never reachable from the
 network): ``transport.set_fault_filter(f)`` with ``f(direction, peer_id,
@@ -71,10 +85,12 @@ work, so it must be thread-safe and must not block.
 from __future__ import annotations
 
 import collections
+import ipaddress
 import itertools
 import logging
 import os
 import socket
+import stat
 import threading
 import time
 from collections import Counter
@@ -86,20 +102,37 @@ import zmq.auth
 import zmq.utils.monitor
 from zmq.auth.thread import ThreadAuthenticator
 
-from pyraft.codec import ClientRequest, decode_message, encode_message
-from pyraft.errors import CodecError, RaftError, Timeout
+from pyraft.codec import (RAFT_REQUEST_TAGS, REQUEST_TAGS, ClientRequest, ClientResponse, decode_body,
+                          decode_envelope, decode_message, encode_message)
+from pyraft.errors import CodecError, RaftError, RequestTooLarge, Timeout
 from pyraft.messages import AppendEntriesRequest, InstallSnapshotRequest, TimeoutNowRequest, VoteRequest
-from pyraft.network import RequestHandler
+from pyraft.network import TRUSTED, FailureHandler, Principal, RequestHandler, raft_sender_refusal
 from pyraft.types import Node
 
 __all__ = [
     "ZmqTransport", "ZmqConnection", "ZmqClient", "TransportError", "CurveConfig", "generate_keys",
-    "FaultFilter", "DEFAULT_MAX_FRAME_SIZE", "CONNECT_BUFFER",
+    "FaultFilter", "DEFAULT_MAX_FRAME_SIZE", "DEFAULT_MAX_CLIENT_FRAME_SIZE", "DEFAULT_RECV_QUEUE_BYTES",
+    "DEFAULT_LISTEN", "CONNECT_BUFFER", "ROLE_DIRS", "is_loopback", "default_context",
 ]
 
 log = logging.getLogger("pyraft.transport")
 
 DEFAULT_MAX_FRAME_SIZE = 16 * 1024 * 1024
+#: A client request's frame, at most (etcd's --max-request-bytes is 1.5 MiB too): a
+#: client's value costs up to ~30 times its size once decoded, a peer's log entries
+#: come only from nodes.
+DEFAULT_MAX_CLIENT_FRAME_SIZE = 3 * 512 * 1024
+#: Bytes one connection may have waiting in the ROUTER's receive queue, at most;
+#: libzmq counts messages, so RCVHWM = this // max_frame_size (at least 1).
+DEFAULT_RECV_QUEUE_BYTES = 64 * 1024 * 1024
+#: Loopback: a node listens on other interfaces only when told to.
+DEFAULT_LISTEN = "tcp://127.0.0.1:7001"
+#: Seconds a new connection has to finish its handshake (libzmq's default is 30):
+#: a connection that never speaks holds a file descriptor and a timer until then.
+DEFAULT_HANDSHAKE_TIMEOUT = 5.0
+#: TCP keepalive of the ROUTER's connections (seconds idle, between probes, probes):
+#: a client that vanished without closing is dropped after about a minute.
+_KEEPALIVE_IDLE, _KEEPALIVE_INTVL, _KEEPALIVE_CNT = 30, 10, 3
 #: Messages a connection holds while its first connection is being set up.
 CONNECT_BUFFER = 64
 
@@ -147,7 +180,7 @@ class _RateLimitedLog:
         self._last: dict[str, float] = {}
         self._suppressed: Counter[str] = Counter()
 
-    def log(self, level: int, key: str, msg: str, *args: Any) -> None:
+    def log(self, level: int, key: str, msg: str, *args: Any, exc_info: bool = False) -> None:
         now = time.monotonic()
         with self._lock:
             last = self._last.get(key)
@@ -159,7 +192,31 @@ class _RateLimitedLog:
         if n:
             msg += " (%d similar messages suppressed)"
             args = args + (n,)
-        log.log(level, msg, *args)
+        log.log(level, msg, *args, exc_info=exc_info)
+
+
+def is_loopback(addr: str) -> bool:
+    """Whether a ZeroMQ address can only be reached from this host.
+
+    True for ``tcp://`` on 127.0.0.0/8, ``::1`` or ``localhost``, and for
+    ``ipc://`` and ``inproc://``; False for ``tcp://*``, ``0.0.0.0``, ``::``,
+    any other host or interface name, and anything unparsable.
+    """
+    scheme, sep, rest = addr.partition("://")
+    if not sep:
+        return False
+    if scheme in ("ipc", "inproc"):
+        return True
+    if scheme != "tcp":
+        return False
+    rest = rest.rsplit(";", 1)[-1]  # "tcp://source;dest": the destination (or bind) part
+    host = rest[1:rest.find("]")] if rest.startswith("[") else rest.rpartition(":")[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _ms(seconds: float) -> int:
@@ -168,6 +225,14 @@ def _ms(seconds: float) -> int:
 
 # ---------------------------------------------------------------------------
 # CURVE
+
+#: The allow list's subdirectories and the role of the keys in each.
+ROLE_DIRS = {"peers": "peer", "admins": "admin", "clients": "client", "readers": "reader"}
+
+_CERT_BANNER = ("#   ****  Generated on {now} by pyraft  ****\n"
+                "#   ZeroMQ CURVE {kind} Certificate\n"
+                "#   {note}\n\n")
+
 
 def _z85(key: bytes | str) -> bytes:
     k = key.encode("ascii") if isinstance(key, str) else bytes(key)
@@ -181,45 +246,115 @@ def _load_public(path: str | os.PathLike) -> bytes:
         pub, _ = zmq.auth.load_certificate(os.fspath(path))
     except (OSError, ValueError) as e:
         raise TransportError(f"cannot read CURVE key file {os.fspath(path)!r}: {e}") from None
-    if pub is None:
-        raise TransportError(f"no public key in {os.fspath(path)!r}")
+    if pub is None or len(pub) != 40:
+        raise TransportError(f"no CURVE public key in {os.fspath(path)!r}")
     return pub
+
+
+def _write_private(path: str, text: str, mode: int, *, replace: bool) -> None:
+    """Write ``text`` to ``path``, created with ``mode`` (never wider, whatever was there before).
+
+    The file is created with its final mode by ``os.open`` (not chmod-ed after
+    writing): a secret is never readable by others, not even for a moment.
+    With ``replace``, a temporary file takes its place atomically; without,
+    an existing file is an error (FileExistsError).
+    """
+    target = path
+    if replace:
+        path = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if replace:
+            os.replace(path, target)
+    except BaseException:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise
 
 
 def generate_keys(directory: str | os.PathLike, name: str, *, overwrite: bool = False) -> tuple[str, str]:
     """Create a CURVE keypair as zmq.auth certificate files ``<name>.key`` and ``<name>.key_secret``.
 
-    Returns ``(public_path, secret_path)``.  The secret file is made readable
-    by its owner only.  Raises :class:`TransportError` if the files exist and
-    ``overwrite`` is false.
+    Returns ``(public_path, secret_path)``.  The secret file is created
+    readable by its owner only (mode 0600, from its first byte: never
+    chmod-ed afterwards); ``directory`` is created 0700 if missing.  Raises
+    :class:`TransportError` if the files exist and ``overwrite`` is false.
     """
     directory = os.fspath(directory)
     pub_path = os.path.join(directory, f"{name}.key")
     sec_path = os.path.join(directory, f"{name}.key_secret")
     if not overwrite and (os.path.exists(pub_path) or os.path.exists(sec_path)):
         raise TransportError(f"key files for {name!r} already exist in {directory!r}")
+    pub, sec = zmq.curve_keypair()
+    now = time.strftime("%Y-%m-%d %H:%M:%S")
+    public_text = (_CERT_BANNER.format(now=now, kind="Public", note="This file may be shared.")
+                   + f'metadata\ncurve\n    public-key = "{pub.decode()}"\n')
+    secret_text = (_CERT_BANNER.format(now=now, kind="**Secret**",
+                                       note="DO NOT PROVIDE THIS FILE TO OTHER USERS nor change its permissions.")
+                   + f'metadata\ncurve\n    public-key = "{pub.decode()}"\n    secret-key = "{sec.decode()}"\n')
     try:
-        os.makedirs(directory, exist_ok=True)
-        pub, sec = zmq.auth.create_certificates(directory, name)
-        os.chmod(sec, 0o600)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        _write_private(sec_path, secret_text, 0o600, replace=overwrite)
+        _write_private(pub_path, public_text, 0o644, replace=overwrite)
+    except FileExistsError:
+        raise TransportError(f"key files for {name!r} already exist in {directory!r}") from None
     except OSError as e:
         raise TransportError(f"cannot write keys for {name!r} in {directory!r}: {e}") from None
-    return os.fspath(pub), os.fspath(sec)
+    return pub_path, sec_path
+
+
+def _node_id_of(stem: str) -> int | None:
+    return int(stem) if stem.isdigit() and stem.isascii() else None
+
+
+_warned_flat: set[tuple[str, frozenset[str]]] = set()  # guarded by _warned_lock
+_warned_lock = threading.Lock()
+
+
+def _warn_flat(directory: str, names: list[str]) -> None:
+    key = (directory, frozenset(names))
+    with _warned_lock:
+        if key in _warned_flat:
+            return
+        _warned_flat.add(key)
+    log.warning("allowed keys directory %r uses the old flat layout (%s): N.key is node N's key and any other "
+                "*.key a client's.  Move node keys to peers/, client keys to clients/, admin keys to admins/ "
+                "and read-only keys to readers/ (in the flat layout an admin key has only client rights)",
+                directory, ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else ""))
 
 
 @dataclass(frozen=True)
 class CurveConfig:
-    """This endpoint's CURVE identity and whom it lets in.
+    """This endpoint's CURVE identity and whom it lets in, with which role.
 
     - ``secret_key_file``: this endpoint's ``*.key_secret`` file (it holds
-      both halves of the keypair).
+      both halves of the keypair).  A file that other users may read is
+      used, with a warning.
     - ``public_key_file``: optional; checked to match the secret file.
-    - ``allowed_keys_dir``: a directory of public ``*.key`` files: the clients
-      (nodes, admin tools, KV clients) a server accepts; also where a client
-      finds node N's server key, as ``N.key``.
-    - ``allowed_key_files``: public key files, instead of or besides the directory.
+    - ``allowed_keys_dir``: the allow list, public ``*.key`` files by role::
 
-    A client-only user (``ZmqClient``) needs only ``secret_key_file``.
+          peers/N.key     node N: Raft RPCs as node N only, plus client rights;
+                          also where anyone finds node N's server key
+          admins/*.key    client rights plus admin operations (membership,
+                          leadership transfer, snapshot, log purge)
+          clients/*.key   read and write data (KV, replicated objects)
+          readers/*.key   KV reads, status and metrics only
+
+      The old flat layout still loads, with a warning: ``N.key`` is peer N,
+      any other ``*.key`` a client.  The directories are re-read when their
+      contents change.
+    - ``allowed_key_files``: public key files, instead of or besides the
+      directory; each file's role is its parent directory's (``peers/``,
+      ``admins/``, ...), else the flat rule by its name.
+
+    A client-only user (``ZmqClient``, ``KVClient``) needs ``secret_key_file``
+    and, to find the nodes' keys, ``allowed_keys_dir``.
     """
 
     secret_key_file: str | os.PathLike
@@ -232,76 +367,152 @@ class CurveConfig:
         path = os.fspath(self.secret_key_file)
         try:
             pub, sec = zmq.auth.load_certificate(path)
+            mode = os.stat(path).st_mode
         except (OSError, ValueError) as e:
             raise TransportError(f"cannot read CURVE secret key file {path!r}: {e}") from None
         if sec is None:
             raise TransportError(f"{path!r} holds no secret key (give the .key_secret file)")
+        if mode & 0o077:
+            log.warning("CURVE secret key file %r can be read by other users (mode %04o): chmod 600 it",
+                        path, stat.S_IMODE(mode))
         if self.public_key_file is not None and _load_public(self.public_key_file) != pub:
             raise TransportError(f"{os.fspath(self.public_key_file)!r} does not match {path!r}")
         return pub, sec
 
-    def allowed_keys(self) -> set[bytes]:
-        """The Z85 public keys allowed to connect (read now)."""
-        keys = {_load_public(p) for p in self.allowed_key_files}
+    def principals(self) -> dict[str, Principal]:
+        """Every allowed public key (Z85 text) and who it is, read now.
+
+        Raises :class:`TransportError` for an unreadable file, a file in
+        ``peers/`` not named by a node id, or a key listed with two roles.
+        """
+        found: dict[str, tuple[Principal, str]] = {}
+
+        def add(path: str, role: str, stem: str) -> None:
+            node_id = _node_id_of(stem) if role == "peer" else None
+            if role == "peer" and node_id is None:
+                raise TransportError(f"{path!r}: a node's key file is named by its node id (N.key)")
+            key = _load_public(path).decode("ascii")
+            p = Principal(role, node_id, key)
+            old = found.get(key)
+            if old is not None and old[0] != p:
+                raise TransportError(f"the same CURVE key is {old[1]!r} and {path!r}: one key, one role")
+            found[key] = (p, path)
+
+        def flat(path: str, stem: str) -> None:
+            add(path, "peer" if _node_id_of(stem) is not None else "client", stem)
+
+        for f in self.allowed_key_files:
+            path = os.fspath(f)
+            stem = os.path.splitext(os.path.basename(path))[0]
+            role = ROLE_DIRS.get(os.path.basename(os.path.dirname(os.path.abspath(path))))
+            if role is not None:
+                add(path, role, stem)
+            else:
+                flat(path, stem)
         if self.allowed_keys_dir is not None:
             d = os.fspath(self.allowed_keys_dir)
-            try:
-                names = sorted(os.listdir(d))
-            except OSError as e:
-                raise TransportError(f"cannot read allowed keys directory {d!r}: {e}") from None
-            for n in names:
-                if n.endswith(".key"):
-                    keys.add(_load_public(os.path.join(d, n)))
-        return keys
+            flat_names = []
+            for n in _key_files(d, required=True):
+                flat_names.append(n)
+                flat(os.path.join(d, n), n[:-4])
+            if flat_names:
+                _warn_flat(d, flat_names)
+            for sub, role in ROLE_DIRS.items():
+                sd = os.path.join(d, sub)
+                for n in _key_files(sd, required=False):
+                    add(os.path.join(sd, n), role, n[:-4])
+        return {k: p for k, (p, _path) in found.items()}
+
+    def allowed_keys(self) -> set[bytes]:
+        """The Z85 public keys allowed to connect (read now)."""
+        return {k.encode("ascii") for k in self.principals()}
 
     def server_key_for(self, node_id: int, node: Node | None = None) -> bytes:
-        """Node ``node_id``'s public key: ``node.data["curve_public_key"]``, else ``<node_id>.key``."""
+        """Node ``node_id``'s public key: ``node.data["curve_public_key"]``, else the allow list's
+        ``peers/<node_id>.key`` (or the flat layout's ``<node_id>.key``)."""
         if node is not None and node.data and node.data.get("curve_public_key"):
             return _z85(node.data["curve_public_key"])
         name = f"{node_id}.key"
-        for p in self.allowed_key_files:
-            if os.path.basename(os.fspath(p)) == name:
-                return _load_public(p)
         if self.allowed_keys_dir is not None:
-            path = os.path.join(os.fspath(self.allowed_keys_dir), name)
-            if os.path.exists(path):
-                return _load_public(path)
+            d = os.fspath(self.allowed_keys_dir)
+            for path in (os.path.join(d, "peers", name), os.path.join(d, name)):
+                if os.path.exists(path):
+                    return _load_public(path)
+        files = [os.fspath(p) for p in self.allowed_key_files if os.path.basename(os.fspath(p)) == name]
+        files.sort(key=lambda p: os.path.basename(os.path.dirname(os.path.abspath(p))) != "peers")
+        if files:
+            return _load_public(files[0])
         raise TransportError(
-            f"no CURVE public key for node {node_id}: put {name} in the allowed keys directory "
+            f"no CURVE public key for node {node_id}: put it in peers/{name} of the allowed keys directory "
             f"or 'curve_public_key' in its Node.data")
 
+    def _stamp(self) -> tuple | None:
+        """Changes when a file is added to or removed from the allow list's directories."""
+        if self.allowed_keys_dir is None:
+            return None
+        d = os.fspath(self.allowed_keys_dir)
+        out = []
+        for p in (d, *(os.path.join(d, s) for s in ROLE_DIRS)):
+            try:
+                out.append(os.stat(p).st_mtime_ns)
+            except OSError:
+                out.append(None)
+        return tuple(out)
 
-class _AllowList:
-    """The ZAP credentials provider of one transport (called on the ZAP thread)."""
+
+def _key_files(d: str, *, required: bool) -> list[str]:
+    try:
+        names = sorted(os.listdir(d))
+    except FileNotFoundError:
+        if required:
+            raise TransportError(f"cannot read allowed keys directory {d!r}: it does not exist") from None
+        return []
+    except OSError as e:
+        raise TransportError(f"cannot read allowed keys directory {d!r}: {e}") from None
+    return [n for n in names if n.endswith(".key") and os.path.isfile(os.path.join(d, n))]
+
+
+class _KeyTable:
+    """The keys a CURVE server accepts and who each is: the ZAP credentials provider of one transport.
+
+    The table is replaced whole on a reload (readers take the current one
+    without a lock): the ZAP thread reloads it when a new connection arrives
+    after the directories changed, the server thread checks about once a
+    second, so a removed key stops being served on open connections too.
+    """
+
+    #: seconds between the server thread's checks of the directories
+    CHECK_EVERY = 1.0
 
     def __init__(self, curve: CurveConfig, stats: _Stats, rlog: _RateLimitedLog, node_id: int):
         self._curve = curve
         self._stats = stats
         self._rlog = rlog
         self._node_id = node_id
-        self._lock = threading.Lock()  # guards _keys and _stamp
-        self._keys = curve.allowed_keys()
-        self._stamp = self._dir_stamp()
+        self._lock = threading.Lock()  # guards reloads (_stamp and the replacement of _table)
+        self._stamp = curve._stamp()
+        self._table: dict[str, Principal] = curve.principals()
 
-    def _dir_stamp(self) -> int | None:
-        if self._curve.allowed_keys_dir is None:
-            return None
-        try:
-            return os.stat(self._curve.allowed_keys_dir).st_mtime_ns
-        except OSError:
-            return None
+    def maybe_reload(self) -> None:
+        with self._lock:
+            stamp = self._curve._stamp()
+            if stamp == self._stamp:
+                return
+            try:
+                self._table = self._curve.principals()
+                self._stamp = stamp
+            except TransportError as e:
+                self._rlog.log(logging.WARNING, "keys", "node %s: cannot reload allowed keys (the old list "
+                               "stays): %s", self._node_id, e)
+
+    def principal(self, key: str | None) -> Principal | None:
+        """Who holds ``key`` (Z85 text), None when it is not (or no longer) allowed."""
+        return self._table.get(key) if key is not None else None
 
     def callback(self, domain: str, key: bytes) -> bool:
-        with self._lock:
-            stamp = self._dir_stamp()
-            if stamp != self._stamp:
-                try:
-                    self._keys = self._curve.allowed_keys()
-                    self._stamp = stamp
-                except TransportError as e:
-                    self._rlog.log(logging.WARNING, "keys", "node %s: cannot reload allowed keys: %s",
-                                   self._node_id, e)
-            ok = key in self._keys
+        """ZAP: may this CURVE client key connect?  (Called on the ZAP thread.)"""
+        self.maybe_reload()
+        ok = key.decode("ascii", "replace") in self._table
         if not ok:
             self._stats.inc("auth_rejected")
             self._rlog.log(logging.WARNING, "auth", "node %s: rejected a CURVE client with unknown key %s",
@@ -316,7 +527,7 @@ class _Zap:
     _by_ctx: dict[int, tuple[zmq.Context, ThreadAuthenticator, set[str]]] = {}
 
     @classmethod
-    def acquire(cls, ctx: zmq.Context, domain: str, provider: _AllowList) -> None:
+    def acquire(cls, ctx: zmq.Context, domain: str, provider: _KeyTable) -> None:
         with cls._lock:
             entry = cls._by_ctx.get(id(ctx))
             if entry is None:
@@ -360,6 +571,31 @@ class _Zap:
             if not domains:
                 del cls._by_ctx[id(ctx)]
                 auth.stop()
+
+
+#: libzmq I/O thread masks (ZMQ_AFFINITY) when the context has two or more: the
+#: ROUTER's connections on the first, this node's own connections on the second.
+_SERVE_IO, _CONNECT_IO = 1, 2
+
+
+def default_context() -> zmq.Context:
+    """The process's ``zmq.Context.instance()``, made with two I/O threads if pyraft makes it.
+
+    With two I/O threads a transport serves its ROUTER's connections on one
+    and its own outgoing connections (replication, votes) on the other, so
+    that a flood of incoming connections cannot delay the heartbeats a
+    leader sends.  A context made elsewhere with one I/O thread still works,
+    without that separation.
+    """
+    return zmq.Context.instance(io_threads=2)
+
+
+def _io_affinity(ctx: zmq.Context, mask: int) -> int:
+    """``mask`` if ``ctx`` has the I/O threads to honour it, else 0 (any thread)."""
+    try:
+        return mask if ctx.get(zmq.IO_THREADS) >= 2 else 0
+    except zmq.ZMQError:
+        return 0
 
 
 def _set_common(sock: zmq.Socket, *, hwm: int, max_frame_size: int, heartbeat: float, addr: str) -> None:
@@ -422,44 +658,80 @@ class ZmqTransport:
       client-only transport.  ``"tcp://127.0.0.1:*"`` picks a free port; the
       bound address is :attr:`endpoint`.
     - ``cluster_name``: carried by every frame; frames of another cluster are dropped.
-    - ``context``: default ``zmq.Context.instance()`` (one per process); never terminated here.
+    - ``context``: default :func:`default_context` (one per process, two I/O
+      threads: see there); never terminated here.
     - ``curve``: a :class:`CurveConfig` to encrypt and authenticate (server and connections).
     - ``max_frame_size``: bytes; larger frames are refused by the sender and
       dropped (libzmq ``MAXMSGSIZE``: the peer is disconnected) by the receiver.
-    - ``hwm``: frames queued per socket and direction, at most (libzmq may
-      refuse a write somewhat earlier); beyond it sends and replies drop.
+    - ``max_client_frame_size``: bytes; a :class:`~pyraft.codec.ClientRequest`
+      larger than this is answered with :class:`~pyraft.errors.RequestTooLarge`
+      without decoding its body (Raft RPCs may use up to ``max_frame_size``).
+    - ``recv_queue_bytes``: bytes one connection may have waiting in a
+      receive queue (the ROUTER's, and this node's own connections' for
+      their replies): libzmq counts messages, so ``RCVHWM`` is
+      ``recv_queue_bytes // max_frame_size`` (at least 1; :attr:`recv_hwm`).
+      A connection holds at most ``(recv_hwm + 1) * max_frame_size`` bytes in
+      libzmq (the queue, plus the frame being received) besides the kernel's
+      socket buffer; past it libzmq stops reading that connection.
+    - ``hwm``: frames queued for sending per socket (connections, and the
+      ROUTER's replies), at most (libzmq may refuse a write somewhat
+      earlier); beyond it sends and replies drop.
     - ``reconnect_ivl``/``reconnect_ivl_max``: DEALER reconnect back-off, seconds.
-    - ``heartbeat``: ZMTP heartbeat interval, seconds (a peer silent for 3
-      intervals is disconnected); 0 disables.
+    - ``heartbeat``: ZMTP heartbeat interval of this node's connections,
+      seconds (a server silent for 3 intervals is disconnected and
+      reconnected); 0 disables.  The ROUTER sends none (see ``_bind``): TCP
+      keepalive finds clients that vanished.
+    - ``handshake_timeout``: seconds a new connection may take to complete its
+      ZMTP (and CURVE) handshake before the ROUTER drops it.
+
+    Every request reaches the handler with ``reply.principal``
+    (:class:`~pyraft.network.Principal`): with CURVE, the role its key has in
+    the allow list; without, :data:`~pyraft.network.TRUSTED`.  With CURVE a
+    Raft RPC passes only from ``peers/N.key`` claiming to be node N; others
+    are dropped before their body is decoded (``dropped_rpc_not_peer``,
+    ``dropped_rpc_wrong_id``).
 
     Threads: ``pyraft-zmq-server-<node_id>`` while started, and with CURVE one
     ``pyraft-zap`` per context while any CURVE transport is open.
     """
 
-    def __init__(self, node_id: int, listen: str | None = "tcp://0.0.0.0:7001", *,
+    def __init__(self, node_id: int, listen: str | None = DEFAULT_LISTEN, *,
                  cluster_name: str = "pyraft", context: zmq.Context | None = None,
                  curve: CurveConfig | None = None, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+                 max_client_frame_size: int = DEFAULT_MAX_CLIENT_FRAME_SIZE,
+                 recv_queue_bytes: int = DEFAULT_RECV_QUEUE_BYTES,
                  hwm: int = 1000, reconnect_ivl: float = 0.1, reconnect_ivl_max: float = 2.0,
-                 heartbeat: float = 1.0):
+                 heartbeat: float = 1.0, handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT):
         if type(node_id) is not int or node_id < 0:
             raise ValueError(f"node_id must be a non-negative int, got {node_id!r}")
-        if max_frame_size <= 0 or hwm <= 0:
-            raise ValueError("max_frame_size and hwm must be positive")
+        for name, v in (("max_frame_size", max_frame_size), ("max_client_frame_size", max_client_frame_size),
+                        ("recv_queue_bytes", recv_queue_bytes), ("hwm", hwm)):
+            if type(v) is not int or v <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not handshake_timeout > 0:
+            raise ValueError(f"handshake_timeout must be positive, got {handshake_timeout!r}")
         self.node_id = node_id
         self.listen = listen
         self.cluster_name = cluster_name
         self.curve = curve
         self.max_frame_size = max_frame_size
+        self.max_client_frame_size = min(max_client_frame_size, max_frame_size)
+        self.recv_queue_bytes = recv_queue_bytes
+        #: the ROUTER's RCVHWM: how many frames one connection may have waiting
+        self.recv_hwm = max(1, recv_queue_bytes // max_frame_size)
         self.hwm = hwm
         self.reconnect_ivl = reconnect_ivl
         self.reconnect_ivl_max = reconnect_ivl_max
         self.heartbeat = heartbeat
-        self._ctx = context or zmq.Context.instance()
+        self.handshake_timeout = handshake_timeout
+        self._ctx = context or default_context()
         self._stats = _Stats()
         self._rlog = _RateLimitedLog()
         self._keypair = curve.keypair() if curve is not None else None
+        self._keys: _KeyTable | None = None  # with CURVE: who each client key is
         self._fault_filter: FaultFilter | None = None
         self._handler: RequestHandler | None = None
+        self._on_failure: FailureHandler | None = None
         self._thread: threading.Thread | None = None
         self._close_lock = threading.Lock()  # guards _closed transitions and start()
         self._closed = False
@@ -482,11 +754,25 @@ class ZmqTransport:
 
     def _bind(self, listen: str) -> None:
         if self.curve is not None:
+            self._keys = _KeyTable(self.curve, self._stats, self._rlog, self.node_id)
             self._zap_domain = f"pyraft-{self.node_id}-{id(self):x}"
-            _Zap.acquire(self._ctx, self._zap_domain, _AllowList(self.curve, self._stats, self._rlog, self.node_id))
+            _Zap.acquire(self._ctx, self._zap_domain, self._keys)
         r = self._ctx.socket(zmq.ROUTER)
         try:
-            _set_common(r, hwm=self.hwm, max_frame_size=self.max_frame_size, heartbeat=self.heartbeat, addr=listen)
+            # No ZMTP heartbeats on the ROUTER: libzmq keeps each connection's heartbeat
+            # timers in one list per I/O thread and cancels them by a linear scan, so
+            # heartbeating N idle connections costs O(N^2) a second; at about 5,000 the
+            # I/O thread spends all its time there (and a leader sharing it lost its
+            # followers).  Connections that go silent are found by TCP keepalive, in the
+            # kernel; the DEALERs' own heartbeats still detect a dead server.
+            _set_common(r, hwm=self.hwm, max_frame_size=self.max_frame_size, heartbeat=0, addr=listen)
+            r.setsockopt(zmq.TCP_KEEPALIVE, 1)
+            r.setsockopt(zmq.TCP_KEEPALIVE_IDLE, _KEEPALIVE_IDLE)
+            r.setsockopt(zmq.TCP_KEEPALIVE_INTVL, _KEEPALIVE_INTVL)
+            r.setsockopt(zmq.TCP_KEEPALIVE_CNT, _KEEPALIVE_CNT)
+            r.setsockopt(zmq.AFFINITY, _io_affinity(self._ctx, _SERVE_IO))
+            r.setsockopt(zmq.RCVHWM, self.recv_hwm)
+            r.setsockopt(zmq.HANDSHAKE_IVL, _ms(self.handshake_timeout))
             r.setsockopt(zmq.ROUTER_MANDATORY, 1)
             if self._keypair is not None:
                 r.setsockopt(zmq.ZAP_DOMAIN, self._zap_domain.encode())
@@ -504,14 +790,21 @@ class ZmqTransport:
     #: the address check ``Raft`` applies to a node before it goes into the log
     check_address = staticmethod(check_address)
 
-    def start(self, handler: RequestHandler) -> None:
-        """Start the server thread; every valid incoming request goes to ``handler``."""
+    def start(self, handler: RequestHandler, on_failure: FailureHandler | None = None) -> None:
+        """Start the server thread; every valid incoming request goes to ``handler``.
+
+        ``on_failure(reason)`` is called (once, on the server thread) if that
+        thread fails: a libzmq error or a bug, never a frame (bad frames are
+        dropped and counted), so that the owner stops visibly instead of
+        running on deaf.
+        """
         with self._close_lock:
             if self._closed:
                 raise TransportError(f"transport of node {self.node_id} is closed")
             if self._handler is not None:
                 raise TransportError(f"transport of node {self.node_id} is already started")
             self._handler = handler
+            self._on_failure = on_failure
             if self._router is not None:
                 self._thread = threading.Thread(target=self._serve, name=f"pyraft-zmq-server-{self.node_id}",
                                                 daemon=True)
@@ -593,8 +886,10 @@ class ZmqTransport:
     def stats(self) -> dict[str, int]:
         """Counters: ``frames_in``, ``requests_in``, ``replies_out``, ``replies_dropped``,
         ``frames_dropped`` and ``dropped_<reason>`` (``envelope``, ``oversize``,
-        ``decode``, ``not_request``, ``not_reply``, ``fault_filter``), ``sends``,
-        ``sends_dropped``, ``replies_in``, ``handler_errors``, ``auth_rejected``."""
+        ``decode``, ``not_request``, ``not_reply``, ``fault_filter``,
+        ``unknown_key``, ``rpc_not_peer``, ``rpc_wrong_id``), ``sends``,
+        ``sends_dropped``, ``replies_in``, ``handler_errors``, ``frame_errors``,
+        ``auth_rejected``, ``client_requests_too_large``."""
         return self._stats.snapshot()
 
     @property
@@ -632,6 +927,11 @@ class ZmqTransport:
         poller.register(router, zmq.POLLIN)
         wake_fd = self._wake_r.fileno()
         poller.register(wake_fd, zmq.POLLIN)
+        keys = self._keys
+        # With CURVE each frame is read as a zmq.Frame, whose "User-Id" property is the
+        # key the ZAP handler authenticated; without, plain bytes are cheaper.
+        copy = keys is None
+        next_key_check = time.monotonic() + _KeyTable.CHECK_EVERY
         try:
             while not self._stopping:
                 events = dict(poller.poll(1000))
@@ -653,20 +953,38 @@ class ZmqTransport:
                         if self._stopping:  # a handler may close the transport
                             break
                         try:
-                            parts = router.recv_multipart(zmq.NOBLOCK)
+                            parts = router.recv_multipart(zmq.NOBLOCK, copy=copy)
                         except zmq.Again:
                             break
-                        self._on_frame(parts)
+                        try:
+                            self._on_frame(parts)
+                        except Exception:  # a bug in handling one frame costs that frame, not the node's hearing
+                            self._stats.inc("frame_errors")
+                            self._rlog.log(logging.ERROR, "frame_error", "node %s: failed on an incoming frame",
+                                           self.node_id, exc_info=True)
                         if not router.get(zmq.EVENTS) & zmq.POLLIN:
                             break  # nothing more queued: no recv that fails (an exception costs)
                 self._flush_replies(router)
-        except Exception:
+                if keys is not None and time.monotonic() >= next_key_check:
+                    keys.maybe_reload()
+                    next_key_check = time.monotonic() + _KeyTable.CHECK_EVERY
+        except Exception as e:  # libzmq failed (or a bug outside frame handling): this node no longer hears
             log.exception("node %s: transport server thread failed", self.node_id)
+            self._report_failure(f"transport server thread failed: {type(e).__name__}: {e}")
         finally:
             self._stopping = True
             self._release_resources()
 
-    def _on_frame(self, parts: list[bytes]) -> None:
+    def _report_failure(self, reason: str) -> None:
+        cb = self._on_failure
+        if cb is None or self._closed:
+            return
+        try:
+            cb(reason)
+        except Exception:  # noqa: BLE001 - the owner's callback must not hide the failure
+            log.exception("node %s: the transport failure callback failed", self.node_id)
+
+    def _on_frame(self, parts: list) -> None:
         st = self._stats
         st.inc("frames_in")
         if len(parts) != 2:
@@ -675,29 +993,64 @@ class ZmqTransport:
                            self.node_id, len(parts) - 1)
             return
         routing_id, data = parts
+        principal = TRUSTED
+        if self._keys is not None:  # zmq.Frame objects (see _serve)
+            key = data.get("User-Id")
+            routing_id, data = routing_id.bytes, data.bytes
+            p = self._keys.principal(key)
+            if p is None:  # allowed at the handshake, removed from the allow list since
+                st.drop("unknown_key")
+                self._rlog.log(logging.WARNING, "unknown_key", "node %s: dropped a frame from key %s, which is no "
+                               "longer allowed", self.node_id, key)
+                return
+            principal = p
         if len(data) > self.max_frame_size:
             st.drop("oversize")
             self._rlog.log(logging.WARNING, "oversize", "node %s: dropped a frame of %d bytes (max %d)",
                            self.node_id, len(data), self.max_frame_size)
             return
+        # The envelope first: version, cluster, sender, request id and tag are checked
+        # before a byte of the body is decoded (or the body's size is held against it).
         try:
-            frame = decode_message(data, self.cluster_name)
+            env = decode_envelope(data, self.cluster_name)
         except CodecError as e:
             st.drop("decode")
             self._rlog.log(logging.WARNING, "decode", "node %s: dropped an invalid frame: %s", self.node_id, e)
             return
-        msg = frame.message
-        if not isinstance(msg, _REQUEST_TYPES):
+        if env.tag not in REQUEST_TAGS:
             st.drop("not_request")
-            self._rlog.log(logging.WARNING, "not_request", "node %s: dropped a %s sent as a request",
-                           self.node_id, type(msg).__name__)
+            self._rlog.log(logging.WARNING, "not_request", "node %s: dropped a reply (tag %d) sent as a request",
+                           self.node_id, env.tag)
             return
-        if self._filtered("request", frame.from_id, msg):
+        if env.tag in RAFT_REQUEST_TAGS:
+            refusal = None if self._keys is None else raft_sender_refusal(principal, env.from_id)
+            if refusal is not None:
+                st.drop(refusal)
+                self._rlog.log(logging.WARNING, refusal,
+                               "node %s: dropped a Raft RPC claiming to be from node %s, sent with the key of %s",
+                               self.node_id, env.from_id, _describe(principal))
+                return
+        elif len(data) > self.max_client_frame_size:
+            st.inc("client_requests_too_large")
+            self._rlog.log(logging.WARNING, "client_too_large", "node %s: refused a client request of %d bytes "
+                           "(max_client_frame_size %d)", self.node_id, len(data), self.max_client_frame_size)
+            e = RequestTooLarge(f"a request of {len(data)} bytes is larger than node {self.node_id} accepts "
+                                f"({self.max_client_frame_size} bytes)")
+            _ZmqReply(self, routing_id, env.from_id, env.request_id, principal).reply(
+                ClientResponse(False, None, [type(e).__name__, str(e), None, None]))
+            return
+        try:
+            msg = decode_body(data, env)
+        except CodecError as e:
+            st.drop("decode")
+            self._rlog.log(logging.WARNING, "decode", "node %s: dropped an invalid frame: %s", self.node_id, e)
+            return
+        if self._filtered("request", env.from_id, msg):
             st.drop("fault_filter")
             return
         st.inc("requests_in")
         try:
-            self._handler(frame.from_id, msg, _ZmqReply(self, routing_id, frame.from_id, frame.request_id))
+            self._handler(env.from_id, msg, _ZmqReply(self, routing_id, env.from_id, env.request_id, principal))
         except Exception:
             st.inc("handler_errors")
             log.exception("node %s: request handler failed on %s", self.node_id, type(msg).__name__)
@@ -721,17 +1074,25 @@ class ZmqTransport:
         self._wake()
 
 
+def _describe(p: Principal) -> str:
+    who = f"node {p.node_id}" if p.role == "peer" else f"a {p.role}"
+    return f"{who} ({p.key})" if p.key else who
+
+
 class _ZmqReply:
-    """The reply handle of one request: remembers the routing id and the request id."""
+    """The reply handle of one request: remembers the routing id, the request id and who sent it."""
 
-    __slots__ = ("_t", "_routing_id", "_requester", "_request_id", "_used")
+    __slots__ = ("_t", "_routing_id", "_requester", "_request_id", "_used", "principal")
 
-    def __init__(self, transport: ZmqTransport, routing_id: bytes, requester: int, request_id: int):
+    def __init__(self, transport: ZmqTransport, routing_id: bytes, requester: int, request_id: int,
+                 principal: Principal = TRUSTED):
         self._t = transport
         self._routing_id = routing_id
         self._requester = requester
         self._request_id = request_id
         self._used = False
+        #: who sent the request (see pyraft.network.Principal)
+        self.principal = principal
 
     def reply(self, message: Any) -> None:
         """Encode on the calling thread, queue for the server thread.  Never blocks, never raises."""
@@ -758,10 +1119,14 @@ class _ZmqReply:
 
 def _dealer(ctx: zmq.Context, addr: str, *, hwm: int, max_frame_size: int, heartbeat: float,
             reconnect_ivl: float, reconnect_ivl_max: float,
-            keypair: tuple[bytes, bytes] | None, server_key: bytes | None) -> zmq.Socket:
+            keypair: tuple[bytes, bytes] | None, server_key: bytes | None, affinity: int = 0,
+            recv_hwm: int | None = None) -> zmq.Socket:
     s = ctx.socket(zmq.DEALER)
     try:
         _set_common(s, hwm=hwm, max_frame_size=max_frame_size, heartbeat=heartbeat, addr=addr)
+        if recv_hwm is not None:
+            s.setsockopt(zmq.RCVHWM, recv_hwm)
+        s.setsockopt(zmq.AFFINITY, affinity)
         s.setsockopt(zmq.IMMEDIATE, 1)
         s.setsockopt(zmq.RECONNECT_IVL, _ms(reconnect_ivl))
         s.setsockopt(zmq.RECONNECT_IVL_MAX, _ms(reconnect_ivl_max))
@@ -803,7 +1168,8 @@ class ZmqConnection:
         self._sock: zmq.Socket | None = _dealer(
             transport._ctx, addr, hwm=transport.hwm, max_frame_size=transport.max_frame_size,
             heartbeat=transport.heartbeat, reconnect_ivl=transport.reconnect_ivl,
-            reconnect_ivl_max=transport.reconnect_ivl_max, keypair=transport._keypair, server_key=server_key)
+            reconnect_ivl_max=transport.reconnect_ivl_max, keypair=transport._keypair, server_key=server_key,
+            affinity=_io_affinity(transport._ctx, _CONNECT_IO), recv_hwm=transport.recv_hwm)
         self._ids = itertools.count(1)
         # Until the first send goes through: frames waiting for the first connection.
         self._pending: collections.deque[bytes] | None = collections.deque()
@@ -985,7 +1351,7 @@ class ZmqClient:
             else:
                 skey = _load_public(server_key)
         self._sock: zmq.Socket | None = _dealer(
-            context or zmq.Context.instance(), addr, hwm=hwm, max_frame_size=max_frame_size, heartbeat=1.0,
+            context or default_context(), addr, hwm=hwm, max_frame_size=max_frame_size, heartbeat=1.0,
             reconnect_ivl=0.1, reconnect_ivl_max=1.0, keypair=keypair, server_key=skey)
         self._ids = itertools.count(1)
 

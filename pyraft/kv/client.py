@@ -7,6 +7,17 @@
         kv.get("x")              # 1, linearizable (ReadIndex on the leader)
         kv.cas("x", 1, 2)        # True
         kv.delete("x")           # True: it existed
+        kv.range("svc/", prefix=True)          # [KeyValue(...)], with .revision, .count, .more
+        for ev in kv.watch("svc/", prefix=True): ...   # WatchEvent(type, key, value, revision)
+        with kv.lease(10) as lease:            # granted, kept alive by a thread, revoked at the end
+            kv.put("svc/me", "10.0.0.5:80", lease=lease.id)
+        kv.txn([{"key": "x", "target": "version", "op": "==", "value": 0}],
+               [{"op": "put", "key": "x", "value": 1}])        # TxnResult(succeeded, responses, revision)
+
+The coordination primitives and their guarantees: docs/kv.md.  Watches
+(:class:`Watch`) and keep-alive helpers (:class:`KeepAlive`, :class:`Lease`)
+own their connections or their thread; the other calls share the machinery
+below.
 
 How a call proceeds:
 
@@ -37,32 +48,40 @@ their own session and connections from a small pool: the client is
 thread-safe, and calls from different threads run in parallel.
 
 CURVE: with ``curve`` (a :class:`~pyraft.transports.zmq.CurveConfig` with
-this client's ``secret_key_file`` and an ``allowed_keys_dir`` holding each
-node's public key as ``N.key``), the client must know each address's node
-id: give ``addresses`` as ``{1: "tcp://...", ...}`` or as ``"1=tcp://..."``
-strings.  A server that does not list this client's public key never
-completes the handshake: calls raise ``Timeout``.
+this client's ``secret_key_file`` and the ``allowed_keys_dir`` holding each
+node's public key as ``peers/N.key``), the client must know each address's
+node id: give ``addresses`` as ``{1: "tcp://...", ...}`` or as
+``"1=tcp://..."`` strings.  A server that does not list this client's public
+key never completes the handshake: calls raise ``Timeout``.  A key whose
+role does not allow the call (a reader's key writing) raises
+:class:`~pyraft.errors.PermissionDenied` at once, as does a request larger
+than the nodes accept (:class:`~pyraft.errors.RequestTooLarge`): no retry.
 """
 from __future__ import annotations
 
+import collections
 import os
+import random
 import threading
 import time
 from typing import Any, Iterable, Mapping
 
 from ..codec import ClientRequest, ClientResponse
-from ..errors import RaftError, Timeout
+from ..errors import LeaseNotFound, RaftError, Timeout
 from ..raft import raise_error_response
 from ..transports.zmq import CurveConfig, TransportError, ZmqClient
-from .commands import KVCommandError, check_key
+from .commands import KVCommandError, check_command, check_key
+from .encoding import range_bounds
+from .reads import KeyValue, RangeResult, TxnResult, WatchEvent, check_limit
 
-__all__ = ["KVClient", "parse_addresses"]
+__all__ = ["KVClient", "Watch", "KeepAlive", "Lease", "parse_addresses"]
 
 #: How long an address that just failed (no reply in time) is avoided when choosing where to go.
 _AVOID_FOR = 1.5
 #: Pauses between attempts while no leader is known: doubles from the first to the last.
 _BACKOFF_MIN, _BACKOFF_MAX = 0.02, 0.25
-#: Errors after which the call is retried on another node (anything else but KVCommandError raises).
+#: Errors after which the call is retried on another node (anything else, such as KVCommandError,
+#: PermissionDenied or RequestTooLarge, raises at once: no node would answer otherwise).
 _RETRY_ELSEWHERE = ("ForwardToLeader", "Timeout", "QuorumNotEnough", "ShutDown", "Fatal", "RaftError",
                     "CodecError")
 
@@ -146,13 +165,17 @@ class KVClient:
         self._failed: dict[str, float] = {}  # address -> monotonic time of its last failed attempt
         self._free: list[_Session] = []
         self._closed = False
+        self._keepalives: set[KeepAlive] = set()  # running KeepAlive helpers: close() stops them
 
     # ------------------------------------------------------------------ the API
 
-    def put(self, key: Any, value: Any) -> None:
-        """Set ``key`` to ``value``."""
+    def put(self, key: Any, value: Any, lease: int | None = None) -> None:
+        """Set ``key`` to ``value``, attached to ``lease`` (it dies with it) or, without one, to none."""
         check_key(key)
-        self._write({"op": "put", "key": key, "value": value})
+        cmd = {"op": "put", "key": key, "value": value}
+        if lease is not None:
+            cmd["lease"] = _lease_id(lease)
+        self._write(cmd)
 
     def get(self, key: Any, stale: bool = False) -> Any:
         """The value of ``key`` (None when absent): linearizable, or with ``stale`` any node's local copy."""
@@ -170,6 +193,115 @@ class KVClient:
         """Set ``key`` to ``new`` if its value is ``expected`` (None: if absent); True if it did."""
         check_key(key)
         return bool(self._write({"op": "cas", "key": key, "expected": expected, "value": new}))
+
+    def range(self, key: Any, end: Any = None, *, prefix: bool = False, limit: int | None = None,
+              keys_only: bool = False, stale: bool = False) -> RangeResult:
+        """The keys of a range, sorted by key: a list of :class:`KeyValue` with ``revision``, ``count``, ``more``.
+
+        ``key`` alone; ``[key, end)``; or, with ``prefix``, every key that
+        starts with ``key`` (a str, bytes or tuple: see pyraft.kv.encoding for
+        the key order).  At most ``limit`` keys (``more`` then says whether
+        there were others; ``count`` counts them all); ``keys_only`` leaves
+        the values out (None).  Linearizable, or with ``stale`` as one node
+        has it now.  ``revision`` is the revision the range was read at.
+        """
+        body = self._range_body(key, end, prefix, stale)
+        body["limit"] = check_limit(limit)
+        body["keys_only"] = _bool(keys_only, "keys_only")
+        r = self._call("kv.range", body, write=False)
+        return RangeResult([KeyValue.from_stored(k, rec) for k, rec in r["kvs"]], r["revision"], r["count"],
+                           r["more"])
+
+    def count(self, key: Any, end: Any = None, *, prefix: bool = False, stale: bool = False) -> int:
+        """How many keys ``range`` with these arguments holds (their values are not read)."""
+        body = self._range_body(key, end, prefix, stale)
+        body["count_only"] = True
+        return self._call("kv.range", body, write=False)["count"]
+
+    @staticmethod
+    def _range_body(key: Any, end: Any, prefix: bool, stale: bool) -> dict:
+        range_bounds(key, end, _bool(prefix, "prefix"))  # a key the store cannot hold is refused here
+        return {"key": key, "end": end, "prefix": prefix, "stale": _bool(stale, "stale")}
+
+    def txn(self, compare: Iterable[Mapping], success: Iterable[Mapping],
+            failure: Iterable[Mapping] = ()) -> TxnResult:
+        """Apply ``success`` if every compare holds, else ``failure``, atomically in one entry.
+
+        Compares: ``{"key", "target": "value"|"version"|"create_revision"|"mod_revision"|"lease",
+        "op": "=="|"!="|"<"|">", "value"}``; ops: ``{"op": "put", "key", "value"[, "lease"]}``,
+        ``{"op": "delete", "key"}``, ``{"op": "get", "key"}``, ``{"op": "range", "key"[, "end",
+        "prefix", "limit", "keys_only"]}`` (semantics: :mod:`pyraft.kv.commands`).  Responses,
+        one per op run: put None, delete a bool, get a :class:`KeyValue` or None, range a
+        :class:`RangeResult` (at most 1000 keys).
+        """
+        compare, success, failure = list(compare), list(success), list(failure)
+        cmd = {"op": "txn", "compare": compare, "success": success, "failure": failure}
+        check_command(cmd)
+        succeeded, responses, revision = self._write(cmd)
+        out = []
+        for op, r in zip(success if succeeded else failure, responses):
+            kind = op.get("op")
+            if kind == "get":
+                out.append(None if r is None else KeyValue(_tuplify(op["key"]), *r))
+            elif kind == "range":
+                rows, more = r
+                out.append(RangeResult([KeyValue(_tuplify(k), *rest) for k, *rest in rows], revision,
+                                       len(rows), more))
+            else:
+                out.append(r)
+        return TxnResult(bool(succeeded), tuple(out), revision)
+
+    # ------------------------------------------------------------------ leases
+
+    def lease_grant(self, ttl: float) -> int:
+        """A new lease of ``ttl`` seconds (at least three election timeouts); its id.
+
+        Keep it alive with :meth:`lease_keepalive` more often than ``ttl``
+        (:meth:`keep_alive` does it from a thread); past its ttl without one
+        the leader revokes it, and its keys are deleted.
+        """
+        if type(ttl) not in (int, float) or not ttl > 0:
+            raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
+        return self._write({"op": "lease_grant", "ttl": ttl})
+
+    def lease_keepalive(self, lease_id: int) -> float:
+        """Restart the lease's ttl now; returns the ttl.  LeaseNotFound once it expired or was revoked."""
+        return self._call("kv.lease_keepalive", {"id": _lease_id(lease_id)}, write=False)
+
+    def lease_revoke(self, lease_id: int) -> bool:
+        """Revoke the lease and delete its keys; True if it existed."""
+        return bool(self._write({"op": "lease_revoke", "id": _lease_id(lease_id)}))
+
+    def keep_alive(self, lease_id: int, *, interval: float | None = None) -> "KeepAlive":
+        """Keep ``lease_id`` alive from a background thread until ``stop()`` (see :class:`KeepAlive`)."""
+        return KeepAlive(self, lease_id, interval=interval)
+
+    def lease(self, ttl: float) -> "Lease":
+        """A new lease kept alive from a background thread; ``with kv.lease(10) as lease:`` revokes it at the end."""
+        return Lease(self, ttl)
+
+    # ------------------------------------------------------------------ watches
+
+    def watch(self, key: Any, *, prefix: bool = False, end: Any = None,
+              start_revision: int | None = None) -> "Watch":
+        """An iterator of the :class:`WatchEvent` of ``key`` (or the prefix, or ``[key, end)``).
+
+        From ``start_revision`` on (None: the changes after this call), in
+        revision order, blocking in ``next()`` until there is one; ``close()``
+        ends it.  It moves to another member when one fails, resuming where
+        it was, so no event is lost or repeated.  A revision no member keeps
+        any more raises :class:`~pyraft.errors.Compacted`.
+        """
+        query = self._range_body(key, end, prefix, False)  # checks the range before anything is sent
+        del query["stale"]
+        if start_revision is None:
+            # "After this call" is after everything a linearizable read sees now (a lagging
+            # member's own revision could be older than a write this caller saw finish).
+            # (A one-key count: its revision is the point, not its count.)
+            start_revision = self._call("kv.range", {"key": key, "count_only": True}, write=False)["revision"] + 1
+        elif type(start_revision) is not int or start_revision < 1:
+            raise ValueError(f"start_revision must be an integer >= 1 or None, got {start_revision!r}")
+        return Watch(self, query, start_revision)
 
     def status(self, address: str | None = None, timeout: float | None = None) -> dict:
         """``kv.status`` of one node (default: the one this client would try first)."""
@@ -191,10 +323,13 @@ class KVClient:
         return self._leader
 
     def close(self) -> None:
-        """Close every connection; later calls raise RaftError.  Idempotent."""
+        """Close every connection and stop the keep-alive helpers; later calls raise RaftError.  Idempotent."""
         with self._lock:
             self._closed = True
             free, self._free = self._free, []
+            keepalives, self._keepalives = self._keepalives, set()
+        for k in keepalives:
+            k.stop()
         for s in free:
             s.close()
 
@@ -352,3 +487,260 @@ class KVClient:
             time.sleep(max(0.0, min(backoff, deadline - time.monotonic())))
             backoff = min(backoff * 2, _BACKOFF_MAX)
             addr = self._next_after(addr)
+
+
+# ---------------------------------------------------------------------------
+# Watches and lease helpers (built on the calls above; each owns its thread or connections)
+
+#: How long a watch poll waits on the server for an event: also how soon ``Watch.close()``
+#: takes effect while another thread is blocked in ``next()``.
+_WATCH_WAIT = 1.0
+#: Events asked for per poll.
+_WATCH_LIMIT = 1000
+
+
+def _bool(v: Any, what: str) -> bool:
+    if type(v) is not bool:
+        raise TypeError(f"{what} must be True or False, got {type(v).__name__}")
+    return v
+
+
+def _lease_id(v: Any) -> int:
+    if type(v) is not int or v < 0:
+        raise ValueError(f"a lease id is an integer >= 0, got {v!r}")
+    return v
+
+
+def _tuplify(key: Any) -> Any:
+    """A key as msgpack brought it back (arrays as lists) in its stored form's shape (tuples)."""
+    if type(key) in (list, tuple):
+        return tuple(_tuplify(k) for k in key)
+    return key
+
+
+class Watch:
+    """The iterator :meth:`KVClient.watch` returns; ``close()`` (or ``with``) ends it.
+
+    ``revision`` is where it stands: the revision of the next event it
+    delivers (resume a new watch there to continue after this one).  Iterate
+    from one thread; ``close()`` may come from any (a ``next()`` blocked in
+    another thread returns within about a second, with StopIteration).
+    ``next()`` raises :class:`~pyraft.errors.Timeout` when no member answered
+    for the client's ``timeout`` (calling it again goes on where it was),
+    :class:`~pyraft.errors.Compacted` when every member has compacted the
+    events it needs.
+    """
+
+    def __init__(self, client: KVClient, query: dict, start_revision: int) -> None:
+        self._client = client
+        self._query = query
+        # Guarded by _lock: the connections and the position, used by the iterating thread.
+        self._lock = threading.Lock()
+        self._revision = start_revision
+        self._sub = 0
+        self._events: collections.deque[WatchEvent] = collections.deque()
+        self._sess = _Session()
+        # Any member serves a watch: spread them, so that they do not all load the leader.
+        self._addr = client._next_after(random.choice(client._addrs))
+        self._closed = threading.Event()
+
+    @property
+    def revision(self) -> int:
+        return self._revision
+
+    def __iter__(self) -> "Watch":
+        return self
+
+    def __next__(self) -> WatchEvent:
+        ev = self.get()
+        if ev is None:  # closed
+            self._release()
+            raise StopIteration
+        return ev
+
+    def get(self, timeout: float | None = None) -> WatchEvent | None:
+        """The next event; None when none came within ``timeout`` s (up to a second later), or once closed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._events:
+                return self._events.popleft()
+            if self._closed.is_set():
+                return None
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            with self._lock:
+                if not self._closed.is_set():
+                    self._poll()
+
+    def close(self) -> None:
+        """End the watch: ``next()`` raises StopIteration from now on.  Idempotent; any thread."""
+        self._closed.set()
+        self._events.clear()
+        if self._lock.acquire(blocking=False):
+            try:
+                self._sess.close()
+            finally:
+                self._lock.release()
+
+    def _release(self) -> None:
+        with self._lock:
+            self._sess.close()
+
+    def __enter__(self) -> "Watch":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _poll(self) -> None:
+        """One successful poll (its events queued), moving between members as they fail (lock held)."""
+        c = self._client
+        give_up = time.monotonic() + c.timeout
+        compacted: set[str] = set()
+        backoff = _BACKOFF_MIN
+        last_error = "no attempt finished"
+        while not self._closed.is_set():
+            if time.monotonic() > give_up:
+                raise Timeout(f"watch: no member answered within {c.timeout} s; last: {last_error}")
+            body = {**self._query, "start_revision": self._revision, "sub": self._sub, "wait": _WATCH_WAIT,
+                    "limit": _WATCH_LIMIT}
+            addr = self._addr
+            try:
+                resp = c._conn(self._sess, addr).call(ClientRequest("kv.watch", body),
+                                                      _WATCH_WAIT + c.attempt_timeout)
+            except Timeout:
+                last_error = f"no reply from {addr}"
+                c._mark_failed(addr)
+                self._addr = c._next_after(addr)
+                continue
+            if isinstance(resp, ClientResponse) and resp.ok:
+                r = resp.body
+                self._revision, self._sub = r["next"]
+                self._events.extend(WatchEvent.from_stored(rev, ev) for rev, ev in r["events"])
+                return
+            if not isinstance(resp, ClientResponse):
+                last_error = f"unexpected {type(resp).__name__} from {addr}"
+            else:
+                name, message = resp.error[0], resp.error[1]
+                last_error = f"{addr}: {name}: {message}"
+                if name == "Compacted":
+                    # Another member may keep more of the history (one that installed a snapshot
+                    # keeps less): raise once every member has said so.
+                    compacted.add(addr)
+                    if len(compacted) >= len(c._addrs):
+                        raise_error_response(resp)
+                elif name == "KVCommandError":
+                    raise KVCommandError(message)
+                elif name not in _RETRY_ELSEWHERE + ("Overloaded",):
+                    raise_error_response(resp)
+                else:
+                    c._mark_failed(addr)
+            time.sleep(max(0.0, min(backoff, give_up - time.monotonic())))
+            backoff = min(backoff * 2, _BACKOFF_MAX)
+            self._addr = c._next_after(addr)
+
+
+class KeepAlive:
+    """Keeps a lease alive from a background thread ``pyraft-keepalive-<lease id>`` until :meth:`stop`.
+
+    It sends a keepalive every ``interval`` seconds (default: a third of the
+    lease's ttl), retrying failed ones.  ``lost`` is set (and the thread
+    ends) once the lease is gone (LeaseNotFound) or could not be renewed
+    before the ttl of the last successful keepalive ran out: after that, the
+    lease must be taken for expired.  ``expires`` is the ``time.monotonic()``
+    until which the lease is certainly alive (send time of the last
+    successful keepalive + ttl).
+    """
+
+    def __init__(self, client: KVClient, lease_id: int, *, interval: float | None = None) -> None:
+        self.client = client
+        self.lease_id = _lease_id(lease_id)
+        sent = time.monotonic()
+        self.ttl = client.lease_keepalive(lease_id)  # LeaseNotFound at once for a lease that is gone
+        if interval is not None and not 0 < interval < self.ttl:
+            raise ValueError(f"interval must be between 0 and the lease's ttl ({self.ttl} s), got {interval!r}")
+        self.interval = interval or self.ttl / 3
+        self.expires = sent + self.ttl
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"pyraft-keepalive-{lease_id}", daemon=True)
+        with client._lock:
+            if client._closed:
+                raise RaftError("KVClient is closed")
+            client._keepalives.add(self)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """True while the lease is certainly alive (a keepalive succeeded less than a ttl ago)."""
+        return not self.lost.is_set() and time.monotonic() < self.expires
+
+    def _run(self) -> None:
+        wait = self.interval
+        while not self._stop.wait(wait):
+            sent = time.monotonic()
+            if sent >= self.expires:
+                break
+            try:
+                ttl = self.client.lease_keepalive(self.lease_id)
+            except LeaseNotFound:
+                break
+            except RaftError:  # Timeout, no leader right now: try again soon, while it may still be alive
+                wait = min(self.interval, max(0.05, (self.expires - time.monotonic()) / 4))
+                continue
+            self.expires = sent + ttl
+            wait = self.interval
+        if not self._stop.is_set():
+            self.lost.set()
+        with self.client._lock:
+            self.client._keepalives.discard(self)
+
+    def stop(self, revoke: bool = False) -> None:
+        """Stop keeping the lease alive (and with ``revoke``, revoke it now).  Idempotent."""
+        self._stop.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+        with self.client._lock:
+            self.client._keepalives.discard(self)
+        if revoke:
+            self.client.lease_revoke(self.lease_id)
+
+
+class Lease:
+    """A lease granted now and kept alive from a thread; ``with`` revokes it at the end.
+
+    ``id`` goes to ``put(..., lease=lease.id)``; ``alive`` and ``lost`` are the
+    :class:`KeepAlive`'s.
+    """
+
+    def __init__(self, client: KVClient, ttl: float) -> None:
+        self.client = client
+        self.id = client.lease_grant(ttl)
+        try:
+            self.keepalive = KeepAlive(client, self.id)
+        except BaseException:
+            client.lease_revoke(self.id)
+            raise
+        self.ttl = self.keepalive.ttl
+
+    @property
+    def alive(self) -> bool:
+        return self.keepalive.alive
+
+    @property
+    def lost(self) -> threading.Event:
+        return self.keepalive.lost
+
+    def revoke(self) -> None:
+        """Stop the keepalives and revoke the lease (its keys are deleted).  A lease already gone is fine."""
+        self.keepalive.stop()
+        try:
+            self.client.lease_revoke(self.id)
+        except LeaseNotFound:
+            pass
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.revoke()

@@ -4,26 +4,63 @@
 :func:`apply_command` against a :class:`KVBackend` of their own, so they
 agree on every result by construction.
 
+Every change has a **revision**: the log index of the entry that made it.
+Each key keeps ``create_revision`` (the revision that created it since it
+last did not exist), ``mod_revision`` (its last change), ``version`` (1 when
+created, one more per put; a missing key has version 0) and ``lease`` (0:
+none).  Every change also leaves a watch event (put or delete, key, value,
+revision) in the state machine's history, in the same transaction.
+
 Commands (what ``Raft.client_write`` carries) are msgpack maps:
 
-=========================================================  ==============================
-``{"op": "put", "key": k, "value": v}``                    ``None``
-``{"op": "delete", "key": k}``                             ``True`` if ``k`` existed
-``{"op": "cas", "key": k, "expected": e, "value": v}``     ``True`` if it swapped
-``{"op": "get", "key": k}``                                the value, ``None`` if absent
-=========================================================  ==============================
+==============================================================  ==================================
+``{"op": "put", "key": k, "value": v}`` (``"lease": id``)        ``None``
+``{"op": "delete", "key": k}``                                   ``True`` if ``k`` existed
+``{"op": "cas", "key": k, "expected": e, "value": v}``           ``True`` if it swapped
+``{"op": "get", "key": k}``                                      the value, ``None`` if absent
+``{"op": "txn", "compare": [...], "success": [...],``            ``[succeeded, responses,
+``"failure": [...]}``                                            revision]``
+``{"op": "lease_grant", "ttl": seconds}``                        the lease id
+``{"op": "lease_revoke", "id": lease_id}``                       ``True`` if the lease existed
+==============================================================  ==================================
 
-``cas`` with ``expected=None`` means "only if absent" (so a stored ``None``
-cannot be CASed against; use ``delete``).  Values are compared by their
-msgpack encoding.
+``put`` (and ``cas``) without ``lease`` detaches the key from the lease it had
+(as etcd's put); with a lease that does not exist the result is
+:class:`~pyraft.errors.LeaseNotFound`.  ``cas`` with ``expected=None`` means "only if absent"
+(so a stored ``None`` cannot be CASed against; use ``delete``).  Values are
+compared by their msgpack encoding.
 
-Keys are compared by their msgpack encoding too: ``1``, ``1.0`` and ``True``
-are three keys, ``"a"`` and ``b"a"`` two.  A key is a scalar (str, bytes,
-int, float, bool, None) or an array of keys; arrays come back as tuples.
-Maps are refused as keys (their encoding depends on insertion order).
-A key's encoding is at most :data:`MAX_KEY_BYTES` (511) bytes, LMDB's
-limit: a ``str`` key of up to 127 characters always fits, a ``bytes`` key
-of up to 500 bytes too.
+Leases: the id of a lease is the revision of its ``lease_grant`` (so every
+replica gives the same id), ``ttl`` is a number of seconds in
+[:data:`MIN_LEASE_TTL`, :data:`MAX_LEASE_TTL`].  ``lease_revoke`` deletes
+every key attached to the lease (a delete event each, at the revoke's
+revision, in key order) and the lease.  Expiry is not decided here: the
+leader's :class:`~pyraft.kv.leases.LeaseKeeper` proposes a ``lease_revoke``
+when a lease's deadline passes.
+
+Transactions, applied atomically in one entry: ``compare`` is a list of
+``{"key": k, "target": t, "op": o, "value": x}`` with ``t`` one of ``value``,
+``version``, ``create_revision``, ``mod_revision``, ``lease`` and ``o`` one of
+``==``, ``!=``, ``<``, ``>``; when every compare holds the ``success`` ops
+run, else the ``failure`` ops.  A missing key has version, revisions and
+lease 0 and fails every compare on its value.  Values compare with ``==`` and
+``!=`` by their msgpack encoding, with ``<`` and ``>`` as Python values (an
+error result for values that do not order, a str against an int).  The ops
+are ``put``, ``delete`` (maps as above) and ``{"op": "get", "key": k}``,
+``{"op": "range", "key": k, "end": e, "prefix": bool, "limit": n,
+"keys_only": bool}``; they run in order, so a ``get`` after a ``put`` of the
+same txn sees the put.  Responses, one per op run: put ``None``, delete a
+bool, get ``[value, create_revision, mod_revision, version, lease]`` or
+``None``, range ``[[[key, value, create_revision, mod_revision, version,
+lease], ...], more]`` (at most :data:`MAX_TXN_RANGE` keys).  The revision in
+the result is the txn's own.  At most :data:`MAX_TXN_OPS` compares and ops
+per list.  A malformed txn, or one whose chosen ops would fail (a put to a
+lease that does not exist), changes nothing: its result is the error.
+
+Keys: see :mod:`pyraft.kv.encoding` (any scalar or array of scalars, stored
+in an order-preserving form of at most :data:`MAX_KEY_BYTES`, 511, bytes: a
+``str`` key of up to 127 characters always fits, a ``bytes`` key of up to
+510 bytes too).  Maps are refused as keys.
 
 Exactly-once: a command may carry ``"client": <str or bytes>`` (encoded in
 at most :data:`MAX_CLIENT_BYTES`, 503, bytes) and ``"seq": <int >= 0>``.  Per client the state machine remembers the last seq
@@ -44,77 +81,47 @@ as a result if such an entry is in a log all the same.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import msgpack
 
-from ..errors import RaftError
+from ..errors import LeaseNotFound
+from .encoding import (EVENT_DELETE, EVENT_PUT, MAX_KEY_BYTES, RECORD_HEADER, KVCommandError, check_key,
+                       decode_key, decode_value, encode_key, encode_value, pack_event, range_bounds,
+                       record_header, record_value)
+
+__all__ = ["KVCommandError", "LeaseNotFound", "KVBackend", "Session", "apply_command", "check_command",
+           "check_key", "encode_key", "decode_key", "encode_value", "decode_value", "OPS", "ADDING_OPS",
+           "MAX_KEY_BYTES", "MAX_CLIENT_BYTES", "MIN_LEASE_TTL", "MAX_LEASE_TTL", "MAX_TXN_OPS", "MAX_TXN_RANGE",
+           "DEFAULT_SESSION_TTL", "DEFAULT_WATCH_HISTORY"]
 
 DEFAULT_SESSION_TTL = 100_000
+#: The watch history keeps the events of this many revisions (log indexes) by default.
+DEFAULT_WATCH_HISTORY = 100_000
 
 #: the operations a KV command may name
-OPS = ("put", "delete", "cas", "get")
+OPS = ("put", "delete", "cas", "get", "txn", "lease_grant", "lease_revoke")
 #: the operations that may add data: refused past a store's size quota (NoSpace)
-ADDING_OPS = ("put", "cas")
+ADDING_OPS = ("put", "cas", "txn", "lease_grant")
 
-#: The longest stored key: LMDB's key size limit (511 bytes in its default build).
-MAX_KEY_BYTES = 511
 #: The longest stored client id: the session index keys it after an 8-byte log index.
 MAX_CLIENT_BYTES = MAX_KEY_BYTES - 8
+#: The shortest lease a state machine accepts, in seconds.  The KV service asks for
+#: more (a few election timeouts: see pyraft.kv.server), so that a lease outlives
+#: the election that follows a leader's death.
+MIN_LEASE_TTL = 1.0
+MAX_LEASE_TTL = 1e9
+#: At most this many compares, and ops per branch, in one txn (etcd's --max-txn-ops default).
+MAX_TXN_OPS = 128
+#: A range inside a txn returns at most this many keys (a txn's result is kept in its session).
+MAX_TXN_RANGE = 1000
 
-
-class KVCommandError(RaftError):
-    """A KV command was malformed or refused; returned as the entry's result, never raised by apply."""
-
-    def __eq__(self, other: object) -> bool:  # results compare by value (tests, dedup)
-        return type(other) is type(self) and other.args == self.args
-
-    def __hash__(self) -> int:
-        return hash((type(self), self.args))
-
-
-# ---------------------------------------------------------------------------
-# Encodings
-
-def encode_key(key: Any) -> bytes:
-    """The stored form of a key; KVCommandError for a key that is not allowed."""
-    _check_key(key, 0)
-    try:
-        b = msgpack.packb(key, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError) as e:
-        raise KVCommandError(f"key cannot be encoded: {e}") from None
-    if len(b) > MAX_KEY_BYTES:
-        raise KVCommandError(f"key is too long: {len(b)} bytes encoded, at most {MAX_KEY_BYTES}")
-    return b
-
-
-def _check_key(key: Any, depth: int) -> None:
-    if key is None or type(key) in (str, bytes, int, float, bool):
-        return
-    if type(key) in (list, tuple):
-        if depth > 32:
-            raise KVCommandError("key nests too deep")
-        for k in key:
-            _check_key(k, depth + 1)
-        return
-    raise KVCommandError(f"a key must be a scalar or an array of keys, not {type(key).__name__}")
-
-
-def decode_key(data: bytes) -> Any:
-    """A stored key back to a Python value (arrays as tuples, so keys stay hashable)."""
-    return msgpack.unpackb(data, raw=False, use_list=False, strict_map_key=False)
-
-
-def encode_value(value: Any) -> bytes:
-    try:
-        return msgpack.packb(value, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError) as e:
-        raise KVCommandError(f"value cannot be encoded: {e}") from None
-
-
-def decode_value(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=False)
+_MAX_U64 = 2**64 - 1
+_TARGETS = ("value", "version", "create_revision", "mod_revision", "lease")
+_CMP_OPS = ("==", "!=", "<", ">")
+_TXN_OPS = ("put", "delete", "get", "range")
 
 
 def encode_client(client: Any) -> bytes:
@@ -126,17 +133,8 @@ def encode_client(client: Any) -> bytes:
     return b
 
 
-def check_key(key: Any) -> None:
-    """KVCommandError unless ``key`` is a key the store can hold; cheap for short str and bytes keys."""
-    t = type(key)
-    # At most 4 bytes per character and a 3-byte header: 127 characters fit in 511 bytes.
-    if (t is str and len(key) <= 127) or (t is bytes and len(key) <= 500) or t in (int, bool, float) or key is None:
-        return
-    encode_key(key)
-
-
 def check_command(command: Any) -> None:
-    """Refuse, before it is proposed, a command whose key or client id the store could not hold.
+    """Refuse, before it is proposed, a command whose keys or client id the store could not hold.
 
     Raises KVCommandError.  Everything else about a command is decided when
     it is applied, the same way on every node (see :func:`apply_command`).
@@ -145,6 +143,18 @@ def check_command(command: Any) -> None:
         return
     if "key" in command:
         check_key(command["key"])
+    if command.get("op") == "txn":
+        for part in ("compare", "success", "failure"):
+            items = command.get(part)
+            if type(items) is list:
+                if len(items) > MAX_TXN_OPS:
+                    raise KVCommandError(f"txn: at most {MAX_TXN_OPS} entries in '{part}', got {len(items)}")
+                for it in items:
+                    if type(it) is dict:
+                        if "key" in it:
+                            check_key(it["key"])
+                        if it.get("end") is not None:
+                            check_key(it["end"])
     client = command.get("client")
     if client is not None and not (type(client) in (str, bytes) and len(client) <= 125):
         encode_client(client)
@@ -175,6 +185,8 @@ class Session:
 
 
 def result_to_wire(result: Any) -> list:
+    if isinstance(result, LeaseNotFound):
+        return [2, str(result)]
     if isinstance(result, KVCommandError):
         return [1, str(result)]
     return [0, result]
@@ -182,21 +194,46 @@ def result_to_wire(result: Any) -> list:
 
 def result_from_wire(w: list) -> Any:
     kind, v = w
+    if kind == 2:
+        return LeaseNotFound(v)
     return KVCommandError(v) if kind == 1 else v
 
 
 class KVBackend(Protocol):
-    """The storage :func:`apply_command` runs against: keys, values and client ids are bytes.
+    """The storage :func:`apply_command` runs against: keys, records and client ids are bytes.
 
     All calls for one batch of entries happen inside one atomic unit of the
     backend (one LMDB write transaction, or one locked, undoable step).
+    Keys are stored forms (:mod:`pyraft.kv.encoding`), records key records.
     """
 
-    def get(self, key: bytes) -> bytes | None: ...
+    def get(self, key: bytes) -> bytes | None:
+        """The key's record, None when absent."""
 
-    def put(self, key: bytes, value: bytes) -> None: ...
+    def put(self, key: bytes, record: bytes) -> None: ...
 
-    def delete(self, key: bytes) -> bool: ...
+    def delete(self, key: bytes) -> None:
+        """Remove ``key`` (it exists)."""
+
+    def scan(self, start: bytes, stop: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """``(key, record)`` for the keys in ``[start, stop)``, in order; not used across changes."""
+
+    def add_event(self, revision: int, event: bytes) -> None:
+        """Append a watch event of ``revision`` (events of one revision keep their order)."""
+
+    def get_lease(self, lease_id: int) -> float | None:
+        """The lease's ttl, None when it does not exist."""
+
+    def put_lease(self, lease_id: int, ttl: float) -> None: ...
+
+    def delete_lease(self, lease_id: int) -> None: ...
+
+    def attach(self, lease_id: int, key: bytes) -> None: ...
+
+    def detach(self, lease_id: int, key: bytes) -> None: ...
+
+    def lease_keys(self, lease_id: int) -> list[bytes]:
+        """The keys attached to the lease, in key order."""
 
     def get_session(self, client: bytes) -> Session | None: ...
 
@@ -222,7 +259,7 @@ def apply_command(backend: KVBackend, index: int, command: Any,
         return KVCommandError(f"a KV command is a map, not {type(command).__name__}")
     has_client, has_seq = "client" in command, "seq" in command
     if not has_client and not has_seq:
-        return _execute(backend, command)
+        return _execute(backend, index, command)
     if not (has_client and has_seq):
         return KVCommandError("session fields 'client' and 'seq' go together")
     seq = command["seq"]
@@ -237,41 +274,251 @@ def apply_command(backend: KVBackend, index: int, command: Any,
         if seq == old.seq:
             return result_from_wire(old.result)
         return KVCommandError(f"stale request: seq {seq} is older than this client's last one ({old.seq})")
-    result = _execute(backend, command)
+    result = _execute(backend, index, command)
     backend.put_session(client, Session(seq, result_to_wire(result), index), old)
     return result
 
 
-def _execute(backend: KVBackend, cmd: dict) -> Any:
+def _execute(backend: KVBackend, rev: int, cmd: dict) -> Any:
     op = cmd.get("op")
-    if op not in OPS:
-        return KVCommandError(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
-    if "key" not in cmd:
-        return KVCommandError(f"{op}: missing 'key'")
     try:
-        key = encode_key(cmd["key"])
-        if op == "get":
-            raw = backend.get(key)
-            return None if raw is None else decode_value(raw)
-        if op == "delete":
-            return backend.delete(key)
-        if "value" not in cmd:
-            return KVCommandError(f"{op}: missing 'value'")
-        value = encode_value(cmd["value"])
-        if op == "put":
-            backend.put(key, value)
+        if op == "put" and "lease" not in cmd and "key" in cmd and "value" in cmd:
+            # The common case, without building an _Op (apply's CPU per write is the
+            # throughput of a leader whose followers share its process or its cores).
+            _put(backend, rev, encode_key(cmd["key"]), encode_value(cmd["value"]), 0)
             return None
-        # cas
-        if "expected" not in cmd:
-            return KVCommandError("cas: missing 'expected'")
-        expected = cmd["expected"]
-        current = backend.get(key)
-        if expected is None:
-            ok = current is None
-        else:
-            ok = current is not None and current == encode_value(expected)
-        if ok:
-            backend.put(key, value)
-        return ok
-    except KVCommandError as e:
+        if op == "txn":
+            return _txn(backend, rev, cmd)
+        if op == "lease_grant":
+            ttl = cmd.get("ttl")
+            if not (type(ttl) in (int, float) and math.isfinite(ttl) and MIN_LEASE_TTL <= ttl <= MAX_LEASE_TTL):
+                raise KVCommandError(f"lease_grant: 'ttl' must be a number of seconds in "
+                                     f"[{MIN_LEASE_TTL}, {MAX_LEASE_TTL:g}], got {ttl!r}")
+            backend.put_lease(rev, float(ttl))
+            return rev
+        if op == "lease_revoke":
+            return _revoke(backend, rev, _lease_id(cmd.get("id"), "lease_revoke: 'id'"))
+        if op not in OPS:
+            raise KVCommandError(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
+        p = _parse(cmd, op)
+        if p.lease and backend.get_lease(p.lease) is None:
+            raise LeaseNotFound(f"{op}: lease {p.lease} not found")
+        if op == "get":
+            rec = backend.get(p.key)
+            return None if rec is None else decode_value(record_value(rec))
+        return _run(backend, rev, p)
+    except (KVCommandError, LeaseNotFound) as e:
         return e
+
+
+@dataclass(frozen=True, slots=True)
+class _Op:
+    """A validated put/delete/cas/get/range: stored forms ready to run."""
+
+    op: str
+    key: bytes
+    value: bytes = b""
+    lease: int = 0
+    expected: bytes | None = None  # cas; None: "only if absent"
+    stop: bytes = b""  # range
+    limit: int = 0  # range
+    keys_only: bool = False  # range
+
+
+def _lease_id(v: Any, what: str) -> int:
+    if v is None:
+        return 0
+    if type(v) is not int or not 0 <= v <= _MAX_U64:
+        raise KVCommandError(f"{what} must be a lease id (an integer >= 0), got {v!r}")
+    return v
+
+
+def _parse(cmd: Any, op: Any) -> _Op:
+    if type(cmd) is not dict:
+        raise KVCommandError(f"txn: an op is a map, not {type(cmd).__name__}")
+    if "key" not in cmd:
+        raise KVCommandError(f"{op}: missing 'key'")
+    if op == "range":
+        start, stop = range_bounds(cmd["key"], cmd.get("end"), _flag(cmd, "prefix"))
+        limit = cmd.get("limit")
+        if limit is not None and (type(limit) is not int or limit < 0):
+            raise KVCommandError(f"range: 'limit' must be an integer >= 0, got {limit!r}")
+        limit = MAX_TXN_RANGE if not limit else min(limit, MAX_TXN_RANGE)
+        return _Op(op, start, stop=stop, limit=limit, keys_only=_flag(cmd, "keys_only"))
+    key = encode_key(cmd["key"])
+    if op in ("get", "delete"):
+        return _Op(op, key)
+    if "value" not in cmd:
+        raise KVCommandError(f"{op}: missing 'value'")
+    value = encode_value(cmd["value"])
+    lease = _lease_id(cmd.get("lease"), f"{op}: 'lease'")
+    if op == "put":
+        return _Op(op, key, value, lease)
+    if "expected" not in cmd:
+        raise KVCommandError("cas: missing 'expected'")
+    expected = None if cmd["expected"] is None else encode_value(cmd["expected"])
+    return _Op(op, key, value, lease, expected)
+
+
+def _flag(cmd: dict, name: str) -> bool:
+    v = cmd.get(name, False)
+    if type(v) is not bool:
+        raise KVCommandError(f"'{name}' must be true or false, got {v!r}")
+    return v
+
+
+def _run(backend: KVBackend, rev: int, p: _Op) -> Any:
+    """Run a validated op (its lease exists); its result as a plain command."""
+    op = p.op
+    if op == "put":
+        _put(backend, rev, p.key, p.value, p.lease)
+        return None
+    if op == "delete":
+        return _delete(backend, rev, p.key)
+    # cas
+    rec = backend.get(p.key)
+    if p.expected is None:
+        ok = rec is None
+    else:
+        ok = rec is not None and record_value(rec) == p.expected
+    if ok:
+        _put(backend, rev, p.key, p.value, p.lease, rec)
+    return ok
+
+
+_UNREAD = b"?"  # _put's ``old`` when the caller has not read the key's record
+_HEADER = RECORD_HEADER
+
+
+def _put(backend: KVBackend, rev: int, key: bytes, value: bytes, lease: int, old: bytes | None = _UNREAD) -> None:
+    # Every write runs this on every replica: it packs the record and the event itself.
+    if old is _UNREAD:
+        old = backend.get(key)
+    if old is None:
+        record = _HEADER.pack(rev, rev, 1, lease) + value
+        old_lease = 0
+    else:
+        create, _mod, version, old_lease = _HEADER.unpack_from(old)
+        record = _HEADER.pack(create, rev, version + 1, lease) + value
+    if old_lease != lease:
+        if old_lease:
+            backend.detach(old_lease, key)
+        if lease:
+            backend.attach(lease, key)
+    backend.put(key, record)
+    backend.add_event(rev, pack_event(EVENT_PUT, key, value))
+
+
+def _delete(backend: KVBackend, rev: int, key: bytes) -> bool:
+    old = backend.get(key)
+    if old is None:
+        return False
+    lease = record_header(old)[3]
+    if lease:
+        backend.detach(lease, key)
+    backend.delete(key)
+    backend.add_event(rev, pack_event(EVENT_DELETE, key, None))
+    return True
+
+
+def _revoke(backend: KVBackend, rev: int, lease_id: int) -> bool:
+    if backend.get_lease(lease_id) is None:
+        return False
+    for key in backend.lease_keys(lease_id):
+        _delete(backend, rev, key)
+    backend.delete_lease(lease_id)
+    return True
+
+
+# ---------------------------------------------------------------------------
+# Transactions
+
+def _txn(backend: KVBackend, rev: int, cmd: dict) -> list:
+    compare = cmd.get("compare", [])
+    branches = {}
+    for part in ("success", "failure"):
+        ops = cmd.get(part, [])
+        if type(ops) is not list or len(ops) > MAX_TXN_OPS:
+            raise KVCommandError(f"txn: '{part}' must be a list of at most {MAX_TXN_OPS} ops")
+        parsed = []
+        for o in ops:
+            op = o.get("op") if type(o) is dict else None
+            if op not in _TXN_OPS:
+                raise KVCommandError(f"txn: an op must be a map with op one of {', '.join(_TXN_OPS)}, "
+                                     f"got {str(o)[:60]}")
+            parsed.append(_parse(o, op))
+        branches[part] = parsed
+    if type(compare) is not list or len(compare) > MAX_TXN_OPS:
+        raise KVCommandError(f"txn: 'compare' must be a list of at most {MAX_TXN_OPS} compares")
+    compares = [_parse_compare(c) for c in compare]
+    succeeded = all(_compare(backend, *c) for c in compares)
+    ops = branches["success" if succeeded else "failure"]
+    for p in ops:  # before changing anything: the txn is all or nothing
+        if p.lease and backend.get_lease(p.lease) is None:
+            raise LeaseNotFound(f"txn {p.op}: lease {p.lease} not found")
+    responses = []
+    for p in ops:
+        if p.op == "get":
+            rec = backend.get(p.key)
+            responses.append(None if rec is None else [decode_value(record_value(rec)), *record_header(rec)])
+        elif p.op == "range":
+            rows = []
+            more = False
+            for k, rec in backend.scan(p.key, p.stop):
+                if len(rows) == p.limit:
+                    more = True
+                    break
+                rows.append([decode_key(k), None if p.keys_only else decode_value(record_value(rec)),
+                             *record_header(rec)])
+            responses.append([rows, more])
+        else:
+            responses.append(_run(backend, rev, p))
+    return [succeeded, responses, rev]
+
+
+def _parse_compare(c: Any) -> tuple[bytes, str, str, Any]:
+    if type(c) is not dict or "key" not in c:
+        raise KVCommandError(f"txn: a compare is a map with 'key', 'target', 'op', 'value', got {str(c)[:60]}")
+    target, op = c.get("target"), c.get("op")
+    if target not in _TARGETS:
+        raise KVCommandError(f"txn: compare target must be one of {', '.join(_TARGETS)}, got {target!r}")
+    if op not in _CMP_OPS:
+        raise KVCommandError(f"txn: compare op must be one of {', '.join(_CMP_OPS)}, got {op!r}")
+    if "value" not in c:
+        raise KVCommandError("txn: a compare needs a 'value'")
+    v = c["value"]
+    if target == "value":
+        if op in ("==", "!="):
+            v = encode_value(v)
+        else:
+            encode_value(v)  # refuse what could never be stored
+    elif type(v) is not int:
+        raise KVCommandError(f"txn: a compare on {target} takes an integer value, got {v!r}")
+    return encode_key(c["key"]), target, op, v
+
+
+def _compare(backend: KVBackend, key: bytes, target: str, op: str, v: Any) -> bool:
+    rec = backend.get(key)
+    if target == "value":
+        if rec is None:
+            return False  # as etcd: a missing key fails every compare on its value
+        if op == "==":
+            return record_value(rec) == v
+        if op == "!=":
+            return record_value(rec) != v
+        cur = decode_value(record_value(rec))
+        try:
+            return cur < v if op == "<" else cur > v
+        except TypeError:
+            raise KVCommandError(f"txn: cannot order the value of the key ({type(cur).__name__}) "
+                                 f"against {type(v).__name__}") from None
+    if rec is None:
+        cur = 0
+    else:
+        create, mod, version, lease = record_header(rec)
+        cur = {"version": version, "create_revision": create, "mod_revision": mod, "lease": lease}[target]
+    if op == "==":
+        return cur == v
+    if op == "!=":
+        return cur != v
+    return cur < v if op == "<" else cur > v

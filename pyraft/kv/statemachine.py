@@ -3,48 +3,88 @@
 Layout in the node data directory ``path`` (see :mod:`pyraft.stores.lmdb`)::
 
     path/kv.lock      flock()ed while open: one live owner
-    path/kv.lmdb/     LMDB environment, named databases:
-        data           pack(key) -> pack(value)
-        meta           b"format" -> 1
+    path/kv.boot      the boot id of the machine while writes may be unsynced (see "Durability")
+    path/kv.lmdb/     LMDB environment (format version 2), named databases:
+        data           key (stored form, pyraft.kv.encoding) -> key record
+                       (create_revision, mod_revision, version, lease, value)
+        meta           b"format" -> 2
                        b"last_applied" -> [term, index]
                        b"membership" -> codec stored-membership wire
                        b"snapshot" -> [codec snapshot-meta wire, file name]  (the current snapshot)
+                       b"history_floor" -> the first revision the watch history ever held
+        events         index_key(revision) + 4-byte sequence -> event record (the watch history)
+        leases         index_key(lease id) -> ttl (8-byte float)
+        lease_keys     index_key(lease id) + key -> b""
         sessions       pack(client id) -> Session.to_bytes()  ([seq, index, result])
         session_index  index_key(session.index) + pack(client id) -> b""  (expiry order)
     path/snapshots/   snap-*.kvsnap: snapshot files; *.tmp: being built or received
 
+The one rule that makes restarts exact: every effect of a batch of entries
+(data, watch events, leases, sessions), ``last_applied`` and the last
+membership are written in ONE LMDB write transaction
+(:meth:`KVStateMachine.apply`), so the state and ``applied_state()`` always
+agree.  Installing a snapshot is one write transaction too (drop everything,
+load the file, set the meta and the current-snapshot pointer).
+
+Watch history: each change's event is written with it; after each batch the
+events older than the last ``watch_history`` revisions are deleted, so every
+replica holds the same window at the same applied index.  A snapshot holds no
+events: after installing one (or rebuilding from one) the history starts at
+the revision after it.
+
+Durability (issue 20): apply does not fsync.  The Raft log, fsynced before an
+entry is committed, already makes every applied entry recoverable, so the
+state machine may lag its durable state behind the log and the node replays
+the log from ``applied_state()`` at start-up.  The environment is opened with
+LMDB's NOSYNC; what that costs and how it is made safe:
+
+- A process crash (kill -9) loses nothing: committed transactions are in the
+  operating system's page cache.
+- The log is purged only up to a snapshot (the engine's rule), and
+  :meth:`build_snapshot` and :meth:`install_snapshot` fsync the environment
+  before they return, so the durable ``applied_state()`` is never behind a
+  purged log entry.  (The runtime also refuses to start a node whose state
+  machine is: see ``pyraft.runtime.core.restore_state``.)
+- An operating-system crash or power loss may tear unsynced LMDB pages (LMDB
+  keeps its integrity without sync only where the filesystem keeps write
+  order, which ext4 and xfs do not promise).  So while writes may be unsynced
+  ``kv.boot`` holds the machine's boot id (fsynced); :meth:`close` syncs and
+  removes it.  Opening with a ``kv.boot`` of another boot discards
+  ``kv.lmdb`` and rebuilds it from the newest snapshot file (fsynced when it
+  was made), and the log replays the rest.  Opening after a process crash of
+  the same boot keeps everything.
+- :meth:`close` syncs: a clean stop leaves nothing to replay.
+
 Size quota (etcd's ``--quota-backend-bytes``): the store's size is the bytes
-of the LMDB pages that hold its data (keys, values, sessions, b-tree
-pages), measured after each applied batch.  Deletes lower it at once (LMDB
-reuses freed pages; the file itself never shrinks).  Past ``quota_bytes``,
-:meth:`KVStateMachine.check_command` refuses the commands that may add data
-(``put``, ``cas``) with :class:`~pyraft.errors.NoSpace` before they are
-proposed, on the node they are submitted to; reads, deletes, snapshots and
-log purges go on, and writes resume by themselves once deletes bring the
-size back under the quota (no alarm to disarm).  The decision is never made
+of the LMDB pages that hold its databases (keys, values, the watch history,
+leases, sessions, b-tree pages), measured after each applied batch.  Deletes
+lower it at once (LMDB reuses freed pages; the file itself never shrinks).
+Past ``quota_bytes``, :meth:`KVStateMachine.check_command` refuses the
+commands that may add data (``put``, ``cas``, ``txn``, ``lease_grant``) with
+:class:`~pyraft.errors.NoSpace` before they are proposed, on the node they
+are submitted to; reads, deletes, lease revokes, snapshots and log purges go
+on, and writes resume by themselves once deletes (and the history window
+moving on) bring the size back under the quota.  The decision is never made
 in ``apply``: page usage differs from replica to replica, and every replica
 must apply every entry alike.
 
-The one rule that makes restarts exact: every effect of a batch of entries,
-``last_applied``, the last membership and the sessions are written in ONE
-LMDB write transaction (:meth:`KVStateMachine.apply`), so after a crash the
-state and ``applied_state()`` always agree.  Installing a snapshot is one
-write transaction too (drop everything, load the file, set the meta and the
-current-snapshot pointer), so a crash leaves the old state or the new one.
-
 Snapshot file: ``b"PYRAFTKV"``, then a msgpack stream: a header map
-``{"version": 1, "meta": <snapshot-meta wire>}``, records ``[0, key, value]``
-(in key order) and ``[1, client, session]``, an end record
-``[2, n_data, n_sessions]``; then the CRC-32 of everything before it, 4 bytes
-big-endian.  It is written under a ``.tmp`` name, fsynced and renamed, and
-becomes current in a write transaction; superseded files are deleted.
+``{"version": 2, "meta": <snapshot-meta wire>}``, lease records ``[3, id,
+ttl]``, data records ``[0, key, record]`` (in key order) and session records
+``[1, client, session]``, an end record ``[2, n_data, n_sessions]``; then the
+CRC-32 of everything before it, 4 bytes big-endian.  It is written under a
+``.tmp`` name, fsynced and renamed, and becomes current in a write
+transaction; superseded files are deleted.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import struct
 import threading
 import uuid
+from contextlib import contextmanager
 from typing import Any, BinaryIO, Callable, Iterator, NamedTuple, Sequence
 
 import lmdb
@@ -53,59 +93,199 @@ import msgpack
 from ..codec import (index_key, key_index, log_id_from_wire, log_id_to_wire, pack, stored_membership_from_wire,
                      stored_membership_to_wire, unpack)
 from ..errors import CodecError, NoSpace, StorageError
-from ..snapshot_files import (CHUNK, SnapshotDir, SnapshotWriter, durable, get_pointer, read_records, set_pointer,
-                              unlink_quietly)
+from ..snapshot_files import (CHUNK, SnapshotDir, SnapshotWriter, durable, get_pointer, read_header,
+                              read_records, set_pointer, unlink_quietly)
 from ..stores.lmdb import (DEFAULT_MAP_SIZE, DEFAULT_MAX_MAP_SIZE, KV_ENV_NAME, KV_LOCK_NAME,
                            SNAPSHOT_DIR_NAME, LmdbEnv)
 from ..types import Entry, EntryKind, LogId, SnapshotMeta, StoredMembership, log_index
-from .commands import (ADDING_OPS, DEFAULT_SESSION_TTL, MAX_CLIENT_BYTES, MAX_KEY_BYTES, Session, apply_command,
-                       check_command, decode_key, decode_value, encode_key)
+from .commands import (ADDING_OPS, DEFAULT_SESSION_TTL, DEFAULT_WATCH_HISTORY, MAX_CLIENT_BYTES, MAX_KEY_BYTES, Session, apply_command,
+                       check_command)
+from .encoding import (RECORD_HEADER, KVCommandError, decode_key, decode_value, encode_key, record_header,
+                       record_value)
+from .reads import ApplyListeners, KVReads
 
-__all__ = ["KVStateMachine", "KVReader", "KVStatus", "FORMAT_VERSION", "SNAPSHOT_MAGIC", "DEFAULT_QUOTA_BYTES"]
+__all__ = ["KVStateMachine", "KVReader", "KVStatus", "FORMAT_VERSION", "SNAPSHOT_MAGIC", "DEFAULT_QUOTA_BYTES",
+           "DEFAULT_WATCH_HISTORY"]
+
+log = logging.getLogger("pyraft.kv")
 
 #: The default size quota: etcd's default (2 GiB), 1/32 of the LMDB map's default ceiling.
 DEFAULT_QUOTA_BYTES = 2 * 1024 ** 3
-
-FORMAT_VERSION = 1
-SNAPSHOT_VERSION = 1
+FORMAT_VERSION = 2
+SNAPSHOT_VERSION = 2
 SNAPSHOT_MAGIC = b"PYRAFTKV"
 _SNAP_SUFFIX = ".kvsnap"
+#: In the node data directory: the boot id while the KV environment may hold unsynced writes.
+KV_BOOT_NAME = "kv.boot"
 
 _DATA, _META, _SESSIONS, _SINDEX = b"data", b"meta", b"sessions", b"session_index"
+_EVENTS, _LEASES, _LEASE_KEYS = b"events", b"leases", b"lease_keys"
+_DB_NAMES = (_DATA, _META, _SESSIONS, _SINDEX, _EVENTS, _LEASES, _LEASE_KEYS)
 _K_FORMAT = b"format"
 _K_APPLIED = b"last_applied"
 _K_MEMBERSHIP = b"membership"
 _K_SNAPSHOT = b"snapshot"
+_K_FLOOR = b"history_floor"
 
-_REC_DATA, _REC_SESSION, _REC_END = 0, 1, 2
+_REC_DATA, _REC_SESSION, _REC_END, _REC_LEASE = 0, 1, 2, 3
+_TTL = struct.Struct(">d")
+_SUB = struct.Struct(">I")
+_EVENT_KEY = struct.Struct(">QI")  # events: revision, sequence number within it
+_PLAIN_OPS = ("put", "delete", "cas", "get")
+
+def _boot_id() -> str | None:
+    """This boot of the machine (Linux), None where unknown (every unclean stop then rebuilds)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 class _Dbs:
-    __slots__ = ("data", "meta", "sessions", "sindex")
+    __slots__ = ("data", "meta", "sessions", "sindex", "events", "leases", "lease_keys")
 
-    def __init__(self, data: Any, meta: Any, sessions: Any, sindex: Any) -> None:
+    def __init__(self, data: Any, meta: Any, sessions: Any, sindex: Any, events: Any, leases: Any,
+                 lease_keys: Any) -> None:
         self.data, self.meta, self.sessions, self.sindex = data, meta, sessions, sindex
+        self.events, self.leases, self.lease_keys = events, leases, lease_keys
+
+
+class _Overlay:
+    """One database's writes in a batch, kept here and written at its end in one call.
+
+    Every call into LMDB gives the GIL away and must win it back, which costs
+    up to a switch interval while other threads run Python (RaftCore, the
+    replication workers): a batch that reads its keys with one ``getmulti``
+    and writes them with one ``putmulti`` pays that a few times, not a few
+    times per entry.  Reads see the batch's own writes first.
+    """
+
+    __slots__ = ("txn", "db", "changes", "known")
+
+    def __init__(self, txn: lmdb.Transaction, db: Any) -> None:
+        self.txn = txn
+        self.db = db
+        self.changes: dict[bytes, bytes | None] = {}  # written in this batch (None: deleted)
+        self.known: dict[bytes, bytes | None] = {}  # read ahead (None: absent)
+
+    def prefetch(self, keys: list[bytes]) -> None:
+        found = dict(self.txn.cursor(db=self.db).getmulti(keys))
+        for k in keys:
+            self.known[k] = found.get(k)
+
+    def get(self, key: bytes) -> bytes | None:
+        v = self.changes.get(key, _MISSING)
+        if v is not _MISSING:
+            return v
+        v = self.known.get(key, _MISSING)
+        return self.txn.get(key, db=self.db) if v is _MISSING else v
+
+    def flush(self) -> None:
+        """Write the batch's changes to the transaction (before anything reads the database directly)."""
+        if not self.changes:
+            return
+        puts = sorted((k, v) for k, v in self.changes.items() if v is not None)
+        if puts:
+            self.txn.cursor(db=self.db).putmulti(puts)
+        for k, v in self.changes.items():
+            if v is None:
+                self.txn.delete(k, db=self.db)
+        self.changes = {}
+        self.known = {}
+
+
+_MISSING = object()
 
 
 class _LmdbBackend:
-    """The KVBackend of one write transaction."""
+    """The KVBackend of one write transaction (data writes through an _Overlay)."""
 
     _UNKNOWN = -1
 
     def __init__(self, txn: lmdb.Transaction, dbs: _Dbs) -> None:
         self.txn = txn
         self.dbs = dbs
+        self.data = _Overlay(txn, dbs.data)
         # The smallest session index in session_index, None when empty, or _UNKNOWN.
         self._min: int | None = self._UNKNOWN
+        self._ev_rev = 0  # the revision of the last event added, and its sequence number
+        self._ev_sub = 0
+        # Events are appended at the end of the batch, in one call (flush_events): fewer calls into
+        # LMDB, each of which gives the GIL away and must win it back.
+        self._events: list[tuple[bytes, bytes]] = []
+        self.lease_changes: list[tuple[int, float | None]] = []
 
     def get(self, key: bytes) -> bytes | None:
-        return self.txn.get(key, db=self.dbs.data)
+        return self.data.get(key)
 
-    def put(self, key: bytes, value: bytes) -> None:
-        self.txn.put(key, value, db=self.dbs.data)
+    def put(self, key: bytes, record: bytes) -> None:
+        self.data.changes[key] = record
 
-    def delete(self, key: bytes) -> bool:
-        return self.txn.delete(key, db=self.dbs.data)
+    def delete(self, key: bytes) -> None:
+        self.data.changes[key] = None
+
+    def scan(self, start: bytes, stop: bytes) -> Iterator[tuple[bytes, bytes]]:
+        self.data.flush()
+        return _scan(self.txn.cursor(db=self.dbs.data), start, stop)
+
+    def prefetch(self, entries: Sequence[Entry]) -> None:
+        """Read ahead, in one call, the records of the keys the batch's plain commands name."""
+        keys = []
+        for e in entries:
+            cmd = e.payload
+            if type(cmd) is dict and cmd.get("op") in _PLAIN_OPS:
+                k = cmd.get("key")
+                if type(k) is str or type(k) is bytes:
+                    try:
+                        keys.append(encode_key(k))
+                    except KVCommandError:
+                        pass  # refused when applied
+        if keys:
+            self.data.prefetch(keys)
+
+    def finish(self) -> None:
+        """Write what the batch kept for its end: data changes, then watch events."""
+        self.data.flush()
+        self.flush_events()
+
+    def add_event(self, revision: int, event: bytes) -> None:
+        if revision != self._ev_rev:
+            self._ev_rev, self._ev_sub = revision, 0
+        else:
+            self._ev_sub += 1
+        self._events.append((_EVENT_KEY.pack(revision, self._ev_sub), event))
+
+    def flush_events(self) -> None:
+        """Append the batch's events to the history (their keys follow every key already there)."""
+        if self._events:
+            consumed, added = self.txn.cursor(db=self.dbs.events).putmulti(self._events, append=True)
+            if added != len(self._events):
+                raise StorageError(f"KV state machine: {len(self._events) - added} watch event(s) of revisions "
+                                   f"up to {self._ev_rev} are out of order")
+            self._events = []
+
+    def get_lease(self, lease_id: int) -> float | None:
+        raw = self.txn.get(index_key(lease_id), db=self.dbs.leases)
+        return None if raw is None else _TTL.unpack(raw)[0]
+
+    def put_lease(self, lease_id: int, ttl: float) -> None:
+        self.txn.put(index_key(lease_id), _TTL.pack(ttl), db=self.dbs.leases)
+        self.lease_changes.append((lease_id, ttl))
+
+    def delete_lease(self, lease_id: int) -> None:
+        self.txn.delete(index_key(lease_id), db=self.dbs.leases)
+        self.lease_changes.append((lease_id, None))
+
+    def attach(self, lease_id: int, key: bytes) -> None:
+        self.txn.put(index_key(lease_id) + key, b"", db=self.dbs.lease_keys)
+
+    def detach(self, lease_id: int, key: bytes) -> None:
+        self.txn.delete(index_key(lease_id) + key, db=self.dbs.lease_keys)
+
+    def lease_keys(self, lease_id: int) -> list[bytes]:
+        p = index_key(lease_id)
+        return [k[8:] for k, _ in _scan(self.txn.cursor(db=self.dbs.lease_keys), p, _next8(p))]
 
     def get_session(self, client: bytes) -> Session | None:
         raw = self.txn.get(client, db=self.dbs.sessions)
@@ -135,27 +315,112 @@ class _LmdbBackend:
             cur.delete()
         self._min = None
 
+    def compact_events(self, before: int) -> None:
+        """Delete the events of revisions < ``before``."""
+        if before <= 1:
+            return
+        cur = self.txn.cursor(db=self.dbs.events)
+        stop = index_key(before)
+        if not cur.first():
+            return
+        while cur.key() < stop:
+            if not cur.delete():
+                return
+
+
+def _next8(p: bytes) -> bytes:
+    """The first 8-byte index key after ``p`` (p is index_key(n), n < 2**64 - 1)."""
+    return index_key(key_index(p) + 1)
+
+
+def _scan(cur: lmdb.Cursor, start: bytes, stop: bytes) -> Iterator[tuple[bytes, Any]]:
+    """``(key, value)`` of the cursor's database in ``[start, stop)``; keys as bytes, values as they come."""
+    if not cur.set_range(start):
+        return
+    for k, v in cur:
+        k = bytes(k)
+        if k >= stop:
+            return
+        yield k, v
+
+
+class _LmdbView:
+    """A KVView over one LMDB read transaction (buffers: copy what you keep)."""
+
+    __slots__ = ("txn", "dbs", "revision", "history_start")
+
+    def __init__(self, txn: lmdb.Transaction, dbs: _Dbs, history: int | None) -> None:
+        """``history``: the state machine's watch_history; None (a reader that does not know it): find out."""
+        self.txn = txn
+        self.dbs = dbs
+        self.revision = log_index(log_id_from_wire(_meta_of(txn, dbs, _K_APPLIED), "last_applied"))
+        floor = _meta_of(txn, dbs, _K_FLOOR) or 1
+        if history is None:
+            cur = txn.cursor(db=dbs.events)
+            history = self.revision + 1 - (key_index(cur.key()[:8]) if cur.first() else self.revision + 1)
+        self.history_start = max(floor, self.revision + 1 - history)
+
+    def scan(self, start: bytes, stop: bytes) -> Iterator[tuple[bytes, bytes]]:
+        return _scan(self.txn.cursor(db=self.dbs.data), start, stop)
+
+    def count(self, start: bytes, stop: bytes) -> int:
+        cur = self.txn.cursor(db=self.dbs.data)
+        if not cur.set_range(start):
+            return 0
+        n = 0
+        for k in cur.iternext(keys=True, values=False):
+            if bytes(k) >= stop:
+                break
+            n += 1
+        return n
+
+    def events(self, revision: int, sub: int) -> Iterator[tuple[int, int, bytes]]:
+        cur = self.txn.cursor(db=self.dbs.events)
+        if not cur.set_range(index_key(revision) + _SUB.pack(sub)):
+            return
+        for k, v in cur:
+            yield key_index(k[:8]), _SUB.unpack(k[8:12])[0], v
+
+    def leases(self) -> Iterator[tuple[int, float]]:
+        for k, v in self.txn.cursor(db=self.dbs.leases):
+            yield key_index(k), _TTL.unpack(v)[0]
+
 
 def _used_bytes(txn: lmdb.Transaction, dbs: "_Dbs") -> int:
     """The bytes of the pages that hold the store's databases (what the quota measures)."""
     total = 0
-    for db in (dbs.data, dbs.meta, dbs.sessions, dbs.sindex):
+    for db in (dbs.data, dbs.meta, dbs.sessions, dbs.sindex, dbs.events, dbs.leases, dbs.lease_keys):
         st = txn.stat(db)
         total += (st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]) * st["psize"]
     return total
 
 
-class KVStateMachine:
+def _check_format(version: Any, root: str) -> None:
+    if version == FORMAT_VERSION:
+        return
+    if version == 1:
+        raise StorageError(f"KV state machine in {root} has format version 1 (keys in msgpack order, no "
+                           f"revisions); this pyraft reads version {FORMAT_VERSION} and does not convert it: "
+                           f"move {os.path.join(root, KV_ENV_NAME)} and the snapshots away and let the node "
+                           f"catch up from the cluster")
+    raise StorageError(f"KV state machine in {root} has format version {version!r}; "
+                       f"this pyraft reads version {FORMAT_VERSION}")
+
+
+class KVStateMachine(KVReads, ApplyListeners):
     """The built-in KV state machine (commands: :mod:`pyraft.kv.commands`) in LMDB.
 
     ``path`` is the node data directory (created if absent; may be shared with
     :class:`~pyraft.stores.lmdb.LmdbLogStore`).  Locked to this object while
     open.  ``session_ttl``: sessions idle for more than that many log indexes
-    are forgotten.  ``quota_bytes``: the size quota (module docstring); at most
-    half of ``max_map_size``, so that it trips while the map still has room
-    for the writes already in flight and for the pages that long read
-    transactions (a snapshot being built) keep alive.  Local reads from any
-    thread: :meth:`get`, :meth:`items`.
+    are forgotten.  ``watch_history``: the watch history keeps the events of
+    that many revisions (a watcher further behind gets
+    :class:`~pyraft.errors.Compacted`).  ``quota_bytes``: the size quota
+    (module docstring); at most half of ``max_map_size``, so that it trips
+    while the map still has room for the writes already in flight and for the
+    pages that long read transactions (a snapshot being built) keep alive.
+    Local reads from any thread: :meth:`get`, :meth:`items`, :meth:`range`,
+    :meth:`count`, :meth:`events`, :meth:`leases`.
     """
 
     #: Test hook: called with a label at the points where a crash matters
@@ -164,27 +429,36 @@ class KVStateMachine:
     _crash_point: Callable[[str], None] = staticmethod(lambda where: None)
 
     def __init__(self, path: str | os.PathLike, *, session_ttl: int = DEFAULT_SESSION_TTL,
-                 map_size: int = DEFAULT_MAP_SIZE, max_map_size: int = DEFAULT_MAX_MAP_SIZE,
-                 quota_bytes: int = DEFAULT_QUOTA_BYTES) -> None:
+                 watch_history: int = DEFAULT_WATCH_HISTORY, map_size: int = DEFAULT_MAP_SIZE,
+                 max_map_size: int = DEFAULT_MAX_MAP_SIZE, quota_bytes: int = DEFAULT_QUOTA_BYTES) -> None:
         if session_ttl < 1:
             raise ValueError("session_ttl must be >= 1")
+        if type(watch_history) is not int or watch_history < 1:
+            raise ValueError(f"watch_history must be an integer >= 1 (revisions), got {watch_history!r}")
         if type(quota_bytes) is not int or quota_bytes <= 0:
             raise ValueError(f"quota_bytes must be a positive integer, got {quota_bytes!r}")
         if type(max_map_size) is int and quota_bytes > max_map_size // 2:
             raise ValueError(f"quota_bytes ({quota_bytes}) must be at most half of max_map_size ({max_map_size}): "
                              f"the quota must trip well before the map is full")
         self._session_ttl = session_ttl
+        self._history = watch_history
         self._quota = quota_bytes
         #: the store's size as of the last applied batch (see _used_bytes); replaced whole, read lock-free
         self._used = 0
-        self._env = LmdbEnv(path, KV_ENV_NAME, KV_LOCK_NAME, what="KV state machine",
-                            map_size=map_size, max_map_size=max_map_size)
+        self._boot = _boot_id()
+        #: set by _prepare: kv.lmdb was discarded (written unsynced before a reboot) and is rebuilt
+        self._rebuilt = False
+        self._env = LmdbEnv(path, KV_ENV_NAME, KV_LOCK_NAME, what="KV state machine", sync=False,
+                            map_size=map_size, max_map_size=max_map_size, prepare=self._prepare)
+        self._boot_file = os.path.join(self._env.root, KV_BOOT_NAME)
         # _snap_lock guards _snapshot and the set of snap-*.kvsnap files:
         # whoever makes a file current or deletes one holds it.
         self._snap_lock = threading.Lock()
         try:
             self._snaps = SnapshotDir(os.path.join(self._env.root, SNAPSHOT_DIR_NAME), _SNAP_SUFFIX)
             self._dbs = self._open_dbs()
+            if self._rebuilt:
+                self._restore_newest_snapshot()
             with self._env.read() as txn:
                 applied = log_id_from_wire(self._meta(txn, _K_APPLIED), "last_applied")
                 membership = stored_membership_from_wire(self._meta(txn, _K_MEMBERSHIP))
@@ -192,6 +466,7 @@ class KVStateMachine:
                 self._used = _used_bytes(txn, self._dbs)
             self._snapshot: tuple[SnapshotMeta, str] | None = self._snaps.existing(pointer)
             self._cleanup(at_open=True)
+            self._mark_unsynced()
         except (CodecError, ValueError, TypeError) as e:
             self._env.close()
             raise StorageError(f"KV state machine in {self._env.root} is unreadable: {e}") from None
@@ -204,22 +479,80 @@ class KVStateMachine:
         # Replaced whole by apply/install after their transaction committed.
         self._applied: tuple[LogId | None, StoredMembership | None] = (applied, membership)
 
+    # -- durability ---------------------------------------------------------------------
+
+    def _prepare(self, env_path: str) -> None:
+        """Before LMDB opens kv.lmdb: discard it if it was written unsynced before a reboot (module doc)."""
+        boot_file = os.path.join(os.path.dirname(env_path), KV_BOOT_NAME)
+        try:
+            with open(boot_file, encoding="ascii", errors="replace") as f:
+                written = f.read().strip()
+        except FileNotFoundError:
+            return
+        if self._boot is not None and written == self._boot:
+            return  # a process crash: the page cache kept every committed write
+        log.warning("KV state machine in %s: it was written without fsync before the machine restarted "
+                    "(boot %s, now %s); discarding %s and rebuilding it from the newest snapshot (the log "
+                    "replays the rest)", os.path.dirname(env_path), written or "?", self._boot or "unknown",
+                    KV_ENV_NAME)
+        if os.path.isdir(env_path):
+            shutil.rmtree(env_path)
+        self._rebuilt = True
+
+    def _mark_unsynced(self) -> None:
+        """Write kv.boot (fsynced, and its directory) before anything is committed without fsync."""
+        tmp = self._boot_file + ".tmp"
+        with durable(tmp) as f:
+            f.write(f"{self._boot or ''}\n".encode("ascii"))
+        os.replace(tmp, self._boot_file)
+        _fsync_dir(self._env.root)
+
+    def _restore_newest_snapshot(self) -> None:
+        """Load the newest snapshot file that reads whole into the (new, empty) environment."""
+        cands = []
+        for name in os.listdir(self._snaps.path):
+            if name.startswith("snap-") and name.endswith(_SNAP_SUFFIX):
+                parts = name.split("-")
+                index = int(parts[2]) if len(parts) > 3 and parts[1] != "empty" and parts[2].isdigit() else 0
+                cands.append((index, name))
+        for _index, name in sorted(cands, reverse=True):
+            path = os.path.join(self._snaps.path, name)
+            try:
+                with open(path, "rb") as f:
+                    meta = read_header(f, SNAPSHOT_MAGIC, SNAPSHOT_VERSION, "KV snapshot file")
+                self._used = self._env.write(lambda txn: self._load(txn, meta, path))
+            except (StorageError, CodecError, OSError) as e:
+                log.warning("KV state machine in %s: snapshot file %s is unusable (%s); trying an older one",
+                            self._env.root, name, e)
+                continue
+            self._env.sync()
+            log.warning("KV state machine in %s: rebuilt from snapshot %s (up to %s)", self._env.root, name,
+                        meta.last_log_id)
+            return
+        log.warning("KV state machine in %s: no snapshot file to rebuild from: starting empty "
+                    "(the log replays everything it holds)", self._env.root)
+
+    def sync(self) -> None:
+        """Make everything applied so far durable (fsync).  Any thread."""
+        self._env.sync()
+
+    # -- databases ------------------------------------------------------------------------
+
     def _open_dbs(self) -> _Dbs:
         env = self._env
-        names = (_DATA, _META, _SESSIONS, _SINDEX)
         if env.is_pristine():
             def init(txn: lmdb.Transaction) -> _Dbs:
-                dbs = _Dbs(*(env._live().open_db(n, txn=txn) for n in names))
+                dbs = _Dbs(*(env._live().open_db(n, txn=txn) for n in _DB_NAMES))
                 txn.put(_K_FORMAT, pack(FORMAT_VERSION), db=dbs.meta)
+                txn.put(_K_FLOOR, pack(1), db=dbs.meta)
                 return dbs
             return env.write(init)
-        dbs = _Dbs(*env.open_existing_dbs(names))
+        (meta,) = env.open_existing_dbs((_META,))
         with env.read() as txn:
-            version = self._meta(txn, _K_FORMAT, dbs)
-        if version != FORMAT_VERSION:
-            raise StorageError(f"KV state machine in {env.root} has format version {version!r}; "
-                               f"this pyraft reads version {FORMAT_VERSION}")
-        return dbs
+            raw = txn.get(_K_FORMAT, db=meta)
+            version = None if raw is None else unpack(bytes(raw), "meta format")
+        _check_format(version, env.root)
+        return _Dbs(*env.open_existing_dbs(_DB_NAMES))
 
     def _meta(self, txn: lmdb.Transaction, key: bytes, dbs: _Dbs | None = None) -> Any:
         return _meta_of(txn, dbs or self._dbs, key)
@@ -231,19 +564,29 @@ class KVStateMachine:
         """The node data directory."""
         return self._env.root
 
+    @property
+    def watch_history(self) -> int:
+        return self._history
+
+    @contextmanager
+    def view(self) -> Iterator[_LmdbView]:
+        """One consistent read (a KVView, pyraft.kv.reads), valid inside the ``with``."""
+        with self._env.read(buffers=True) as txn:
+            yield _LmdbView(txn, self._dbs, self._history)
+
     def get(self, key: Any) -> Any:
         """The value of ``key``, None when absent.  From any thread."""
         k = encode_key(key)
         with self._env.read(buffers=True) as txn:
             raw = txn.get(k, db=self._dbs.data)
-            raw = None if raw is None else bytes(raw)
+            raw = None if raw is None else bytes(raw[RECORD_HEADER.size:])
         return None if raw is None else decode_value(raw)
 
     def items(self) -> list[tuple[Any, Any]]:
-        """Every ``(key, value)``, in key-encoding order (one consistent read)."""
+        """Every ``(key, value)``, in key order (one consistent read)."""
         with self._env.read(buffers=True) as txn:
             rows = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=self._dbs.data)]
-        return [(decode_key(k), decode_value(v)) for k, v in rows]
+        return [(decode_key(k), decode_value(record_value(v))) for k, v in rows]
 
     def __len__(self) -> int:
         with self._env.read() as txn:
@@ -251,6 +594,11 @@ class KVStateMachine:
 
     def applied_state(self) -> tuple[LogId | None, StoredMembership | None]:
         return self._applied
+
+    @property
+    def revision(self) -> int:
+        """The revision of the state: the last applied log index (0 before any)."""
+        return log_index(self._applied[0])
 
     @property
     def quota_bytes(self) -> int:
@@ -266,8 +614,9 @@ class KVStateMachine:
     def check_command(self, command: Any) -> None:
         """Refuse a command before it is proposed (the Raft handle calls this; storage.py).
 
-        NoSpace for a ``put`` or ``cas`` while the store is past its quota;
-        KVCommandError for a key or client id the store cannot hold.  Any thread.
+        NoSpace for a command that may add data while the store is past its
+        quota; KVCommandError for a key or client id the store cannot hold.
+        Any thread.
         """
         if self._used > self._quota and type(command) is dict and command.get("op") in ADDING_OPS:
             raise NoSpace(f"KV store in {self._env.root} is past its quota: {self._used} bytes in use, "
@@ -278,7 +627,10 @@ class KVStateMachine:
     # -- apply ---------------------------------------------------------------------------
 
     def apply(self, entries: Sequence[Entry]) -> list[Any]:
-        """Apply ``entries`` (continuing ``last_applied``) in ONE write transaction with the new applied state."""
+        """Apply ``entries`` (continuing ``last_applied``) in ONE write transaction with the new applied state.
+
+        Committed without fsync (module docstring, "Durability").
+        """
         if not entries:
             return []
         last_applied, membership0 = self._applied
@@ -289,9 +641,11 @@ class KVStateMachine:
                                    f"(next expected index {expect})")
             expect += 1
         dbs, ttl = self._dbs, self._session_ttl
+        last = entries[-1].log_id
 
-        def run(txn: lmdb.Transaction) -> tuple[list[Any], StoredMembership | None]:
+        def run(txn: lmdb.Transaction) -> tuple[list[Any], StoredMembership | None, int, tuple]:
             backend = _LmdbBackend(txn, dbs)
+            backend.prefetch(entries)
             results: list[Any] = []
             membership = membership0
             for e in entries:
@@ -301,13 +655,17 @@ class KVStateMachine:
                     if e.kind == EntryKind.MEMBERSHIP:
                         membership = StoredMembership(e.log_id, e.payload)
                     results.append(None)
-            txn.put(_K_APPLIED, pack(log_id_to_wire(entries[-1].log_id)), db=dbs.meta)
+            backend.finish()
+            backend.compact_events(last.index + 1 - self._history)
+            txn.put(_K_APPLIED, pack(log_id_to_wire(last)), db=dbs.meta)
             if membership is not membership0:
                 txn.put(_K_MEMBERSHIP, pack(stored_membership_to_wire(membership)), db=dbs.meta)
-            return results, membership, _used_bytes(txn, dbs)
+            return results, membership, _used_bytes(txn, dbs), tuple(backend.lease_changes)
 
-        results, membership, self._used = self._env.write(run)
-        self._applied = (entries[-1].log_id, membership)
+        results, membership, self._used, lease_changes = self._env.write(run)
+        self._applied = (last, membership)
+        if self._listeners:
+            self._notify(last.index, lease_changes)
         return results
 
     # -- snapshots ---------------------------------------------------------------------------
@@ -328,7 +686,8 @@ class KVStateMachine:
 
         Constant memory; ``apply`` may go on in another thread meanwhile.
         Returns the meta of the current snapshot afterwards (this one, unless
-        a newer one was installed meanwhile).
+        a newer one was installed meanwhile), once the state machine's own
+        state up to it is durable too: the log may be purged up to it then.
         """
         with self._snaps.building() as tmp:
             with self._env.read(buffers=True) as txn:
@@ -345,6 +704,9 @@ class KVStateMachine:
                 if self._env.write(lambda txn: set_pointer(txn, meta_db, _K_SNAPSHOT, meta, final,
                                                            unless_newer=True)):
                     self._snapshot = (meta, final)
+                # The engine purges the log up to this snapshot once we return: what this
+                # state machine holds (applied at least this far) must be on disk first.
+                self._env.sync()
                 self._crash_point("build:committed")
                 self._cleanup()
                 assert self._snapshot is not None
@@ -355,50 +717,22 @@ class KVStateMachine:
         return self._snaps.begin_receiving()
 
     def install_snapshot(self, meta: SnapshotMeta, data: BinaryIO) -> None:
-        """Replace the whole state with the snapshot in ``data``, in ONE write transaction.
+        """Replace the whole state with the snapshot in ``data``, in ONE write transaction, then fsync.
 
-        The file is checked (magic, version, CRC, record shapes, key sizes,
-        sessions, counts) while it loads; content that does not decode or
-        validate aborts the transaction and raises CodecError with the old
-        state untouched (storage.py: the snapshot is refused, the node goes
-        on).  A failing disk raises StorageError or OSError.  ``data`` is
-        closed here.
+        The file is checked (magic, version, CRC, record shapes, key encodings
+        and sizes, lease references, sessions, counts) while it loads;
+        content that does not decode or validate aborts the transaction and
+        raises CodecError with the old state untouched (storage.py: the
+        snapshot is refused, the node goes on).  A failing disk raises
+        StorageError or OSError.  ``data`` is closed here.  The watch history
+        starts after the snapshot.
         """
         received = self._adopt(data)
-        dbs = self._dbs
-        crash = self._crash_point
         with self._snap_lock:
             final = self._snaps.publish(received, meta)
-            crash("install:renamed")
-
-            def load(txn: lmdb.Transaction) -> None:
-                txn.drop(dbs.data, delete=False)
-                txn.drop(dbs.sessions, delete=False)
-                txn.drop(dbs.sindex, delete=False)
-                with open(final, "rb") as f:
-                    for n, rec in enumerate(_read_snapshot(f, meta)):
-                        if n == 1000:
-                            crash("install:loading")
-                        kind, a, b = rec
-                        if kind == _REC_DATA:
-                            if not txn.put(a, b, db=dbs.data, append=True):
-                                raise CodecError("data records are not in key order")
-                        else:
-                            try:
-                                s = Session.from_bytes(b)
-                            except (ValueError, TypeError, msgpack.UnpackException) as e:
-                                raise CodecError(f"session record: {e}") from None
-                            if not 0 <= s.index < 2**64:
-                                raise CodecError(f"session record: log index {s.index} out of range")
-                            txn.put(a, b, db=dbs.sessions)
-                            txn.put(index_key(s.index) + a, b"", db=dbs.sindex)
-                txn.put(_K_APPLIED, pack(log_id_to_wire(meta.last_log_id)), db=dbs.meta)
-                txn.put(_K_MEMBERSHIP, pack(stored_membership_to_wire(meta.last_membership)), db=dbs.meta)
-                set_pointer(txn, dbs.meta, _K_SNAPSHOT, meta, final)
-                return _used_bytes(txn, dbs)
-
+            self._crash_point("install:renamed")
             try:
-                used = self._env.write(load)
+                used = self._env.write(lambda txn: self._load(txn, meta, final))
             except CodecError as e:
                 unlink_quietly(final)
                 raise CodecError(f"KV state machine in {self._env.root}: refused snapshot "
@@ -407,10 +741,54 @@ class KVStateMachine:
                 unlink_quietly(final)
                 raise
             self._used = used
-            crash("install:committed")
+            # The engine purges the log up to the snapshot once we return.
+            self._env.sync()
+            self._crash_point("install:committed")
             self._applied = (meta.last_log_id, meta.last_membership)
             self._snapshot = (meta, final)
             self._cleanup()
+        self._notify(log_index(meta.last_log_id), None)
+
+    def _load(self, txn: lmdb.Transaction, meta: SnapshotMeta, path: str) -> int:
+        """Replace the state in ``txn`` with the snapshot file ``path``; CodecError for bad content."""
+        dbs = self._dbs
+        for db in (dbs.data, dbs.sessions, dbs.sindex, dbs.events, dbs.leases, dbs.lease_keys):
+            txn.drop(db, delete=False)
+        with open(path, "rb") as f:
+            for n, rec in enumerate(_read_snapshot(f, meta)):
+                if n == 1000:
+                    self._crash_point("install:loading")
+                kind, a, b = rec
+                if kind == _REC_DATA:
+                    if len(b) < RECORD_HEADER.size:
+                        raise CodecError("a data record is shorter than its header")
+                    try:
+                        decode_key(a)
+                    except ValueError as e:
+                        raise CodecError(f"a data record's key does not decode: {e}") from None
+                    lease = record_header(b)[3]
+                    if lease:
+                        if txn.get(index_key(lease), db=dbs.leases) is None:
+                            raise CodecError(f"a key is attached to lease {lease}, which the snapshot lacks")
+                        txn.put(index_key(lease) + a, b"", db=dbs.lease_keys)
+                    if not txn.put(a, b, db=dbs.data, append=True):
+                        raise CodecError("data records are not in key order")
+                elif kind == _REC_LEASE:
+                    txn.put(index_key(a), _TTL.pack(b), db=dbs.leases)
+                else:
+                    try:
+                        s = Session.from_bytes(b)
+                    except (ValueError, TypeError, msgpack.UnpackException) as e:
+                        raise CodecError(f"session record: {e}") from None
+                    if not 0 <= s.index < 2**64:
+                        raise CodecError(f"session record: log index {s.index} out of range")
+                    txn.put(a, b, db=dbs.sessions)
+                    txn.put(index_key(s.index) + a, b"", db=dbs.sindex)
+        txn.put(_K_APPLIED, pack(log_id_to_wire(meta.last_log_id)), db=dbs.meta)
+        txn.put(_K_MEMBERSHIP, pack(stored_membership_to_wire(meta.last_membership)), db=dbs.meta)
+        txn.put(_K_FLOOR, pack(log_index(meta.last_log_id) + 1), db=dbs.meta)
+        set_pointer(txn, dbs.meta, _K_SNAPSHOT, meta, path)
+        return _used_bytes(txn, dbs)
 
     def _adopt(self, data: BinaryIO) -> str:
         """Make ``data`` a durable file in the snapshot directory; close it; return its path."""
@@ -438,6 +816,14 @@ class KVStateMachine:
         self._snaps.cleanup(None if self._snapshot is None else self._snapshot[1], at_open)
 
     def close(self) -> None:
+        """Sync, mark the environment clean (no kv.boot) and close it.  Idempotent."""
+        if not self._env.closed:
+            try:
+                self._env.sync()
+                unlink_quietly(self._boot_file)
+                _fsync_dir(self._env.root)
+            except (StorageError, OSError) as e:  # the next start replays (or rebuilds): nothing is lost
+                log.warning("KV state machine in %s: could not sync at close: %s", self._env.root, e)
         self._env.close()
 
     def __enter__(self) -> "KVStateMachine":
@@ -455,6 +841,14 @@ class KVStateMachine:
         return KVReader(path)
 
 
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class KVStatus(NamedTuple):
     """What :meth:`KVReader.status` reads in one transaction."""
 
@@ -465,7 +859,7 @@ class KVStatus(NamedTuple):
     keys: int
 
 
-class KVReader:
+class KVReader(KVReads):
     """Read-only access to a KVStateMachine's directory: no lock file taken, nothing written.
 
     Every method is one read transaction, so each answer is consistent even
@@ -476,16 +870,15 @@ class KVReader:
         self._env = LmdbEnv(path, KV_ENV_NAME, None, what="KV state machine", readonly=True)
         self._snap_dir = os.path.join(self._env.root, SNAPSHOT_DIR_NAME)
         try:
-            self._dbs = _Dbs(*self._env.open_existing_dbs((_DATA, _META, _SESSIONS, _SINDEX)))
+            (meta,) = self._env.open_existing_dbs((_META,))
             with self._env.read() as txn:
-                version = _meta_of(txn, self._dbs, _K_FORMAT)
+                raw = txn.get(_K_FORMAT, db=meta)
+                version = None if raw is None else unpack(bytes(raw), "meta format")
+            _check_format(version, self._env.root)
+            self._dbs = _Dbs(*self._env.open_existing_dbs(_DB_NAMES))
         except BaseException:
             self._env.close()
             raise
-        if version != FORMAT_VERSION:
-            self._env.close()
-            raise StorageError(f"KV state machine in {self._env.root} has format version {version!r}; "
-                               f"this pyraft reads version {FORMAT_VERSION}")
 
     def status(self) -> KVStatus:
         """The applied state, the current snapshot and its file, the key count; CodecError if they do not decode."""
@@ -517,7 +910,8 @@ class KVReader:
         with open(path, "rb") as f:
             try:
                 for kind, _k, _v in _read_snapshot(f, meta):
-                    counts[kind] += 1
+                    if kind in (_REC_DATA, _REC_SESSION):
+                        counts[kind] += 1
             except CodecError as e:
                 raise StorageError(str(e)) from None
         return counts[0], counts[1]
@@ -532,17 +926,22 @@ class KVReader:
         applied, membership, _snap, _n = self.state()
         return applied, membership
 
+    @contextmanager
+    def view(self) -> Iterator[_LmdbView]:
+        with self._env.read(buffers=True) as txn:
+            yield _LmdbView(txn, self._dbs, None)
+
     def get(self, key: Any) -> Any:
         k = encode_key(key)
         with self._env.read(buffers=True) as txn:
             raw = txn.get(k, db=self._dbs.data)
-            raw = None if raw is None else bytes(raw)
+            raw = None if raw is None else bytes(raw[RECORD_HEADER.size:])
         return None if raw is None else decode_value(raw)
 
     def items(self) -> list[tuple[Any, Any]]:
         with self._env.read(buffers=True) as txn:
             rows = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=self._dbs.data)]
-        return [(decode_key(k), decode_value(v)) for k, v in rows]
+        return [(decode_key(k), decode_value(record_value(v))) for k, v in rows]
 
     def close(self) -> None:
         self._env.close()
@@ -564,6 +963,9 @@ def _meta_of(txn: lmdb.Transaction, dbs: _Dbs, key: bytes) -> Any:
 
 def _write_snapshot(f: BinaryIO, meta: SnapshotMeta, txn: lmdb.Transaction, dbs: _Dbs) -> None:
     w = SnapshotWriter(f, SNAPSHOT_MAGIC, SNAPSHOT_VERSION, meta)
+    # Leases first: loading a data record checks that its lease exists.
+    for k, v in txn.cursor(db=dbs.leases):
+        w.record(_REC_LEASE, key_index(bytes(k)), _TTL.unpack(v)[0])
     for k, v in txn.cursor(db=dbs.data):
         w.record(_REC_DATA, bytes(k), bytes(v))
     for k, v in txn.cursor(db=dbs.sessions):
@@ -571,8 +973,8 @@ def _write_snapshot(f: BinaryIO, meta: SnapshotMeta, txn: lmdb.Transaction, dbs:
     w.finish(_REC_END)
 
 
-def _read_snapshot(f: BinaryIO, meta: SnapshotMeta) -> Iterator[tuple[int, bytes, bytes]]:
-    """Yield the data and session records of a snapshot file, checking it as it goes.
+def _read_snapshot(f: BinaryIO, meta: SnapshotMeta) -> Iterator[tuple[int, Any, Any]]:
+    """Yield the lease, data and session records of a snapshot file, checking it as it goes.
 
     Raises CodecError for any fault of the content, including (after the last
     record) a count or CRC mismatch: the caller's transaction must then abort.
@@ -586,10 +988,17 @@ def _read_snapshot(f: BinaryIO, meta: SnapshotMeta) -> Iterator[tuple[int, bytes
             return
         except StorageError as e:  # read_records says the content is wrong
             raise CodecError(str(e)) from None
-        if (len(rec) != 3 or rec[0] not in (_REC_DATA, _REC_SESSION)
-                or type(rec[1]) is not bytes or type(rec[2]) is not bytes):
+        if len(rec) != 3:
+            raise CodecError("malformed snapshot record")
+        kind, a, b = rec
+        if kind == _REC_LEASE:
+            if type(a) is not int or not 0 < a < 2**64 or type(b) is not float:
+                raise CodecError("malformed lease record")
+            yield kind, a, b
+            continue
+        if kind not in (_REC_DATA, _REC_SESSION) or type(a) is not bytes or type(b) is not bytes:
             raise CodecError("malformed snapshot record")
         # LMDB's key limit: a longer key would make the load fail as if the disk had.
-        if len(rec[1]) > (MAX_KEY_BYTES if rec[0] == _REC_DATA else MAX_CLIENT_BYTES):
-            raise CodecError(f"a snapshot record's key is {len(rec[1])} bytes, more than the store holds")
-        yield rec[0], rec[1], rec[2]
+        if len(a) > (MAX_KEY_BYTES if kind == _REC_DATA else MAX_CLIENT_BYTES):
+            raise CodecError(f"a snapshot record's key is {len(a)} bytes, more than the store holds")
+        yield kind, a, b

@@ -35,7 +35,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..codec import ClientRequest, ClientResponse
-from ..errors import Fatal, Overloaded, RaftError, ShutDown, Timeout
+from ..errors import Fatal, Overloaded, PermissionDenied, RaftError, RequestTooLarge, ShutDown, Timeout
 from ..raft import error_response
 from ..types import LogId, Node, ServerState
 from .base import _GRACE, outcome_to_wire
@@ -50,6 +50,8 @@ OP_CALL = "objects.call"
 OP_READ_INDEX = "objects.read_index"
 
 _POLL = 0.05  # longest the dispatcher sleeps: it notices a stopped node within this
+#: Errors a leader answers that retrying cannot change: the call fails with them at once.
+_FINAL_ERRORS = {"PermissionDenied": PermissionDenied, "RequestTooLarge": RequestTooLarge}
 
 
 class _Pending:
@@ -477,7 +479,10 @@ class Caller:
             else:
                 p.next_try = now + self.backoff
             return
-        name, _msg, leader_id, addr = resp.error
+        name, msg, leader_id, addr = resp.error
+        if name in _FINAL_ERRORS:  # no other node or later try would answer otherwise
+            self._fail(p, _FINAL_ERRORS[name](f"node {p.target}: {msg}"))
+            return
         if name == "ForwardToLeader" and type(leader_id) is int and leader_id != p.target:
             p.hint = (leader_id, Node(addr) if isinstance(addr, str) and addr else None)
             p.next_try = now

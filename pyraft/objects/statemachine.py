@@ -285,8 +285,9 @@ class ObjectStateMachine:
         self._raft = raft
         caller = Caller(self, raft, client)
         self._caller = caller
-        raft.set_client_handler("objects.call", caller.on_call_request)
-        raft.set_client_handler("objects.read_index", caller.on_read_index_request)
+        # Peers forward calls to the leader, so a peer key has client rights.
+        raft.set_client_handler("objects.call", caller.on_call_request, role="client")
+        raft.set_client_handler("objects.read_index", caller.on_read_index_request, role="reader")
         caller.announce({"k": "hello", "n": raft.node_id, "vers": self.local_versions()})
         caller.start()
         raft.add_shutdown_hook(caller.stop)  # pending and later calls raise ShutDown; the thread is joined

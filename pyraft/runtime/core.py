@@ -25,7 +25,7 @@ from ..engine.commands import (AppendToLog, Apply, BuildSnapshot, InstallSnapsho
                                SendSnapshot, SendTimeoutNow, SendVote, STORAGE_COMMANDS, TruncateLog,
                                UpdateReplication)
 from ..engine.core import Engine, RestoredState
-from ..errors import Fatal, ForwardToLeader, Overloaded, RaftError, ShutDown
+from ..errors import Fatal, ForwardToLeader, Overloaded, RaftError, ShutDown, StorageError
 from ..messages import InstallSnapshotResponse
 from ..metrics import RaftMetrics
 from ..codec import encode_entries
@@ -50,6 +50,14 @@ def restore_state(log_store: Any, state_machine: Any) -> RestoredState:
     """Read what the stores hold into the engine's start-up state."""
     ls = log_store.log_state()
     applied, sm_membership = state_machine.applied_state()
+    if log_index(applied) < log_index(ls.last_purged):
+        # The entries in between are neither in the log nor in the state machine: applying
+        # on would skip them.  (A state machine that does not fsync what it applies must be
+        # durable up to every snapshot before the log is purged to it: see KVStateMachine.)
+        raise StorageError(f"the state machine has applied up to index {log_index(applied)} but the log is "
+                           f"purged up to {ls.last_purged}: entries {log_index(applied) + 1}.."
+                           f"{log_index(ls.last_purged)} are lost on this node; wipe its data directory "
+                           f"and let it catch up from the cluster")
     memberships: list[StoredMembership] = [sm_membership] if sm_membership is not None else []
     start = max(log_index(applied), log_index(ls.last_purged)) + 1
     last = log_index(ls.last_log_id)
@@ -625,11 +633,21 @@ class RaftCore(threading.Thread):
         old = self.metrics
         if (m.state, m.current_term, m.current_leader) != (old.state, old.current_term, old.current_leader):
             log.info("node %s: %s in term %s, leader %s", self.node_id, m.state, m.current_term, m.current_leader)
+        if m.membership_log_id != old.membership_log_id and m.membership is not None:
+            ms = m.membership
+            log.info("node %s: membership at %s: voters %s, learners %s", self.node_id, m.membership_log_id,
+                     " -> ".join(str(sorted(c)) for c in ms.configs), sorted(ms.learner_ids))
         with self.cond:
             self.metrics = m
             self.cond.notify_all()
 
     # ------------------------------------------------------------------ stopping
+
+    def close_transport(self) -> None:
+        try:
+            self.transport.close()
+        except Exception:  # noqa: BLE001
+            log.exception("closing the transport failed")
 
     def _go_fatal(self, reason: str, exc: BaseException | None = None) -> None:
         self.fatal = reason
@@ -643,10 +661,11 @@ class RaftCore(threading.Thread):
             w.stop()
         self.sm_worker.stop()
         self.sender.stop()
-        try:
-            self.transport.close()
-        except Exception:  # noqa: BLE001
-            log.exception("closing the transport failed")
+        if self.fatal is None:
+            self.close_transport()
+        # else a Fatal node keeps its transport until Raft.shutdown() closes it: it answers
+        # "metrics" with the state Fatal and the reason, and every other request with the
+        # Fatal error, so that a health check tells "dead, and why" from "unreachable".
         if self._deferred_commit is not None and self.fatal is None:
             try:  # the commit hint that was waiting for a write: a restart then applies that far at once
                 self.log_store.write([self._deferred_commit])

@@ -400,6 +400,8 @@ class SMWorker(_Worker):
                     self.core.post(("snapshot_failed", token, meta))
                     continue
                 self.applied = sm.applied_state()[0]
+                log.info("node %s: installed snapshot %s from the leader, up to %s", self.core.node_id,
+                         meta.snapshot_id, meta.last_log_id)
                 self.core.post(("snapshot_installed", meta, token))
         b = self._builder
         if b is not None:
@@ -484,6 +486,7 @@ class SMWorker(_Worker):
                 log.exception("snapshot build failed")
                 self.core.post(("fatal", f"snapshot builder died: {e!r}"))
                 return
+            log.info("node %s: built snapshot %s, up to %s", self.core.node_id, meta.snapshot_id, meta.last_log_id)
             self.core.post(("snapshot_built", meta))
 
         self._builder = threading.Thread(target=build, name=f"pyraft-snapshot-{self.core.node_id}", daemon=True)

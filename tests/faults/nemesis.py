@@ -150,8 +150,8 @@ class FaultCluster(LocalCluster):
         m = self.mounts.get(i) if hasattr(self, "mounts") else None
         return super().data_dir(i) if m is None else os.path.join(m.mountpoint, f"node{i}")
 
-    def argv(self, i: int, init: bool = False) -> list[str]:
-        a = super().argv(i, init) + ["--fault-control", self.fault_file(i)]
+    def argv(self, i: int, init: bool = False, extra: Sequence[str] = ()) -> list[str]:
+        a = super().argv(i, init, extra) + ["--fault-control", self.fault_file(i)]
         if self.mutant is not None:
             prefix = [sys.executable, "-m", "pyraft.tools.kv"]
             if a[:len(prefix)] != prefix:

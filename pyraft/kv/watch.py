@@ -1,0 +1,171 @@
+"""Serving watches: long polls over the state machine's watch history, on any member.
+
+A watcher pulls: each ``kv.watch`` request names a key range and a position
+in the history (a revision and the index of an event within it) and is
+answered with the next events, at most ``limit`` of them, as soon as there
+are any, or with none once its ``wait`` is over; the reply says where the
+next poll goes on.  Every replica holds the same events for a revision
+(they are written with the data, in the same apply transaction), so the
+client resumes on another node after a leader change at the position it
+reached, and nothing is lost or repeated.
+
+Memory stays bounded: nothing is buffered per watcher between polls, a reply
+holds at most ``limit`` events and about 4 MiB, at most ``max_waiting``
+polls wait on a node at once (beyond: :class:`~pyraft.errors.Overloaded`),
+and a watcher that falls behind the history's window gets
+:class:`~pyraft.errors.Compacted`.  Applying never waits for watchers: the
+state machine's apply listener only sets an event (O(1)); the hub's thread
+``pyraft-kv-watch-<id>`` reads the history and answers the waiting polls.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..codec import ClientResponse
+from ..errors import Compacted, Overloaded, ShutDown
+from ..raft import error_response
+from .reads import read_events
+
+__all__ = ["WatchHub", "DEFAULT_MAX_WATCHERS", "MAX_WATCH_WAIT", "MAX_WATCH_LIMIT"]
+
+log = logging.getLogger("pyraft.kv")
+
+#: Polls that may wait on one node at once.
+DEFAULT_MAX_WATCHERS = 1024
+#: The longest a poll waits for an event (seconds).
+MAX_WATCH_WAIT = 30.0
+#: The most events one reply holds.
+MAX_WATCH_LIMIT = 10_000
+
+
+@dataclass(slots=True)
+class WatchPoll:
+    """One waiting ``kv.watch`` request; ``revision``/``sub`` advance as the hub reads on."""
+
+    start: bytes  # the key range [start, stop), stored forms
+    stop: bytes
+    revision: int | None  # None: from the node's next revision
+    sub: int
+    limit: int
+    deadline: float  # time.monotonic() when it is answered even without events
+    reply: Any
+
+
+class WatchHub:
+    """Answers the ``kv.watch`` polls of one node (see the module docstring).
+
+    ``sm`` offers ``view()`` and ``add_apply_listener``.  :meth:`submit` is
+    called from the transport's thread; everything else happens on the hub's
+    own thread.  :meth:`stop` answers the waiting polls with ShutDown.
+    """
+
+    def __init__(self, sm: Any, node_id: int, *, max_waiting: int = DEFAULT_MAX_WATCHERS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if type(max_waiting) is not int or max_waiting < 1:
+            raise ValueError(f"max_waiting must be an integer >= 1, got {max_waiting!r}")
+        self._sm = sm
+        self._clock = clock
+        self._max = max_waiting
+        self._lock = threading.Lock()  # guards _polls and _stopped
+        self._polls: list[WatchPoll] = []
+        self._stopped = False
+        # Set by apply (new events may exist), submit and stop; cleared by the hub's thread
+        # before it reads, so a wake-up during a read is never lost.
+        self._wake = threading.Event()
+        sm.add_apply_listener(self._on_applied)
+        self._thread = threading.Thread(target=self._run, name=f"pyraft-kv-watch-{node_id}", daemon=True)
+        self._thread.start()
+
+    def _on_applied(self, _revision: int, _lease_changes: Any) -> None:
+        self._wake.set()
+
+    def submit(self, poll: WatchPoll) -> None:
+        """Queue a poll; Overloaded when ``max_waiting`` polls wait already, ShutDown after stop."""
+        with self._lock:
+            if self._stopped:
+                raise ShutDown("the watch service is stopping")
+            if len(self._polls) >= self._max:
+                raise Overloaded(f"{self._max} watch polls are waiting on this node already "
+                                 f"(max_watchers); retry later or on another node")
+            self._polls.append(poll)
+        self._wake.set()
+
+    @property
+    def waiting(self) -> int:
+        with self._lock:
+            return len(self._polls)
+
+    def stop(self) -> None:
+        """Stop the thread; waiting polls get ShutDown (the client resumes elsewhere).  Idempotent."""
+        with self._lock:
+            self._stopped = True
+        self._sm.remove_apply_listener(self._on_applied)
+        self._wake.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    # ------------------------------------------------------------------ the hub's thread
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                stopped = self._stopped
+                polls = list(self._polls)
+            if stopped:
+                break
+            now = self._clock()
+            timeout = min((p.deadline for p in polls), default=now + 1.0) - now
+            if timeout > 0:
+                self._wake.wait(timeout)
+            self._wake.clear()
+            with self._lock:
+                polls = list(self._polls)
+            if polls:
+                try:
+                    done = self._serve(polls)
+                except Exception as e:  # noqa: BLE001 - a failing read answers the polls, never kills the hub
+                    log.exception("watch: reading the history failed")
+                    done = [(p, error_response(e)) for p in polls]
+                if done:
+                    with self._lock:
+                        gone = {id(p) for p, _ in done}
+                        self._polls = [p for p in self._polls if id(p) not in gone]
+                    for p, resp in done:
+                        _send(p, resp)
+        with self._lock:
+            polls, self._polls = self._polls, []
+        for p in polls:
+            _send(p, error_response(ShutDown("the watch service stopped")))
+
+    def _serve(self, polls: list[WatchPoll]) -> list[tuple[WatchPoll, ClientResponse]]:
+        """Read the history for each poll (one read for all); the polls to answer now, with their replies."""
+        done: list[tuple[WatchPoll, ClientResponse]] = []
+        now = self._clock()
+        with self._sm.view() as v:
+            for p in polls:
+                if p.revision is not None and p.revision > v.revision and p.deadline > now:
+                    continue  # nothing new for it
+                try:
+                    events, (p.revision, p.sub) = read_events(v, p.revision, p.sub, p.start, p.stop,
+                                                              limit=p.limit)
+                except Compacted as e:
+                    done.append((p, error_response(e)))
+                    continue
+                # Answer with events, or with progress when the scan stopped early (the client polls
+                # again at once), or with nothing when its wait is over.
+                if events or p.revision <= v.revision or p.deadline <= now:
+                    done.append((p, ClientResponse(True, {
+                        "events": [[r, e] for r, e in events], "next": [p.revision, p.sub],
+                        "revision": v.revision, "compact_revision": v.history_start})))
+        return done
+
+
+def _send(p: WatchPoll, resp: ClientResponse) -> None:
+    try:
+        p.reply.reply(resp)
+    except Exception:  # noqa: BLE001 - a reply that cannot go out is the client's loss only
+        log.exception("watch: cannot reply")
