@@ -223,3 +223,26 @@ def test_lmdb_commits_survive_a_cut_and_an_unsynced_environment_does_not(mount):
         assert s.log_state().last_log_id == LogId(1, 201) and s.read(201, 202)[0].payload == "last"
     with LmdbLogStore(unsynced) as s:
         assert s.log_state().last_log_id is None   # sync=False: nothing ever reached the disk
+
+
+def test_at_a_cut_the_kernel_may_have_written_back_any_subset_of_the_unsynced_pages(mount):
+    # Between two syncs a disk holds any subset of the pages written (whole pages here, never torn).
+    m = mount("strict")
+    p = os.path.join(m.mountpoint, "f")
+    write_file(p, b"o" * 4096 * 64, sync=True)
+    sync_dir(m.mountpoint)
+    fd = os.open(p, os.O_RDWR)
+    for i in range(64):
+        os.pwrite(fd, bytes([65 + i % 26]) * 4096, i * 4096)
+    os.close(fd)
+    r = m.cut(0.5, seed=7)
+    data = read(p)
+    pages = [data[i * 4096:(i + 1) * 4096] for i in range(64)]
+    assert all(pg in (b"o" * 4096, bytes([65 + i % 26]) * 4096) for i, pg in enumerate(pages))
+    new = sum(pg != b"o" * 4096 for pg in pages)
+    assert 10 < new < 54 and r["written_back_bytes"] == new * 4096
+    fd = os.open(p, os.O_RDWR)
+    os.pwrite(fd, b"z" * 4096, 0)
+    os.close(fd)
+    m.cut(1.0, seed=1)
+    assert read(p)[:4096] == b"z" * 4096

@@ -4,9 +4,12 @@ Run as a process (``python lazyfs.py BACKING MOUNTPOINT --rule strict|ext4``): i
 mounts MOUNTPOINT, serves BACKING through it, and takes commands on stdin, one
 per line, answering each with one JSON line on stdout:
 
-``cut``    a power loss: drop every unsynced write and undo every name change
-           that is not durable under the rule; the files are then as a machine
-           that lost power would find them after a reboot
+``cut [WRITEBACK SEED]``
+           a power loss: undo every name change that is not durable under the
+           rule and drop every unsynced write, except that each unsynced page
+           reached the disk before the power went with probability WRITEBACK
+           (default 0; drawn from SEED): the files are then as a machine that
+           lost power would find them after a reboot
 ``stats``  counters, and how much is unsynced now
 ``exit``   (or end of stdin) unmount and exit
 
@@ -25,8 +28,13 @@ journalled with how to undo them; a name change becomes durable
 - ``strict`` rule: when every directory it changed has been fsynced (POSIX promises
   no more: a new name is durable only after an fsync of its directory).
 
-What it does not model is listed in docs/power-loss.md: torn sector writes,
-reordering inside one sync, metadata other than names and sizes (modes, times).
+Between two syncs of a file a real disk may hold any subset of the pages
+written to it (the kernel writes dirty pages back in its own order): a cut
+with WRITEBACK > 0 keeps such a random subset.  That is what makes a file
+written without any fsync (LMDB with NOSYNC) unusable after a power loss: its
+meta page may have reached the disk without the pages it points to.  What it
+does not model is listed in docs/power-loss.md: torn pages, metadata other
+than names and sizes (modes, times).
 
 The mount runs with the kernel page cache on and no ``direct_io``, as a disk
 filesystem, so programs use it as they use ext4: ``mmap`` reads (LMDB), ``pwrite``,
@@ -42,6 +50,7 @@ import errno
 import json
 import logging
 import os
+import random
 import shutil
 import stat
 import subprocess
@@ -64,15 +73,20 @@ class Unsynced:
     Invariants: ``keep <= size``; the backing file's bytes at or past ``keep`` no
     longer exist (a truncate cut them); bytes of ``pages`` at or past ``size`` are
     zero.  The content a program sees is the backing file cut at ``keep``, zero
-    filled up to ``size``, with ``pages`` laid over it.
+    filled up to ``size``, with ``pages`` laid over it.  ``fd`` is a descriptor
+    of the backing file of its own (the programs' may all be closed by a cut),
+    closed by :meth:`close`.
     """
 
-    __slots__ = ("size", "keep", "pages")
+    __slots__ = ("size", "keep", "pages", "fd")
 
-    def __init__(self, durable_size: int) -> None:
-        self.size = durable_size
-        self.keep = durable_size
+    def __init__(self, fd: int) -> None:
+        self.fd = os.dup(fd)
+        self.size = self.keep = os.fstat(fd).st_size
         self.pages: dict[int, bytearray] = {}
+
+    def close(self) -> None:
+        os.close(self.fd)
 
     def _base(self, fd: int, start: int, end: int) -> bytearray:
         """The backing file's bytes ``start..end`` as the overlay sees them (cut at ``keep``, zero filled)."""
@@ -121,13 +135,22 @@ class Unsynced:
             self.keep = min(self.keep, length)
         self.size = length
 
-    def flush(self, fd: int) -> None:
+    def flush(self) -> None:
         """Make this content the backing file's (the caller syncs it)."""
-        if os.fstat(fd).st_size > self.keep:
-            os.ftruncate(fd, self.keep)
+        if os.fstat(self.fd).st_size > self.keep:
+            os.ftruncate(self.fd, self.keep)
         for p, page in sorted(self.pages.items()):
-            os.pwrite(fd, page[:min(PAGE, self.size - p * PAGE)], p * PAGE)
-        os.ftruncate(fd, self.size)
+            os.pwrite(self.fd, page[:min(PAGE, self.size - p * PAGE)], p * PAGE)
+        os.ftruncate(self.fd, self.size)
+
+    def write_back(self, chance: float, rng: random.Random) -> int:
+        """At a power cut: each page reaches the backing file with probability ``chance``; how many did."""
+        n = 0
+        for p, page in sorted(self.pages.items()):
+            if chance > 0 and rng.random() < chance and p * PAGE < self.size:
+                os.pwrite(self.fd, page[:min(PAGE, self.size - p * PAGE)], p * PAGE)
+                n += 1
+        return n
 
     def nbytes(self) -> int:
         return len(self.pages) * PAGE
@@ -184,13 +207,14 @@ class LazyFS(mfusepy.Operations):
     def _content(self, h: Handle) -> Unsynced:
         u = self._unsynced.get(h.ino)
         if u is None:
-            u = self._unsynced[h.ino] = Unsynced(os.fstat(h.fd).st_size)
+            u = self._unsynced[h.ino] = Unsynced(h.fd)
         return u
 
     def _sync_file(self, h: Handle) -> None:
         u = self._unsynced.pop(h.ino, None)
         if u is not None:
-            u.flush(h.fd)
+            u.flush()
+            u.close()
             self.counts["bytes_synced"] += u.nbytes()
         if self.rule == "ext4":
             self._names_durable(lambda c: True)
@@ -218,11 +242,16 @@ class LazyFS(mfusepy.Operations):
 
     # -- the power cut ---------------------------------------------------------------
 
-    def cut(self) -> dict:
-        """Forget every unsynced write and undo every name change that is not durable."""
+    def cut(self, writeback: float = 0.0, seed: int = 0) -> dict:
+        """Forget the unsynced writes (but a ``writeback`` share of their pages) and the names not durable."""
         with self._lock:
+            rng = random.Random(seed)
             dropped = sum(u.nbytes() for u in self._unsynced.values())
             files = len(self._unsynced)
+            kept = 0
+            for _ino, u in sorted(self._unsynced.items()):
+                kept += u.write_back(writeback, rng)
+                u.close()
             self._unsynced.clear()
             undone = len(self._journal)
             for c in reversed(self._journal):
@@ -231,7 +260,8 @@ class LazyFS(mfusepy.Operations):
             for name in os.listdir(self.graveyard):
                 _remove(os.path.join(self.graveyard, name))
             self.counts["cuts"] += 1
-            return {"dropped_bytes": dropped, "dropped_files": files, "undone_names": undone}
+            return {"dropped_bytes": dropped - kept * PAGE, "written_back_bytes": kept * PAGE,
+                    "dropped_files": files, "undone_names": undone}
 
     def stats(self) -> dict:
         with self._lock:
@@ -345,7 +375,9 @@ class LazyFS(mfusepy.Operations):
         with self._lock:
             h = self._handles.pop(fh)
             if os.fstat(h.fd).st_nlink == 0 and not any(o.ino == h.ino for o in self._handles.values()):
-                self._unsynced.pop(h.ino, None)  # gone for good: nobody can see it any more
+                u = self._unsynced.pop(h.ino, None)  # gone for good: nobody can see it any more
+                if u is not None:
+                    u.close()
             os.close(h.fd)
 
     def opendir(self, path):
@@ -435,9 +467,9 @@ def _commands(fs: LazyFS, mountpoint: str) -> None:
     fs.ready.wait()
     _reply({"ready": True, "pid": os.getpid()})
     for line in sys.stdin:
-        cmd = line.strip()
-        if cmd == "cut":
-            _reply({"ok": True, **fs.cut()})
+        cmd, *args = line.split() or [""]
+        if cmd == "cut" and len(args) in (0, 2):
+            _reply({"ok": True, **fs.cut(*((float(args[0]), int(args[1])) if args else ()))})
         elif cmd == "stats":
             _reply({"ok": True, **fs.stats()})
         elif cmd == "exit":

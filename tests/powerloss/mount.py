@@ -80,9 +80,16 @@ class LazyMount:
             raise MountError(f"lazy filesystem at {self.mountpoint}: {cmd}: {reply.get('error')}")
         return reply
 
-    def cut(self) -> dict:
-        """The power loss: forget every unsynced write and every name change that is not durable."""
-        return self.command("cut")
+    def cut(self, writeback: float = 0.0, seed: int = 0) -> dict:
+        """The power loss: forget every unsynced write and every name change that is not durable.
+
+        With ``writeback`` > 0 each unsynced page had reached the disk before the
+        power went with that probability (drawn from ``seed``), as a kernel that
+        writes dirty pages back in its own order leaves a disk.
+        """
+        if not 0.0 <= writeback <= 1.0:
+            raise ValueError(f"writeback must be a probability, got {writeback!r}")
+        return self.command(f"cut {writeback!r} {int(seed)}" if writeback else "cut")
 
     def stats(self) -> dict:
         return self.command("stats")
