@@ -24,7 +24,7 @@ import msgpack
 
 from .codec import pack, snapshot_meta_from_wire, snapshot_meta_to_wire, unpack
 from .errors import CodecError, StorageError
-from .stores.lmdb import make_dirs
+from .stores.lmdb import make_dirs, sync_dir
 from .types import SnapshotMeta, log_index
 
 CHUNK = 1 << 20
@@ -217,11 +217,7 @@ class SnapshotDir:
 
     def sync(self) -> None:
         """fsync the directory (its entries: renames, new files)."""
-        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        sync_dir(self.path, "snapshot directory")
 
     def begin_receiving(self) -> BinaryIO:
         """A new empty ``recv-*.tmp`` file; the one handed out before is dropped."""

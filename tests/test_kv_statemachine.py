@@ -403,6 +403,27 @@ def test_a_clean_close_needs_no_rebuild_after_a_reboot(tmp_path, monkeypatch):
         assert sm.applied_state()[0].index == 2 and sm.get("b") == 2
 
 
+def test_a_new_environment_is_marked_unsynced_before_its_first_transaction(tmp_path, monkeypatch):
+    # A new kv.lmdb's first transaction (its databases, its format) is committed without fsync
+    # too: a power loss right after it may leave a torn environment, which kv.boot must name.
+    marks = []
+
+    def dies_after_the_first_transaction(self):
+        self._open_dbs_for_real()
+        marks.append(os.path.exists(tmp_path / "kv.boot"))
+        raise KeyboardInterrupt  # the process dies here
+
+    monkeypatch.setattr(KVStateMachine, "_open_dbs_for_real", KVStateMachine._open_dbs, raising=False)
+    monkeypatch.setattr(KVStateMachine, "_open_dbs", dies_after_the_first_transaction)
+    with pytest.raises(KeyboardInterrupt):
+        KVStateMachine(tmp_path)
+    assert marks == [True]
+    monkeypatch.undo()
+    monkeypatch.setattr("pyraft.kv.statemachine._boot_id", lambda: "another-boot")
+    with KVStateMachine(tmp_path) as sm:  # after a reboot: rebuilt (empty), not trusted
+        assert sm.applied_state() == (None, None)
+
+
 def test_the_log_is_purged_only_up_to_what_the_state_machine_holds_durably(tmp_path):
     """Every PurgeLog reaches the log store after the state machine synced at least that far."""
     from pyraft import Config, Node, Raft, ServerState

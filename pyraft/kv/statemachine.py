@@ -96,7 +96,7 @@ from ..errors import CodecError, NoSpace, StorageError
 from ..snapshot_files import (CHUNK, SnapshotDir, SnapshotWriter, durable, get_pointer, read_header,
                               read_records, set_pointer, unlink_quietly)
 from ..stores.lmdb import (DEFAULT_MAP_SIZE, DEFAULT_MAX_MAP_SIZE, KV_ENV_NAME, KV_LOCK_NAME,
-                           SNAPSHOT_DIR_NAME, LmdbEnv)
+                           SNAPSHOT_DIR_NAME, LmdbEnv, sync_dir)
 from ..types import Entry, EntryKind, LogId, SnapshotMeta, StoredMembership, log_index
 from .commands import (ADDING_OPS, DEFAULT_SESSION_TTL, DEFAULT_WATCH_HISTORY, MAX_CLIENT_BYTES, MAX_KEY_BYTES, Session, apply_command,
                        check_command)
@@ -132,6 +132,17 @@ _TTL = struct.Struct(">d")
 _SUB = struct.Struct(">I")
 _EVENT_KEY = struct.Struct(">QI")  # events: revision, sequence number within it
 _PLAIN_OPS = ("put", "delete", "cas", "get")
+
+def rebuild_candidates(snapshot_dir: str) -> list[str]:
+    """The snapshot files a rebuild after a reboot tries, in this order (newest first): their paths."""
+    cands = []
+    for name in os.listdir(snapshot_dir):
+        if name.startswith("snap-") and name.endswith(_SNAP_SUFFIX):
+            parts = name.split("-")
+            index = int(parts[2]) if len(parts) > 3 and parts[1] != "empty" and parts[2].isdigit() else 0
+            cands.append((index, name))
+    return [os.path.join(snapshot_dir, name) for _index, name in sorted(cands, reverse=True)]
+
 
 def _boot_id() -> str | None:
     """This boot of the machine (Linux), None where unknown (every unclean stop then rebuilds)."""
@@ -466,7 +477,8 @@ class KVStateMachine(KVReads, ApplyListeners):
                 self._used = _used_bytes(txn, self._dbs)
             self._snapshot: tuple[SnapshotMeta, str] | None = self._snaps.existing(pointer)
             self._cleanup(at_open=True)
-            self._mark_unsynced()
+            if self._rebuilt:  # only now: until the rebuild is complete, the old kv.boot asks for it again
+                self._mark_unsynced(self._env.root)
         except (CodecError, ValueError, TypeError) as e:
             self._env.close()
             raise StorageError(f"KV state machine in {self._env.root} is unreadable: {e}") from None
@@ -488,6 +500,9 @@ class KVStateMachine(KVReads, ApplyListeners):
             with open(boot_file, encoding="ascii", errors="replace") as f:
                 written = f.read().strip()
         except FileNotFoundError:
+            # Clean (closed and synced) or new: marked before LMDB writes anything unsynced,
+            # even the first transaction of a new environment.
+            self._mark_unsynced(os.path.dirname(env_path))
             return
         if self._boot is not None and written == self._boot:
             return  # a process crash: the page cache kept every committed write
@@ -499,24 +514,19 @@ class KVStateMachine(KVReads, ApplyListeners):
             shutil.rmtree(env_path)
         self._rebuilt = True
 
-    def _mark_unsynced(self) -> None:
-        """Write kv.boot (fsynced, and its directory) before anything is committed without fsync."""
-        tmp = self._boot_file + ".tmp"
+    def _mark_unsynced(self, root: str) -> None:
+        """Write ``root``/kv.boot (fsynced, and its directory) before anything is committed without fsync."""
+        boot_file = os.path.join(root, KV_BOOT_NAME)
+        tmp = boot_file + ".tmp"
         with durable(tmp) as f:
             f.write(f"{self._boot or ''}\n".encode("ascii"))
-        os.replace(tmp, self._boot_file)
-        _fsync_dir(self._env.root)
+        os.replace(tmp, boot_file)
+        sync_dir(root, "KV state machine")
 
     def _restore_newest_snapshot(self) -> None:
         """Load the newest snapshot file that reads whole into the (new, empty) environment."""
-        cands = []
-        for name in os.listdir(self._snaps.path):
-            if name.startswith("snap-") and name.endswith(_SNAP_SUFFIX):
-                parts = name.split("-")
-                index = int(parts[2]) if len(parts) > 3 and parts[1] != "empty" and parts[2].isdigit() else 0
-                cands.append((index, name))
-        for _index, name in sorted(cands, reverse=True):
-            path = os.path.join(self._snaps.path, name)
+        for path in rebuild_candidates(self._snaps.path):
+            name = os.path.basename(path)
             try:
                 with open(path, "rb") as f:
                     meta = read_header(f, SNAPSHOT_MAGIC, SNAPSHOT_VERSION, "KV snapshot file")
@@ -821,7 +831,7 @@ class KVStateMachine(KVReads, ApplyListeners):
             try:
                 self._env.sync()
                 unlink_quietly(self._boot_file)
-                _fsync_dir(self._env.root)
+                sync_dir(self._env.root, "KV state machine")
             except (StorageError, OSError) as e:  # the next start replays (or rebuilds): nothing is lost
                 log.warning("KV state machine in %s: could not sync at close: %s", self._env.root, e)
         self._env.close()
@@ -839,14 +849,6 @@ class KVStateMachine(KVReads, ApplyListeners):
     def open_readonly(cls, path: str | os.PathLike) -> "KVReader":
         """A read-only view of the KV state in node data directory ``path`` (for tools; works while the node runs)."""
         return KVReader(path)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class KVStatus(NamedTuple):
