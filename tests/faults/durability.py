@@ -10,15 +10,24 @@ hold afterwards, read offline before the node restarts:
 - its vote: the same term and candidate, or a later term (Raft's persistent
   ``currentTerm`` and ``votedFor``);
 - every entry it acknowledged or knew committed: in its log, or below its
-  purge point or applied index (a snapshot covers those);
-- a current snapshot whose file exists and reads back whole.
+  purge point or the index its state machine restarts at (a snapshot covers
+  those);
+- snapshot files that read back whole, one of them at or past the purge
+  point (the state machine, written without fsync, rebuilds from it).
 
 These catch a missing fsync the moment it matters, on the node that had it,
 without waiting for the cluster to turn it into lost writes.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+
+from pyraft.kv import KVStateMachine
+from pyraft.kv.statemachine import KV_BOOT_NAME, SNAPSHOT_MAGIC, SNAPSHOT_VERSION, KVReader, rebuild_candidates
+from pyraft.snapshot_files import read_header
+from pyraft.stores.lmdb import SNAPSHOT_DIR_NAME, LmdbLogStore
+from pyraft.types import log_index
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,40 +59,63 @@ def floor_from(node: int, own: dict | None, leader: dict | None) -> Floor:
 
 @dataclass(frozen=True, slots=True)
 class OnDisk:
-    """A node's durable state, read offline while it is down."""
+    """A node's durable state, read offline while it is down, as it will find it after the reboot."""
 
     vote_term: int
     vote_for: int | None
-    covered: int              # max(last log index, purge point, applied index)
+    covered: int              # max(last log index, purge point, the index its state machine restarts at)
     problem: str | None = None
 
 
 def read_disk(data_dir: str) -> OnDisk:
-    from pyraft.kv import KVStateMachine
-    from pyraft.kv.statemachine import KVReader
-    from pyraft.stores.lmdb import LmdbLogStore
-    from pyraft.types import log_index
-    vote_term, vote_for, covered = 0, None, 0
+    """What node data directory ``data_dir`` holds after a power loss (read while the node is down).
+
+    The KV state machine commits without fsync and marks that in ``kv.boot``:
+    after the reboot it discards its environment and rebuilds from the newest
+    snapshot file that reads whole (without ``kv.boot`` it was closed cleanly
+    and keeps it).  Every snapshot file renamed into place must read whole,
+    and the state machine must restart at or past the log's purge point, or
+    entries in between are gone on this node.
+    """
+    vote_term, vote_for, last, purged = 0, None, 0, 0
     try:
         with LmdbLogStore.open_readonly(data_dir) as r:
             meta, state = r.meta(), r.log_state()
         if meta.vote is not None:
             vote_term, vote_for = meta.vote.term, meta.vote.node_id
-        covered = max(log_index(state.last_log_id), log_index(meta.purged))
+        last, purged = log_index(state.last_log_id), log_index(meta.purged)
     except Exception as e:  # noqa: BLE001 - gone (a lost directory) counts as empty
         if "no LMDB environment" not in str(e):
             return OnDisk(0, None, 0, f"its log store is unreadable: {type(e).__name__}: {e}")
+    restarts_at, problem = state_machine_restarts_at(data_dir)
+    if problem is None and restarts_at < purged:
+        problem = (f"its state machine restarts at index {restarts_at} but its log is purged up to {purged}: "
+                   f"entries {restarts_at + 1}..{purged} are gone on this node (it cannot restart)")
+    return OnDisk(vote_term, vote_for, max(last, purged, restarts_at), problem)
+
+
+def state_machine_restarts_at(data_dir: str) -> tuple[int, str | None]:
+    """The applied index the KV state machine of ``data_dir`` restarts at after a reboot, and a problem or None."""
+    snaps = os.path.join(data_dir, SNAPSHOT_DIR_NAME)
+    whole, broken = [], []
+    for path in rebuild_candidates(snaps) if os.path.isdir(snaps) else ():
+        try:
+            with open(path, "rb") as f:
+                meta = read_header(f, SNAPSHOT_MAGIC, SNAPSHOT_VERSION, "KV snapshot file")
+            KVReader.check_snapshot_file(path, meta)
+            whole.append(log_index(meta.last_log_id))
+        except Exception as e:  # noqa: BLE001
+            broken.append(f"{os.path.basename(path)} ({type(e).__name__}: {e})")
+    problem = (f"snapshot files renamed into place do not read whole: {'; '.join(broken)}" if broken else None)
+    if os.path.exists(os.path.join(data_dir, KV_BOOT_NAME)):
+        return max(whole, default=0), problem  # written without fsync since: rebuilt from a snapshot
     try:
-        with KVStateMachine.open_readonly(data_dir) as k:
-            st = k.status()
-        covered = max(covered, log_index(st.last_applied))
-        if st.snapshot is not None:
-            KVReader.check_snapshot_file(st.snapshot_file, st.snapshot)
+        with KVStateMachine.open_readonly(data_dir) as k:  # closed cleanly (synced): kept
+            return log_index(k.status().last_applied), problem
     except Exception as e:  # noqa: BLE001
-        if "no LMDB environment" not in str(e):
-            return OnDisk(vote_term, vote_for, covered, f"its state machine or current snapshot is unreadable: "
-                                                        f"{type(e).__name__}: {e}")
-    return OnDisk(vote_term, vote_for, covered)
+        if "no LMDB environment" in str(e):
+            return 0, problem
+        return 0, f"its state machine is unreadable: {type(e).__name__}: {e}"
 
 
 def check(floor: Floor, disk: OnDisk) -> list[str]:

@@ -1,23 +1,21 @@
 """Durability mutants: ``pyraft-kv serve`` with one fsync bug patched in, to show the power-loss runs catch it.
 
 Test-only; nothing here is in shipped code.  The patch is applied in memory in
-the node process, before the node starts::
+the node process, before the node starts, by the node launcher
+(:mod:`.node`)::
 
-    python tests/faults/mutants.py NAME serve --id 1 ...   # pyraft-kv serve ... with mutant NAME
+    python tests/faults/node.py --mutant NAME serve --id 1 ...   # pyraft-kv serve ... with mutant NAME
 
 :class:`~.nemesis.FaultCluster` starts every node so with ``mutant=NAME``
-(``python -m pyraft.tools.faults --mutant NAME``).  What each mutant is, what
+(``cd tests && python -m faults.teeth NAME``).  What each mutant is, what
 caught it and how often: docs/power-loss.md.
 """
 from __future__ import annotations
 
 import os
-import sys
 import types
 from contextlib import contextmanager
 from typing import Any, BinaryIO, Iterator
-
-MUTANTS_PY = os.path.abspath(__file__)
 
 MUTANTS = {
     "log-nosync": "the log store opened with LmdbLogStore(sync=False): LMDB never fsyncs the log",
@@ -27,7 +25,10 @@ MUTANTS = {
                    "durable with the next write of entries",
     "snapshot-unsynced-rename": "a snapshot file is renamed into place (and made current) without being "
                                 "fsynced first",
-    "no-dir-fsync": "no directory is ever fsynced (new data dirs, environments, lock files, snapshot renames)",
+    "no-dir-fsync": "no directory is ever fsynced (new data dirs, environments, lock files, kv.boot, "
+                    "snapshot renames)",
+    "kv-trusts-reboot": "the KV state machine, which commits without fsync, keeps its environment after a "
+                        "power loss (it takes every start for the same boot of the machine)",
 }
 
 
@@ -75,9 +76,16 @@ def _vote_nosync() -> None:
 def _snapshot_unsynced_rename() -> None:
     from pyraft import snapshot_files
     from pyraft.kv import statemachine
+    from pyraft.stores.lmdb import SNAPSHOT_DIR_NAME
+
+    real_durable = snapshot_files.durable
 
     @contextmanager
     def durable(path: str) -> Iterator[BinaryIO]:
+        if os.path.basename(os.path.dirname(path)) != SNAPSHOT_DIR_NAME:  # kv.boot: as shipped
+            with real_durable(path) as f:
+                yield f
+            return
         with open(path, "wb", buffering=snapshot_files.CHUNK) as f:
             yield f
             f.flush()  # no fsync: the rename that follows may be durable before the bytes are
@@ -96,9 +104,15 @@ def _snapshot_unsynced_rename() -> None:
 
 def _no_dir_fsync() -> None:
     from pyraft import snapshot_files
+    from pyraft.kv import statemachine
     from pyraft.stores import lmdb as store
-    store.sync_dir = lambda path, what: None
-    snapshot_files.SnapshotDir.sync = lambda self: None
+    for module in (store, snapshot_files, statemachine):  # each one's own binding of the name
+        module.sync_dir = lambda path, what: None
+
+
+def _kv_trusts_reboot() -> None:
+    from pyraft.kv import statemachine
+    statemachine._boot_id = lambda: "the-only-boot"
 
 
 _APPLY = {
@@ -107,6 +121,7 @@ _APPLY = {
     "vote-nosync": _vote_nosync,
     "snapshot-unsynced-rename": _snapshot_unsynced_rename,
     "no-dir-fsync": _no_dir_fsync,
+    "kv-trusts-reboot": _kv_trusts_reboot,
 }
 
 
@@ -116,15 +131,3 @@ def apply(name: str) -> None:
         raise ValueError(f"unknown mutant {name!r}; choose from {', '.join(MUTANTS)}")
     _APPLY[name]()
 
-
-def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in MUTANTS:
-        print(f"usage: mutants.py {{{','.join(MUTANTS)}}} serve ARGS...", file=sys.stderr)
-        return 2
-    apply(argv[0])
-    from pyraft.tools.kv import main as kv_main
-    return kv_main(argv[1:])
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

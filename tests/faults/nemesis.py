@@ -23,8 +23,10 @@ kind                      what it does (each step heals what it broke before it 
                           the cluster), then add it back (``admin.add_learner``,
                           ``admin.change_membership``)
 ``power-one``             power loss of one node (the leader half of the time): SIGKILL,
-                          then its lazy filesystem forgets every write not synced, then
-                          it restarts 0-3 s later; now and then power is lost again
+                          then its lazy filesystem forgets every write not synced (half
+                          the time but a random share of the pages, written back before
+                          the cut), then it restarts 0-3 s later with a new boot id (a
+                          reboot); now and then power is lost again
                           while it catches up; now and then in the middle of an
                           election: a node that will lose power gets a slow disk, a
                           leadership transfer is started, and the power is cut as soon
@@ -63,7 +65,8 @@ from pyraft.tools.kv import LocalCluster, NodeFailed
 from pyraft.transports.zmq import ZmqClient
 
 from . import durability
-from .mutants import MUTANTS, MUTANTS_PY
+from .mutants import MUTANTS
+from .node import NODE_PY
 
 __all__ = ["NEMESES", "POWER_NEMESES", "FaultCluster", "Scheduler", "Event", "parse_nemeses"]
 
@@ -109,8 +112,11 @@ class FaultCluster(LocalCluster):
     With ``lazyfs`` (``"strict"`` or ``"ext4"``, the rule for names) node ``i``
     keeps its data on a lazy filesystem of its own, ``base_dir/mnt<i>`` over
     ``base_dir/disk<i>`` (:class:`~powerloss.mount.LazyMount`), and can lose
-    power (:meth:`power_cut`); :meth:`unmount` ends them.  With ``mutant`` (a
-    name from :data:`.mutants.MUTANTS`) the nodes run with that bug patched in.
+    power (:meth:`power_cut`); :meth:`unmount` ends them.  Its nodes then run
+    through the node launcher (:mod:`.node`) with a boot id of their own
+    (:meth:`boot_id`), which every power cut of the node renews (a reboot) and
+    a kill -9 does not.  With ``mutant`` (a name from :data:`.mutants.MUTANTS`)
+    the nodes run with that bug patched in.
     """
 
     def __init__(self, *a: Any, lazyfs: str | None = None, mutant: str | None = None, **kw: Any) -> None:
@@ -119,6 +125,11 @@ class FaultCluster(LocalCluster):
         super().__init__(*a, **kw)
         self.mutant = mutant
         self.mounts: dict[int, LazyMount] = {}
+        self._run_id = os.urandom(4).hex()
+        self._boots = {i: 1 for i in self.ids}  # how many times each node's machine has booted
+        #: Nodes whose power was cut and that have not served since: their files are off limits
+        #: to outside readers (a state machine written without fsync may be torn until rebuilt).
+        self.unpowered: set[int] = set()
         #: What the power cuts made the filesystems forget, summed: cuts, bytes, names.
         self.forgotten: Counter = Counter()
         # One per node: held while the node's files are read from outside (the log auditor)
@@ -152,12 +163,17 @@ class FaultCluster(LocalCluster):
 
     def argv(self, i: int, init: bool = False, extra: Sequence[str] = ()) -> list[str]:
         a = super().argv(i, init, extra) + ["--fault-control", self.fault_file(i)]
-        if self.mutant is not None:
+        if self.mounts or self.mutant is not None:
             prefix = [sys.executable, "-m", "pyraft.tools.kv"]
             if a[:len(prefix)] != prefix:
-                raise RuntimeError(f"cannot put the mutant launcher in front of {a[:len(prefix)]}")
-            a = [sys.executable, MUTANTS_PY, self.mutant, *a[len(prefix):]]
+                raise RuntimeError(f"cannot put the node launcher in front of {a[:len(prefix)]}")
+            a = [sys.executable, NODE_PY, "--boot-id", self.boot_id(i),
+                 *(["--mutant", self.mutant] if self.mutant else []), *a[len(prefix):]]
         return a
+
+    def boot_id(self, i: int) -> str:
+        """The boot id of node ``i``'s machine now: a power cut renews it, a kill -9 does not."""
+        return f"{self._run_id}-node{i}-boot{self._boots[i]}"
 
     def _write_faults(self, i: int) -> None:
         write_fault_file(self.fault_file(i), sorted(self.network[i]), self.disk[i],
@@ -227,22 +243,31 @@ class FaultCluster(LocalCluster):
             self.start(i, wait=False)
             self.killed.discard(i)
         self.wait_ready(i, timeout)
+        with self._disk_locks[i]:
+            self.unpowered.discard(i)
 
     @contextmanager
-    def reading(self, i: int) -> Iterator[None]:
-        """Hold off power cuts of node ``i`` while its files are read from outside."""
-        with self._disk_locks[i]:
-            yield
+    def reading(self, i: int) -> Iterator[bool]:
+        """Hold off power cuts of node ``i`` while its files are read from outside.
 
-    def power_cut(self, nodes: Sequence[int], seen: dict[int, dict] | None = None
-                  ) -> tuple[dict[int, dict], list[str]]:
+        Yields False (read nothing) while the node is down after a power cut:
+        what it wrote without fsync may be torn until it restarted.
+        """
+        with self._disk_locks[i]:
+            yield i not in self.unpowered
+
+    def power_cut(self, nodes: Sequence[int], seen: dict[int, dict] | None = None, *, writeback: float = 0.0,
+                  seed: int = 0) -> tuple[dict[int, dict], list[str]]:
         """Power loss of ``nodes`` at once: SIGKILL each, then each one's filesystem forgets what was not synced.
 
-        They stay down until :meth:`restart`.  The nodes of ``seen`` (their
-        metrics, just read) die first; the others' metrics are read, then the
-        followers die, then the leader, whose view of its followers is then
-        final.  Returns what each filesystem forgot, and what each node lost
-        that it had reported durable (:mod:`.durability`).
+        They stay down until :meth:`restart`, which starts them with a new boot
+        id.  The nodes of ``seen`` (their metrics, just read) die first; the
+        others' metrics are read, then the followers die, then the leader,
+        whose view of its followers is then final.  Each unsynced page reached
+        the disk before the cut with probability ``writeback`` (see
+        :meth:`~powerloss.mount.LazyMount.cut`).  Returns what each filesystem
+        forgot, and what each node lost that it had reported durable
+        (:mod:`.durability`).
         """
         own = dict(seen or {})
         with self.lock:
@@ -262,12 +287,16 @@ class FaultCluster(LocalCluster):
                 leader_view = self.metrics(lead, 0.5) if lead is not None else None
                 if lead in nodes:
                     self.crash(lead)
-                lost = {i: self.mounts[i].cut() for i in nodes}
+                lost = {i: self.mounts[i].cut(writeback, seed + i) for i in nodes}
+                for i in nodes:
+                    self.unpowered.add(i)
+                    self._boots[i] += 1
             problems = [p for i in nodes
                         for p in durability.check(durability.floor_from(i, own.get(i), leader_view),
                                                   durability.read_disk(self.data_dir(i)))]
         for r in lost.values():
-            self.forgotten.update(cuts=1, bytes=r["dropped_bytes"], names=r["undone_names"])
+            self.forgotten.update(cuts=1, bytes=r["dropped_bytes"], names=r["undone_names"],
+                                  written_back=r["written_back_bytes"])
         return lost, problems
 
     def unmount(self) -> None:
@@ -631,7 +660,7 @@ class Scheduler:
                     f", node {voter} cut first, just after it voted in term {seen[voter]['vote']['term']}"
                     if seen else "")
             ev = self._event(kind, f"power loss of nodes {nodes}{tag}")
-            lost, found = c.power_cut(nodes, seen)
+            lost, found = c.power_cut(nodes, seen, **self._writeback(rng))
             if election is not None:
                 c.slow_disk(voter, 0.0)  # before it restarts
             down = rng.uniform(0.0, 3.0)
@@ -641,9 +670,9 @@ class Scheduler:
             if again and err is None:
                 # Again while they catch up (a snapshot install, a long append, an election).
                 self._sleep(rng.uniform(0.0, 1.5))
-                lost2, found2 = c.power_cut(nodes)
+                lost2, found2 = c.power_cut(nodes, **self._writeback(rng))
                 for i, r in lost2.items():
-                    lost[i] = {k: lost[i][k] + r[k] for k in ("dropped_bytes", "undone_names")}
+                    lost[i] = {k: lost[i][k] + r[k] for k in ("dropped_bytes", "written_back_bytes", "undone_names")}
                 found += found2
                 self._sleep(rng.uniform(0.0, 1.0))
                 err = self._restart(nodes)
@@ -653,12 +682,19 @@ class Scheduler:
             if election is not None:
                 election.join(5)
             forgot = sum(r["dropped_bytes"] for r in lost.values())
+            kept = sum(r["written_back_bytes"] for r in lost.values())
             names = sum(r["undone_names"] for r in lost.values())
-            ev.detail += (f": {forgot} unsynced bytes and {names} name changes forgotten, down {down:.1f} s"
+            ev.detail += (f": {forgot} unsynced bytes ({kept} more written back before the cut) and {names} name "
+                          f"changes forgotten, down {down:.1f} s"
                           + (", power lost again while catching up" if again else ""))
             self._end(ev, err)
         finally:
             self._release(nodes)
+
+    @staticmethod
+    def _writeback(rng: random.Random) -> dict:
+        """How a cut treats unsynced pages: half the time all forgotten, else each written back by chance."""
+        return {"writeback": 0.0 if rng.random() < 0.5 else rng.random(), "seed": rng.randrange(1 << 30)}
 
     def _watch_vote(self, node: int, before: dict | None, timeout: float) -> dict[int, dict] | None:
         """Poll ``node``'s metrics until its vote moves to a later term: ``{node: metrics}`` then, else None."""

@@ -150,7 +150,8 @@ class RunResult:
     keys: int = 0
     elapsed: float = 0.0
     ok_after_heal: int = 0
-    forgotten: Counter = field(default_factory=Counter)  # power cuts: cuts, bytes, names forgotten
+    #: power cuts: cuts, bytes and names forgotten, bytes written back; state machines rebuilt after a reboot
+    forgotten: Counter = field(default_factory=Counter)
 
     @property
     def ok(self) -> bool:
@@ -176,8 +177,10 @@ class RunResult:
         varied = "" if c.raft_config in (RAFT_CONFIG, POWER_CONFIG) else " config=varied"
         disk = f" lazyfs={c.lazyfs}" if c.lazyfs else ""
         mutant = f" mutant={c.mutant}" if c.mutant else ""
-        power = (f"power cuts {self.forgotten['cuts']} (forgot {self.forgotten['bytes']} unsynced bytes, "
-                 f"{self.forgotten['names']} name changes); " if c.lazyfs else "")
+        f = self.forgotten
+        power = (f"power cuts {f['cuts']} (forgot {f['bytes']} unsynced bytes, {f['names']} name changes; "
+                 f"{f['written_back']} bytes written back; {f['rebuilds']} state machines rebuilt); "
+                 if c.lazyfs else "")
         line = (f"pyraft-faults seed={c.seed} nodes={c.nodes} duration={c.duration:g}s{varied}{disk}{mutant} "
                 f"nemeses={','.join(c.nemeses)}: ops {self.ops['ok']} ok / {self.ops['failed']} failed / "
                 f"{self.ops['indeterminate']} indeterminate; faults {sum(self.faults.values())} ({faults}); {power}"
@@ -394,8 +397,9 @@ class LogAuditor:
             if len(self.problems) > 20:
                 return
             try:
-                with self.cluster.reading(i):  # not across a power cut of the node
-                    self._audit_node(i)
+                with self.cluster.reading(i) as readable:  # not across a power cut of the node
+                    if readable:
+                        self._audit_node(i)
             except Exception as e:  # noqa: BLE001 - a node being created or restarted; next time
                 if "no LMDB environment" not in str(e):
                     self.problems.append(f"auditor: node {i}: cannot read its stores: {type(e).__name__}: {e}")
@@ -482,6 +486,18 @@ def scan_node_logs(paths: dict[int, str], per_node: int = 5) -> list[str]:
     return problems
 
 
+def count_rebuilds(paths: dict[int, str]) -> int:
+    """How many times the nodes' KV state machines were rebuilt after a reboot (from the nodes' logs)."""
+    n = 0
+    for path in paths.values():
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                n += sum("rebuilding it from the newest snapshot" in line for line in f)
+        except OSError:
+            continue
+    return n
+
+
 def compare_state_machines(cluster: FaultCluster, final: dict[Any, Any]) -> tuple[list[str], dict[int, int]]:
     """Every node's KV items (read after they stopped) are equal, and equal to the final reads."""
     from pyraft.kv import KVStateMachine
@@ -489,6 +505,9 @@ def compare_state_machines(cluster: FaultCluster, final: dict[Any, Any]) -> tupl
     items: dict[int, dict] = {}
     applied: dict[int, int] = {}
     for i in cluster.ids:
+        if i in cluster.unpowered:
+            problems.append(f"node {i} never served again after its last power cut")
+            continue
         try:
             with KVStateMachine.open_readonly(cluster.data_dir(i)) as r:
                 lid = r.state()[0]
@@ -541,7 +560,7 @@ def check_snapshot_files(cluster: FaultCluster) -> list[str]:
     from pyraft.kv import KVStateMachine
     from pyraft.kv.statemachine import KVReader
     problems = []
-    for i in cluster.ids:
+    for i in sorted(set(cluster.ids) - cluster.unpowered):  # compare_state_machines reports the others
         try:
             with KVStateMachine.open_readonly(cluster.data_dir(i)) as r:
                 st = r.status()
@@ -567,7 +586,7 @@ def _most_applied_state(cluster: FaultCluster, keys: list[Any], problems: list[s
     """Each of ``keys``' value (None: absent) in the state machine of the node that applied the most (read offline)."""
     from pyraft.kv import KVStateMachine
     best: tuple[int, int, dict] | None = None
-    for i in cluster.ids:
+    for i in sorted(set(cluster.ids) - cluster.unpowered):  # torn until rebuilt
         try:
             with KVStateMachine.open_readonly(cluster.data_dir(i)) as r:
                 lid, items = r.state()[0], dict(r.items())
@@ -767,7 +786,8 @@ def run(cfg: RunConfig) -> RunResult:
             auditor.stop()
         if cluster is not None:
             _stop_everything(cluster)
-            res.forgotten = Counter(cluster.forgotten)
+            res.forgotten = Counter(cluster.forgotten, rebuilds=count_rebuilds(
+                {i: cluster.log_path(i) for i in cluster.ids}))
             cluster.unmount()
         res.elapsed = time.monotonic() - started
         for line in res.summary().splitlines():

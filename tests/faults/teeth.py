@@ -8,7 +8,7 @@ problems it reports are sorted into what caught the bug::
     cd tests && python -m faults.teeth [--runs 3] [--duration 30] [--first-seed 1] [--rule strict]
                                        [--nemesis power] [mutant ...]
 
-``--mutant none`` runs the code as shipped: those runs must all pass.  The
+``none`` runs the code as shipped (last, by default): those runs must all pass.  The
 figures of the last full run are in docs/power-loss.md.
 """
 from __future__ import annotations
@@ -34,6 +34,7 @@ CATCHES = (
     ("no operation after healing", "no operation succeeded"),
     ("a node failed", "exited"),
     ("a node failed", "did not restart"),
+    ("a node failed", "never served again"),
     ("a node logged an error", "logged"),
     ("a snapshot unreadable", "snapshot is unreadable"),
 )
@@ -58,19 +59,20 @@ def caught_by(res: RunResult) -> Counter:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m faults.teeth", description=__doc__.split("\n", 1)[0])
-    ap.add_argument("mutants", nargs="*", help=f"default: all of {', '.join(MUTANTS)}; 'none' for no mutant")
+    ap.add_argument("mutants", nargs="*", help=f"default: all of {', '.join(MUTANTS)}, then none (no mutant)")
     ap.add_argument("--runs", type=int, default=3, help="runs (seeds) per mutant")
     ap.add_argument("--first-seed", type=int, default=1)
     ap.add_argument("--duration", type=float, default=30.0, help="seconds of faults per run")
     ap.add_argument("--rule", choices=["strict", "ext4"], default="strict")
     ap.add_argument("--nemesis", default="power")
     a = ap.parse_args(argv)
-    names = a.mutants or list(MUTANTS)
+    names = a.mutants or [*MUTANTS, "none"]
     bad = [m for m in names if m != "none" and m not in MUTANTS]
     if bad:
         print(f"unknown mutant {', '.join(bad)}; choose from {', '.join(MUTANTS)} or none", file=sys.stderr)
         return 2
     nemeses = parse_nemeses(a.nemesis)
+    rows = []
     for name in names:
         t0 = time.monotonic()
         total: Counter = Counter()
@@ -91,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         how = ", ".join(f"{k} {v}/{a.runs}" for k, v in total.most_common()) or "-"
         print(f"{name}: {MUTANTS.get(name, 'the code as shipped')}\n   caught in {len(failed)}/{a.runs} runs "
               f"({time.monotonic() - t0:.0f}s; seeds {failed or '-'}); by: {how}", flush=True)
+        rows.append(f"| `{name}` | {MUTANTS.get(name, 'none: the code as shipped')} | {len(failed)}/{a.runs} | "
+                    f"{how} |")
+    print(f"\n{a.runs} runs of {a.duration:g} s each ({','.join(nemeses)}, rule {a.rule}), seeds "
+          f"{a.first_seed}..{a.first_seed + a.runs - 1}:\n\n| mutant | the bug | caught | by |\n|---|---|---|---|")
+    print("\n".join(rows), flush=True)
     return 0
 
 
