@@ -316,8 +316,8 @@ class FaultCluster(LocalCluster):
             self.signal(i, signal.SIGCONT)
             self.paused.discard(i)
 
-    def heal_processes(self, timeout: float = 30.0) -> None:
-        """SIGCONT every node and restart every one that is down."""
+    def heal_processes(self, timeout: float = 30.0) -> list[str]:
+        """SIGCONT every node and restart every one that is down; why those that did not come up did not."""
         with self.lock:
             for i in self.ids:
                 self.resume(i)
@@ -325,13 +325,22 @@ class FaultCluster(LocalCluster):
             for i in down:
                 self.start(i, wait=False)
                 self.killed.discard(i)
+        failed = []
         for i in down:
-            self.wait_ready(i, timeout)
+            try:
+                self.wait_ready(i, timeout)
+            except NodeFailed as e:  # the run goes on without it, and is judged
+                failed.append(f"node {i} did not restart when healing: {e}")
+                continue
+            with self._disk_locks[i]:
+                self.unpowered.discard(i)
+        return failed
 
-    def heal_all(self) -> None:
+    def heal_all(self) -> list[str]:
+        """Heal the network, the disks and the processes; the nodes that did not come up (why)."""
         self.heal_network()
         self.heal_disks()
-        self.heal_processes()
+        return self.heal_processes()
 
     def unexpected_exits(self) -> list[tuple[int, int]]:
         """``(node, exit code)`` of nodes that exited although nobody killed them."""

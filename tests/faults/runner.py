@@ -675,7 +675,7 @@ def run(cfg: RunConfig) -> RunResult:
         # -- heal, and the cluster must serve again
         log(f"[{time.monotonic() - t0:7.2f}] healing: network, disks, paused and dead nodes, membership")
         heal_t = time.monotonic() - t0
-        cluster.heal_all()
+        res.problems += cluster.heal_all()
         try:
             cluster.restore_membership(timeout=60)
         except RaftError as e:
