@@ -153,7 +153,7 @@ def test_after_the_whole_cluster_lost_power_the_state_machines_replay_their_logs
 
 
 # ---------------------------------------------------------------------------
-# A short power-loss run (the long ones: python -m pyraft.tools.faults --nemesis all,power)
+# A short power-loss run (the long ones: cd tests && python -m faults --nemesis all,power)
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)

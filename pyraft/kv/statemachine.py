@@ -133,6 +133,7 @@ _SUB = struct.Struct(">I")
 _EVENT_KEY = struct.Struct(">QI")  # events: revision, sequence number within it
 _PLAIN_OPS = ("put", "delete", "cas", "get")
 
+
 def rebuild_candidates(snapshot_dir: str) -> list[str]:
     """The snapshot files a rebuild after a reboot tries, in this order (newest first): their paths."""
     cands = []

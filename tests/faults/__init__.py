@@ -6,6 +6,8 @@
   network partitions, a slow disk, leadership transfers, membership changes,
   power losses) and the schedule that mixes them.
 - :mod:`.durability`: what a node must still hold after it lost power.
+- :mod:`.node`: how nodes start on lazy filesystems (a boot id that each
+  power cut renews, and a mutant if asked for).
 - :mod:`.mutants` and :mod:`.teeth`: durability bugs patched into the nodes,
   and the harness that counts what catches each (``docs/power-loss.md``).
 
