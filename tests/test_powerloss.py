@@ -149,7 +149,7 @@ def test_after_the_whole_cluster_lost_power_the_state_machines_replay_their_logs
                 assert dict(r.items()) == {**acked, "barrier": "after"}, i
     finally:
         cluster.close()
-        cluster.unmount()
+        cluster.release()
 
 
 # ---------------------------------------------------------------------------

@@ -66,6 +66,7 @@ from pyraft.transports.zmq import ZmqClient
 
 from . import durability
 from .mutants import MUTANTS
+from .offline import OfflineReader
 from .node import NODE_PY
 
 __all__ = ["NEMESES", "POWER_NEMESES", "FaultCluster", "Scheduler", "Event", "parse_nemeses"]
@@ -112,7 +113,7 @@ class FaultCluster(LocalCluster):
     With ``lazyfs`` (``"strict"`` or ``"ext4"``, the rule for names) node ``i``
     keeps its data on a lazy filesystem of its own, ``base_dir/mnt<i>`` over
     ``base_dir/disk<i>`` (:class:`~powerloss.mount.LazyMount`), and can lose
-    power (:meth:`power_cut`); :meth:`unmount` ends them.  Its nodes then run
+    power (:meth:`power_cut`); :meth:`release` ends them.  Its nodes then run
     through the node launcher (:mod:`.node`) with a boot id of their own
     (:meth:`boot_id`), which every power cut of the node renews (a reboot) and
     a kill -9 does not.  With ``mutant`` (a name from :data:`.mutants.MUTANTS`)
@@ -135,6 +136,8 @@ class FaultCluster(LocalCluster):
         # One per node: held while the node's files are read from outside (the log auditor)
         # and while its power is cut, so that no reader sees a half-forgotten disk.
         self._disk_locks = {i: threading.Lock() for i in self.ids}
+        #: Reads the nodes' stores from outside, in a process of its own (see .offline).
+        self.reader = OfflineReader(os.path.join(self.base_dir, "offline-reader.stderr"))
         if lazyfs is not None:
             try:
                 for i in self.ids:
@@ -142,7 +145,7 @@ class FaultCluster(LocalCluster):
                                                os.path.join(self.base_dir, f"mnt{i}"), lazyfs,
                                                log_path=os.path.join(self.base_dir, f"lazyfs{i}.log"))
             except BaseException:
-                self.unmount()
+                self.release()
                 raise
         self.lock = threading.RLock()  # guards network, disk, killed, paused and the processes
         self.network: dict[int, frozenset[int]] = {i: frozenset() for i in self.ids}
@@ -291,16 +294,22 @@ class FaultCluster(LocalCluster):
                 for i in nodes:
                     self.unpowered.add(i)
                     self._boots[i] += 1
-            problems = [p for i in nodes
-                        for p in durability.check(durability.floor_from(i, own.get(i), leader_view),
-                                                  durability.read_disk(self.data_dir(i)))]
+            problems = []
+            for i in nodes:
+                try:
+                    disk = self.reader.call(durability.read_disk, self.data_dir(i))
+                except Exception as e:  # noqa: BLE001 - reading it killed the reader: the worst case
+                    problems.append(f"node {i} after a power loss: reading its stores failed: {type(e).__name__}: {e}")
+                    continue
+                problems += durability.check(durability.floor_from(i, own.get(i), leader_view), disk)
         for r in lost.values():
             self.forgotten.update(cuts=1, bytes=r["dropped_bytes"], names=r["undone_names"],
                                   written_back=r["written_back_bytes"])
         return lost, problems
 
-    def unmount(self) -> None:
-        """Unmount the lazy filesystems (after the nodes stopped and their stores were read)."""
+    def release(self) -> None:
+        """Stop the offline reader and unmount the lazy filesystems (after the nodes stopped and were read)."""
+        self.reader.close()
         for m in self.mounts.values():
             m.close()
 

@@ -57,6 +57,7 @@ from pyraft.checker import Op, check_history
 from pyraft.errors import RaftError
 from pyraft.kv import KVClient, KVCommandError
 
+from . import offline
 from .nemesis import NEMESES, POWER_NEMESES, FaultCluster, Scheduler, parse_nemeses
 
 __all__ = ["RunConfig", "RunResult", "run", "run_with_signals", "parse_nemeses", "NEMESES", "POWER_NEMESES",
@@ -322,30 +323,22 @@ def check_acknowledged(ops: list[Op], outcome: list[str], final: dict[Any, Any])
 
 def _read_logs(cluster: FaultCluster) -> tuple[dict[int, dict[int, Any]], dict[int, int], list[str]]:
     """Each node's log entries (index -> (term, kind, payload)) and commit index (max of stored and applied)."""
-    from pyraft.kv import KVStateMachine
-    from pyraft.stores.lmdb import LmdbLogStore
     logs: dict[int, dict[int, Any]] = {}
     commits: dict[int, int] = {}
     problems = []
-    for i in cluster.ids:
+    for i in sorted(set(cluster.ids) - cluster.unpowered):  # compare_state_machines reports the others
         try:
-            with LmdbLogStore.open_readonly(cluster.data_dir(i)) as r, r.view() as v:
-                meta = v.meta
-                entries = {e.index: (e.term, e.kind, e.payload) for e in v.iter_entries()}
-            with KVStateMachine.open_readonly(cluster.data_dir(i)) as kvr:
-                applied = kvr.state()[0]
+            entries, committed, purged = cluster.reader.call(offline.log_and_commit, cluster.data_dir(i))
         except Exception as e:  # noqa: BLE001
             problems.append(f"node {i}: cannot read its stores: {type(e).__name__}: {e}")
             continue
         logs[i] = entries
-        committed = max(meta.committed.index if meta.committed else 0, applied.index if applied else 0)
         commits[i] = committed
         if entries:
             idx = sorted(entries)
             if idx[-1] - idx[0] + 1 != len(idx):
                 problems.append(f"node {i}: its log has holes between {idx[0]} and {idx[-1]}")
             first = idx[0]
-            purged = meta.purged.index if meta.purged else 0
             if first != purged + 1:
                 problems.append(f"node {i}: its log starts at {first}, but purged is {purged}")
             terms = [entries[j][0] for j in idx]
@@ -359,12 +352,10 @@ class LogAuditor:
 
     Snapshots purge the logs, so what is left at the end covers only the
     last entries; this thread reads each node's log every ``interval``
-    seconds (read-only, :meth:`LmdbLogStore.open_readonly`, also while the
-    node is paused or down) from where it stopped last time up to the node's
-    commit index, and checks each entry against the one first seen committed
-    at that index on any node.  The commit index a node stored (or applied)
-    is trusted only where its log holds an entry of that log id's term (as the
-    engine does at start-up).
+    seconds (read-only, :func:`.offline.committed_entries`, also while the
+    node is paused or down, but not while it is down after a power cut) from
+    where it stopped last time up to the node's commit index, and checks each
+    entry against the one first seen committed at that index on any node.
     """
 
     def __init__(self, cluster: FaultCluster, interval: float = 0.5) -> None:
@@ -405,30 +396,15 @@ class LogAuditor:
                     self.problems.append(f"auditor: node {i}: cannot read its stores: {type(e).__name__}: {e}")
 
     def _audit_node(self, i: int) -> None:
-        from pyraft.kv import KVStateMachine
-        from pyraft.stores.lmdb import LmdbLogStore
-        with KVStateMachine.open_readonly(self.cluster.data_dir(i)) as kvr:
-            applied = kvr.state()[0]
-        with LmdbLogStore.open_readonly(self.cluster.data_dir(i)) as r, r.view() as v:
-            meta = v.meta
-            first = v.first_index() or 0
-            points = [x for x in (meta.committed, applied) if x is not None]
-            upto = 0
-            for lid in points:
-                got = next(v.iter_entries(lid.index), None)
-                if got is not None and got.index == lid.index and got.term == lid.term:
-                    upto = max(upto, lid.index)
-            start = self.read_upto[i] + 1
-            if upto < start:
-                return
-            if first > start:
-                self.missed += first - start
-                start = first
-            for e in v.iter_entries(start):
-                if e.index > upto:
-                    break
-                self._check(i, e.index, (e.term, e.kind, e.payload))
-            self.read_upto[i] = upto
+        start = self.read_upto[i] + 1
+        upto, first, entries = self.cluster.reader.call(offline.committed_entries, self.cluster.data_dir(i), start)
+        if upto < start:
+            return
+        if first > start:
+            self.missed += first - start
+        for index, term, kind, payload in entries:
+            self._check(i, index, (term, kind, payload))
+        self.read_upto[i] = upto
 
     def _check(self, node: int, index: int, entry: tuple) -> None:
         self.checked += 1
@@ -500,7 +476,6 @@ def count_rebuilds(paths: dict[int, str]) -> int:
 
 def compare_state_machines(cluster: FaultCluster, final: dict[Any, Any]) -> tuple[list[str], dict[int, int]]:
     """Every node's KV items (read after they stopped) are equal, and equal to the final reads."""
-    from pyraft.kv import KVStateMachine
     problems = []
     items: dict[int, dict] = {}
     applied: dict[int, int] = {}
@@ -509,13 +484,9 @@ def compare_state_machines(cluster: FaultCluster, final: dict[Any, Any]) -> tupl
             problems.append(f"node {i} never served again after its last power cut")
             continue
         try:
-            with KVStateMachine.open_readonly(cluster.data_dir(i)) as r:
-                lid = r.state()[0]
-                items[i] = dict(r.items())
+            applied[i], items[i] = cluster.reader.call(offline.state, cluster.data_dir(i))
         except Exception as e:  # noqa: BLE001
             problems.append(f"node {i}: cannot read its state machine: {type(e).__name__}: {e}")
-            continue
-        applied[i] = lid.index if lid else 0
     ids = sorted(items)
     for i in ids[1:]:
         a, b = items[ids[0]], items[i]
@@ -557,15 +528,10 @@ def check_election_safety(paths: dict[int, str]) -> list[str]:
 
 def check_snapshot_files(cluster: FaultCluster) -> list[str]:
     """Every node's current snapshot file (the one its state machine points at) exists and reads back whole."""
-    from pyraft.kv import KVStateMachine
-    from pyraft.kv.statemachine import KVReader
     problems = []
     for i in sorted(set(cluster.ids) - cluster.unpowered):  # compare_state_machines reports the others
         try:
-            with KVStateMachine.open_readonly(cluster.data_dir(i)) as r:
-                st = r.status()
-            if st.snapshot is not None:
-                KVReader.check_snapshot_file(st.snapshot_file, st.snapshot)
+            cluster.reader.call(offline.check_current_snapshot, cluster.data_dir(i))
         except Exception as e:  # noqa: BLE001
             problems.append(f"node {i}: its current snapshot is unreadable: {type(e).__name__}: {e}")
     return problems
@@ -584,15 +550,12 @@ def _say(cfg: RunConfig) -> Callable[[str], None]:
 
 def _most_applied_state(cluster: FaultCluster, keys: list[Any], problems: list[str]) -> dict[Any, Any]:
     """Each of ``keys``' value (None: absent) in the state machine of the node that applied the most (read offline)."""
-    from pyraft.kv import KVStateMachine
     best: tuple[int, int, dict] | None = None
     for i in sorted(set(cluster.ids) - cluster.unpowered):  # torn until rebuilt
         try:
-            with KVStateMachine.open_readonly(cluster.data_dir(i)) as r:
-                lid, items = r.state()[0], dict(r.items())
+            applied, items = cluster.reader.call(offline.state, cluster.data_dir(i))
         except Exception:  # noqa: BLE001 - compare_state_machines reports it
             continue
-        applied = lid.index if lid else 0
         if best is None or applied > best[0]:
             best = (applied, i, items)
     if best is None:
@@ -788,7 +751,7 @@ def run(cfg: RunConfig) -> RunResult:
             _stop_everything(cluster)
             res.forgotten = Counter(cluster.forgotten, rebuilds=count_rebuilds(
                 {i: cluster.log_path(i) for i in cluster.ids}))
-            cluster.unmount()
+            cluster.release()
         res.elapsed = time.monotonic() - started
         for line in res.summary().splitlines():
             events_out.write(line + "\n")
