@@ -48,7 +48,8 @@ from .errors import CodecError
 from .messages import (AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest,
                        InstallSnapshotResponse, TimeoutNowRequest, TimeoutNowResponse, VoteRequest,
                        VoteResponse)
-from .types import Entry, EntryKind, LogId, Membership, Node, SnapshotMeta, StoredMembership, Vote
+from .types import (FAST_BUILD, Entry, EntryKind, LogId, Membership, Node, SnapshotMeta, StoredMembership, Vote,
+                    new_object, set_index, set_kind, set_log_id, set_payload, set_term)
 
 FORMAT_VERSION = 3
 
@@ -324,15 +325,8 @@ def normal_entry_prefix(term: int) -> bytes:
 
 
 # decode_entries builds its LogId and Entry values without their frozen dataclass
-# __init__, which sets each field through object.__setattr__ and so costs more than
-# decoding the entry itself: the slot descriptors set the fields directly, to the
-# same values.  That pays for the frame's container budget on the AppendEntries
-# path.  It holds only while neither class checks anything on construction.
-_FAST_BUILD = not hasattr(LogId, "__post_init__") and not hasattr(Entry, "__post_init__")
-_new_object = object.__new__
-_set_term, _set_index = LogId.term.__set__, LogId.index.__set__  # type: ignore[attr-defined]
-_set_log_id, _set_kind, _set_payload = (Entry.log_id.__set__, Entry.kind.__set__,  # type: ignore[attr-defined]
-                                        Entry.payload.__set__)  # type: ignore[attr-defined]
+# __init__ (types.FAST_BUILD): that pays for the frame's container budget on the
+# AppendEntries path.
 
 
 def decode_entries(first_index: int, datas: Sequence[bytes], *, unpack_options: dict | None = None) -> list[Entry]:
@@ -348,7 +342,7 @@ def decode_entries(first_index: int, datas: Sequence[bytes], *, unpack_options: 
     kinds = _KINDS
     index = first_index
     options = _UNPACK if unpack_options is None else unpack_options
-    new = _new_object
+    new = new_object
     for data in datas:
         try:
             v = unpackb(data, **options)
@@ -366,14 +360,14 @@ def decode_entries(first_index: int, datas: Sequence[bytes], *, unpack_options: 
         kind = kinds[k]
         if kind is not _NORMAL:
             p = _entry_payload_from_wire(kind, p)
-        if _FAST_BUILD:
+        if FAST_BUILD:
             lid = new(LogId)
-            _set_term(lid, t)
-            _set_index(lid, index)
+            set_term(lid, t)
+            set_index(lid, index)
             e = new(Entry)
-            _set_log_id(e, lid)
-            _set_kind(e, kind)
-            _set_payload(e, p)
+            set_log_id(e, lid)
+            set_kind(e, kind)
+            set_payload(e, p)
             append(e)
         else:
             append(Entry(LogId(t, index), kind, p))

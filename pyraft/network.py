@@ -135,6 +135,13 @@ class Transport(Protocol):
 
         ``on_failure(reason)`` is called if the transport can no longer serve
         (never for bad input, which is dropped and counted).
+
+        Optional: a transport whose ``start`` also takes ``on_burst_end``
+        calls it on its serving thread after each burst of requests it
+        delivered; the ``Raft`` handle then hands a burst's client writes and
+        reads to RaftCore together (``ZmqTransport`` does; without it each goes
+        alone).  Likewise an optional ``replies_held()`` context manager makes
+        the replies one thread sends inside it leave together.
         """
 
     def connect(self, target_id: int, node: Node) -> Connection:

@@ -8,6 +8,7 @@ back through a ``concurrent.futures.Future``.  Blocking calls take a
 from __future__ import annotations
 
 import concurrent.futures
+import inspect
 import logging
 import math
 import threading
@@ -24,7 +25,7 @@ from .errors import (ChangeMembershipError, Fatal, ForwardToLeader, InitializeEr
 from .metrics import ClientWriteResponse, RaftMetrics
 from .network import OP_ROLES, TRUSTED
 from .runtime.core import RaftCore
-from .runtime.futures import new_future
+from .runtime.futures import fail, new_future
 from .types import LogId, Node, ServerState, log_index
 
 log = logging.getLogger("pyraft")
@@ -101,11 +102,22 @@ class Raft:
         self._finisher_lock = threading.Lock()
         self._finisher: threading.Thread | None = None
         self.trigger = Trigger(self)
+        # Client writes and reads that handlers make while the transport delivers one burst of
+        # requests (on the transport's thread): handed to RaftCore together when it ends (_end_burst).
+        self._burst = _Burst()
+        start_kw: dict[str, Any] = {}
+        try:
+            self._bursts = "on_burst_end" in inspect.signature(transport.start).parameters
+        except (TypeError, ValueError):
+            self._bursts = False
+        if self._bursts:
+            start_kw["on_burst_end"] = self._end_burst
         self._core.start()
         try:
             # A transport that can no longer serve makes the node Fatal (visible in its
             # metrics and to every caller) rather than leave it running deaf.
-            transport.start(self._on_request, on_failure=lambda reason: self._core.post(("fatal", reason)))
+            transport.start(self._on_request, on_failure=lambda reason: self._core.post(("fatal", reason)),
+                            **start_kw)
         except BaseException:
             self.shutdown()
             raise
@@ -138,11 +150,36 @@ class Raft:
             reply.reply(error_response(PermissionDenied(
                 f"{msg.op!r} needs the {role} role; the caller's key has the {principal.role} role")))
             return
+        burst = self._burst
+        if burst.items is None:
+            burst.items = []
         try:
             handler(from_id, msg, reply)
         except Exception as e:  # noqa: BLE001 - a bad request never takes the node down
             log.warning("node %s: %r request failed: %s", self.node_id, msg.op, e)
             reply.reply(error_response(e))
+        if not self._bursts:
+            self._end_burst()
+
+    def _end_burst(self) -> None:
+        """The transport's thread, after a burst of requests: its client writes and reads go to RaftCore at once.
+
+        One inbox item for the lot, so RaftCore wakes once and proposes the
+        writes as one batch (the reads share a heartbeat round), instead of
+        once per request as they trickle in.
+        """
+        burst = self._burst
+        items = burst.items
+        burst.items = None
+        if items:
+            self._post_burst(items)
+
+    def _post_burst(self, items: list) -> None:
+        try:
+            self._core.call(("burst", items))
+        except RaftError as e:  # ShutDown, Fatal: nobody will handle them
+            for it in items:
+                fail(it[-1], e)
 
     def _reply_metrics(self, _from_id: int, _msg: ClientRequest, reply: Any) -> None:
         reply.reply(ClientResponse(True, self.metrics().to_dict()))
@@ -235,31 +272,56 @@ class Raft:
         if check is not None:
             check(command)
         try:
-            pack_fast(command)  # msgpack.packb, with a per-thread Packer
+            packed = pack_fast(command)  # msgpack.packb, with a per-thread Packer
         except (TypeError, ValueError, OverflowError) as e:
             raise RaftError(f"the command cannot be encoded with msgpack: {e}") from None
         fut: Future = new_future()  # a concurrent.futures.Future, cheaper to make (runtime/futures.py)
-        core.call(("write", command, fut))
+        batch = self._burst.items
+        if batch is not None:  # a client handler on the transport's thread: proposed at the burst's end
+            if core._closed:
+                raise core.stopped_error()
+            batch.append(("write", command, fut, packed))
+        else:
+            # The bytes go along: RaftCore stores them as the entry's payload (no second pack on its thread).
+            core.call(("write", command, fut, packed))
         core.writes_accepted = next(core.write_tickets)
         return fut
 
     def client_write(self, command: Any, timeout: float | None = None) -> ClientWriteResponse:
         """Propose ``command`` and wait until it is committed and applied on this node."""
         _check_timeout(timeout)
-        return _result(self.client_write_async(command), timeout, "client_write")
+        fut = self.client_write_async(command)
+        self._hand_over_burst()
+        return _result(fut, timeout, "client_write")
+
+    def _hand_over_burst(self) -> None:
+        """Before a blocking call waits on the transport's thread (a handler should not block; one
+        that does must not wait for its own request, held until the burst ends): hand the burst over now."""
+        burst = self._burst
+        if burst.items:
+            items, burst.items = burst.items, []
+            self._post_burst(items)
 
     # ------------------------------------------------------------------ reads
 
     def ensure_linearizable_async(self) -> Future:
         """ReadIndex: the future gets the LogId the state machine has applied up to when the read is safe."""
-        fut: Future = Future()
-        self._core.call(("read", fut))
+        fut: Future = new_future()  # one per client read, like a write's (runtime/futures.py)
+        batch = self._burst.items
+        if batch is not None:  # a client handler on the transport's thread: handed over at the burst's end
+            if self._core._closed:
+                raise self._core.stopped_error()
+            batch.append(("read", fut))
+        else:
+            self._core.call(("read", fut))
         return fut
 
     def ensure_linearizable(self, timeout: float | None = None) -> LogId:
         """Block until reading the local state machine is linearizable (ReadIndex)."""
         _check_timeout(timeout)
-        return _result(self.ensure_linearizable_async(), timeout, "ensure_linearizable")
+        fut = self.ensure_linearizable_async()
+        self._hand_over_burst()
+        return _result(fut, timeout, "ensure_linearizable")
 
     # ------------------------------------------------------------------ membership
 
@@ -427,6 +489,15 @@ class Raft:
     def __repr__(self) -> str:
         m = self._core.metrics
         return f"<Raft {self.node_id} {m.state} term={m.current_term} leader={m.current_leader}>"
+
+
+class _Burst(threading.local):
+    """Per thread: the client writes and reads of the burst the transport is delivering on it (None: not in one).
+
+    ``("write", command, future)`` and ``("read", future)``: RaftCore's inbox items, in arrival order.
+    """
+
+    items: list | None = None
 
 
 def error_response(e: BaseException) -> ClientResponse:

@@ -9,10 +9,20 @@ Directory: ``snap-<term>-<index>-<random><suffix>`` files (``snap-empty-``
 when nothing was applied), and ``build-*.tmp`` / ``recv-*.tmp`` files being
 built or received.  The current file is named by a pointer
 ``[snapshot-meta wire, file name]`` in the state machine's LMDB meta database.
+
+Unsynced state (:class:`UnsyncedMark`): a state machine that commits without
+fsync (the log makes every applied entry recoverable) names, in a small
+fsynced file, the boot of the machine in which it did so.  A process crash
+keeps the page cache, so the same boot finds every commit; another boot (a
+power loss or a kernel crash came between) may find the environment torn,
+and the state machine rebuilds it from its newest snapshot file
+(:meth:`SnapshotDir.newest_first`, every one fsynced when it was made).
 """
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import struct
 import uuid
 import zlib
@@ -29,6 +39,8 @@ from .types import SnapshotMeta, log_index
 
 CHUNK = 1 << 20
 _TMP_SUFFIX = ".tmp"
+
+log = logging.getLogger("pyraft.snapshot_files")
 
 
 class SnapshotWriter:
@@ -234,6 +246,16 @@ class SnapshotDir:
             return True
         return False
 
+    def newest_first(self) -> list[str]:
+        """The paths of the snapshot files here, the highest log index first (``snap-empty-`` last)."""
+        found = []
+        for name in os.listdir(self.path):
+            if name.startswith("snap-") and name.endswith(self.suffix):
+                parts = name.split("-")
+                index = int(parts[2]) if len(parts) > 3 and parts[2].isdigit() else 0
+                found.append((index, name))
+        return [os.path.join(self.path, name) for _i, name in sorted(found, reverse=True)]
+
     def cleanup(self, current: str | None, at_open: bool = False) -> None:
         """Delete every snapshot file but ``current`` (and, at open, every leftover .tmp)."""
         for name in os.listdir(self.path):
@@ -249,3 +271,67 @@ def unlink_quietly(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def boot_id() -> str | None:
+    """This boot of the machine (Linux), None where unknown (every unclean stop then counts as a reboot)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class UnsyncedMark:
+    """The file ``root/name`` that says an LMDB environment may hold commits not yet fsynced (module doc).
+
+    Use: ``LmdbEnv(..., sync=False, prepare=mark.discard_if_rebooted)``;
+    then, if :attr:`discarded`, rebuild from the newest snapshot; then
+    :meth:`set` before the first unsynced commit; :meth:`clear` after a
+    final fsync (a clean close).  ``boot`` is this boot's id (tests pass another).
+    """
+
+    def __init__(self, root: str, name: str, what: str, boot: str | None = None) -> None:
+        self.path = os.path.join(root, name)
+        self.what = what
+        self.boot = boot if boot is not None else boot_id()
+        #: set by discard_if_rebooted: the environment was removed and must be rebuilt
+        self.discarded = False
+
+    def discard_if_rebooted(self, env_path: str) -> None:
+        """Remove ``env_path`` when the mark names another boot (or none is known); a no-op without a mark."""
+        try:
+            with open(self.path, encoding="ascii", errors="replace") as f:
+                written = f.read().strip()
+        except FileNotFoundError:
+            return
+        if self.boot is not None and written == self.boot:
+            return  # a process crash: the page cache kept every committed write
+        log.warning("%s in %s: it was written without fsync before the machine restarted (boot %s, now %s); "
+                    "discarding %s and rebuilding it from the newest snapshot (the log replays the rest)",
+                    self.what, os.path.dirname(env_path), written or "?", self.boot or "unknown",
+                    os.path.basename(env_path))
+        if os.path.isdir(env_path):
+            shutil.rmtree(env_path)
+        self.discarded = True
+
+    def set(self) -> None:
+        """Write the mark (fsynced, and its directory): before anything is committed without fsync."""
+        tmp = self.path + _TMP_SUFFIX
+        with durable(tmp) as f:
+            f.write(f"{self.boot or ''}\n".encode("ascii"))
+        os.replace(tmp, self.path)
+        fsync_dir(os.path.dirname(self.path))
+
+    def clear(self) -> None:
+        """Remove the mark: call only once everything committed has been fsynced."""
+        unlink_quietly(self.path)
+        fsync_dir(os.path.dirname(self.path))

@@ -82,6 +82,48 @@ class Entry:
         return self.log_id.term
 
 
+# Building many LogIds and Entries at once (a proposed batch, a decoded AppendEntries)
+# without their frozen dataclass __init__, which sets each field through
+# object.__setattr__ and costs about as much again as the rest of a write's work on
+# RaftCore: the slot descriptors set the same fields directly, to the same values.
+# It holds only while neither class checks anything on construction.
+FAST_BUILD = not hasattr(LogId, "__post_init__") and not hasattr(Entry, "__post_init__")
+new_object = object.__new__
+set_term, set_index = LogId.term.__set__, LogId.index.__set__  # type: ignore[attr-defined]
+set_log_id, set_kind, set_payload = (Entry.log_id.__set__, Entry.kind.__set__,  # type: ignore[attr-defined]
+                                     Entry.payload.__set__)  # type: ignore[attr-defined]
+
+
+def log_id_run(term: int, first: int, n: int) -> list[LogId]:
+    """``[LogId(term, i) for i in range(first, first + n)]``, built faster."""
+    if not FAST_BUILD:
+        return [LogId(term, i) for i in range(first, first + n)]
+    out: list[LogId] = []
+    append = out.append
+    for i in range(first, first + n):
+        lid = new_object(LogId)
+        set_term(lid, term)
+        set_index(lid, i)
+        append(lid)
+    return out
+
+
+def normal_entries(log_ids: list[LogId], payloads: Any) -> list[Entry]:
+    """``[Entry(lid, EntryKind.NORMAL, p) for lid, p in zip(log_ids, payloads)]``, built faster."""
+    kind = EntryKind.NORMAL
+    if not FAST_BUILD:
+        return [Entry(lid, kind, p) for lid, p in zip(log_ids, payloads)]
+    out: list[Entry] = []
+    append = out.append
+    for lid, p in zip(log_ids, payloads):
+        e = new_object(Entry)
+        set_log_id(e, lid)
+        set_kind(e, kind)
+        set_payload(e, p)
+        append(e)
+    return out
+
+
 def _majority_index(indexes: list[int], size: int) -> int:
     """The greatest index that at least a majority of ``size`` members have reached."""
     if size == 0:

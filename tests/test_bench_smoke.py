@@ -50,15 +50,15 @@ def test_bench_stages_lines_up_every_stage_of_a_lone_write(tmp_path):
         assert row["p50_us"] is not None and row["p50_us"] >= 0, row
     assert st["total"]["p50_us"] >= max(row["p50_us"] for row in st["stages"])
     assert st["leader_disk"]["p50_us"] > 0
-    assert all(v > 0 for v in doc["stage_floors"].values()) and len(doc["stage_floors"]) == 3
+    assert all(v > 0 for v in doc["stage_floors"].values()) and len(doc["stage_floors"]) == 4
 
 
 def test_stage_analysis_follows_the_first_acknowledgement():
     from pyraft.tools import stages
 
     lead = [(0, "write"), (10, "propose"), (20, "submit"), (30, "replicate"), (40, "send.done"), (45, "disk"),
-            (300, "disk.done"), (400, "resp_in"), (410, "resp"), (420, "commit"), (430, "apply"), (440, "result"),
-            (450, "write.done")]
+            (300, "disk.done"), (400, "resp_in"), (410, "resp"), (420, "commit"), (430, "apply"),
+            (434, "sm_commit"), (437, "sm_commit.done"), (440, "result"), (450, "write.done")]
     # follower 2 acknowledges first (reply_out at 330); follower 3 later (reply_out at 390)
     f2 = [(100, "frame_in"), (110, "rpc"), (120, "disk"), (320, "disk.done"), (330, "reply_out")]
     f3 = [(105, "frame_in"), (115, "rpc"), (125, "disk"), (380, "disk.done"), (390, "reply_out")]
@@ -73,8 +73,19 @@ def test_stage_analysis_follows_the_first_acknowledgement():
     assert res["writes"] == 1 and res["total"]["p50_us"] == 450
     assert got["follower LMDB commit (fsync)"] == 200  # follower 2's: 120..320
     assert got["network back, worker decodes"] == 70  # 330..400
+    assert got["state machine: LMDB commit"] == 3
     assert sum(got.values()) == 450
     assert res["leader_disk"]["p50_us"] == 255
+    # A state machine without an LMDB transaction (the floor): those stages are empty, the time goes on
+    with tempfile.TemporaryDirectory() as d:
+        for i, recs in ((1, [r for r in lead if not r[1].startswith("sm_commit")]), (2, f2), (3, f3)):
+            with open(paths[i].replace(os.path.dirname(paths[i]), d), "w") as f:
+                f.writelines(f"{t * 1000} {e}\n" for t, e in recs)
+        res = stages.analyze({i: p.replace(os.path.dirname(p), d) for i, p in paths.items()}, leader=1, skip=0)
+    got = {r["stage"]: r["p50_us"] for r in res["stages"]}
+    assert got["state machine: LMDB commit"] is None and got["complete the client's future"] is None
+    assert got["state machine: apply the entry (KV: its commands)"] == 10  # 430..440
+    assert sum(v for v in got.values() if v is not None) == 450
 
 
 @pytest.mark.parametrize("other", [["--mode", "client"], ["--follower-down", "kill"]])
@@ -82,3 +93,19 @@ def test_bench_stages_refuses_workloads_without_the_lone_writer(other):
     proc = subprocess.run([sys.executable, "-m", "pyraft.tools.bench", "--stages", *other],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--stages" in proc.stderr
+
+
+def test_the_race_table_shows_each_ratio_against_its_target():
+    from pyraft.tools import bench
+
+    runs = [{"system": system, "payload": p, "sync": False, "result": {"ops_per_s": rate}}
+            for p, rates in ((10, (90_000, 60_000, 40_000)), (1024, (50_000, 60_000, 20_000)))
+            for system, rate in zip(("pyraft", "pysyncobj-memory", "pysyncobj-journal"), rates)]
+    runs.append({"system": "pyraft sync-writer", "payload": 10, "sync": True,
+                 "result": {"latency": {"p50_ms": 0.7, "p99_ms": 2.0}}})
+    doc = {"sm": "kv", "no_fsync": False, "runs": runs, "ratios": bench.compute_ratios(runs)}
+    rows = bench.render_race(doc).splitlines()
+    assert "2.25x ok" in rows[2] and "1.50x ok" in rows[2]
+    assert "2.50x ok" in rows[3] and "0.83x BELOW" in rows[3]
+    assert "0.70 / 2.00" in rows[4] and rows[4].endswith("ok)")
+    assert bench.render_race({**doc, "runs": runs[:1]}) == ""  # no baseline in the run: no race table

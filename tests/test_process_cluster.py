@@ -111,7 +111,12 @@ def _random_kill_rounds(make_cluster, rounds: int, seed: int) -> None:
             assert kv.get(k) == v, f"acknowledged write {k}={v} lost"
     # ...and every node converges on the same state.
     wait_caught_up(c, c.ids)
-    counts = {i: c.status(i)["keys"] for i in c.ids}
+
+    def key_counts():  # None while a node is slow to answer (a busy machine), else {id: keys}
+        s = {i: c.status(i, timeout=5) for i in c.ids}
+        return None if None in s.values() else {i: v["keys"] for i, v in s.items()}
+
+    counts = wait_for(key_counts, 30, "every node to answer kv.status")
     assert len(set(counts.values())) == 1 and counts[1] >= len(acked), counts
 
 

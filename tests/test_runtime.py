@@ -284,3 +284,19 @@ def test_shutdown_fails_a_read_the_engine_still_holds():
         leader.shutdown()
         with pytest.raises(ShutDown):
             fut.result(5)
+
+
+def test_a_proposal_is_stored_as_its_client_packed_it_and_never_so_is_another_entry_at_its_index():
+    from types import SimpleNamespace
+
+    from pyraft.codec import encode_entries, pack
+    from pyraft.runtime.core import RaftCore
+    from pyraft.types import Entry, LogId
+
+    lids = [LogId(2, 5), LogId(2, 6)]
+    mine = [Entry(lid, payload={"n": i}) for i, lid in enumerate(lids)]
+    core = SimpleNamespace(_packed_runs={5: (lids, [pack({"n": 0}), pack({"n": 1})])}, _enc_hints=[])
+    assert RaftCore._encodings(core, mine) == encode_entries(mine)
+    # A new leader's entries at the same indexes, in the turn this node stepped down in
+    theirs = [Entry(LogId(3, 5), payload="x"), Entry(LogId(3, 6), payload="y")]
+    assert RaftCore._encodings(core, theirs) == encode_entries(theirs)

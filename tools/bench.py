@@ -10,9 +10,10 @@ Usage (see ``docs/benchmarks.md`` for the results and how they were made)::
 Each node is its own process (``python -m pyraft.tools.bench node ...``): a
 :class:`~pyraft.Raft` with :class:`~pyraft.transports.zmq.ZmqTransport` on a
 free 127.0.0.1 port, :class:`~pyraft.stores.lmdb.LmdbLogStore` (fsync on unless
-``--no-fsync``) and a state machine (``--sm count``: a trivial in-memory
-counter, the like of PySyncObj's ``@replicated`` setter; ``--sm kv``:
-:class:`~pyraft.kv.KVStateMachine`), all in a temporary directory.  The
+``--no-fsync``) and a state machine (``--sm kv``, the default:
+:class:`~pyraft.kv.KVStateMachine`, what users embed; ``--sm floor``: the
+state-machine floor, an in-memory counter that costs next to nothing to apply,
+the like of PySyncObj's ``@replicated`` setter), all in a temporary directory.  The
 controller (this process) talks to each node over its stdin/stdout, one JSON
 object per line.  The load runs inside the leader's process
 (``client_write_async`` with ``--inflight`` writes kept in flight), or with
@@ -34,6 +35,7 @@ import math
 import os
 import platform
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -160,6 +162,38 @@ def memory_info(pid: int) -> dict[str, int]:
     return out
 
 
+def thread_switches(pid: int, names: dict[str, str] | None = None) -> dict[str, int]:
+    """Voluntary context switches (a thread going to sleep: each is one wake-up later) of every
+    thread of ``pid``, from /proc, summed by thread name: ``names`` maps native thread ids to
+    Python thread names (``pyraft-core-1``, ...: see the nodes' status); others count as ``other``."""
+    out: dict[str, int] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        name = (names or {}).get(tid, "other")
+        name = re.sub(r"-\d+(->\d+)?$", "", name)  # pyraft-core-1 -> pyraft-core, pyraft-repl-1->2 -> pyraft-repl
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches"):
+                        out[name] = out.get(name, 0) + int(line.split()[1])
+        except OSError:
+            continue
+    return out
+
+
+def switches_per_op(before: dict[str, int], after: dict[str, int], ops: int) -> dict[str, float]:
+    """Thread wake-ups per operation, by thread name, between two :func:`thread_switches` readings."""
+    if not ops:
+        return {}
+    out = {k: round((v - before.get(k, 0)) / ops, 3) for k, v in after.items()}
+    out = {k: v for k, v in out.items() if v >= 0.005}
+    out["total"] = round(sum(out.values()), 3)
+    return out
+
+
 def disk_usage(path: str) -> dict[str, int]:
     """Bytes allocated on disk (st_blocks) and apparent bytes of every file under ``path``."""
     alloc = apparent = 0
@@ -175,7 +209,11 @@ def disk_usage(path: str) -> dict[str, int]:
 
 
 class GcTimer:
-    """Time spent in the cyclic garbage collector, per generation (installed in node processes)."""
+    """CPU time spent in the cyclic garbage collector, per generation (installed in node processes).
+
+    CPU time of the collecting thread (it holds the GIL throughout): wall-clock
+    time would add whatever else ran on the machine meanwhile.
+    """
 
     def __init__(self) -> None:
         import gc
@@ -186,10 +224,10 @@ class GcTimer:
 
     def _cb(self, phase: str, info: dict) -> None:
         if phase == "start":
-            self._t0 = time.perf_counter()
+            self._t0 = time.thread_time()
         else:
             g = info.get("generation", 2)
-            self.seconds[g] += time.perf_counter() - self._t0
+            self.seconds[g] += time.thread_time() - self._t0
             self.count[g] += 1
 
     def snapshot(self) -> dict[str, Any]:
@@ -503,7 +541,10 @@ class Progress:
 
 
 # =====================================================================================
-# A trivial state machine: counts what it applies (the PySyncObj "@replicated setter")
+# The state-machine floor (--sm floor): counts what it applies (the PySyncObj "@replicated setter")
+
+#: --sm: the built-in KVStateMachine (default), or the floor (CountingStateMachine)
+SM_CHOICES = ("kv", "floor")
 
 class CountingStateMachine:
     """An in-memory :class:`~pyraft.storage.StateMachine` that counts entries and keeps the last command.
@@ -589,7 +630,7 @@ def node_main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="pyraft.tools.bench node")
     p.add_argument("--id", type=int, required=True)
     p.add_argument("--data-dir", required=True)
-    p.add_argument("--sm", choices=("count", "kv"), default="count")
+    p.add_argument("--sm", choices=SM_CHOICES, default="kv")
     p.add_argument("--no-fsync", action="store_true")
     p.add_argument("--cluster", default="bench")
     p.add_argument("--config", default="{}", help="JSON of pyraft.Config fields")
@@ -640,7 +681,8 @@ def node_main(argv: Sequence[str]) -> int:
                          applied=m.last_applied.index if m.last_applied else 0,
                          voters=sorted(m.membership.voter_ids) if m.membership else [],
                          membership_committed=m.membership_committed,
-                         memory=memory_info(os.getpid()), gc=gct.snapshot())
+                         memory=memory_info(os.getpid()), gc=gct.snapshot(),
+                         threads={str(t.native_id): t.name for t in threading.enumerate()})
                 elif c == "load":
                     load_thread = threading.Thread(target=_node_load, args=(raft, cmd, emit, a.sm, gct),
                                                    name="bench-load", daemon=True)
@@ -717,34 +759,62 @@ def _node_load(raft: Any, cmd: dict, emit: Emitter, sm: str, gct: GcTimer | None
 
 def client_main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="pyraft.tools.bench client")
-    p.add_argument("--cluster", required=True, help="ID=ADDR,... of the nodes")
+    p.add_argument("--system", choices=("pyraft", "etcd"), default="pyraft")
+    p.add_argument("--cluster", required=True, help="pyraft: ID=ADDR,... of the nodes; etcd: HOST:PORT,...")
     p.add_argument("--cluster-name", default="bench")
     p.add_argument("--threads", type=int, default=16)
     p.add_argument("--payload", type=int, default=10)
+    p.add_argument("--op", choices=("put", "get"), default="put",
+                   help="put: each thread writes its own keys; get: linearizable reads of one key")
     p.add_argument("--name", default="c")
     a = p.parse_args(argv)
     emit = Emitter()
-    from pyraft.kv import KVClient
-    client = KVClient(a.cluster, timeout=10.0, cluster_name=a.cluster_name)
+    if a.system == "etcd":
+        from .bench_etcd import etcd_client
+        put, get, close = etcd_client(a.cluster.split(","), timeout=10.0)
+    else:
+        from pyraft.kv import KVClient
+        client = KVClient(a.cluster, timeout=10.0, cluster_name=a.cluster_name)
+        put, get, close = client.put, client.get, client.close
     value = os.urandom(a.payload)
+    if a.op == "get":
+        put(f"{a.name}read", value)  # the key the readers read, written before the clock starts
     emit(ev="ready", pid=os.getpid())
     cmd = json.loads(sys.stdin.readline())
-    duration, warmup = cmd["duration"], cmd["warmup"]
-    start = time.perf_counter() + 0.0
+    res = closed_loop(put, get, a.op, a.threads, value, a.name, cmd["duration"], cmd["warmup"])
+    emit(ev="result", **res)
+    close()
+    return 0
+
+
+def closed_loop(put: Callable[[str, bytes], Any], get: Callable[[str], Any], op: str, threads: int,
+                value: bytes, name: str, duration: float, warmup: float) -> dict[str, Any]:
+    """``threads`` threads, each one synchronous call at a time for ``warmup + duration`` s.
+
+    The same loop drives every system: ``op`` "put" writes ``value`` under
+    1,024 keys per thread in turn, "get" reads the key ``<name>read``.  The
+    calls that start and end inside the measured window count.
+    """
+    start = time.perf_counter()
     measure_at, end = start + warmup, start + warmup + duration
-    lat = [LatencyHistogram() for _ in range(a.threads)]
+    lat = [LatencyHistogram() for _ in range(threads)]
     errors: list[str] = []
+    read_key = f"{name}read"
 
     def worker(t: int) -> None:
         pc = time.perf_counter
         mine = lat[t]
         i = 0
+        prefix = f"{name}{t}-"
         while True:
             t0 = pc()
             if t0 >= end:
                 return
             try:
-                client.put(f"{a.name}{t}-{i & 1023}", value)
+                if op == "put":
+                    put(f"{prefix}{i & 1023}", value)
+                else:
+                    get(read_key)
             except Exception as e:  # noqa: BLE001 - counted
                 errors.append(repr(e))
                 continue
@@ -753,73 +823,122 @@ def client_main(argv: Sequence[str]) -> int:
                 mine.record(t1 - t0)
             i += 1
 
-    threads = [threading.Thread(target=worker, args=(t,), daemon=True) for t in range(a.threads)]
-    for th in threads:
+    ths = [threading.Thread(target=worker, args=(t,), daemon=True) for t in range(threads)]
+    for th in ths:
         th.start()
-    for th in threads:
+    for th in ths:
         th.join()
     total = LatencyHistogram()
     for h in lat:
         total.merge(h.to_dict())
-    emit(ev="result", ops=total.n, elapsed_s=duration, errors=len(errors),
-         first_error=errors[0] if errors else None, histogram=total.to_dict())
-    client.close()
-    return 0
+    return {"ops": total.n, "elapsed_s": duration, "errors": len(errors),
+            "first_error": errors[0] if errors else None, "histogram": total.to_dict()}
 
 
-def run_client_mode(a: argparse.Namespace, payload: int, progress: Progress) -> dict[str, Any]:
-    """KVClient processes drive a KV cluster (each thread: one synchronous put at a time)."""
-    root = tempfile.mkdtemp(prefix="pyraft-bench-client-", dir=a.tmpdir)
-    cluster = PyraftCluster(a.nodes, root, sm="kv", fsync=not a.no_fsync, config=a.config_dict, serve_kv=True)
-    clients: list[NodeProc] = []
+def start_clients(system: str, spec: str, *, procs: int, threads: int, payload: int, op: str, root: str,
+                  tag: str, cluster_name: str = "bench") -> list[NodeProc]:
+    """``procs`` client processes (``python -m pyraft.tools.bench client``), ready to run."""
+    clients = []
     try:
-        lid = cluster.start()
-        spec = ",".join(f"{i}={addr}" for i, addr in cluster.addrs.items())
-        for c in range(a.clients):
-            clients.append(NodeProc(f"client{c}", [sys.executable, "-m", "pyraft.tools.bench", "client",
-                                                    "--cluster", spec, "--threads", str(a.client_threads),
-                                                    "--payload", str(payload), "--name", f"c{c}-"],
-                                    os.path.join(root, f"client{c}.log")))
+        for c in range(procs):
+            clients.append(NodeProc(f"{tag}-client{c}", [
+                sys.executable, "-m", "pyraft.tools.bench", "client", "--system", system, "--cluster", spec,
+                "--cluster-name", cluster_name, "--threads", str(threads), "--payload", str(payload),
+                "--op", op, "--name", f"{tag}{c}-"], os.path.join(root, f"{tag}-client{c}.log")))
         for c in clients:
-            c.expect("ready", 30)
-        label = f"pyraft KVClient {payload}B"
+            c.expect("ready", 60)
+    except BaseException:
+        for c in clients:
+            c.kill()
+            c._log.close()
+        raise
+    return clients
+
+
+def drive_clients(clients: list[NodeProc], servers: dict[Any, int], a: argparse.Namespace, label: str,
+                  progress: Progress, thread_names: dict[Any, dict[str, str]] | None = None) -> dict[str, Any]:
+    """Run the clients' load; the servers' (``key -> pid``) CPU, wake-ups and memory over the measured window.
+
+    The client processes are killed afterwards.  ``cpu_us_per_op`` is per
+    server and ``total`` (the servers' CPU microseconds per operation).
+    """
+    try:
         for c in clients:
             c.send(duration=a.duration, warmup=a.warmup)
         t0 = time.monotonic()
         time.sleep(a.warmup)
-        cpu0 = {k: cpu_seconds(n.pid) for k, n in cluster.nodes.items()}
+        cpu0 = {k: cpu_seconds(pid) for k, pid in servers.items()}
+        ccpu0 = [cpu_seconds(c.pid) for c in clients]
+        sw0 = {k: thread_switches(pid, (thread_names or {}).get(k)) for k, pid in servers.items()}
         t1 = time.monotonic()
         while time.monotonic() < t1 + a.duration:
             progress.show(f"  {label}: {time.monotonic() - t0:5.1f}/{a.warmup + a.duration:.0f}s")
-            time.sleep(0.5)
-        cpu1 = {k: cpu_seconds(n.pid) for k, n in cluster.nodes.items()}
+            time.sleep(0.25)
+        cpu1 = {k: cpu_seconds(pid) for k, pid in servers.items()}
+        ccpu1 = [cpu_seconds(c.pid) for c in clients]
+        sw1 = {k: thread_switches(pid, (thread_names or {}).get(k)) for k, pid in servers.items()}
         t2 = time.monotonic()
         results = [c.expect("result", 60 + a.duration) for c in clients]
-        lat = LatencyHistogram()
-        for r in results:
-            lat.merge(r["histogram"])
-        ops = sum(r["ops"] for r in results)
-        res: dict[str, Any] = {
-            "ops": ops, "elapsed_s": a.duration, "ops_per_s": round(ops / a.duration, 1),
-            "latency": lat.summary(), "failed": sum(r["errors"] for r in results),
-            "first_error": next((r["first_error"] for r in results if r["first_error"]), None),
-            "inflight": a.clients * a.client_threads, "clients": a.clients, "client_threads": a.client_threads,
-            "leader": lid,
-            "cpu_percent": {str(k): round((cpu1[k] - cpu0[k]) / (t2 - t1) * 100, 1)
-                            for k in cpu0 if cpu0[k] is not None and cpu1[k] is not None},
-            "disk_bytes": {str(i): disk_usage(d)["allocated"] for i, d in cluster.data_dirs.items()},
-        }
-        if res["ops_per_s"]:
-            res["cpu_us_per_op"] = {k: round(v * 1e4 / res["ops_per_s"], 2) for k, v in res["cpu_percent"].items()}
+    finally:
+        for c in clients:
+            c.kill()
+            c._log.close()
+    lat = LatencyHistogram()
+    for r in results:
+        lat.merge(r["histogram"])
+    ops = sum(r["ops"] for r in results)
+    res: dict[str, Any] = {
+        "ops": ops, "elapsed_s": a.duration, "ops_per_s": round(ops / a.duration, 1),
+        "latency": lat.summary(), "failed": sum(r["errors"] for r in results),
+        "first_error": next((r["first_error"] for r in results if r["first_error"]), None),
+        "cpu_percent": {str(k): round((cpu1[k] - cpu0[k]) / (t2 - t1) * 100, 1)
+                        for k in cpu0 if cpu0[k] is not None and cpu1[k] is not None},
+        "memory": {str(k): memory_info(pid) for k, pid in servers.items()},
+    }
+    if res["ops_per_s"]:
+        per = {k: round(v * 1e4 / res["ops_per_s"], 2) for k, v in res["cpu_percent"].items()}
+        per["total"] = round(sum(per.values()), 1)
+        res["cpu_us_per_op"] = per
+        # the client processes' own CPU (they share the machine with the servers)
+        spent = sum(b - a for a, b in zip(ccpu0, ccpu1) if a is not None and b is not None)
+        res["client_cpu_us_per_op"] = round(spent / (t2 - t1) * 1e6 / res["ops_per_s"], 1)
+        res["client_cpu_percent"] = round(spent / (t2 - t1) * 100, 1)
+        # ops counts the clients' window; the switches are read over about the same window
+        res["wakeups_per_op"] = {str(k): switches_per_op(sw0[k], sw1[k], ops) for k in sw0}
+    return res
+
+
+def run_client_mode(a: argparse.Namespace, payload: int, threads: int, progress: Progress) -> dict[str, Any]:
+    """KVClient processes drive a KV cluster (each thread: one synchronous put at a time)."""
+    root = tempfile.mkdtemp(prefix="pyraft-bench-client-", dir=a.tmpdir)
+    cluster = PyraftCluster(a.nodes, root, sm="kv", fsync=not a.no_fsync, config=a.config_dict, serve_kv=True)
+    spies: list = []
+    try:
+        lid = cluster.start()
+        label = f"pyraft KVClient {payload}B x {a.clients * threads} threads"
+        clients = start_clients("pyraft", cluster.spec(), procs=a.clients, threads=threads, payload=payload,
+                                op="put", root=root, tag="c")
+        names = {k: n.call(cmd="status")["threads"] for k, n in cluster.nodes.items()}
+        if a.py_spy:
+            follower = next(i for i in cluster.nodes if i != lid)
+            spies = _start_py_spy(a, root, {f"leader{lid}": cluster.nodes[lid].pid,
+                                            f"follower{follower}": cluster.nodes[follower].pid},
+                                  Scenario("pyraft-kvclient", payload, 0, False, label))
+        res = drive_clients(clients, {k: n.pid for k, n in cluster.nodes.items()}, a, label, progress, names)
+        for sp in spies:
+            sp.wait(a.warmup + a.duration + 30)
+        res.update({"inflight": a.clients * threads, "clients": a.clients, "client_threads": threads,
+                    "leader": lid,
+                    "disk_bytes": {str(i): disk_usage(d)["allocated"] for i, d in cluster.data_dirs.items()}})
         progress.done(f"  {label}: {res['ops_per_s']:,.0f} ops/s, p50 {res['latency']['p50_ms']} ms")
         return res
     except Exception as e:  # noqa: BLE001
         progress.done()
         return {"error": f"{type(e).__name__}: {e}"}
     finally:
-        for c in clients:
-            c.kill()
-            c._log.close()
+        for sp in spies:
+            if sp.poll() is None:
+                sp.kill()
         cluster.stop()
         if not a.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -886,6 +1005,10 @@ class PyraftCluster:
             time.sleep(0.05)
         raise RuntimeError(f"no stable leader within {timeout} s")
 
+    def spec(self) -> str:
+        """``ID=ADDR,...``: what a KVClient (``--cluster``) is given."""
+        return ",".join(f"{i}={addr}" for i, addr in self.addrs.items())
+
     def stop(self) -> None:
         stop_nodes(self.nodes.values())
 
@@ -944,11 +1067,15 @@ def run_pyraft(sc: Scenario, a: argparse.Namespace, progress: Progress) -> dict[
         res = _drive(leader, cluster.nodes, cmd, sc.label, progress, a.warmup + a.duration + 60)
         res["leader"] = lid
         res["gc_per_node"] = {}
-        for i, n in cluster.nodes.items():  # seconds in the garbage collector, whole run (wall clock)
+        res["gc_share_of_cpu"] = {}
+        for i, n in cluster.nodes.items():  # CPU seconds in the garbage collector, whole run
             try:
-                res["gc_per_node"][str(i)] = n.call(cmd="status", timeout=10)["gc"]
+                gc_now = res["gc_per_node"][str(i)] = n.call(cmd="status", timeout=10)["gc"]
             except RuntimeError:
-                pass
+                continue
+            cpu = cpu_seconds(n.pid)
+            if cpu:
+                res["gc_share_of_cpu"][str(i)] = round(sum(gc_now["seconds"]) / cpu, 3)
         for s in spies:
             s.wait(a.warmup + a.duration + 30)
         res["disk_bytes"] = {str(i): disk_usage(d)["allocated"] for i, d in cluster.data_dirs.items()}
@@ -1097,6 +1224,9 @@ def render_table(doc: dict[str, Any]) -> str:
         lines.append(f"{r['system']:<30}{r['payload']:>7}B{_fmt_rate(res.get('ops_per_s')):>11}"
                      f"{_fmt_ms(lat.get('p50_ms')):>9}{_fmt_ms(lat.get('p90_ms')):>9}{_fmt_ms(lat.get('p99_ms')):>9}"
                      f"{_fmt_ms(lat.get('max_ms')):>9}  {cpu:<16}{per_op_s:>10}  {disk_s}")
+        if res.get("gc_share_of_cpu"):
+            lines.append(f"{'':<30}{'':>8}  garbage collector, share of each node's CPU: " + " ".join(
+                f"{v:.0%}" for _k, v in sorted(res["gc_share_of_cpu"].items())))
         if res.get("rounds"):
             lines.append(f"{'':<30}{'':>8}  rounds: " + ", ".join(_fmt_rate(x) for x in res["rounds"])
                          + " (the median is shown)")
@@ -1111,6 +1241,10 @@ def render_table(doc: dict[str, Any]) -> str:
         for st in stage_tables:
             lines.append("")
             lines.append(stages.render(st, doc.get("stage_floors")))
+    summary = render_race(doc)
+    if summary:
+        lines.append("")
+        lines.append(summary)
     if doc.get("ratios"):
         lines.append("")
         lines.append("ratios (pyraft / other, same run):")
@@ -1128,6 +1262,44 @@ def render_table(doc: dict[str, Any]) -> str:
                          f"max {mb(fd['rss_max'])}; anonymous RSS max first half "
                          f"{mb(fd['rss_anon_first_half_max'])}, second half {mb(fd['rss_anon_second_half_max'])}")
     return "\n".join(lines)
+
+
+#: the race's targets: pyraft / PySyncObj throughput, and the lone writer's p50 and p99 in ms
+RACE_TARGETS = {"pysyncobj-journal": 2.0, "pysyncobj-memory": 1.0}
+LONE_WRITER_TARGET_MS = (0.8, 3.0)
+
+
+def render_race(doc: dict[str, Any]) -> str:
+    """The race against PySyncObj as one table (with --baseline pysyncobj): writes/s per payload and
+    the ratios of this run (the median of the rounds' ratios with --rounds), then the lone writer."""
+    rate = {(r["system"], r["payload"]): (r.get("result") or {}).get("ops_per_s") for r in doc["runs"]}
+    payloads = [p for (system, p) in rate if system == "pyraft"]
+    if not payloads or not any(("pysyncobj-journal", p) in rate for p in payloads):
+        return ""
+    ratios = doc.get("ratios") or {}
+    out = [f"the race: pyraft ({doc['sm']} state machine, fsync {'off' if doc['no_fsync'] else 'on'}) "
+           f"against PySyncObj, same run"]
+    out.append(f"  {'':<26}{'pyraft':>10}{'journal':>10}{'':13}{'memory':>10}   "
+               f"(PySyncObj's, each with pyraft's ratio to it)")
+    for p in payloads:
+        cells = [f"{_fmt_rate(rate.get(('pyraft', p))):>10}"]
+        for other, target in RACE_TARGETS.items():
+            key = _ratio_key("pyraft", other, p)
+            ratio = ratios.get(key + " (median of rounds)", ratios.get(key))
+            verdict = "" if ratio is None else ("ok" if ratio >= target else "BELOW")
+            r_s = "-" if ratio is None else f"{ratio:.2f}x"
+            cells.append(f"{_fmt_rate(rate.get((other, p))):>10} {r_s:>6} {verdict:<5}")
+        out.append(f"  {f'writes/s, {p} B':<26}" + "".join(cells))
+    lone = next((r for r in doc["runs"] if r["system"] == "pyraft sync-writer"), None)
+    if lone is not None and "error" not in (lone.get("result") or {}):
+        lat = lone["result"]["latency"]
+        p50, p99 = lat.get("p50_ms"), lat.get("p99_ms")
+        ok = p50 is not None and p99 is not None and p50 <= LONE_WRITER_TARGET_MS[0] and p99 <= LONE_WRITER_TARGET_MS[1]
+        out.append(f"  {'lone writer p50 / p99 ms':<26}{_fmt_ms(p50):>10} / {_fmt_ms(p99)}  "
+                   f"(target <= {LONE_WRITER_TARGET_MS[0]} / {LONE_WRITER_TARGET_MS[1]}: {'ok' if ok else 'BELOW'})")
+    out.append(f"  targets: pyraft >= {RACE_TARGETS['pysyncobj-journal']}x PySyncObj with its journal, "
+               f">= {RACE_TARGETS['pysyncobj-memory']}x in memory")
+    return "\n".join(out)
 
 
 def _ratio_key(a: str, b: str, payload: int) -> str:
@@ -1179,15 +1351,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="also measure one synchronous writer (latency of a lone write)")
     p.add_argument("--only-sync-writer", action="store_true", help="measure only the synchronous writer")
     p.add_argument("--no-fsync", action="store_true", help="LmdbLogStore(sync=False): NOT durable")
-    p.add_argument("--sm", choices=("count", "kv"), default="count",
-                   help="state machine: count (in-memory counter, like PySyncObj's) or kv (KVStateMachine, LMDB)")
+    p.add_argument("--sm", choices=SM_CHOICES, default="kv",
+                   help="state machine: kv (KVStateMachine, LMDB: the default) or floor (an in-memory counter "
+                        "that costs next to nothing to apply, like PySyncObj's setter: the state-machine floor)")
     p.add_argument("--mode", choices=("leader", "client"), default="leader",
                    help="leader: load generated in the leader's process; client: KVClient processes")
-    p.add_argument("--clients", type=int, default=4, help="client processes for --mode client (default 4)")
-    p.add_argument("--client-threads", type=int, default=16,
-                   help="threads per client process, each one synchronous KVClient.put at a time (default 16)")
+    p.add_argument("--clients", type=int, default=None,
+                   help="client processes for --mode client (default 4; 1 per system with --baseline etcd)")
+    p.add_argument("--client-threads", default="16",
+                   help="threads per client process, each one synchronous KVClient.put at a time; a comma "
+                        "list runs each (default 16)")
     p.add_argument("--config", default="{}", help="JSON of pyraft.Config fields for the nodes")
-    p.add_argument("--baseline", choices=("pysyncobj",), help="run the same workload on PySyncObj too")
+    p.add_argument("--baseline", choices=("pysyncobj", "etcd"),
+                   help="run the same workload on PySyncObj too; etcd: a 3-member etcd cluster against "
+                        "pyraft-kv through clients in separate processes (implies --mode client; "
+                        "tools/bench_etcd.py)")
     p.add_argument("--floor", action="store_true", help="run tools/bench_floor.py's null-replication floor too")
     p.add_argument("--follower-down", choices=("kill", "pause"),
                    help="instead: full load with one follower killed (or SIGSTOPped); track the leader's RSS")
@@ -1204,11 +1382,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         a.payloads = [int(x) for x in str(a.payload).split(",") if x.strip()]
+        a.thread_counts = [int(x) for x in str(a.client_threads).split(",") if x.strip()]
+        if not a.thread_counts or min(a.thread_counts) < 1:
+            raise ValueError("--client-threads must be positive")
         a.config_dict = json.loads(a.config)
         if not isinstance(a.config_dict, dict):
             raise ValueError("--config must be a JSON object")
     except ValueError as e:
         p.error(str(e))
+    if a.baseline == "etcd":
+        a.mode = "client"
+    if a.clients is None:
+        a.clients = 1 if a.baseline == "etcd" else 4
     if a.stages and (a.mode == "client" or a.follower_down):
         p.error("--stages profiles the lone writer on the leader: not with --mode client or --follower-down")
     if a.stages and not a.only_sync_writer:
@@ -1226,10 +1411,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if a.follower_down:
             doc["follower_down"] = run_follower_down(a, progress)
+        elif a.baseline == "etcd":
+            from . import bench_etcd
+            doc["etcd_comparison"] = bench_etcd.run(a, progress)
         elif a.mode == "client":
             for payload in a.payloads:
-                doc["runs"].append({"system": "pyraft-kvclient", "payload": payload, "sync": False,
-                                    "result": run_client_mode(a, payload, progress)})
+                for threads in a.thread_counts:
+                    doc["runs"].append({"system": "pyraft-kvclient", "payload": payload, "sync": False,
+                                        "client_threads": threads,
+                                        "result": run_client_mode(a, payload, threads, progress)})
         else:
             _run_matrix(a, doc, progress)
     except KeyboardInterrupt:
@@ -1254,6 +1444,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f.write(text + "\n")
     if a.json:
         print(text)
+    elif "etcd_comparison" in doc:
+        from . import bench_etcd
+        print(bench_etcd.render(doc))
     else:
         print(render_table(doc))
     return 0

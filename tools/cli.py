@@ -31,10 +31,10 @@ EXIT_CODES = """\
 exit codes (pyraft-kv, pyraft-admin and pyraft-inspect alike):
   0    done; health: healthy; verify: the log is sound
   1    the operation failed or the answer is no: the node refused it, it timed out
-       (a write's outcome is then unknown), the key is absent, the cas did not match,
-       the node is unhealthy, verify found a logical fault
+       (a write's outcome is then unknown), the key or lease is absent, the cas or
+       a txn's compares did not match, the node is unhealthy, verify found a logical fault
   2    usage error, a node that does not answer, files or key files that cannot be read
-  130  interrupted (Ctrl-C)
+  130  interrupted (Ctrl-C; how pyraft-kv watch and lease keepalive usually end)
 with --json, errors too are one JSON object on stdout: {"error": TYPE, "message": TEXT, "exit_code": N}"""
 
 #: The environment variable every tool reads cluster addresses from when --cluster is not given.

@@ -6,10 +6,14 @@
                     --data-dir DIR [--init | --force-new-cluster] [--config FILE] [--log-level LEVEL]
                     [--metrics-listen HOST:PORT]
                     [--curve-secret FILE [--curve-public FILE] --curve-allow DIR | --insecure]
-    pyraft-kv put    --cluster ADDR,ADDR,... KEY VALUE [--type T]
-    pyraft-kv get    --cluster ADDR,ADDR,... KEY [--stale]
+    pyraft-kv put    --cluster ADDR,ADDR,... KEY VALUE [--type T] [--lease ID]
+    pyraft-kv get    --cluster ADDR,ADDR,... KEY [--prefix | --end KEY2] [--limit N]
+                     [--keys-only | --count-only] [--stale]
     pyraft-kv delete --cluster ADDR,ADDR,... KEY
     pyraft-kv cas    --cluster ADDR,ADDR,... KEY VALUE [EXPECTED] [--type T]
+    pyraft-kv watch  --cluster ADDR,ADDR,... KEY [--prefix | --end KEY2] [--rev N] [--count N]
+    pyraft-kv lease  --cluster ADDR,ADDR,... grant TTL | keepalive ID [--once] | revoke ID
+    pyraft-kv txn    --cluster ADDR,ADDR,... [JSON | -]
     pyraft-kv restore FILE --data-dir DIR --id N --peers 1=tcp://...,2=tcp://... [--cluster-name NAME]
     pyraft-kv demo   [--keys N] [--threads N] [--dir DIR]
 
@@ -47,6 +51,19 @@ answer within ``--timeout``, when the outcome of a write is unknown); 2
 usage error or unreadable key files.  ``--cluster`` defaults to
 ``$PYRAFT_CLUSTER`` (or the older ``$PYRAFT_KV_CLUSTER``).
 
+The coordination commands mirror ``KVClient`` (and etcdctl): ``get`` with
+``--prefix``, ``--end``, ``--limit``, ``--keys-only`` or ``--count-only``
+reads a range (one ``KEY<TAB>VALUE`` line per key; exit 0 also when it is
+empty); ``watch`` prints one line per event (``REVISION<TAB>put|delete<TAB>
+KEY[<TAB>VALUE]``, or one JSON object per line) until Ctrl-C (exit 130) or
+``--count`` events (exit 0); ``lease grant`` prints the new lease's id,
+``lease keepalive`` its ttl (once, or after every keepalive until Ctrl-C);
+``put --lease`` attaches the key to a lease; ``txn`` reads
+``{"compare": [...], "success": [...], "failure": [...]}`` (the maps of
+``KVClient.txn``) as JSON from its argument or stdin, prints ``succeeded``
+or ``failed`` and a line per response, and exits 1 when the compares did
+not hold (the failure ops did run).  docs/kv.md shows them all.
+
 ``restore`` prepares a new, empty data directory from a backup written by
 ``pyraft-admin backup``: run it for every member of the new cluster with the
 same FILE and ``--peers``, then start each with ``serve`` (no ``--init``).
@@ -72,7 +89,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 
 from pyraft.tools.cli import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Parser, UsageError, add_global,
@@ -119,6 +136,33 @@ def value_to_json(v: Any) -> tuple[Any, str]:
 
 # ---------------------------------------------------------------------------
 # Argument helpers
+
+def _int_arg(minimum: int, note: str = "") -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``minimum``, else a usage error (with ``note`` after the rule)."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = minimum - 1
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}{note}, got {text!r}")
+        return n
+    return parse
+
+
+_positive_int = _int_arg(1)
+_lease_arg = _int_arg(0, " (a lease id, as lease grant prints it)")
+
+
+def _ttl_arg(text: str) -> float:
+    try:
+        ttl = float(text)
+    except ValueError:
+        ttl = 0.0
+    if not 0 < ttl < float("inf"):
+        raise argparse.ArgumentTypeError(f"a ttl is a positive number of seconds, got {text!r}")
+    return ttl
+
 
 def parse_peers(text: str) -> dict[int, str]:
     """``"1=tcp://a:1,2=tcp://b:2"`` -> ``{1: "tcp://a:1", 2: "tcp://b:2"}``."""
@@ -449,62 +493,272 @@ def _json_default(o: Any) -> Any:
     return o.hex() if isinstance(o, bytes) else repr(o)
 
 
-def _client_command(args: argparse.Namespace) -> int:
-    from pyraft.errors import RaftError, Timeout
-    from pyraft.kv import KVCommandError
-    prog = f"pyraft-kv {args.cmd}"
-    j = args.json
-    value = expected = None
-    if args.cmd in ("put", "cas"):
-        value = parse_value(args.value, args.type)
-        if args.cmd == "cas" and args.expected is not None:
-            expected = parse_value(args.expected, args.type)
+def text_value(v: Any) -> str:
+    """A value as ``get`` prints it: a str as it is, bytes in hex, anything else as JSON."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, bytes):
+        return v.hex()
+    return json.dumps(v, default=_json_default)
 
-    def done(result: dict, text: str | None = None, note: str | None = None) -> int:
-        if j:
+
+def text_field(v: Any) -> str:
+    """A key or value as one field of a tab-separated line: :func:`text_value`, but a str holding a tab
+    or a line break is JSON-quoted, so that a line stays one key or one event."""
+    if isinstance(v, str) and ("\t" in v or "\n" in v or "\r" in v):
+        return json.dumps(v)
+    return text_value(v)
+
+
+def kv_to_json(kv: Any, keys_only: bool = False) -> dict:
+    """A :class:`~pyraft.kv.reads.KeyValue` as ``--json`` prints it (``value`` and its ``type`` as ``get``'s)."""
+    d = {"key": kv.key, "create_revision": kv.create_revision, "mod_revision": kv.mod_revision,
+         "version": kv.version, "lease": kv.lease}
+    if not keys_only:
+        d["value"], d["type"] = value_to_json(kv.value)
+    return d
+
+
+def parse_txn(text: str) -> tuple[list, list, list]:
+    """``txn``'s JSON, ``{"compare": [...], "success": [...], "failure": [...]}`` (each optional), as lists of maps.
+
+    Only the shape is checked here; what the maps say is the state machine's
+    to judge (KVClient.txn: a malformed one is refused, nothing changes).
+    """
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"the txn is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise UsageError('a txn is a JSON object: {"compare": [...], "success": [...], "failure": [...]}')
+    unknown = sorted(set(d) - {"compare", "success", "failure"})
+    if unknown:
+        raise UsageError(f"the txn has {unknown[0]!r}: only 'compare', 'success' and 'failure' are known")
+    parts = []
+    for name in ("compare", "success", "failure"):
+        items = d.get(name, [])
+        if not isinstance(items, list) or not all(isinstance(x, dict) for x in items):
+            raise UsageError(f"the txn's {name!r} must be a list of JSON objects")
+        parts.append(items)
+    return parts[0], parts[1], parts[2]
+
+
+class _Output:
+    """What a client command prints: results and errors, as text or ``--json``, and streams of lines."""
+
+    def __init__(self, prog: str, as_json: bool) -> None:
+        self.prog = prog
+        self.json = as_json
+
+    def done(self, result: dict, text: str | None = None, note: str | None = None, code: int = EXIT_OK) -> int:
+        """Print one result (``text``, if any, without ``--json``; ``note`` on stderr) and return ``code``."""
+        if self.json:
             print(json.dumps(result, sort_keys=True, default=_json_default))
         else:
             if text is not None:
                 print(text)
             if note is not None:
-                print(f"{prog}: {note}", file=sys.stderr)
-        return EXIT_OK
+                self.note(note)
+        return code
 
-    def fail(kind: str, message: str) -> int:
-        return emit_error(prog, j, EXIT_FAILED, message, kind=kind)
+    def line(self, result: dict, text: str) -> None:
+        """One line of a stream (an event, a keepalive), flushed at once for a reader on a pipe."""
+        print(json.dumps(result, sort_keys=True, default=_json_default) if self.json else text, flush=True)
 
+    def note(self, text: str) -> None:
+        print(f"{self.prog}: {text}", file=sys.stderr, flush=True)
+
+    def fail(self, kind: str, message: str) -> int:
+        return emit_error(self.prog, self.json, EXIT_FAILED, message, kind=kind)
+
+
+def _check_client_args(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """Usage errors of a client command, found before any connection: ``(value, expected, txn)``."""
+    value = expected = txn = None
+    if args.cmd in ("put", "cas"):
+        value = parse_value(args.value, args.type)
+        if args.cmd == "cas" and args.expected is not None:
+            expected = parse_value(args.expected, args.type)
+    if args.cmd == "get" and args.limit is not None:
+        if args.count_only:
+            raise UsageError("--count-only counts every key of the range: --limit does not apply")
+        if not (args.prefix or args.end is not None):
+            raise UsageError("--limit needs a range: --prefix or --end KEY2")
+    if args.cmd == "txn":
+        if args.json_text in (None, "-"):
+            if sys.stdin.isatty():
+                print("pyraft-kv txn: reading the txn as JSON from stdin (end with Ctrl-D)", file=sys.stderr)
+            text = sys.stdin.read()
+        else:
+            text = args.json_text
+        txn = parse_txn(text)
+    return value, expected, txn
+
+
+def _client_command(args: argparse.Namespace) -> int:
+    from pyraft.errors import RaftError, Timeout
+    from pyraft.kv import KVCommandError
+    action = getattr(args, "lease_cmd", None)
+    prog = f"pyraft-kv {args.cmd}" + (f" {action}" if action else "")
+    out = _Output(prog, args.json)
+    value, expected, txn = _check_client_args(args)
     kv = _client(args)
     try:
         if args.cmd == "put":
-            kv.put(args.key, value)
-            return done({"key": args.key, "put": True})
+            kv.put(args.key, value, lease=args.lease)
+            return out.done({"key": args.key, "put": True, **({"lease": args.lease} if args.lease is not None else {})})
         if args.cmd == "get":
+            if args.prefix or args.end is not None or args.limit or args.keys_only or args.count_only:
+                return _get_range(kv, args, out)
             v = kv.get(args.key, stale=args.stale)
             if v is None:
-                return fail("NotFound", f"{args.key!r}: not found")
+                return out.fail("NotFound", f"{args.key!r}: not found")
             jv, kind = value_to_json(v)
-            text = v if isinstance(v, str) else jv if kind == "bytes-hex" else json.dumps(v, default=_json_default)
-            return done({"key": args.key, "value": jv, "type": kind}, text)
+            return out.done({"key": args.key, "value": jv, "type": kind}, text_value(v))
         if args.cmd == "delete":
             existed = kv.delete(args.key)
-            return done({"key": args.key, "deleted": bool(existed)},
-                        note=None if existed else f"{args.key!r}: not found (nothing deleted)")
+            return out.done({"key": args.key, "deleted": bool(existed)},
+                            note=None if existed else f"{args.key!r}: not found (nothing deleted)")
         if args.cmd == "cas":
             if kv.cas(args.key, expected, value):
-                return done({"key": args.key, "swapped": True})
+                return out.done({"key": args.key, "swapped": True})
             want = "absent" if args.expected is None else f"{expected!r}"
-            return fail("CasFailed", f"{args.key!r} not set: its value is not {want}")
+            return out.fail("CasFailed", f"{args.key!r} not set: its value is not {want}")
+        if args.cmd == "watch":
+            return _watch(kv, args, out)
+        if args.cmd == "lease":
+            return _lease(kv, args, out)
+        if args.cmd == "txn":
+            return _txn(kv, *txn, out)
         raise UsageError(f"unknown command {args.cmd}")
     except KVCommandError as e:
-        return emit_error(prog, j, EXIT_FAILED, e, prefix="refused: ")
+        return emit_error(prog, out.json, EXIT_FAILED, e, prefix="refused: ")
     except Timeout as e:
-        return emit_error(prog, j, EXIT_FAILED, f"no answer from the cluster within {args.timeout} s: {e} "
-                                                f"(check the addresses, --cluster-name and the CURVE keys)",
+        return emit_error(prog, out.json, EXIT_FAILED, f"no answer from the cluster within {args.timeout} s: {e} "
+                                                       f"(check the addresses, --cluster-name and the CURVE keys)",
                           kind="Timeout")
     except RaftError as e:
-        return emit_error(prog, j, EXIT_FAILED, e, prefix=f"{type(e).__name__}: ")
+        return emit_error(prog, out.json, EXIT_FAILED, e, prefix=f"{type(e).__name__}: ")
+    except _ReaderGone:
+        # The reader of a stream went away (``watch ... | head -3``): a normal end.  Later
+        # writes to stdout, the interpreter's last flush included, go nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     finally:
         kv.close()
+
+
+class _ReaderGone(Exception):
+    """stdout's reader closed the pipe."""
+
+
+def _stream_line(out: _Output, result: dict, text: str) -> None:
+    try:
+        out.line(result, text)
+    except BrokenPipeError:
+        raise _ReaderGone() from None
+
+
+def _get_range(kv: Any, args: argparse.Namespace, out: _Output) -> int:
+    """``get`` of a range: a line per key (``KEY<TAB>VALUE``, or ``KEY``), or the count; exit 0 when empty too."""
+    if args.count_only:
+        n = kv.count(args.key, args.end, prefix=args.prefix, stale=args.stale)
+        return out.done({"count": n}, str(n))
+    r = kv.range(args.key, args.end, prefix=args.prefix, limit=args.limit, keys_only=args.keys_only,
+                 stale=args.stale)
+    result = {"revision": r.revision, "count": r.count, "more": r.more,
+              "kvs": [kv_to_json(x, args.keys_only) for x in r]}
+    lines = [text_field(x.key) if args.keys_only else f"{text_field(x.key)}\t{text_field(x.value)}" for x in r]
+    note = f"{len(r)} of {r.count} keys shown" if r.more else None
+    return out.done(result, "\n".join(lines) if lines else None, note)
+
+
+def _event_to_json(ev: Any) -> dict:
+    """A WatchEvent for ``--json``: ``event`` is put or delete (``type`` is the value's, as in ``get``)."""
+    d = {"event": ev.type, "key": ev.key, "revision": ev.revision, "value": None}
+    if ev.type == "put":
+        d["value"], d["type"] = value_to_json(ev.value)
+    return d
+
+
+def _watch(kv: Any, args: argparse.Namespace, out: _Output) -> int:
+    """Print events as they come, until ``--count`` of them (exit 0) or Ctrl-C (run_main: exit 130)."""
+    from pyraft.errors import Timeout
+    w = kv.watch(args.key, prefix=args.prefix, end=args.end, start_revision=args.rev)
+    try:
+        seen = 0
+        while args.count is None or seen < args.count:
+            try:
+                ev = next(w)
+            except Timeout as e:
+                # The watch goes on where it stood once a member answers again (as etcdctl's does).
+                out.note(f"{e}; still trying")
+                continue
+            fields = [str(ev.revision), ev.type, text_field(ev.key)]
+            if ev.type == "put":
+                fields.append(text_field(ev.value))
+            _stream_line(out, _event_to_json(ev), "\t".join(fields))
+            seen += 1
+        return EXIT_OK
+    finally:
+        w.close()
+
+
+def _lease(kv: Any, args: argparse.Namespace, out: _Output) -> int:
+    if args.lease_cmd == "grant":
+        lease_id = kv.lease_grant(args.ttl)
+        return out.done({"id": lease_id, "ttl": args.ttl}, str(lease_id))
+    if args.lease_cmd == "revoke":
+        existed = kv.lease_revoke(args.id)
+        return out.done({"id": args.id, "revoked": existed},
+                        note=None if existed else f"lease {args.id}: not found (nothing revoked)")
+    if args.once:
+        ttl = kv.lease_keepalive(args.id)
+        return out.done({"id": args.id, "ttl": ttl}, f"{ttl:g}")
+    # Until Ctrl-C: the library's helper keeps it alive (retrying failed keepalives while the
+    # lease may still live); a line for each keepalive that got through.
+    ka = kv.keep_alive(args.id)  # the first keepalive, now: LeaseNotFound at once
+    try:
+        expires = ka.expires
+        _stream_line(out, {"id": args.id, "ttl": ka.ttl}, f"{ka.ttl:g}")
+        while not ka.lost.wait(0.1):
+            if ka.expires != expires:
+                expires = ka.expires
+                _stream_line(out, {"id": args.id, "ttl": ka.ttl}, f"{ka.ttl:g}")
+        return out.fail("LeaseLost", f"lease {args.id} is lost: it expired or was revoked, or no keepalive got "
+                                     f"through within its ttl of {ka.ttl:g} s")
+    finally:
+        ka.stop()  # not revoked: Ctrl-C leaves the lease to its ttl, as etcdctl keep-alive does
+
+
+def _txn_response(op: dict, r: Any) -> tuple[dict, list[str]]:
+    """One txn response for ``--json`` and as text lines (``OP<TAB>KEY...``)."""
+    kind, key = op.get("op"), op.get("key")
+    d: dict = {"op": kind, "key": key}
+    head = [kind, text_field(key)]
+    rows: list[str] = []
+    if kind == "delete":
+        d["deleted"] = bool(r)
+        head.append("deleted" if r else "not found")
+    elif kind == "get":
+        d["kv"] = None if r is None else kv_to_json(r)
+        head.append("(not found)" if r is None else text_field(r.value))
+    elif kind == "range":
+        keys_only = bool(op.get("keys_only"))
+        d.update(more=r.more, kvs=[kv_to_json(x, keys_only) for x in r])
+        head.append(f"{len(r)} key(s)" + (" (more left out)" if r.more else ""))
+        rows = [f"\t{text_field(x.key)}" + ("" if keys_only else f"\t{text_field(x.value)}") for x in r]
+    return d, ["\t".join(head), *rows]
+
+
+def _txn(kv: Any, compare: list, success: list, failure: list, out: _Output) -> int:
+    """Apply the txn; print ``succeeded`` or ``failed`` and the responses; exit 1 when the compares failed."""
+    r = kv.txn(compare, success, failure)
+    ran = success if r.succeeded else failure
+    responses = [_txn_response(op, x) for op, x in zip(ran, r.responses)]
+    lines = ["succeeded" if r.succeeded else "failed"] + [ln for _, rows in responses for ln in rows]
+    return out.done({"succeeded": r.succeeded, "revision": r.revision, "responses": [d for d, _ in responses]},
+                    "\n".join(lines), code=EXIT_OK if r.succeeded else EXIT_FAILED)
 
 
 # ---------------------------------------------------------------------------
@@ -1069,12 +1323,24 @@ def _parser() -> argparse.ArgumentParser:
                    help="TEST ONLY, off by default: inject faults (dropped peers, a slow disk) as the local JSON "
                         "file FILE says; see pyraft.tools.faults.  Never use in production")
 
+    def key_range(c: argparse.ArgumentParser, what: str) -> None:
+        g = c.add_mutually_exclusive_group()
+        g.add_argument("--prefix", action="store_true", help=f"{what} every key that starts with KEY")
+        g.add_argument("--end", metavar="KEY2", help=f"{what} the keys from KEY up to KEY2 (excluded)")
+
     c = cmd("put", "set KEY to VALUE", client=True)
     c.add_argument("key", metavar="KEY")
     c.add_argument("value", metavar="VALUE")
     c.add_argument("--type", choices=VALUE_TYPES, default="str", help="how to read VALUE (default: str)")
-    c = cmd("get", "print KEY's value (linearizable)", client=True)
+    c.add_argument("--lease", type=_lease_arg, metavar="ID",
+                   help="attach KEY to lease ID: it is deleted when the lease expires or is revoked")
+    c = cmd("get", "print KEY's value, or the keys of a range (linearizable)", client=True)
     c.add_argument("key", metavar="KEY")
+    key_range(c, "read")
+    c.add_argument("--limit", type=_positive_int, metavar="N", help="at most N keys of the range")
+    g = c.add_mutually_exclusive_group()
+    g.add_argument("--keys-only", action="store_true", help="the keys without their values")
+    g.add_argument("--count-only", action="store_true", help="only how many keys there are")
     c.add_argument("--stale", action="store_true", help="read any node's copy (may be stale)")
     c = cmd("delete", "remove KEY", client=True)
     c.add_argument("key", metavar="KEY")
@@ -1084,6 +1350,37 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("expected", metavar="EXPECTED", nargs="?", default=None)
     c.add_argument("--type", choices=VALUE_TYPES, default="str",
                    help="how to read VALUE and EXPECTED (default: str)")
+
+    c = cmd("watch", "print the changes of KEY (or a range) as they come, until Ctrl-C or --count events",
+            client=True)
+    c.add_argument("key", metavar="KEY")
+    key_range(c, "watch")
+    c.add_argument("--rev", type=_positive_int, metavar="N",
+                   help="from revision N on (default: the changes after the command starts)")
+    c.add_argument("--count", type=_positive_int, metavar="N", help="exit 0 after N events")
+    c = cmd("lease", "grant, keep alive or revoke a lease (its keys are deleted with it)", client=True)
+    lease = c.add_subparsers(dest="lease_cmd", metavar="ACTION", parser_class=Parser)
+    lease.required = True
+    la = lease.add_parser("grant", help="grant a lease of TTL seconds; prints its id",
+                          description="grant a lease of TTL seconds; prints its id")
+    la.add_argument("ttl", type=_ttl_arg, metavar="TTL", help="seconds (at least three election timeouts)")
+    lk = lease.add_parser("keepalive", help="restart the lease's ttl; prints it (until Ctrl-C, or --once)",
+                          description="restart the lease's ttl and print it: every third of the ttl until "
+                                      "Ctrl-C (the lease then expires after its ttl), or --once")
+    lk.add_argument("id", type=_lease_arg, metavar="ID")
+    lk.add_argument("--once", action="store_true", help="one keepalive, then exit")
+    lr = lease.add_parser("revoke", help="revoke the lease: its keys are deleted",
+                          description="revoke the lease: its keys are deleted")
+    lr.add_argument("id", type=_lease_arg, metavar="ID")
+    subs += [la, lk, lr]
+    clients += [la, lk, lr]
+    c = cmd("txn", "if every compare holds apply the success ops, else the failure ops, atomically", client=True)
+    c.add_argument("json_text", metavar="JSON", nargs="?",
+                   help='{"compare": [...], "success": [...], "failure": [...]} (default, or -: read it from '
+                        'stdin); compares {"key", "target": "value"|"version"|"create_revision"|"mod_revision"'
+                        '|"lease", "op": "=="|"!="|"<"|">", "value"}; ops {"op": "put", "key", "value"[, "lease"]}, '
+                        '{"op": "delete", "key"}, {"op": "get", "key"}, {"op": "range", "key"[, "end", "prefix", '
+                        '"limit", "keys_only"]}')
 
     r = cmd("restore", "prepare a new, empty data directory as a member of a new cluster holding a backup's data")
     r.add_argument("file", metavar="FILE", help="a backup written by pyraft-admin backup")
@@ -1099,7 +1396,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--keep", action="store_true", help="keep the temporary directory")
 
     add_global(p, subs, "--json", action="store_true", default=False,
-               help="print one JSON object (errors too); serve: start-up errors only")
+               help="print one JSON object (errors too; watch and lease keepalive: one per line); serve: start-up "
+                    "errors only")
     add_global(p, subs, "--cluster-name", default=None, metavar="NAME",
                help="the cluster's name (clients: default pyraft; serve: overrides the config's; restore: "
                     "default the backup's)")
@@ -1115,13 +1413,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+#: The commands that talk to a cluster as a KVClient.
+CLIENT_COMMANDS = ("put", "get", "delete", "cas", "watch", "lease", "txn")
 #: Options given before the command that only the client commands use.
 _CLIENT_ONLY = {"cluster": None, "timeout": 5.0, "curve_keys_dir": None}
 
 
 def _main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    if args.cmd not in ("put", "get", "delete", "cas"):
+    if args.cmd not in CLIENT_COMMANDS:
         given = [k for k, default in _CLIENT_ONLY.items() if getattr(args, k) != default]
         if given:
             raise UsageError(f"{args.cmd} takes no --{given[0].replace('_', '-')} (only the client commands do)")

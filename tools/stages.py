@@ -9,7 +9,8 @@ and reports the median and p90 of every stage.
 
 :func:`floors` measures, on the same machine, what the slowest parts cost
 when nothing else runs: handing work from one Python thread to another, one
-ZeroMQ DEALER/ROUTER trip over loopback, and one durable LMDB commit.  The
+ZeroMQ DEALER/ROUTER trip over loopback, one durable LMDB commit, and one
+LMDB commit without fsync (what a state machine's apply commits).  The
 stage table next to the floors shows what bounds the latency.
 
 The probes cost about a microsecond each and exist only in benchmark node
@@ -66,11 +67,33 @@ def install() -> None:
     _probe(core.RaftCore, "_handle", "rpc", when=lambda a: a[1][0] == "rpc")
     _probe(lmdb_store.LmdbLogStore, "write", "disk", leave=True)
     _probe(zmq_transport.ZmqTransport, "_flush_replies", "reply_out", when=lambda a: bool(a[0]._outbox))
-    _probe(core.RaftCore, "post", "resp_in", when=lambda a: a[1][0] == "resp")
+    _probe(core.RaftCore, "post_reply", "resp_in", when=lambda a: a[1][0] == "resp")
     _probe(core.RaftCore, "_handle", "resp", when=lambda a: a[1][0] == "resp")
     _probe(core.RaftCore, "_submit_apply", "commit")
     _probe(workers.SMWorker, "_apply", "apply")
+    _probe_sm_commit(lmdb_store.LmdbEnv)
     _probe(futures.ClientFuture, "set_result", "result")
+
+
+def _probe_sm_commit(env_cls: type) -> None:
+    """Mark where a state machine's LMDB write transaction (KVStateMachine's) ends its work and commits."""
+    write = env_cls.write
+    rec = _records.append
+
+    def probed(self: Any, fn: Callable[[Any], Any]) -> Any:
+        if self.what != "KV state machine":
+            return write(self, fn)
+
+        def work(txn: Any) -> Any:
+            out = fn(txn)
+            rec((_ns(), "sm_commit"))
+            return out
+
+        out = write(self, work)
+        rec((_ns(), "sm_commit.done"))
+        return out
+
+    env_cls.write = probed
 
 
 def dump(path: str) -> None:
@@ -103,9 +126,14 @@ STAGES: list[tuple[str, str, str, str, str]] = [
     ("worker -> RaftCore (hand-off)", "L", "resp_in", "L", "resp"),
     ("engine: count the ack, commit", "L", "resp", "L", "commit"),
     ("RaftCore -> SM worker (hand-off)", "L", "commit", "L", "apply"),
-    ("apply the entry", "L", "apply", "L", "result"),
+    ("state machine: apply the entry (KV: its commands)", "L", "apply", "L", "sm_commit"),
+    ("state machine: LMDB commit", "L", "sm_commit", "L", "sm_commit.done"),
+    ("complete the client's future", "L", "sm_commit.done", "L", "result"),
     ("SM worker -> client (hand-off)", "L", "result", "L", "write.done"),
 ]
+#: events only some state machines have (KVStateMachine's LMDB transaction): without them the
+#: stage that ends at the first one runs on to the next event there is, and the others have no samples
+OPTIONAL = {("L", "sm_commit"), ("L", "sm_commit.done")}
 
 
 def analyze(paths: dict[int, str], leader: int, skip: float = 0.2) -> dict[str, Any]:
@@ -149,10 +177,21 @@ def analyze(paths: dict[int, str], leader: int, skip: float = 0.2) -> dict[str, 
         f = min(outs)[1]
         # Walk the path: each stage ends at the first matching record after it began.
         marks: dict[tuple[str, str], int] = {("L", "write"): a}
+        absent: set[str] = set()
         complete = True
-        for _name, p0, e0, p1, e1 in STAGES:
+
+        def end(p1: str, e1: str, t0: int) -> int | None:
+            return b if (p1, e1) == ("L", "write.done") else first(leader if p1 == "L" else f, e1, t0, b)
+
+        for k, (name, p0, e0, p1, e1) in enumerate(STAGES):
             t0 = marks[(p0, e0)]
-            t1 = b if (p1, e1) == ("L", "write.done") else first(leader if p1 == "L" else f, e1, t0, b)
+            if (p0, e0) in OPTIONAL and t0 == marks.get(("absent", e0)):
+                absent.add(name)  # an earlier stage ran on past this one
+            t1 = end(p1, e1, t0)
+            if t1 is None and (p1, e1) in OPTIONAL:
+                later = next(s for s in STAGES[k + 1:] if (s[3], s[4]) not in OPTIONAL)
+                t1 = end(later[3], later[4], t0)
+                marks[("absent", e1)] = t1
             if t1 is None:
                 complete = False
                 break
@@ -160,7 +199,8 @@ def analyze(paths: dict[int, str], leader: int, skip: float = 0.2) -> dict[str, 
         if not complete:
             continue
         for name, p0, e0, p1, e1 in STAGES:
-            samples[name].append((marks[(p1, e1)] - marks[(p0, e0)]) / 1e3)
+            if name not in absent:
+                samples[name].append((marks[(p1, e1)] - marks[(p0, e0)]) / 1e3)
         d0 = first(leader, "disk", a, b)
         d1 = first(leader, "disk.done", d0, b) if d0 is not None else None
         if d1 is not None:
@@ -262,12 +302,31 @@ def _lmdb_commit(n: int, tmpdir: str | None) -> float:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def _lmdb_commit_nosync(n: int, tmpdir: str | None) -> float:
+    """One small write transaction committed without fsync: what a state machine's apply commits."""
+    from pyraft.stores.lmdb import LmdbEnv
+
+    d = tempfile.mkdtemp(prefix="pyraft-floor-", dir=tmpdir)
+    env = LmdbEnv(d, "sm.lmdb", "sm.lock", what="floor", sync=False)
+    try:
+        took = []
+        for i in range(n):
+            t0 = _ns()
+            env.write(lambda txn: txn.put(i.to_bytes(8, "big"), b"x" * 40))
+            took.append(_ns() - t0)
+        return statistics.median(took) / 1e3
+    finally:
+        env.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def floors(tmpdir: str | None = None, n: int = 2000) -> dict[str, float]:
     """What the slow parts cost alone on this machine (microseconds, medians)."""
     return {
         "thread_hand_off_us": round(_thread_hop(n), 1),
         "zmq_one_way_us": round(_zmq_one_way(n), 1),
         "lmdb_commit_us": round(_lmdb_commit(min(n, 1000), tmpdir), 1),
+        "lmdb_commit_nosync_us": round(_lmdb_commit_nosync(min(n, 1000), tmpdir), 1),
     }
 
 
@@ -283,9 +342,16 @@ def render(result: dict[str, Any], fl: dict[str, float] | None) -> str:
     if fl:
         hops = sum(1 for name, *_ in STAGES if "hand-off" in name)
         floor = hops * fl["thread_hand_off_us"] + 2 * fl["zmq_one_way_us"] + fl["lmdb_commit_us"]
+        sm = next((r for r in result["stages"] if r["stage"] == "state machine: LMDB commit"), None)
+        sm_commit = sm is not None and sm["p50_us"] is not None and "lmdb_commit_nosync_us" in fl
+        if sm_commit:
+            floor += fl["lmdb_commit_nosync_us"]
         rows.append(f"floors on this machine, alone: thread hand-off {fl['thread_hand_off_us']} us, ZeroMQ one way "
-                    f"{fl['zmq_one_way_us']} us, LMDB commit {fl['lmdb_commit_us']} us; the path has {hops} "
-                    f"hand-offs, 2 network trips and 1 commit: {floor:.0f} us before any Raft work")
+                    f"{fl['zmq_one_way_us']} us, LMDB commit {fl['lmdb_commit_us']} us"
+                    + (f", without fsync {fl['lmdb_commit_nosync_us']} us" if "lmdb_commit_nosync_us" in fl else "")
+                    + f"; the path has {hops} hand-offs, 2 network trips and 1 commit"
+                    + (" (+ the state machine's, without fsync)" if sm_commit else "")
+                    + f": {floor:.0f} us before any Raft work")
     return "\n".join(rows)
 
 

@@ -21,7 +21,6 @@ Field invariants::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import repeat
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..config import Config
@@ -30,7 +29,7 @@ from ..messages import (AppendEntriesRequest, AppendEntriesResponse, InstallSnap
                         InstallSnapshotResponse, TimeoutNowRequest, TimeoutNowResponse, VoteRequest,
                         VoteResponse)
 from ..types import (Entry, EntryKind, LogId, Membership, Node, ServerState, SnapshotMeta,
-                     StoredMembership, Vote, log_index)
+                     StoredMembership, Vote, log_id_run, log_index, normal_entries)
 from .commands import (Apply, AppendToLog, BuildSnapshot, InstallSnapshot, PurgeLog,
                        ReceiveSnapshotChunk, Replicate, Respond, RespondRead, SaveCommitted, SaveVote,
                        SendSnapshot, SendTimeoutNow, SendVote, TruncateLog, UpdateReplication)
@@ -420,9 +419,9 @@ class Engine:
             return []
         term = self.vote.term
         first = self.log.last_index + 1
-        lids = [LogId(term, i) for i in range(first, first + len(payloads))]
+        lids = log_id_run(term, first, len(payloads))
         self.log.append_run(lids[0], lids[-1])
-        self._emit(AppendToLog(list(map(Entry, lids, repeat(EntryKind.NORMAL, len(lids)), payloads))))
+        self._emit(AppendToLog(normal_entries(lids, payloads)))
         self._dirty.update(self.progress)
         if not self.progress:
             self._maybe_commit()

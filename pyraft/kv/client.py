@@ -22,7 +22,13 @@ below.
 How a call proceeds:
 
 - It goes to the last known leader (or the first address), over one
-  ZeroMQ DEALER per node (:class:`~pyraft.transports.zmq.ZmqClient`).
+  ZeroMQ DEALER per node that every thread of the client shares
+  (:class:`~pyraft.transports.zmq.ZmqChannel`): each call has its own
+  request id and waits for the reply with that id, so calls from many
+  threads are in flight on one connection at once (pipelined), and those
+  queued together leave together.  No thread of the client's own: one of
+  the waiting callers drives the sockets for all of them, so a lone
+  caller sends and receives on its own thread.
 - A ``ForwardToLeader`` reply names the leader's address: the call follows it
   at once.  A reply without a usable hint (an election is running), a lost
   reply or an unreachable node: the call waits a little and tries the next
@@ -41,11 +47,18 @@ Exactly-once: every write carries a session, ``client`` (16 random bytes)
 and ``seq`` (one more per write), and every retry of that write carries the
 same pair.  The state machine applies a ``(client, seq)`` once and answers
 duplicates with the remembered result, so a write whose reply was lost and
-that was retried returns its original result and is not applied twice.  A
-session has at most one write in flight (the state machine remembers only
-each session's last seq), so concurrent calls from several threads each take
-their own session and connections from a small pool: the client is
-thread-safe, and calls from different threads run in parallel.
+that was retried returns its original result and is not applied twice.
+The state machine remembers only each session's *last* seq, so a session
+must never have two writes in flight: a newer seq applied first would make
+the older one "stale" (refused, though it was never applied).  So each
+write takes a session of its own from a pool for as long as the call lasts,
+retries included, and gives it back after; concurrent writes hold distinct
+sessions (the pool grows to the number of writes in flight at once, and
+the state machine forgets idle sessions after ``session_ttl`` entries).  A
+copy of an earlier write of the same session that arrives late (its call
+gave up with ``Timeout``) carries a smaller seq than anything sent on the
+session since, so it is refused, never applied a second time.  Reads carry
+no session.
 
 CURVE: with ``curve`` (a :class:`~pyraft.transports.zmq.CurveConfig` with
 this client's ``secret_key_file`` and the ``allowed_keys_dir`` holding each
@@ -69,7 +82,7 @@ from typing import Any, Iterable, Mapping
 from ..codec import ClientRequest, ClientResponse
 from ..errors import LeaseNotFound, RaftError, Timeout
 from ..raft import raise_error_response
-from ..transports.zmq import CurveConfig, TransportError, ZmqClient
+from ..transports.zmq import CurveConfig, TransportError, ZmqChannel, ZmqClient
 from .commands import KVCommandError, check_command, check_key
 from .encoding import range_bounds
 from .reads import KeyValue, RangeResult, TxnResult, WatchEvent, check_limit
@@ -118,7 +131,12 @@ def parse_addresses(addresses: str | Iterable[str] | Mapping[int, str]) -> list[
 
 
 class _Session:
-    """One in-flight call's identity and connections; used by one thread at a time."""
+    """A write session (client id, last seq) and, for calls that use their own, connections.
+
+    Used by one thread at a time: one write in flight at most (see the
+    module docstring).  The connections are for calls that hold one for a
+    while (watches); ordinary calls share the client's channel.
+    """
 
     __slots__ = ("client_id", "seq", "conns")
 
@@ -165,6 +183,8 @@ class KVClient:
         self._failed: dict[str, float] = {}  # address -> monotonic time of its last failed attempt
         self._free: list[_Session] = []
         self._closed = False
+        self._chan = ZmqChannel(cluster_name, curve=curve,
+                                server_key=self._server_key if curve is not None else None)
         self._keepalives: set[KeepAlive] = set()  # running KeepAlive helpers: close() stops them
 
     # ------------------------------------------------------------------ the API
@@ -305,17 +325,15 @@ class KVClient:
 
     def status(self, address: str | None = None, timeout: float | None = None) -> dict:
         """``kv.status`` of one node (default: the one this client would try first)."""
-        sess = self._acquire()
-        try:
-            addr = address or self._first_choice()
-            resp = self._conn(sess, addr).call(ClientRequest("kv.status", None), timeout or self.timeout)
-            if not isinstance(resp, ClientResponse):
-                raise RaftError(f"{addr}: unexpected reply {type(resp).__name__}")
-            if not resp.ok:
-                raise_error_response(resp)
-            return resp.body
-        finally:
-            self._release(sess)
+        if self._closed:
+            raise RaftError("KVClient is closed")
+        addr = address or self._first_choice()
+        resp = self._chan.call(addr, ClientRequest("kv.status", None), timeout or self.timeout)
+        if not isinstance(resp, ClientResponse):
+            raise RaftError(f"{addr}: unexpected reply {type(resp).__name__}")
+        if not resp.ok:
+            raise_error_response(resp)
+        return resp.body
 
     @property
     def leader_address(self) -> str | None:
@@ -330,6 +348,7 @@ class KVClient:
             keepalives, self._keepalives = self._keepalives, set()
         for k in keepalives:
             k.stop()
+        self._chan.close()
         for s in free:
             s.close()
 
@@ -357,16 +376,20 @@ class KVClient:
                 return
         sess.close()
 
+    def _server_key(self, addr: str) -> bytes:
+        """The CURVE public key of the node at ``addr`` (TransportError when its node id is unknown)."""
+        assert self.curve is not None
+        with self._lock:
+            node_id = self._ids.get(addr)
+        if node_id is None:
+            raise TransportError(f"CURVE: no node id known for {addr}, so no server key")
+        return self.curve.server_key_for(node_id)
+
     def _conn(self, sess: _Session, addr: str) -> ZmqClient:
+        """A connection of the session's own to ``addr`` (for calls that hold one a while, as watches)."""
         c = sess.conns.get(addr)
         if c is None:
-            key = None
-            if self.curve is not None:
-                with self._lock:
-                    node_id = self._ids.get(addr)
-                if node_id is None:
-                    raise TransportError(f"CURVE: no node id known for {addr}, so no server key")
-                key = self.curve.server_key_for(node_id)
+            key = self._server_key(addr) if self.curve is not None else None
             c = ZmqClient(addr, self.cluster_name, curve=self.curve, server_key=key, timeout=self.attempt_timeout)
             sess.conns[addr] = c
         return c
@@ -425,17 +448,21 @@ class KVClient:
 
     def _call(self, op: str, body: dict, *, write: bool) -> Any:
         deadline = time.monotonic() + self.timeout
+        if not write:
+            if self._closed:
+                raise RaftError("KVClient is closed")
+            return self._attempts(ClientRequest(op, body), deadline, False)
         sess = self._acquire()
         try:
-            if write:
-                # One seq per logical write, the same on every retry: the state machine dedups.
-                sess.seq += 1
-                body = {**body, "client": sess.client_id, "seq": sess.seq}
-            return self._attempts(sess, ClientRequest(op, body), deadline, write and op == "kv.write")
+            # One seq per logical write, the same on every retry: the state machine dedups.
+            # The session is this call's alone until it returns (one write in flight per session).
+            sess.seq += 1
+            body = {**body, "client": sess.client_id, "seq": sess.seq}
+            return self._attempts(ClientRequest(op, body), deadline, op == "kv.write")
         finally:
             self._release(sess)
 
-    def _attempts(self, sess: _Session, req: ClientRequest, deadline: float, is_write: bool) -> Any:
+    def _attempts(self, req: ClientRequest, deadline: float, is_write: bool) -> Any:
         addr = self._first_choice()
         last_error = "no attempt finished"
         backoff = _BACKOFF_MIN
@@ -449,7 +476,7 @@ class KVClient:
                               f"({outcome}); last: {last_error}")
             attempts += 1
             try:
-                resp = self._conn(sess, addr).call(req, min(left, self.attempt_timeout))
+                resp = self._chan.call(addr, req, min(left, self.attempt_timeout))
             except Timeout:
                 # Unreachable, or the reply was lost: retrying is safe (writes are deduplicated).
                 last_error = f"no reply from {addr}"

@@ -29,6 +29,7 @@ on every node alike (the decision depends only on the log).
 Persistence (``path`` given)::
 
     path/objects.lock          flock()ed while open
+    path/objects.boot          the machine's boot id while commits may be unsynced (see "Durability")
     path/objects.lmdb/         LMDB environment, named databases:
         meta      b"format" -> 1, b"last_applied", b"membership", b"sys" (log time, versions),
                   b"snapshot" -> [snapshot-meta wire, file name]
@@ -38,9 +39,26 @@ Persistence (``path`` given)::
 
 One write transaction per applied batch holds the states of the objects
 the batch touched, the sessions, ``sys``, ``last_applied`` and the
-membership, so a restart restores the objects from LMDB without replaying
-the log.  Without ``path`` the state lives in memory only (the log replays
-after a restart).
+membership, so a restart restores the objects from LMDB and replays only
+the log after ``last_applied``.  Without ``path`` the state lives in memory
+only (the log replays after a restart).
+
+Durability: that transaction is committed without fsync.  The Raft log,
+fsynced on a majority before an entry commits, already makes every applied
+entry recoverable, so the objects may lag their durable state behind the
+log (``docs/objects.md``, "What a node keeps after a crash"):
+
+- a process crash (kill -9) loses nothing: the commits are in the page cache;
+- the log is purged only up to a snapshot, and :meth:`build_snapshot` and
+  :meth:`install_snapshot` fsync the environment before they return, so the
+  durable ``last_applied`` is never behind a purged entry (and
+  ``pyraft.runtime.core.restore_state`` refuses to start a node where it is);
+- a power loss or kernel crash may tear unsynced LMDB pages, so while commits
+  may be unsynced ``objects.boot`` names the machine's boot
+  (:class:`~pyraft.snapshot_files.UnsyncedMark`); opened in another boot, the
+  environment is discarded and rebuilt from the newest snapshot file, and the
+  log replays the rest;
+- :meth:`close` fsyncs and removes ``objects.boot``: nothing to replay.
 
 Snapshot stream (file or BytesIO): ``b"PYRAFTOB"``, then msgpack records: a
 header ``{"version": 1, "meta": <snapshot-meta wire>}``, ``[0, name, state]``
@@ -66,15 +84,15 @@ import lmdb
 from ..codec import (log_id_from_wire, log_id_to_wire, pack, stored_membership_from_wire, stored_membership_to_wire,
                      unpack)
 from ..errors import CodecError, RaftError, StorageError, Timeout
-from ..snapshot_files import (SnapshotDir, SnapshotWriter, durable, get_pointer, read_records, set_pointer,
-                              unlink_quietly)
+from ..snapshot_files import (SnapshotDir, SnapshotWriter, UnsyncedMark, durable, get_pointer, read_header,
+                              read_records, set_pointer, unlink_quietly)
 from ..stores.lmdb import DEFAULT_MAP_SIZE, DEFAULT_MAX_MAP_SIZE, LmdbEnv
 from ..types import Entry, EntryKind, LogId, SnapshotMeta, StoredMembership, log_index
 from . import _values
 from .base import (NotAttached, ReplicatedMethod, ReplicatedObject, VersionMismatch, iter_versions, outcome_from_wire,
                    outcome_to_wire)
 
-__all__ = ["ObjectStateMachine", "OBJECTS_ENV_NAME", "OBJECTS_LOCK_NAME", "OBJECTS_SNAPSHOT_DIR"]
+__all__ = ["ObjectStateMachine", "OBJECTS_ENV_NAME", "OBJECTS_LOCK_NAME", "OBJECTS_BOOT_NAME", "OBJECTS_SNAPSHOT_DIR"]
 
 log = logging.getLogger("pyraft.objects")
 
@@ -83,6 +101,7 @@ SNAPSHOT_VERSION = 1
 SNAPSHOT_MAGIC = b"PYRAFTOB"
 OBJECTS_ENV_NAME = "objects.lmdb"
 OBJECTS_LOCK_NAME = "objects.lock"
+OBJECTS_BOOT_NAME = "objects.boot"
 OBJECTS_SNAPSHOT_DIR = "objects-snapshots"
 DEFAULT_SESSION_TTL = 24 * 3600.0
 
@@ -206,6 +225,7 @@ class ObjectStateMachine:
         self._snapshot: tuple[SnapshotMeta, Any] | None = None
         self._env: LmdbEnv | None = None
         self._snaps: SnapshotDir | None = None
+        self._mark: UnsyncedMark | None = None
         if path is not None:
             self._open_lmdb(path, map_size, max_map_size)
 
@@ -564,8 +584,10 @@ class ObjectStateMachine:
     # ------------------------------------------------------------------ LMDB
 
     def _open_lmdb(self, path: str | os.PathLike, map_size: int, max_map_size: int) -> None:
-        env = LmdbEnv(path, OBJECTS_ENV_NAME, OBJECTS_LOCK_NAME, what="object state machine",
-                      map_size=map_size, max_map_size=max_map_size)
+        mark = self._mark = UnsyncedMark(os.path.abspath(os.fspath(path)), OBJECTS_BOOT_NAME,
+                                         "object state machine")
+        env = LmdbEnv(path, OBJECTS_ENV_NAME, OBJECTS_LOCK_NAME, what="object state machine", sync=False,
+                      map_size=map_size, max_map_size=max_map_size, prepare=mark.discard_if_rebooted)
         self._env = env
         try:
             self._snaps = SnapshotDir(os.path.join(env.root, OBJECTS_SNAPSHOT_DIR), _SNAP_SUFFIX)
@@ -578,6 +600,8 @@ class ObjectStateMachine:
                 self._dbs = env.write(init)
             else:
                 self._dbs = env.open_existing_dbs(names)
+            if mark.discarded:
+                self._restore_newest_snapshot()
             meta_db, obj_db, sess_db = self._dbs
             with env.read() as txn:
                 version = self._meta(txn, _K_FORMAT)
@@ -600,6 +624,7 @@ class ObjectStateMachine:
             self._publish_versions()
             self._snapshot = self._snaps.existing(pointer)
             self._cleanup(at_open=True)
+            mark.set()
         except (CodecError, ValueError, TypeError, KeyError, UnicodeDecodeError) as e:
             env.close()
             raise StorageError(f"object state machine in {env.root} is unreadable: {e}") from None
@@ -609,6 +634,43 @@ class ObjectStateMachine:
         except BaseException:
             env.close()
             raise
+
+    def _restore_newest_snapshot(self) -> None:
+        """Load the newest snapshot file that reads whole into the (new, empty) environment, and fsync it."""
+        assert self._env is not None and self._snaps is not None
+        for path in self._snaps.newest_first():
+            try:
+                with open(path, "rb") as f:
+                    meta = read_header(f, SNAPSHOT_MAGIC, SNAPSHOT_VERSION, "object snapshot file")
+                    f.seek(0)
+                    blob = f.read()
+                objects, sessions, sys_v, _sess = _check_snapshot(blob, meta)
+                self._env.write(lambda txn: self._load_txn(txn, meta, objects, sessions, sys_v, path))
+            except (StorageError, CodecError, OSError) as e:
+                log.warning("object state machine in %s: snapshot file %s is unusable (%s); trying an older one",
+                            self._env.root, os.path.basename(path), e)
+                continue
+            self._env.sync()
+            log.warning("object state machine in %s: rebuilt from snapshot %s (up to %s)", self._env.root,
+                        os.path.basename(path), meta.last_log_id)
+            return
+        log.warning("object state machine in %s: no snapshot file to rebuild from: starting empty "
+                    "(the log replays everything it holds)", self._env.root)
+
+    def _load_txn(self, txn: lmdb.Transaction, meta: SnapshotMeta, objects: Mapping[str, bytes],
+                  sessions: Mapping[bytes, bytes], sys_v: Any, path: str) -> None:
+        """Replace everything in ``txn`` with a checked snapshot's content; point at its file ``path``."""
+        meta_db, obj_db, sess_db = self._dbs
+        txn.drop(obj_db, delete=False)
+        txn.drop(sess_db, delete=False)
+        for n, b in objects.items():
+            txn.put(n.encode(), b, db=obj_db)
+        for c, b in sessions.items():
+            txn.put(c, b, db=sess_db)
+        txn.put(_K_SYS, pack(sys_v), db=meta_db)
+        txn.put(_K_APPLIED, pack(log_id_to_wire(meta.last_log_id)), db=meta_db)
+        txn.put(_K_MEMBERSHIP, pack(stored_membership_to_wire(meta.last_membership)), db=meta_db)
+        set_pointer(txn, meta_db, _K_SNAPSHOT, meta, path)
 
     def _meta(self, txn: lmdb.Transaction, key: bytes) -> Any:
         raw = txn.get(key, db=self._dbs[0])
@@ -682,6 +744,9 @@ class ObjectStateMachine:
                 if self._env.write(lambda txn: set_pointer(txn, meta_db, _K_SNAPSHOT, meta, final,
                                                            unless_newer=True)):
                     self._snapshot = (meta, final)
+                # The engine purges the log up to this snapshot once we return: what the
+                # objects hold (applied at least this far) must be on disk first.
+                self._env.sync()
                 self._cleanup()
                 assert self._snapshot is not None
                 return self._snapshot[0]
@@ -723,19 +788,11 @@ class ObjectStateMachine:
             name = getattr(data, "name", None)
         finally:
             data.close()
+        objects, sessions, sys_v, sess = _check_snapshot(blob, meta)
         try:
-            objects, sessions, sys_v = _read_snapshot(blob, meta)
             decoded = {n: _values.loads(b, f"state of {n!r}") for n, b in objects.items() if n in self._objects}
-            sess = [(c, _Session.from_wire(unpack(b, "session"))) for c, b in sessions.items()]
-            if not isinstance(sys_v, dict) or not isinstance(sys_v.get("log_time"), (int, float)):
-                raise CodecError("malformed sys record")
-            _versions_from_wire(sys_v.get("versions", {}))  # what _load_sys reads, once the state is replaced
-            if any(len(c) > MAX_CLIENT_ID_BYTES for c in sessions) or \
-                    any(len(n.encode()) > MAX_NAME_BYTES for n in objects):
-                raise CodecError("a session or object key is longer than the store holds")
-        except (CodecError, StorageError) as e:  # read_records raises StorageError for what it refuses
+        except CodecError as e:
             raise CodecError(f"object state machine: snapshot {meta.snapshot_id} is malformed: {e}") from None
-        sess.sort(key=lambda kv: kv[1].last)
         if self._env is not None:
             assert self._snaps is not None
             final = self._snaps.new_file_path(meta)
@@ -744,25 +801,13 @@ class ObjectStateMachine:
             self._snaps.sync()
             if self._snaps.forget_received(name):
                 unlink_quietly(name)
-            meta_db, obj_db, sess_db = self._dbs
-
-            def load(txn: lmdb.Transaction) -> None:
-                txn.drop(obj_db, delete=False)
-                txn.drop(sess_db, delete=False)
-                for n, b in objects.items():
-                    txn.put(n.encode(), b, db=obj_db)
-                for c, b in sessions.items():
-                    txn.put(c, b, db=sess_db)
-                txn.put(_K_SYS, pack(sys_v), db=meta_db)
-                txn.put(_K_APPLIED, pack(log_id_to_wire(meta.last_log_id)), db=meta_db)
-                txn.put(_K_MEMBERSHIP, pack(stored_membership_to_wire(meta.last_membership)), db=meta_db)
-                set_pointer(txn, meta_db, _K_SNAPSHOT, meta, final)
-
             try:
-                self._env.write(load)
+                self._env.write(lambda txn: self._load_txn(txn, meta, objects, sessions, sys_v, final))
             except BaseException:
                 unlink_quietly(final)
                 raise
+            # The engine purges the log up to the snapshot once we return.
+            self._env.sync()
             snapshot: tuple[SnapshotMeta, Any] = (meta, final)
         else:
             snapshot = (meta, blob)
@@ -800,6 +845,13 @@ class ObjectStateMachine:
         self._closed = True
         self._stop_caller()
         if self._env is not None:
+            if not self._env.closed:
+                try:
+                    self._env.sync()
+                    assert self._mark is not None
+                    self._mark.clear()
+                except (StorageError, OSError) as e:  # the next start replays (or rebuilds): nothing is lost
+                    log.warning("object state machine in %s: could not sync at close: %s", self._env.root, e)
             self._env.close()
 
     def __enter__(self) -> "ObjectStateMachine":
@@ -825,6 +877,26 @@ def _write_snapshot(f: BinaryIO, meta: SnapshotMeta, objects: Iterable[tuple[str
         w.record(_REC_SESSION, c, b)
     w.record(_REC_SYS, sys_b)
     w.finish(_REC_END)
+
+
+def _check_snapshot(blob: bytes, meta: SnapshotMeta) -> tuple[dict[str, bytes], dict[bytes, bytes], Any, list]:
+    """Parse and check a snapshot stream: objects, sessions, sys, and the sessions decoded (oldest use first).
+
+    CodecError for anything that does not decode or validate.
+    """
+    try:
+        objects, sessions, sys_v = _read_snapshot(blob, meta)
+        sess = [(c, _Session.from_wire(unpack(b, "session"))) for c, b in sessions.items()]
+        if not isinstance(sys_v, dict) or not isinstance(sys_v.get("log_time"), (int, float)):
+            raise CodecError("malformed sys record")
+        _versions_from_wire(sys_v.get("versions", {}))  # what _load_sys reads, once the state is replaced
+        if any(len(c) > MAX_CLIENT_ID_BYTES for c in sessions) or \
+                any(len(n.encode()) > MAX_NAME_BYTES for n in objects):
+            raise CodecError("a session or object key is longer than the store holds")
+    except (CodecError, StorageError) as e:  # read_records raises StorageError for what it refuses
+        raise CodecError(f"object state machine: snapshot {meta.snapshot_id} is malformed: {e}") from None
+    sess.sort(key=lambda kv: kv[1].last)
+    return objects, sessions, sys_v, sess
 
 
 def _read_snapshot(blob: bytes, meta: SnapshotMeta) -> tuple[dict[str, bytes], dict[bytes, bytes], Any]:

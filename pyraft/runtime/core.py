@@ -10,6 +10,7 @@ the network commands of that turn executed.  Ticks come from the inbox's
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import queue
@@ -28,7 +29,7 @@ from ..engine.core import Engine, RestoredState
 from ..errors import Fatal, ForwardToLeader, Overloaded, RaftError, ShutDown, StorageError
 from ..messages import InstallSnapshotResponse
 from ..metrics import RaftMetrics
-from ..codec import encode_entries
+from ..codec import encode_entries, normal_entry_prefix
 from ..types import EntryKind, LogId, ServerState, StoredMembership, log_index
 from .cache import EntryCache
 from .futures import fail, succeed
@@ -88,6 +89,9 @@ class RaftCore(threading.Thread):
         self.transport = transport
         self.log_store = log_store
         self.state_machine = state_machine
+        #: ``with core.replies_held():`` around completing many client futures in a row: their
+        #: replies leave together (ZmqTransport.replies_held), when the transport offers it
+        self.replies_held = getattr(transport, "replies_held", None) or contextlib.nullcontext
         self.inbox = Inbox()
         # What peers can put in the inbox is bounded (inbox.py): their requests, and
         # the replies to this node's requests, each in its own lane so that a flood
@@ -116,6 +120,8 @@ class RaftCore(threading.Thread):
         self.cache = EntryCache()
         #: entry tuples of this turn's AppendEntries that carry their encodings (codec.EncodedEntries)
         self._enc_hints: list = []
+        #: this turn's proposals: index of the first -> (its LogIds, the payloads as the clients packed them)
+        self._packed_runs: dict[int, tuple[list[LogId], list[bytes]]] = {}
         self.engine = Engine(node_id, config, rng or random.Random(), time.monotonic(),
                              restore_state(log_store, state_machine))
         # _closed: set (under _post_lock) when the core stops; post/call read it without the lock
@@ -250,6 +256,19 @@ class RaftCore(threading.Thread):
                         writes.append(it)
                         if len(writes) < max_batch:
                             continue
+                    elif kind == "burst":  # client writes and reads the transport delivered together
+                        for sub in it[1]:
+                            if sub[0] == "write":
+                                writes.append(sub)
+                                if len(writes) >= max_batch:
+                                    self._propose(writes)
+                                    writes = []
+                            else:  # a read: it follows the writes before it, as if posted alone
+                                if writes:
+                                    self._propose(writes)
+                                    writes = []
+                                self._handle(sub)
+                        continue
                     if writes:
                         self._propose(writes)
                         writes = []
@@ -306,7 +325,9 @@ class RaftCore(threading.Thread):
         elif kind == "applied":
             self._applied = it[1]
             eng.on_applied(it[1])
-            self._release_reads()
+            if self._read_waiters:
+                with self.replies_held():
+                    self._release_reads()
             self._trim_cache(it[1].index)
         elif kind == "api":
             fn, fut = it[1], it[2]
@@ -359,6 +380,7 @@ class RaftCore(threading.Thread):
         if not log_ids:
             return
         first, top = log_ids[0].index, log_ids[-1].index
+        self._packed_runs[first] = (log_ids, [w[3] for w in writes])
         if pending and self._pending_top >= first:
             # Indexes this node proposed before (a leader again after losing entries): fail those.
             for lid, w in zip(log_ids, writes):
@@ -378,6 +400,7 @@ class RaftCore(threading.Thread):
             cmds = eng.take_output()
             if not cmds:
                 self._enc_hints.clear()
+                self._packed_runs.clear()
                 return
             self._execute(cmds)
 
@@ -397,7 +420,24 @@ class RaftCore(threading.Thread):
             self.cache.purge(upto)
 
     def _encodings(self, entries: list) -> list[bytes]:
-        """The stored encoding of each entry: from this turn's AppendEntries when they came with them."""
+        """The stored encoding of each entry: from this turn's AppendEntries when they came with them,
+        or from the payloads the clients packed when these are this turn's proposals."""
+        runs = self._packed_runs
+        if runs:
+            out: list[bytes] = []
+            n = len(entries)
+            while len(out) < n:
+                k = len(out)
+                run = runs.get(entries[k].index)
+                # The very entries proposed (not others at the same index: a new leader's,
+                # after this node stepped down and truncated in the same turn).
+                if run is None or k + len(run[0]) > n or entries[k].log_id is not run[0][0] \
+                        or entries[k + len(run[0]) - 1].log_id is not run[0][-1]:
+                    break
+                prefix = normal_entry_prefix(run[0][0].term)
+                out += [prefix + p for p in run[1]]
+            if len(out) == n:
+                return out
         if self._enc_hints:
             known: dict[int, bytes] = {}
             for ents in self._enc_hints:  # alive until the turn ends, so id() is unambiguous
@@ -471,6 +511,7 @@ class RaftCore(threading.Thread):
                 if type(c) is Respond:
                     c.token.reply(c.message)
             replied = True
+        reads: list[RespondRead] = []
         for c in cmds:
             t = type(c)
             if t is Replicate or t is SendSnapshot:
@@ -495,13 +536,17 @@ class RaftCore(threading.Thread):
             elif t is UpdateReplication:
                 self._update_workers(c)
             elif t is RespondRead:
-                self._on_read_ready(c)
+                reads.append(c)
             elif t is BuildSnapshot:
                 self._to_sm_worker(("build",))
             elif t is ReceiveSnapshotChunk:
                 self._to_sm_worker(("chunk", c.request))
             elif t is InstallSnapshot:
                 self._to_sm_worker(("install", c.meta, c.token))
+        if reads:  # the reads confirmed together are answered together (replies_held)
+            with self.replies_held():
+                for c in reads:
+                    self._on_read_ready(c)
 
     def _send_replication(self, cmds: list) -> None:
         workers = self.workers
@@ -694,6 +739,9 @@ class RaftCore(threading.Thread):
                 break
             if it[0] in ("write", "api"):
                 _fail(it[2], err)
+            elif it[0] == "burst":
+                for sub in it[1]:  # ("write", command, future, packed) or ("read", future)
+                    _fail(sub[2] if sub[0] == "write" else sub[1], err)
             elif it[0] == "read":
                 _fail(it[1], err)
         self._publish(ServerState.FATAL if self.fatal is not None else ServerState.SHUTDOWN)

@@ -10,6 +10,12 @@ looks at the deque a last time and waits; a producer appends *before* it
 reads ``_sleeping``.  So either the consumer sees the item, or the producer
 sees the flag and notifies under the lock (which the consumer holds until it
 waits).
+
+One notify is enough: the producer that notifies clears the flag (under the
+lock), so the producers behind it, until the woken consumer runs, only
+append.  A consumer woken late (it needs the GIL that a busy producer holds)
+otherwise cost every put in between a lock and a notify.  Their items are
+in the deque before the consumer drains it, which it does once it runs.
 """
 from __future__ import annotations
 
@@ -25,14 +31,16 @@ class Inbox:
     def __init__(self) -> None:
         self._items: collections.deque = collections.deque()
         self._cond = threading.Condition(threading.Lock())  # guards the consumer's sleep
-        self._sleeping = False  # set by the consumer (under _cond) while it waits
+        self._sleeping = False  # set by the consumer while it waits, cleared by the producer that wakes it (under _cond)
 
     def put(self, item: Any) -> None:
         """Any thread: never blocks (unbounded)."""
         self._items.append(item)
         if self._sleeping:
             with self._cond:
-                self._cond.notify()
+                if self._sleeping:
+                    self._sleeping = False  # woken: the producers after this one need not notify
+                    self._cond.notify()
 
     def qsize(self) -> int:
         return len(self._items)

@@ -446,33 +446,38 @@ class SMWorker(_Worker):
             if len(results) != len(entries):
                 raise RuntimeError(f"state machine returned {len(results)} results for {len(entries)} entries")
             if futures:
-                core = self.core
-                pop = futures.pop
-                for e, res in zip(entries, results):
-                    elid = e.log_id
-                    w = pop(elid.index, None)
-                    if w is None:
-                        continue
-                    # Released before it completes: a done-callback that writes again must not
-                    # find this write still counted against Config.max_pending_writes.
-                    core.writes_released_sm += 1
-                    lid, fut = w
-                    try:
-                        if lid is not elid and lid != elid:
-                            fut.set_exception(ForwardToLeader(None, None,
-                                                              f"write {lid} was overwritten by a new leader"))
-                        elif isinstance(res, BaseException):
-                            fut.set_exception(res)
-                        else:
-                            fut.set_result(ClientWriteResponse(lid, res))
-                    except InvalidStateError:
-                        pass  # the caller cancelled its future
+                with self.core.replies_held():  # the batch's replies leave together (see there)
+                    self._complete(entries, results, futures)
             self.applied = entries[-1].log_id
             self.core.post(("applied", self.applied))
         self.core.writes_released_sm += len(futures)
         for lid, fut in futures.values():  # below our applied point: superseded by a snapshot
             fail(fut, ForwardToLeader(None, None, f"write {lid} was superseded by a snapshot"))
         futures.clear()
+
+    def _complete(self, entries: list, results: list, futures: dict[int, tuple[LogId, Future]]) -> None:
+        """Complete the client futures of ``entries`` with their ``results``."""
+        core = self.core
+        pop = futures.pop
+        for e, res in zip(entries, results):
+            elid = e.log_id
+            w = pop(elid.index, None)
+            if w is None:
+                continue
+            # Released before it completes: a done-callback that writes again must not
+            # find this write still counted against Config.max_pending_writes.
+            core.writes_released_sm += 1
+            lid, fut = w
+            try:
+                if lid is not elid and lid != elid:
+                    fut.set_exception(ForwardToLeader(None, None,
+                                                      f"write {lid} was overwritten by a new leader"))
+                elif isinstance(res, BaseException):
+                    fut.set_exception(res)
+                else:
+                    fut.set_result(ClientWriteResponse(lid, res))
+            except InvalidStateError:
+                pass  # the caller cancelled its future
 
     def _start_builder(self) -> None:
         b = self._builder

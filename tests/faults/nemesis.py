@@ -165,7 +165,7 @@ class FaultCluster(LocalCluster):
         return super().data_dir(i) if m is None else os.path.join(m.mountpoint, f"node{i}")
 
     def argv(self, i: int, init: bool = False, extra: Sequence[str] = ()) -> list[str]:
-        a = super().argv(i, init, extra) + ["--fault-control", self.fault_file(i)]
+        a = super().argv(i, init, ["--fault-control", self.fault_file(i), *extra])
         if self.mounts or self.mutant is not None:
             prefix = [sys.executable, "-m", "pyraft.tools.kv"]
             if a[:len(prefix)] != prefix:
