@@ -24,8 +24,9 @@ import os
 from dataclasses import dataclass
 
 from pyraft.kv import KVStateMachine
-from pyraft.kv.statemachine import KV_BOOT_NAME, SNAPSHOT_MAGIC, SNAPSHOT_VERSION, KVReader, rebuild_candidates
-from pyraft.snapshot_files import read_header
+from pyraft.kv.statemachine import _SNAP_SUFFIX as KV_SNAPSHOT_SUFFIX  # the files a rebuild tries
+from pyraft.kv.statemachine import KV_BOOT_NAME, SNAPSHOT_MAGIC, SNAPSHOT_VERSION, KVReader
+from pyraft.snapshot_files import newest_first, read_header
 from pyraft.stores.lmdb import SNAPSHOT_DIR_NAME, LmdbLogStore
 from pyraft.types import log_index
 
@@ -98,7 +99,7 @@ def state_machine_restarts_at(data_dir: str) -> tuple[int, str | None]:
     """The applied index the KV state machine of ``data_dir`` restarts at after a reboot, and a problem or None."""
     snaps = os.path.join(data_dir, SNAPSHOT_DIR_NAME)
     whole, broken = [], []
-    for path in rebuild_candidates(snaps) if os.path.isdir(snaps) else ():
+    for path in newest_first(snaps, KV_SNAPSHOT_SUFFIX) if os.path.isdir(snaps) else ():
         try:
             with open(path, "rb") as f:
                 meta = read_header(f, SNAPSHOT_MAGIC, SNAPSHOT_VERSION, "KV snapshot file")

@@ -27,8 +27,8 @@ MUTANTS = {
                                 "fsynced first",
     "no-dir-fsync": "no directory is ever fsynced (new data dirs, environments, lock files, kv.boot, "
                     "snapshot renames)",
-    "kv-trusts-reboot": "the KV state machine, which commits without fsync, keeps its environment after a "
-                        "power loss (it takes every start for the same boot of the machine)",
+    "sm-trusts-reboot": "the state machines that commit without fsync (KV, objects) keep their environment "
+                        "after a power loss (they take every start for the same boot of the machine)",
 }
 
 
@@ -104,15 +104,14 @@ def _snapshot_unsynced_rename() -> None:
 
 def _no_dir_fsync() -> None:
     from pyraft import snapshot_files
-    from pyraft.kv import statemachine
     from pyraft.stores import lmdb as store
-    for module in (store, snapshot_files, statemachine):  # each one's own binding of the name
+    for module in (store, snapshot_files):  # each one's own binding of the name
         module.sync_dir = lambda path, what: None
 
 
-def _kv_trusts_reboot() -> None:
-    from pyraft.kv import statemachine
-    statemachine._boot_id = lambda: "the-only-boot"
+def _sm_trusts_reboot() -> None:
+    from pyraft import snapshot_files
+    snapshot_files.boot_id = lambda: "the-only-boot"
 
 
 _APPLY = {
@@ -121,7 +120,7 @@ _APPLY = {
     "vote-nosync": _vote_nosync,
     "snapshot-unsynced-rename": _snapshot_unsynced_rename,
     "no-dir-fsync": _no_dir_fsync,
-    "kv-trusts-reboot": _kv_trusts_reboot,
+    "sm-trusts-reboot": _sm_trusts_reboot,
 }
 
 

@@ -5,14 +5,12 @@ Test-only::
     python tests/faults/node.py --boot-id ID [--mutant NAME] serve --id 1 ...
 
 - ``--boot-id``: the machine's boot id as the node sees it (what
-  ``pyraft.kv.statemachine._boot_id`` returns instead of the kernel's).
+  ``pyraft.snapshot_files.boot_id`` returns instead of the kernel's).
   :class:`~.nemesis.FaultCluster` gives a node a new one after each of its power
   cuts, as a machine gets after a reboot, and keeps it across a kill -9.  The
-  KV state machine commits without fsync: after a power cut it must discard
-  its environment and rebuild it from its newest snapshot file (the log
-  replays the rest), after a kill -9 keep it.  A state machine that takes the
-  boot id from another hook (an object state machine made to skip its fsyncs
-  too) gets its hook added to :data:`BOOT_ID_HOOKS`.
+  KV and object state machines commit without fsync: after a power cut they
+  must discard their environment and rebuild it from their newest snapshot
+  file (the log replays the rest), after a kill -9 keep it.
 - ``--mutant``: a durability bug patched in (:mod:`.mutants`), after the boot id.
 
 Run as a script, so that the node imports the installed pyraft and nothing of
@@ -21,14 +19,10 @@ the test suite but :mod:`.mutants`.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
 NODE_PY = os.path.abspath(__file__)
-
-#: Every function a state machine asks for the machine's boot id: (module, name).
-BOOT_ID_HOOKS = (("pyraft.kv.statemachine", "_boot_id"),)
 
 
 def main(argv: list[str]) -> int:
@@ -39,8 +33,8 @@ def main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     if not a.serve or a.serve[0] != "serve":
         p.error("the node's arguments begin with serve")
-    for module, name in BOOT_ID_HOOKS:
-        setattr(importlib.import_module(module), name, lambda boot=a.boot_id: boot)
+    from pyraft import snapshot_files  # where every state machine that skips fsyncs asks for the boot id
+    snapshot_files.boot_id = lambda: a.boot_id
     if a.mutant is not None:
         sys.path.insert(0, os.path.dirname(NODE_PY))
         import mutants  # tests/faults/mutants.py, as a top-level module of this process
