@@ -153,7 +153,7 @@ def test_after_the_whole_cluster_lost_power_the_state_machines_replay_their_logs
 
 
 # ---------------------------------------------------------------------------
-# A short power-loss run (the long ones: cd tests && python -m faults --nemesis all,power)
+# A short power-loss run (the long ones: the soak tests below, or cd tests && python -m faults --nemesis all,power)
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
@@ -168,3 +168,20 @@ def test_power_losses_of_one_node_a_minority_and_the_whole_cluster(tmp_path):
     assert result.ok, result.summary()
     assert result.ops["ok"] > 100 and result.faults["power-all"] >= 1, result.summary()
     assert result.forgotten["cuts"] >= 3, result.summary()
+
+
+# ---------------------------------------------------------------------------
+# Long runs: pytest -m soak tests/test_powerloss.py (docs/power-loss.md, "Running it")
+
+@pytest.mark.soak
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("rule, seed", [("strict", 3), ("ext4", 4)])
+def test_soak_power_losses_mixed_with_the_other_faults(tmp_path, rule, seed):
+    from faults.runner import NEMESES, POWER_NEMESES, RunConfig, run
+
+    require_fuse()
+    result = run(RunConfig(base_dir=str(tmp_path / "run"), nemeses=NEMESES + POWER_NEMESES, duration=600,
+                           seed=seed, lazyfs=rule))
+    print(result.summary())
+    assert result.ok, result.summary()
+    assert result.forgotten["cuts"] >= 10, result.summary()
