@@ -47,6 +47,14 @@ def sync_dir(path: str) -> None:
         os.close(fd)
 
 
+def durable_file(m: LazyMount, name: str, data: bytes) -> str:
+    """A file on mount ``m`` made durable (synced, and its directory): what a cut keeps.  Its path."""
+    p = os.path.join(m.mountpoint, name)
+    write_file(p, data, sync=True)
+    sync_dir(m.mountpoint)
+    return p
+
+
 def read(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
@@ -57,9 +65,7 @@ def read(path: str) -> bytes:
 
 def test_an_unsynced_write_is_forgotten_and_a_synced_one_kept(mount):
     m = mount("strict")
-    p = os.path.join(m.mountpoint, "f")
-    write_file(p, b"a" * 10000, sync=True)
-    sync_dir(m.mountpoint)
+    p = durable_file(m, "f", b"a" * 10000)
     fd = os.open(p, os.O_RDWR)
     os.pwrite(fd, b"B" * 5000, 3000)      # unsynced, across pages
     os.pwrite(fd, b"C" * 100, 12000)      # unsynced, past the end: the file grows
@@ -82,9 +88,7 @@ def test_an_unsynced_write_is_forgotten_and_a_synced_one_kept(mount):
 def test_a_write_through_an_o_dsync_descriptor_is_durable_at_once(mount):
     # LMDB writes its meta pages through such a descriptor (unless metasync is off).
     m = mount("strict")
-    p = os.path.join(m.mountpoint, "f")
-    write_file(p, b"x" * 8192, sync=True)
-    sync_dir(m.mountpoint)
+    p = durable_file(m, "f", b"x" * 8192)
     fd = os.open(p, os.O_WRONLY | os.O_DSYNC)
     os.pwrite(fd, b"M" * 4096, 0)
     os.close(fd)
@@ -94,9 +98,7 @@ def test_a_write_through_an_o_dsync_descriptor_is_durable_at_once(mount):
 
 def test_mmap_reads_see_unsynced_writes_and_after_a_cut_only_what_was_synced(mount):
     m = mount("strict")
-    p = os.path.join(m.mountpoint, "data")
-    write_file(p, b"\0" * 65536, sync=True)
-    sync_dir(m.mountpoint)
+    p = durable_file(m, "data", b"\0" * 65536)
     fd = os.open(p, os.O_RDWR)
     mm = mmap.mmap(fd, 65536, prot=mmap.PROT_READ)   # as LMDB reads its data file
     assert mm[40960:40965] == b"\0" * 5
@@ -228,9 +230,7 @@ def test_lmdb_commits_survive_a_cut_and_an_unsynced_environment_does_not(mount):
 def test_at_a_cut_the_kernel_may_have_written_back_any_subset_of_the_unsynced_pages(mount):
     # Between two syncs a disk holds any subset of the pages written (whole pages here, never torn).
     m = mount("strict")
-    p = os.path.join(m.mountpoint, "f")
-    write_file(p, b"o" * 4096 * 64, sync=True)
-    sync_dir(m.mountpoint)
+    p = durable_file(m, "f", b"o" * 4096 * 64)
     fd = os.open(p, os.O_RDWR)
     for i in range(64):
         os.pwrite(fd, bytes([65 + i % 26]) * 4096, i * 4096)
