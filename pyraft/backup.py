@@ -124,7 +124,9 @@ class BackupWriter:
         self._hash = hashlib.sha256()
         self._written = 0
         try:
-            self._f: BinaryIO | None = open(self._tmp, "xb")
+            # 0600: a backup holds all the data, as the node's own files do
+            fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            self._f: BinaryIO | None = os.fdopen(fd, "wb")
         except OSError as e:
             raise BackupError(f"cannot write {self._tmp}: {e.strerror or e}") from None
         head = msgpack.packb(header.to_wire(), use_bin_type=True)

@@ -16,7 +16,7 @@ fsynced file, the boot of the machine in which it did so.  A process crash
 keeps the page cache, so the same boot finds every commit; another boot (a
 power loss or a kernel crash came between) may find the environment torn,
 and the state machine rebuilds it from its newest snapshot file
-(:meth:`SnapshotDir.newest_first`, every one fsynced when it was made).
+(:func:`newest_first`, every one fsynced when it was made).
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ import msgpack
 
 from .codec import pack, snapshot_meta_from_wire, snapshot_meta_to_wire, unpack
 from .errors import CodecError, StorageError
+from .stores.lmdb import make_dirs, sync_dir
 from .types import SnapshotMeta, log_index
 
 CHUNK = 1 << 20
@@ -149,10 +150,15 @@ def read_header(f: BinaryIO, magic: bytes, version: int, what: str) -> SnapshotM
     return meta
 
 
+def _private(path: str, flags: int) -> int:
+    """``open()``'s opener for snapshot files: created 0600, as they hold all the data."""
+    return os.open(path, flags, 0o600)
+
+
 @contextmanager
 def durable(path: str) -> Iterator[BinaryIO]:
-    """``path`` opened for writing; flushed and fsynced when the block ends without an error."""
-    with open(path, "wb", buffering=CHUNK) as f:
+    """``path`` (created 0600) opened for writing; flushed and fsynced when the block ends without an error."""
+    with open(path, "wb", buffering=CHUNK, opener=_private) as f:
         yield f
         f.flush()
         os.fsync(f.fileno())
@@ -184,7 +190,7 @@ class SnapshotDir:
     """A state machine's snapshot directory (created if absent); ``suffix`` ends its snapshot file names."""
 
     def __init__(self, path: str, suffix: str) -> None:
-        os.makedirs(path, exist_ok=True)
+        make_dirs(path, "snapshot directory")  # 0700, its name durable before a snapshot goes in
         self.path = path
         self.suffix = suffix
         self._receiving: list[str] = []  # .tmp files handed out by begin_receiving (SM thread only)
@@ -223,11 +229,7 @@ class SnapshotDir:
 
     def sync(self) -> None:
         """fsync the directory (its entries: renames, new files)."""
-        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        sync_dir(self.path, "snapshot directory")
 
     def begin_receiving(self) -> BinaryIO:
         """A new empty ``recv-*.tmp`` file; the one handed out before is dropped."""
@@ -235,7 +237,7 @@ class SnapshotDir:
             unlink_quietly(old)
         path = self.tmp_path("recv")
         self._receiving = [path]
-        return open(path, "w+b")
+        return open(path, "w+b", opener=_private)
 
     def forget_received(self, name: Any) -> bool:
         """True when ``name`` is the file :meth:`begin_receiving` handed out; the caller disposes of it."""
@@ -246,13 +248,7 @@ class SnapshotDir:
 
     def newest_first(self) -> list[str]:
         """The paths of the snapshot files here, the highest log index first (``snap-empty-`` last)."""
-        found = []
-        for name in os.listdir(self.path):
-            if name.startswith("snap-") and name.endswith(self.suffix):
-                parts = name.split("-")
-                index = int(parts[2]) if len(parts) > 3 and parts[2].isdigit() else 0
-                found.append((index, name))
-        return [os.path.join(self.path, name) for _i, name in sorted(found, reverse=True)]
+        return newest_first(self.path, self.suffix)
 
     def cleanup(self, current: str | None, at_open: bool = False) -> None:
         """Delete every snapshot file but ``current`` (and, at open, every leftover .tmp)."""
@@ -262,6 +258,21 @@ class SnapshotDir:
                 continue
             if name.endswith(self.suffix) or (at_open and name.endswith(_TMP_SUFFIX)):
                 unlink_quietly(path)
+
+
+def newest_first(path: str, suffix: str) -> list[str]:
+    """The snapshot files (``snap-*suffix``) in the directory ``path``, the highest log index first.
+
+    What a rebuild after a reboot tries, in this order; a module function so that
+    offline readers list a directory without making it.
+    """
+    found = []
+    for name in os.listdir(path):
+        if name.startswith("snap-") and name.endswith(suffix):
+            parts = name.split("-")
+            index = int(parts[2]) if len(parts) > 3 and parts[1] != "empty" and parts[2].isdigit() else 0
+            found.append((index, name))
+    return [os.path.join(path, name) for _i, name in sorted(found, reverse=True)]
 
 
 def unlink_quietly(path: str) -> None:
@@ -280,21 +291,15 @@ def boot_id() -> str | None:
         return None
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class UnsyncedMark:
     """The file ``root/name`` that says an LMDB environment may hold commits not yet fsynced (module doc).
 
-    Use: ``LmdbEnv(..., sync=False, prepare=mark.discard_if_rebooted)``;
-    then, if :attr:`discarded`, rebuild from the newest snapshot; then
-    :meth:`set` before the first unsynced commit; :meth:`clear` after a
-    final fsync (a clean close).  ``boot`` is this boot's id (tests pass another).
+    Use: ``LmdbEnv(..., sync=False, prepare=mark.discard_if_rebooted)``,
+    which writes the mark before LMDB commits anything (even a new
+    environment's first transaction); then, if :attr:`discarded`, rebuild from
+    the newest snapshot, fsync, and :meth:`set` (until then the old mark asks
+    for the rebuild again); :meth:`clear` after a final fsync (a clean close).
+    ``boot`` is this boot's id (tests pass another).
     """
 
     def __init__(self, root: str, name: str, what: str, boot: str | None = None) -> None:
@@ -305,11 +310,12 @@ class UnsyncedMark:
         self.discarded = False
 
     def discard_if_rebooted(self, env_path: str) -> None:
-        """Remove ``env_path`` when the mark names another boot (or none is known); a no-op without a mark."""
+        """Remove ``env_path`` when the mark names another boot (or none is known); without a mark, write it."""
         try:
             with open(self.path, encoding="ascii", errors="replace") as f:
                 written = f.read().strip()
         except FileNotFoundError:
+            self.set()  # clean (closed and synced) or new: nothing to discard
             return
         if self.boot is not None and written == self.boot:
             return  # a process crash: the page cache kept every committed write
@@ -327,9 +333,9 @@ class UnsyncedMark:
         with durable(tmp) as f:
             f.write(f"{self.boot or ''}\n".encode("ascii"))
         os.replace(tmp, self.path)
-        fsync_dir(os.path.dirname(self.path))
+        sync_dir(os.path.dirname(self.path), self.what)
 
     def clear(self) -> None:
         """Remove the mark: call only once everything committed has been fsynced."""
         unlink_quietly(self.path)
-        fsync_dir(os.path.dirname(self.path))
+        sync_dir(os.path.dirname(self.path), self.what)

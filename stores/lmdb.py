@@ -18,6 +18,10 @@ Node data directory
 The names are the ``*_NAME`` constants below; :func:`node_dir_layout` turns a
 ``DATA_DIR`` into the paths, for tools such as ``pyraft-inspect``.
 
+Directories the stores create are 0700 and files 0600: never readable by other
+users.  Every name in the layout is made durable (its directory fsynced, see
+:func:`sync_dir`) before anything is written under it.
+
 Log environment (``log.lmdb``)
 ------------------------------
 
@@ -65,7 +69,7 @@ from pyraft.types import Entry, LogId, Vote, log_index
 __all__ = [
     "LmdbLogStore", "LmdbLogReader", "LogStoreMeta", "LogView", "NodeDirLayout", "node_dir_layout",
     "FORMAT_VERSION", "LOG_ENV_NAME", "LOG_LOCK_NAME", "KV_ENV_NAME", "KV_LOCK_NAME",
-    "SNAPSHOT_DIR_NAME", "DEFAULT_MAP_SIZE", "DEFAULT_MAX_MAP_SIZE", "LmdbEnv",
+    "SNAPSHOT_DIR_NAME", "DEFAULT_MAP_SIZE", "DEFAULT_MAX_MAP_SIZE", "LmdbEnv", "make_dirs", "sync_dir",
 ]
 
 #: Version of the log environment's layout (above) and entry encoding.
@@ -162,14 +166,53 @@ class _MapGate:
                 self._cond.notify_all()
 
 
-def _prepare_dir(root: str, what: str) -> None:
-    """Create ``root`` if absent and check that this process can write in it."""
+def sync_dir(path: str, what: str) -> None:
+    """fsync the directory ``path``: the names in it (new, renamed, removed) are then durable.
+
+    POSIX makes a new name durable only once its directory is fsynced.  ext4 and
+    xfs also commit it with the next fsync of any file, which hides a missing
+    directory fsync there, not on every filesystem: without it a power loss may
+    take a fresh node's whole log with it, every acknowledged write included.
+    """
     try:
-        os.makedirs(root, exist_ok=True)
-    except FileExistsError:
-        raise StorageError(f"{what}: {root} exists and is not a directory") from None
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError as e:
-        raise StorageError(f"{what}: cannot create directory {root}: {e.strerror or e}") from None
+        raise StorageError(f"{what}: cannot fsync directory {path}: {e.strerror or e}") from None
+
+
+def make_dirs(path: str, what: str) -> None:
+    """Create ``path`` and its missing parents, mode 0700, each one durable in its parent.
+
+    Data directories are private: never readable by other users, not even while
+    they are being made.
+    """
+    missing = []
+    p = os.path.abspath(path)
+    while not os.path.lexists(p):
+        missing.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            continue  # made meanwhile by someone else, who makes it durable
+        except OSError as e:
+            raise StorageError(f"{what}: cannot create directory {d}: {e.strerror or e}") from None
+        sync_dir(os.path.dirname(d), what)
+
+
+def _prepare_dir(root: str, what: str) -> None:
+    """Create ``root`` if absent (see :func:`make_dirs`) and check that this process can write in it."""
+    if os.path.lexists(root) and not os.path.isdir(root):
+        raise StorageError(f"{what}: {root} exists and is not a directory")
+    make_dirs(root, what)
     if not os.path.isdir(root):
         raise StorageError(f"{what}: {root} is not a directory")
     if not os.access(root, os.W_OK | os.X_OK):
@@ -180,12 +223,14 @@ def _prepare_dir(root: str, what: str) -> None:
 def _lock_file(lock_path: str, what: str, root: str) -> int:
     """Take the exclusive flock that makes ``root`` this process's and this store's alone.
 
-    flock() belongs to the open file, so a second open in the same process is
-    refused as well as one in another process.  Returns the descriptor, which
+    A new lock file is created 0600 (its name is made durable with the
+    environment's, by :meth:`LmdbEnv._open_writable`).  flock() belongs to
+    the open file, so a second open in the same process is refused as well as
+    one in another process.  Returns the descriptor, which
     holds the lock until it is closed (also by process death).
     """
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as e:
         raise StorageError(f"{what}: cannot open lock file {lock_path}: {e.strerror or e}") from None
     try:
@@ -275,17 +320,26 @@ class LmdbEnv:
         if os.path.lexists(p) and not os.path.isdir(p):
             raise StorageError(f"{self.what}: {p} should be an LMDB environment directory but is a file")
         existed = os.path.exists(os.path.join(p, "data.mdb"))
+        # Made here, 0700: py-lmdb would give the directory the files' mode (0600, no x bit).
+        make_dirs(p, self.what)
         try:
             # An existing environment first adopts the map size it persisted
             # (it may have grown past map_size); then it gets at least map_size.
             env = lmdb.open(p, map_size=0 if existed else _round_page(map_size), subdir=True,
                             readonly=False, sync=sync, metasync=sync, max_dbs=max_dbs,
-                            max_readers=max_readers, lock=True, create=True, mode=0o755)
+                            max_readers=max_readers, lock=True, create=True, mode=0o600)
         except lmdb.Error as e:
             raise _storage_error(self.what, p, e) from None
         except OSError as e:
             raise StorageError(f"{self.what}: cannot open {p}: {e.strerror or e}") from None
         try:
+            # The names of data.mdb and lock.mdb, and of the lock file beside the
+            # environment, durable before anything is written: LMDB's commits sync
+            # the files, never their directories (see sync_dir).  At every opening,
+            # not only the first, so that a crash between LMDB creating the files
+            # and these syncs is mended before the node acknowledges anything.
+            sync_dir(p, self.what)
+            sync_dir(self.root, self.what)
             if env.info()["map_size"] < map_size:
                 env.set_mapsize(_round_page(map_size))
             # Free the reader slots of dead processes (a reader killed inside a
@@ -294,6 +348,9 @@ class LmdbEnv:
         except lmdb.Error as e:
             env.close()
             raise _storage_error(self.what, p, e) from None
+        except BaseException:
+            env.close()
+            raise
         return env
 
     def _open_readonly(self, max_dbs: int) -> lmdb.Environment:

@@ -26,3 +26,18 @@ def pytest_addoption(parser):
                     help="the first seed of the range (default: 0; soak: 1000000)")
     group.addoption("--sim-jobs", type=int, default=None,
                     help="worker processes for the seeds (default: the number of CPUs)")
+
+
+# --- power-loss tests (tests/powerloss/): say why they were skipped -----------------------------
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the reason once when the power-loss tests were skipped (FUSE cannot be mounted here)."""
+    reasons = set()
+    for rep in terminalreporter.stats.get("skipped", []):
+        longrepr = getattr(rep, "longrepr", None)
+        reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else ""
+        if "power-loss tests need FUSE" in reason:
+            reasons.add(reason.removeprefix("Skipped: "))
+    for reason in sorted(reasons):
+        terminalreporter.write_line(f"{reason} (skipped)", yellow=True)

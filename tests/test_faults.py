@@ -17,8 +17,9 @@ import stat
 
 import pytest
 
-from faults.runner import (LogAuditor, RunConfig, check_acknowledged, check_logs, run, scan_node_logs,
-                           varied_config)
+from faults import durability
+from faults.runner import (LogAuditor, RunConfig, check_acknowledged, check_election_safety, check_logs, run,
+                           scan_node_logs, varied_config)
 from pyraft.checker import Op
 from pyraft.tools.faults import FaultControl, write_fault_file
 from pyraft.types import EntryKind
@@ -143,6 +144,41 @@ def test_errors_in_the_node_logs_are_reported(tmp_path):
     assert scan_node_logs({1: str(a)}) == []
     probs = scan_node_logs({1: str(a), 2: str(b)})
     assert len(probs) == 3 and all(p.startswith("node 2 logged") for p in probs)
+
+
+def test_power_nemeses_are_asked_for_by_name_and_put_the_data_on_lazy_filesystems():
+    from faults.nemesis import NEMESES, POWER_NEMESES, parse_nemeses
+    assert parse_nemeses("all") == NEMESES and parse_nemeses("power") == POWER_NEMESES
+    assert parse_nemeses("all,power") == NEMESES + POWER_NEMESES
+    assert parse_nemeses("kill,power-all") == ("kill", "power-all")
+    with pytest.raises(ValueError):
+        parse_nemeses("power-some")
+    assert RunConfig(nemeses=("power-one",)).lazyfs == "strict" and RunConfig().lazyfs is None
+    assert RunConfig(nemeses=("kill", "power-all"), lazyfs="ext4").lazyfs == "ext4"
+
+
+def test_two_leaders_in_one_term_are_reported(tmp_path):
+    a, b = tmp_path / "node1.log", tmp_path / "node2.log"
+    a.write_text("... INFO    node-1 pyraft.runtime: node 1: Leader in term 2, leader 1\n"
+                 "... INFO    node-1 pyraft.runtime: node 1: Follower in term 3, leader 2\n")
+    b.write_text("... INFO    node-2 pyraft.runtime: node 2: Leader in term 3, leader 2\n")
+    assert check_election_safety({1: str(a), 2: str(b)}) == []
+    b.write_text("... INFO    node-2 pyraft.runtime: node 2: Leader in term 2, leader 2\n")
+    probs = check_election_safety({1: str(a), 2: str(b)})
+    assert probs == ["Election Safety: nodes [1, 2] were all leader in term 2"]
+
+
+def test_what_a_node_reported_durable_must_survive_its_power_loss():
+    own = {"id": 2, "vote": {"term": 5, "node_id": 1}, "committed": [5, 40]}
+    leader = {"id": 1, "committed": [5, 90], "replication": {"2": [5, 100], "3": [5, 60]}}
+    floor = durability.floor_from(2, own, leader)
+    assert (floor.vote_term, floor.vote_for, floor.index) == (5, 1, 90)  # acknowledged and committed
+    assert durability.floor_from(3, None, leader).index == 60
+    assert durability.check(floor, durability.OnDisk(5, 1, 90)) == []
+    assert durability.check(floor, durability.OnDisk(6, None, 95)) == []   # a later term is fine
+    lost = durability.check(floor, durability.OnDisk(4, 1, 89))
+    assert len(lost) == 2 and "term went back" in lost[0] and "entries 90..90 are gone" in lost[1]
+    assert "vote in term 5 changed" in durability.check(floor, durability.OnDisk(5, 3, 90))[0]
 
 
 class _FakeTransport:

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import stat
 import shutil
 import subprocess
 import sys
@@ -337,6 +338,7 @@ def test_snapshot_metadata_and_export(history, tmp_path):
     rc, out, err = inspect(d1, "snapshot", "--export", dest)
     assert rc == 0, err
     assert "checksum OK" in out and "150 keys" in out
+    assert stat.S_IMODE(os.stat(dest).st_mode) & 0o077 == 0  # all the data: private
     # The export is a snapshot file the state machine installs as is.
     with KVStateMachine.open_readonly(d1) as r:
         meta = r.status().snapshot

@@ -378,7 +378,7 @@ def test_after_a_reboot_unsynced_state_is_rebuilt_from_the_newest_snapshot(tmp_p
     # kv.boot names the boot the unsynced writes were made in; another boot id means the
     # machine went down since: the environment may be torn and is rebuilt (the log replays the rest).
     _apply_and_kill(tmp_path, mode)
-    monkeypatch.setattr("pyraft.kv.statemachine._boot_id", lambda: "another-boot")
+    monkeypatch.setattr("pyraft.snapshot_files.boot_id", lambda: "another-boot")
     with KVStateMachine(tmp_path) as sm:
         if mode == "snapshot":
             assert sm.applied_state()[0].index == 100          # the snapshot's, fsynced when it was made
@@ -398,9 +398,30 @@ def test_after_a_reboot_unsynced_state_is_rebuilt_from_the_newest_snapshot(tmp_p
 def test_a_clean_close_needs_no_rebuild_after_a_reboot(tmp_path, monkeypatch):
     with KVStateMachine(tmp_path) as sm:
         Applier(sm)(put("a", 1), put("b", 2))
-    monkeypatch.setattr("pyraft.kv.statemachine._boot_id", lambda: "another-boot")
+    monkeypatch.setattr("pyraft.snapshot_files.boot_id", lambda: "another-boot")
     with KVStateMachine(tmp_path) as sm:
         assert sm.applied_state()[0].index == 2 and sm.get("b") == 2
+
+
+def test_a_new_environment_is_marked_unsynced_before_its_first_transaction(tmp_path, monkeypatch):
+    # A new kv.lmdb's first transaction (its databases, its format) is committed without fsync
+    # too: a power loss right after it may leave a torn environment, which kv.boot must name.
+    marks = []
+
+    def dies_after_the_first_transaction(self):
+        self._open_dbs_for_real()
+        marks.append(os.path.exists(tmp_path / "kv.boot"))
+        raise KeyboardInterrupt  # the process dies here
+
+    monkeypatch.setattr(KVStateMachine, "_open_dbs_for_real", KVStateMachine._open_dbs, raising=False)
+    monkeypatch.setattr(KVStateMachine, "_open_dbs", dies_after_the_first_transaction)
+    with pytest.raises(KeyboardInterrupt):
+        KVStateMachine(tmp_path)
+    assert marks == [True]
+    monkeypatch.undo()
+    monkeypatch.setattr("pyraft.snapshot_files.boot_id", lambda: "another-boot")
+    with KVStateMachine(tmp_path) as sm:  # after a reboot: rebuilt (empty), not trusted
+        assert sm.applied_state() == (None, None)
 
 
 def test_the_log_is_purged_only_up_to_what_the_state_machine_holds_durably(tmp_path):

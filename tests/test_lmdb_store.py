@@ -277,7 +277,7 @@ def test_a_read_only_directory_is_refused_with_nothing_created(tmp_path, monkeyp
 def test_a_data_dir_that_cannot_be_created(tmp_path, monkeypatch):
     def refuse(*a, **kw):
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(lmdb_store.os, "makedirs", refuse)
+    monkeypatch.setattr(lmdb_store.os, "mkdir", refuse)
     with pytest.raises(StorageError) as ex:
         LmdbLogStore(tmp_path / "new")
     assert "Permission denied" in str(ex.value)

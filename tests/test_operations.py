@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import stat
 import sys
 import threading
 import time
@@ -211,6 +212,7 @@ def test_backup_of_a_follower_restores_into_a_new_three_node_cluster(make_cluste
     assert header.meta.last_log_id.index >= info["fence_index"]
     rc, _, err = run(padmin.main, "backup", path, "--node", c.addrs[follower])
     assert rc == 2 and "exists" in err
+    assert stat.S_IMODE(os.stat(path).st_mode) & 0o077 == 0  # all the data: private
 
     # A new cluster: other ports, other directories, same data.
     c2 = make_cluster(3, name="restored")
@@ -220,6 +222,7 @@ def test_backup_of_a_follower_restores_into_a_new_three_node_cluster(make_cluste
                            "--json")
         assert rc == 0, err
         assert json.loads(out)["keys"] >= len(acked)
+        assert stat.S_IMODE(os.stat(c2.data_dir(i)).st_mode) == 0o700  # as the stores make data dirs
     rc, _, err = run(pkv.main, "restore", path, "--data-dir", c2.data_dir(1), "--id", 1, "--peers", peers)
     assert rc == 2 and "not empty" in err
     for i in c2.ids:

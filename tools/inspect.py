@@ -800,7 +800,8 @@ def _export_snapshot(dd: DataDir, kv: KVStatus, args: argparse.Namespace) -> int
                           "the snapshot kept being replaced while exporting; retry", kind="SnapshotReplaced")
     tmp = dest + ".tmp"
     try:
-        with src, open(tmp, "wb") as out:
+        # 0600: the snapshot holds all the data, as the node's own files do
+        with src, os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
             shutil.copyfileobj(src, out, 1 << 20)
             out.flush()
             os.fsync(out.fileno())

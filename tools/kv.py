@@ -395,7 +395,7 @@ def _restore(args: argparse.Namespace) -> int:
     from pyraft.kv import KVStateMachine
     from pyraft.kv.statemachine import SNAPSHOT_MAGIC
     from pyraft.recovery import RecoveryError, restore_snapshot
-    from pyraft.stores.lmdb import LmdbLogStore
+    from pyraft.stores.lmdb import LmdbLogStore, sync_dir
 
     peers = parse_peers(args.peers)
     if args.id not in peers:
@@ -423,7 +423,7 @@ def _restore(args: argparse.Namespace) -> int:
         # Built beside DIR and renamed onto it at the end: DIR is the restored node or absent/empty,
         # never half a restore that serve would start from.
         tmp = os.path.join(parent, f".{os.path.basename(dest)}.restoring-{os.getpid()}")
-        os.makedirs(tmp)
+        os.mkdir(tmp, 0o700)  # a data directory: private, as the stores make them
         try:
             log_store = LmdbLogStore(tmp, node_id=args.id, cluster_name=cluster_name)
             try:
@@ -437,11 +437,7 @@ def _restore(args: argparse.Namespace) -> int:
             finally:
                 log_store.close()
             os.rename(tmp, dest)
-            fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            sync_dir(parent, "pyraft-kv restore")
         except (BackupError, CodecError, RecoveryError) as e:
             shutil.rmtree(tmp, ignore_errors=True)
             return emit_error("pyraft-kv restore", args.json, EXIT_FAILED, e, prefix=f"{args.file}: ")

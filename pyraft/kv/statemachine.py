@@ -93,7 +93,7 @@ import msgpack
 from ..codec import (index_key, key_index, log_id_from_wire, log_id_to_wire, pack, stored_membership_from_wire,
                      stored_membership_to_wire, unpack)
 from ..errors import CodecError, NoSpace, StorageError
-from ..snapshot_files import (CHUNK, SnapshotDir, SnapshotWriter, durable, get_pointer, read_header,
+from ..snapshot_files import (CHUNK, SnapshotDir, SnapshotWriter, UnsyncedMark, durable, get_pointer, read_header,
                               read_records, set_pointer, unlink_quietly)
 from ..stores.lmdb import (DEFAULT_MAP_SIZE, DEFAULT_MAX_MAP_SIZE, KV_ENV_NAME, KV_LOCK_NAME,
                            SNAPSHOT_DIR_NAME, LmdbEnv)
@@ -132,14 +132,6 @@ _TTL = struct.Struct(">d")
 _SUB = struct.Struct(">I")
 _EVENT_KEY = struct.Struct(">QI")  # events: revision, sequence number within it
 _PLAIN_OPS = ("put", "delete", "cas", "get")
-
-def _boot_id() -> str | None:
-    """This boot of the machine (Linux), None where unknown (every unclean stop then rebuilds)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-            return f.read().strip() or None
-    except OSError:
-        return None
 
 
 class _Dbs:
@@ -445,19 +437,17 @@ class KVStateMachine(KVReads, ApplyListeners):
         self._quota = quota_bytes
         #: the store's size as of the last applied batch (see _used_bytes); replaced whole, read lock-free
         self._used = 0
-        self._boot = _boot_id()
-        #: set by _prepare: kv.lmdb was discarded (written unsynced before a reboot) and is rebuilt
-        self._rebuilt = False
+        #: kv.boot (module doc): kv.lmdb is discarded (mark.discarded) if written unsynced before a reboot
+        self._mark = UnsyncedMark(os.path.abspath(os.fspath(path)), KV_BOOT_NAME, "KV state machine")
         self._env = LmdbEnv(path, KV_ENV_NAME, KV_LOCK_NAME, what="KV state machine", sync=False,
-                            map_size=map_size, max_map_size=max_map_size, prepare=self._prepare)
-        self._boot_file = os.path.join(self._env.root, KV_BOOT_NAME)
+                            map_size=map_size, max_map_size=max_map_size, prepare=self._mark.discard_if_rebooted)
         # _snap_lock guards _snapshot and the set of snap-*.kvsnap files:
         # whoever makes a file current or deletes one holds it.
         self._snap_lock = threading.Lock()
         try:
             self._snaps = SnapshotDir(os.path.join(self._env.root, SNAPSHOT_DIR_NAME), _SNAP_SUFFIX)
             self._dbs = self._open_dbs()
-            if self._rebuilt:
+            if self._mark.discarded:
                 self._restore_newest_snapshot()
             with self._env.read() as txn:
                 applied = log_id_from_wire(self._meta(txn, _K_APPLIED), "last_applied")
@@ -466,7 +456,8 @@ class KVStateMachine(KVReads, ApplyListeners):
                 self._used = _used_bytes(txn, self._dbs)
             self._snapshot: tuple[SnapshotMeta, str] | None = self._snaps.existing(pointer)
             self._cleanup(at_open=True)
-            self._mark_unsynced()
+            if self._mark.discarded:  # only now: until the rebuild is complete, the old kv.boot asks for it again
+                self._mark.set()
         except (CodecError, ValueError, TypeError) as e:
             self._env.close()
             raise StorageError(f"KV state machine in {self._env.root} is unreadable: {e}") from None
@@ -481,42 +472,10 @@ class KVStateMachine(KVReads, ApplyListeners):
 
     # -- durability ---------------------------------------------------------------------
 
-    def _prepare(self, env_path: str) -> None:
-        """Before LMDB opens kv.lmdb: discard it if it was written unsynced before a reboot (module doc)."""
-        boot_file = os.path.join(os.path.dirname(env_path), KV_BOOT_NAME)
-        try:
-            with open(boot_file, encoding="ascii", errors="replace") as f:
-                written = f.read().strip()
-        except FileNotFoundError:
-            return
-        if self._boot is not None and written == self._boot:
-            return  # a process crash: the page cache kept every committed write
-        log.warning("KV state machine in %s: it was written without fsync before the machine restarted "
-                    "(boot %s, now %s); discarding %s and rebuilding it from the newest snapshot (the log "
-                    "replays the rest)", os.path.dirname(env_path), written or "?", self._boot or "unknown",
-                    KV_ENV_NAME)
-        if os.path.isdir(env_path):
-            shutil.rmtree(env_path)
-        self._rebuilt = True
-
-    def _mark_unsynced(self) -> None:
-        """Write kv.boot (fsynced, and its directory) before anything is committed without fsync."""
-        tmp = self._boot_file + ".tmp"
-        with durable(tmp) as f:
-            f.write(f"{self._boot or ''}\n".encode("ascii"))
-        os.replace(tmp, self._boot_file)
-        _fsync_dir(self._env.root)
-
     def _restore_newest_snapshot(self) -> None:
         """Load the newest snapshot file that reads whole into the (new, empty) environment."""
-        cands = []
-        for name in os.listdir(self._snaps.path):
-            if name.startswith("snap-") and name.endswith(_SNAP_SUFFIX):
-                parts = name.split("-")
-                index = int(parts[2]) if len(parts) > 3 and parts[1] != "empty" and parts[2].isdigit() else 0
-                cands.append((index, name))
-        for _index, name in sorted(cands, reverse=True):
-            path = os.path.join(self._snaps.path, name)
+        for path in self._snaps.newest_first():
+            name = os.path.basename(path)
             try:
                 with open(path, "rb") as f:
                     meta = read_header(f, SNAPSHOT_MAGIC, SNAPSHOT_VERSION, "KV snapshot file")
@@ -820,8 +779,7 @@ class KVStateMachine(KVReads, ApplyListeners):
         if not self._env.closed:
             try:
                 self._env.sync()
-                unlink_quietly(self._boot_file)
-                _fsync_dir(self._env.root)
+                self._mark.clear()
             except (StorageError, OSError) as e:  # the next start replays (or rebuilds): nothing is lost
                 log.warning("KV state machine in %s: could not sync at close: %s", self._env.root, e)
         self._env.close()
@@ -839,14 +797,6 @@ class KVStateMachine(KVReads, ApplyListeners):
     def open_readonly(cls, path: str | os.PathLike) -> "KVReader":
         """A read-only view of the KV state in node data directory ``path`` (for tools; works while the node runs)."""
         return KVReader(path)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class KVStatus(NamedTuple):

@@ -635,7 +635,8 @@ class ObjectStateMachine:
             self._publish_versions()
             self._snapshot = self._snaps.existing(pointer)
             self._cleanup(at_open=True)
-            mark.set()
+            if mark.discarded:  # only now: until the rebuild is complete, the old mark asks for it again
+                mark.set()
         except (CodecError, ValueError, TypeError, KeyError, UnicodeDecodeError) as e:
             env.close()
             raise StorageError(f"object state machine in {env.root} is unreadable: {e}") from None

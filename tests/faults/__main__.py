@@ -7,6 +7,11 @@ acknowledged writes, the logs and the state machines::
 
     cd tests && python -m faults --duration 180 --nodes 3 --seed 7
     cd tests && python -m faults --duration 60 --nemesis partition,kill --nodes 5
+    cd tests && python -m faults --duration 600 --nemesis all,power --seed 3   # and power losses
+
+The power nemeses (``power-one``, ``power-minority``, ``power-all``) keep each
+node's data on a lazy FUSE filesystem that forgets unsynced writes
+(``tests/powerloss/``, see ``docs/power-loss.md``).
 
 Prints one summary line (operations ok / failed / indeterminate, faults
 injected, verdict) and exits 0 when every check passed, 1 otherwise, 2 on a
@@ -29,7 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=3, choices=[3, 5], help="cluster size (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fault schedule and the workload")
     p.add_argument("--nemesis", default="all",
-                   help="comma-separated: kill,pause,partition,transfer,membership,disk, or all (default)")
+                   help="comma-separated: kill,pause,partition,transfer,membership,disk, all (default: those six), "
+                        "power-one,power-minority,power-all, power (those three); e.g. all,power")
+    p.add_argument("--lazyfs", choices=["strict", "ext4"], default=None,
+                   help="keep each node's data on a lazy FUSE filesystem that forgets unsynced writes at a power "
+                        "cut, with this rule for new names (default: strict when a power nemesis runs)")
     p.add_argument("--clients", type=int, default=6, help="client threads, one KVClient each (default 6)")
     p.add_argument("--keys", type=int, default=3, help="keys in use at a time (default 3)")
     p.add_argument("--vary-config", action="store_true",
@@ -54,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra = {"raft_config": runner.varied_config(args.seed)} if args.vary_config else {}
     cfg = runner.RunConfig(nodes=args.nodes, duration=args.duration, seed=args.seed, nemeses=nemeses, **extra,
                            clients=args.clients, keys=args.keys, base_dir=args.dir, keep=args.keep or bool(args.dir),
-                           verbose=not args.quiet)
+                           verbose=not args.quiet, lazyfs=args.lazyfs)
     result = runner.run_with_signals(cfg)
     print(result.summary(), flush=True)
     return 0 if result.ok else 1

@@ -22,7 +22,22 @@ kind                      what it does (each step heals what it broke before it 
 ``membership``            remove a voter (the leader now and then; as a learner or out of
                           the cluster), then add it back (``admin.add_learner``,
                           ``admin.change_membership``)
+``power-one``             power loss of one node (the leader half of the time): SIGKILL,
+                          then its lazy filesystem forgets every write not synced (half
+                          the time but a random share of the pages, written back before
+                          the cut), then it restarts 0-3 s later with a new boot id (a
+                          reboot); now and then power is lost again
+                          while it catches up; now and then in the middle of an
+                          election: a node that will lose power gets a slow disk, a
+                          leadership transfer is started, and the power is cut as soon
+                          as that node has granted its vote
+``power-minority``        the same for a minority at once (on 3 nodes: one node)
+``power-all``             the same for the whole cluster at once
 ========================  =================================================================
+
+The power nemeses need the cluster's data on lazy filesystems
+(``FaultCluster(..., lazyfs="strict")``, see ``tests/powerloss/``); they are not in
+``all``: ask for them by name, or ``power`` for the three.
 
 :class:`Scheduler` runs them on a thread: a pause of 0.5-2 s, then one fault
 (or, a third of the time, two different ones at once), and so on until told
@@ -33,12 +48,15 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from collections import Counter
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
+from powerloss.mount import LazyMount
 from pyraft.codec import ClientRequest, ClientResponse
 from pyraft.errors import ForwardToLeader, RaftError, Timeout
 from pyraft.raft import raise_error_response
@@ -46,23 +64,40 @@ from pyraft.tools.faults import write_fault_file
 from pyraft.tools.kv import LocalCluster, NodeFailed
 from pyraft.transports.zmq import ZmqClient
 
-__all__ = ["NEMESES", "FaultCluster", "Scheduler", "Event", "parse_nemeses"]
+from . import durability
+from .mutants import MUTANTS
+from .offline import OfflineReader
+from .node import NODE_PY
+
+__all__ = ["NEMESES", "POWER_NEMESES", "FaultCluster", "Scheduler", "Event", "parse_nemeses"]
 
 NEMESES = ("kill", "pause", "partition", "disk", "transfer", "membership")
+#: Power losses: they need every node's data on a lazy filesystem (tests/powerloss/).
+POWER_NEMESES = ("power-one", "power-minority", "power-all")
 
 #: How often each kind is chosen (relative weights).
-_WEIGHTS = {"kill": 3, "pause": 3, "partition": 4, "disk": 2, "transfer": 2, "membership": 2}
+_WEIGHTS = {"kill": 3, "pause": 3, "partition": 4, "disk": 2, "transfer": 2, "membership": 2,
+            "power-one": 3, "power-minority": 2, "power-all": 2}
+
+_GROUPS = {"all": NEMESES, "power": POWER_NEMESES}
 
 
 def parse_nemeses(text: str | Sequence[str]) -> tuple[str, ...]:
-    """``"all"`` or ``"kill,partition"`` -> a tuple of kinds; ValueError for an unknown one."""
+    """``"all"``, ``"power"`` (the three power losses), ``"all,power"`` or ``"kill,power-all"`` -> a tuple of kinds.
+
+    ValueError for an unknown one.  Empty means ``all``.
+    """
     parts = [p.strip() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
-    if not parts or parts == ["all"]:
-        return NEMESES
-    bad = [p for p in parts if p not in NEMESES]
-    if bad:
-        raise ValueError(f"unknown nemesis {', '.join(bad)}; choose from {', '.join(NEMESES)} or all")
-    return tuple(dict.fromkeys(parts))
+    kinds: list[str] = []
+    for p in parts or ["all"]:
+        if p in _GROUPS:
+            kinds += _GROUPS[p]
+        elif p in _WEIGHTS:
+            kinds.append(p)
+        else:
+            raise ValueError(f"unknown nemesis {p}; choose from {', '.join(NEMESES + POWER_NEMESES)}, "
+                             f"all, or power")
+    return tuple(dict.fromkeys(kinds))
 
 
 # ---------------------------------------------------------------------------
@@ -74,10 +109,44 @@ class FaultCluster(LocalCluster):
     Tracks what it was told to break: ``network`` (node -> the ids it drops),
     ``disk`` (node -> delay), ``killed`` (nodes SIGKILLed and not restarted
     yet) and ``paused``.  Process and file operations are serialized by one lock.
+
+    With ``lazyfs`` (``"strict"`` or ``"ext4"``, the rule for names) node ``i``
+    keeps its data on a lazy filesystem of its own, ``base_dir/mnt<i>`` over
+    ``base_dir/disk<i>`` (:class:`~powerloss.mount.LazyMount`), and can lose
+    power (:meth:`power_cut`); :meth:`release` ends them.  Its nodes then run
+    through the node launcher (:mod:`.node`) with a boot id of their own
+    (:meth:`boot_id`), which every power cut of the node renews (a reboot) and
+    a kill -9 does not.  With ``mutant`` (a name from :data:`.mutants.MUTANTS`)
+    the nodes run with that bug patched in.
     """
 
-    def __init__(self, *a: Any, **kw: Any) -> None:
+    def __init__(self, *a: Any, lazyfs: str | None = None, mutant: str | None = None, **kw: Any) -> None:
+        if mutant is not None and mutant not in MUTANTS:
+            raise ValueError(f"unknown mutant {mutant!r}; choose from {', '.join(MUTANTS)}")
         super().__init__(*a, **kw)
+        self.mutant = mutant
+        self.mounts: dict[int, LazyMount] = {}
+        self._run_id = os.urandom(4).hex()
+        self._boots = {i: 1 for i in self.ids}  # how many times each node's machine has booted
+        #: Nodes whose power was cut and that have not served since: their files are off limits
+        #: to outside readers (a state machine written without fsync may be torn until rebuilt).
+        self.unpowered: set[int] = set()
+        #: What the power cuts made the filesystems forget, summed: cuts, bytes, names.
+        self.forgotten: Counter = Counter()
+        # One per node: held while the node's files are read from outside (the log auditor)
+        # and while its power is cut, so that no reader sees a half-forgotten disk.
+        self._disk_locks = {i: threading.Lock() for i in self.ids}
+        #: Reads the nodes' stores from outside, in a process of its own (see .offline).
+        self.reader = OfflineReader(os.path.join(self.base_dir, "offline-reader.stderr"))
+        if lazyfs is not None:
+            try:
+                for i in self.ids:
+                    self.mounts[i] = LazyMount(os.path.join(self.base_dir, f"disk{i}"),
+                                               os.path.join(self.base_dir, f"mnt{i}"), lazyfs,
+                                               log_path=os.path.join(self.base_dir, f"lazyfs{i}.log"))
+            except BaseException:
+                self.release()
+                raise
         self.lock = threading.RLock()  # guards network, disk, killed, paused and the processes
         self.network: dict[int, frozenset[int]] = {i: frozenset() for i in self.ids}
         self.network_out: dict[int, frozenset[int]] = {i: frozenset() for i in self.ids}
@@ -91,8 +160,23 @@ class FaultCluster(LocalCluster):
     def fault_file(self, i: int) -> str:
         return os.path.join(self.base_dir, f"node{i}.faults.json")
 
+    def data_dir(self, i: int) -> str:
+        m = self.mounts.get(i) if hasattr(self, "mounts") else None
+        return super().data_dir(i) if m is None else os.path.join(m.mountpoint, f"node{i}")
+
     def argv(self, i: int, init: bool = False, extra: Sequence[str] = ()) -> list[str]:
-        return super().argv(i, init, ["--fault-control", self.fault_file(i), *extra])
+        a = super().argv(i, init, ["--fault-control", self.fault_file(i), *extra])
+        if self.mounts or self.mutant is not None:
+            prefix = [sys.executable, "-m", "pyraft.tools.kv"]
+            if a[:len(prefix)] != prefix:
+                raise RuntimeError(f"cannot put the node launcher in front of {a[:len(prefix)]}")
+            a = [sys.executable, NODE_PY, "--boot-id", self.boot_id(i),
+                 *(["--mutant", self.mutant] if self.mutant else []), *a[len(prefix):]]
+        return a
+
+    def boot_id(self, i: int) -> str:
+        """The boot id of node ``i``'s machine now: a power cut renews it, a kill -9 does not."""
+        return f"{self._run_id}-node{i}-boot{self._boots[i]}"
 
     def _write_faults(self, i: int) -> None:
         write_fault_file(self.fault_file(i), sorted(self.network[i]), self.disk[i],
@@ -162,6 +246,72 @@ class FaultCluster(LocalCluster):
             self.start(i, wait=False)
             self.killed.discard(i)
         self.wait_ready(i, timeout)
+        with self._disk_locks[i]:
+            self.unpowered.discard(i)
+
+    @contextmanager
+    def reading(self, i: int) -> Iterator[bool]:
+        """Hold off power cuts of node ``i`` while its files are read from outside.
+
+        Yields False (read nothing) while the node is down after a power cut:
+        what it wrote without fsync may be torn until it restarted.
+        """
+        with self._disk_locks[i]:
+            yield i not in self.unpowered
+
+    def power_cut(self, nodes: Sequence[int], seen: dict[int, dict] | None = None, *, writeback: float = 0.0,
+                  seed: int = 0) -> tuple[dict[int, dict], list[str]]:
+        """Power loss of ``nodes`` at once: SIGKILL each, then each one's filesystem forgets what was not synced.
+
+        They stay down until :meth:`restart`, which starts them with a new boot
+        id.  The nodes of ``seen`` (their metrics, just read) die first; the
+        others' metrics are read, then the followers die, then the leader,
+        whose view of its followers is then final.  Each unsynced page reached
+        the disk before the cut with probability ``writeback`` (see
+        :meth:`~powerloss.mount.LazyMount.cut`).  Returns what each filesystem
+        forgot, and what each node lost that it had reported durable
+        (:mod:`.durability`).
+        """
+        own = dict(seen or {})
+        with self.lock:
+            for i in own:
+                self.crash(i)  # at once: what was seen must not move on (the disk is not cut yet)
+        with ExitStack() as held:
+            for i in sorted(nodes):
+                held.enter_context(self.reading(i))
+            with self.lock:
+                lead = self.leader()
+                for i in nodes:
+                    if i not in own and i not in self.killed and i not in self.paused:
+                        own[i] = self.metrics(i, 0.5)
+                for i in nodes:
+                    if i != lead:
+                        self.crash(i)
+                leader_view = self.metrics(lead, 0.5) if lead is not None else None
+                if lead in nodes:
+                    self.crash(lead)
+                lost = {i: self.mounts[i].cut(writeback, seed + i) for i in nodes}
+                for i in nodes:
+                    self.unpowered.add(i)
+                    self._boots[i] += 1
+            problems = []
+            for i in nodes:
+                try:
+                    disk = self.reader.call(durability.read_disk, self.data_dir(i))
+                except Exception as e:  # noqa: BLE001 - reading it killed the reader: the worst case
+                    problems.append(f"node {i} after a power loss: reading its stores failed: {type(e).__name__}: {e}")
+                    continue
+                problems += durability.check(durability.floor_from(i, own.get(i), leader_view), disk)
+        for r in lost.values():
+            self.forgotten.update(cuts=1, bytes=r["dropped_bytes"], names=r["undone_names"],
+                                  written_back=r["written_back_bytes"])
+        return lost, problems
+
+    def release(self) -> None:
+        """Stop the offline reader and unmount the lazy filesystems (after the nodes stopped and were read)."""
+        self.reader.close()
+        for m in self.mounts.values():
+            m.close()
 
     def pause(self, i: int) -> None:
         with self.lock:
@@ -175,8 +325,8 @@ class FaultCluster(LocalCluster):
             self.signal(i, signal.SIGCONT)
             self.paused.discard(i)
 
-    def heal_processes(self, timeout: float = 30.0) -> None:
-        """SIGCONT every node and restart every one that is down."""
+    def heal_processes(self, timeout: float = 30.0) -> list[str]:
+        """SIGCONT every node and restart every one that is down; why those that did not come up did not."""
         with self.lock:
             for i in self.ids:
                 self.resume(i)
@@ -184,13 +334,22 @@ class FaultCluster(LocalCluster):
             for i in down:
                 self.start(i, wait=False)
                 self.killed.discard(i)
+        failed = []
         for i in down:
-            self.wait_ready(i, timeout)
+            try:
+                self.wait_ready(i, timeout)
+            except NodeFailed as e:  # the run goes on without it, and is judged
+                failed.append(f"node {i} did not restart when healing: {e}")
+                continue
+            with self._disk_locks[i]:
+                self.unpowered.discard(i)
+        return failed
 
-    def heal_all(self) -> None:
+    def heal_all(self) -> list[str]:
+        """Heal the network, the disks and the processes; the nodes that did not come up (why)."""
         self.heal_network()
         self.heal_disks()
-        self.heal_processes()
+        return self.heal_processes()
 
     def unexpected_exits(self) -> list[tuple[int, int]]:
         """``(node, exit code)`` of nodes that exited although nobody killed them."""
@@ -301,6 +460,7 @@ class Scheduler:
     t0: float
     log: Callable[[str], None] = lambda s: None
     overlap: float = 0.35  # chance that a step runs two different faults at once
+    first: Sequence[str] = ()  # kinds run alone, in this order, before the random schedule begins
     events: list[Event] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
@@ -334,10 +494,12 @@ class Scheduler:
 
     def _run(self) -> None:
         try:
+            queued = list(self.first)
             while not self._sleep(self.rng.uniform(0.5, 2.0)):
                 self._check_exits()
-                kinds = [self._choose()]
-                if len(self.kinds) > 1 and self.rng.random() < self.overlap:
+                forced = queued.pop(0) if queued else None
+                kinds = [forced or self._choose()]
+                if forced is None and len(self.kinds) > 1 and self.rng.random() < self.overlap:
                     second = self._choose(exclude=kinds[0])
                     if second is not None:
                         kinds.append(second)
@@ -385,7 +547,7 @@ class Scheduler:
 
     def _step(self, kind: str, rng: random.Random) -> None:
         try:
-            getattr(self, f"_do_{kind}")(rng)
+            getattr(self, f"_do_{kind.replace('-', '_')}")(rng)
         except Exception as e:  # noqa: BLE001 - a failed fault is reported, the run goes on
             self.problems.append(f"nemesis {kind} failed: {type(e).__name__}: {e}")
             self.log(f"PROBLEM: nemesis {kind} failed: {type(e).__name__}: {e}")
@@ -414,6 +576,31 @@ class Scheduler:
 
     # -- the faults
 
+    def _claim_all(self, timeout: float = 10.0) -> list[int]:
+        """Every node, once the faults holding some of them let go (fewer if they still hold them at ``timeout``)."""
+        got: list[int] = []
+        deadline = time.monotonic() + timeout
+        while not self._stop.is_set():
+            with self._lock:
+                free = [i for i in self.cluster.ids if i not in self._busy]
+                self._busy.update(free)
+            got += free
+            if len(got) == len(self.cluster.ids) or time.monotonic() > deadline:
+                break
+            self._sleep(0.1)
+        return sorted(got)
+
+    def _restart(self, nodes: Sequence[int]) -> str | None:
+        """Restart ``nodes``; the last failure, also added to the problems, or None."""
+        err = None
+        for i in nodes:
+            try:
+                self.cluster.restart(i)
+            except NodeFailed as e:
+                err = f"node {i} did not restart: {e}"
+                self.problems.append(err)
+        return err
+
     def _do_kill(self, rng: random.Random) -> None:
         c = self.cluster
         r = rng.random()
@@ -435,29 +622,120 @@ class Scheduler:
             down = rng.uniform(3.0, 8.0) if rng.random() < 0.25 else rng.uniform(0.0, 3.0)
             again = rng.random() < 0.25
             self._sleep(down)
-            err = None
-            for i in nodes:
-                try:
-                    c.restart(i)
-                except NodeFailed as e:
-                    err = f"node {i} did not restart: {e}"
-                    self.problems.append(err)
+            err = self._restart(nodes)
             if again and err is None:
                 # Again while it catches up (a snapshot install, a long append): then for good.
                 self._sleep(rng.uniform(0.0, 1.5))
                 for i in nodes:
                     c.crash(i)
                 self._sleep(rng.uniform(0.0, 1.0))
-                for i in nodes:
-                    try:
-                        c.restart(i)
-                    except NodeFailed as e:
-                        err = f"node {i} did not restart: {e}"
-                        self.problems.append(err)
+                err = self._restart(nodes)
             ev.detail += f", down {down:.1f} s" + (", killed again while catching up" if again else "")
             self._end(ev, err)
         finally:
             self._release(nodes)
+
+    def _do_power_one(self, rng: random.Random) -> None:
+        self._power(rng, "power-one", 1)
+
+    def _do_power_minority(self, rng: random.Random) -> None:
+        self._power(rng, "power-minority", self._minority())
+
+    def _do_power_all(self, rng: random.Random) -> None:
+        self._power(rng, "power-all", len(self.cluster.ids))
+
+    def _power(self, rng: random.Random, kind: str, want: int) -> None:
+        """Power loss of ``want`` nodes at once: SIGKILL, forget what was not synced, restart 0-3 s later."""
+        c = self.cluster
+        whole = want == len(c.ids)
+        nodes = self._claim_all() if whole else self._claim(rng, want, prefer_leader=0.5)
+        try:
+            if len(nodes) < want:
+                return
+            lead = c.leader()
+            tag = " (the leader among them)" if lead in nodes and not whole else ""
+            election, seen = None, None
+            voters = [i for i in nodes if i != lead]
+            targets = [i for i in c.ids if i != lead and len(set(voters) - {i}) > 0]
+            if lead is not None and targets and rng.random() < 0.5:
+                # In the middle of an election: a node about to lose power has just granted its
+                # vote (and published it), the new leader's first entries are on their way to it.
+                # The new leader: the follower most up to date (a lagging one is refused).
+                matched = (c.metrics(lead, 0.5) or {}).get("replication") or {}
+                to = max(targets, key=lambda i: ((matched.get(str(i)) or [0, 0])[1], rng.random()))
+                voter = rng.choice([i for i in voters if i != to])
+                # On a slow disk, as power-loss bugs like it: its next synced write comes later.
+                slow = rng.uniform(0.03, 0.1)
+                c.slow_disk(voter, slow)
+                self._sleep(0.15)  # the node reads its fault-control file every 50 ms
+                before = c.metrics(voter, 0.5)
+                election = threading.Thread(target=self._quietly, args=(c.admin, "transfer_leader", {"id": to}, 2.0),
+                                            name="nemesis-transfer", daemon=True)
+                election.start()
+                seen = self._watch_vote(voter, before, 1.0)
+                tag += (f" during a leadership transfer {lead} -> {to} (node {voter}'s disk slow: "
+                        f"+{slow * 1000:.0f} ms a write)") + (
+                    f", node {voter} cut first, just after it voted in term {seen[voter]['vote']['term']}"
+                    if seen else "")
+            ev = self._event(kind, f"power loss of nodes {nodes}{tag}")
+            lost, found = c.power_cut(nodes, seen, **self._writeback(rng))
+            if election is not None:
+                c.slow_disk(voter, 0.0)  # before it restarts
+            down = rng.uniform(0.0, 3.0)
+            again = rng.random() < 0.25
+            self._sleep(down)
+            err = self._restart(nodes)
+            if again and err is None:
+                # Again while they catch up (a snapshot install, a long append, an election).
+                self._sleep(rng.uniform(0.0, 1.5))
+                lost2, found2 = c.power_cut(nodes, **self._writeback(rng))
+                for i, r in lost2.items():
+                    lost[i] = {k: lost[i][k] + r[k] for k in ("dropped_bytes", "written_back_bytes", "undone_names")}
+                found += found2
+                self._sleep(rng.uniform(0.0, 1.0))
+                err = self._restart(nodes)
+            for p in found:
+                self.problems.append(p)
+                self.log(f"PROBLEM: {p}")
+            if election is not None:
+                election.join(5)
+            forgot = sum(r["dropped_bytes"] for r in lost.values())
+            kept = sum(r["written_back_bytes"] for r in lost.values())
+            names = sum(r["undone_names"] for r in lost.values())
+            ev.detail += (f": {forgot} unsynced bytes ({kept} more written back before the cut) and {names} name "
+                          f"changes forgotten, down {down:.1f} s"
+                          + (", power lost again while catching up" if again else ""))
+            self._end(ev, err)
+        finally:
+            self._release(nodes)
+
+    @staticmethod
+    def _writeback(rng: random.Random) -> dict:
+        """How a cut treats unsynced pages: half the time all forgotten, else each written back by chance."""
+        return {"writeback": 0.0 if rng.random() < 0.5 else rng.random(), "seed": rng.randrange(1 << 30)}
+
+    def _watch_vote(self, node: int, before: dict | None, timeout: float) -> dict[int, dict] | None:
+        """Poll ``node``'s metrics until its vote moves to a later term: ``{node: metrics}`` then, else None."""
+        if before is None:
+            return None
+        deadline = time.monotonic() + timeout
+        c = self.cluster
+        try:
+            with ZmqClient(c.addrs[node], c.cluster_name, timeout=timeout) as client:  # one connection: fast polls
+                while time.monotonic() < deadline and not self._stop.is_set():
+                    r = client.call(ClientRequest("metrics"), max(0.05, deadline - time.monotonic()))
+                    if isinstance(r, ClientResponse) and r.ok and r.body["vote"]["term"] > before["vote"]["term"]:
+                        return {node: r.body}
+        except RaftError:
+            pass
+        return None
+
+    @staticmethod
+    def _quietly(fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            fn(*args)
+        except RaftError:
+            pass  # the power cut may well interrupt it
 
     def _do_pause(self, rng: random.Random) -> None:
         c = self.cluster

@@ -23,7 +23,14 @@
    reads.  Nodes that exited by themselves or logged errors, faults that
    could not be healed and a cluster that does not serve after healing fail
    the run too.  A :class:`LogAuditor` thread compares the nodes' committed
-   log entries during the run as well (snapshots purge the logs).
+   log entries during the run as well (snapshots purge the logs); no entry
+   it saw committed may lie above the final commit index.  Election Safety
+   holds over the whole run (no two leaders of one term, from the nodes'
+   logs) and every node's current snapshot file reads back whole.
+
+With power nemeses (``power-*``) the nodes' data lives on lazy filesystems
+(``RunConfig.lazyfs``, tests/powerloss/) and every power cut is checked on
+the spot (:mod:`.durability`).
 
 :class:`RunResult` holds the counts, the problems found and a one-line
 :meth:`~RunResult.summary`.  Every process started is stopped, also on
@@ -35,6 +42,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -49,16 +57,22 @@ from pyraft.checker import Op, check_history
 from pyraft.errors import RaftError
 from pyraft.kv import KVClient, KVCommandError
 
-from .nemesis import NEMESES, FaultCluster, Scheduler, parse_nemeses
+from . import offline
+from .nemesis import NEMESES, POWER_NEMESES, FaultCluster, Scheduler, parse_nemeses
 
-__all__ = ["RunConfig", "RunResult", "run", "run_with_signals", "parse_nemeses", "NEMESES", "RAFT_CONFIG",
-           "check_logs", "check_acknowledged", "compare_state_machines", "History", "Keyspace", "LogAuditor", "scan_node_logs",
+__all__ = ["RunConfig", "RunResult", "run", "run_with_signals", "parse_nemeses", "NEMESES", "POWER_NEMESES",
+           "RAFT_CONFIG", "POWER_CONFIG", "check_logs", "check_acknowledged", "check_election_safety",
+           "check_snapshot_files", "compare_state_machines", "History", "Keyspace", "LogAuditor", "scan_node_logs",
            "varied_config"]
 
 #: Node settings for fault runs on a busy machine: quick but not twitchy elections, and
 #: snapshots (with short logs behind them) often enough that catching up uses them.
 RAFT_CONFIG = {"heartbeat_interval": 0.05, "election_timeout": [0.3, 0.6], "rpc_timeout": 0.5,
                "snapshot_every": 1000, "max_in_snapshot_log_to_keep": 500}
+
+#: The same for runs with power losses: snapshots every few hundred entries, so that many
+#: cuts find a node with a fresh snapshot file (whose bytes must have been synced).
+POWER_CONFIG = {**RAFT_CONFIG, "snapshot_every": 300, "max_in_snapshot_log_to_keep": 100}
 
 
 def varied_config(seed: int) -> dict:
@@ -103,6 +117,20 @@ class RunConfig:
     verbose: bool = True
     log: Callable[[str], None] | None = None
     check_timeout: float = 600.0
+    #: The nodes' data on lazy filesystems that lose power ("strict" or "ext4": the rule that makes
+    #: names durable, see tests/powerloss/); None: on the machine's own disk.  The power nemeses need it.
+    lazyfs: str | None = None
+    #: Run the nodes with this durability bug patched in (tests/faults/mutants.py); None: as shipped.
+    mutant: str | None = None
+    #: Faults run first, one at a time and in this order, before the random schedule.
+    first_faults: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if any(k in POWER_NEMESES for k in self.nemeses):
+            if self.lazyfs is None:
+                self.lazyfs = "strict"
+            if self.raft_config == RAFT_CONFIG:
+                self.raft_config = dict(POWER_CONFIG)
 
 
 @dataclass
@@ -123,6 +151,8 @@ class RunResult:
     keys: int = 0
     elapsed: float = 0.0
     ok_after_heal: int = 0
+    #: power cuts: cuts, bytes and names forgotten, bytes written back; state machines rebuilt after a reboot
+    forgotten: Counter = field(default_factory=Counter)
 
     @property
     def ok(self) -> bool:
@@ -145,10 +175,16 @@ class RunResult:
         faults = ", ".join(f"{k} {v}" for k, v in sorted(self.faults.items())) or "none"
         lin = {True: "yes", False: "NO", None: "unknown"}[self.linearizable]
         verdict = "PASS" if self.ok else "FAIL"
-        varied = " config=varied" if c.raft_config != RAFT_CONFIG else ""
-        line = (f"pyraft-faults seed={c.seed} nodes={c.nodes} duration={c.duration:g}s{varied} "
+        varied = "" if c.raft_config in (RAFT_CONFIG, POWER_CONFIG) else " config=varied"
+        disk = f" lazyfs={c.lazyfs}" if c.lazyfs else ""
+        mutant = f" mutant={c.mutant}" if c.mutant else ""
+        f = self.forgotten
+        power = (f"power cuts {f['cuts']} (forgot {f['bytes']} unsynced bytes, {f['names']} name changes; "
+                 f"{f['written_back']} bytes written back; {f['rebuilds']} state machines rebuilt); "
+                 if c.lazyfs else "")
+        line = (f"pyraft-faults seed={c.seed} nodes={c.nodes} duration={c.duration:g}s{varied}{disk}{mutant} "
                 f"nemeses={','.join(c.nemeses)}: ops {self.ops['ok']} ok / {self.ops['failed']} failed / "
-                f"{self.ops['indeterminate']} indeterminate; faults {sum(self.faults.values())} ({faults}); "
+                f"{self.ops['indeterminate']} indeterminate; faults {sum(self.faults.values())} ({faults}); {power}"
                 f"linearizable {lin} ({self.keys} keys); lost writes {len(self.lost_writes)}; "
                 f"logs {'agree' if not self.log_problems else 'DIFFER'} (commit {self.commit_index}, "
                 f"{self.audited} entries audited); "
@@ -287,30 +323,22 @@ def check_acknowledged(ops: list[Op], outcome: list[str], final: dict[Any, Any])
 
 def _read_logs(cluster: FaultCluster) -> tuple[dict[int, dict[int, Any]], dict[int, int], list[str]]:
     """Each node's log entries (index -> (term, kind, payload)) and commit index (max of stored and applied)."""
-    from pyraft.kv import KVStateMachine
-    from pyraft.stores.lmdb import LmdbLogStore
     logs: dict[int, dict[int, Any]] = {}
     commits: dict[int, int] = {}
     problems = []
-    for i in cluster.ids:
+    for i in sorted(set(cluster.ids) - cluster.unpowered):  # compare_state_machines reports the others
         try:
-            with LmdbLogStore.open_readonly(cluster.data_dir(i)) as r, r.view() as v:
-                meta = v.meta
-                entries = {e.index: (e.term, e.kind, e.payload) for e in v.iter_entries()}
-            with KVStateMachine.open_readonly(cluster.data_dir(i)) as kvr:
-                applied = kvr.state()[0]
+            entries, committed, purged = cluster.reader.call(offline.log_and_commit, cluster.data_dir(i))
         except Exception as e:  # noqa: BLE001
             problems.append(f"node {i}: cannot read its stores: {type(e).__name__}: {e}")
             continue
         logs[i] = entries
-        committed = max(meta.committed.index if meta.committed else 0, applied.index if applied else 0)
         commits[i] = committed
         if entries:
             idx = sorted(entries)
             if idx[-1] - idx[0] + 1 != len(idx):
                 problems.append(f"node {i}: its log has holes between {idx[0]} and {idx[-1]}")
             first = idx[0]
-            purged = meta.purged.index if meta.purged else 0
             if first != purged + 1:
                 problems.append(f"node {i}: its log starts at {first}, but purged is {purged}")
             terms = [entries[j][0] for j in idx]
@@ -324,12 +352,10 @@ class LogAuditor:
 
     Snapshots purge the logs, so what is left at the end covers only the
     last entries; this thread reads each node's log every ``interval``
-    seconds (read-only, :meth:`LmdbLogStore.open_readonly`, also while the
-    node is paused or down) from where it stopped last time up to the node's
-    commit index, and checks each entry against the one first seen committed
-    at that index on any node.  The commit index a node stored (or applied)
-    is trusted only where its log holds an entry of that log id's term (as the
-    engine does at start-up).
+    seconds (read-only, :func:`.offline.committed_entries`, also while the
+    node is paused or down, but not while it is down after a power cut) from
+    where it stopped last time up to the node's commit index, and checks each
+    entry against the one first seen committed at that index on any node.
     """
 
     def __init__(self, cluster: FaultCluster, interval: float = 0.5) -> None:
@@ -358,37 +384,27 @@ class LogAuditor:
             self.audit_once()
 
     def audit_once(self) -> None:
-        from pyraft.kv import KVStateMachine
-        from pyraft.stores.lmdb import LmdbLogStore
         for i in self.cluster.ids:
             if len(self.problems) > 20:
                 return
             try:
-                with KVStateMachine.open_readonly(self.cluster.data_dir(i)) as kvr:
-                    applied = kvr.state()[0]
-                with LmdbLogStore.open_readonly(self.cluster.data_dir(i)) as r, r.view() as v:
-                    meta = v.meta
-                    first = v.first_index() or 0
-                    points = [x for x in (meta.committed, applied) if x is not None]
-                    upto = 0
-                    for lid in points:
-                        got = next(v.iter_entries(lid.index), None)
-                        if got is not None and got.index == lid.index and got.term == lid.term:
-                            upto = max(upto, lid.index)
-                    start = self.read_upto[i] + 1
-                    if upto < start:
-                        continue
-                    if first > start:
-                        self.missed += first - start
-                        start = first
-                    for e in v.iter_entries(start):
-                        if e.index > upto:
-                            break
-                        self._check(i, e.index, (e.term, e.kind, e.payload))
-                    self.read_upto[i] = upto
+                with self.cluster.reading(i) as readable:  # not across a power cut of the node
+                    if readable:
+                        self._audit_node(i)
             except Exception as e:  # noqa: BLE001 - a node being created or restarted; next time
                 if "no LMDB environment" not in str(e):
                     self.problems.append(f"auditor: node {i}: cannot read its stores: {type(e).__name__}: {e}")
+
+    def _audit_node(self, i: int) -> None:
+        start = self.read_upto[i] + 1
+        upto, first, entries = self.cluster.reader.call(offline.committed_entries, self.cluster.data_dir(i), start)
+        if upto < start:
+            return
+        if first > start:
+            self.missed += first - start
+        for index, term, kind, payload in entries:
+            self._check(i, index, (term, kind, payload))
+        self.read_upto[i] = upto
 
     def _check(self, node: int, index: int, entry: tuple) -> None:
         self.checked += 1
@@ -446,21 +462,31 @@ def scan_node_logs(paths: dict[int, str], per_node: int = 5) -> list[str]:
     return problems
 
 
+def count_rebuilds(paths: dict[int, str]) -> int:
+    """How many times the nodes' KV state machines were rebuilt after a reboot (from the nodes' logs)."""
+    n = 0
+    for path in paths.values():
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                n += sum("rebuilding it from the newest snapshot" in line for line in f)
+        except OSError:
+            continue
+    return n
+
+
 def compare_state_machines(cluster: FaultCluster, final: dict[Any, Any]) -> tuple[list[str], dict[int, int]]:
     """Every node's KV items (read after they stopped) are equal, and equal to the final reads."""
-    from pyraft.kv import KVStateMachine
     problems = []
     items: dict[int, dict] = {}
     applied: dict[int, int] = {}
     for i in cluster.ids:
+        if i in cluster.unpowered:
+            problems.append(f"node {i} never served again after its last power cut")
+            continue
         try:
-            with KVStateMachine.open_readonly(cluster.data_dir(i)) as r:
-                lid = r.state()[0]
-                items[i] = dict(r.items())
+            applied[i], items[i] = cluster.reader.call(offline.state, cluster.data_dir(i))
         except Exception as e:  # noqa: BLE001
             problems.append(f"node {i}: cannot read its state machine: {type(e).__name__}: {e}")
-            continue
-        applied[i] = lid.index if lid else 0
     ids = sorted(items)
     for i in ids[1:]:
         a, b = items[ids[0]], items[i]
@@ -477,6 +503,40 @@ def compare_state_machines(cluster: FaultCluster, final: dict[Any, Any]) -> tupl
     return problems, applied
 
 
+_LEADER_LINE = re.compile(r"node (\d+): Leader in term (\d+),")
+
+
+def check_election_safety(paths: dict[int, str]) -> list[str]:
+    """Election Safety over the whole run: at most one node became leader in any term (from the nodes' logs).
+
+    A node that forgot a vote it had granted (or the term it was in) may vote
+    twice in one term, and two leaders of one term can then both commit.
+    """
+    leaders: dict[int, set[int]] = defaultdict(set)
+    for i, path in sorted(paths.items()):
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    m = _LEADER_LINE.search(line)
+                    if m:
+                        leaders[int(m.group(2))].add(int(m.group(1)))
+        except OSError:
+            continue
+    return [f"Election Safety: nodes {sorted(ids)} were all leader in term {term}"
+            for term, ids in sorted(leaders.items()) if len(ids) > 1]
+
+
+def check_snapshot_files(cluster: FaultCluster) -> list[str]:
+    """Every node's current snapshot file (the one its state machine points at) exists and reads back whole."""
+    problems = []
+    for i in sorted(set(cluster.ids) - cluster.unpowered):  # compare_state_machines reports the others
+        try:
+            cluster.reader.call(offline.check_current_snapshot, cluster.data_dir(i))
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"node {i}: its current snapshot is unreadable: {type(e).__name__}: {e}")
+    return problems
+
+
 # ---------------------------------------------------------------------------
 # One run
 
@@ -486,6 +546,24 @@ def _say(cfg: RunConfig) -> Callable[[str], None]:
     if cfg.verbose:
         return lambda s: print(s, flush=True)
     return lambda s: None
+
+
+def _most_applied_state(cluster: FaultCluster, keys: list[Any], problems: list[str]) -> dict[Any, Any]:
+    """Each of ``keys``' value (None: absent) in the state machine of the node that applied the most (read offline)."""
+    best: tuple[int, int, dict] | None = None
+    for i in sorted(set(cluster.ids) - cluster.unpowered):  # torn until rebuilt
+        try:
+            applied, items = cluster.reader.call(offline.state, cluster.data_dir(i))
+        except Exception:  # noqa: BLE001 - compare_state_machines reports it
+            continue
+        if best is None or applied > best[0]:
+            best = (applied, i, items)
+    if best is None:
+        problems.append("the cluster did not serve after healing and no node's state machine could be read")
+        return {}
+    problems.append(f"the cluster did not serve after healing: acknowledged writes judged by node {best[1]}'s "
+                    f"state machine (applied index {best[0]})")
+    return {k: best[2].get(k) for k in keys}
 
 
 def _applied(cluster: FaultCluster, i: int) -> int:
@@ -520,7 +598,11 @@ def run(cfg: RunConfig) -> RunResult:
         log(f"pyraft-faults: seed {cfg.seed}, {cfg.nodes} nodes, {cfg.duration:g} s of "
             f"{','.join(cfg.nemeses)}, {cfg.clients} clients; run directory {base}")
         log(f"node config: {json.dumps(cfg.raft_config, sort_keys=True)}")
-        cluster = FaultCluster(os.path.join(base, "cluster"), cfg.nodes, config=cfg.raft_config, log_level="INFO")
+        if cfg.lazyfs:
+            log(f"node data on lazy filesystems (names durable by the {cfg.lazyfs} rule)"
+                + (f"; nodes run with mutant {cfg.mutant}" if cfg.mutant else ""))
+        cluster = FaultCluster(os.path.join(base, "cluster"), cfg.nodes, config=cfg.raft_config, log_level="INFO",
+                               lazyfs=cfg.lazyfs, mutant=cfg.mutant)
         cluster.start_all(timeout=30)
         cluster.wait_leader(30)
         t0 = time.monotonic()
@@ -537,7 +619,7 @@ def run(cfg: RunConfig) -> RunResult:
         # -- faults
         auditor = LogAuditor(cluster)
         auditor.start()
-        sched = Scheduler(cluster, cfg.nemeses, random.Random(cfg.seed), t0, log=log)
+        sched = Scheduler(cluster, cfg.nemeses, random.Random(cfg.seed), t0, log=log, first=cfg.first_faults)
         sched.start()
         end = time.monotonic() + cfg.duration
         last_report = time.monotonic()
@@ -556,7 +638,7 @@ def run(cfg: RunConfig) -> RunResult:
         # -- heal, and the cluster must serve again
         log(f"[{time.monotonic() - t0:7.2f}] healing: network, disks, paused and dead nodes, membership")
         heal_t = time.monotonic() - t0
-        cluster.heal_all()
+        res.problems += cluster.heal_all()
         try:
             cluster.restore_membership(timeout=60)
         except RaftError as e:
@@ -576,6 +658,7 @@ def run(cfg: RunConfig) -> RunResult:
         # -- barrier: a committed write every node applies, then linearizable reads of every key
         res.problems += [f"node {i} exited by itself with code {code}" for i, code in cluster.unexpected_exits()]
         barrier_index = 0
+        serving = True
         with KVClient(dict(cluster.addrs), timeout=30, cluster_name=cluster.cluster_name) as kv:
             try:
                 kv.put("barrier", "after-heal")
@@ -583,6 +666,7 @@ def run(cfg: RunConfig) -> RunResult:
                 barrier_index = (cluster.status(lead, 2.0) or {}).get("committed") or 0
             except (RaftError, Exception) as e:  # noqa: BLE001
                 res.problems.append(f"the barrier write failed after healing: {type(e).__name__}: {e}")
+                serving = False
             deadline = time.monotonic() + 60
             lagging = list(cluster.ids)
             while lagging and time.monotonic() < deadline:
@@ -594,7 +678,7 @@ def run(cfg: RunConfig) -> RunResult:
             keys = sorted({o.key for o in ops})
             res.keys = len(keys)
             final: dict[Any, Any] = {}
-            for k in keys:
+            for k in keys if serving else ():  # else each read would only time out, 5 times a key
                 for _attempt in range(5):
                     out, v = history.record("final", "get", k, (), lambda: kv.get(k))
                     if out == "ok":
@@ -618,14 +702,24 @@ def run(cfg: RunConfig) -> RunResult:
         for i, p in cluster.procs.items():
             if p.returncode not in (0, None):
                 res.problems.append(f"node {i} exited with code {p.returncode} when stopped")
-        res.problems += scan_node_logs({i: cluster.log_path(i) for i in cluster.ids})
+        node_logs = {i: cluster.log_path(i) for i in cluster.ids}
+        res.problems += scan_node_logs(node_logs)
+        if not serving:
+            # No final reads: judge the acknowledged writes by the most advanced node's state machine.
+            final = _most_applied_state(cluster, keys, res.problems)
         res.sm_problems, _applied_at = compare_state_machines(cluster, final)
+        res.sm_problems += check_snapshot_files(cluster)
         logs, commits, problems = _read_logs(cluster)
-        res.log_problems = problems + check_logs(logs, commits)
+        res.log_problems = problems + check_logs(logs, commits) + check_election_safety(node_logs)
         res.commit_index = max(commits.values(), default=0)
         auditor.audit_once()  # everything up to the final commit indexes
         res.log_problems += auditor.problems
         res.audited = len(auditor.committed)
+        seen = max(auditor.committed, default=0)
+        if seen > res.commit_index:
+            res.log_problems.append(f"committed entries lost: entry {seen} was read committed on node "
+                                    f"{auditor.seen_by[seen]} during the run, but at the end the highest commit "
+                                    f"index of any node is {res.commit_index}")
 
         # -- the history
         res.lost_writes = check_acknowledged(ops, outcome, final)
@@ -655,6 +749,9 @@ def run(cfg: RunConfig) -> RunResult:
             auditor.stop()
         if cluster is not None:
             _stop_everything(cluster)
+            res.forgotten = Counter(cluster.forgotten, rebuilds=count_rebuilds(
+                {i: cluster.log_path(i) for i in cluster.ids}))
+            cluster.release()
         res.elapsed = time.monotonic() - started
         for line in res.summary().splitlines():
             events_out.write(line + "\n")
