@@ -137,6 +137,7 @@ class Raft:
         if not isinstance(msg, ClientRequest):
             self._core.post_rpc(("rpc", from_id, msg, reply))
             return
+        entry: tuple[Callable[[int, ClientRequest, Any], None], str] | None
         if msg.op == "metrics":
             entry = (self._reply_metrics, "reader")
         else:
