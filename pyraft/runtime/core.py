@@ -29,6 +29,8 @@ from ..engine.core import Engine, RestoredState
 from ..errors import Fatal, ForwardToLeader, Overloaded, RaftError, ShutDown, StorageError
 from ..messages import InstallSnapshotResponse
 from ..metrics import RaftMetrics
+from ..network import Transport
+from ..storage import LogStore, StateMachine
 from ..codec import encode_entries, normal_entry_prefix
 from ..types import EntryKind, LogId, ServerState, StoredMembership, log_index
 from .cache import EntryCache
@@ -81,8 +83,8 @@ def restore_state(log_store: Any, state_machine: Any) -> RestoredState:
 
 
 class RaftCore(threading.Thread):
-    def __init__(self, node_id: int, config: Config, transport: Any, log_store: Any, state_machine: Any,
-                 rng: Any = None) -> None:
+    def __init__(self, node_id: int, config: Config, transport: Transport, log_store: LogStore,
+                 state_machine: StateMachine, rng: random.Random | None = None) -> None:
         super().__init__(name=f"pyraft-core-{node_id}", daemon=True)
         self.node_id = node_id
         self.config = config
