@@ -710,7 +710,8 @@ class LmdbLogStore:
                 time.sleep(delay)  # test hook: a slow fsync (see write_delay)
             self._cached = self._env.write(self._batch(ops, encoded, self._cached))
 
-    def _batch(self, ops: Sequence[LogOp], encoded: list, before: _Cached) -> Callable[[lmdb.Transaction[bytes]], _Cached]:
+    def _batch(self, ops: Sequence[LogOp], encoded: list,
+               before: _Cached) -> Callable[[lmdb.Transaction[bytes]], _Cached]:
         """The transaction body of one write(): ops applied over the state ``before``."""
         meta_db, log_db = self._meta_db, self._log_db
 

@@ -378,7 +378,7 @@ def test_after_a_reboot_unsynced_state_is_rebuilt_from_the_newest_snapshot(tmp_p
     # kv.boot names the boot the unsynced writes were made in; another boot id means the
     # machine went down since: the environment may be torn and is rebuilt (the log replays the rest).
     _apply_and_kill(tmp_path, mode)
-    monkeypatch.setattr("pyraft.kv.statemachine._boot_id", lambda: "another-boot")
+    monkeypatch.setattr("pyraft.snapshot_files.boot_id", lambda: "another-boot")
     with KVStateMachine(tmp_path) as sm:
         if mode == "snapshot":
             assert sm.applied_state()[0].index == 100          # the snapshot's, fsynced when it was made
@@ -398,7 +398,7 @@ def test_after_a_reboot_unsynced_state_is_rebuilt_from_the_newest_snapshot(tmp_p
 def test_a_clean_close_needs_no_rebuild_after_a_reboot(tmp_path, monkeypatch):
     with KVStateMachine(tmp_path) as sm:
         Applier(sm)(put("a", 1), put("b", 2))
-    monkeypatch.setattr("pyraft.kv.statemachine._boot_id", lambda: "another-boot")
+    monkeypatch.setattr("pyraft.snapshot_files.boot_id", lambda: "another-boot")
     with KVStateMachine(tmp_path) as sm:
         assert sm.applied_state()[0].index == 2 and sm.get("b") == 2
 

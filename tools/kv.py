@@ -453,7 +453,8 @@ def _restore(args: argparse.Namespace) -> int:
             raise
     lid = meta.last_log_id
     result = {"data_dir": dest, "id": args.id, "cluster_name": cluster_name, "keys": keys,
-              "last_log_id": None if lid is None else [lid.term, lid.index], "members": {str(i): a for i, a in sorted(peers.items())},
+              "last_log_id": None if lid is None else [lid.term, lid.index],
+              "members": {str(i): a for i, a in sorted(peers.items())},
               "backup_node_id": header.node_id, "backup_created": header.created}
     if args.json:
         print(json.dumps(result, sort_keys=True))

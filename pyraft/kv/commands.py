@@ -291,7 +291,8 @@ def _execute(backend: KVBackend, rev: int, cmd: dict) -> Any:
             return _txn(backend, rev, cmd)
         if op == "lease_grant":
             ttl = cmd.get("ttl")
-            if not ((type(ttl) is int or type(ttl) is float) and math.isfinite(ttl) and MIN_LEASE_TTL <= ttl <= MAX_LEASE_TTL):
+            if not ((type(ttl) is int or type(ttl) is float) and math.isfinite(ttl)
+                    and MIN_LEASE_TTL <= ttl <= MAX_LEASE_TTL):
                 raise KVCommandError(f"lease_grant: 'ttl' must be a number of seconds in "
                                      f"[{MIN_LEASE_TTL}, {MAX_LEASE_TTL:g}], got {ttl!r}")
             backend.put_lease(rev, float(ttl))

@@ -106,7 +106,10 @@ class KVView(Protocol):
         """How many keys are in ``[start, stop)``."""
 
     def events(self, revision: int, sub: int) -> Iterator[tuple[int, int, bytes | memoryview]]:
-        """``(revision, sub, event)`` of the history from position ``(revision, sub)`` on, in order (buffers: copy what you keep)."""
+        """``(revision, sub, event)`` of the history from ``(revision, sub)`` on, in order.
+
+        Events may be buffers, valid inside the view only: copy what you keep.
+        """
 
     def leases(self) -> Iterator[tuple[int, float]]:
         """``(lease id, ttl)`` of every lease."""

@@ -160,8 +160,9 @@ class KVService:
 
     def handlers(self) -> dict[str, tuple[Callable[[int, ClientRequest, Any], None], str]]:
         """``{op: (handler, the role it needs)}`` (the module docstring's table)."""
-        h: dict[str, tuple[Callable[[int, ClientRequest, Any], None], str]] = {"kv.write": (self.on_write, "client"), "kv.get": (self.on_get, "reader"),
-             "kv.get_stale": (self.on_get_stale, "reader"), "kv.status": (self.on_status, "reader")}
+        h: dict[str, tuple[Callable[[int, ClientRequest, Any], None], str]] = {
+            "kv.write": (self.on_write, "client"), "kv.get": (self.on_get, "reader"),
+            "kv.get_stale": (self.on_get_stale, "reader"), "kv.status": (self.on_status, "reader")}
         if self.full:
             h.update({"kv.range": (self.on_range, "reader"), "kv.watch": (self.on_watch, "reader"),
                       "kv.lease_keepalive": (self.on_lease_keepalive, "client")})
@@ -312,7 +313,8 @@ class KVService:
         if type(wait) not in (int, float) or not 0 <= wait <= MAX_WATCH_WAIT:
             raise KVCommandError(f"kv.watch: wait must be a number of seconds in [0, {MAX_WATCH_WAIT:g}], "
                                  f"got {wait!r}")
-        self._part(self.watches, "kv.watch").submit(WatchPoll(start, stop, rev, sub, limit, time.monotonic() + wait, reply))
+        watches = self._part(self.watches, "kv.watch")
+        watches.submit(WatchPoll(start, stop, rev, sub, limit, time.monotonic() + wait, reply))
 
     def on_status(self, _from_id: int, _req: ClientRequest, reply: Any) -> None:
         m = self.raft.metrics()

@@ -94,7 +94,8 @@ import msgpack
 from ..codec import (index_key, key_index, log_id_from_wire, log_id_to_wire, pack, stored_membership_from_wire,
                      stored_membership_to_wire, unpack)
 from ..errors import CodecError, NoSpace, StorageError
-from ..snapshot_files import (CHUNK, SnapshotDir, SnapshotWriter, durable, get_pointer, read_header,
+from .. import snapshot_files
+from ..snapshot_files import (CHUNK, SnapshotDir, SnapshotWriter, durable, fsync_dir, get_pointer, read_header,
                               read_records, set_pointer, unlink_quietly)
 from ..stores.lmdb import (DEFAULT_MAP_SIZE, DEFAULT_MAX_MAP_SIZE, KV_ENV_NAME, KV_LOCK_NAME,
                            SNAPSHOT_DIR_NAME, LmdbEnv)
@@ -133,15 +134,6 @@ _TTL = struct.Struct(">d")
 _SUB = struct.Struct(">I")
 _EVENT_KEY = struct.Struct(">QI")  # events: revision, sequence number within it
 _PLAIN_OPS = ("put", "delete", "cas", "get")
-
-def _boot_id() -> str | None:
-    """This boot of the machine (Linux), None where unknown (every unclean stop then rebuilds)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-            return f.read().strip() or None
-    except OSError:
-        return None
-
 
 class _Dbs:
     __slots__ = ("data", "meta", "sessions", "sindex", "events", "leases", "lease_keys")
@@ -451,7 +443,8 @@ class KVStateMachine(KVReads, ApplyListeners):
         self._quota = quota_bytes
         #: the store's size as of the last applied batch (see _used_bytes); replaced whole, read lock-free
         self._used = 0
-        self._boot = _boot_id()
+        # Through the module, as UnsyncedMark does: one function to patch for a reboot (tests).
+        self._boot = snapshot_files.boot_id()
         #: set by _prepare: kv.lmdb was discarded (written unsynced before a reboot) and is rebuilt
         self._rebuilt = False
         self._env = LmdbEnv(path, KV_ENV_NAME, KV_LOCK_NAME, what="KV state machine", sync=False,
@@ -511,7 +504,7 @@ class KVStateMachine(KVReads, ApplyListeners):
         with durable(tmp) as f:
             f.write(f"{self._boot or ''}\n".encode("ascii"))
         os.replace(tmp, self._boot_file)
-        _fsync_dir(self._env.root)
+        fsync_dir(self._env.root)
 
     def _restore_newest_snapshot(self) -> None:
         """Load the newest snapshot file that reads whole into the (new, empty) environment."""
@@ -827,7 +820,7 @@ class KVStateMachine(KVReads, ApplyListeners):
             try:
                 self._env.sync()
                 unlink_quietly(self._boot_file)
-                _fsync_dir(self._env.root)
+                fsync_dir(self._env.root)
             except (StorageError, OSError) as e:  # the next start replays (or rebuilds): nothing is lost
                 log.warning("KV state machine in %s: could not sync at close: %s", self._env.root, e)
         self._env.close()
@@ -845,14 +838,6 @@ class KVStateMachine(KVReads, ApplyListeners):
     def open_readonly(cls, path: str | os.PathLike) -> "KVReader":
         """A read-only view of the KV state in node data directory ``path`` (for tools; works while the node runs)."""
         return KVReader(path)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class KVStatus(NamedTuple):
