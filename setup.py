@@ -36,7 +36,7 @@ setup(
     package_data={"pyraft": ["py.typed"]},
     install_requires=["pyzmq>=25", "lmdb>=1.4", "msgpack>=1.0"],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "prometheus_client>=0.16", "etcd3>=0.12"],
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "prometheus_client>=0.16", "etcd3>=0.12", "mypy>=1.8"],
         "bench": ["pysyncobj", "etcd3>=0.12"],
     },
     entry_points={"console_scripts": [
