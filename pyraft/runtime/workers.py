@@ -16,16 +16,16 @@ from concurrent.futures import Future, InvalidStateError
 from typing import Any, BinaryIO, Callable, ContextManager, Protocol
 
 from ..codec import EncodedEntries, encode_entries
+from ..config import Config
 from ..engine.commands import Replicate, SendSnapshot
 from ..errors import CodecError, ForwardToLeader
 from ..messages import AppendEntriesRequest, InstallSnapshotRequest, InstallSnapshotResponse
 from ..metrics import ClientWriteResponse
-from ..types import LogId, Node, log_index
-from .futures import fail
-from ..config import Config
 from ..network import Connection, Transport
 from ..storage import LogStore, StateMachine
+from ..types import LogId, Node, log_index
 from .cache import EntryCache
+from .futures import fail
 
 log = logging.getLogger("pyraft.runtime")
 
