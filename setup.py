@@ -38,7 +38,7 @@ setup(
     extras_require={
         # mfusepy: the power-loss tests' FUSE filesystem (tests/powerloss/); needs libfuse3 (apt fuse3).
         "test": ["pytest>=7", "pytest-timeout>=2.1", "prometheus_client>=0.16", "etcd3>=0.12",
-                 "mfusepy>=3.1,<4"],
+                 "mfusepy>=3.1,<4", "mypy>=1.8"],
         "bench": ["pysyncobj", "etcd3>=0.12"],
     },
     entry_points={"console_scripts": [

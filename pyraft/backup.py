@@ -87,8 +87,9 @@ class BackupHeader:
             raise BackupError(f"the backup's snapshot meta does not decode: {e}") from None
         if meta is None:
             raise BackupError("the backup header has no snapshot meta")
-        types = {"cluster_name": str, "node_id": int, "created": (int, float), "pyraft_version": str,
-                 "snapshot_format": str, "snapshot_size": int, "fence_index": int}
+        types: dict[str, type | tuple[type, ...]] = {
+            "cluster_name": str, "node_id": int, "created": (int, float), "pyraft_version": str,
+            "snapshot_format": str, "snapshot_size": int, "fence_index": int}
         for k, t in types.items():
             if not isinstance(w.get(k), t) or isinstance(w.get(k), bool):
                 raise BackupError(f"backup header field {k!r} is missing or malformed")

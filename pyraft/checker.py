@@ -152,27 +152,29 @@ class _Node:
     def __init__(self, is_call: bool, idx: int) -> None:
         self.is_call = is_call
         self.idx = idx
-        self.match: _Node | None = None
-        self.prev: _Node | None = None
-        self.next: _Node | None = None
+        self.match: _Node | None = None  # a call's return
+        self.prev: _Node = self  # linked by _search (the head's stays itself)
+        self.next: _Node | None = None  # None: the last event
 
     def lift(self) -> None:
         """Take this call and its return out of the list."""
-        self.prev.next = self.next
-        self.next.prev = self.prev
-        m = self.match
+        nxt, m = self.next, self.match
+        assert nxt is not None and m is not None, "a call is never last: its return follows it"
+        self.prev.next = nxt
+        nxt.prev = self.prev
         m.prev.next = m.next
         if m.next is not None:
             m.next.prev = m.prev
 
     def unlift(self) -> None:
         """Put this call and its return back (the exact inverse of lift)."""
-        m = self.match
+        nxt, m = self.next, self.match
+        assert nxt is not None and m is not None, "a call is never last: its return follows it"
         m.prev.next = m
         if m.next is not None:
             m.next.prev = m
         self.prev.next = self
-        self.next.prev = self
+        nxt.prev = self
 
 
 # A prepared operation: (kind, frozen args, frozen result, determinate)
@@ -254,6 +256,9 @@ def _search(ops: list[Op], prepared: list[_Prepared], step: Callable[[Any, _Prep
     determinate_left = sum(1 for p in prepared if p[3])
     entry = head.next
     while determinate_left:
+        # The list ends with a return, whose call the search meets first and places or
+        # backtracks over: it never walks past the end.
+        assert entry is not None, "the search walked past the last event"
         explored += 1
         if deadline is not None and explored & 0x3FF == 0 and time.monotonic() > deadline:
             raise _Deadline()
@@ -347,7 +352,7 @@ def _map_step(covers: dict[int, _Covers]) -> Callable[[Any, _Prepared], tuple[bo
             if not holds:
                 ok = False
                 break
-        responses = []
+        responses: list[Any] = []
         for o in (success if ok else failure):
             cur, ver = lookup(state, o[1])
             if o[0] == "put":

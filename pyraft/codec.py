@@ -398,7 +398,7 @@ def index_key(index: int) -> bytes:
     return index.to_bytes(8, "big")
 
 
-def key_index(key: bytes) -> int:
+def key_index(key: bytes | memoryview) -> int:
     return int.from_bytes(key, "big")
 
 
@@ -595,7 +595,7 @@ _UINT_WIDTH = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
 _SINT_WIDTH = {0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8}
 
 
-def _env_int(data: bytes, pos: int, what: str) -> tuple[int, int]:
+def _env_int(data: bytes | bytearray, pos: int, what: str) -> tuple[int, int]:
     """A non-negative msgpack integer at ``pos``: ``(value, next position)``."""
     if pos >= len(data):
         raise CodecError(f"frame: truncated before {what}")
@@ -627,7 +627,7 @@ def _prefix(cluster_name: str) -> bytes:
     return p
 
 
-def _cluster_end(data: bytes, cluster_name: str | None) -> int:
+def _cluster_end(data: bytes | bytearray, cluster_name: str | None) -> int:
     """Check the version and the cluster name field by field; return where the name ends."""
     if len(data) < 8 or data[0] != 0x96:  # fixarray of 6: the shortest frame has 8 bytes
         raise CodecError("frame: not a pyraft frame (expected an array of 6 items)")
@@ -654,9 +654,9 @@ def _cluster_end(data: bytes, cluster_name: str | None) -> int:
     return pos + n
 
 
-def _envelope(data: bytes, cluster_name: str | None) -> tuple[int, int, int, int]:
+def _envelope(data: bytes | bytearray, cluster_name: str | None) -> tuple[int, int, int, int]:
     """``(from_id, request_id, tag, body offset)``; see :func:`decode_envelope`."""
-    prefix = _prefixes.get(cluster_name) if cluster_name is not None else None  # type: ignore[arg-type]
+    prefix = _prefixes.get(cluster_name) if cluster_name is not None else None
     if prefix is None and cluster_name is not None:
         prefix = _prefix(cluster_name)
     if prefix is not None and data.startswith(prefix):

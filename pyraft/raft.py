@@ -11,6 +11,7 @@ import concurrent.futures
 import inspect
 import logging
 import math
+import random
 import threading
 import time
 from concurrent.futures import Future
@@ -23,9 +24,10 @@ from .config import Config
 from .errors import (ChangeMembershipError, Fatal, ForwardToLeader, InitializeError, PermissionDenied, RaftError,
                      ShutDown, Timeout)
 from .metrics import ClientWriteResponse, RaftMetrics
-from .network import OP_ROLES, TRUSTED
+from .network import OP_ROLES, TRUSTED, Transport
 from .runtime.core import RaftCore
 from .runtime.futures import fail, new_future
+from .storage import LogStore, StateMachine
 from .types import LogId, Node, ServerState, log_index
 
 log = logging.getLogger("pyraft")
@@ -73,8 +75,8 @@ def _result(fut: Future, timeout: float | None, what: str) -> Any:
 class Raft:
     """One Raft node: starts its threads on construction; ``shutdown()`` (or ``with``) stops them."""
 
-    def __init__(self, node_id: int, config: Config, transport: Any, log_store: Any, state_machine: Any,
-                 *, rng: Any = None) -> None:
+    def __init__(self, node_id: int, config: Config, transport: Transport, log_store: LogStore,
+                 state_machine: StateMachine, *, rng: random.Random | None = None) -> None:
         if type(node_id) is not int or not 0 <= node_id <= _MAX_NODE_ID:
             raise ValueError(f"node_id must be an integer in [0, 2**63 - 1], got {node_id!r}")
         if not isinstance(config, Config):
@@ -137,6 +139,7 @@ class Raft:
         if not isinstance(msg, ClientRequest):
             self._core.post_rpc(("rpc", from_id, msg, reply))
             return
+        entry: tuple[Callable[[int, ClientRequest, Any], None], str] | None
         if msg.op == "metrics":
             entry = (self._reply_metrics, "reader")
         else:

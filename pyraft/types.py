@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -89,9 +89,16 @@ class Entry:
 # It holds only while neither class checks anything on construction.
 FAST_BUILD = not hasattr(LogId, "__post_init__") and not hasattr(Entry, "__post_init__")
 new_object = object.__new__
-set_term, set_index = LogId.term.__set__, LogId.index.__set__  # type: ignore[attr-defined]
-set_log_id, set_kind, set_payload = (Entry.log_id.__set__, Entry.kind.__set__,  # type: ignore[attr-defined]
-                                     Entry.payload.__set__)  # type: ignore[attr-defined]
+
+
+def _slot_setter(cls: type, field: str) -> Callable[[Any, Any], None]:
+    # Through the class's namespace: a type checker knows the field only as an instance attribute.
+    return vars(cls)[field].__set__
+
+
+set_term, set_index = _slot_setter(LogId, "term"), _slot_setter(LogId, "index")
+set_log_id, set_kind, set_payload = (_slot_setter(Entry, "log_id"), _slot_setter(Entry, "kind"),
+                                     _slot_setter(Entry, "payload"))
 
 
 def log_id_run(term: int, first: int, n: int) -> list[LogId]:

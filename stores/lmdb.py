@@ -55,7 +55,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Literal, Sequence, TypeVar, overload
 
 import lmdb
 
@@ -385,12 +385,20 @@ class LmdbEnv:
             raise StorageError(f"{self.what} in {self.root} is closed")
         return env
 
+    @overload
+    def _begin_shared(self, write: bool, buffers: Literal[False]) -> lmdb.Transaction[bytes]: ...
+
+    @overload
+    def _begin_shared(self, write: bool, buffers: bool) -> lmdb.Transaction: ...
+
     def _begin_shared(self, write: bool, buffers: bool) -> lmdb.Transaction:
         """Take the gate shared and begin a transaction; the caller releases the gate."""
         while True:
             self._gate.acquire_shared()
             try:
-                return self._live().begin(write=write, buffers=buffers)
+                # Two calls: py-lmdb's type hints know the values' type from a literal ``buffers``.
+                env = self._live()
+                return env.begin(write=write, buffers=True) if buffers else env.begin(write=write)
             except lmdb.MapResizedError:
                 # Another process (the writer) grew the map: adopt its size.
                 self._gate.release_shared()
@@ -421,7 +429,7 @@ class LmdbEnv:
             finally:
                 self._gate.release_shared()
 
-    def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+    def write(self, fn: Callable[[lmdb.Transaction[bytes]], T]) -> T:
         """Run ``fn(txn)`` in one write transaction and commit it; return its result.
 
         When LMDB reports the map full, the transaction is aborted, the map
@@ -759,15 +767,16 @@ class LmdbLogStore:
                 time.sleep(delay)  # test hook: a slow fsync (see write_delay)
             self._cached = self._env.write(self._batch(ops, encoded, self._cached))
 
-    def _batch(self, ops: Sequence[LogOp], encoded: list, before: _Cached) -> Callable[[lmdb.Transaction], _Cached]:
+    def _batch(self, ops: Sequence[LogOp], encoded: list,
+               before: _Cached) -> Callable[[lmdb.Transaction[bytes]], _Cached]:
         """The transaction body of one write(): ops applied over the state ``before``."""
         meta_db, log_db = self._meta_db, self._log_db
 
-        def run(txn: lmdb.Transaction) -> _Cached:
+        def run(txn: lmdb.Transaction[bytes]) -> _Cached:
             purged, last = before.state.last_purged, before.state.last_log_id
             vote, committed = before.vote, before.committed
             for op, rows in zip(ops, encoded):
-                if rows is not None:
+                if isinstance(op, AppendToLog) and rows is not None:
                     ents = op.entries
                     if not ents:
                         continue

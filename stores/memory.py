@@ -14,6 +14,7 @@ store object to a new ``Raft``.
 from __future__ import annotations
 
 import bisect
+import functools
 import io
 import threading
 import uuid
@@ -85,9 +86,9 @@ class MemoryLogStore:
         with self._lock:
             self._check(ops, encoded)
             purged, last = self._state.last_purged, self._state.last_log_id
-            for op, rows in zip(ops, encoded):
-                if rows is not None:
-                    for lid, data in rows:
+            for op, pairs in zip(ops, encoded):
+                if pairs is not None:
+                    for lid, data in pairs:
                         self._log[lid.index] = data
                         last = lid
                 elif isinstance(op, SaveVote):
@@ -148,7 +149,7 @@ class _MemoryBackend:
 
     def __init__(self, st: "_MemoryState") -> None:
         self.st = st
-        self.undo: list[Callable[[], None]] = []
+        self.undo: list[Callable[[], object]] = []  # run last to first on rollback; results ignored
         self.lease_changes: list[tuple[int, float | None]] = []
         self._ev_rev = 0
         self._ev_sub = 0
@@ -161,7 +162,11 @@ class _MemoryBackend:
         old = st.data.get(key)
         if old is None:
             bisect.insort(st.keys, key)
-            self.undo.append(lambda: (st.data.pop(key), st.keys.remove(key)))
+
+            def undo() -> None:
+                st.data.pop(key)
+                st.keys.remove(key)
+            self.undo.append(undo)
         else:
             self.undo.append(lambda: st.data.__setitem__(key, old))
         st.data[key] = record
@@ -201,7 +206,11 @@ class _MemoryBackend:
     def delete_lease(self, lease_id: int) -> None:
         st = self.st
         ttl, keys = st.leases.pop(lease_id), st.lease_keys.pop(lease_id)
-        self.undo.append(lambda: (st.leases.__setitem__(lease_id, ttl), st.lease_keys.__setitem__(lease_id, keys)))
+
+        def undo() -> None:
+            st.leases[lease_id] = ttl
+            st.lease_keys[lease_id] = keys
+        self.undo.append(undo)
         self.lease_changes.append((lease_id, None))
 
     def attach(self, lease_id: int, key: bytes) -> None:
@@ -238,7 +247,7 @@ class _MemoryBackend:
             if s.index >= before_index:
                 return
             sessions.pop(client)
-            self.undo.append(lambda c=client, s=s: sessions.__setitem__(c, s))
+            self.undo.append(functools.partial(sessions.__setitem__, client, s))
 
     def compact_events(self, before: int) -> None:
         ev = self.st.events

@@ -414,8 +414,11 @@ def backup(admin: Admin, addr: str, path: str, *, stale: bool = False, force: bo
                    timeout=admin.timeout + _REPLY_MARGIN, node_id=nid, contacted=addr)
     bid = r["backup"]
     try:
+        meta = snapshot_meta_from_wire(r["snapshot_meta"])
+        if meta is None:
+            raise RaftError(f"node {nid} began a backup without a snapshot")
         header = BackupHeader(cluster_name=r["cluster_name"], node_id=r["node_id"], created=time.time(),
-                              pyraft_version=__version__, meta=snapshot_meta_from_wire(r["snapshot_meta"]),
+                              pyraft_version=__version__, meta=meta,
                               snapshot_format=r["snapshot_format"], snapshot_size=r["size"],
                               fence_index=r["fence_index"])
         with BackupWriter(path, header) as w:

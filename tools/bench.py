@@ -44,9 +44,12 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from pyraft import __version__
+
+if TYPE_CHECKING:  # the PySyncObj side imports this module too: nothing of pyraft it does not use
+    from pyraft.types import LogId, StoredMembership
 
 __all__ = ["main", "CountingStateMachine", "InflightLoad", "NodeProc", "percentiles", "free_port"]
 
@@ -556,9 +559,9 @@ class CountingStateMachine:
     def __init__(self) -> None:
         self._lock = threading.Lock()  # guards _snapshot
         self.count = 0
-        self.last = None
-        self._applied = None
-        self._membership = None
+        self.last: Any = None
+        self._applied: LogId | None = None
+        self._membership: StoredMembership | None = None
         self._snapshot: tuple[Any, bytes] | None = None
 
     def applied_state(self):
@@ -840,11 +843,11 @@ def start_clients(system: str, spec: str, *, procs: int, threads: int, payload: 
     """``procs`` client processes (``python -m pyraft.tools.bench client``), ready to run."""
     clients = []
     try:
-        for c in range(procs):
-            clients.append(NodeProc(f"{tag}-client{c}", [
+        for n in range(procs):
+            clients.append(NodeProc(f"{tag}-client{n}", [
                 sys.executable, "-m", "pyraft.tools.bench", "client", "--system", system, "--cluster", spec,
                 "--cluster-name", cluster_name, "--threads", str(threads), "--payload", str(payload),
-                "--op", op, "--name", f"{tag}{c}-"], os.path.join(root, f"{tag}-client{c}.log")))
+                "--op", op, "--name", f"{tag}{n}-"], os.path.join(root, f"{tag}-client{n}.log")))
         for c in clients:
             c.expect("ready", 60)
     except BaseException:
@@ -891,8 +894,8 @@ def drive_clients(clients: list[NodeProc], servers: dict[Any, int], a: argparse.
         "ops": ops, "elapsed_s": a.duration, "ops_per_s": round(ops / a.duration, 1),
         "latency": lat.summary(), "failed": sum(r["errors"] for r in results),
         "first_error": next((r["first_error"] for r in results if r["first_error"]), None),
-        "cpu_percent": {str(k): round((cpu1[k] - cpu0[k]) / (t2 - t1) * 100, 1)
-                        for k in cpu0 if cpu0[k] is not None and cpu1[k] is not None},
+        "cpu_percent": {str(k): round((c1 - c0) / (t2 - t1) * 100, 1)
+                        for k, c0 in cpu0.items() if c0 is not None and (c1 := cpu1[k]) is not None},
         "memory": {str(k): memory_info(pid) for k, pid in servers.items()},
     }
     if res["ops_per_s"]:

@@ -94,9 +94,10 @@ class EtcdCluster:
     """``n`` etcd members on 127.0.0.1, each with a data directory under ``root`` (etcd's defaults: fsync on)."""
 
     def __init__(self, n: int, root: str, exe: str | None = None) -> None:
-        self.exe = exe or find_etcd()
-        if self.exe is None:
+        found = exe or find_etcd()
+        if found is None:
             raise RuntimeError("etcd is not installed")
+        self.exe = found
         self.root = root
         self.client_ports = {i: free_port() for i in range(1, n + 1)}
         self.peer_ports = {i: free_port() for i in range(1, n + 1)}

@@ -19,6 +19,7 @@ import time
 from concurrent.futures import Future
 
 from pyraft import Config, Node, Raft
+from pyraft.storage import LogStore, StateMachine
 from pyraft.transports.memory import MemoryNetwork
 
 
@@ -33,7 +34,9 @@ def run(writes: int, inflight: int, sync_writes: int, lmdb: bool, payload: int) 
     rafts: dict[int, Raft] = {}
     try:
         for i in nodes:
-            if lmdb:
+            ls: LogStore
+            sm: StateMachine
+            if tmp is not None:  # lmdb
                 from pyraft.kv import KVStateMachine
                 from pyraft.stores.lmdb import LmdbLogStore
                 d = f"{tmp.name}/n{i}"

@@ -255,10 +255,11 @@ def entry_json(e: Entry, size: int) -> dict:
 
 
 def _human(n: int) -> str:
+    x = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
+        if x < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{x:.1f} {unit}"
+        x /= 1024
     return str(n)
 
 
@@ -572,20 +573,20 @@ def verify(dd: DataDir, progress: Any = None) -> VerifyReport:
                                         f"(the log jumps from {prev_index} to {i})")
             prev_index = i
             try:
-                e = decode_entry(i, raw)
+                ent = decode_entry(i, raw)
             except CodecError as ex:
                 r.fault(i, f"does not decode: {ex}")
                 continue
-            if e.term < prev_term:
-                r.fault(i, f"term {e.term} follows term {prev_term}: terms in the log never decrease")
-            prev_term = max(prev_term, e.term)
+            if ent.term < prev_term:
+                r.fault(i, f"term {ent.term} follows term {prev_term}: terms in the log never decrease")
+            prev_term = max(prev_term, ent.term)
             if i in want:
-                term_at[i] = e.term
-            if e.kind == EntryKind.MEMBERSHIP:
-                bad = [k for k, n in e.payload.nodes.items() if not n.addr]
+                term_at[i] = ent.term
+            if ent.kind == EntryKind.MEMBERSHIP:
+                bad = [k for k, n in ent.payload.nodes.items() if not n.addr]
                 if bad:
                     r.fault(i, f"membership entry: nodes {bad} have an empty address")
-            elif e.kind == EntryKind.NORMAL and e.term == 0:
+            elif ent.kind == EntryKind.NORMAL and ent.term == 0:
                 r.fault(i, "a normal entry in term 0 (only the initial membership is written before any term)")
         r.last_index = max(prev_index, log_index(purged))
         r.last_term = prev_term
@@ -654,7 +655,7 @@ def _verify_kv(r: VerifyReport, kv: KVStatus, kv_after: KVStatus, committed: Log
 
 def check_snapshot_file(kv: KVStatus) -> str | None:
     """None when the current snapshot file reads back whole (magic, records, counts, CRC), else why not."""
-    assert kv.snapshot is not None
+    assert kv.snapshot is not None and kv.snapshot_file is not None, "a snapshot comes with its file"
     path = kv.snapshot_file
     try:
         KVReader.check_snapshot_file(path, kv.snapshot)
@@ -766,6 +767,7 @@ def cmd_snapshot(dd: DataDir, args: argparse.Namespace) -> int:
     if args.export:
         return _export_snapshot(dd, kv, args)
     info = snapshot_json(kv)
+    assert info is not None, "kv.snapshot is not None"
     if args.json:
         print(json.dumps(info, sort_keys=True))
         return EXIT_OK

@@ -449,7 +449,8 @@ def _restore(args: argparse.Namespace) -> int:
             raise
     lid = meta.last_log_id
     result = {"data_dir": dest, "id": args.id, "cluster_name": cluster_name, "keys": keys,
-              "last_log_id": [lid.term, lid.index], "members": {str(i): a for i, a in sorted(peers.items())},
+              "last_log_id": None if lid is None else [lid.term, lid.index],
+              "members": {str(i): a for i, a in sorted(peers.items())},
               "backup_node_id": header.node_id, "backup_created": header.created}
     if args.json:
         print(json.dumps(result, sort_keys=True))
@@ -625,7 +626,8 @@ def _client_command(args: argparse.Namespace) -> int:
         if args.cmd == "lease":
             return _lease(kv, args, out)
         if args.cmd == "txn":
-            return _txn(kv, *txn, out)
+            compare, success, failure = txn
+            return _txn(kv, compare, success, failure, out)
         raise UsageError(f"unknown command {args.cmd}")
     except KVCommandError as e:
         return emit_error(prog, out.json, EXIT_FAILED, e, prefix="refused: ")
@@ -731,7 +733,7 @@ def _txn_response(op: dict, r: Any) -> tuple[dict, list[str]]:
     """One txn response for ``--json`` and as text lines (``OP<TAB>KEY...``)."""
     kind, key = op.get("op"), op.get("key")
     d: dict = {"op": kind, "key": key}
-    head = [kind, text_field(key)]
+    head = [str(kind), text_field(key)]
     rows: list[str] = []
     if kind == "delete":
         d["deleted"] = bool(r)
@@ -800,7 +802,8 @@ class LocalCluster:
             self.config_file = os.path.join(self.base_dir, "config.json")
             with open(self.config_file, "w", encoding="utf-8") as f:
                 json.dump(self.config, f)
-        self.keys_dir = self.private_dir = None
+        self.keys_dir: str | None = None  # with curve: the allow list, and each name's secret key
+        self.private_dir: str | None = None
         if curve:
             self._make_keys()
 
@@ -824,6 +827,8 @@ class LocalCluster:
         ``"reader"``).
         """
         from pyraft.transports.zmq import ROLE_DIRS, generate_keys
+        if self.private_dir is None or self.keys_dir is None:
+            raise ValueError("this cluster was made without curve: it has no keys")
         d = os.path.join(self.private_dir, name)
         pub, sec = generate_keys(d, name)
         if allowed:
@@ -834,6 +839,8 @@ class LocalCluster:
 
     def secret_file(self, name: str) -> str:
         """The secret key file of ``name`` (a node id, ``"client"``, ``"admin"``, or a ``make_keypair`` name)."""
+        if self.private_dir is None:
+            raise ValueError("this cluster was made without curve: it has no keys")
         return os.path.join(self.private_dir, name, f"{name}.key_secret")
 
     def client_curve(self, secret_file: str | None = None) -> Any:
@@ -998,11 +1005,11 @@ class LocalCluster:
         and every other one that answers follows it (or knows no leader yet)."""
         ids = list(among) if among is not None else self.running()
         st = {i: self.status(i, 0.3) for i in ids}
-        leaders = [i for i, s in st.items() if s and s["is_leader"]]
+        leaders = [(i, s) for i, s in st.items() if s and s["is_leader"]]
         if len(leaders) != 1:
             return None
-        lead = leaders[0]
-        term = st[lead]["term"]
+        lead, lead_status = leaders[0]
+        term = lead_status["term"]
         if any(s and s["term"] > term for s in st.values()):
             return None
         return lead

@@ -75,7 +75,7 @@ def install() -> None:
     _probe(futures.ClientFuture, "set_result", "result")
 
 
-def _probe_sm_commit(env_cls: type) -> None:
+def _probe_sm_commit(env_cls: Any) -> None:
     """Mark where a state machine's LMDB write transaction (KVStateMachine's) ends its work and commits."""
     write = env_cls.write
     rec = _records.append
@@ -191,7 +191,8 @@ def analyze(paths: dict[int, str], leader: int, skip: float = 0.2) -> dict[str, 
             if t1 is None and (p1, e1) in OPTIONAL:
                 later = next(s for s in STAGES[k + 1:] if (s[3], s[4]) not in OPTIONAL)
                 t1 = end(later[3], later[4], t0)
-                marks[("absent", e1)] = t1
+                if t1 is not None:
+                    marks[("absent", e1)] = t1
             if t1 is None:
                 complete = False
                 break
@@ -203,7 +204,7 @@ def analyze(paths: dict[int, str], leader: int, skip: float = 0.2) -> dict[str, 
                 samples[name].append((marks[(p1, e1)] - marks[(p0, e0)]) / 1e3)
         d0 = first(leader, "disk", a, b)
         d1 = first(leader, "disk.done", d0, b) if d0 is not None else None
-        if d1 is not None:
+        if d0 is not None and d1 is not None:
             own_disk.append((d1 - d0) / 1e3)
         totals.append((b - a) / 1e3)
 

@@ -261,13 +261,14 @@ def _z85(key: bytes | str) -> bytes:
     return k
 
 
-def _load_public(path: str | os.PathLike) -> bytes:
+def _load_public(path: str | bytes | os.PathLike) -> bytes:
+    path = os.fsdecode(path)
     try:
-        pub, _ = zmq.auth.load_certificate(os.fspath(path))
+        pub, _ = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as e:
-        raise TransportError(f"cannot read CURVE key file {os.fspath(path)!r}: {e}") from None
+        raise TransportError(f"cannot read CURVE key file {path!r}: {e}") from None
     if pub is None or len(pub) != 40:
-        raise TransportError(f"no CURVE public key in {os.fspath(path)!r}")
+        raise TransportError(f"no CURVE public key in {path!r}")
     return pub
 
 
@@ -471,7 +472,7 @@ class CurveConfig:
         if self.allowed_keys_dir is None:
             return None
         d = os.fspath(self.allowed_keys_dir)
-        out = []
+        out: list[int | None] = []
         for p in (d, *(os.path.join(d, s) for s in ROLE_DIRS)):
             try:
                 out.append(os.stat(p).st_mtime_ns)
@@ -797,6 +798,7 @@ class ZmqTransport:
             r.setsockopt(zmq.HANDSHAKE_IVL, _ms(self.handshake_timeout))
             r.setsockopt(zmq.ROUTER_MANDATORY, 1)
             if self._keypair is not None:
+                assert self._zap_domain is not None, "a keypair comes with curve, which set the ZAP domain above"
                 r.setsockopt(zmq.ZAP_DOMAIN, self._zap_domain.encode())
                 r.setsockopt(zmq.CURVE_SERVER, 1)
                 r.setsockopt(zmq.CURVE_SECRETKEY, self._keypair[1])
@@ -888,7 +890,8 @@ class ZmqTransport:
         mon = None
         try:
             mon = r.get_monitor_socket(zmq.EVENT_CLOSED)
-            r.unbind(self.endpoint)
+            if self.endpoint is not None:  # None: the ROUTER never got to listen
+                r.unbind(self.endpoint)
             deadline = time.monotonic() + 1.0
             while mon.poll(_ms(deadline - time.monotonic())):
                 if zmq.utils.monitor.recv_monitor_message(mon)["event"] == zmq.EVENT_CLOSED:
@@ -1071,10 +1074,10 @@ class ZmqTransport:
             st.inc("client_requests_too_large")
             self._rlog.log(logging.WARNING, "client_too_large", "node %s: refused a client request of %d bytes "
                            "(max_client_frame_size %d)", self.node_id, len(data), self.max_client_frame_size)
-            e = RequestTooLarge(f"a request of {len(data)} bytes is larger than node {self.node_id} accepts "
-                                f"({self.max_client_frame_size} bytes)")
+            err = RequestTooLarge(f"a request of {len(data)} bytes is larger than node {self.node_id} accepts "
+                                  f"({self.max_client_frame_size} bytes)")
             _ZmqReply(self, routing_id, env.from_id, env.request_id, principal).reply(
-                ClientResponse(False, None, [type(e).__name__, str(e), None, None]))
+                ClientResponse(False, None, [type(err).__name__, str(err), None, None]))
             return
         try:
             msg = decode_body(data, env)
@@ -1086,8 +1089,10 @@ class ZmqTransport:
             st.drop("fault_filter")
             return
         st.requests_in += 1
+        handler = self._handler
+        assert handler is not None, "the server thread starts after start() set the handler"
         try:
-            self._handler(env.from_id, msg, _ZmqReply(self, routing_id, env.from_id, env.request_id, principal))
+            handler(env.from_id, msg, _ZmqReply(self, routing_id, env.from_id, env.request_id, principal))
         except Exception:
             st.inc("handler_errors")
             log.exception("node %s: request handler failed on %s", self.node_id, type(msg).__name__)
@@ -1259,7 +1264,8 @@ class ZmqConnection:
         Raises :class:`~pyraft.errors.CodecError` for a message the wire format cannot carry.
         """
         rid = next(self._ids)
-        if not self._usable():
+        sock = self._sock  # the owner's thread alone closes it: it stays while this runs
+        if sock is None or not self._usable():
             return rid
         t = self._t
         if t._filtered("send", self.target_id, message):
@@ -1283,7 +1289,7 @@ class ZmqConnection:
                 t._stats.inc("sends_dropped")
             return rid
         try:
-            self._sock.send(data, zmq.NOBLOCK)
+            sock.send(data, zmq.NOBLOCK)
         except zmq.Again:  # not connected, or the peer's queue is full: the network lost it
             t._stats.inc("sends_dropped")
         return rid
@@ -1306,21 +1312,21 @@ class ZmqConnection:
         """The next reply ``(request_id, message)``; None after ``timeout`` seconds or at once after ``wake()``."""
         deadline = time.monotonic() + max(0.0, timeout)
         wake_fd = self._wake_r.fileno()
-        while self._usable():
+        while (sock := self._sock) is not None and self._usable():
             if self._woken:
                 self._clear_wake()
                 return None
-            self._poller.modify(self._sock, zmq.POLLIN | zmq.POLLOUT if self._pending else zmq.POLLIN)
+            self._poller.modify(sock, zmq.POLLIN | zmq.POLLOUT if self._pending else zmq.POLLIN)
             events = dict(self._poller.poll(_ms(deadline - time.monotonic())))
             if wake_fd in events:
                 self._clear_wake()
                 return None
-            ev = events.get(self._sock, 0)
+            ev = events.get(sock, 0)
             if ev & zmq.POLLOUT and self._pending is not None:
                 self._flush_pending()
             if ev & zmq.POLLIN:
                 try:
-                    parts = self._sock.recv_multipart(zmq.NOBLOCK)
+                    parts = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     continue
                 got = self._decode(parts)
@@ -1720,7 +1726,7 @@ class ZmqChannel:
                 if len(self._calls) <= 1:
                     return  # a lone caller's reply: nothing else is awaited (the poll is level-triggered)
             # Asking EVENTS costs less than the exception of a recv that finds nothing.
-            if not sock.get(zmq.EVENTS) & _POLLIN:
+            if not sock.get(zmq.EVENTS) & _POLLIN:  # type: ignore[operator]  # EVENTS is an int option
                 return
 
     def _complete(self, got: list[tuple[int, Any]]) -> None:

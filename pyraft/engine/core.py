@@ -188,6 +188,13 @@ class Engine:
         return self.memberships[-1] if self.memberships else None
 
     @property
+    def effective_membership(self) -> StoredMembership:
+        """``membership`` where the node must have one: every path past initialize (or a snapshot) does."""
+        m = self.membership
+        assert m is not None, "no membership before initialize or a snapshot"
+        return m
+
+    @property
     def committed_membership(self) -> StoredMembership | None:
         if not self.memberships:
             return None
@@ -336,7 +343,7 @@ class Engine:
         if self.cfg.check_quorum and self.now - self._leader_since >= self.cfg.election_timeout[1]:
             window = self.cfg.election_timeout[1]
             active = {self.id} | {t for t, p in self.progress.items() if self.now - p.last_ack <= window}
-            if not self.membership.membership.is_quorum(active):
+            if not self.effective_membership.membership.is_quorum(active):
                 self._become_follower(self.vote.term, None)
                 return
         if self.now >= self._heartbeat_due:
@@ -398,7 +405,7 @@ class Engine:
             self.last_campaign = Campaign(last.number + 1 if last else 1, self.vote.term + 1, pre_vote, reason)
         elif last is not None:
             self.last_campaign = Campaign(last.number, self.vote.term + 1, pre_vote, last.reason)
-        voters = self.membership.membership.voter_ids
+        voters = self.effective_membership.membership.voter_ids
         self.leader_id = None
         self.state = ServerState.CANDIDATE
         self._granted = {self.id}
@@ -411,7 +418,7 @@ class Engine:
             self._pre_vote_phase = False
             term = self.vote.term + 1
             self._set_vote(Vote(term, self.id))
-        if self.membership.membership.is_quorum(self._granted):
+        if self.effective_membership.membership.is_quorum(self._granted):
             if pre_vote:
                 return self._campaign(pre_vote=False, transfer=transfer)
             return self._become_leader()
@@ -504,10 +511,10 @@ class Engine:
         if self.state != ServerState.LEADER:
             raise ForwardToLeader(self.leader_id, self.leader_node)
         if self.transferee is not None:
-            m = self.membership.membership
+            m = self.effective_membership.membership
             raise ForwardToLeader(self.transferee, m.nodes.get(self.transferee),
                                   f"leadership is being transferred to {self.transferee}")
-        if not self.membership.membership.is_voter(self.id):
+        if not self.effective_membership.membership.is_voter(self.id):
             # A configuration without this leader is in the log: it only waits for that
             # entry to commit, then hands over.  Accepting nothing more means every
             # entry it appended commits with that entry, so no client of it is left
@@ -605,7 +612,7 @@ class Engine:
         voters = frozenset(voter_ids)
         if not voters:
             raise ChangeMembershipError("the new voter set is empty")
-        missing = voters - set(self.membership.membership.nodes)
+        missing = voters - set(self.effective_membership.membership.nodes)
         if missing:
             raise ChangeMembershipError(f"nodes {sorted(missing)} are not learners yet; add them with add_learner first")
         m = self._membership_for_change()
@@ -623,7 +630,7 @@ class Engine:
         return self._append_as_leader([(EntryKind.MEMBERSHIP, new)])[0]
 
     def _membership_for_change(self) -> Membership:
-        eff = self.membership
+        eff = self.effective_membership
         if log_index(eff.log_id) > log_index(self.committed) or eff.membership.is_joint:
             raise ChangeMembershipError("a membership change is already in progress")
         if self.committed is None or self.committed.term != self.vote.term:
@@ -655,7 +662,7 @@ class Engine:
         self._check_leader()
         if target == self.id:
             return
-        if not self.membership.membership.is_voter(target):
+        if not self.effective_membership.membership.is_voter(target):
             raise ChangeMembershipError(f"node {target} is not a voter; it cannot lead")
         self.transferee = target
         self._transfer_deadline = self.now + self.cfg.election_timeout[1]
@@ -817,7 +824,7 @@ class Engine:
             return self._note_log_of(msg.last_log_id)
         if self.state != ServerState.CANDIDATE:
             return
-        m = self.membership.membership
+        m = self.effective_membership.membership
         if msg.pre_vote:
             if not self._pre_vote_phase or msg.term != self.vote.term + 1:
                 return
@@ -856,7 +863,7 @@ class Engine:
         self._accept_leader(msg.leader_id)
         prev_index = log_index(msg.prev_log_id)
         floor = max(log_index(self.committed), self.log.purged_index)
-        if prev_index > floor:
+        if msg.prev_log_id is not None and prev_index > floor:  # (prev_index > 0: not None)
             mine = self.log.term_at(prev_index)
             if mine != msg.prev_log_id.term:
                 # Reject with a hint: our last entry at or before prev whose
@@ -889,7 +896,9 @@ class Engine:
         matched = msg.entries[-1].log_id if msg.entries else msg.prev_log_id
         new_commit = min(msg.leader_commit, log_index(matched))
         if new_commit > log_index(self.committed):
-            self._set_committed(self.log.log_id_at(new_commit))
+            commit = self.log.log_id_at(new_commit)
+            assert commit is not None, "an index up to the matched entry, past the commit point, is in the log"
+            self._set_committed(commit)
         self._pending_acks.append((token, matched, msg.seq, msg.term))
         self._flush_acks()
 
@@ -1126,7 +1135,7 @@ class Engine:
     def _check_reads(self) -> None:
         if not self._pending_reads:
             return
-        m = self.membership.membership
+        m = self.effective_membership.membership
         done = 0
         for token, read_log_id, seq in self._pending_reads:
             acked = {self.id} | {t for t, p in self.progress.items() if p.acked_seq >= seq}
@@ -1144,7 +1153,7 @@ class Engine:
             return
         matched = {t: p.matched_index for t, p in self.progress.items()}
         matched[self.id] = log_index(self.flushed)
-        n = self.membership.membership.quorum_index(matched)
+        n = self.effective_membership.membership.quorum_index(matched)
         # Only entries of the current term are committed by counting replicas.
         if n > log_index(self.committed) and self.log.term_at(n) == self.vote.term:
             self._set_committed(LogId(self.vote.term, n))
@@ -1164,11 +1173,11 @@ class Engine:
             self._on_commit_advanced()
 
     def _on_commit_advanced(self) -> None:
-        if self._reads_waiting_commit and self.committed.term == self.vote.term:
+        if self._reads_waiting_commit and self.committed is not None and self.committed.term == self.vote.term:
             waiting, self._reads_waiting_commit = self._reads_waiting_commit, []
             for token in waiting:
                 self._start_read(token)
-        eff = self.membership
+        eff = self.effective_membership
         if log_index(eff.log_id) <= log_index(self.committed):
             if eff.membership.is_joint:
                 self._append_as_leader([(EntryKind.MEMBERSHIP, eff.membership.finalized())])
@@ -1198,7 +1207,7 @@ class Engine:
         idx = log_index(log_id)
         if idx <= log_index(self.flushed):
             return
-        if idx > self.log.purged_index and self.log.term_at(idx) != log_id.term:
+        if log_id is not None and idx > self.log.purged_index and self.log.term_at(idx) != log_id.term:
             return  # that entry was truncated meanwhile; a later flush will report the new one
         self.flushed = log_id
         self._flush_acks()

@@ -128,6 +128,7 @@ class LogIdList:
         else:
             nxt = upto.index + 1
             t = self.term_at(nxt)
+            assert t is not None, "every index between the purged and the last entry has a term"
             pos = bisect.bisect_right(self.keys, nxt, key=lambda k: k.index)
             self.keys = [LogId(t, nxt)] + self.keys[pos:]
         self.purged = upto

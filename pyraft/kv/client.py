@@ -258,7 +258,7 @@ class KVClient:
         cmd = {"op": "txn", "compare": compare, "success": success, "failure": failure}
         check_command(cmd)
         succeeded, responses, revision = self._write(cmd)
-        out = []
+        out: list[Any] = []
         for op, r in zip(success if succeeded else failure, responses):
             kind = op.get("op")
             if kind == "get":

@@ -175,7 +175,7 @@ class Session:
         return msgpack.packb([self.seq, self.index, self.result], use_bin_type=True)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Session":
+    def from_bytes(cls, data: bytes | memoryview) -> "Session":
         v = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=False)
         if (type(v) is not list or len(v) != 3 or type(v[0]) is not int or type(v[1]) is not int
                 or type(v[2]) is not list or len(v[2]) != 2):
@@ -291,7 +291,8 @@ def _execute(backend: KVBackend, rev: int, cmd: dict) -> Any:
             return _txn(backend, rev, cmd)
         if op == "lease_grant":
             ttl = cmd.get("ttl")
-            if not (type(ttl) in (int, float) and math.isfinite(ttl) and MIN_LEASE_TTL <= ttl <= MAX_LEASE_TTL):
+            if not ((type(ttl) is int or type(ttl) is float) and math.isfinite(ttl)
+                    and MIN_LEASE_TTL <= ttl <= MAX_LEASE_TTL):
                 raise KVCommandError(f"lease_grant: 'ttl' must be a number of seconds in "
                                      f"[{MIN_LEASE_TTL}, {MAX_LEASE_TTL:g}], got {ttl!r}")
             backend.put_lease(rev, float(ttl))
@@ -462,7 +463,7 @@ def _txn(backend: KVBackend, rev: int, cmd: dict) -> list:
             rec = backend.get(p.key)
             responses.append(None if rec is None else [decode_value(record_value(rec)), *record_header(rec)])
         elif p.op == "range":
-            rows = []
+            rows: list[Any] = []
             more = False
             for k, rec in backend.scan(p.key, p.stop):
                 if len(rows) == p.limit:

@@ -195,7 +195,7 @@ def _dec(b: bytes, i: int, nested: bool, depth: int) -> tuple[Any, int]:
     if tag == _ARRAY:
         if depth >= _MAX_DEPTH:
             raise ValueError("stored key nests too deep")
-        items = []
+        items: list[Any] = []
         while True:
             if i >= len(b):
                 raise ValueError("stored array key is truncated")
@@ -289,7 +289,7 @@ def pack_event(kind: int, key: bytes, value: bytes | None) -> bytes:
     return head if value is None else head + value
 
 
-def event_key(ev: bytes) -> bytes:
+def event_key(ev: bytes | memoryview) -> bytes:
     """The stored key of an event record (``ev`` may be a memoryview: the key is copied)."""
     n = (ev[1] << 8) | ev[2]
     return bytes(ev[3:3 + n])

@@ -45,7 +45,7 @@ class KeyValue:
         return cls(decode_key(key), value, c, m, v, lease)
 
 
-class RangeResult(list):
+class RangeResult(list[KeyValue]):
     """The keys of a range, sorted by key (a list of :class:`KeyValue`).
 
     ``revision``: the state machine's revision (applied log index) the range
@@ -53,6 +53,9 @@ class RangeResult(list):
     too); ``more``: True when keys were left out (``limit``, or the reply's
     size bound).
     """
+
+    # The documented name for the range's size (docs/kv.md) hides list.count on purpose.
+    count: int  # type: ignore[assignment]
 
     def __init__(self, items: Iterable[KeyValue] = (), revision: int = 0, count: int = 0, more: bool = False):
         super().__init__(items)
@@ -102,8 +105,11 @@ class KVView(Protocol):
     def count(self, start: bytes, stop: bytes) -> int:
         """How many keys are in ``[start, stop)``."""
 
-    def events(self, revision: int, sub: int) -> Iterator[tuple[int, int, bytes]]:
-        """``(revision, sub, event)`` of the history from position ``(revision, sub)`` on, in order."""
+    def events(self, revision: int, sub: int) -> Iterator[tuple[int, int, bytes | memoryview]]:
+        """``(revision, sub, event)`` of the history from ``(revision, sub)`` on, in order.
+
+        Events may be buffers, valid inside the view only: copy what you keep.
+        """
 
     def leases(self) -> Iterator[tuple[int, float]]:
         """``(lease id, ttl)`` of every lease."""

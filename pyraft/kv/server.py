@@ -66,7 +66,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from ..codec import ClientRequest, ClientResponse
 from ..errors import Overloaded, RaftError
@@ -81,6 +81,8 @@ from .watch import DEFAULT_MAX_WATCHERS, MAX_WATCH_LIMIT, MAX_WATCH_WAIT, WatchH
 __all__ = ["serve_kv", "unserve_kv", "KVService", "KV_OPS", "WRITE_OPS"]
 
 log = logging.getLogger("pyraft.kv")
+
+_P = TypeVar("_P")
 
 KV_OPS = ("kv.write", "kv.get", "kv.get_stale", "kv.status", "kv.range", "kv.watch", "kv.lease_keepalive")
 #: The command ops a ``kv.write`` may carry (reads go through ``kv.get`` and ``kv.range``).
@@ -148,7 +150,9 @@ class KVService:
         self.full = callable(getattr(sm, "view", None)) and callable(getattr(sm, "add_apply_listener", None))
         self._stop_lock = threading.Lock()  # guards _stopped
         self._stopped = False
-        self.reads = self.watches = self.leases = None
+        self.reads: _Reads | None = None
+        self.watches: WatchHub | None = None
+        self.leases: LeaseKeeper | None = None
         if self.full:
             self.reads = _Reads(raft.node_id)
             self.watches = WatchHub(sm, raft.node_id, max_waiting=max_watchers)
@@ -156,12 +160,20 @@ class KVService:
 
     def handlers(self) -> dict[str, tuple[Callable[[int, ClientRequest, Any], None], str]]:
         """``{op: (handler, the role it needs)}`` (the module docstring's table)."""
-        h = {"kv.write": (self.on_write, "client"), "kv.get": (self.on_get, "reader"),
-             "kv.get_stale": (self.on_get_stale, "reader"), "kv.status": (self.on_status, "reader")}
+        h: dict[str, tuple[Callable[[int, ClientRequest, Any], None], str]] = {
+            "kv.write": (self.on_write, "client"), "kv.get": (self.on_get, "reader"),
+            "kv.get_stale": (self.on_get_stale, "reader"), "kv.status": (self.on_status, "reader")}
         if self.full:
             h.update({"kv.range": (self.on_range, "reader"), "kv.watch": (self.on_watch, "reader"),
                       "kv.lease_keepalive": (self.on_lease_keepalive, "client")})
         return h
+
+    def _part(self, part: _P | None, op: str) -> _P:
+        """``part`` of a full service; a RaftError for an op that a get-only state machine cannot serve."""
+        if part is None:
+            raise RaftError(f"{op}: this node's state machine serves get only (it has no view() and "
+                            f"add_apply_listener())")
+        return part
 
     def stop(self) -> None:
         """Stop the service's threads.  Idempotent."""
@@ -183,7 +195,7 @@ class KVService:
             return
         if cmd["op"] == "lease_grant":
             ttl = cmd.get("ttl")
-            if type(ttl) in (int, float) and math.isfinite(ttl) and ttl < self.min_ttl:
+            if (type(ttl) is int or type(ttl) is float) and math.isfinite(ttl) and ttl < self.min_ttl:
                 reply.reply(error_response(KVCommandError(
                     f"lease_grant: ttl {ttl} s is too short for this cluster: at least {self.min_ttl:g} s "
                     f"(three election timeouts), so that a lease outlives a leader change")))
@@ -212,7 +224,7 @@ class KVService:
         if type(lid) is not int or lid < 0:
             reply.reply(error_response(KVCommandError("kv.lease_keepalive: the body must be {'id': lease id}")))
             return
-        self.leases.keepalive(lid, reply)
+        self._part(self.leases, "kv.lease_keepalive").keepalive(lid, reply)
 
     # ------------------------------------------------------------------ reads
 
@@ -250,6 +262,7 @@ class KVService:
         except (TypeError, ValueError) as e:
             raise KVCommandError(f"kv.range: {e}") from None
         keys_only, count_only = _flag(body, "keys_only"), _flag(body, "count_only")
+        reads = self._part(self.reads, "kv.range")
 
         def read() -> None:
             try:
@@ -265,7 +278,7 @@ class KVService:
                                            RaftError(f"kv.range failed: {type(e).__name__}: {e}")))
 
         if _flag(body, "stale"):
-            self.reads.submit(read)
+            reads.submit(read)
             return
         try:
             fut = self.raft.ensure_linearizable_async()
@@ -279,7 +292,7 @@ class KVService:
                 reply.reply(error_response(e))
                 return
             try:
-                self.reads.submit(read)
+                reads.submit(read)
             except RaftError as ex:
                 reply.reply(error_response(ex))
 
@@ -300,7 +313,8 @@ class KVService:
         if type(wait) not in (int, float) or not 0 <= wait <= MAX_WATCH_WAIT:
             raise KVCommandError(f"kv.watch: wait must be a number of seconds in [0, {MAX_WATCH_WAIT:g}], "
                                  f"got {wait!r}")
-        self.watches.submit(WatchPoll(start, stop, rev, sub, limit, time.monotonic() + wait, reply))
+        watches = self._part(self.watches, "kv.watch")
+        watches.submit(WatchPoll(start, stop, rev, sub, limit, time.monotonic() + wait, reply))
 
     def on_status(self, _from_id: int, _req: ClientRequest, reply: Any) -> None:
         m = self.raft.metrics()

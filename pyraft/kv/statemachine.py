@@ -78,6 +78,7 @@ transaction; superseded files are deleted.
 """
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import shutil
@@ -85,7 +86,7 @@ import struct
 import threading
 import uuid
 from contextlib import contextmanager
-from typing import Any, BinaryIO, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, BinaryIO, Callable, Final, Iterator, NamedTuple, Sequence
 
 import lmdb
 import msgpack
@@ -155,7 +156,7 @@ class _Overlay:
 
     __slots__ = ("txn", "db", "changes", "known")
 
-    def __init__(self, txn: lmdb.Transaction, db: Any) -> None:
+    def __init__(self, txn: lmdb.Transaction[bytes], db: Any) -> None:
         self.txn = txn
         self.db = db
         self.changes: dict[bytes, bytes | None] = {}  # written in this batch (None: deleted)
@@ -187,7 +188,12 @@ class _Overlay:
         self.known = {}
 
 
-_MISSING = object()
+class _Missing(enum.Enum):
+    MISSING = 0
+
+
+#: not in the batch's changes or read-ahead (a type checker tells it from None as an enum member)
+_MISSING: Final = _Missing.MISSING
 
 
 class _LmdbBackend:
@@ -195,7 +201,7 @@ class _LmdbBackend:
 
     _UNKNOWN = -1
 
-    def __init__(self, txn: lmdb.Transaction, dbs: _Dbs) -> None:
+    def __init__(self, txn: lmdb.Transaction[bytes], dbs: _Dbs) -> None:
         self.txn = txn
         self.dbs = dbs
         self.data = _Overlay(txn, dbs.data)
@@ -366,7 +372,7 @@ class _LmdbView:
             n += 1
         return n
 
-    def events(self, revision: int, sub: int) -> Iterator[tuple[int, int, bytes]]:
+    def events(self, revision: int, sub: int) -> Iterator[tuple[int, int, bytes | memoryview]]:
         cur = self.txn.cursor(db=self.dbs.events)
         if not cur.set_range(index_key(revision) + _SUB.pack(sub)):
             return
@@ -500,7 +506,7 @@ class KVStateMachine(KVReads, ApplyListeners):
     def _open_dbs(self) -> _Dbs:
         env = self._env
         if env.is_pristine():
-            def init(txn: lmdb.Transaction) -> _Dbs:
+            def init(txn: lmdb.Transaction[bytes]) -> _Dbs:
                 dbs = _Dbs(*(env._live().open_db(n, txn=txn) for n in _DB_NAMES))
                 txn.put(_K_FORMAT, pack(FORMAT_VERSION), db=dbs.meta)
                 txn.put(_K_FLOOR, pack(1), db=dbs.meta)
@@ -602,7 +608,7 @@ class KVStateMachine(KVReads, ApplyListeners):
         dbs, ttl = self._dbs, self._session_ttl
         last = entries[-1].log_id
 
-        def run(txn: lmdb.Transaction) -> tuple[list[Any], StoredMembership | None, int, tuple]:
+        def run(txn: lmdb.Transaction[bytes]) -> tuple[list[Any], StoredMembership | None, int, tuple]:
             backend = _LmdbBackend(txn, dbs)
             backend.prefetch(entries)
             results: list[Any] = []
@@ -708,7 +714,7 @@ class KVStateMachine(KVReads, ApplyListeners):
             self._cleanup()
         self._notify(log_index(meta.last_log_id), None)
 
-    def _load(self, txn: lmdb.Transaction, meta: SnapshotMeta, path: str) -> int:
+    def _load(self, txn: lmdb.Transaction[bytes], meta: SnapshotMeta, path: str) -> int:
         """Replace the state in ``txn`` with the snapshot file ``path``; CodecError for bad content."""
         dbs = self._dbs
         for db in (dbs.data, dbs.sessions, dbs.sindex, dbs.events, dbs.leases, dbs.lease_keys):

@@ -26,15 +26,12 @@ import sys
 import threading
 from concurrent.futures import Future
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
+from typing import Any, Callable, ContextManager, Iterator, Protocol
 
 from .. import errors as _errors
 from ..errors import RaftError, Timeout
 from ..types import LogId
 from . import _values
-
-if TYPE_CHECKING:
-    from .statemachine import ObjectStateMachine
 
 __all__ = ["ReplicatedObject", "replicated", "ReplicatedMethod", "BoundReplicatedMethod",
            "VersionMismatch", "ReplicatedMethodError", "NotAttached"]
@@ -152,7 +149,9 @@ class ReplicatedMethod:
         self.ver = ver
         self.method_name = name or fn.__name__
         self.attr = fn.__name__
-        functools.update_wrapper(self, fn)
+        # The method's name and docstring on the descriptor (help() shows them); typeshed wants a
+        # callable wrapper, this one is a descriptor.
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
 
     def __set_name__(self, owner: type, attr: str) -> None:
         self.attr = attr
@@ -266,6 +265,33 @@ class _ReplicatedMeta(type):
         return super().__new__(mcls, name, bases, dict(ns), **kw)
 
 
+class ObjectHost(Protocol):
+    """What a ReplicatedObject uses of the ObjectStateMachine it is registered in (which is one)."""
+
+    @property
+    def _apply_thread(self) -> int | None:
+        """The thread running replicated methods (inside ``apply``), else None."""
+
+    @property
+    def _lock(self) -> ContextManager[Any]:
+        """Held while calls are applied (``ReplicatedObject.locked``)."""
+
+    @property
+    def _log_time(self) -> float:
+        """The log time of the call being applied, or of the last one."""
+
+    @property
+    def _current_log_id(self) -> LogId | None:
+        """The log id of the entry being applied, or of the last one."""
+
+    def _submit_call(self, obj: ReplicatedObject, method: ReplicatedMethod, args: tuple, kwargs: dict,
+                     timeout: float | None) -> Future:
+        """Replicate a call of ``method`` on ``obj``; the future completes when this node applied it."""
+
+    def sync(self, timeout: float | None = None) -> LogId:
+        """ReadIndex: local reads then see every call completed before."""
+
+
 class ReplicatedObject(metaclass=_ReplicatedMeta):
     """Base class of objects whose ``@replicated`` methods run on every node in log order.
 
@@ -318,7 +344,7 @@ class ReplicatedObject(metaclass=_ReplicatedMeta):
         if name is not None and (not isinstance(name, str) or not name):
             raise ValueError("an object name is a non-empty string")
         self._repl_name = name
-        self._repl_sm: "ObjectStateMachine | None" = None
+        self._repl_sm: ObjectHost | None = None
 
     # -- identity ------------------------------------------------------------------
 
@@ -385,7 +411,7 @@ class ReplicatedObject(metaclass=_ReplicatedMeta):
         return f"<{type(self).__name__} {self.object_name!r}>"
 
 
-def iter_versions(cls: type) -> Iterator[tuple[str, list[int]]]:
+def iter_versions(cls: type[ReplicatedObject]) -> Iterator[tuple[str, list[int]]]:
     """``(method name, sorted versions)`` of a ReplicatedObject class."""
     for mname, vers in sorted(cls._repl_methods.items()):
         yield mname, sorted(vers)

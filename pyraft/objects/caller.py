@@ -32,17 +32,14 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 from ..codec import ClientRequest, ClientResponse
 from ..errors import Fatal, Overloaded, PermissionDenied, RaftError, RequestTooLarge, ShutDown, Timeout
 from ..raft import error_response
 from ..types import LogId, Node, ServerState
+from ..runtime.futures import fail, succeed
 from .base import _GRACE, outcome_to_wire
-from .statemachine import _complete
-
-if TYPE_CHECKING:
-    from .statemachine import ObjectStateMachine
 
 log = logging.getLogger("pyraft.objects")
 
@@ -87,10 +84,23 @@ class _Pending:
         return self.rid is not None or self.token is not None
 
 
+class CallerHost(Protocol):
+    """What the dispatcher uses of its ObjectStateMachine (which is one, and starts it)."""
+
+    #: the clock the leader stamps calls with (``ObjectStateMachine(clock=...)``)
+    _clock: Callable[[], float]
+
+    def _register_waiter(self, seq: int, fut: Future) -> None:
+        """Complete ``fut`` when the call with sequence number ``seq`` is applied here."""
+
+    def _drop_waiter(self, seq: int) -> None:
+        """Forget the waiter of ``seq`` (its call failed before it was applied)."""
+
+
 class Caller:
     """The dispatcher of one attached node (see the module docstring)."""
 
-    def __init__(self, sm: "ObjectStateMachine", raft: Any, client: bytes) -> None:
+    def __init__(self, sm: CallerHost, raft: Any, client: bytes) -> None:
         self.sm = sm
         self.raft = raft
         self.client = client
@@ -148,7 +158,7 @@ class Caller:
             self._next_seq += 1
             body["c"] = self.client
             body["s"] = seq
-            fut._pyraft_call = (self.client, seq)  # type: ignore[attr-defined] - for tests and debugging
+            fut._pyraft_call = (self.client, seq)  # type: ignore[attr-defined]  # for tests and debugging
             p = _Pending(next(self._pids), "call", seq, body, fut, deadline, choose_version)
             self.sm._register_waiter(seq, fut)
             self._inbox.append(("new", p))
@@ -163,8 +173,11 @@ class Caller:
         fut = self.submit_call(body, None)
         self._announcement = fut
         fut.add_done_callback(lambda f: self._post(("announced",)))
-        fut.add_done_callback(lambda f: f.exception() is not None and not f.cancelled() and log.debug(
-            "node %s: version announcement failed: %s", self.node_id, f.exception()))
+
+        def failed(f: Future) -> None:
+            if not f.cancelled() and f.exception() is not None:
+                log.debug("node %s: version announcement failed: %s", self.node_id, f.exception())
+        fut.add_done_callback(failed)
 
     def read_index(self, timeout: float | None) -> LogId:
         """A read index from the leader (blocking)."""
@@ -303,7 +316,7 @@ class Caller:
     def _fail(self, p: _Pending, exc: BaseException) -> None:
         if p.kind == "call":
             self.sm._drop_waiter(p.seq)
-        _complete(p.future, False, exc)
+        fail(p.future, exc)
         self._remove(p)
 
     def _floor(self) -> int:
@@ -423,7 +436,7 @@ class Caller:
         exc = f.exception()
         if exc is None:
             if p.kind == "read":
-                _complete(p.future, True, f.result())
+                succeed(p.future, f.result())
             else:
                 p.acked = True
         elif isinstance(getattr(exc, "pyraft_log_id", None), LogId):
@@ -475,7 +488,7 @@ class Caller:
                 return
             body = resp.body
             if isinstance(body, list) and len(body) == 2 and all(type(x) is int for x in body):
-                _complete(p.future, True, LogId(body[0], body[1]))
+                succeed(p.future, LogId(body[0], body[1]))
             else:
                 p.next_try = now + self.backoff
             return

@@ -81,7 +81,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from typing import Any, BinaryIO, Callable, Iterable, Mapping, Sequence
 
 import lmdb
@@ -89,6 +89,7 @@ import lmdb
 from ..codec import (log_id_from_wire, log_id_to_wire, pack, stored_membership_from_wire, stored_membership_to_wire,
                      unpack)
 from ..errors import CodecError, RaftError, StorageError, Timeout
+from ..runtime.futures import fail, succeed
 from ..snapshot_files import (SnapshotDir, SnapshotWriter, UnsyncedMark, durable, get_pointer, read_header,
                               read_records, set_pointer, unlink_quietly)
 from ..stores.lmdb import DEFAULT_MAP_SIZE, DEFAULT_MAX_MAP_SIZE, LmdbEnv
@@ -96,6 +97,7 @@ from ..types import Entry, EntryKind, LogId, SnapshotMeta, StoredMembership, log
 from . import _values
 from .base import (NotAttached, ReplicatedMethod, ReplicatedObject, VersionMismatch, iter_versions, outcome_from_wire,
                    outcome_to_wire)
+from .caller import Caller
 
 __all__ = ["ObjectStateMachine", "OBJECTS_ENV_NAME", "OBJECTS_LOCK_NAME", "OBJECTS_BOOT_NAME", "OBJECTS_SNAPSHOT_DIR"]
 
@@ -160,17 +162,6 @@ def _versions_from_wire(v: Any) -> dict[int, dict[str, list[int]]]:
     return out
 
 
-def _complete(fut: Future, ok: bool, value: Any) -> None:
-    """Complete ``fut`` unless it already is (a timeout or a cancel won the race)."""
-    try:
-        if ok:
-            fut.set_result(value)
-        else:
-            fut.set_exception(value)
-    except InvalidStateError:
-        pass
-
-
 class ObjectStateMachine:
     """Applies replicated calls to named :class:`ReplicatedObject` instances; a pyraft StateMachine.
 
@@ -221,7 +212,7 @@ class ObjectStateMachine:
         self._wait_lock = threading.Lock()  # guards _waiters and _client_id
         self._waiters: dict[int, Future] = {}
         self._client_id = b""
-        self._caller: Any = None
+        self._caller: Caller | None = None
         self._raft: Any = None
         self._apply_thread: int | None = None  # the thread inside apply(), while it runs methods
         self._closed = False
@@ -298,7 +289,6 @@ class ObjectStateMachine:
         (``pyraft-objects-<id>``) and announces this node's method versions
         in the log.  Attaching again (a restarted node) replaces the old binding.
         """
-        from .caller import Caller  # the dispatcher needs the state machine's internals
         if getattr(raft, "state_machine", self) is not self:
             raise ValueError("attach the Raft node that was given this ObjectStateMachine")
         if self._closed:
@@ -325,7 +315,7 @@ class ObjectStateMachine:
             waiters, self._waiters = self._waiters, {}
             self._client_id = b""
         for fut in waiters.values():
-            _complete(fut, False, RaftError("the ObjectStateMachine was detached from its Raft node"))
+            fail(fut, RaftError("the ObjectStateMachine was detached from its Raft node"))
 
     def _submit_call(self, obj: ReplicatedObject, method: ReplicatedMethod, args: tuple, kwargs: dict,
                      timeout: float | None) -> Future:
@@ -504,7 +494,8 @@ class ObjectStateMachine:
         if ok:
             return value
         try:
-            value.pyraft_log_id = e.log_id  # marks an applied outcome (see Caller.on_call_request)
+            # marks an applied outcome (see Caller.on_call_request), on whatever exception it is
+            setattr(value, "pyraft_log_id", e.log_id)
         except (AttributeError, TypeError):
             pass
         return value
@@ -590,7 +581,8 @@ class ObjectStateMachine:
             futs = [(self._waiters.pop(s, None), ok, v) for s, ok, v in done]
         for fut, ok, value in futs:
             if fut is not None:
-                _complete(fut, ok, value)
+                # A timeout or a cancel may have won the race: succeed and fail leave the future then.
+                succeed(fut, value) if ok else fail(fut, value)
 
     # ------------------------------------------------------------------ LMDB
 
@@ -811,7 +803,7 @@ class ObjectStateMachine:
             with durable(final) as f:
                 f.write(blob)
             self._snaps.sync()
-            if self._snaps.forget_received(name):
+            if isinstance(name, str) and self._snaps.forget_received(name):
                 unlink_quietly(name)
             try:
                 self._env.write(lambda txn: self._load_txn(txn, meta, objects, sessions, sys_v, final))

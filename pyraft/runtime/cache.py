@@ -22,6 +22,7 @@ from any thread.  ``_lock`` guards ``_first``, ``_entries``, ``_encoded`` and
 """
 from __future__ import annotations
 
+import builtins
 import threading
 from typing import Sequence
 
@@ -60,7 +61,8 @@ class EntryCache:
 
     # -- writer (RaftCore) ------------------------------------------------------
 
-    def append(self, entries: Sequence[Entry], encoded: Sequence[bytes]) -> None:
+    # builtins.bytes: inside the class, ``bytes`` is the property above.
+    def append(self, entries: Sequence[Entry], encoded: Sequence[builtins.bytes]) -> None:
         """Add entries that continue the log (``encoded[k]`` is ``entries[k]``'s stored encoding).
 
         Entries that do not continue the cached ones (after a gap: the cache
@@ -132,7 +134,7 @@ class EntryCache:
 
     # -- readers (any thread) ----------------------------------------------------
 
-    def get(self, start: int, stop: int) -> tuple[list[Entry], list[bytes]] | None:
+    def get(self, start: int, stop: int) -> tuple[list[Entry], list[builtins.bytes]] | None:
         """Entries ``start <= index < stop`` and their encodings, or None unless all of them are cached."""
         with self._lock:
             a = start - self._first

@@ -18,7 +18,7 @@ import random
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, cast
 
 from ..config import Config
 from ..engine.commands import (AppendToLog, Apply, BuildSnapshot, InstallSnapshot, PurgeLog,
@@ -29,6 +29,8 @@ from ..engine.core import Engine, RestoredState
 from ..errors import Fatal, ForwardToLeader, Overloaded, RaftError, ShutDown, StorageError
 from ..messages import InstallSnapshotResponse
 from ..metrics import RaftMetrics
+from ..network import Transport
+from ..storage import LogStore, StateMachine
 from ..codec import encode_entries, normal_entry_prefix
 from ..types import EntryKind, LogId, ServerState, StoredMembership, log_index
 from .cache import EntryCache
@@ -80,9 +82,14 @@ def restore_state(log_store: Any, state_machine: Any) -> RestoredState:
                          snapshot=state_machine.current_snapshot(), memberships=memberships, term_at=term_at)
 
 
+def _encoded(c: AppendToLog) -> list[bytes]:
+    assert c.encoded is not None, "RaftCore encodes every AppendToLog before it writes or caches it"
+    return c.encoded
+
+
 class RaftCore(threading.Thread):
-    def __init__(self, node_id: int, config: Config, transport: Any, log_store: Any, state_machine: Any,
-                 rng: Any = None) -> None:
+    def __init__(self, node_id: int, config: Config, transport: Transport, log_store: LogStore,
+                 state_machine: StateMachine, rng: random.Random | None = None) -> None:
         super().__init__(name=f"pyraft-core-{node_id}", daemon=True)
         self.node_id = node_id
         self.config = config
@@ -474,7 +481,7 @@ class RaftCore(threading.Thread):
             if all(type(c) is SaveCommitted for c in storage):
                 # The commit point alone is a hint (storage.py: committed entries are never
                 # lost without it): it costs no fsync of its own, but rides with the next write.
-                self._deferred_commit = storage[-1]
+                self._deferred_commit = cast(SaveCommitted, storage[-1])  # (all are, checked above)
                 storage = []
             elif self._deferred_commit is not None:
                 storage.insert(0, self._deferred_commit)  # a SaveCommitted later in the batch wins
@@ -489,19 +496,18 @@ class RaftCore(threading.Thread):
                     and not any(type(c) is UpdateReplication for c in cmds):
                 for c in storage:  # the workers read them from the cache while the store writes them
                     if type(c) is AppendToLog:
-                        cache.append(c.entries, c.encoded)
+                        cache.append(c.entries, _encoded(c))
                 self._send_replication(cmds)
                 sent_early = True
                 self.log_store.write(storage)
             else:
                 self.log_store.write(storage)
                 for c in storage:  # the cache follows the store, once the batch is durable
-                    t = type(c)
-                    if t is AppendToLog:
-                        cache.append(c.entries, c.encoded)
-                    elif t is TruncateLog:
+                    if type(c) is AppendToLog:
+                        cache.append(c.entries, _encoded(c))
+                    elif type(c) is TruncateLog:
                         cache.truncate(c.since)
-                    elif t is PurgeLog:
+                    elif type(c) is PurgeLog:
                         cache.purge(c.upto.index)
             if any(isinstance(c, _LOG_CHANGES) for c in storage):
                 self.engine.on_log_flushed(self.engine.log.last)
@@ -534,12 +540,12 @@ class RaftCore(threading.Thread):
             elif t is Apply:
                 self._apply_due = c  # the Applies of a turn only go forward: the last one covers them all
             elif t is SendVote:
-                nodes = self.engine.membership.membership.nodes
+                nodes = self.engine.effective_membership.membership.nodes
                 for target in c.targets:
                     if target in nodes:
                         self.sender.send(target, nodes[target], c.request)
             elif t is SendTimeoutNow:
-                node = self.engine.membership.membership.nodes.get(c.target)
+                node = self.engine.effective_membership.membership.nodes.get(c.target)
                 if node is not None:
                     self.sender.send(c.target, node, c.request)
             elif t is UpdateReplication:
@@ -554,8 +560,8 @@ class RaftCore(threading.Thread):
                 self._to_sm_worker(("install", c.meta, c.token))
         if reads:  # the reads confirmed together are answered together (replies_held)
             with self.replies_held():
-                for c in reads:
-                    self._on_read_ready(c)
+                for r in reads:
+                    self._on_read_ready(r)
 
     def _send_replication(self, cmds: list) -> None:
         workers = self.workers
@@ -633,10 +639,12 @@ class RaftCore(threading.Thread):
             node = m.membership.nodes.get(c.leader_id) if (m and c.leader_id is not None) else None
             fail(fut, ForwardToLeader(c.leader_id, node))
             return
-        if log_index(self._applied) >= c.read_log_id.index:
-            succeed(fut, c.read_log_id)
+        read = c.read_log_id
+        assert read is not None, "a read that succeeded has its read index (RespondRead)"
+        if log_index(self._applied) >= read.index:
+            succeed(fut, read)
         else:
-            self._read_waiters.append((c.read_log_id.index, c.read_log_id, fut))
+            self._read_waiters.append((read.index, read, fut))
 
     def _release_reads(self) -> None:
         if not self._read_waiters:
@@ -745,9 +753,11 @@ class RaftCore(threading.Thread):
                 self.log_store.write([self._deferred_commit])
             except Exception:  # noqa: BLE001 - only a hint
                 log.warning("node %s: could not save the commit point on shutdown", self.node_id)
-        for w in list(self.workers.values()) + self._stopped_workers + [self.sm_worker, self.sender]:
-            if w.is_alive():
-                w.join()
+        threads: list[threading.Thread] = [*self.workers.values(), *self._stopped_workers, self.sm_worker,
+                                           self.sender]
+        for th in threads:
+            if th.is_alive():
+                th.join()
         # Everything still waiting gets the reason (what was durable stays durable).
         for lid, fut in self._pending_writes.values():
             _fail(fut, err)

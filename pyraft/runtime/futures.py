@@ -115,7 +115,7 @@ class ClientFuture(Future):
         return w
 
     @property
-    def _done_callbacks(self) -> list:  # type: ignore[override]
+    def _done_callbacks(self) -> list:
         cbs = self._callbacks_
         if cbs is None:
             return []
@@ -192,7 +192,7 @@ class ClientFuture(Future):
                 try:
                     raise self._exception
                 finally:
-                    self = None  # noqa: F841 - break the cycle through the traceback, as the stdlib does
+                    del self  # break the cycle through the traceback, as the stdlib does (self = None)
             return self._result
         return super().result(timeout)
 

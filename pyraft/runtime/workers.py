@@ -13,18 +13,19 @@ import queue
 import threading
 import time
 from concurrent.futures import Future, InvalidStateError
-from typing import Any, TYPE_CHECKING
+from typing import Any, BinaryIO, Callable, ContextManager, Protocol
 
 from ..codec import EncodedEntries, encode_entries
+from ..config import Config
 from ..engine.commands import Replicate, SendSnapshot
 from ..errors import CodecError, ForwardToLeader
 from ..messages import AppendEntriesRequest, InstallSnapshotRequest, InstallSnapshotResponse
 from ..metrics import ClientWriteResponse
+from ..network import Connection, Transport
+from ..storage import LogStore, StateMachine
 from ..types import LogId, Node, log_index
+from .cache import EntryCache
 from .futures import fail
-
-if TYPE_CHECKING:
-    from .core import RaftCore
 
 log = logging.getLogger("pyraft.runtime")
 
@@ -61,10 +62,41 @@ class RateLimitedLog:
 rate_limited = RateLimitedLog()
 
 
+class WorkerHost(Protocol):
+    """What the workers use of RaftCore (which is one): its inbox, its parts, its counters.
+
+    The workers know RaftCore only through this: it starts them, never the other way round.
+    """
+
+    node_id: int
+    config: Config
+    transport: Transport
+    log_store: LogStore
+    state_machine: StateMachine
+    #: the newest entries and their encodings (cache.py)
+    cache: EntryCache
+    #: client writes whose future the SM worker completed (RaftCore.pending_writes; this worker only)
+    writes_released_sm: int
+    #: ``with replies_held():`` makes the replies sent inside it leave together
+    replies_held: Callable[[], ContextManager[Any]]
+
+    def post(self, item: tuple) -> None:
+        """Put an item on RaftCore's inbox (dropped once it stopped)."""
+
+    def post_reply(self, item: tuple) -> None:
+        """Put a peer's reply on RaftCore's inbox, in the lane for replies."""
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to one of RaftCore's metrics counters."""
+
+    def set_replication_error(self, worker: ReplicationWorker, error: str | None) -> None:
+        """Show (or clear) why ``worker`` cannot reach its target."""
+
+
 class _Worker(threading.Thread, abc.ABC):
     """A thread that reports an unexpected exception to RaftCore, which turns the node Fatal."""
 
-    def __init__(self, core: "RaftCore", name: str) -> None:
+    def __init__(self, core: WorkerHost, name: str) -> None:
         super().__init__(name=name, daemon=True)
         self.core = core
         self.q: queue.Queue = queue.Queue()
@@ -93,12 +125,12 @@ class ReplicationWorker(_Worker):
     forwards every reply to RaftCore.
     """
 
-    def __init__(self, core: "RaftCore", target: int, node: Node, term: int) -> None:
+    def __init__(self, core: WorkerHost, target: int, node: Node, term: int) -> None:
         super().__init__(core, f"pyraft-repl-{core.node_id}->{target}")
         self.target = target
         self.node = node
         self.term = term
-        self.conn = None
+        self.conn: Connection | None = None  # this thread's, once connected (None while it cannot connect)
         self._snapshot_rids: set[int] = set()
         self._connect_failures = 0  # in a row
         self._retry_at = 0.0  # monotonic time of the next connection attempt
@@ -128,14 +160,15 @@ class ReplicationWorker(_Worker):
                             break
                     if cmd is _STOP:
                         return
-                    if self.conn is None:
+                    conn = self.conn
+                    if conn is None:
                         # Not connected: the message is lost, as on a network that is down;
                         # the engine probes again at its next heartbeat.
                         self.core.post(("repl_failed", self.target))
                     elif isinstance(cmd, Replicate):
-                        self._replicate(cmd)
+                        self._replicate(conn, cmd)
                     elif isinstance(cmd, SendSnapshot):
-                        if not self._send_snapshot(cmd):
+                        if not self._send_snapshot(conn, cmd):
                             return
                 if self.conn is None:
                     try:
@@ -177,7 +210,7 @@ class ReplicationWorker(_Worker):
             self._connect_failures = 0
             core.set_replication_error(self, None)
 
-    def _replicate(self, cmd: Replicate) -> None:
+    def _replicate(self, conn: Connection, cmd: Replicate) -> None:
         start = log_index(cmd.prev_log_id) + 1
         core = self.core
         if cmd.end > start:
@@ -200,7 +233,7 @@ class ReplicationWorker(_Worker):
         max_bytes = core.config.max_payload_bytes
         i, n = 0, len(entries)
         if sum(map(len, encoded)) <= max_bytes:
-            self.conn.send(AppendEntriesRequest(cmd.term, core.node_id, prev, EncodedEntries(entries, encoded),
+            conn.send(AppendEntriesRequest(cmd.term, core.node_id, prev, EncodedEntries(entries, encoded),
                                                 cmd.leader_commit, cmd.seq))
             return
         while True:  # split by size (a single larger entry goes alone)
@@ -208,14 +241,14 @@ class ReplicationWorker(_Worker):
             while j < n and (j == i or size + len(encoded[j]) <= max_bytes):
                 size += len(encoded[j])
                 j += 1
-            self.conn.send(AppendEntriesRequest(cmd.term, core.node_id, prev,
+            conn.send(AppendEntriesRequest(cmd.term, core.node_id, prev,
                                                 EncodedEntries(entries[i:j], encoded[i:j]),
                                                 cmd.leader_commit, cmd.seq))
             if j >= n:
                 return
             prev, i = entries[j - 1].log_id, j
 
-    def _send_snapshot(self, cmd: SendSnapshot) -> bool:
+    def _send_snapshot(self, conn: Connection, cmd: SendSnapshot) -> bool:
         """Stream the snapshot chunk by chunk, each acknowledged; False when told to stop."""
         opened = self.core.state_machine.open_snapshot()
         if opened is None:
@@ -237,8 +270,8 @@ class ReplicationWorker(_Worker):
                 # ack) is sent again rather than the whole snapshot.
                 tries = 1 if done else _CHUNK_TRIES
                 for _ in range(tries):
-                    rid = self.conn.send(req)
-                    resp = self._await_reply(rid, cfg.rpc_timeout * (5 if done else 1))
+                    rid = conn.send(req)
+                    resp = self._await_reply(conn, rid, cfg.rpc_timeout * (5 if done else 1))
                     if resp is not None:
                         break
                 if resp is _STOP:
@@ -258,13 +291,13 @@ class ReplicationWorker(_Worker):
         finally:
             f.close()
 
-    def _await_reply(self, rid: int, timeout: float) -> Any:
+    def _await_reply(self, conn: Connection, rid: int, timeout: float) -> Any:
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            r = self.conn.recv(left)
+            r = conn.recv(left)
             if r is None:
                 # woken: a stop request must not wait for a slow snapshot
                 try:
@@ -282,9 +315,9 @@ class ReplicationWorker(_Worker):
 class VoteSender(_Worker):
     """Sends vote requests and TimeoutNow without blocking RaftCore, and forwards the replies."""
 
-    def __init__(self, core: "RaftCore") -> None:
+    def __init__(self, core: WorkerHost) -> None:
         super().__init__(core, f"pyraft-sender-{core.node_id}")
-        self.conns: dict[int, Any] = {}
+        self.conns: dict[int, tuple[Node, Connection]] = {}
         self._poll_until = 0.0  # replies are polled for until then
 
     def send(self, target: int, node: Node, msg: Any) -> None:
@@ -336,11 +369,11 @@ class VoteSender(_Worker):
 class SMWorker(_Worker):
     """Applies committed entries in batches, completes client futures, builds and installs snapshots."""
 
-    def __init__(self, core: "RaftCore") -> None:
+    def __init__(self, core: WorkerHost) -> None:
         super().__init__(core, f"pyraft-sm-{core.node_id}")
         self.applied: LogId | None = core.state_machine.applied_state()[0]
         # the snapshot being received: its file, its id, and whether a chunk went missing
-        self._recv_file = None
+        self._recv_file: BinaryIO | None = None
         self._recv_id: str | None = None
         self._recv_broken = False
         self._builder: threading.Thread | None = None
