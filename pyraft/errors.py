@@ -41,6 +41,10 @@ class Fatal(RaftError):
 class ChangeMembershipError(RaftError):
     """A membership change was refused: one is in progress, the voter set is empty, or a voter is not a learner yet."""
 
+    #: set when the refusal is only that new voters have not caught up yet: node id -> entries
+    #: behind the commit point (``Raft.change_membership`` waits for them and retries)
+    lagging: dict[int, int] | None = None
+
 
 class InitializeError(RaftError):
     """``initialize`` was called on a node that is not pristine, or with a bad membership."""

@@ -340,7 +340,7 @@ def test_a_change_cut_off_with_a_minority_fails_cleanly_and_never_makes_two_majo
         c.net.heal()
         c.wait_applied(new.client_write(put("after", 1), timeout=5).log_id.index, timeout=10)
         for r in c.rafts.values():
-            mm = r.wait(5).metrics(lambda m: m.membership.configs == (frozenset({1, 2, 3, 4, 5}),),
+            r.wait(5).metrics(lambda m: m.membership.configs == (frozenset({1, 2, 3, 4, 5}),),
                                    "the joint entry to be gone")
             assert r.state_machine.get("during") == 1
         # And a change works again afterwards.

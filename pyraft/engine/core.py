@@ -240,7 +240,7 @@ class Engine:
         """This node knows that a committed configuration left it out of the cluster: it no longer campaigns."""
         first = self.committed_membership
         return (first is not None and self.id not in first.membership.nodes
-                and self.id not in self.membership.membership.nodes)
+                and self.id not in self.effective_membership.membership.nodes)
 
     def is_pristine(self) -> bool:
         return self.vote.term == 0 and self.log.last is None and not self.memberships

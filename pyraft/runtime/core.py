@@ -694,7 +694,7 @@ class RaftCore(threading.Thread):
         """Log why each election started (at INFO), and once that this node was removed."""
         e = self.engine
         c = e.last_campaign
-        if c is not self._campaign_logged:
+        if c is not None and c is not self._campaign_logged:
             old, self._campaign_logged = self._campaign_logged, c
             if c.refused:
                 log.error("node %s: %s; restore a backup into a new cluster to recover", self.node_id, c.reason)
@@ -705,6 +705,7 @@ class RaftCore(threading.Thread):
             self._removed_logged = e.removed
             if e.removed:
                 m = e.committed_membership
+                assert m is not None, "removed means a committed configuration left this node out"
                 log.info("node %s: the committed configuration at %s (voters %s) no longer lists this node: "
                          "it was removed from the cluster and does not campaign", self.node_id, m.log_id,
                          sorted(m.membership.voter_ids))
