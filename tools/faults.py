@@ -192,10 +192,11 @@ def write_fault_file(path: str | os.PathLike, drop: Sequence[int] = (), disk_del
 
 
 if __name__ == "__main__":
-    # This module used to start the long fault-injection runs; they are test code and
-    # live in the checkout's tests/faults/, which an installed pyraft does not have.
-    print("pyraft.tools.faults is the node side of `pyraft-kv serve --fault-control` and has no command "
-          "line. The long fault-injection runs are part of pyraft's test suite: from a checkout of the "
-          "repository, `cd tests && python -m faults --help` (docs/testing.md).",
+    # The long fault-injection runs that drive this hook are test code, not part of an
+    # installed pyraft: say what this module is without pointing at files a wheel lacks.
+    print("pyraft.tools.faults has no command line: it is the node side of the test-only hook "
+          "`pyraft-kv serve --fault-control FILE`; the file's format is in its docstring "
+          "(python -m pydoc pyraft.tools.faults). The fault-injection runs that write that file are "
+          "part of pyraft's test suite, not of the installed package.",
           file=sys.stdout if sys.argv[1:2] in (["-h"], ["--help"]) else sys.stderr)
     sys.exit(0 if sys.argv[1:2] in (["-h"], ["--help"]) else 2)
