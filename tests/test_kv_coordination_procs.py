@@ -5,19 +5,24 @@
   expired by the new leader, which deletes exactly its keys.
 - KVStateMachine commits without fsync: SIGKILL of every node at once loses no
   acknowledged write, and the replicas agree on every key's revisions after.
+- The lock recipe through leader kills: its fencing tokens grow, two holders'
+  certain holds never overlap, and a holder whose lease lapsed cannot write.
 - (soak) a history of txns and ranges through kill rounds is linearizable.
 """
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 import time
+from dataclasses import dataclass
 
 import pytest
 
 from pyraft.checker import HistoryRecorder, check_history
 from pyraft.errors import LeaseNotFound, Timeout
 from pyraft.kv import KVClient, KVCommandError
+from pyraft.kv.recipes import Lock
 
 from kvhistory import transfer_client
 from procs import PROC_CONFIG, make_cluster, random_faults, wait_caught_up, wait_for  # noqa: F401
@@ -158,6 +163,136 @@ def test_sigkill_of_every_node_at_once_loses_no_acknowledged_write(make_cluster)
             views.append([(x.key, x.value, x.create_revision, x.mod_revision, x.version)
                           for x in one.range("", prefix=True, stale=True)])
     assert views[0] == views[1] == views[2]
+
+
+@dataclass(frozen=True)
+class Hold:
+    """One acquisition of the lock as its holder saw it; times are ``time.monotonic()``, the nodes' clock too."""
+    who: int
+    token: int
+    start: float  # acquire() returned
+    end: float  # the holder believed it held the lock until then (its last write, just before release())
+    certain_until: float  # its KeepAlive's final ``expires``: no node revokes the lease before that
+    held_at_start: bool  # ``lock.held`` right after acquire(): its lease was certainly alive then
+    paused: bool  # it played a holder paused past its ttl
+
+    @property
+    def sure_end(self) -> float:
+        """Its key is deleted only by its release (after ``end``) or its lease's expiry (after ``certain_until``)."""
+        return min(self.end, self.certain_until)
+
+
+#: Leader kills, and holds played as a holder paused past its ttl, in the lock test below.
+LOCK_KILLS, LOCK_PAUSES = 3, 2
+
+
+@pytest.mark.timeout(150)
+def test_the_lock_fences_out_every_holder_but_the_newest_through_leader_kills(make_cluster):
+    """Four contenders take the lock in turns, each making two fenced writes per hold, while the leader is
+    SIGKILLed and restarted three times; on every other turn contender 0 plays a holder paused past its
+    ttl (its keepalives stop) and writes once a successor has written.
+
+    The claims checked are the recipe's (docs/kv.md), not "never two holders" in real time:
+    1. A key goes only by its holder's release or its lease's expiry, which no node decides before the
+       send time of the lease's last successful keepalive + ttl (``KeepAlive.expires``); a successor holds
+       only after that delete.  So for tokens a < b, b's hold starts after a's certain hold ends
+       (``sure_end``): two holds overlap only where the earlier one's lease could have lapsed.
+    2. Fencing tokens strictly grow in the order acquire() returned (among holders whose lease was
+       certainly alive then).
+    3. A write guarded by ``lock.guard()`` is accepted exactly while the holder's key lives: the accepted
+       fenced writes, in revision order, carry non-decreasing tokens; a paused holder's write after its
+       successor's is refused; a holder whose lease is certainly alive is never refused.
+    """
+    c = make_cluster()
+    c.start_all()
+    c.wait_leader(20)
+    holds: list[Hold] = []
+    accepted: list[int] = []  # the tokens of acknowledged fenced writes
+    paused_writes: list[bool | None] = []  # a paused holder's fenced write: succeeded? (None: timed out)
+    gave_up: list[BaseException] = []
+    errors: list = []
+    stop = threading.Event()
+    tags = itertools.count()
+
+    def fenced_write(kv: KVClient, lock: Lock) -> bool | None:
+        try:
+            r = kv.txn(lock.guard(), [{"op": "put", "key": f"fenced/{lock.token:012d}/{next(tags)}",
+                                       "value": lock.token}])
+        except Timeout:
+            return None  # may or may not have been applied: the range at the end sees it if it was
+        if r.succeeded:
+            accepted.append(lock.token)
+        return r.succeeded
+
+    def contender(who: int) -> None:
+        try:
+            with c.client(timeout=15) as kv:
+                turn = 0
+                while not stop.is_set():
+                    lock = Lock(kv, "locks/job", ttl=TTL)
+                    try:
+                        token = lock.acquire(timeout=45)
+                    except (LeaseNotFound, Timeout) as e:  # its lease lapsed while waiting, or no leader for long
+                        gave_up.append(e)
+                        continue
+                    start = time.monotonic()
+                    held_at_start = lock.held
+                    lease = lock.lease
+                    turn += 1
+                    # Only while paused holds are still wanted: the others keep contending until then.
+                    paused = who == 0 and turn % 2 == 0 and len(paused_writes) < LOCK_PAUSES
+                    if paused:
+                        lease.keepalive.stop()  # a GC pause or SIGSTOP: nothing keeps the lease alive now
+                        wait_for(lambda: any(t > token for t in accepted), TTL + 40, "a successor's fenced write")
+                        end = time.monotonic()
+                        paused_writes.append(fenced_write(kv, lock))
+                    else:
+                        for _ in range(2):
+                            if fenced_write(kv, lock) is False and lock.held:
+                                errors.append(AssertionError(f"token {token}: a fenced write was refused while "
+                                                             f"its lease was certainly alive"))
+                        end = time.monotonic()
+                    lock.release()
+                    holds.append(Hold(who, token, start, end, lease.keepalive.expires, held_at_start, paused))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=contender, args=(w,), name=f"contender-{w}") for w in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for k in range(LOCK_KILLS):
+            seen = len(holds)
+            wait_for(lambda: len(holds) >= seen + 4 or errors, 60, f"four holds before kill {k + 1}")
+            lead = c.wait_leader(20)
+            c.kill(lead)
+            c.wait_leader(20, among=[i for i in c.ids if i != lead])
+            c.start(lead)
+        seen = len(holds)
+        wait_for(lambda: (len(holds) >= seen + 4 and len(paused_writes) >= LOCK_PAUSES) or errors, 90,
+                 "four holds after the last restart, and the paused holds")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads)
+    tokens = {h.token for h in holds}
+    assert len(tokens) == len(holds) >= 4 * (LOCK_KILLS + 1), (holds, gave_up)
+    # 1. Holds overlap only after the earlier holder's lease could have lapsed.
+    by_token = sorted(holds, key=lambda h: h.token)
+    for a, b in itertools.combinations(by_token, 2):
+        assert b.start >= a.sure_end, f"{b} began while {a} certainly held the lock"
+    # 2. Tokens grow in acquisition order.
+    sure = [h.token for h in sorted(holds, key=lambda h: h.start) if h.held_at_start]
+    assert sure == sorted(sure) and len(sure) > len(holds) // 2, (sure, holds)
+    # 3. Fenced writes: only the live holder's are accepted.
+    assert paused_writes == [False] * LOCK_PAUSES, f"a paused holder's fenced write: {paused_writes}"
+    with c.client(timeout=15) as kv:
+        wait_for(lambda: kv.count("locks/job/", prefix=True) == 0, TTL + 20, "every contender's key to go")
+        written = [x.value for x in sorted(kv.range("fenced/", prefix=True), key=lambda x: x.create_revision)]
+    assert written == sorted(written), f"a fenced write was accepted after a newer holder's: {written}"
+    assert set(accepted) <= set(written) <= tokens
 
 
 @pytest.mark.soak
