@@ -242,7 +242,7 @@ class FaultCluster(LocalCluster):
         drop took in whatever had arrived before that drop.  None when this does
         not happen within ``timeout`` (``b`` sends nothing to ``a``, or ``a`` is down).
         """
-        before = self.metrics(a, 0.5)
+        before = self.metrics(a, 1.0)
         with self.lock:
             self.network[a] |= {b}
             self._write_faults(a)
