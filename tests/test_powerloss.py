@@ -5,6 +5,10 @@
 - After a power loss of the whole cluster, the KV state machines (which commit
   without fsync) are behind their logs, are rebuilt from their snapshots on the
   new boot and replay the logs: every acknowledged write is there.
+- A vote granted just before the power goes is still there after it; with the vote
+  not synced (mutant ``vote-nosync``) the check at the cut reports it, and the
+  rebooted voter elects a second leader in that term, which the Election Safety
+  check reports.
 - A short fault run: a ``pyraft-kv serve`` cluster, each node's data on its own
   lazy mount, nodes losing power one, a minority, and all at once; no
   acknowledged write lost, logs agree, linearizable history.
@@ -147,6 +151,63 @@ def test_after_the_whole_cluster_lost_power_the_state_machines_replay_their_logs
         for i in cluster.ids:
             with KVStateMachine.open_readonly(cluster.data_dir(i)) as r:
                 assert dict(r.items()) == {**acked, "barrier": "after"}, i
+    finally:
+        cluster.close()
+        cluster.release()
+
+
+# ---------------------------------------------------------------------------
+# A vote granted just before the power goes: forgotten, it elects a second leader in its term
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mutant", [None, "vote-nosync"])
+def test_a_vote_granted_just_before_a_power_cut_is_kept_or_two_leaders_share_its_term(tmp_path, mutant):
+    from faults.nemesis import FaultCluster
+    from faults.runner import RAFT_CONFIG, check_election_safety
+
+    require_fuse()
+    # Elections slower than the voter's disk, so that its slow vote still wins them (in time for
+    # the candidate's request, too: rpc_timeout is 0.5 s).
+    config = {**RAFT_CONFIG, "election_timeout": [0.6, 1.0]}
+    cluster = FaultCluster(str(tmp_path / "cluster"), 3, config=config, log_level="INFO", lazyfs="strict",
+                           mutant=mutant)
+    try:
+        cluster.start_all(timeout=30)
+        old = cluster.wait_leader(30)
+        term = cluster.status(old, 2.0)["term"]
+        winner, voter = [i for i in cluster.ids if i != old]
+        # The voter falls behind (a write commits without it): the winner's log is ahead of its
+        # own and the old leader's is too, so each of them can win with its vote, the voter never.
+        cluster.slow_disk(voter, 0.3)
+        assert cluster.sever(voter, old) is not None
+        with cluster.client(timeout=20) as kv:
+            kv.put("k", "the voter lacks this")
+        # The old leader cut off: the winner is elected with the voter's vote, the vote being the
+        # voter's only write since.  Its next one, the new leader's first entries, takes 0.3 s
+        # (a slow disk): the power goes before, with nothing written back.
+        cluster.partition([[old], [winner, voter]])
+        elected = cluster.watch([winner], lambda _i, m: m["state"] == "Leader", 30)
+        assert elected is not None
+        new_term = elected[1]["current_term"]
+        seen = cluster.wait_vote([voter], term, 1.0)
+        assert seen is not None and seen[voter]["vote"] == {"term": new_term, "node_id": winner}
+        _lost, problems = cluster.power_cut([voter], seen)
+
+        # The winner cut off now; the old leader, deposed (CheckQuorum) and still in its old
+        # term, asks the rebooted voter, whose log is behind its own.
+        cluster.slow_disk(voter, 0.0)
+        cluster.partition([[winner], [old, voter]])
+        cluster.restart(voter)
+        again = cluster.watch([old], lambda _i, m: m["state"] == "Leader" and m["current_term"] > term, 30)
+        assert again is not None
+        safety = check_election_safety({i: cluster.log_path(i) for i in cluster.ids})
+        if mutant is None:  # the voter kept its vote: the old leader had to take a later term
+            assert problems == [] and safety == [] and again[1]["current_term"] > new_term
+        else:
+            assert len(problems) == 1 and problems[0].startswith(
+                f"node {voter} after a power loss: its term went back from {new_term} to "), problems
+            assert safety == [f"Election Safety: nodes {sorted([old, winner])} were all leader in term {new_term}"]
     finally:
         cluster.close()
         cluster.release()

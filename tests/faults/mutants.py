@@ -21,8 +21,9 @@ MUTANTS = {
     "log-nosync": "the log store opened with LmdbLogStore(sync=False): LMDB never fsyncs the log",
     "log-nometasync": "the log environment opened with metasync=False: a commit's meta page is synced "
                       "only by the next commit",
-    "vote-nosync": "a write of the vote (and at most the commit point riding along) is not synced: it becomes "
-                   "durable with the next write of entries",
+    "vote-nosync": "a write of the vote alone (at most the commit point riding along) is not synced: it becomes "
+                   "durable with the next write of entries (LMDB's commit of it, its meta page, waits in the "
+                   "page cache)",
     "snapshot-unsynced-rename": "a snapshot file is renamed into place (and made current) without being "
                                 "fsynced first",
     "no-dir-fsync": "no directory is ever fsynced (new data dirs, environments, lock files, kv.boot, "
@@ -58,18 +59,28 @@ def _log_nosync() -> None:
 
 
 def _vote_nosync() -> None:
+    # What a store that syncs every write but a vote-only one does with LMDB, which syncs
+    # whole environments: commits without syncing their meta page (the page that makes a
+    # commit the current state; NOMETASYNC: the other pages are synced first, so nothing
+    # tears), then syncs after every write but a vote-only one.  That vote stays in the page
+    # cache until the next write syncs the environment: a power cut before then forgets it.
     from pyraft.engine.commands import SaveCommitted, SaveVote
     from pyraft.stores.lmdb import LmdbLogStore
-    _log_env_open(sync=False, metasync=False)
-    real_write = LmdbLogStore.write
+    _log_env_open(metasync=False)
+    real_init, real_write = LmdbLogStore.__init__, LmdbLogStore.write
+
+    def init(self: LmdbLogStore, path: Any, **kw: Any) -> None:
+        real_init(self, path, **kw)
+        self._env.sync()  # the store's own records (format version, node id), durable as shipped
 
     def write(self: LmdbLogStore, ops: Any) -> None:
         real_write(self, ops)
         # The commit point often rides along with a vote (RaftCore defers it to the next write).
         if not any(isinstance(op, SaveVote) for op in ops) or \
                 not all(isinstance(op, (SaveVote, SaveCommitted)) for op in ops):
-            self._env._live().sync(True)  # what sync=True does at commit, for every other write
+            self._env.sync()
 
+    LmdbLogStore.__init__ = init
     LmdbLogStore.write = write
 
 

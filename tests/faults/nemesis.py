@@ -22,15 +22,17 @@ kind                      what it does (each step heals what it broke before it 
 ``membership``            remove a voter (the leader now and then; as a learner or out of
                           the cluster), then add it back (``admin.add_learner``,
                           ``admin.change_membership``)
-``power-one``             power loss of one node (the leader half of the time): SIGKILL,
-                          then its lazy filesystem forgets every write not synced (half
-                          the time but a random share of the pages, written back before
-                          the cut), then it restarts 0-3 s later with a new boot id (a
-                          reboot); now and then power is lost again
-                          while it catches up; now and then in the middle of an
-                          election: a node that will lose power gets a slow disk, a
-                          leadership transfer is started, and the power is cut as soon
-                          as that node has granted its vote
+``power-one``             power loss of one node (often the leader): SIGKILL, then its
+                          lazy filesystem forgets every write not synced (half the time
+                          but a random share of the pages, written back before the
+                          cut), then it restarts 0-3 s later with a new boot id (a
+                          reboot); now and then power is lost again while it catches
+                          up.  Often in the middle of an election (every time until
+                          one such cut wrote nothing back, then half the time): a
+                          follower that will lose power stops hearing the leader and
+                          gets a slow disk, a leadership transfer to the other one is
+                          started, and the power is cut as soon as the follower has
+                          granted its vote, its only write since
 ``power-minority``        the same for a minority at once (on 3 nodes: one node)
 ``power-all``             the same for the whole cluster at once
 ========================  =================================================================
@@ -230,6 +232,38 @@ class FaultCluster(LocalCluster):
                     self.disk[i] = 0.0
                     self._write_faults(i)
 
+    def sever(self, a: int, b: int, timeout: float = 3.0) -> dict | None:
+        """Nodes ``a`` and ``b`` stop hearing each other, cut at ``a``'s end; other faults stay (see :meth:`rejoin`).
+
+        Returns ``a``'s metrics once it has dropped two of ``b``'s requests (a
+        leader sends one every heartbeat): by then ``a`` has handled, and
+        written, everything ``b`` sent it before.  A node publishes its metrics
+        at the end of every turn, and the turn after the one that first showed a
+        drop took in whatever had arrived before that drop.  None when this does
+        not happen within ``timeout`` (``b`` sends nothing to ``a``, or ``a`` is down).
+        """
+        before = self.metrics(a, 1.0)
+        with self.lock:
+            self.network[a] |= {b}
+            self._write_faults(a)
+        if before is None:
+            return None
+        drops = [before["counters"].get("dropped_fault_filter", 0)]
+
+        def drained(_i: int, m: dict) -> bool:
+            if m["counters"].get("dropped_fault_filter", 0) > drops[-1]:
+                drops.append(m["counters"]["dropped_fault_filter"])
+            return len(drops) > 2
+
+        got = self.watch([a], drained, timeout)
+        return None if got is None else got[1]
+
+    def rejoin(self, a: int, b: int) -> None:
+        """Undo :meth:`sever`: ``a`` hears ``b`` again."""
+        with self.lock:
+            self.network[a] -= {b}
+            self._write_faults(a)
+
     # -- processes
 
     def crash(self, i: int) -> None:
@@ -394,6 +428,38 @@ class FaultCluster(LocalCluster):
             return None
         return r.body if isinstance(r, ClientResponse) and r.ok else None
 
+    def watch(self, nodes: Sequence[int], until: Callable[[int, dict], bool],
+              timeout: float) -> tuple[int, dict] | None:
+        """Poll ``nodes``' metrics in turn until ``until(node, metrics)``: that node and its metrics, else None.
+
+        One connection per node, so polls follow each other within milliseconds:
+        fast enough to act on what a node just did before its next write.  A node
+        that does not answer is skipped; None once ``timeout`` seconds have passed.
+        """
+        deadline = time.monotonic() + timeout
+        with ExitStack() as stack:
+            clients = {i: stack.enter_context(ZmqClient(self.addrs[i], self.cluster_name, timeout=timeout))
+                       for i in nodes}
+            while time.monotonic() < deadline:
+                for i, client in clients.items():
+                    try:
+                        r = client.call(ClientRequest("metrics"), max(0.05, min(0.5, deadline - time.monotonic())))
+                    except RaftError:
+                        continue
+                    if isinstance(r, ClientResponse) and r.ok and until(i, r.body):
+                        return i, r.body
+        return None
+
+    def wait_vote(self, nodes: Sequence[int], above: int, timeout: float) -> dict[int, dict] | None:
+        """Poll until one of ``nodes`` has granted its vote to another node in a term above ``above``.
+
+        Returns ``{node: its metrics}`` as they were then (what :meth:`power_cut`
+        takes as ``seen``), or None when none did within ``timeout`` seconds.
+        """
+        got = self.watch(nodes, lambda i, m: m["vote"]["term"] > above and m["vote"]["node_id"] not in (None, i),
+                         timeout)
+        return None if got is None else {got[0]: got[1]}
+
     def voters(self) -> set[int] | None:
         """The voters in the leader's effective membership (None: no leader answers)."""
         lead = self.leader()
@@ -469,6 +535,7 @@ class Scheduler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._busy: set[int] = set()  # nodes a running process fault holds (guarded by _lock)
+        self._voter_cut = False  # a power loss cut a voter just after its vote, writing nothing back
         self._lock = threading.Lock()
         self._events_lock = threading.Lock()
 
@@ -648,39 +715,49 @@ class Scheduler:
         """Power loss of ``want`` nodes at once: SIGKILL, forget what was not synced, restart 0-3 s later."""
         c = self.cluster
         whole = want == len(c.ids)
-        nodes = self._claim_all() if whole else self._claim(rng, want, prefer_leader=0.5)
+        # Until a voter has been cut just after its vote, with every write it had not synced
+        # forgotten, every power loss tries to come in the middle of an election; then half of them.
+        elect = not self._voter_cut or rng.random() < 0.5
+        nodes = self._claim_all() if whole else self._claim(rng, want, prefer_leader=0.0 if elect else 0.5)
         try:
             if len(nodes) < want:
                 return
             lead = c.leader()
             tag = " (the leader among them)" if lead in nodes and not whole else ""
-            election, seen = None, None
+            election, seen, voter = None, None, None
             voters = [i for i in nodes if i != lead]
             targets = [i for i in c.ids if i != lead and len(set(voters) - {i}) > 0]
-            if lead is not None and targets and rng.random() < 0.5:
+            if elect and lead is not None and targets:
                 # In the middle of an election: a node about to lose power has just granted its
-                # vote (and published it), the new leader's first entries are on their way to it.
+                # vote, and that vote is all it wrote since (a store that does not sync a write
+                # of the vote alone loses it now).  So it hears nothing more from the old
+                # leader, whose entries would ride with the vote, and its disk is slow: the new
+                # leader's first entries, its next write, take that long to reach its disk.
                 # The new leader: the follower most up to date (a lagging one is refused).
                 matched = (c.metrics(lead, 0.5) or {}).get("replication") or {}
                 to = max(targets, key=lambda i: ((matched.get(str(i)) or [0, 0])[1], rng.random()))
                 voter = rng.choice([i for i in voters if i != to])
-                # On a slow disk, as power-loss bugs like it: its next synced write comes later.
-                slow = rng.uniform(0.03, 0.1)
+                slow = rng.uniform(0.2, 0.4)
                 c.slow_disk(voter, slow)
-                self._sleep(0.15)  # the node reads its fault-control file every 50 ms
-                before = c.metrics(voter, 0.5)
-                election = threading.Thread(target=self._quietly, args=(c.admin, "transfer_leader", {"id": to}, 2.0),
-                                            name="nemesis-transfer", daemon=True)
-                election.start()
-                seen = self._watch_vote(voter, before, 1.0)
-                tag += (f" during a leadership transfer {lead} -> {to} (node {voter}'s disk slow: "
-                        f"+{slow * 1000:.0f} ms a write)") + (
-                    f", node {voter} cut first, just after it voted in term {seen[voter]['vote']['term']}"
-                    if seen else "")
+                drained = c.sever(voter, lead)
+                if drained is None:
+                    tag += f" (node {voter} was to vote in an election, but did not stop hearing {lead})"
+                else:
+                    election = threading.Thread(target=self._quietly, name="nemesis-transfer", daemon=True,
+                                                args=(c.admin, "transfer_leader", {"id": to}, 3.0))
+                    election.start()
+                    seen = c.wait_vote([voter], drained["vote"]["term"], 3.0)
+                    tag += (f" during a leadership transfer {lead} -> {to} (node {voter} cut off from {lead}, its "
+                            f"disk slow: +{slow * 1000:.0f} ms a write)") + (
+                        f", node {voter} cut first, just after it voted in term {seen[voter]['vote']['term']}"
+                        if seen else "")
             ev = self._event(kind, f"power loss of nodes {nodes}{tag}")
-            lost, found = c.power_cut(nodes, seen, **self._writeback(rng))
-            if election is not None:
-                c.slow_disk(voter, 0.0)  # before it restarts
+            writeback = self._writeback(rng)
+            lost, found = c.power_cut(nodes, seen, **writeback)
+            if voter is not None:  # before it restarts
+                c.slow_disk(voter, 0.0)
+                c.rejoin(voter, lead)
+            self._voter_cut = self._voter_cut or (seen is not None and writeback["writeback"] == 0.0)
             down = rng.uniform(0.0, 3.0)
             again = rng.random() < 0.25
             self._sleep(down)
@@ -713,22 +790,6 @@ class Scheduler:
     def _writeback(rng: random.Random) -> dict:
         """How a cut treats unsynced pages: half the time all forgotten, else each written back by chance."""
         return {"writeback": 0.0 if rng.random() < 0.5 else rng.random(), "seed": rng.randrange(1 << 30)}
-
-    def _watch_vote(self, node: int, before: dict | None, timeout: float) -> dict[int, dict] | None:
-        """Poll ``node``'s metrics until its vote moves to a later term: ``{node: metrics}`` then, else None."""
-        if before is None:
-            return None
-        deadline = time.monotonic() + timeout
-        c = self.cluster
-        try:
-            with ZmqClient(c.addrs[node], c.cluster_name, timeout=timeout) as client:  # one connection: fast polls
-                while time.monotonic() < deadline and not self._stop.is_set():
-                    r = client.call(ClientRequest("metrics"), max(0.05, deadline - time.monotonic()))
-                    if isinstance(r, ClientResponse) and r.ok and r.body["vote"]["term"] > before["vote"]["term"]:
-                        return {node: r.body}
-        except RaftError:
-            pass
-        return None
 
     @staticmethod
     def _quietly(fn: Callable[..., Any], *args: Any) -> None:
