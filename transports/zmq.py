@@ -37,7 +37,7 @@ Client side (:class:`ZmqConnection`, made by ``transport.connect``): one
 DEALER per call, owned by the calling thread, with bounded ``SNDHWM`` /
 ``RCVHWM``, ``IMMEDIATE=1`` (messages are only queued on a live connection, so
 a dead peer costs no memory and ``send`` never blocks: it drops), reconnect
-back-off, ``LINGER=0``, and libzmq's own random routing
+back-off, a TCP user timeout, ``LINGER=0``, and libzmq's own random routing
 identity (no identity is set, so nothing needs to be unique across
 reconnects).  Until the very first connection is up, a few messages (at most
 :data:`CONNECT_BUFFER` of them, at most ``max_frame_size`` bytes) are held in
@@ -45,15 +45,18 @@ the connection and flushed by the next ``send``/``recv`` once it is writable:
 otherwise the first request on a fresh connection (a vote, the first
 heartbeat) would always be lost to the TCP handshake.
 
-No socket uses ZMTP heartbeats.  libzmq 4.3 aborts the whole process
-(``Assertion failed: !_io_error``) when a heartbeat timer fires on a
-connection whose peer hung up while its receive queue was full, which any
-server can arrange by answering faster than its client reads and then
-closing.  Liveness is checked above libzmq instead: a node's connection whose
-peer sends nothing for three ``heartbeat`` intervals while one of its
-requests waits is closed and opened anew (``reconnects_silent``), and
-:class:`ZmqClient` and :class:`ZmqChannel` reopen a connection to a server
-that let a call time out without sending a single frame.
+No socket sends ZMTP heartbeats.  libzmq 4.3.5 aborts the whole process
+(``Assertion failed: !_io_error (src/stream_engine_base.cpp:310)``) when a
+heartbeat timer fires on a connection whose peer hung up while its receive
+queue was full, which a peer's crash at the wrong moment (or a server
+answering faster than its client reads, then closing) arranges.  A dead
+peer is found by the kernel instead: every DEALER sets ``ZMQ_TCP_MAXRT``
+(``TCP_USER_TIMEOUT`` on Linux), so a connection whose data the peer's host
+has not acknowledged for ``peer_timeout`` seconds fails, and libzmq
+reconnects.  That depends only on the peer's kernel, never on how fast its
+Python code answers.  (libzmq also answers a received PING on the same path:
+a peer that sends PINGs itself can still abort a process through that bug;
+see docs/security.md.)
 
 CURVE (:class:`CurveConfig`): every endpoint has a keypair in zmq.auth
 certificate files (:func:`generate_keys`).  Key layout, with roles::
@@ -96,7 +99,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 import ipaddress
 import itertools
 import logging
@@ -145,6 +147,9 @@ DEFAULT_HANDSHAKE_TIMEOUT = 5.0
 #: TCP keepalive of the ROUTER's connections (seconds idle, between probes, probes):
 #: a client that vanished without closing is dropped after about a minute.
 _KEEPALIVE_IDLE, _KEEPALIVE_INTVL, _KEEPALIVE_CNT = 30, 10, 3
+#: Seconds a DEALER's unacknowledged data may wait before its connection fails and is
+#: made anew (TCP_USER_TIMEOUT through ZMQ_TCP_MAXRT): finds a peer whose host vanished.
+DEFAULT_PEER_TIMEOUT = 3.0
 #: Messages a connection holds while its first connection is being set up.
 CONNECT_BUFFER = 64
 
@@ -631,7 +636,7 @@ def _io_affinity(ctx: zmq.Context, mask: int) -> int:
 
 
 def _set_common(sock: zmq.Socket, *, hwm: int, max_frame_size: int, addr: str) -> None:
-    # Never ZMTP heartbeats: see the module's docstring (libzmq 4.3 can abort on them).
+    # Never ZMTP heartbeats (HEARTBEAT_IVL): libzmq 4.3.5 can abort on them (module docstring).
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)
@@ -706,13 +711,13 @@ class ZmqTransport:
       ROUTER's replies), at most (libzmq may refuse a write somewhat
       earlier); beyond it sends and replies drop.
     - ``reconnect_ivl``/``reconnect_ivl_max``: DEALER reconnect back-off, seconds.
-    - ``heartbeat``: seconds; a peer that sends nothing for three intervals
-      while a request of one of this node's connections waits for its reply
-      is disconnected and reconnected (``reconnects_silent``): it finds a
-      peer whose host vanished without closing the TCP connection.  0
-      disables.  This is checked by the connection's owner, not by ZMTP
-      heartbeats (see the module's docstring); the ROUTER sends none
-      either (see ``_bind``): TCP keepalive finds clients that vanished.
+    - ``peer_timeout``: seconds; a connection of this node's whose data the
+      peer's host has not acknowledged for this long fails and is made anew
+      (``TCP_USER_TIMEOUT``, through libzmq's ``ZMQ_TCP_MAXRT``): it finds a
+      peer whose host vanished without closing the connection.  0 leaves the
+      kernel's default (about 15 minutes of retransmissions).  No ZMTP
+      heartbeats are sent (see the module's docstring); the ROUTER's TCP
+      keepalive finds clients that vanished.
     - ``handshake_timeout``: seconds a new connection may take to complete its
       ZMTP (and CURVE) handshake before the ROUTER drops it.
 
@@ -733,7 +738,7 @@ class ZmqTransport:
                  max_client_frame_size: int = DEFAULT_MAX_CLIENT_FRAME_SIZE,
                  recv_queue_bytes: int = DEFAULT_RECV_QUEUE_BYTES,
                  hwm: int = 1000, reconnect_ivl: float = 0.1, reconnect_ivl_max: float = 2.0,
-                 heartbeat: float = 1.0, handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT):
+                 peer_timeout: float = DEFAULT_PEER_TIMEOUT, handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT):
         if type(node_id) is not int or node_id < 0:
             raise ValueError(f"node_id must be a non-negative int, got {node_id!r}")
         for name, v in (("max_frame_size", max_frame_size), ("max_client_frame_size", max_client_frame_size),
@@ -742,6 +747,8 @@ class ZmqTransport:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if not handshake_timeout > 0:
             raise ValueError(f"handshake_timeout must be positive, got {handshake_timeout!r}")
+        if not peer_timeout >= 0:
+            raise ValueError(f"peer_timeout must be 0 or more seconds, got {peer_timeout!r}")
         self.node_id = node_id
         self.listen = listen
         self.cluster_name = cluster_name
@@ -754,7 +761,7 @@ class ZmqTransport:
         self.hwm = hwm
         self.reconnect_ivl = reconnect_ivl
         self.reconnect_ivl_max = reconnect_ivl_max
-        self.heartbeat = heartbeat
+        self.peer_timeout = peer_timeout
         self.handshake_timeout = handshake_timeout
         self._ctx = context or default_context()
         self._stats = _Stats()
@@ -798,7 +805,7 @@ class ZmqTransport:
             # heartbeating N idle connections costs O(N^2) a second; at about 5,000 the
             # I/O thread spends all its time there (and a leader sharing it lost its
             # followers).  Connections that go silent are found by TCP keepalive, in the
-            # kernel; a node's connections detect a dead server themselves (``heartbeat``).
+            # kernel; the DEALERs' TCP user timeout detects a dead server.
             _set_common(r, hwm=self.hwm, max_frame_size=self.max_frame_size, addr=listen)
             r.setsockopt(zmq.TCP_KEEPALIVE, 1)
             r.setsockopt(zmq.TCP_KEEPALIVE_IDLE, _KEEPALIVE_IDLE)
@@ -933,7 +940,7 @@ class ZmqTransport:
         ``decode``, ``not_request``, ``not_reply``, ``fault_filter``,
         ``unknown_key``, ``rpc_not_peer``, ``rpc_wrong_id``), ``sends``,
         ``sends_dropped``, ``replies_in``, ``handler_errors``, ``frame_errors``,
-        ``auth_rejected``, ``client_requests_too_large``, ``reconnects_silent``."""
+        ``auth_rejected``, ``client_requests_too_large``."""
         return self._stats.snapshot()
 
     @property
@@ -1197,12 +1204,14 @@ class _ZmqReply:
 # Client side
 
 def _dealer(ctx: zmq.Context, addr: str, *, hwm: int, max_frame_size: int,
-            reconnect_ivl: float, reconnect_ivl_max: float,
+            reconnect_ivl: float, reconnect_ivl_max: float, peer_timeout: float = DEFAULT_PEER_TIMEOUT,
             keypair: tuple[bytes, bytes] | None, server_key: bytes | None, affinity: int = 0,
             recv_hwm: int | None = None) -> zmq.Socket:
     s = ctx.socket(zmq.DEALER)
     try:
         _set_common(s, hwm=hwm, max_frame_size=max_frame_size, addr=addr)
+        if peer_timeout > 0:
+            s.setsockopt(zmq.TCP_MAXRT, _ms(peer_timeout))
         if recv_hwm is not None:
             s.setsockopt(zmq.RCVHWM, recv_hwm)
         s.setsockopt(zmq.AFFINITY, affinity)
@@ -1238,62 +1247,28 @@ class ZmqConnection:
     ``wake()`` may be called from any other thread: it writes a byte to a
     ``socket.socketpair`` that ``recv`` polls next to the DEALER (the DEALER
     itself is never touched by the waking thread).
-
-    A peer that sends nothing for three ``transport.heartbeat`` intervals
-    while a request sent on a live connection waits is presumed gone (its
-    host vanished without a FIN or RST): ``send`` or ``recv`` closes the
-    DEALER and opens a new one (counted in ``reconnects_silent``).  Replies
-    to the requests sent before are lost, as on any broken connection.
     """
 
     def __init__(self, transport: ZmqTransport, target_id: int, addr: str, server_key: bytes | None):
         self._t = transport
         self.target_id = target_id
         self.addr = addr
-        self._server_key = server_key
+        self._sock: zmq.Socket | None = _dealer(
+            transport._ctx, addr, hwm=transport.hwm, max_frame_size=transport.max_frame_size,
+            peer_timeout=transport.peer_timeout, reconnect_ivl=transport.reconnect_ivl,
+            reconnect_ivl_max=transport.reconnect_ivl_max, keypair=transport._keypair, server_key=server_key,
+            affinity=_io_affinity(transport._ctx, _CONNECT_IO), recv_hwm=transport.recv_hwm)
         self._ids = itertools.count(1)
+        # Until the first send goes through: frames waiting for the first connection.
+        self._pending: collections.deque[bytes] | None = collections.deque()
+        self._pending_bytes = 0
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._woken = False  # set by wake() (any thread), cleared by recv (owner)
         self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
         self._poller.register(self._wake_r.fileno(), zmq.POLLIN)
-        self._sock: zmq.Socket | None = None
-        self._open()
-
-    def _open(self) -> None:
-        t = self._t
-        self._sock = sock = _dealer(
-            t._ctx, self.addr, hwm=t.hwm, max_frame_size=t.max_frame_size,
-            reconnect_ivl=t.reconnect_ivl, reconnect_ivl_max=t.reconnect_ivl_max, keypair=t._keypair,
-            server_key=self._server_key, affinity=_io_affinity(t._ctx, _CONNECT_IO), recv_hwm=t.recv_hwm)
-        self._poller.register(sock, zmq.POLLIN)
-        # Until the first send goes through: frames waiting for the first connection.
-        self._pending: collections.deque[bytes] | None = collections.deque()
-        self._pending_bytes = 0
-        #: when the first request went out since the peer last sent anything; None when none waits
-        self._waiting_since: float | None = None
-
-    def _sent(self) -> None:
-        if self._waiting_since is None:
-            self._waiting_since = time.monotonic()
-
-    def _reopen_if_silent(self) -> None:
-        since, hb = self._waiting_since, self._t.heartbeat
-        if since is None or hb <= 0:
-            return
-        silent = time.monotonic() - since
-        if silent < 3 * hb:
-            return
-        t, sock = self._t, self._sock
-        assert sock is not None
-        t._stats.inc("reconnects_silent")
-        t._rlog.log(logging.INFO, f"silent-{self.target_id}",
-                    "node %s: node %s sent nothing for %.1f s while a request waited for its reply; reconnecting",
-                    t.node_id, self.target_id, silent)
-        self._poller.unregister(sock)
-        sock.close(0)
-        self._open()
 
     def _usable(self) -> bool:
         if self._sock is None:
@@ -1309,11 +1284,9 @@ class ZmqConnection:
         Raises :class:`~pyraft.errors.CodecError` for a message the wire format cannot carry.
         """
         rid = next(self._ids)
-        if self._sock is None or not self._usable():
+        sock = self._sock  # the owner's thread alone closes it: it stays while this runs
+        if sock is None or not self._usable():
             return rid
-        self._reopen_if_silent()
-        sock = self._sock  # the owner's thread alone closes or replaces it: it stays while this runs
-        assert sock is not None
         t = self._t
         if t._filtered("send", self.target_id, message):
             t._stats.inc("sends_dropped")
@@ -1339,8 +1312,6 @@ class ZmqConnection:
             sock.send(data, zmq.NOBLOCK)
         except zmq.Again:  # not connected, or the peer's queue is full: the network lost it
             t._stats.inc("sends_dropped")
-            return rid
-        self._sent()
         return rid
 
     def _flush_pending(self) -> None:
@@ -1352,7 +1323,6 @@ class ZmqConnection:
             except zmq.Again:
                 return
             self._pending_bytes -= len(p.popleft())
-            self._sent()
         # Everything held went out; once the socket is writable, the first connection is up.
         if self._sock.poll(0, zmq.POLLOUT):
             self._pending = None
@@ -1362,18 +1332,12 @@ class ZmqConnection:
         """The next reply ``(request_id, message)``; None after ``timeout`` seconds or at once after ``wake()``."""
         deadline = time.monotonic() + max(0.0, timeout)
         wake_fd = self._wake_r.fileno()
-        while self._sock is not None and self._usable():
+        while (sock := self._sock) is not None and self._usable():
             if self._woken:
                 self._clear_wake()
                 return None
-            self._reopen_if_silent()
-            sock = self._sock
-            assert sock is not None
             self._poller.modify(sock, zmq.POLLIN | zmq.POLLOUT if self._pending else zmq.POLLIN)
-            wait_until = deadline
-            if self._waiting_since is not None and self._t.heartbeat > 0:  # wake up to reconnect in time
-                wait_until = min(deadline, self._waiting_since + 3 * self._t.heartbeat)
-            events = dict(self._poller.poll(_ms(wait_until - time.monotonic())))
+            events = dict(self._poller.poll(_ms(deadline - time.monotonic())))
             if wake_fd in events:
                 self._clear_wake()
                 return None
@@ -1385,7 +1349,6 @@ class ZmqConnection:
                     parts = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     continue
-                self._waiting_since = None  # the peer is there
                 got = self._decode(parts)
                 if got is not None:
                     return got
@@ -1490,10 +1453,9 @@ class ZmqClient:
                 skey = _z85(server_key)
             else:
                 skey = _load_public(server_key)
-        self._open = functools.partial(
-            _dealer, context or default_context(), addr, hwm=hwm, max_frame_size=max_frame_size,
+        self._sock: zmq.Socket | None = _dealer(
+            context or default_context(), addr, hwm=hwm, max_frame_size=max_frame_size,
             reconnect_ivl=0.1, reconnect_ivl_max=1.0, keypair=keypair, server_key=skey)
-        self._sock: zmq.Socket | None = self._open()
         self._ids = itertools.count(1)
 
     def call(self, message: Any, timeout: float | None = None) -> Any:
@@ -1514,22 +1476,17 @@ class ZmqClient:
                     pass
             if time.monotonic() >= deadline:
                 raise Timeout(f"no connection to {self.addr} within {timeout}s")
-        heard = False
         while True:
             if sock.poll(_ms(deadline - time.monotonic()), zmq.POLLIN):
                 try:
                     parts = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     continue
-                heard = True
                 got = _client_reply(parts, self.cluster_name, self.addr)
                 if got is not None and got[0] == rid:
                     return got[1]
                 continue  # a stale reply to an earlier call, or not a reply
             if time.monotonic() >= deadline:
-                if not heard:  # not a frame for the whole call: the connection may be dead; start afresh
-                    sock.close(0)
-                    self._sock = self._open()
                 raise Timeout(f"no reply from {self.addr} within {timeout}s")
 
     def close(self) -> None:
@@ -1621,11 +1578,6 @@ class ZmqChannel:
         self._by_sock: dict[zmq.Socket, str] = {}
         self._held: dict[str, collections.deque[bytes]] = {}
         self._held_bytes: dict[str, int] = {}
-        #: address -> when a frame last came from it (written by the I/O role)
-        self._last_heard: dict[str, float] = {}
-        #: addresses to reopen: a call to them timed out with not a frame from them since it began
-        #: (guarded by _lock; the I/O role reopens them)
-        self._silent: set[str] = set()
         self._poller = zmq.Poller()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -1634,8 +1586,7 @@ class ZmqChannel:
 
     def call(self, addr: str, message: Any, timeout: float) -> Any:
         """Send ``message`` to ``addr``; its reply, or :class:`~pyraft.errors.Timeout` after ``timeout`` s."""
-        began = time.monotonic()
-        deadline = began + timeout
+        deadline = time.monotonic() + timeout
         rid = next(self._ids)
         data = encode_message(message, self.cluster_name, 0, rid)
         c = _Call(rid)
@@ -1671,7 +1622,6 @@ class ZmqChannel:
                     self._calls.pop(rid, None)
                     if self._closed:
                         raise TransportError("channel is closed")
-                    self._note_silence(addr, began)
                     raise Timeout(f"no reply from {addr} within {timeout}s")
             if c.done:
                 return self._result(c)
@@ -1681,15 +1631,7 @@ class ZmqChannel:
             return self._result(c)
         if self._closed:
             raise TransportError("channel is closed")
-        with self._lock:
-            self._note_silence(addr, began)
         raise Timeout(f"no reply from {addr} within {timeout}s")
-
-    def _note_silence(self, addr: str, began: float) -> None:
-        """(Under _lock.)  A call to ``addr`` timed out: reopen its connection if ``addr`` has sent
-        nothing since the call began (the connection may be dead: no ZMTP heartbeats, see the module)."""
-        if self._last_heard.get(addr, began - 1.0) < began:
-            self._silent.add(addr)
 
     @staticmethod
     def _result(c: _Call) -> Any:
@@ -1711,13 +1653,10 @@ class ZmqChannel:
             while not mine.done:
                 with self._lock:
                     out, self._outbox = self._outbox, []
-                    silent, self._silent = self._silent, set()
                     closed = self._closed
                 if closed:
                     self._close_sockets()
                     return
-                for addr in silent:
-                    self._reopen(addr)
                 failed = []
                 for rid, addr, data in out:
                     try:
@@ -1794,28 +1733,14 @@ class ZmqChannel:
         self._poller.register(sock, zmq.POLLIN)
         return sock
 
-    def _reopen(self, addr: str) -> None:
-        """Close the connection to ``addr`` (the next request to it opens a new one)."""
-        sock = self._socks.pop(addr, None)
-        if sock is None:
-            return
-        del self._by_sock[sock]
-        self._poller.unregister(sock)
-        sock.close(0)
-        self._held.pop(addr, None)
-        self._held_bytes.pop(addr, None)
-
     def _recv_all(self, sock: zmq.Socket, got: list) -> None:
         name = self.cluster_name
-        addr = self._by_sock.get(sock)
-        for i in range(4096):
+        for _ in range(4096):
             try:
                 parts = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if i == 0 and addr is not None:
-                self._last_heard[addr] = time.monotonic()
-            reply = _client_reply(parts, name, addr)
+            reply = _client_reply(parts, name, self._by_sock.get(sock))
             if reply is not None:
                 got.append(reply)
                 if len(self._calls) <= 1:
