@@ -36,6 +36,7 @@ from pyraft.codec import decode_message, encode_message
 from pyraft.messages import AppendEntriesRequest, VoteRequest, VoteResponse
 from pyraft.transports.zmq import ZmqChannel, ZmqClient, ZmqTransport
 from pyraft.codec import ClientRequest
+from pyraft.errors import Timeout
 from pyraft.types import Entry, LogId, Node
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,15 +175,16 @@ def test_every_dealer_sends_no_zmtp_heartbeats_and_has_a_tcp_user_timeout():
     client = ZmqClient("tcp://127.0.0.1:9", CLUSTER)
     chan = ZmqChannel(CLUSTER)
     try:
-        with pytest.raises(Exception):
+        with pytest.raises(Timeout):
             chan.call("tcp://127.0.0.1:9", ClientRequest("ping"), 0.05)  # opens its DEALER
         socks = [conn._sock, client._sock, *chan._socks.values()]
         assert len(socks) == 3
         for sock in socks:
             assert sock.getsockopt(zmq.HEARTBEAT_IVL) == 0
         assert [s.getsockopt(zmq.TCP_MAXRT) for s in socks] == [2500, 3000, 3000]
-        with pytest.raises(ValueError):
-            ZmqTransport(1, None, peer_timeout=-1.0)
+        for bad in (-1.0, float("inf"), float("nan"), "3", 10**9):
+            with pytest.raises(ValueError, match="peer_timeout"):
+                ZmqTransport(1, None, peer_timeout=bad)
     finally:
         conn.close()
         client.close()

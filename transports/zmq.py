@@ -150,6 +150,8 @@ _KEEPALIVE_IDLE, _KEEPALIVE_INTVL, _KEEPALIVE_CNT = 30, 10, 3
 #: Seconds a DEALER's unacknowledged data may wait before its connection fails and is
 #: made anew (TCP_USER_TIMEOUT through ZMQ_TCP_MAXRT): finds a peer whose host vanished.
 DEFAULT_PEER_TIMEOUT = 3.0
+#: The longest time option a transport takes, in seconds (libzmq's are int milliseconds).
+_MAX_SECONDS = 86_400
 #: Messages a connection holds while its first connection is being set up.
 CONNECT_BUFFER = 64
 
@@ -745,10 +747,11 @@ class ZmqTransport:
                         ("recv_queue_bytes", recv_queue_bytes), ("hwm", hwm)):
             if type(v) is not int or v <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if not handshake_timeout > 0:
-            raise ValueError(f"handshake_timeout must be positive, got {handshake_timeout!r}")
-        if not peer_timeout >= 0:
-            raise ValueError(f"peer_timeout must be 0 or more seconds, got {peer_timeout!r}")
+        # Seconds, checked here: libzmq takes them as int milliseconds, on the connecting worker's thread.
+        for name, secs, least in (("handshake_timeout", handshake_timeout, 0.001), ("peer_timeout", peer_timeout, 0),
+                                  ("reconnect_ivl", reconnect_ivl, 0), ("reconnect_ivl_max", reconnect_ivl_max, 0)):
+            if type(secs) not in (int, float) or not least <= secs <= _MAX_SECONDS:
+                raise ValueError(f"{name} must be a number of seconds from {least} to {_MAX_SECONDS}, got {secs!r}")
         self.node_id = node_id
         self.listen = listen
         self.cluster_name = cluster_name

@@ -8,6 +8,7 @@ what a caller finally sees.
 """
 from __future__ import annotations
 
+import abc
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Protocol
@@ -185,15 +186,16 @@ def check_limit(limit: Any) -> int | None:
     return limit
 
 
-class KVReads:
+class KVReads(abc.ABC):
     """Local reads of a KV state machine, from any thread (the class provides ``view()``).
 
     Linearizable only after ``Raft.ensure_linearizable`` (the KV service does
     that for ``KVClient.range``); otherwise as of this replica's applied state.
     """
 
-    def view(self) -> Any:  # a context manager giving a KVView
-        raise NotImplementedError
+    @abc.abstractmethod
+    def view(self) -> Any:
+        """A context manager giving a KVView of one consistent state."""
 
     def range(self, key: Any, end: Any = None, *, prefix: bool = False, limit: int | None = None,
               keys_only: bool = False) -> RangeResult:
