@@ -14,8 +14,9 @@ del _root
 from ._version import __version__
 from .config import Config
 from .metrics import ClientWriteResponse, RaftMetrics
+from .gctune import tune_gc
 from .raft import Raft
 from .types import LogId, Membership, Node, ServerState, Vote
 
 __all__ = ["Raft", "Config", "Node", "ServerState", "LogId", "RaftMetrics", "ClientWriteResponse",
-           "Membership", "Vote"]
+           "Membership", "Vote", "tune_gc"]

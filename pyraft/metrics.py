@@ -15,6 +15,23 @@ class ClientWriteResponse:
     result: Any
 
 
+# The SM worker makes one response per applied write: built without the frozen dataclass
+# __init__ (types.FAST_BUILD has the reasoning), while the class checks nothing on construction.
+_FAST_RESPONSE = not hasattr(ClientWriteResponse, "__post_init__")
+_set_response_log_id = vars(ClientWriteResponse)["log_id"].__set__
+_set_response_result = vars(ClientWriteResponse)["result"].__set__
+
+
+def write_response(log_id: LogId, result: Any) -> ClientWriteResponse:
+    """``ClientWriteResponse(log_id, result)``, built faster."""
+    if not _FAST_RESPONSE:
+        return ClientWriteResponse(log_id, result)
+    r = object.__new__(ClientWriteResponse)
+    _set_response_log_id(r, log_id)
+    _set_response_result(r, result)
+    return r
+
+
 @dataclass(frozen=True, slots=True)
 class RaftMetrics:
     """A consistent snapshot of one node's state, published by RaftCore after each loop turn."""

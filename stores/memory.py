@@ -26,7 +26,7 @@ import msgpack
 from pyraft.codec import decode_entry, encode_entry, snapshot_meta_from_wire, snapshot_meta_to_wire
 from pyraft.engine.commands import AppendToLog, PurgeLog, SaveCommitted, SaveVote, TruncateLog
 from pyraft.errors import CodecError, StorageError
-from pyraft.kv.commands import DEFAULT_SESSION_TTL, DEFAULT_WATCH_HISTORY, Session, apply_command
+from pyraft.kv.commands import DEFAULT_SESSION_TTL, DEFAULT_WATCH_HISTORY, Session, apply_entries
 from pyraft.kv.encoding import decode_key, decode_value, encode_key, record_header, record_value
 from pyraft.kv.reads import ApplyListeners, KVReads
 from pyraft.storage import LogOp, LogState
@@ -369,16 +369,12 @@ class MemoryStateMachine(KVReads, ApplyListeners):
                                        f"(next expected index {expect})")
                 expect += 1
             backend = _MemoryBackend(st)
-            results: list[Any] = []
             membership = st.membership
             try:
+                results = apply_entries(backend, entries, self._session_ttl)
                 for e in entries:
-                    if e.kind == EntryKind.NORMAL:
-                        results.append(apply_command(backend, e.index, e.payload, self._session_ttl))
-                    else:
-                        if e.kind == EntryKind.MEMBERSHIP:
-                            membership = StoredMembership(e.log_id, e.payload)
-                        results.append(None)
+                    if e.kind == EntryKind.MEMBERSHIP:
+                        membership = StoredMembership(e.log_id, e.payload)
                 backend.compact_events(entries[-1].index + 1 - self._history)
             except BaseException:
                 backend.rollback()

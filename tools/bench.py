@@ -639,6 +639,7 @@ def node_main(argv: Sequence[str]) -> int:
     p.add_argument("--config", default="{}", help="JSON of pyraft.Config fields")
     p.add_argument("--serve-kv", action="store_true", help="serve KVClient requests (pyraft.kv.server)")
     p.add_argument("--stages", metavar="FILE", help="probe the runtime (tools/stages.py); records to FILE at stop")
+    p.add_argument("--tune-gc", action="store_true", help="call pyraft.tune_gc() once started, as pyraft-kv serve does")
     a = p.parse_args(argv)
     logging.basicConfig(level=os.environ.get("PYRAFT_BENCH_LOG", "WARNING").upper(), stream=sys.stderr,
                         format=f"%(asctime)s node{a.id} %(name)s %(levelname)s %(message)s")
@@ -663,6 +664,9 @@ def node_main(argv: Sequence[str]) -> int:
     raft = Raft(a.id, cfg, transport, store, sm)
     if a.serve_kv:
         _serve_kv(raft)
+    if a.tune_gc:
+        from pyraft import tune_gc
+        tune_gc()
     emit(ev="ready", id=a.id, addr=transport.endpoint, pid=os.getpid())
 
     load_thread: threading.Thread | None = None
@@ -914,7 +918,8 @@ def drive_clients(clients: list[NodeProc], servers: dict[Any, int], a: argparse.
 def run_client_mode(a: argparse.Namespace, payload: int, threads: int, progress: Progress) -> dict[str, Any]:
     """KVClient processes drive a KV cluster (each thread: one synchronous put at a time)."""
     root = tempfile.mkdtemp(prefix="pyraft-bench-client-", dir=a.tmpdir)
-    cluster = PyraftCluster(a.nodes, root, sm="kv", fsync=not a.no_fsync, config=a.config_dict, serve_kv=True)
+    cluster = PyraftCluster(a.nodes, root, sm="kv", fsync=not a.no_fsync, config=a.config_dict, serve_kv=True,
+                            tune_gc=a.gc == "tuned")
     spies: list = []
     try:
         lid = cluster.start()
@@ -965,7 +970,7 @@ class PyraftCluster:
     """N pyraft node processes in a temporary directory."""
 
     def __init__(self, n: int, root: str, *, sm: str, fsync: bool, config: dict, serve_kv: bool = False,
-                 stages: bool = False) -> None:
+                 stages: bool = False, tune_gc: bool = True) -> None:
         self.root = root
         self.nodes: dict[int, NodeProc] = {}
         self.addrs: dict[int, str] = {}
@@ -983,6 +988,8 @@ class PyraftCluster:
                 argv.append("--no-fsync")
             if serve_kv:
                 argv.append("--serve-kv")
+            if tune_gc:
+                argv.append("--tune-gc")
             if stages:
                 self.stage_files[i] = os.path.join(root, f"node{i}.stages")
                 argv += ["--stages", self.stage_files[i]]
@@ -1056,7 +1063,8 @@ def _drive(leader: NodeProc, all_nodes: dict[Any, NodeProc], cmd: dict, label: s
 def run_pyraft(sc: Scenario, a: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     root = tempfile.mkdtemp(prefix="pyraft-bench-", dir=a.tmpdir)
     stages = bool(a.stages and sc.sync)
-    cluster = PyraftCluster(a.nodes, root, sm=a.sm, fsync=not a.no_fsync, config=a.config_dict, stages=stages)
+    cluster = PyraftCluster(a.nodes, root, sm=a.sm, fsync=not a.no_fsync, config=a.config_dict, stages=stages,
+                            tune_gc=a.gc == "tuned")
     spies: list[subprocess.Popen] = []
     try:
         lid = cluster.start()
@@ -1117,7 +1125,8 @@ _DOWN_VERB = {"kill": "killed", "pause": "paused (SIGSTOP)"}
 def run_follower_down(a: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     """Full load on the leader with one follower down (killed or paused): does the leader's memory stay bounded?"""
     root = tempfile.mkdtemp(prefix="pyraft-bench-down-", dir=a.tmpdir)
-    cluster = PyraftCluster(a.nodes, root, sm=a.sm, fsync=not a.no_fsync, config=a.config_dict)
+    cluster = PyraftCluster(a.nodes, root, sm=a.sm, fsync=not a.no_fsync, config=a.config_dict,
+                            tune_gc=a.gc == "tuned")
     payload = a.payloads[0]
     try:
         lid = cluster.start()
@@ -1208,6 +1217,9 @@ def render_table(doc: dict[str, Any]) -> str:
                  f"{'off' if doc['no_fsync'] else 'on'}, state machine {doc['sm']}; "
                  f"{doc['inflight']:,} writes in flight from the leader; warmup {doc['warmup']} s, "
                  f"measured {doc['duration']} s")
+    lines.append("garbage collector: " + ("pyraft.tune_gc() in every node process (--gc tuned)"
+                                          if doc.get("gc", "tuned") == "tuned" else
+                                          "Python's defaults in every node process (--gc default)"))
     lines.append("")
     hdr = (f"{'system':<30}{'payload':>8}{'ops/s':>11}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}"
            f"  {'cpu % per node':<16}{'cpu us/op':>10}  disk")
@@ -1376,6 +1388,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--stages", action="store_true",
                    help="with the synchronous writer: probe every node and show where a lone write's time goes, "
                         "next to this machine's floors (tools/stages.py); implies --sync-writer")
+    p.add_argument("--gc", choices=("tuned", "default"), default="tuned",
+                   help="tuned (the default): every node process, pyraft's and PySyncObj's alike, calls "
+                        "pyraft.tune_gc() once started, as pyraft-kv serve does; default: Python's own "
+                        "collector settings everywhere")
     p.add_argument("--py-spy", metavar="DIR", help="record py-spy raw profiles of the leader and a follower into DIR")
     p.add_argument("--tmpdir", default=None, help="where the node directories go (default: the system temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the node directories and logs")
@@ -1409,7 +1425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": " ".join(["pyraft-bench", *argv]),
         "machine": machine_info(),
         "nodes": a.nodes, "inflight": a.inflight, "duration": a.duration, "warmup": a.warmup,
-        "no_fsync": a.no_fsync, "sm": a.sm, "mode": a.mode, "config": a.config_dict, "runs": [],
+        "no_fsync": a.no_fsync, "sm": a.sm, "mode": a.mode, "config": a.config_dict, "gc": a.gc, "runs": [],
     }
     try:
         if a.follower_down:

@@ -206,7 +206,8 @@ def run(a: argparse.Namespace, progress: Progress) -> dict[str, Any]:
         raise SystemExit(f"pyraft-bench --baseline etcd: {why}")
     root = tempfile.mkdtemp(prefix="pyraft-bench-etcd-", dir=a.tmpdir)
     doc: dict[str, Any] = {"versions": versions(), "rows": []}
-    pyraft = PyraftCluster(a.nodes, root, sm="kv", fsync=not a.no_fsync, config=a.config_dict, serve_kv=True)
+    pyraft = PyraftCluster(a.nodes, root, sm="kv", fsync=not a.no_fsync, config=a.config_dict, serve_kv=True,
+                           tune_gc=a.gc == "tuned")
     etcd = EtcdCluster(a.nodes, root)
     try:
         progress.show("starting pyraft-kv and etcd")

@@ -43,6 +43,7 @@ def node_main(argv: Sequence[str]) -> int:
     p.add_argument("--partners", required=True, help="comma-separated host:port of the others")
     p.add_argument("--journal", default=None, help="journal file (PySyncObj never fsyncs it)")
     p.add_argument("--no-batch", action="store_true", help="appendEntriesUseBatch=False")
+    p.add_argument("--tune-gc", action="store_true", help="call pyraft.tune_gc() once started, as pyraft's nodes do")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     emit = Emitter()
@@ -66,6 +67,9 @@ def node_main(argv: Sequence[str]) -> int:
     if a.no_batch:
         kw["appendEntriesUseBatch"] = False
     obj = Setter(a.self, [x for x in a.partners.split(",") if x], SyncObjConf(**kw))
+    if a.tune_gc:
+        from pyraft import tune_gc
+        tune_gc()
     emit(ev="ready", addr=a.self, pid=os.getpid())
     try:
         for line in sys.stdin:
@@ -130,7 +134,7 @@ def _node_load(obj: Any, cmd: dict, emit: Emitter, success: int) -> None:
 
 
 class PySyncObjCluster:
-    def __init__(self, n: int, root: str, *, journal: bool, no_batch: bool) -> None:
+    def __init__(self, n: int, root: str, *, journal: bool, no_batch: bool, tune_gc: bool = True) -> None:
         self.root = root
         self.addrs = {i: f"127.0.0.1:{free_port()}" for i in range(1, n + 1)}
         self.nodes: dict[int, NodeProc] = {}
@@ -145,6 +149,8 @@ class PySyncObjCluster:
                 argv += ["--journal", os.path.join(d, "journal.bin")]
             if no_batch:
                 argv.append("--no-batch")
+            if tune_gc:
+                argv.append("--tune-gc")
             self.nodes[i] = NodeProc(f"pysyncobj{i}", argv, os.path.join(root, f"node{i}.log"))
 
     def start(self, timeout: float = 30.0) -> int:
@@ -174,7 +180,7 @@ def run(sc: Any, a: argparse.Namespace, progress: Progress) -> dict[str, Any]:
             from None
     root = tempfile.mkdtemp(prefix="pysyncobj-bench-", dir=a.tmpdir)
     cluster = PySyncObjCluster(a.nodes, root, journal=sc.system == "pysyncobj-journal",
-                               no_batch=sc.system == "pysyncobj-nobatch")
+                               no_batch=sc.system == "pysyncobj-nobatch", tune_gc=a.gc == "tuned")
     try:
         lid = cluster.start()
         cmd = {"cmd": "load", "payload": sc.payload, "inflight": sc.inflight, "duration": a.duration,

@@ -34,7 +34,7 @@ _records: list[tuple[int, str]] = []
 _ns = time.perf_counter_ns  # CLOCK_MONOTONIC on Linux: comparable between processes
 
 
-def _probe(cls: type, name: str, event: str, *, enter: bool = True, leave: bool = False,
+def _probe(cls: Any, name: str, event: str, *, enter: bool = True, leave: bool = False,
            when: Callable[[tuple], bool] | None = None) -> None:
     fn = getattr(cls, name)
     rec = _records.append
@@ -54,7 +54,7 @@ def _probe(cls: type, name: str, event: str, *, enter: bool = True, leave: bool 
 def install() -> None:
     """Probe this process's runtime classes (call before the node starts)."""
     from pyraft import raft
-    from pyraft.runtime import core, futures, workers
+    from pyraft.runtime import core, workers
     from pyraft.stores import lmdb as lmdb_store
     from pyraft.transports import zmq as zmq_transport
 
@@ -72,7 +72,7 @@ def install() -> None:
     _probe(core.RaftCore, "_submit_apply", "commit")
     _probe(workers.SMWorker, "_apply", "apply")
     _probe_sm_commit(lmdb_store.LmdbEnv)
-    _probe(futures.ClientFuture, "set_result", "result")
+    _probe(workers, "complete_all", "result")  # the SM worker completes the batch's futures
 
 
 def _probe_sm_commit(env_cls: Any) -> None:

@@ -83,16 +83,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator, Protocol, Sequence
 
 import msgpack
 
+from ..codec import pack_fast
 from ..errors import LeaseNotFound
+from ..types import Entry, EntryKind
 from .encoding import (EVENT_DELETE, EVENT_PUT, MAX_KEY_BYTES, RECORD_HEADER, KVCommandError, check_key,
                        decode_key, decode_value, encode_key, encode_value, pack_event, range_bounds,
                        record_header, record_value)
 
-__all__ = ["KVCommandError", "LeaseNotFound", "KVBackend", "Session", "apply_command", "check_command",
+__all__ = ["KVCommandError", "LeaseNotFound", "KVBackend", "Session", "apply_command", "apply_entries", "check_command",
            "check_key", "encode_key", "decode_key", "encode_value", "decode_value", "OPS", "ADDING_OPS",
            "MAX_KEY_BYTES", "MAX_CLIENT_BYTES", "MIN_LEASE_TTL", "MAX_LEASE_TTL", "MAX_TXN_OPS", "MAX_TXN_RANGE",
            "DEFAULT_SESSION_TTL", "DEFAULT_WATCH_HISTORY"]
@@ -127,7 +129,7 @@ _TXN_OPS = ("put", "delete", "get", "range")
 def encode_client(client: Any) -> bytes:
     if type(client) not in (str, bytes):
         raise KVCommandError(f"session 'client' must be str or bytes, not {type(client).__name__}")
-    b = msgpack.packb(client, use_bin_type=True)
+    b = pack_fast(client)
     if len(b) > MAX_CLIENT_BYTES:
         raise KVCommandError(f"session 'client' is too long: {len(b)} bytes encoded, at most {MAX_CLIENT_BYTES}")
     return b
@@ -172,7 +174,7 @@ class Session:
     index: int
 
     def to_bytes(self) -> bytes:
-        return msgpack.packb([self.seq, self.index, self.result], use_bin_type=True)
+        return pack_fast([self.seq, self.index, self.result])
 
     @classmethod
     def from_bytes(cls, data: bytes | memoryview) -> "Session":
@@ -277,6 +279,34 @@ def apply_command(backend: KVBackend, index: int, command: Any,
     result = _execute(backend, index, command)
     backend.put_session(client, Session(seq, result_to_wire(result), index), old)
     return result
+
+
+def apply_entries(backend: KVBackend, entries: Sequence[Entry], session_ttl: int = DEFAULT_SESSION_TTL) -> list[Any]:
+    """:func:`apply_command` for each normal entry of ``entries``, in order; None for the others.
+
+    The same results and the same state as that, with less work per command:
+    only a command with session fields reads the sessions, so the sessions
+    older than ``session_ttl`` are expired before each such command (by
+    apply_command) and once after the batch's last normal entry, not before
+    every command.
+    """
+    results: list[Any] = []
+    append = results.append
+    normal = EntryKind.NORMAL
+    last = 0
+    for e in entries:
+        if e.kind != normal:
+            append(None)
+            continue
+        cmd = e.payload
+        last = e.log_id.index
+        if type(cmd) is dict and "client" not in cmd and "seq" not in cmd:
+            append(_execute(backend, last, cmd))
+        else:
+            append(apply_command(backend, last, cmd, session_ttl))
+    if last:
+        backend.expire_sessions(last - session_ttl)
+    return results
 
 
 def _execute(backend: KVBackend, rev: int, cmd: dict) -> Any:

@@ -42,6 +42,7 @@ from typing import Any
 
 import msgpack
 
+from ..codec import pack_fast
 from ..errors import RaftError
 
 #: The longest stored key: LMDB's key size limit (511 bytes in its default build).
@@ -262,7 +263,7 @@ def range_bounds(key: Any, end: Any = None, prefix: bool = False) -> tuple[bytes
 
 def encode_value(value: Any) -> bytes:
     try:
-        return msgpack.packb(value, use_bin_type=True)
+        return pack_fast(value)  # msgpack.packb with a Packer kept per thread
     except (TypeError, ValueError, OverflowError) as e:
         raise KVCommandError(f"value cannot be encoded: {e}") from None
 

@@ -99,7 +99,7 @@ from ..snapshot_files import (CHUNK, SnapshotDir, SnapshotWriter, UnsyncedMark, 
 from ..stores.lmdb import (DEFAULT_MAP_SIZE, DEFAULT_MAX_MAP_SIZE, KV_ENV_NAME, KV_LOCK_NAME,
                            SNAPSHOT_DIR_NAME, LmdbEnv)
 from ..types import Entry, EntryKind, LogId, SnapshotMeta, StoredMembership, log_index
-from .commands import (ADDING_OPS, DEFAULT_SESSION_TTL, DEFAULT_WATCH_HISTORY, MAX_CLIENT_BYTES, MAX_KEY_BYTES, Session, apply_command,
+from .commands import (ADDING_OPS, DEFAULT_SESSION_TTL, DEFAULT_WATCH_HISTORY, MAX_CLIENT_BYTES, MAX_KEY_BYTES, Session, apply_entries,
                        check_command)
 from .encoding import (RECORD_HEADER, KVCommandError, decode_key, decode_value, encode_key, record_header,
                        record_value)
@@ -163,9 +163,11 @@ class _Overlay:
         self.known: dict[bytes, bytes | None] = {}  # read ahead (None: absent)
 
     def prefetch(self, keys: list[bytes]) -> None:
+        keys = list(dict.fromkeys(keys))  # a key written often is in a batch many times: read it once
         found = dict(self.txn.cursor(db=self.db).getmulti(keys))
+        known = self.known
         for k in keys:
-            self.known[k] = found.get(k)
+            known[k] = found.get(k)
 
     def get(self, key: bytes) -> bytes | None:
         v = self.changes.get(key, _MISSING)
@@ -601,7 +603,7 @@ class KVStateMachine(KVReads, ApplyListeners):
         last_applied, membership0 = self._applied
         expect = log_index(last_applied) + 1
         for e in entries:
-            if e.index != expect:
+            if e.log_id.index != expect:
                 raise StorageError(f"KV state machine: entry {e.log_id} applied out of order "
                                    f"(next expected index {expect})")
             expect += 1
@@ -611,15 +613,11 @@ class KVStateMachine(KVReads, ApplyListeners):
         def run(txn: lmdb.Transaction[bytes]) -> tuple[list[Any], StoredMembership | None, int, tuple]:
             backend = _LmdbBackend(txn, dbs)
             backend.prefetch(entries)
-            results: list[Any] = []
+            results = apply_entries(backend, entries, ttl)
             membership = membership0
             for e in entries:
-                if e.kind == EntryKind.NORMAL:
-                    results.append(apply_command(backend, e.index, e.payload, ttl))
-                else:
-                    if e.kind == EntryKind.MEMBERSHIP:
-                        membership = StoredMembership(e.log_id, e.payload)
-                    results.append(None)
+                if e.kind == EntryKind.MEMBERSHIP:
+                    membership = StoredMembership(e.log_id, e.payload)
             backend.finish()
             backend.compact_events(last.index + 1 - self._history)
             txn.put(_K_APPLIED, pack(log_id_to_wire(last)), db=dbs.meta)

@@ -32,7 +32,7 @@ from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, LOGGER, PENDING)
 from typing import Any, Callable
 
-__all__ = ["ClientFuture", "new_future"]
+__all__ = ["ClientFuture", "new_future", "complete_all"]
 
 #: Guards the state of every ClientFuture.  Reentrant: ``concurrent.futures.wait``
 #: takes the ``_condition`` of each of its futures in turn, all of them this lock.
@@ -215,6 +215,46 @@ def _usable() -> bool:
 
 #: Make a future for a client call: a ClientFuture where this Python's Future is the one it knows.
 new_future = ClientFuture if _usable() else Future
+
+
+#: How many futures complete_all completes under one hold of _LOCK.
+_COMPLETE_CHUNK = 256
+
+
+def complete_all(done: list[tuple[Future, Any, bool]]) -> None:
+    """Complete each ``(future, value, failed)``: with the exception ``value`` if ``failed``, else the result ``value``.
+
+    A future already done (its caller cancelled it) is left as it is.  The
+    ClientFutures' states are set under one hold of ``_LOCK`` per
+    ``_COMPLETE_CHUNK`` futures instead of one per future; each chunk's
+    done-callbacks then run in order, outside the lock, as
+    ``set_result`` runs them.
+    """
+    for start in range(0, len(done), _COMPLETE_CHUNK):
+        ready: list[ClientFuture] = []
+        with _LOCK:
+            for fut, value, failed in done[start:start + _COMPLETE_CHUNK]:
+                if type(fut) is not ClientFuture:
+                    continue  # completed below, by its own methods
+                if fut._state in _DONE:
+                    continue
+                if failed:
+                    fut._exception = value
+                else:
+                    fut._result = value
+                fut._state = FINISHED
+                if fut._waiters_ or fut._cond_ is not None:
+                    fut._wake(failed)
+                if fut._callbacks_ is not None:
+                    ready.append(fut)
+        for f in ready:
+            f._invoke_callbacks()
+    for fut, value, failed in done:
+        if type(fut) is not ClientFuture:
+            if failed:
+                fail(fut, value)
+            else:
+                succeed(fut, value)
 
 
 def succeed(fut: Future, value: Any) -> None:

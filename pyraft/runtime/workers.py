@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from typing import Any, BinaryIO, Callable, ContextManager, Protocol
 
 from ..codec import EncodedEntries, encode_entries
@@ -20,12 +20,12 @@ from ..config import Config
 from ..engine.commands import Replicate, SendSnapshot
 from ..errors import CodecError, ForwardToLeader
 from ..messages import AppendEntriesRequest, InstallSnapshotRequest, InstallSnapshotResponse
-from ..metrics import ClientWriteResponse
+from ..metrics import write_response
 from ..network import Connection, Transport
 from ..storage import LogStore, StateMachine
 from ..types import LogId, Node, log_index
 from .cache import EntryCache
-from .futures import fail
+from .futures import complete_all, fail
 
 log = logging.getLogger("pyraft.runtime")
 
@@ -490,27 +490,25 @@ class SMWorker(_Worker):
 
     def _complete(self, entries: list, results: list, futures: dict[int, tuple[LogId, Future]]) -> None:
         """Complete the client futures of ``entries`` with their ``results``."""
-        core = self.core
         pop = futures.pop
+        done: list[tuple[Future, Any, bool]] = []
+        append = done.append
         for e, res in zip(entries, results):
             elid = e.log_id
             w = pop(elid.index, None)
             if w is None:
                 continue
-            # Released before it completes: a done-callback that writes again must not
-            # find this write still counted against Config.max_pending_writes.
-            core.writes_released_sm += 1
             lid, fut = w
-            try:
-                if lid is not elid and lid != elid:
-                    fut.set_exception(ForwardToLeader(None, None,
-                                                      f"write {lid} was overwritten by a new leader"))
-                elif isinstance(res, BaseException):
-                    fut.set_exception(res)
-                else:
-                    fut.set_result(ClientWriteResponse(lid, res))
-            except InvalidStateError:
-                pass  # the caller cancelled its future
+            if lid is not elid and lid != elid:
+                append((fut, ForwardToLeader(None, None, f"write {lid} was overwritten by a new leader"), True))
+            elif isinstance(res, BaseException):
+                append((fut, res, True))
+            else:
+                append((fut, write_response(lid, res), False))
+        # Released before they complete: a done-callback that writes again must not
+        # find these writes still counted against Config.max_pending_writes.
+        self.core.writes_released_sm += len(done)
+        complete_all(done)  # a future its caller cancelled stays as it is
 
     def _start_builder(self) -> None:
         b = self._builder
