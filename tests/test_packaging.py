@@ -9,6 +9,7 @@ import tarfile
 import zipfile
 
 import pytest
+from clonefiles import clone_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,19 +71,11 @@ def test_the_licence_file_is_the_licence_the_classifier_names():
     assert 'license="Apache-2.0"' in setup_py
 
 
-def _tracked() -> list[str]:
-    try:
-        out = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        pytest.skip("needs a git checkout")
-    return [n for n in out.decode().split("\0") if n and os.path.isfile(os.path.join(ROOT, n))]
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_the_sdist_carries_the_package_and_docs_but_no_tests_and_the_wheel_builds_from_it(tmp_path):
     """``python -m build`` on a clone's files, as a packager runs it: an sdist, then a wheel built from that sdist."""
-    tracked = _tracked()
+    tracked = clone_files(ROOT)
     src = tmp_path / "src"
     for name in tracked:
         os.makedirs(os.path.dirname(src / name), exist_ok=True)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from clonefiles import clone_files
 from test_readme import README, ROOT, _blocks, _section
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -52,23 +53,10 @@ class Clone:
 
 
 #: What .gitignore leaves out of a clone (and what running the tests makes in a work tree).
-_NOT_IN_A_CLONE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.pyc",
-                                         ".pytest_cache", ".mypy_cache")
-
-
 def _tracked_copy(dest: pathlib.Path) -> None:
-    try:
-        listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        # Not a git checkout (.ci/run tests a copy of a clone's files): copy the tree as a clone
-        # would have it, without what .gitignore leaves out.
-        shutil.copytree(ROOT, dest, ignore=_NOT_IN_A_CLONE, dirs_exist_ok=True)
-        return
-    for name in filter(None, listed.decode().split("\0")):
-        src = ROOT / name
-        if src.is_file():  # a tracked file deleted in the work tree is not copied
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
+    for name in clone_files(ROOT):
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, dest / name)
 
 
 def _newcomer_env() -> dict[str, str]:
