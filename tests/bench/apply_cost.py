@@ -1,11 +1,13 @@
 """What one applied put costs KVStateMachine: CPU time, or instructions under valgrind.
 
-    python tests/bench/apply_cost.py [--batch 2000] [--batches 40] [--keys 1024]
+    python tests/bench/apply_cost.py [--batch 2000] [--batches 40] [--keys 1024] [--history N]
     python tests/bench/apply_cost.py --instructions      # needs valgrind (apt install valgrind)
 
 Applies ``--batches`` batches of ``--batch`` 10-byte puts over ``--keys`` keys
 (the shape of ``pyraft-bench``'s load) to a KVStateMachine in a temporary
-directory, after one warm-up batch.  ``--instructions`` runs this script
+directory, after one warm-up batch.  ``--history`` is the state machine's
+``watch_history``: with fewer revisions than puts, each put also compacts an
+old watch event away, as on a node that has run for a while.  ``--instructions`` runs this script
 twice under ``valgrind --tool=callgrind`` (once with no measured batches) and
 prints the difference per put: a count that does not depend on what else the
 machine is doing, for comparing two versions of the apply path.
@@ -21,8 +23,10 @@ import sys
 import tempfile
 import time
 
+from pyraft.kv.commands import DEFAULT_WATCH_HISTORY
 
-def apply_puts(batch: int, batches: int, keys: int, apply: bool = True) -> float:
+
+def apply_puts(batch: int, batches: int, keys: int, history: int, apply: bool = True) -> float:
     from pyraft import tune_gc
     from pyraft.kv import KVStateMachine
     from pyraft.types import Entry, EntryKind, LogId
@@ -34,7 +38,7 @@ def apply_puts(batch: int, batches: int, keys: int, apply: bool = True) -> float
              for k in range(batch)] for b in range(batches + 1)]
     tune_gc()
     with tempfile.TemporaryDirectory(prefix="pyraft-apply-cost-") as d:
-        sm = KVStateMachine(d)
+        sm = KVStateMachine(d, watch_history=history)
         try:
             sm.apply(todo[0])
             t0 = time.process_time()
@@ -46,9 +50,9 @@ def apply_puts(batch: int, batches: int, keys: int, apply: bool = True) -> float
             gc.collect()
 
 
-def _instructions(batch: int, batches: int, keys: int, apply: bool) -> int:
+def _instructions(batch: int, batches: int, keys: int, history: int, apply: bool) -> int:
     argv = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__,
-            "--batch", str(batch), "--batches", str(batches), "--keys", str(keys)]
+            "--batch", str(batch), "--batches", str(batches), "--keys", str(keys), "--history", str(history)]
     if not apply:
         argv.append("--setup-only")
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stderr
@@ -63,22 +67,24 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=2000)
     p.add_argument("--batches", type=int, default=40)
     p.add_argument("--keys", type=int, default=1024)
+    p.add_argument("--history", type=int, default=DEFAULT_WATCH_HISTORY,
+                   help=f"watch_history of the state machine (default {DEFAULT_WATCH_HISTORY:,})")
     p.add_argument("--instructions", action="store_true", help="count instructions under valgrind instead")
     p.add_argument("--setup-only", action="store_true",
                    help="build the batches but apply only the warm-up one (--instructions's baseline run)")
     a = p.parse_args()
-    if a.batch < 1 or a.batches < 1 or a.keys < 1:
-        p.error("--batch, --batches and --keys must be at least 1")
+    if a.batch < 1 or a.batches < 1 or a.keys < 1 or a.history < 1:
+        p.error("--batch, --batches, --keys and --history must be at least 1")
     puts = a.batch * a.batches
     if a.setup_only:
-        apply_puts(a.batch, a.batches, a.keys, apply=False)
+        apply_puts(a.batch, a.batches, a.keys, a.history, apply=False)
         return 0
     if a.instructions:
-        n = (_instructions(a.batch, a.batches, a.keys, True)
-             - _instructions(a.batch, a.batches, a.keys, False))
+        n = (_instructions(a.batch, a.batches, a.keys, a.history, True)
+             - _instructions(a.batch, a.batches, a.keys, a.history, False))
         print(f"{n / puts:,.0f} instructions per put ({puts:,} puts in batches of {a.batch:,})")
     else:
-        s = apply_puts(a.batch, a.batches, a.keys)
+        s = apply_puts(a.batch, a.batches, a.keys, a.history)
         print(f"{s / puts * 1e6:.2f} us of CPU per put ({puts:,} puts in batches of {a.batch:,})")
     return 0
 
