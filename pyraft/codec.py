@@ -410,16 +410,28 @@ def pack(value: Any) -> bytes:
 _local = threading.local()
 
 
+#: pack_fast keeps its thread's Packer only after values up to this size: a Packer
+#: keeps its buffer at the largest size it ever packed.
+_KEEP_PACKER_BELOW = 1 << 20
+
+
 def pack_fast(value: Any) -> bytes:
     """:func:`pack`, with a Packer kept per thread: making one per call costs more than packing a small value.
 
     Raises what ``msgpack.packb`` raises (TypeError, ValueError, OverflowError)
-    for a value msgpack cannot encode.
+    for a value msgpack cannot encode.  The thread's Packer is taken out while
+    it packs: Python code that runs meanwhile on the same thread (a dict
+    subclass's ``items``, a finalizer) and packs too gets a Packer of its own,
+    never the one half-way through this value.
     """
-    p = getattr(_local, "packer", None)
+    local = _local.__dict__  # this thread's attributes
+    p = local.pop("packer", None)
     if p is None:
-        p = _local.packer = msgpack.Packer(use_bin_type=True)
-    return p.pack(value)  # the Packer resets itself when packing fails
+        p = msgpack.Packer(use_bin_type=True)
+    out = p.pack(value)  # if it fails, the Packer is dropped: the next call makes a new one
+    if len(out) < _KEEP_PACKER_BELOW:
+        local["packer"] = p
+    return out
 
 
 def unpack(data: bytes, what: str = "value") -> Any:

@@ -41,11 +41,14 @@ def tune_gc(young: int = DEFAULT_YOUNG_THRESHOLD, *, freeze: bool = True) -> tup
     """Collect, freeze what exists (``freeze=True``), and collect the young generation every ``young`` allocations.
 
     Call it once the process has started (its imports done, its Raft nodes
-    built).  Returns the thresholds it replaced (``gc.get_threshold()`` before),
+    built).  It only ever makes the collector run less often: a young
+    threshold the program set higher already is kept, and a collector the
+    program switched off (``gc.disable()``, or a threshold of 0) stays off.
+    Returns the thresholds it replaced (``gc.get_threshold()`` before),
     which ``gc.set_threshold(*old)`` restores; ``gc.unfreeze()`` undoes the
     freeze.  Raises TypeError or ValueError for a ``young`` that is not an
-    integer in [700, 10,000,000] (700 is CPython's default: a smaller value
-    would make the collector run more often, not less).
+    integer in [700, 10,000,000] (700 is CPython 3.11's default: a smaller
+    value would make the collector run more often, not less).
     """
     if type(young) is not int:
         raise TypeError(f"tune_gc: young must be an int, not {type(young).__name__}")
@@ -57,5 +60,6 @@ def tune_gc(young: int = DEFAULT_YOUNG_THRESHOLD, *, freeze: bool = True) -> tup
     if freeze:
         gc.collect()
         gc.freeze()
-    gc.set_threshold(young, old[1], old[2])
+    if old[0] != 0:
+        gc.set_threshold(max(young, old[0]), old[1], old[2])
     return old

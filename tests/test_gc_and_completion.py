@@ -8,7 +8,11 @@ from concurrent.futures import CancelledError, Future, wait
 
 import pytest
 
+import msgpack
+
 import pyraft
+from pyraft.codec import _KEEP_PACKER_BELOW, _local, pack_fast
+from pyraft.runtime import futures
 from pyraft.runtime.futures import _COMPLETE_CHUNK, ClientFuture, complete_all
 
 pytestmark = pytest.mark.timeout(60)
@@ -42,6 +46,15 @@ def test_tune_gc_without_freezing_and_with_its_own_threshold(gc_restored):
     pyraft.tune_gc(10_000, freeze=False)
     assert gc.get_threshold()[0] == 10_000
     assert gc.get_freeze_count() == 0
+
+
+def test_tune_gc_never_makes_the_collector_run_more_often(gc_restored):
+    gc.set_threshold(200_000, 10, 10)
+    assert pyraft.tune_gc(freeze=False) == (200_000, 10, 10)
+    assert gc.get_threshold() == (200_000, 10, 10)  # a higher threshold is kept
+    gc.set_threshold(0)  # the program switched the collector off: it stays off
+    pyraft.tune_gc(freeze=False)
+    assert gc.get_threshold()[0] == 0
 
 
 @pytest.mark.parametrize("young, freeze, err", [
@@ -87,21 +100,31 @@ def test_complete_all_leaves_a_cancelled_future_alone():
         b.result()
 
 
+def _blocked_in_result(f: ClientFuture) -> bool:
+    # The waiter makes the condition under _LOCK and waiting releases _LOCK: once we hold
+    # _LOCK and the condition exists, the waiter is inside Condition.wait.
+    with futures._LOCK:
+        return f._cond_ is not None and f._cond_._cond is not None
+
+
+def _blocked_in_wait(g: ClientFuture) -> bool:
+    with futures._LOCK:
+        return bool(g._waiters_)
+
+
 def test_complete_all_wakes_waiters_and_concurrent_futures_wait():
     f, g = ClientFuture(), ClientFuture()
     got: list = []
-    started = threading.Event()
-
-    def waiter() -> None:
-        started.set()
-        got.append(f.result(timeout=30))
-
-    t = threading.Thread(target=waiter)
+    t = threading.Thread(target=lambda: got.append(f.result(timeout=30)))
     t.start()
-    started.wait(10)
     box: list = []
     w = threading.Thread(target=lambda: box.append(wait([g], timeout=30)))
     w.start()
+    for _ in range(10_000):
+        if _blocked_in_result(f) and _blocked_in_wait(g):
+            break
+        threading.Event().wait(0.001)
+    assert _blocked_in_result(f) and _blocked_in_wait(g), "the waiters never blocked"
     complete_all([(f, "r", False), (g, "s", False)])
     t.join(30)
     w.join(30)
@@ -120,6 +143,45 @@ def test_a_raising_callback_is_logged_and_the_others_still_run(caplog):
         complete_all([(f, None, False) for f in futs])
     assert ran == [0, 2]
     assert "exception calling callback" in caplog.text
+
+
+def test_a_callback_raising_systemexit_leaves_no_future_pending():
+    n = _COMPLETE_CHUNK + 44
+    futs = [ClientFuture() for _ in range(n)] + [Future()]
+    ran: list[int] = []
+    for i, f in enumerate(futs):
+        if i == 0:
+            f.add_done_callback(lambda _f: (_ for _ in ()).throw(SystemExit(3)))
+        else:
+            f.add_done_callback(lambda _f, i=i: ran.append(i))
+    futs[-1].add_done_callback(lambda _f: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(SystemExit):
+        complete_all([(f, i, False) for i, f in enumerate(futs)])
+    assert all(f.done() for f in futs)
+    assert [f.result() for f in futs] == list(range(len(futs)))
+    assert ran == list(range(1, len(futs)))  # every other callback ran, in order
+
+
+def test_pack_fast_is_safe_when_packing_runs_code_that_packs():
+    class Sneaky(dict):
+        def items(self):
+            pack_fast({"inner": [1, 2, 3]})  # the same thread packs again, half-way through
+            return super().items()
+
+    value = Sneaky(a={"x": 1, "y": [1, 2, 3]})
+    assert pack_fast(value) == msgpack.packb(dict(value), use_bin_type=True)
+    assert msgpack.unpackb(pack_fast(value)) == {"a": {"x": 1, "y": [1, 2, 3]}}
+
+
+def test_pack_fast_does_not_keep_a_packer_grown_by_a_large_value():
+    pack_fast(b"x")
+    assert "packer" in _local.__dict__
+    big = b"y" * _KEEP_PACKER_BELOW
+    assert pack_fast(big) == msgpack.packb(big, use_bin_type=True)
+    assert "packer" not in _local.__dict__
+    with pytest.raises(TypeError):
+        pack_fast([object()])
+    assert pack_fast([1, "a"]) == msgpack.packb([1, "a"], use_bin_type=True)
 
 
 def test_plain_futures_are_completed_too():

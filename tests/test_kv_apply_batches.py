@@ -19,11 +19,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 from pyraft.kv import KVStateMachine  # noqa: E402
 from pyraft.kv.commands import apply_command  # noqa: E402
 from pyraft.stores.memory import MemoryStateMachine, _MemoryBackend  # noqa: E402
-from pyraft.types import Entry, EntryKind, LogId  # noqa: E402
+from pyraft.types import Entry, EntryKind, LogId, Membership, Node  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
-TTL = 7  # a session lives 7 log entries: many expire inside a batch
+TTLS = (1, 7)  # a session lives 1 or 7 log entries: many expire inside a batch
+MEMBERSHIP = Membership(configs=({1, 2, 3},), nodes={i: Node(f"mem://{i}") for i in (1, 2, 3)})
 
 
 def _command(rng: random.Random, seqs: dict[str, int], leases: list[int], index: int):
@@ -41,8 +42,9 @@ def _command(rng: random.Random, seqs: dict[str, int], leases: list[int], index:
     elif roll < 0.54:
         cmd = {"op": "get", "key": k}
     elif roll < 0.60:
-        cmd = {"op": "txn", "compare": [{"key": k, "target": "version", "result": ">", "value": 0}],
-               "success": [{"op": "delete", "key": k}], "failure": [{"op": "put", "key": k, "value": b"t"}]}
+        cmd = {"op": "txn", "compare": [{"key": k, "target": "version", "op": ">", "value": 0}],
+               "success": [{"op": "delete", "key": k}, {"op": "range", "key": "a", "end": "z"}],
+               "failure": [{"op": "put", "key": k, "value": b"t"}, {"op": "get", "key": "b"}]}
     elif roll < 0.65:
         cmd = {"op": "lease_grant", "ttl": 60}
         leases.append(index)  # a granted lease's id is its entry's index
@@ -50,7 +52,8 @@ def _command(rng: random.Random, seqs: dict[str, int], leases: list[int], index:
         cmd = {"op": "lease_revoke", "id": rng.choice(leases)}
     elif roll < 0.72:
         return rng.choice([42, "nope", {"op": "bogus"}, {"op": "put", "key": k},
-                           {"op": "put", "key": k, "value": b"v", "client": "lonely"}])
+                           {"op": "put", "key": k, "value": b"v", "client": "lonely"},
+                           {"op": "put", "key": k, "value": b"v", "seq": 3}])
     else:
         cmd = {"op": "put", "key": k, "value": rng.randbytes(3)}
     if rng.random() < 0.45:  # with a session: new, repeated (deduplicated) or stale sequence numbers
@@ -68,8 +71,11 @@ def _stream(seed: int, n: int) -> list[Entry]:
     leases: list[int] = []
     out = []
     for i in range(1, n + 1):
-        if rng.random() < 0.05:
+        roll = rng.random()
+        if roll < 0.04:
             out.append(Entry(LogId(1, i), EntryKind.BLANK, None))
+        elif roll < 0.06:
+            out.append(Entry(LogId(1, i), EntryKind.MEMBERSHIP, MEMBERSHIP))
         else:
             out.append(Entry(LogId(1, i), EntryKind.NORMAL, _command(rng, seqs, leases, i)))
     return out
@@ -106,29 +112,34 @@ def _memory_state(sm: MemoryStateMachine) -> dict:
             "lease_keys": {k: sorted(v) for k, v in st.lease_keys.items() if v}}
 
 
+@pytest.mark.parametrize("ttl", TTLS)
 @pytest.mark.parametrize("seed", range(6))
-def test_memory_state_machine_batches_apply_as_single_entries(seed):
+def test_memory_state_machine_batches_apply_as_single_entries(seed, ttl):
     entries = _stream(seed, 600)
-    one, many = (MemoryStateMachine(session_ttl=TTL) for _ in range(2))
+    one, many = (MemoryStateMachine(session_ttl=ttl) for _ in range(2))
     r1 = [r for b in _batches(entries, None) for r in one.apply(b)]
     r2 = [r for b in _batches(entries, random.Random(seed)) for r in many.apply(b)]
     # The reference: apply_command before every command, as each entry was applied before batching.
-    ref = MemoryStateMachine(session_ttl=TTL)
+    ref = MemoryStateMachine(session_ttl=ttl)
     backend = _MemoryBackend(ref._st)
-    r0 = [apply_command(backend, e.index, e.payload, TTL) if e.kind == EntryKind.NORMAL else None
+    r0 = [apply_command(backend, e.index, e.payload, ttl) if e.kind == EntryKind.NORMAL else None
           for e in entries]
     assert _plain(r0) == _plain(r1) == _plain(r2)
     assert _memory_state(ref) == _memory_state(one) == _memory_state(many)
     assert one.applied_state() == many.applied_state()
     assert any(isinstance(r, BaseException) for r in r1) and any(r is None for r in r1)
+    txns = [r for e, r in zip(entries, r1) if type(e.payload) is dict and e.payload.get("op") == "txn"]
+    assert txns and any(type(r) is list for r in txns), "the stream's transactions must run, not be refused"
+    assert many.applied_state()[1] is not None  # a membership entry was applied
 
 
+@pytest.mark.parametrize("ttl", TTLS)
 @pytest.mark.parametrize("seed", range(3))
-def test_lmdb_state_machine_batches_apply_as_single_entries_and_as_memory(tmp_path, seed):
+def test_lmdb_state_machine_batches_apply_as_single_entries_and_as_memory(tmp_path, seed, ttl):
     entries = _stream(100 + seed, 500)
-    one = KVStateMachine(str(tmp_path / "one"), session_ttl=TTL)
-    many = KVStateMachine(str(tmp_path / "many"), session_ttl=TTL)
-    mem = MemoryStateMachine(session_ttl=TTL)
+    one = KVStateMachine(str(tmp_path / "one"), session_ttl=ttl)
+    many = KVStateMachine(str(tmp_path / "many"), session_ttl=ttl)
+    mem = MemoryStateMachine(session_ttl=ttl)
     try:
         r1 = [r for b in _batches(entries, None) for r in one.apply(b)]
         r2 = [r for b in _batches(entries, random.Random(seed)) for r in many.apply(b)]
@@ -136,7 +147,7 @@ def test_lmdb_state_machine_batches_apply_as_single_entries_and_as_memory(tmp_pa
         assert _plain(r1) == _plain(r2) == _plain(r3)
         s1, s2 = _lmdb_state(one), _lmdb_state(many)
         assert s1 == s2
-        assert s1["sessions"], "the stream must leave live sessions to compare"
+        assert s1["sessions"] or ttl == 1, "the stream must leave live sessions to compare"
         assert one.items() == many.items() == mem.items()
     finally:
         one.close()

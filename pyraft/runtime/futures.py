@@ -227,9 +227,16 @@ def complete_all(done: list[tuple[Future, Any, bool]]) -> None:
     A future already done (its caller cancelled it) is left as it is.  The
     ClientFutures' states are set under one hold of ``_LOCK`` per
     ``_COMPLETE_CHUNK`` futures instead of one per future; each chunk's
-    done-callbacks then run in order, outside the lock, as
-    ``set_result`` runs them.
+    done-callbacks then run in order, outside the lock, as ``set_result``
+    runs them (so a callback may find later futures of its chunk done
+    already).  Futures of other classes are completed after, by their own
+    methods.  A callback that raises an Exception is logged, as
+    ``set_result`` does; one that raises anything else (SystemExit,
+    KeyboardInterrupt) stops only its own future's callbacks: every other
+    future is still completed and its callbacks run, and the first such
+    exception is raised at the end.  No caller is left waiting.
     """
+    escaped: BaseException | None = None
     for start in range(0, len(done), _COMPLETE_CHUNK):
         ready: list[ClientFuture] = []
         with _LOCK:
@@ -248,13 +255,21 @@ def complete_all(done: list[tuple[Future, Any, bool]]) -> None:
                 if fut._callbacks_ is not None:
                     ready.append(fut)
         for f in ready:
-            f._invoke_callbacks()
+            try:
+                f._invoke_callbacks()
+            except BaseException as e:  # noqa: BLE001 - raised below, once every future is complete
+                escaped = escaped or e
     for fut, value, failed in done:
         if type(fut) is not ClientFuture:
-            if failed:
-                fail(fut, value)
-            else:
-                succeed(fut, value)
+            try:
+                if failed:
+                    fail(fut, value)
+                else:
+                    succeed(fut, value)
+            except BaseException as e:  # noqa: BLE001 - as above
+                escaped = escaped or e
+    if escaped is not None:
+        raise escaped
 
 
 def succeed(fut: Future, value: Any) -> None:
