@@ -320,6 +320,11 @@ class MemoryStateMachine(KVReads, ApplyListeners):
     """
 
     def __init__(self, *, session_ttl: int = DEFAULT_SESSION_TTL, watch_history: int = DEFAULT_WATCH_HISTORY) -> None:
+        # The same checks as KVStateMachine's: the two must agree on every command.
+        if type(session_ttl) is not int or session_ttl < 1:
+            raise ValueError(f"session_ttl must be an integer >= 1 (log entries), got {session_ttl!r}")
+        if type(watch_history) is not int or watch_history < 1:
+            raise ValueError(f"watch_history must be an integer >= 1 (revisions), got {watch_history!r}")
         self._session_ttl = session_ttl
         self._history = watch_history
         # _lock guards _st and _snapshot: apply/install change them under it,

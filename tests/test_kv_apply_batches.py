@@ -152,3 +152,13 @@ def test_lmdb_state_machine_batches_apply_as_single_entries_and_as_memory(tmp_pa
     finally:
         one.close()
         many.close()
+
+
+@pytest.mark.parametrize("kwargs", [{"session_ttl": 0}, {"session_ttl": -5}, {"session_ttl": 2.5},
+                                    {"session_ttl": True}, {"session_ttl": "7"}, {"watch_history": 0},
+                                    {"watch_history": 1.0}])
+def test_both_state_machines_refuse_the_same_bad_lifetimes(tmp_path, kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        MemoryStateMachine(**kwargs)
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        KVStateMachine(str(tmp_path / "kv"), **kwargs)

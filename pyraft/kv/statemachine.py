@@ -431,8 +431,8 @@ class KVStateMachine(KVReads, ApplyListeners):
     def __init__(self, path: str | os.PathLike, *, session_ttl: int = DEFAULT_SESSION_TTL,
                  watch_history: int = DEFAULT_WATCH_HISTORY, map_size: int = DEFAULT_MAP_SIZE,
                  max_map_size: int = DEFAULT_MAX_MAP_SIZE, quota_bytes: int = DEFAULT_QUOTA_BYTES) -> None:
-        if session_ttl < 1:
-            raise ValueError("session_ttl must be >= 1")
+        if type(session_ttl) is not int or session_ttl < 1:
+            raise ValueError(f"session_ttl must be an integer >= 1 (log entries), got {session_ttl!r}")
         if type(watch_history) is not int or watch_history < 1:
             raise ValueError(f"watch_history must be an integer >= 1 (revisions), got {watch_history!r}")
         if type(quota_bytes) is not int or quota_bytes <= 0:
