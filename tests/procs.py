@@ -8,6 +8,7 @@ nothing was left running.
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import sys
 import time
@@ -36,6 +37,30 @@ def pid_alive(pid: int) -> bool:
             return True
         except ProcessLookupError:
             return False
+
+
+def need_fds(n: int) -> None:
+    """Let this process open ``n`` file descriptors, or skip the calling test saying why.
+
+    Raises the soft limit, and the hard limit too where this process may
+    (root may, up to the kernel's ``fs.nr_open``).  Fails instead of skipping
+    under ``CI=true``, where the test must run.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    unlimited = resource.RLIM_INFINITY
+    if soft == unlimited or soft >= n:
+        return
+    if hard == unlimited or hard >= n:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard))
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+    except (ValueError, OSError) as e:
+        why = (f"this test opens {n} file descriptors; the hard limit is {hard} and this process may not "
+               f"raise it ({e}): run it as root or raise the limit (ulimit -Hn)")
+        if os.environ.get("CI") == "true":
+            pytest.fail(why, pytrace=False)
+        pytest.skip(why)
 
 
 def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:

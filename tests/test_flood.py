@@ -13,28 +13,19 @@ own connections to its followers, on that thread too, fell silent.
 """
 from __future__ import annotations
 
-import resource
 import time
 
 import pytest
 import zmq
 import zmq.auth
 
-from procs import make_cluster  # noqa: F401 - fixture
+from procs import make_cluster, need_fds  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
 
-def _raise_fd_limit(need: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < need:
-        pytest.skip(f"this test opens {need} file descriptors; the hard limit is {hard}")
-    if soft != resource.RLIM_INFINITY and soft < need:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (need if hard == resource.RLIM_INFINITY else hard, hard))
-
-
 def flood_and_watch(c, n: int, seconds: float, *, curve: bool = False, heartbeat: bool = False) -> None:
-    _raise_fd_limit(2 * n + 1000)  # a DEALER is a TCP socket and a mailbox
+    need_fds(2 * n + 1000)  # a DEALER is a TCP socket and a mailbox
     c.start_all()
     lead = c.wait_leader(30)
     followers = [i for i in c.ids if i != lead]

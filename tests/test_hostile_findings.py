@@ -19,7 +19,6 @@ import ipaddress
 import inspect
 import itertools
 import os
-import resource
 import stat
 import subprocess
 import sys
@@ -42,7 +41,7 @@ from pyraft.types import Entry, EntryKind, LogId, Membership, SnapshotMeta, Stor
 
 from hostile import (CURVE_LAYOUT, assert_serving, assert_terms_sane, hostile_cluster,  # noqa: F401
                      refusals_of, settle_and_compare, wait_handled)
-from procs import pid_alive, wait_for
+from procs import need_fds, pid_alive, wait_for
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
@@ -572,11 +571,7 @@ def test_soak_forty_16_mib_frames_keep_a_followers_memory_bounded(hostile_cluste
 
 def _flood(c, lead: int, n: int, hold: float) -> None:
     """``n`` idle ZeroMQ connections to the leader for ``hold`` seconds: no election may follow."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < n + 1000:
-        if hard != resource.RLIM_INFINITY and hard < n + 1000:
-            pytest.skip(f"needs {n + 1000} file descriptors, the limit is {hard}")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (n + 1000, hard))
+    need_fds(n + 1000)
     term = c.status(lead)["term"]
     ctx = zmq.Context()
     ctx.set(zmq.MAX_SOCKETS, n + 100)

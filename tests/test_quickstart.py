@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import pytest
 
 from clonefiles import clone_files
+from procs import free_port
 from test_readme import README, ROOT, _blocks, _section
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -151,12 +152,17 @@ def _wait_for_leader(clone: Clone, node: str, procs, deadline: float) -> None:
 def test_the_readme_cluster_client_and_tools_commands_from_the_root(clone, tmp_path):
     """The cluster by hand, its client commands, the Python client and the tools: as the README shows them."""
     assert clone.quickstart.returncode == 0
-    if not _ports_free((7101, 7102, 7103)):
-        pytest.skip("the README's ports 7101-7103 are in use on this machine")
     tmp = tmp_path / "tmp"
     tmp.mkdir()
+    readme_ports = (7101, 7102, 7103)
+    ports = readme_ports
+    while not _ports_free(ports):  # taken on this machine: the same commands on free ports
+        ports = tuple({free_port(): None for _ in range(3)})
+        ports = ports if len(ports) == 3 else readme_ports
 
     def here(text: str) -> str:
+        for old, new in zip(readme_ports, ports):
+            text = text.replace(f"127.0.0.1:{old}", f"127.0.0.1:{new}")
         return text.replace("/tmp/", f"{tmp}/")
 
     serve_block, client_block = _blocks(_section(README, CLUSTER), "sh")
@@ -166,10 +172,10 @@ def test_the_readme_cluster_client_and_tools_commands_from_the_root(clone, tmp_p
     try:
         for i, line in enumerate(serve_lines, 1):  # each in its own terminal: bash runs it, then is it
             log = open(tmp / f"serve{i}.log", "w")
-            procs.append(subprocess.Popen(["bash", "-c", f"{first}\nexec {here(line)}"], cwd=clone.root,
+            procs.append(subprocess.Popen(["bash", "-c", f"{here(first)}\nexec {here(line)}"], cwd=clone.root,
                                           env=clone.env, stdout=log, stderr=subprocess.STDOUT))
             log.close()
-        _wait_for_leader(clone, "tcp://127.0.0.1:7101", procs, time.monotonic() + 60)
+        _wait_for_leader(clone, here("tcp://127.0.0.1:7101"), procs, time.monotonic() + 60)
 
         p = subprocess.run(["bash", "-c", "set -ex\n" + here(client_block)], cwd=clone.root, env=clone.env,
                            capture_output=True, text=True, timeout=120)
@@ -177,7 +183,7 @@ def test_the_readme_cluster_client_and_tools_commands_from_the_root(clone, tmp_p
         assert p.stdout.splitlines()[:1] == ["hello"], p.stdout  # `get greeting` prints hello
 
         program = tmp / "kv_example.py"  # a newcomer's own program, outside the clone
-        program.write_text(_blocks(_section(README, KV_PYTHON), "python")[0])
+        program.write_text(here(_blocks(_section(README, KV_PYTHON), "python")[0]))
         p = subprocess.run([str(clone.root / ".venv" / "bin" / "python"), str(program)], cwd=tmp, env=clone.env,
                            capture_output=True, text=True, timeout=60)
         assert p.returncode == 0, p.stderr
