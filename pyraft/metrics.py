@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .types import LogId, Membership, ServerState, Vote
+from .types import LogId, Membership, ServerState, Vote, new_object, slot_setter
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,15 +18,15 @@ class ClientWriteResponse:
 # The SM worker makes one response per applied write: built without the frozen dataclass
 # __init__ (types.FAST_BUILD has the reasoning), while the class checks nothing on construction.
 _FAST_RESPONSE = not hasattr(ClientWriteResponse, "__post_init__")
-_set_response_log_id = vars(ClientWriteResponse)["log_id"].__set__
-_set_response_result = vars(ClientWriteResponse)["result"].__set__
+_set_response_log_id = slot_setter(ClientWriteResponse, "log_id")
+_set_response_result = slot_setter(ClientWriteResponse, "result")
 
 
 def write_response(log_id: LogId, result: Any) -> ClientWriteResponse:
     """``ClientWriteResponse(log_id, result)``, built faster."""
     if not _FAST_RESPONSE:
         return ClientWriteResponse(log_id, result)
-    r = object.__new__(ClientWriteResponse)
+    r = new_object(ClientWriteResponse)
     _set_response_log_id(r, log_id)
     _set_response_result(r, result)
     return r

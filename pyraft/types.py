@@ -91,14 +91,15 @@ FAST_BUILD = not hasattr(LogId, "__post_init__") and not hasattr(Entry, "__post_
 new_object = object.__new__
 
 
-def _slot_setter(cls: type, field: str) -> Callable[[Any, Any], None]:
+def slot_setter(cls: type, field: str) -> Callable[[Any, Any], None]:
+    """The function that sets ``field`` of a slotted ``cls`` instance directly (frozen or not)."""
     # Through the class's namespace: a type checker knows the field only as an instance attribute.
     return vars(cls)[field].__set__
 
 
-set_term, set_index = _slot_setter(LogId, "term"), _slot_setter(LogId, "index")
-set_log_id, set_kind, set_payload = (_slot_setter(Entry, "log_id"), _slot_setter(Entry, "kind"),
-                                     _slot_setter(Entry, "payload"))
+set_term, set_index = slot_setter(LogId, "term"), slot_setter(LogId, "index")
+set_log_id, set_kind, set_payload = (slot_setter(Entry, "log_id"), slot_setter(Entry, "kind"),
+                                     slot_setter(Entry, "payload"))
 
 
 def log_id_run(term: int, first: int, n: int) -> list[LogId]:

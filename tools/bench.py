@@ -970,7 +970,7 @@ class PyraftCluster:
     """N pyraft node processes in a temporary directory."""
 
     def __init__(self, n: int, root: str, *, sm: str, fsync: bool, config: dict, serve_kv: bool = False,
-                 stages: bool = False, tune_gc: bool = True) -> None:
+                 stages: bool = False, tune_gc: bool) -> None:
         self.root = root
         self.nodes: dict[int, NodeProc] = {}
         self.addrs: dict[int, str] = {}

@@ -134,7 +134,7 @@ def _node_load(obj: Any, cmd: dict, emit: Emitter, success: int) -> None:
 
 
 class PySyncObjCluster:
-    def __init__(self, n: int, root: str, *, journal: bool, no_batch: bool, tune_gc: bool = True) -> None:
+    def __init__(self, n: int, root: str, *, journal: bool, no_batch: bool, tune_gc: bool) -> None:
         self.root = root
         self.addrs = {i: f"127.0.0.1:{free_port()}" for i in range(1, n + 1)}
         self.nodes: dict[int, NodeProc] = {}

@@ -146,22 +146,30 @@ class ClientFuture(Future):
         if c is not None:
             c.notify_all()
 
+    def _finish(self, value: Any, failed: bool) -> bool:
+        # with _LOCK held: FINISHED with the exception (failed) or result ``value``, waiters
+        # woken; False, changing nothing, if the future was done already
+        if self._state in _DONE:
+            return False
+        if failed:
+            self._exception = value
+        else:
+            self._result = value
+        self._state = FINISHED
+        if self._waiters_ or self._cond_ is not None:
+            self._wake(failed)
+        return True
+
     def set_result(self, result: Any) -> None:
         with _LOCK:
-            if self._state in _DONE:
+            if not self._finish(result, False):
                 raise InvalidStateError('{}: {!r}'.format(self._state, self))
-            self._result = result
-            self._state = FINISHED
-            self._wake(False)
         self._invoke_callbacks()
 
     def set_exception(self, exception: BaseException | None) -> None:
         with _LOCK:
-            if self._state in _DONE:
+            if not self._finish(exception, True):
                 raise InvalidStateError('{}: {!r}'.format(self._state, self))
-            self._exception = exception
-            self._state = FINISHED
-            self._wake(True)
         self._invoke_callbacks()
 
     def add_done_callback(self, fn: Callable[[Future], object]) -> None:
@@ -241,19 +249,8 @@ def complete_all(done: list[tuple[Future, Any, bool]]) -> None:
         ready: list[ClientFuture] = []
         with _LOCK:
             for fut, value, failed in done[start:start + _COMPLETE_CHUNK]:
-                if type(fut) is not ClientFuture:
-                    continue  # completed below, by its own methods
-                if fut._state in _DONE:
-                    continue
-                if failed:
-                    fut._exception = value
-                else:
-                    fut._result = value
-                fut._state = FINISHED
-                if fut._waiters_ or fut._cond_ is not None:
-                    fut._wake(failed)
-                if fut._callbacks_ is not None:
-                    ready.append(fut)
+                if type(fut) is ClientFuture and fut._finish(value, failed) and fut._callbacks_ is not None:
+                    ready.append(fut)  # (other classes are completed below, by their own methods)
         for f in ready:
             try:
                 f._invoke_callbacks()
