@@ -682,15 +682,54 @@ def _event_to_json(ev: Any) -> dict:
     return d
 
 
+class _CtrlC:
+    """Ctrl-C ends a stream where it stands instead of raising KeyboardInterrupt wherever the main thread is.
+
+    A KeyboardInterrupt raised at an arbitrary point can leave a lock held
+    (between a lock's acquire and the ``with`` that releases it) and the
+    clean-up after it waiting on that lock for ever.  Inside ``with
+    _CtrlC(stop) as c``, SIGINT only sets ``c.hit`` and calls ``stop`` (which
+    must neither block nor take a lock the main thread may hold); the loop
+    sees it and ends, and leaving the ``with`` raises KeyboardInterrupt there
+    (run_main: exit 130).
+    """
+
+    def __init__(self, stop: Callable[[], None] = lambda: None) -> None:
+        self.hit = False
+        self._stop = stop
+        self._old: Any = None
+
+    def _on_sigint(self, _signum: int, _frame: Any) -> None:
+        self.hit = True
+        self._stop()
+
+    def __enter__(self) -> "_CtrlC":
+        self._old = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        signal.signal(signal.SIGINT, self._old)
+        if self.hit and exc_type is None:
+            raise KeyboardInterrupt
+
+
 def _watch(kv: Any, args: argparse.Namespace, out: _Output) -> int:
     """Print events as they come, until ``--count`` of them (exit 0) or Ctrl-C (run_main: exit 130)."""
-    from pyraft.errors import Timeout
     w = kv.watch(args.key, prefix=args.prefix, end=args.end, start_revision=args.rev)
+    # Ctrl-C closes the watch (Watch.close: no blocking lock), and next() ends within about a second.
+    with _CtrlC(w.close) as ctrl_c:
+        return _watch_events(w, args, out, ctrl_c)
+
+
+def _watch_events(w: Any, args: argparse.Namespace, out: _Output, ctrl_c: _CtrlC) -> int:
+    from pyraft.errors import Timeout
     try:
         seen = 0
-        while args.count is None or seen < args.count:
+        while (args.count is None or seen < args.count) and not ctrl_c.hit:
             try:
                 ev = next(w)
+            except StopIteration:  # closed by Ctrl-C
+                break
             except Timeout as e:
                 # The watch goes on where it stood once a member answers again (as etcdctl's does).
                 out.note(f"{e}; still trying")
@@ -720,12 +759,15 @@ def _lease(kv: Any, args: argparse.Namespace, out: _Output) -> int:
     # lease may still live); a line for each keepalive that got through.
     ka = kv.keep_alive(args.id)  # the first keepalive, now: LeaseNotFound at once
     try:
-        expires = ka.expires
-        _stream_line(out, {"id": args.id, "ttl": ka.ttl}, f"{ka.ttl:g}")
-        while not ka.lost.wait(0.1):
-            if ka.expires != expires:
-                expires = ka.expires
-                _stream_line(out, {"id": args.id, "ttl": ka.ttl}, f"{ka.ttl:g}")
+        with _CtrlC() as ctrl_c:
+            expires = ka.expires
+            _stream_line(out, {"id": args.id, "ttl": ka.ttl}, f"{ka.ttl:g}")
+            while not ka.lost.wait(0.1):
+                if ctrl_c.hit:
+                    break  # leaving the with raises KeyboardInterrupt
+                if ka.expires != expires:
+                    expires = ka.expires
+                    _stream_line(out, {"id": args.id, "ttl": ka.ttl}, f"{ka.ttl:g}")
         return out.fail("LeaseLost", f"lease {args.id} is lost: it expired or was revoked, or no keepalive got "
                                      f"through within its ttl of {ka.ttl:g} s")
     finally:
