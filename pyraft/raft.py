@@ -17,12 +17,9 @@ import time
 from concurrent.futures import Future
 from typing import Any, Callable, Iterable, Mapping
 
-import msgpack
-
 from .codec import ClientRequest, ClientResponse, pack_fast
 from .config import Config
-from .errors import (ChangeMembershipError, Fatal, ForwardToLeader, InitializeError, PermissionDenied, RaftError,
-                     ShutDown, Timeout)
+from .errors import ChangeMembershipError, ForwardToLeader, InitializeError, PermissionDenied, RaftError, Timeout
 from .metrics import ClientWriteResponse, RaftMetrics
 from .network import OP_ROLES, TRUSTED, Transport
 from .runtime.core import RaftCore
@@ -587,18 +584,24 @@ class Wait:
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
         core = self._core
         with core.cond:
-            while True:
-                m = core.metrics
-                if predicate(m):
-                    return m
-                if m.state in (ServerState.FATAL, ServerState.SHUTDOWN):
-                    raise core.stopped_error()
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise Timeout(f"node {m.id}: timed out after {self._timeout} s waiting for {message}; "
-                                  f"now state={m.state} term={m.current_term} leader={m.current_leader} "
-                                  f"last_log={m.last_log_index} committed={m.committed} applied={m.last_applied}")
-                core.cond.wait(left)
+            core.metrics_waiters += 1  # RaftCore wakes for each applied batch while it is > 0
+            core.inbox.wake()  # for an applied batch posted (lazily) before we counted
+            try:
+                while True:
+                    m = core.metrics
+                    if predicate(m):
+                        return m
+                    if m.state in (ServerState.FATAL, ServerState.SHUTDOWN):
+                        raise core.stopped_error()
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise Timeout(f"node {m.id}: timed out after {self._timeout} s waiting for {message}; "
+                                      f"now state={m.state} term={m.current_term} leader={m.current_leader} "
+                                      f"last_log={m.last_log_index} committed={m.committed} "
+                                      f"applied={m.last_applied}")
+                    core.cond.wait(left)
+            finally:
+                core.metrics_waiters -= 1
 
     def state(self, state: ServerState, message: str | None = None) -> RaftMetrics:
         return self.metrics(lambda m: m.state == state, message or f"state {state}")

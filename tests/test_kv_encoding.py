@@ -109,3 +109,25 @@ def test_limits_and_refusals():
     for junk in [b"", b"\x09", b"\x04\x00", b"\x08\x06a", b"\x06\xff\xfe", b"\x01\x01"]:
         with pytest.raises(ValueError):
             decode_key(junk)
+
+
+def test_client_ids_encode_the_same_from_the_memo_and_bad_ones_are_refused_each_time():
+    import msgpack
+
+    from pyraft.kv import commands
+
+    for c in ("abc", b"abc", "é" * 10, b"\x00" * 16):
+        first = commands.encode_client(c)
+        assert first == msgpack.packb(c, use_bin_type=True)
+        assert commands.encode_client(c) == first  # from the memo now
+    assert commands.encode_client("abc") != commands.encode_client(b"abc")
+    too_long = "x" * (commands.MAX_CLIENT_BYTES + 1)
+    for _ in range(2):  # a refused id is not remembered
+        with pytest.raises(KVCommandError, match="too long"):
+            commands.encode_client(too_long)
+    for bad in (["abc"], 7, None, {"a": 1}):
+        with pytest.raises(KVCommandError, match="str or bytes"):
+            commands.encode_client(bad)
+    for i in range(commands._CLIENT_MEMO_MAX + 10):  # bounded
+        commands.encode_client(f"client-{i}")
+    assert len(commands._client_memo) <= commands._CLIENT_MEMO_MAX

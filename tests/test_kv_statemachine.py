@@ -153,6 +153,27 @@ def test_a_snapshot_built_while_apply_runs_is_one_consistent_state(tmp_path):
     dst.close()
 
 
+def test_sessions_of_an_installed_snapshot_expire_as_on_the_member_that_built_it(tmp_path):
+    # The apply thread keeps a lower bound on the sessions' indexes between batches
+    # (so most batches need not look for expired ones); an installed snapshot brings
+    # other sessions, which must expire all the same.
+    src = KVStateMachine(tmp_path / "src", session_ttl=3)
+    Applier(src)(put("x", 1, client="c", seq=1))
+    src.build_snapshot()
+    dst = KVStateMachine(tmp_path / "dst", session_ttl=3)
+    Applier(dst)(put("y", 1))  # dst has seen that it has no sessions
+    meta, sink = transfer(src, dst)
+    dst.install_snapshot(meta, sink)
+    later = [put("a", 1), put("b", 1), put("c", 1), put("d", 1), put("x", 9, client="c", seq=1)]
+    for sm in (src, dst):
+        # index 6 is more than 3 after the session's last command (1): the session is gone and
+        # seq 1 is a new request, not a repeat
+        assert Applier(sm, start=2)(*later)[-1] is None
+        assert sm.get("x") == 9
+    src.close()
+    dst.close()
+
+
 def test_install_replaces_the_whole_state(tmp_path):
     src = KVStateMachine(tmp_path / "src")
     Applier(src)(put("new", 1), put("both", "src"))

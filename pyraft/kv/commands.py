@@ -126,12 +126,26 @@ _CMP_OPS = ("==", "!=", "<", ">")
 _TXN_OPS = ("put", "delete", "get", "range")
 
 
+#: client id -> its stored form, for the ids seen lately: a client's every write encodes its id
+#: three times (checked when proposed, read ahead and applied).  Emptied when it grows past
+#: _CLIENT_MEMO_MAX; dict operations are atomic, so any thread may use it.
+_client_memo: dict[str | bytes, bytes] = {}
+_CLIENT_MEMO_MAX = 4096
+
+
 def encode_client(client: Any) -> bytes:
-    if type(client) not in (str, bytes):
+    """The stored form of a session's client id (KVCommandError when it is not one)."""
+    if type(client) is not str and type(client) is not bytes:
         raise KVCommandError(f"session 'client' must be str or bytes, not {type(client).__name__}")
+    b = _client_memo.get(client)
+    if b is not None:
+        return b
     b = pack_fast(client)
     if len(b) > MAX_CLIENT_BYTES:
         raise KVCommandError(f"session 'client' is too long: {len(b)} bytes encoded, at most {MAX_CLIENT_BYTES}")
+    if len(_client_memo) >= _CLIENT_MEMO_MAX:
+        _client_memo.clear()
+    _client_memo[client] = b
     return b
 
 

@@ -100,7 +100,7 @@ from ..stores.lmdb import (DEFAULT_MAP_SIZE, DEFAULT_MAX_MAP_SIZE, KV_ENV_NAME, 
                            SNAPSHOT_DIR_NAME, LmdbEnv)
 from ..types import Entry, EntryKind, LogId, SnapshotMeta, StoredMembership, log_index
 from .commands import (ADDING_OPS, DEFAULT_SESSION_TTL, DEFAULT_WATCH_HISTORY, MAX_CLIENT_BYTES, MAX_KEY_BYTES, Session, apply_entries,
-                       check_command)
+                       check_command, encode_client)
 from .encoding import (RECORD_HEADER, KVCommandError, decode_key, decode_value, encode_key, record_header,
                        record_value)
 from .reads import ApplyListeners, KVReads
@@ -133,6 +133,8 @@ _TTL = struct.Struct(">d")
 _SUB = struct.Struct(">I")
 _EVENT_KEY = struct.Struct(">QI")  # events: revision, sequence number within it
 _PLAIN_OPS = ("put", "delete", "cas", "get")
+#: _LmdbBackend.session_low before anyone looked at session_index
+SESSIONS_UNKNOWN: Final = -1
 
 
 class _Dbs:
@@ -177,17 +179,22 @@ class _Overlay:
         return self.txn.get(key, db=self.db) if v is _MISSING else v
 
     def flush(self) -> None:
-        """Write the batch's changes to the transaction (before anything reads the database directly)."""
-        if not self.changes:
+        """Write the batch's changes to the transaction and forget what was read ahead.
+
+        Called before anything reads or writes the database directly, which
+        would leave the read-ahead stale.
+        """
+        changes = self.changes
+        self.known = {}
+        if not changes:
             return
-        puts = sorted((k, v) for k, v in self.changes.items() if v is not None)
+        self.changes = {}
+        puts = sorted((k, v) for k, v in changes.items() if v is not None)
         if puts:
             self.txn.cursor(db=self.db).putmulti(puts)
-        for k, v in self.changes.items():
+        for k, v in changes.items():
             if v is None:
                 self.txn.delete(k, db=self.db)
-        self.changes = {}
-        self.known = {}
 
 
 class _Missing(enum.Enum):
@@ -201,14 +208,21 @@ _MISSING: Final = _Missing.MISSING
 class _LmdbBackend:
     """The KVBackend of one write transaction (data writes through an _Overlay)."""
 
-    _UNKNOWN = -1
-
-    def __init__(self, txn: lmdb.Transaction[bytes], dbs: _Dbs) -> None:
+    def __init__(self, txn: lmdb.Transaction[bytes], dbs: _Dbs, session_low: int | None = SESSIONS_UNKNOWN) -> None:
+        """``session_low``: what :attr:`session_low` was after the last committed batch."""
         self.txn = txn
         self.dbs = dbs
         self.data = _Overlay(txn, dbs.data)
-        # The smallest session index in session_index, None when empty, or _UNKNOWN.
-        self._min: int | None = self._UNKNOWN
+        # Sessions are read ahead and written like data: a client's write reads and
+        # replaces its session record and its expiry-order key, which would otherwise
+        # be four calls into LMDB (four hand-offs of the GIL) per write.
+        self.sessions = _Overlay(txn, dbs.sessions)
+        self.sindex = _Overlay(txn, dbs.sindex)
+        #: No session's index is below this (None: there are no sessions; SESSIONS_UNKNOWN:
+        #: not known).  A lower bound, not the minimum: replacing the oldest session leaves
+        #: it valid, and expire_sessions looks at session_index only once the bound says
+        #: something may have expired.
+        self.session_low = session_low
         self._ev_rev = 0  # the revision of the last event added, and its sequence number
         self._ev_sub = 0
         # Events are appended at the end of the batch, in one call (flush_events): fewer calls into
@@ -232,21 +246,34 @@ class _LmdbBackend:
     def prefetch(self, entries: Sequence[Entry]) -> None:
         """Read ahead, in one call, the records of the keys the batch's plain commands name."""
         keys = []
+        clients = []
         for e in entries:
             cmd = e.payload
-            if type(cmd) is dict and cmd.get("op") in _PLAIN_OPS:
+            if type(cmd) is not dict:
+                continue
+            if cmd.get("op") in _PLAIN_OPS:
                 k = cmd.get("key")
                 if type(k) is str or type(k) is bytes:
                     try:
                         keys.append(encode_key(k))
                     except KVCommandError:
                         pass  # refused when applied
+            c = cmd.get("client")
+            if c is not None:
+                try:
+                    clients.append(encode_client(c))
+                except KVCommandError:
+                    pass  # refused when applied
         if keys:
             self.data.prefetch(keys)
+        if clients:
+            self.sessions.prefetch(clients)
 
     def finish(self) -> None:
-        """Write what the batch kept for its end: data changes, then watch events."""
+        """Write what the batch kept for its end: data and session changes, then watch events."""
         self.data.flush()
+        self.sessions.flush()
+        self.sindex.flush()
         self.flush_events()
 
     def add_event(self, revision: int, event: bytes) -> None:
@@ -288,32 +315,34 @@ class _LmdbBackend:
         return [k[8:] for k, _ in _scan(self.txn.cursor(db=self.dbs.lease_keys), p, _next8(p))]
 
     def get_session(self, client: bytes) -> Session | None:
-        raw = self.txn.get(client, db=self.dbs.sessions)
+        raw = self.sessions.get(client)
         return None if raw is None else Session.from_bytes(raw)
 
     def put_session(self, client: bytes, session: Session, old: Session | None) -> None:
+        sindex = self.sindex.changes
         if old is not None:
-            self.txn.delete(index_key(old.index) + client, db=self.dbs.sindex)
-            if self._min == old.index:
-                self._min = self._UNKNOWN
-        self.txn.put(client, session.to_bytes(), db=self.dbs.sessions)
-        self.txn.put(index_key(session.index) + client, b"", db=self.dbs.sindex)
-        if self._min is None:
-            self._min = session.index
+            sindex[index_key(old.index) + client] = None
+        self.sessions.changes[client] = session.to_bytes()
+        sindex[index_key(session.index) + client] = b""
+        if self.session_low is None:  # the first session (indexes only grow: the others' are lower)
+            self.session_low = session.index
 
     def expire_sessions(self, before_index: int) -> None:
-        if self._min is None or (self._min != self._UNKNOWN and self._min >= before_index):
+        low = self.session_low
+        if low is None or (low != SESSIONS_UNKNOWN and low >= before_index):
             return
+        self.sessions.flush()  # the scan below reads the databases themselves
+        self.sindex.flush()
         cur = self.txn.cursor(db=self.dbs.sindex)
         while cur.first():
             k = cur.key()
             index = key_index(k[:8])
             if index >= before_index:
-                self._min = index
+                self.session_low = index
                 return
             self.txn.delete(k[8:], db=self.dbs.sessions)
             cur.delete()
-        self._min = None
+        self.session_low = None
 
     def compact_events(self, before: int) -> None:
         """Delete the events of revisions < ``before``."""
@@ -477,6 +506,8 @@ class KVStateMachine(KVReads, ApplyListeners):
             raise
         # Replaced whole by apply/install after their transaction committed.
         self._applied: tuple[LogId | None, StoredMembership | None] = (applied, membership)
+        #: _LmdbBackend.session_low after the last committed batch (the apply thread's)
+        self._session_low: int | None = SESSIONS_UNKNOWN
 
     # -- durability ---------------------------------------------------------------------
 
@@ -610,8 +641,8 @@ class KVStateMachine(KVReads, ApplyListeners):
         dbs, ttl = self._dbs, self._session_ttl
         last = entries[-1].log_id
 
-        def run(txn: lmdb.Transaction[bytes]) -> tuple[list[Any], StoredMembership | None, int, tuple]:
-            backend = _LmdbBackend(txn, dbs)
+        def run(txn: lmdb.Transaction[bytes]) -> tuple[list[Any], StoredMembership | None, int, tuple, int | None]:
+            backend = _LmdbBackend(txn, dbs, self._session_low)
             backend.prefetch(entries)
             results = apply_entries(backend, entries, ttl)
             membership = membership0
@@ -623,9 +654,12 @@ class KVStateMachine(KVReads, ApplyListeners):
             txn.put(_K_APPLIED, pack(log_id_to_wire(last)), db=dbs.meta)
             if membership is not membership0:
                 txn.put(_K_MEMBERSHIP, pack(stored_membership_to_wire(membership)), db=dbs.meta)
-            return results, membership, _used_bytes(txn, dbs), tuple(backend.lease_changes)
+            return (results, membership, _used_bytes(txn, dbs), tuple(backend.lease_changes),
+                    backend.session_low)
 
-        results, membership, self._used, lease_changes = self._env.write(run)
+        # The session bound is kept only from a committed batch: an aborted one's may be
+        # above sessions its transaction deleted and LMDB put back.
+        results, membership, self._used, lease_changes, self._session_low = self._env.write(run)
         self._applied = (last, membership)
         if self._listeners:
             self._notify(last.index, lease_changes)
@@ -708,6 +742,7 @@ class KVStateMachine(KVReads, ApplyListeners):
             self._env.sync()
             self._crash_point("install:committed")
             self._applied = (meta.last_log_id, meta.last_membership)
+            self._session_low = SESSIONS_UNKNOWN  # the sessions are the snapshot's now
             self._snapshot = (meta, final)
             self._cleanup()
         self._notify(log_index(meta.last_log_id), None)

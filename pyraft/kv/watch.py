@@ -14,7 +14,8 @@ holds at most ``limit`` events and about 4 MiB, at most ``max_waiting``
 polls wait on a node at once (beyond: :class:`~pyraft.errors.Overloaded`),
 and a watcher that falls behind the history's window gets
 :class:`~pyraft.errors.Compacted`.  Applying never waits for watchers: the
-state machine's apply listener only sets an event (O(1)); the hub's thread
+state machine's apply listener only sets an event, and only while a poll
+waits (O(1)); the hub's thread
 ``pyraft-kv-watch-<id>`` reads the history and answers the waiting polls.
 """
 from __future__ import annotations
@@ -81,7 +82,12 @@ class WatchHub:
         self._thread.start()
 
     def _on_applied(self, _revision: int, _lease_changes: Any) -> None:
-        self._wake.set()
+        # With no poll waiting there is nothing to read: waking the hub for each applied
+        # batch would cost a thread switch per batch on every member.  A poll submitted
+        # after this check wakes the hub itself, and its read sees this batch (the
+        # listeners run after the batch has committed).
+        if self._polls:
+            self._wake.set()
 
     def submit(self, poll: WatchPoll) -> None:
         """Queue a poll; Overloaded when ``max_waiting`` polls wait already, ShutDown after stop."""

@@ -161,6 +161,8 @@ class RaftCore(threading.Thread):
         self._removed_logged = False
         # metrics: published after every turn; the condition wakes waiters
         self.cond = threading.Condition()
+        #: threads in raft.wait() (guarded by cond): they want the applied index as it moves
+        self.metrics_waiters = 0
         self.metrics: RaftMetrics = self._build_metrics()
 
     # ------------------------------------------------------------------ posting
@@ -175,6 +177,25 @@ class RaftCore(threading.Thread):
         """Put an item on the inbox; silently dropped once the core has stopped."""
         if not self._closed:
             self.inbox.put(item)
+
+    def post_applied(self, applied: LogId) -> None:
+        """The SM worker applied up to ``applied``.
+
+        On a leader this wakes RaftCore at once: whoever got a write's answer
+        may read the metrics next and expect the write applied there.  On a
+        follower it wakes a sleeping RaftCore only when someone waits for it:
+        a read waiting for its index to be applied, or a thread in
+        ``raft.wait()``.  Otherwise the news waits for the next turn (a tick at
+        the latest): the cache trim, the snapshot policy and the metrics can
+        wait that long, and the follower saves a thread wake-up and a whole
+        turn (metrics built and published) per applied batch.
+        """
+        if not self._closed:
+            self.inbox.put_lazy(("applied", applied), self._applied_is_urgent)
+
+    def _applied_is_urgent(self) -> bool:
+        # Called while RaftCore sleeps (see Inbox.put_lazy): _read_waiters stands still.
+        return self.engine.state == ServerState.LEADER or bool(self._read_waiters) or self.metrics_waiters > 0
 
     def call(self, item: tuple) -> None:
         """Like post, but raise ShutDown/Fatal when the core no longer runs."""

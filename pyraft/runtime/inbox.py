@@ -22,7 +22,7 @@ from __future__ import annotations
 import collections
 import queue
 import threading
-from typing import Any
+from typing import Any, Callable
 
 __all__ = ["Inbox", "Lane"]
 
@@ -40,6 +40,29 @@ class Inbox:
             with self._cond:
                 if self._sleeping:
                     self._sleeping = False  # woken: the producers after this one need not notify
+                    self._cond.notify()
+
+    def put_lazy(self, item: Any, urgent: Callable[[], bool]) -> None:
+        """``put`` for an item that can wait for the consumer's next wake-up.
+
+        A sleeping consumer (it sleeps until its next timer at the latest) is
+        woken only when ``urgent()`` says so.  ``urgent`` runs under the lock
+        while the consumer sleeps, so the consumer's state it reads stands
+        still.  An awake consumer finds the item at its next drain anyway.
+        """
+        self._items.append(item)
+        if self._sleeping:
+            with self._cond:
+                if self._sleeping and urgent():
+                    self._sleeping = False
+                    self._cond.notify()
+
+    def wake(self) -> None:
+        """Wake a sleeping consumer if items wait (those ``put_lazy`` left, when they became urgent)."""
+        if self._sleeping:
+            with self._cond:
+                if self._sleeping and self._items:
+                    self._sleeping = False
                     self._cond.notify()
 
     def qsize(self) -> int:

@@ -86,6 +86,9 @@ class WorkerHost(Protocol):
     def post_reply(self, item: tuple) -> None:
         """Put a peer's reply on RaftCore's inbox, in the lane for replies."""
 
+    def post_applied(self, applied: LogId) -> None:
+        """Tell RaftCore the state machine applied up to ``applied`` (waking it only if someone waits)."""
+
     def count(self, name: str, n: int = 1) -> None:
         """Add ``n`` to one of RaftCore's metrics counters."""
 
@@ -482,7 +485,7 @@ class SMWorker(_Worker):
                 with self.core.replies_held():  # the batch's replies leave together (see there)
                     self._complete(entries, results, futures)
             self.applied = entries[-1].log_id
-            self.core.post(("applied", self.applied))
+            self.core.post_applied(self.applied)
         self.core.writes_released_sm += len(futures)
         for lid, fut in futures.values():  # below our applied point: superseded by a snapshot
             fail(fut, ForwardToLeader(None, None, f"write {lid} was superseded by a snapshot"))
