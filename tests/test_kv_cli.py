@@ -59,7 +59,8 @@ def test_demo_interrupted_stops_every_node(tmp_path):
                 break
         assert any("writing:" in x for x in lines), "".join(lines)
         p.send_signal(signal.SIGINT)
-        out, _ = p.communicate(timeout=40)
+        out = p.stdout.read()  # not communicate(): it would lose what readline() read ahead
+        p.wait(40)
     finally:
         if p.poll() is None:
             p.kill()

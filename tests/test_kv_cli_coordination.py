@@ -239,7 +239,10 @@ def test_watch_and_keepalive_stream_until_ctrl_c(cluster):
             assert kv.get("s/kept") == "v"                 # kept alive by the command alone
             for p in (watch, keep):
                 p.send_signal(signal.SIGINT)
-            wout, werr = watch.communicate(timeout=30)
+            # watch's stdout through its file object (communicate() would lose read_lines' read-ahead)
+            wout = watch.stdout.read()
+            watch.wait(30)
+            werr = watch.stderr.read()
             _, kerr = keep.communicate(timeout=30)
             assert watch.returncode == 130 and werr == "", werr
             assert jlines(wout)[-1] == {"error": "Interrupted", "message": "interrupted", "exit_code": 130}
@@ -275,9 +278,14 @@ def test_ctrl_c_at_any_moment_ends_a_watch_with_130(cluster):
                 assert first, p.stderr.read()
                 threading.Event().wait(delay)  # a moment somewhere in its loop
                 p.send_signal(signal.SIGINT)
-                out, err = p.communicate(timeout=15)
+                # The rest through the same file object: communicate() reads the pipe itself and
+                # would lose what readline() read ahead into p.stdout's buffer (once, half a line).
+                out = first + p.stdout.read()  # until the watch exits (the test's timeout bounds it)
+                p.wait(15)
+                err = p.stderr.read()
                 assert p.returncode == 130, (delay, p.returncode, err)
                 assert jlines(out)[-1]["error"] == "Interrupted", out[-300:]
+                assert [e["revision"] for e in jlines(out)[:-1]] == sorted(set(e["revision"] for e in jlines(out)[:-1]))
             finally:
                 if p.poll() is None:
                     p.kill()
