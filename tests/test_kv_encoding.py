@@ -128,6 +128,9 @@ def test_client_ids_encode_the_same_from_the_memo_and_bad_ones_are_refused_each_
     for bad in (["abc"], 7, None, {"a": 1}):
         with pytest.raises(KVCommandError, match="str or bytes"):
             commands.encode_client(bad)
+    for _ in range(2):  # a str msgpack cannot encode: typed, before it is proposed, every time
+        with pytest.raises(KVCommandError, match="cannot be encoded"):
+            commands.check_command({"op": "put", "key": "k", "value": 1, "client": "\ud800", "seq": 1})
     for i in range(commands._CLIENT_MEMO_MAX + 10):  # bounded
         commands.encode_client(f"client-{i}")
     assert len(commands._client_memo) <= commands._CLIENT_MEMO_MAX

@@ -17,6 +17,8 @@ from pyraft.kv.encoding import range_bounds
 from pyraft.kv.watch import WatchHub, WatchPoll
 from pyraft.types import Entry, EntryKind, LogId
 
+from memcluster import wait_until
+
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -71,9 +73,7 @@ def test_a_waiting_poll_is_answered_when_its_event_is_applied(hub):
     sm.apply([_put(1, "x/other", b"1")])
     p, r = _poll(2)
     h.submit(p)
-    deadline = time.monotonic() + 20
-    while h.waiting == 0 and time.monotonic() < deadline:  # the hub holds the poll
-        time.sleep(0.01)
+    wait_until(lambda: h.waiting == 1, 20, "the hub to hold the poll")
     assert r.q.empty()
     t0 = time.monotonic()
     sm.apply([_put(2, "w/b", b"2")])

@@ -140,7 +140,10 @@ def encode_client(client: Any) -> bytes:
     b = _client_memo.get(client)
     if b is not None:
         return b
-    b = pack_fast(client)
+    try:
+        b = pack_fast(client)
+    except UnicodeEncodeError as e:  # a str with a lone surrogate
+        raise KVCommandError(f"session 'client' cannot be encoded: {e}") from None
     if len(b) > MAX_CLIENT_BYTES:
         raise KVCommandError(f"session 'client' is too long: {len(b)} bytes encoded, at most {MAX_CLIENT_BYTES}")
     if len(_client_memo) >= _CLIENT_MEMO_MAX:
@@ -172,8 +175,8 @@ def check_command(command: Any) -> None:
                         if it.get("end") is not None:
                             check_key(it["end"])
     client = command.get("client")
-    if client is not None and not (type(client) in (str, bytes) and len(client) <= 125):
-        encode_client(client)
+    if client is not None:
+        encode_client(client)  # remembered: a client's next writes check its id for free
 
 
 # ---------------------------------------------------------------------------

@@ -27,6 +27,10 @@ from typing import Any, Callable
 __all__ = ["Inbox", "Lane"]
 
 
+def _always() -> bool:
+    return True
+
+
 class Inbox:
     def __init__(self) -> None:
         self._items: collections.deque = collections.deque()
@@ -37,10 +41,7 @@ class Inbox:
         """Any thread: never blocks (unbounded)."""
         self._items.append(item)
         if self._sleeping:
-            with self._cond:
-                if self._sleeping:
-                    self._sleeping = False  # woken: the producers after this one need not notify
-                    self._cond.notify()
+            self._rouse(_always)
 
     def put_lazy(self, item: Any, urgent: Callable[[], bool]) -> None:
         """``put`` for an item that can wait for the consumer's next wake-up.
@@ -52,18 +53,19 @@ class Inbox:
         """
         self._items.append(item)
         if self._sleeping:
-            with self._cond:
-                if self._sleeping and urgent():
-                    self._sleeping = False
-                    self._cond.notify()
+            self._rouse(urgent)
 
     def wake(self) -> None:
         """Wake a sleeping consumer if items wait (those ``put_lazy`` left, when they became urgent)."""
         if self._sleeping:
-            with self._cond:
-                if self._sleeping and self._items:
-                    self._sleeping = False
-                    self._cond.notify()
+            self._rouse(self._items.__len__)
+
+    def _rouse(self, should: Callable[[], object]) -> None:
+        """Wake the consumer if it still sleeps and ``should()`` (run under the lock) says so."""
+        with self._cond:
+            if self._sleeping and should():
+                self._sleeping = False  # woken: the producers after this one need not notify
+                self._cond.notify()
 
     def qsize(self) -> int:
         return len(self._items)
