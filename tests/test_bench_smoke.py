@@ -109,3 +109,21 @@ def test_the_race_table_shows_each_ratio_against_its_target():
     assert "2.50x ok" in rows[3] and "0.83x BELOW" in rows[3]
     assert "0.70 / 2.00" in rows[4] and rows[4].endswith("ok)")
     assert bench.render_race({**doc, "runs": runs[:1]}) == ""  # no baseline in the run: no race table
+
+
+@pytest.mark.parametrize("mode", ["leader", "client"])
+def test_the_table_shows_the_servers_cpu_per_write_once(mode):
+    # The CPU column is the nodes' CPU per write summed once: client mode's figures used to be
+    # summed together with their own total, which doubled the column.
+    from pyraft.tools import bench
+
+    per = {"1": 100.0, "2": 50.0, "3": 50.0, "total": 200.0}
+    res = {"ops_per_s": 1000.0, "latency": {"p50_ms": 1.0, "p90_ms": 2.0, "p99_ms": 3.0, "max_ms": 4.0},
+           "cpu_percent": {"1": 10.0, "2": 5.0, "3": 5.0}, "cpu_us_per_op": per}
+    doc = {"machine": {"cpus": 2, "cpu_model": "x", "python": "3", "loadavg_at_start": [0.0]},
+           "date": "d", "command": "pyraft-bench", "nodes": 3, "no_fsync": False, "sm": "kv", "inflight": 64,
+           "warmup": 1, "duration": 1, "mode": mode, "runs": [{"system": "pyraft", "payload": 10, "result": res}]}
+    table = bench.render_table(doc)
+    row = next(line for line in table.splitlines() if line.startswith("pyraft "))
+    assert row.split()[-2] == "200.0", row
+    assert ("writes in flight from the leader" in table) == (mode == "leader")

@@ -1054,7 +1054,9 @@ def _drive(leader: NodeProc, all_nodes: dict[Any, NodeProc], cmd: dict, label: s
     res["cpu_percent"] = cpu
     if res.get("ops_per_s"):
         # CPU microseconds per committed write, per node: steadier than ops/s on a shared machine
-        res["cpu_us_per_op"] = {k: round(v * 1e4 / res["ops_per_s"], 2) for k, v in cpu.items()}
+        per = {k: round(v * 1e4 / res["ops_per_s"], 2) for k, v in cpu.items()}
+        per["total"] = round(sum(per.values()), 1)
+        res["cpu_us_per_op"] = per
     progress.done(f"  {label}: {res['ops_per_s']:,.0f} ops/s, p50 {res['latency']['p50_ms']} ms, "
                   f"p99 {res['latency']['p99_ms']} ms")
     return res
@@ -1215,8 +1217,9 @@ def render_table(doc: dict[str, Any]) -> str:
     lines.append(f"command: {doc['command']}")
     lines.append(f"{doc['nodes']} nodes on 127.0.0.1, one process each; pyraft: LMDB fsync "
                  f"{'off' if doc['no_fsync'] else 'on'}, state machine {doc['sm']}; "
-                 f"{doc['inflight']:,} writes in flight from the leader; warmup {doc['warmup']} s, "
-                 f"measured {doc['duration']} s")
+                 + (f"{doc['inflight']:,} writes in flight from the leader" if doc.get("mode") != "client" else
+                    "KVClient processes, one synchronous call per thread")
+                 + f"; warmup {doc['warmup']} s, measured {doc['duration']} s")
     lines.append("garbage collector: " + ("pyraft.tune_gc() in every node process (--gc tuned)"
                                           if doc.get("gc", "tuned") == "tuned" else
                                           "Python's defaults in every node process (--gc default)"))
@@ -1233,7 +1236,7 @@ def render_table(doc: dict[str, Any]) -> str:
         lat = res.get("latency", {})
         cpu = " ".join(f"{v:.0f}" for _k, v in sorted(res.get("cpu_percent", {}).items()))
         per_op = res.get("cpu_us_per_op") or {}
-        per_op_s = f"{sum(per_op.values()):.1f}" if per_op else "-"
+        per_op_s = f"{per_op['total']:.1f}" if "total" in per_op else "-"
         disk = sum(res.get("disk_bytes", {}).values()) if res.get("disk_bytes") else None
         disk_s = "-" if not disk else f"{disk / 1e6:.1f} MB"
         lines.append(f"{r['system']:<30}{r['payload']:>7}B{_fmt_rate(res.get('ops_per_s')):>11}"
