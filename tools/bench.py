@@ -1387,7 +1387,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--floor", action="store_true", help="run tools/bench_floor.py's null-replication floor too")
     p.add_argument("--follower-down", choices=("kill", "pause"),
                    help="instead: full load with one follower killed (or SIGSTOPped); track the leader's RSS")
-    p.add_argument("--rounds", type=int, default=1, help="repeat every measurement, interleaved; report the median")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat every measurement, interleaved; report the median (with --baseline etcd: each "
+                        "row's systems in turn, the median of the rounds' ratios)")
     p.add_argument("--stages", action="store_true",
                    help="with the synchronous writer: probe every node and show where a lone write's time goes, "
                         "next to this machine's floors (tools/stages.py); implies --sync-writer")
@@ -1422,6 +1424,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         a.sync_writer = True
     if a.inflight < 1 or a.duration <= 0 or a.warmup < 0 or any(x < 0 for x in a.payloads):
         p.error("--inflight, --duration and --payload must be positive")
+    if a.rounds < 1:
+        p.error("--rounds must be at least 1")
+    if a.rounds > 1 and (a.follower_down or (a.mode == "client" and a.baseline != "etcd")):
+        p.error("--rounds repeats the leader-mode runs and the etcd comparison (not --mode client alone, "
+                "not --follower-down)")
     progress = Progress(not a.quiet)
     doc: dict[str, Any] = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

@@ -23,6 +23,11 @@ like on a machine whose load drifts:
   ``/proc/<pid>/stat`` over the measured window), the client process's
   own, and at the end the servers' anonymous resident memory (``RssAnon``,
   all three).
+- **rounds** (``--rounds N``): every row is measured N times, the two
+  systems in turn (etcd first in every second round, so that a load that
+  drifts weighs on both); a cell shows the system's median round and a
+  ratio the median of the rounds' ratios, the steadiest figure on a shared
+  machine.
 
 Nothing is installed here: without etcd or the ``etcd3`` package the
 comparison stops at once and says what is missing (:func:`missing`).
@@ -46,7 +51,8 @@ from typing import Any, Callable
 
 from .bench import Progress, PyraftCluster, drive_clients, free_port, memory_info, start_clients, tail
 
-__all__ = ["EtcdCluster", "etcd_client", "find_etcd", "missing", "run", "render"]
+__all__ = ["EtcdCluster", "etcd_client", "find_etcd", "missing", "run", "render", "ratios", "round_ratio",
+           "median_round"]
 
 #: etcd3 0.12's generated modules need protobuf's pure-Python implementation (see the module docstring).
 _PB_ENV = "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"
@@ -205,7 +211,7 @@ def run(a: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     if why is not None:
         raise SystemExit(f"pyraft-bench --baseline etcd: {why}")
     root = tempfile.mkdtemp(prefix="pyraft-bench-etcd-", dir=a.tmpdir)
-    doc: dict[str, Any] = {"versions": versions(), "rows": []}
+    doc: dict[str, Any] = {"versions": versions(), "rows": [], "rounds": a.rounds}
     pyraft = PyraftCluster(a.nodes, root, sm="kv", fsync=not a.no_fsync, config=a.config_dict, serve_kv=True,
                            tune_gc=a.gc == "tuned")
     etcd = EtcdCluster(a.nodes, root)
@@ -220,20 +226,32 @@ def run(a: argparse.Namespace, progress: Progress) -> dict[str, Any]:
         }
 
         def measure(kind: str, op: str, payload: int, threads: int) -> None:
-            results = {}
-            for name, (spec, pids, system) in systems.items():
-                label = f"{name} {kind} {payload}B x {threads}"
-                try:
-                    clients = start_clients(system, spec, procs=a.clients, threads=threads, payload=payload,
-                                            op=op, root=root, tag=f"{system}{len(doc['rows'])}")
-                    res = drive_clients(clients, pids, a, label, progress)
-                    progress.done(f"  {label}: {res['ops_per_s']:,.0f} ops/s, p50 {res['latency']['p50_ms']} ms"
-                                  + (f", {res['failed']} failed: {res['first_error']}" if res["failed"] else ""))
-                except Exception as e:  # noqa: BLE001 - one failed row does not lose the others
-                    progress.done(f"  {label}: failed: {e}")
-                    res = {"error": f"{type(e).__name__}: {e}"}
-                results[name] = res
-            doc["rows"].append(_row(kind, payload, threads * a.clients, results))
+            per_round: dict[str, list[dict]] = {name: [] for name in systems}
+            ratios_by_round: list[float | None] = []
+            order = list(systems.items())
+            for rnd in range(a.rounds):
+                got: dict[str, dict] = {}
+                # Every second round runs etcd first: a load that drifts during a row weighs on both.
+                for name, (spec, pids, system) in (order if rnd % 2 == 0 else order[::-1]):
+                    label = f"{name} {kind} {payload}B x {threads}" + (f" round {rnd + 1}" if a.rounds > 1 else "")
+                    try:
+                        clients = start_clients(system, spec, procs=a.clients, threads=threads, payload=payload,
+                                                op=op, root=root, tag=f"{system}{len(doc['rows'])}r{rnd}")
+                        res = drive_clients(clients, pids, a, label, progress)
+                        progress.done(f"  {label}: {res['ops_per_s']:,.0f} ops/s, "
+                                      f"p50 {res['latency']['p50_ms']} ms"
+                                      + (f", {res['failed']} failed: {res['first_error']}" if res["failed"] else ""))
+                    except Exception as e:  # noqa: BLE001 - one failed row does not lose the others
+                        progress.done(f"  {label}: failed: {e}")
+                        res = {"error": f"{type(e).__name__}: {e}"}
+                    got[name] = res
+                    per_round[name].append(res)
+                ratios_by_round.append(round_ratio(kind, got["pyraft-kv"], got["etcd"]))
+            row = _row(kind, payload, threads * a.clients,
+                       {name: median_round(kind, results) for name, results in per_round.items()})
+            if a.rounds > 1:
+                row["ratios_by_round"] = ratios_by_round
+            doc["rows"].append(row)
 
         for payload in a.payloads:
             for threads in a.thread_counts:
@@ -262,18 +280,61 @@ def _anon(mem: dict[str, dict[str, int]]) -> int:
     return sum(m.get("RssAnon", 0) for m in mem.values())
 
 
+def _figure(kind: str, res: dict) -> float | None:
+    """What a row compares: writes/s for the write rows, the p50 (ms) for the others; None if it failed."""
+    if "error" in res:
+        return None
+    if kind == "writes":
+        return res.get("ops_per_s") or None
+    return (res.get("latency") or {}).get("p50_ms") or None
+
+
+def round_ratio(kind: str, pyraft: dict, etcd: dict) -> float | None:
+    """pyraft-kv / etcd of one round of a row (writes/s, or p50 latency)."""
+    p, e = _figure(kind, pyraft), _figure(kind, etcd)
+    return None if p is None or e is None else round(p / e, 2)
+
+
+def median_round(kind: str, results: list[dict]) -> dict:
+    """One system's result of a row: the round with the median figure, and every round's figure.
+
+    With one round, that round's result as it is.
+    """
+    if len(results) == 1:
+        return results[0]
+    ok = [r for r in results if _figure(kind, r) is not None]
+    if not ok:
+        return results[0]
+    ok.sort(key=lambda r: _figure(kind, r) or 0.0)  # (no None is left: "or" only satisfies the types)
+    med = dict(ok[(len(ok) - 1) // 2])
+    med["rounds"] = [_figure(kind, r) for r in results]
+    return med
+
+
 def ratios(doc: dict[str, Any]) -> dict[str, Any]:
-    """pyraft-kv / etcd per row, and whether each target of the issue is met."""
+    """pyraft-kv / etcd per row, and whether each target of the issue is met.
+
+    With rounds, a row's ratio is the median of its rounds' ratios (each round
+    ran both systems back to back), as ``--baseline pysyncobj`` reports it.
+    """
     out: dict[str, Any] = {}
     for r in doc["rows"]:
-        p, e = r.get("pyraft-kv", {}), r.get("etcd", {})
         key = f"{r['kind']} {r['payload']}B x {r['threads']}"
-        if r["kind"] == "writes" and p.get("ops_per_s") and e.get("ops_per_s"):
-            x = round(p["ops_per_s"] / e["ops_per_s"], 2)
+        by_round = [x for x in r.get("ratios_by_round") or () if x is not None]
+        if by_round:
+            x = sorted(by_round)[(len(by_round) - 1) // 2]
+        elif "ratios_by_round" in r:
+            continue  # every round failed
+        else:
+            x = round_ratio(r["kind"], r.get("pyraft-kv", {}), r.get("etcd", {}))
+            if x is None:
+                continue
+        if r["kind"] == "writes":
             out[key] = {"writes/s ratio": x, "target": ">= 2", "met": x >= 2}
-        elif r["kind"] != "writes" and p.get("latency", {}).get("p50_ms") and e.get("latency", {}).get("p50_ms"):
-            x = round(p["latency"]["p50_ms"] / e["latency"]["p50_ms"], 2)
+        else:
             out[key] = {"p50 ratio": x, "target": "<= 1", "met": x <= 1}
+        if by_round:
+            out[key]["rounds"] = r["ratios_by_round"]
     mem = doc.get("memory")
     if mem:
         x = round(_anon(mem["pyraft-kv"]) / max(1, _anon(mem["etcd"])), 3)
@@ -303,7 +364,10 @@ def render(doc: dict[str, Any]) -> str:
              f"versions: pyraft {v.get('pyraft')}, etcd {v.get('etcd')}, etcd3 {v.get('etcd3')} "
              f"(grpcio {v.get('grpcio')}, protobuf {v.get('protobuf')}, pure-Python)",
              f"{doc['nodes']} members each on 127.0.0.1, fsync on for both; one client process per system "
-             f"and row; warmup {doc['warmup']} s, measured {doc['duration']} s per row", "",
+             f"and row; warmup {doc['warmup']} s, measured {doc['duration']} s per row"
+             + (f"; {c['rounds']} rounds, the systems in turn (etcd first in even rounds): each cell is a "
+                f"system's median round, each ratio the median of the rounds' ratios" if c.get("rounds", 1) > 1
+                else ""), "",
              "| row | pyraft-kv | etcd | ratio | servers' CPU µs/op (pyraft-kv / etcd) "
              "| client's CPU µs/op (pyraft-kv / etcd) |",
              "|---|---|---|---|---|---|"]
@@ -322,6 +386,8 @@ def render(doc: dict[str, Any]) -> str:
             pc, ec, ratio = _cell(p, "p50"), _cell(e, "p50"), rat.get(key, {}).get("p50 ratio")
         met = rat.get(key, {}).get("met")
         ratio_s = "-" if ratio is None else f"{ratio}×" + ("" if met is None else (" ✓" if met else " ✗"))
+        if rat.get(key, {}).get("rounds"):
+            ratio_s += " (rounds " + ", ".join("-" if x is None else f"{x}" for x in rat[key]["rounds"]) + ")"
         cpu = " / ".join("-" if "cpu_us_per_op" not in x else f"{x['cpu_us_per_op']['total']:,.0f}"
                          for x in (p, e))
         ccpu = " / ".join("-" if "client_cpu_us_per_op" not in x else f"{x['client_cpu_us_per_op']:,.0f}"
