@@ -1340,14 +1340,24 @@ def compute_ratios(runs: list[dict]) -> dict[str, float]:
     return out
 
 
-def _median_result(results: list[dict]) -> dict:
-    """The round whose throughput is the median (rounds > 1)."""
-    ok = [r for r in results if r.get("ops_per_s")]
+def median_value(values: Iterable[float | None]) -> float | None:
+    """The (lower) median of the values that are not None; None when there is none."""
+    ok = sorted(v for v in values if v is not None)
+    return ok[(len(ok) - 1) // 2] if ok else None
+
+
+def median_result(results: list[dict],
+                  figure: Callable[[dict], float | None] = lambda r: r.get("ops_per_s") or None) -> dict:
+    """The round whose ``figure`` (default: throughput) is the median, with every round's figure.
+
+    Rounds without a figure (failed) are left out; if none has one, the first round as it is.
+    """
+    ok = [r for r in results if figure(r) is not None]
     if not ok:
         return results[0]
-    ok.sort(key=lambda r: r["ops_per_s"])
+    ok.sort(key=lambda r: figure(r) or 0.0)  # (no None is left: "or" only satisfies the types)
     med = dict(ok[(len(ok) - 1) // 2])
-    med["rounds"] = [r["ops_per_s"] for r in results]
+    med["rounds"] = [figure(r) for r in results]
     return med
 
 
@@ -1457,9 +1467,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     doc["ratios"] = compute_ratios(doc["runs"])
     for k, v in (doc.get("ratios_by_round") or {}).items():
-        ok = sorted(x for x in v if x is not None)
-        if ok:
-            doc["ratios"][k + " (median of rounds)"] = ok[(len(ok) - 1) // 2]
+        med = median_value(v)
+        if med is not None:
+            doc["ratios"][k + " (median of rounds)"] = med
     for r in doc["runs"]:
         if r["system"] == "null-replication floor" and (r.get("result") or {}).get("ops_per_s"):
             mine = next((x["result"].get("ops_per_s") for x in doc["runs"]
@@ -1536,14 +1546,14 @@ def _run_matrix(a: argparse.Namespace, doc: dict, progress: Progress) -> None:
         doc["ratios_by_round"] = by_round
     for i, sc in enumerate(scenarios):
         rs = results[i]
-        res = rs[0] if len(rs) == 1 or any("error" in r for r in rs) else _median_result(rs)
+        res = rs[0] if len(rs) == 1 or any("error" in r for r in rs) else median_result(rs)
         doc["runs"].append({"system": sc.system + (" sync-writer" if sc.sync else ""), "payload": sc.payload,
                             "sync": sc.sync, "result": res})
     if floors:
         doc["floor_raw"] = [f.get("raw") for f in floors]
         for payload in a.payloads:
             fs = [f.get(str(payload)) or {"error": f.get("error", "no figure for this payload")} for f in floors]
-            res = fs[0] if len(fs) == 1 or any("error" in r for r in fs) else _median_result(fs)
+            res = fs[0] if len(fs) == 1 or any("error" in r for r in fs) else median_result(fs)
             doc["runs"].append({"system": "null-replication floor", "payload": payload, "sync": False,
                                 "result": res})
 

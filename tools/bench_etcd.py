@@ -49,7 +49,8 @@ import time
 import urllib.request
 from typing import Any, Callable
 
-from .bench import Progress, PyraftCluster, drive_clients, free_port, memory_info, start_clients, tail
+from .bench import (Progress, PyraftCluster, drive_clients, free_port, median_result, median_value, memory_info,
+                    start_clients, tail)
 
 __all__ = ["EtcdCluster", "etcd_client", "find_etcd", "missing", "run", "render", "ratios", "round_ratio",
            "median_round"]
@@ -302,13 +303,7 @@ def median_round(kind: str, results: list[dict]) -> dict:
     """
     if len(results) == 1:
         return results[0]
-    ok = [r for r in results if _figure(kind, r) is not None]
-    if not ok:
-        return results[0]
-    ok.sort(key=lambda r: _figure(kind, r) or 0.0)  # (no None is left: "or" only satisfies the types)
-    med = dict(ok[(len(ok) - 1) // 2])
-    med["rounds"] = [_figure(kind, r) for r in results]
-    return med
+    return median_result(results, lambda r: _figure(kind, r))
 
 
 def ratios(doc: dict[str, Any]) -> dict[str, Any]:
@@ -320,21 +315,19 @@ def ratios(doc: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for r in doc["rows"]:
         key = f"{r['kind']} {r['payload']}B x {r['threads']}"
-        by_round = [x for x in r.get("ratios_by_round") or () if x is not None]
-        if by_round:
-            x = sorted(by_round)[(len(by_round) - 1) // 2]
-        elif "ratios_by_round" in r:
-            continue  # every round failed
+        by_round = r.get("ratios_by_round")
+        if by_round is not None:
+            x = median_value(by_round)
         else:
             x = round_ratio(r["kind"], r.get("pyraft-kv", {}), r.get("etcd", {}))
-            if x is None:
-                continue
+        if x is None:
+            continue  # failed (every round)
         if r["kind"] == "writes":
             out[key] = {"writes/s ratio": x, "target": ">= 2", "met": x >= 2}
         else:
             out[key] = {"p50 ratio": x, "target": "<= 1", "met": x <= 1}
-        if by_round:
-            out[key]["rounds"] = r["ratios_by_round"]
+        if by_round is not None:
+            out[key]["rounds"] = by_round
     mem = doc.get("memory")
     if mem:
         x = round(_anon(mem["pyraft-kv"]) / max(1, _anon(mem["etcd"])), 3)
