@@ -434,6 +434,77 @@ def pack_fast(value: Any) -> bytes:
     return out
 
 
+#: Immutable values msgpack decodes to themselves (exact types, no subclasses).
+_SCALARS = frozenset((str, bytes, int, float, bool, type(None)))
+
+#: The first bytes of msgpack arrays, maps and ext values.  A byte string holds at most as many
+#: containers as bytes from this set (the bytes of strings and numbers may be among them too).
+_CONTAINER_MARKERS = bytes(range(0x80, 0xA0)) + bytes((0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8,
+                                                        0xDC, 0xDD, 0xDE, 0xDF))
+
+
+def pack_command(command: Any) -> tuple[bytes, Any]:
+    """``(encoding, command as every follower decodes it)`` of a command to propose.
+
+    The leader applies a command it proposed from memory, the followers
+    what they decode from the log: the two must be one value, or replicas
+    would diverge.  So the value returned is the decoded encoding, never
+    the caller's object (which the caller might change after proposing,
+    and which may hold a tuple, an IntEnum or a bytearray where followers
+    get a list, an int or bytes).  A scalar, or a map of scalars (str,
+    bytes, int, float, bool, None: the common command), is copied rather
+    than decoded: that is the same value, for less.  A bytearray or
+    memoryview command becomes bytes.  The encoding returned is that of the
+    decoded value, the one any re-encoding of the entry gives.
+
+    Raises TypeError, ValueError or OverflowError for what msgpack cannot
+    encode, and CodecError, before anything is proposed, for a command
+    followers could not decode (a map with an array as a key) or whose
+    encoding holds more arrays and maps than one per three bytes (plus two
+    bytes): the density an AppendEntries frame may carry
+    (:func:`container_budget`; an entry takes at least five bytes of a
+    frame besides its payload and adds one container, its array).  Denser
+    entries would make every frame that carries them undecodable, and
+    replication would stop there.
+    """
+    t = type(command)
+    if t is dict:
+        packed = pack_fast(command)
+        scalars = _SCALARS
+        for k, v in command.items():
+            if type(v) not in scalars or type(k) not in scalars:
+                break
+        else:
+            return packed, dict(command)  # one map: within the density
+    elif t in _SCALARS:
+        return pack_fast(command), command
+    elif t is bytearray or t is memoryview:
+        command = bytes(command)
+        return pack_fast(command), command
+    else:
+        packed = pack_fast(command)
+    value = _decode_command(packed, None)
+    canonical = pack_fast(value)  # (a map subclass may have packed a key twice: the value re-encodes shorter)
+    if canonical != packed:
+        packed, value = canonical, _decode_command(canonical, None)
+    if len(packed) - len(packed.translate(None, _CONTAINER_MARKERS)) > (len(packed) + 2) // 3:
+        _decode_command(packed, (len(packed) + 2) // 3)  # only an exact count tells; CodecError when too dense
+    return packed, value
+
+
+def _decode_command(packed: bytes, limit: int | None) -> Any:
+    """``packed`` decoded as a follower decodes an entry; CodecError past ``limit`` containers."""
+    try:
+        return msgpack.unpackb(packed, **(_UNPACK if limit is None else _Budget(limit).options()))
+    except CodecError:
+        raise CodecError(f"the command nests arrays and maps too densely to replicate: more than {limit} "
+                         f"in {len(packed)} bytes encoded (one per three bytes)") from None
+    except Exception as ex:  # noqa: BLE001 - msgpack raises several unrelated types
+        raise CodecError(f"the command's encoding cannot be decoded as followers would "
+                         f"({ex.__class__.__name__}: {ex}); use plain values (maps with scalar keys, "
+                         f"lists, str, bytes, numbers, bool, None)") from None
+
+
 def unpack(data: bytes, what: str = "value") -> Any:
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)

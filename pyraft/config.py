@@ -1,10 +1,25 @@
 """Runtime and protocol settings, validated when constructed."""
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, fields
 
 _CLUSTER_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+#: The longest time a duration knob may be, in seconds (an hour): every one of them is how long a
+#: node waits for something, and a wait longer than that is a typo, not a choice.
+MAX_TIMEOUT = 3600.0
+
+
+def _is_number(v: object) -> bool:
+    """An int or a float, not a bool (nor a str, nor anything else that converts to one)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_seconds(name: str, v: object) -> None:
+    if not _is_number(v) or not math.isfinite(v) or not 0 < v <= MAX_TIMEOUT:  # type: ignore[arg-type,operator]
+        raise ValueError(f"{name} must be a finite number of seconds > 0 and <= {MAX_TIMEOUT:g}, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -78,32 +93,33 @@ class Config:
             raise ValueError(
                 f"cluster_name must be 1-64 characters of letters, digits and '_.:-', got {self.cluster_name!r}"
             )
-        try:
-            lo, hi = self.election_timeout
-            lo, hi = float(lo), float(hi)
-        except (TypeError, ValueError):
-            raise ValueError(f"election_timeout must be a (min, max) pair of seconds, got {self.election_timeout!r}") from None
+        et = self.election_timeout
+        if not isinstance(et, (tuple, list)) or len(et) != 2 or not all(_is_number(x) for x in et):
+            raise ValueError(f"election_timeout must be a (min, max) pair of seconds, got {et!r}")
+        lo, hi = float(et[0]), float(et[1])
         object.__setattr__(self, "election_timeout", (lo, hi))
-        if not 0 < lo < hi:
-            raise ValueError(f"election_timeout must satisfy 0 < min < max, got {self.election_timeout!r}")
-        if not isinstance(self.heartbeat_interval, (int, float)) or self.heartbeat_interval <= 0:
-            raise ValueError(f"heartbeat_interval must be a positive number of seconds, got {self.heartbeat_interval!r}")
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi <= MAX_TIMEOUT):
+            raise ValueError(f"election_timeout must satisfy 0 < min < max <= {MAX_TIMEOUT:g} seconds, "
+                             f"got {et!r}")
+        _check_seconds("heartbeat_interval", self.heartbeat_interval)
         if self.heartbeat_interval * 2 > lo:
             raise ValueError(
                 f"heartbeat_interval ({self.heartbeat_interval}) must be at most half the minimum "
                 f"election timeout ({lo}), or followers time out between heartbeats"
             )
-        if not isinstance(self.rpc_timeout, (int, float)) or isinstance(self.rpc_timeout, bool) \
-                or not self.rpc_timeout > 0:
-            raise ValueError(f"rpc_timeout must be positive, got {self.rpc_timeout!r}")
+        _check_seconds("rpc_timeout", self.rpc_timeout)
+        for name in ("pre_vote", "check_quorum"):
+            v = getattr(self, name)
+            if type(v) is not bool:
+                raise ValueError(f"{name} must be True or False, got {v!r}")
         for name in ("max_payload_entries", "max_payload_bytes", "max_inflight", "max_apply_batch",
                      "snapshot_chunk_size", "max_proposal_batch", "max_pending_writes", "max_queued_rpcs"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            if type(v) is not int or v <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if not isinstance(self.max_in_snapshot_log_to_keep, int) or self.max_in_snapshot_log_to_keep < 0:
+        if type(self.max_in_snapshot_log_to_keep) is not int or self.max_in_snapshot_log_to_keep < 0:
             raise ValueError(f"max_in_snapshot_log_to_keep must be a non-negative integer, got {self.max_in_snapshot_log_to_keep!r}")
-        if self.snapshot_every is not None and (not isinstance(self.snapshot_every, int) or self.snapshot_every <= 0):
+        if self.snapshot_every is not None and (type(self.snapshot_every) is not int or self.snapshot_every <= 0):
             raise ValueError(f"snapshot_every must be a positive integer or None, got {self.snapshot_every!r}")
 
     @classmethod
@@ -120,11 +136,18 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
+        """A Config from a JSON object's fields (``election_timeout`` as a two-element list).
+
+        Every bad value, wrong types included, is a ``ValueError``.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"a config must be a JSON object of Config fields, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown config keys: {sorted(unknown)}")
+            raise ValueError(f"unknown config keys: {sorted(unknown, key=repr)}")
         d = dict(d)
-        if "election_timeout" in d:
-            d["election_timeout"] = tuple(d["election_timeout"])
+        et = d.get("election_timeout")
+        if isinstance(et, list):
+            d["election_timeout"] = tuple(et)
         return cls(**d)

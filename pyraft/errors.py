@@ -108,5 +108,19 @@ class LeaseNotFound(RaftError):
         return hash((type(self), self.args))
 
 
+class ResultNotKept(RaftError):
+    """A retried KV write was applied before, but its result was too large to keep for a retry.
+
+    The message names the revision (log index) it was applied at and, for a
+    txn, whether its compares held: read the keys again for the rest.
+    """
+
+    def __eq__(self, other: object) -> bool:  # a command's result: compared by value, as KVCommandError
+        return type(other) is type(self) and other.args == self.args
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.args))
+
+
 class RequestTooLarge(RaftError):
     """A client request's frame is larger than the node accepts (``ZmqTransport(max_client_frame_size=...)``)."""

@@ -17,9 +17,10 @@ import time
 from concurrent.futures import Future
 from typing import Any, Callable, Iterable, Mapping
 
-from .codec import ClientRequest, ClientResponse, pack_fast
+from .codec import ClientRequest, ClientResponse, pack_command
 from .config import Config
-from .errors import ChangeMembershipError, ForwardToLeader, InitializeError, PermissionDenied, RaftError, Timeout
+from .errors import (ChangeMembershipError, CodecError, ForwardToLeader, InitializeError, PermissionDenied, RaftError,
+                     Timeout)
 from .metrics import ClientWriteResponse, RaftMetrics
 from .network import OP_ROLES, TRUSTED, Transport
 from .runtime.core import RaftCore
@@ -223,20 +224,23 @@ class Raft:
         if not isinstance(nodes, Mapping):
             raise InitializeError("initialize takes a mapping of node id (int) to Node")
         _check_timeout(timeout)
+        checked: dict[int, Node] = {}
         for k, v in nodes.items():
             try:
                 _check_node_id(k, "a node id")
-                self._check_node(v, f"node {k}")
+                checked[k] = self._check_node(v, f"node {k}")
             except (TypeError, ValueError) as e:
                 raise InitializeError(f"initialize takes a mapping of node id (int) to Node: {e}") from None
-        _result(self._api(lambda e: e.initialize(dict(nodes))), timeout, "initialize")
+        _result(self._api(lambda e: e.initialize(checked)), timeout, "initialize")
 
     def _check_node(self, node: Any, what: str) -> Node:
         """``node`` if it is a Node this cluster can store and its transport can reach; else TypeError/ValueError.
 
         Its address goes into the log with the membership: one the transport
         cannot use would otherwise be found only by the replication worker of
-        every leader to come.
+        every leader to come.  Its ``data`` goes as the followers will decode
+        it (:func:`pyraft.codec.pack_command`: a tuple becomes a list), so the
+        Node returned may be a copy.
         """
         if not isinstance(node, Node):
             raise TypeError(f"{what} must be a pyraft.Node, got {type(node).__name__}")
@@ -246,9 +250,10 @@ class Raft:
             if not isinstance(node.data, Mapping):
                 raise TypeError(f"{what}: data must be a mapping or None, got {type(node.data).__name__}")
             try:
-                pack_fast(dict(node.data))
-            except (TypeError, ValueError, OverflowError) as e:
+                _, data = pack_command(dict(node.data))
+            except (TypeError, ValueError, OverflowError, CodecError) as e:
                 raise ValueError(f"{what}: data cannot be encoded with msgpack: {e}") from None
+            node = Node(node.addr, data)
         if self._check_address is not None:
             self._check_address(node.addr)
         return node
@@ -261,8 +266,12 @@ class Raft:
         Raises at once, with nothing proposed: ``Overloaded`` when
         ``Config.max_pending_writes`` writes are in flight on this node already,
         whatever the state machine's ``check_command`` raises for a command it
-        could not hold (``NoSpace``, ``KVCommandError``), ``RaftError`` for a
-        command msgpack cannot encode, ``ShutDown``/``Fatal`` when the node stopped.
+        could not hold (``NoSpace``, ``KVCommandError``), ``CodecError`` for a
+        command msgpack cannot encode or followers could not decode
+        (:func:`pyraft.codec.pack_command`), ``ShutDown``/``Fatal`` when the node
+        stopped.  A command that is not made of plain values (a tuple, a
+        subclass of int) is applied everywhere, here too, as followers decode
+        it (a list, an int).
         """
         core = self._core
         # The hot path: a few attribute reads, no lock (see RaftCore.write_tickets).
@@ -272,9 +281,10 @@ class Raft:
         if check is not None:
             check(command)
         try:
-            packed = pack_fast(command)  # msgpack.packb, with a per-thread Packer
+            # The encoding, and the command as followers will decode it: the value applied here too.
+            packed, command = pack_command(command)
         except (TypeError, ValueError, OverflowError) as e:
-            raise RaftError(f"the command cannot be encoded with msgpack: {e}") from None
+            raise CodecError(f"the command cannot be encoded with msgpack: {e}") from None
         fut: Future = new_future()  # a concurrent.futures.Future, cheaper to make (runtime/futures.py)
         batch = self._burst.items
         if batch is not None:  # a client handler on the transport's thread: proposed at the burst's end
@@ -334,7 +344,7 @@ class Raft:
         learner again with another ``Node`` changes its address.
         """
         _check_node_id(node_id)
-        self._check_node(node, f"node {node_id}")
+        node = self._check_node(node, f"node {node_id}")
         _check_bool(blocking, "blocking")
         _check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -404,7 +414,13 @@ class Raft:
             except ChangeMembershipError as e:
                 if not getattr(e, "lagging", None):
                     raise
-                # the commit point moved on between the wait and the call: wait again
+                # The commit point moved on between the wait and the call, or a new voter has not
+                # answered lately (the engine knows; metrics do not): wait again, a heartbeat later.
+                left = _left(deadline)
+                if left is not None and left <= 0:
+                    raise Timeout(f"change_membership: {e}") from None
+                time.sleep(self.config.heartbeat_interval if left is None else
+                           min(left, self.config.heartbeat_interval))
 
         def done(m: RaftMetrics) -> bool:
             if m.membership is None or m.membership.is_joint or m.membership.voter_ids != voters:
@@ -423,9 +439,10 @@ class Raft:
         new = {v for v in voters - m.membership.voter_ids if v in m.membership.nodes}
         slack = self.config.max_payload_entries
 
-        def caught_up(m: RaftMetrics) -> bool:
+        def caught_up(m: RaftMetrics) -> bool:  # (a new voter that never answered has no entry here)
             return m.state != ServerState.LEADER or all(
-                log_index(m.replication.get(v)) + slack >= log_index(m.committed) for v in new)
+                m.replication.get(v) is not None and log_index(m.replication.get(v)) + slack >= log_index(m.committed)
+                for v in new)
 
         if new:
             self.wait(_left(deadline)).metrics(caught_up, f"new voters {sorted(new)} to catch up with the log")

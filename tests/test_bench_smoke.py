@@ -127,3 +127,21 @@ def test_the_table_shows_the_servers_cpu_per_write_once(mode):
     row = next(line for line in table.splitlines() if line.startswith("pyraft "))
     assert row.split()[-2] == "200.0", row
     assert ("writes in flight from the leader" in table) == (mode == "leader")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", '{"bogus": 1}'], "--config: unknown config keys"),
+    (["--config", '{"heartbeat_interval": -1}'], "--config: heartbeat_interval"),
+    (["--config", "[1]"], "--config: must be a JSON object"),
+    (["--config", "[" * 100000], "--config: nests arrays or objects too deep"),
+    (["--out", "."], "--out .: not a file in an existing directory"),
+    (["--out", "/no/such/dir/out.json"], "not a file in an existing directory"),
+    (["--payload", "ten"], "--payload and --client-threads take integers"),
+])
+def test_arguments_no_node_would_take_are_refused_before_anything_starts(args, message):
+    # Before: the nodes started and died with a traceback each (--config), or the whole run
+    # ended in a traceback when it came to write its JSON (--out).
+    p = subprocess.run([sys.executable, "-m", "pyraft.tools.bench", *args], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert message in p.stderr and "Traceback" not in p.stderr, p.stderr

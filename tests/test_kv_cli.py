@@ -45,6 +45,16 @@ def test_demo_runs_to_a_successful_end_and_leaves_no_process():
     assert took < 60, f"the demo took {took:.1f} s"
 
 
+def test_demo_with_fewer_keys_than_writers_still_kills_the_leader_mid_run():
+    # Before: the writers could finish before the demo looked, no kill came, and restarting the
+    # "killed" leader (still running) ended in a traceback.
+    p = run("demo", "--keys", "2", "--threads", "8", timeout=100)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "SIGKILL the leader" in p.stdout and "PASS" in p.stdout and "Traceback" not in p.stderr
+    pids = [int(x) for x in re.findall(r"pid (\d+)", p.stdout)]
+    assert len(pids) >= 3 and not [pid for pid in pids if pid_alive(pid)]
+
+
 def test_demo_interrupted_stops_every_node(tmp_path):
     # Ctrl-C while writing: the demo stops its nodes (and says so), nothing is left running.
     p = subprocess.Popen(kv_cmd() + ["demo", "--keys", "200000", "--dir", str(tmp_path / "d")],

@@ -67,6 +67,36 @@ def jlines(text: str) -> list[dict]:
 
 # ---------------------------------------------------------------------------------- get ranges
 
+def _run_with_reader(argv: list[str], env: dict, read_first_line: bool) -> tuple[bytes, int, str]:
+    """Run pyraft-kv with stdout on a pipe whose reader reads one line (or none) and closes it."""
+    p = subprocess.Popen(kv_cmd() + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        first = p.stdout.readline() if read_first_line else b""
+        p.stdout.close()
+        err = p.stderr.read().decode()
+        rc = p.wait(30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return first, rc, err
+
+
+def test_a_range_whose_reader_closes_the_pipe_ends_with_exit_0(cluster):
+    # `pyraft-kv get --prefix big/ | head -1`: before, a BrokenPipeError traceback and exit 1.
+    with cluster.client(timeout=10) as kv:
+        for t in range(8):
+            kv.txn([], [{"op": "put", "key": f"big/{t:02}-{i:03}", "value": "v" * 500} for i in range(128)])
+    env = dict(os.environ, PYRAFT_CLUSTER=",".join(cluster.addrs.values()))
+    first, rc, err = _run_with_reader(["get", "big/", "--prefix"], env, True)  # 500 KB: more than a pipe holds
+    assert first.startswith(b"big/00-000"), first[:80]
+    assert rc == 0 and "Traceback" not in err, (rc, err)
+    # A reader gone before anything was written, stdout buffered: the write fails in the last flush.
+    env.pop("PYTHONUNBUFFERED", None)
+    _, rc, err = _run_with_reader(["get", "big/", "--prefix", "--count-only"], env, False)
+    assert rc == 0 and "BrokenPipeError" not in err, (rc, err)
+
+
 def test_get_prefix_end_limit_keys_only_count_only(cli):
     for argv in (["r/a", "1"], ["r/b", "two words"], ["r/c", '{"x": [1, 2]}', "--type", "json"],
                  ["r/d", "tab\there"], ["r0", "outside"]):

@@ -34,10 +34,10 @@ def _put(index: int, key: str, value: bytes) -> Entry:
     return Entry(LogId(1, index), EntryKind.NORMAL, {"op": "put", "key": key, "value": value})
 
 
-def _poll(revision, wait: float = 30.0) -> tuple[WatchPoll, _Reply]:
+def _poll(revision, sub: int = 0, wait: float = 30.0) -> tuple[WatchPoll, _Reply]:
     start, stop = range_bounds("w/", None, True)
     r = _Reply()
-    return WatchPoll(start, stop, revision, 0, 100, time.monotonic() + wait, r), r
+    return WatchPoll(start, stop, revision, sub, 100, time.monotonic() + wait, r), r
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 
 from pyraft import ServerState
 from pyraft.types import log_index
-from pyraft.errors import ChangeMembershipError, ForwardToLeader, Timeout
+from pyraft.errors import ChangeMembershipError, ForwardToLeader, InitializeError, Timeout
 from pyraft.messages import TimeoutNowRequest
 
 from memcluster import (FAST, LOADED, LeaderMonitor, MemCluster, Writer, assert_all_present, put,
@@ -180,6 +180,37 @@ def test_change_membership_refuses_bad_requests():
         # The same voters: nothing to do, returns at once.
         leader.change_membership({1, 2, 3}, timeout=5)
         assert leader.metrics().membership.configs == (frozenset({1, 2, 3}),)
+
+
+def test_a_learner_that_never_answered_is_not_promoted_and_the_cluster_keeps_its_quorum():
+    # Counting entries only, a learner added while nothing runs at its address was "caught up"
+    # with a young cluster's log: promoting it made a joint configuration that could commit nothing.
+    with MemCluster(3) as c:
+        leader = c.leader()
+        leader.add_learner(4, c.node(4), blocking=False)  # node 4 is never started
+        with pytest.raises(Timeout, match=r"new voters \[4\] to catch up"):
+            leader.change_membership({1, 2, 3, 4}, timeout=1.5)
+        m = leader.metrics()
+        assert m.membership.configs == (frozenset({1, 2, 3}),) and m.state == ServerState.LEADER
+        leader.client_write(put("still-writable", 1), timeout=5)
+        # The engine's own rule, for any caller: refused while the learner has not answered.
+        with pytest.raises(ChangeMembershipError, match=r"new voters \[4\] have not caught up"):
+            leader._api(lambda e: e.change_membership({1, 2, 3, 4})).result(5)
+        c.start(4)  # once it runs and answers, the same change goes through
+        leader.change_membership({1, 2, 3, 4}, timeout=10)
+        assert leader.metrics().membership.voter_ids == {1, 2, 3, 4}
+
+
+def test_a_second_member_at_an_address_already_in_the_membership_is_refused():
+    with MemCluster(3) as c:
+        leader = c.leader()
+        with pytest.raises(ChangeMembershipError, match="address 'mem://1' is that of node 1"):
+            leader.add_learner(4, c.node(1), timeout=5)
+        assert 4 not in leader.metrics().membership.nodes
+    with MemCluster(2, init=False) as c:
+        with pytest.raises(InitializeError, match="same address"):
+            c.rafts[1].initialize({1: c.node(1), 2: c.node(1)})
+        assert c.rafts[1].metrics().membership is None
 
 
 def test_one_change_at_a_time_and_metrics_show_the_joint_configuration():

@@ -41,7 +41,9 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import math
 import os
+import re
 import sys
 import time
 from typing import Any, Sequence
@@ -51,7 +53,7 @@ from pyraft.codec import ClientRequest, ClientResponse
 from pyraft.errors import ForwardToLeader, RaftError, Timeout
 from pyraft.raft import raise_error_response
 from pyraft.tools.cli import (CLUSTER_ENV, EXIT_FAILED, EXIT_OK, EXIT_USAGE, Parser, UsageError, add_global,
-                              add_version, cluster_from, emit_error, run_main)
+                              add_version, check_output_file, cluster_from, emit_error, run_main)
 from pyraft.transports.zmq import CurveConfig, TransportError, ZmqClient, generate_keys
 
 #: How long to wait for a node to answer a ``metrics`` request.
@@ -60,6 +62,10 @@ DEFAULT_CONNECT_TIMEOUT = 3.0
 DEFAULT_TIMEOUT = 30.0
 #: Time the reply of an operation may take to travel back after the node's own deadline.
 _REPLY_MARGIN = 3.0
+#: The longest --timeout / --connect-timeout (seconds): a day (a node caps an operation at 600 s anyway).
+MAX_TIMEOUT = 86400.0
+#: What keygen --name may be: it becomes a file name in DIR (and, for a node, peers/NAME.key).
+_KEY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 
 
 class Unreachable(Exception):
@@ -396,10 +402,7 @@ def backup(admin: Admin, addr: str, path: str, *, stale: bool = False, force: bo
     from pyraft.backup import BackupHeader, BackupWriter
     from pyraft.codec import snapshot_meta_from_wire
 
-    if os.path.exists(path) and not force:
-        raise UsageError(f"{path} exists (add --force to replace it)")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        raise UsageError(f"the directory of {path} does not exist")
+    check_output_file(path, force=force)  # a regular file, not in a data directory or LMDB environment
     m = admin.metrics(addr, contacted=addr)
     nid = m["id"]
     min_index = 0
@@ -429,6 +432,7 @@ def backup(admin: Admin, addr: str, path: str, *, stale: bool = False, force: bo
                 if type(data) is not bytes or not data:
                     raise RaftError(f"node {nid} sent no data at offset {w.written} of {header.snapshot_size}")
                 w.write(data)
+            check_output_file(path, force=force)  # again: FILE may have changed meanwhile (aborts on error)
             w.commit()
     finally:
         try:
@@ -520,6 +524,22 @@ def _parse_voters(text: str) -> list[int]:
     return ids
 
 
+def _check_timeouts(args: argparse.Namespace) -> None:
+    """--timeout and --connect-timeout: finite seconds, > 0 and at most :data:`MAX_TIMEOUT`."""
+    for flag, v in (("--timeout", args.timeout), ("--connect-timeout", args.connect_timeout)):
+        if not (math.isfinite(v) and 0 < v <= MAX_TIMEOUT):
+            raise UsageError(f"{flag} must be a number of seconds > 0 and at most {MAX_TIMEOUT:g}, got {v:g}")
+
+
+def _check_keygen(directory: str, name: str) -> None:
+    if not _KEY_NAME.fullmatch(name):
+        raise UsageError(f"--name must be 1-64 letters, digits and '_.-', not starting with '.', got {name!r}")
+    if not directory:
+        raise UsageError("DIR must not be empty")
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+        raise UsageError(f"{directory} is not a directory")
+
+
 def _emit(args: argparse.Namespace, result: dict, text: str) -> None:
     if args.json:
         print(json.dumps(result, sort_keys=True))
@@ -551,14 +571,14 @@ def _first_answering(admin: Admin, targets: list[tuple[int | None, str]]) -> str
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "keygen":
+        _check_keygen(args.dir, args.name)
         try:
             pub, sec = generate_keys(args.dir, args.name, overwrite=args.force)
         except TransportError as e:  # the files exist (without --force), or cannot be written
             return emit_error("pyraft-admin", args.json, EXIT_FAILED, e)
         _emit(args, {"public_key_file": pub, "secret_key_file": sec}, f"public key: {pub}\nsecret key: {sec}")
         return EXIT_OK
-    if args.timeout <= 0 or args.connect_timeout <= 0:
-        raise UsageError("--timeout and --connect-timeout must be positive")
+    _check_timeouts(args)
     targets = _targets(args)
     curve = None
     if args.curve_secret:

@@ -46,7 +46,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
-from pyraft import __version__
+from pyraft import Config, __version__
 
 if TYPE_CHECKING:  # the PySyncObj side imports this module too: nothing of pyraft it does not use
     from pyraft.types import LogId, StoredMembership
@@ -1417,13 +1417,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         a.payloads = [int(x) for x in str(a.payload).split(",") if x.strip()]
         a.thread_counts = [int(x) for x in str(a.client_threads).split(",") if x.strip()]
-        if not a.thread_counts or min(a.thread_counts) < 1:
-            raise ValueError("--client-threads must be positive")
+    except ValueError as e:
+        p.error(f"--payload and --client-threads take integers, or comma lists of them: {e}")
+    if not a.payloads:
+        p.error(f"--payload must give at least one size, got {a.payload!r}")
+    if not a.thread_counts or min(a.thread_counts) < 1:
+        p.error("--client-threads must be positive")
+    # NaN passes every comparison and inf never ends a run: both refused here.
+    if not (math.isfinite(a.duration) and a.duration > 0):
+        p.error(f"--duration must be a finite number of seconds > 0, got {a.duration!r}")
+    if not (math.isfinite(a.warmup) and a.warmup >= 0):
+        p.error(f"--warmup must be a finite number of seconds >= 0, got {a.warmup!r}")
+    try:
         a.config_dict = json.loads(a.config)
         if not isinstance(a.config_dict, dict):
-            raise ValueError("--config must be a JSON object")
-    except ValueError as e:
-        p.error(str(e))
+            raise ValueError("must be a JSON object")
+        Config.from_dict(a.config_dict)  # what every node would refuse at start-up, refused here
+    except (ValueError, TypeError) as e:
+        p.error(f"--config: {e}")
+    except RecursionError:
+        p.error("--config: nests arrays or objects too deep to read")
+    if a.out and (os.path.isdir(a.out) or not os.path.isdir(os.path.dirname(os.path.abspath(a.out)))):
+        p.error(f"--out {a.out}: not a file in an existing directory")
     if a.baseline == "etcd":
         a.mode = "client"
     if a.clients is None:

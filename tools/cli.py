@@ -17,13 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import sys
 from typing import Any, Callable, Sequence
 
 from pyraft import __version__
 
 __all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_CODES", "UsageError", "Parser",
-           "add_global", "add_version", "cluster_from", "emit_error", "wants_json", "run_main", "CLUSTER_ENV"]
+           "add_global", "add_version", "check_output_file", "cluster_from", "emit_error", "wants_json", "run_main",
+           "CLUSTER_ENV"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -100,16 +102,108 @@ def emit_error(prog: str, as_json: bool, code: int, error: BaseException | str, 
     return code
 
 
+#: Names that mark a directory no tool writes into: an LMDB environment's files, and the two
+#: environments of a pyraft node data directory (pyraft.stores.lmdb LOG_ENV_NAME, KV_ENV_NAME).
+_LMDB_FILES = ("data.mdb", "lock.mdb")
+_NODE_DIR_MARKS = ("log.lmdb", "kv.lmdb")
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISFIFO, "fifo"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def check_output_file(path: str, *, force: bool, flag: str = "FILE", protect: Sequence[str] = ()) -> str:
+    """The absolute path a tool may write its output file to (``pyraft-inspect snapshot --export``,
+    ``pyraft-admin backup``), or a :class:`UsageError`.
+
+    The file's directory must exist.  An existing ``path`` is replaced only with ``force``, and only
+    when it is a regular file (or a symbolic link to one): never a directory, device, fifo or socket.
+    Never, even a new file, inside an LMDB environment directory (one holding ``data.mdb`` or
+    ``lock.mdb``), a pyraft node data directory (one holding ``log.lmdb/`` or ``kv.lmdb/``), or one
+    of the ``protect`` directories (the data directory being read).  Called again just before the
+    rename, it also catches what changed meanwhile.
+    """
+    if not path:
+        raise UsageError(f"{flag} must not be empty")
+    dest = os.path.abspath(path)
+    parent = os.path.dirname(dest)
+    try:
+        pst = os.stat(parent)
+    except FileNotFoundError:
+        raise UsageError(f"the directory of {path} does not exist") from None
+    except NotADirectoryError:
+        raise UsageError(f"the directory of {path} is not a directory") from None
+    except OSError as e:
+        raise UsageError(f"cannot use the directory of {path}: {e.strerror or e}") from None
+    if not stat.S_ISDIR(pst.st_mode):
+        raise UsageError(f"the directory of {path} ({parent}) is not a directory")
+    where = [os.path.realpath(parent)]
+    try:
+        lst = os.lstat(dest)
+    except FileNotFoundError:
+        lst = None
+    except OSError as e:
+        raise UsageError(f"cannot use {path}: {e.strerror or e}") from None
+    if lst is not None:
+        try:
+            st = os.stat(dest)
+        except OSError:
+            raise UsageError(f"{path} is a symbolic link to nothing usable: refusing to replace it") from None
+        if not stat.S_ISREG(st.st_mode):
+            link = "a symbolic link to " if stat.S_ISLNK(lst.st_mode) else ""
+            raise UsageError(f"{path} is {link}a {_file_kind(st.st_mode)}, not a regular file: refusing to "
+                             f"replace it")
+        if stat.S_ISLNK(lst.st_mode):
+            where.append(os.path.dirname(os.path.realpath(dest)))
+    guarded = [os.path.realpath(p) for p in protect if p]
+    for d in where:
+        for g in guarded:
+            if d == g or d.startswith(g.rstrip(os.sep) + os.sep):
+                raise UsageError(f"{path} is inside the node data directory {g}: refusing to write there")
+        a = d
+        while True:
+            if any(os.path.lexists(os.path.join(a, n)) for n in _LMDB_FILES):
+                raise UsageError(f"{path} is inside the LMDB environment {a}: refusing to write there")
+            if any(os.path.isdir(os.path.join(a, n)) for n in _NODE_DIR_MARKS):
+                raise UsageError(f"{path} is inside the pyraft node data directory {a}: refusing to write there")
+            up = os.path.dirname(a)
+            if up == a:
+                break
+            a = up
+    if lst is not None and not force:
+        raise UsageError(f"{path} exists (add --force to replace it)")
+    return dest
+
+
 def run_main(prog: str, argv: Sequence[str] | None, body: Callable[[list[str]], int]) -> int:
-    """Run ``body(argv)``, turning a UsageError and Ctrl-C into their exit codes (JSON with ``--json``)."""
+    """Run ``body(argv)``, turning a UsageError and Ctrl-C into their exit codes (JSON with ``--json``).
+
+    A reader that closes stdout (``| head -3``) ends the command with exit 0: what it did not
+    read is not an error.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     as_json = wants_json(args)
     try:
-        return body(args)
+        rc = body(args)
+        sys.stdout.flush()  # here, where a reader gone is seen: not in the interpreter's last flush
+        return rc
     except UsageError as e:
         return emit_error(prog, as_json, EXIT_USAGE, e, kind="UsageError", prefix="error: ")
     except KeyboardInterrupt:
         return emit_error(prog, as_json, EXIT_INTERRUPTED, "interrupted", kind="Interrupted")
+    except BrokenPipeError:
+        # Point stdout at /dev/null: the interpreter flushes it once more on the way out.
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, sys.stdout.fileno())
+            os.close(null)
+        except (OSError, ValueError):
+            pass
+        return EXIT_OK
 
 
 if __name__ == "__main__":  # python -m pyraft.tools.cli [--help]: what the tools share

@@ -34,6 +34,7 @@ import os
 import shutil
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -48,7 +49,8 @@ from pyraft.stores.lmdb import (FORMAT_VERSION, KV_ENV_NAME, LOG_ENV_NAME, LmdbL
                                 node_dir_layout)
 from pyraft.types import Entry, EntryKind, LogId, Membership, StoredMembership, log_index
 
-from pyraft.tools.cli import EXIT_OK, Parser, add_global, add_version, emit_error, run_main
+from pyraft.tools.cli import (EXIT_OK, Parser, UsageError, add_global, add_version, check_output_file, emit_error,
+                              run_main)
 from pyraft.tools.cli import EXIT_FAILED as EXIT_FAULT
 from pyraft.tools.cli import EXIT_USAGE as EXIT_UNREADABLE
 
@@ -781,11 +783,14 @@ def cmd_snapshot(dd: DataDir, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_export(args: argparse.Namespace) -> str:
+    """Where --export may write (see :func:`pyraft.tools.cli.check_output_file`): never into the data
+    directory being read, an LMDB environment or over anything but a regular file (UsageError)."""
+    return check_output_file(args.export, force=args.force, flag="--export FILE", protect=[args.data_dir])
+
+
 def _export_snapshot(dd: DataDir, kv: KVStatus, args: argparse.Namespace) -> int:
-    dest = os.path.abspath(args.export)
-    if os.path.exists(dest) and not args.force:
-        return emit_error("pyraft-inspect", args.json, EXIT_UNREADABLE, f"{dest} exists (add --force to overwrite)",
-                          kind="UsageError")
+    dest = _check_export(args)
     # The node deletes a superseded snapshot file: open it first (an open
     # file stays readable), and if it is gone already, read the pointer again.
     for _ in range(5):
@@ -800,15 +805,20 @@ def _export_snapshot(dd: DataDir, kv: KVStatus, args: argparse.Namespace) -> int
     else:
         return emit_error("pyraft-inspect", args.json, EXIT_FAULT,
                           "the snapshot kept being replaced while exporting; retry", kind="SnapshotReplaced")
-    tmp = dest + ".tmp"
+    # A new file of its own (O_EXCL): never through whatever DEST.tmp may be.
+    tmp = f"{dest}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         # 0600: the snapshot holds all the data, as the node's own files do
-        with src, os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
+        with src, os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), "wb") as out:
             shutil.copyfileobj(src, out, 1 << 20)
             out.flush()
             os.fsync(out.fileno())
         counts = KVReader.check_snapshot_file(tmp, kv.snapshot)
+        _check_export(args)  # again: DEST may have changed while the snapshot was copied
         os.replace(tmp, dest)
+    except UsageError:
+        _unlink(tmp)
+        raise
     except StorageError as e:
         _unlink(tmp)
         return emit_error("pyraft-inspect", args.json, EXIT_FAULT, f"the snapshot file is damaged: {e}")
@@ -828,9 +838,10 @@ def _export_snapshot(dd: DataDir, kv: KVStatus, args: argparse.Namespace) -> int
 
 
 def _unlink(path: str) -> None:
+    """Remove a temporary file, if it is there: cleanup never raises (a failed open leaves none)."""
     try:
         os.unlink(path)
-    except FileNotFoundError:
+    except OSError:
         pass
 
 
@@ -883,6 +894,8 @@ _COMMANDS = {"summary": cmd_summary, "log": cmd_log, "verify": cmd_verify, "memb
 def _main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     j = args.json
+    if args.command == "snapshot" and args.export is not None:
+        _check_export(args)  # up front: a bad FILE is a usage error before anything is read
     try:
         with DataDir(args.data_dir) as dd:
             return _COMMANDS[args.command](dd, args)
@@ -894,13 +907,6 @@ def _main(argv: list[str]) -> int:
     except (CodecError, ValueError, TypeError) as e:
         return emit_error("pyraft-inspect", j, EXIT_FAULT,
                           f"{args.data_dir}: stored metadata does not decode: {e} (run verify)", kind="CodecError")
-    except BrokenPipeError:
-        # `pyraft-inspect DIR log | head`: the reader went away.
-        try:
-            sys.stdout = open(os.devnull, "w")
-        except OSError:
-            pass
-        return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

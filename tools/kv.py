@@ -80,6 +80,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -92,7 +93,7 @@ import time
 from typing import Any, Callable, Sequence
 
 
-from pyraft.tools.cli import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Parser, UsageError, add_global,
+from pyraft.tools.cli import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Parser, UsageError, add_global,
                               add_version, cluster_from, emit_error, run_main)
 
 log = logging.getLogger("pyraft.kv.serve")
@@ -116,6 +117,8 @@ def parse_value(text: str, kind: str) -> Any:
             return bytes.fromhex(text)
     except ValueError as e:
         raise UsageError(f"{text[:40]!r} is not a {kind} value: {e}") from None
+    except RecursionError:
+        raise UsageError(f"{text[:40]!r}...: nests arrays or objects too deep to read") from None
     raise UsageError(f"unknown --type {kind!r}")
 
 
@@ -153,6 +156,20 @@ def _int_arg(minimum: int, note: str = "") -> Callable[[str], int]:
 _positive_int = _int_arg(1)
 _lease_arg = _int_arg(0, " (a lease id, as lease grant prints it)")
 
+#: Node ids are what the wire format carries: integers in [0, 2**63 - 1].
+MAX_NODE_ID = 2**63 - 1
+
+
+def _node_id_arg(text: str) -> int:
+    """An argparse ``type``: a node id, an integer in [0, 2**63 - 1]."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= MAX_NODE_ID:
+        raise argparse.ArgumentTypeError(f"a node id is an integer in [0, 2**63 - 1], got {text!r}")
+    return n
+
 
 def _ttl_arg(text: str) -> float:
     try:
@@ -178,12 +195,40 @@ def parse_peers(text: str) -> dict[int, str]:
             node_id = -1
         if not sep or node_id < 0 or "://" not in addr:
             raise UsageError(f"--peers: expected ID=tcp://HOST:PORT, got {part!r}")
+        if node_id > MAX_NODE_ID:
+            raise UsageError(f"--peers: a node id is an integer in [0, 2**63 - 1], got {k.strip()!r}")
         if node_id in peers:
             raise UsageError(f"--peers: node {node_id} is listed twice")
         peers[node_id] = addr.strip()
     if not peers:
         raise UsageError("--peers: no members given")
     return peers
+
+
+#: What an LMDB environment directory holds, and a node data directory's stores: a --data-dir
+#: holding the first, or inside a directory holding the second, is part of another node.
+_LMDB_FILES = ("data.mdb", "lock.mdb")
+_NODE_STORES = ("log.lmdb", "kv.lmdb")
+
+
+def check_data_dir(data_dir: str) -> None:
+    """UsageError for a data directory that is an LMDB environment or one of a node's stores.
+
+    ``serve --data-dir n3/kv.lmdb`` (or ``n3/snapshots``) would otherwise make a second node
+    inside node 3's data directory.
+    """
+    root = os.path.abspath(data_dir)
+    for name in _LMDB_FILES:
+        if os.path.lexists(os.path.join(root, name)):
+            raise UsageError(f"--data-dir {data_dir}: it holds {name}, so it is an LMDB environment (one of a "
+                             f"node's stores), not a node's data directory: give the directory above it, or "
+                             f"a new one")
+    parent = os.path.dirname(root)
+    for name in _NODE_STORES:
+        if parent != root and os.path.lexists(os.path.join(parent, name)):
+            raise UsageError(f"--data-dir {data_dir}: {parent} holds {name}, so it is a node's data directory, "
+                             f"and a node inside it would mix with that node's files: give {parent} itself "
+                             f"(that node), or a directory outside it")
 
 
 def raise_fd_limit() -> None:
@@ -209,17 +254,22 @@ def raise_fd_limit() -> None:
         log.warning("cannot raise the open files limit from %s to %s: %s", soft, target, e)
 
 
+def _refuse_constant(name: str) -> Any:
+    """``json.load``'s ``parse_constant``: NaN, Infinity and -Infinity are not JSON (RFC 8259)."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def load_config(path: str | None, cluster_name: str | None = None) -> Any:
     from pyraft import Config
     d: dict = {}
     if path:
         try:
             with open(path, encoding="utf-8") as f:
-                d = json.load(f)
+                d = json.load(f, parse_constant=_refuse_constant)
         except OSError as e:
             raise UsageError(f"--config: cannot read {path}: {e.strerror}") from None
-        except json.JSONDecodeError as e:
-            raise UsageError(f"--config: {path} is not valid JSON: {e}") from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; nesting past the stack
+            raise UsageError(f"--config: {path} is not valid JSON: {e or type(e).__name__}") from None
         if not isinstance(d, dict):
             raise UsageError(f"--config: {path} must hold a JSON object of Config fields")
     if cluster_name:
@@ -274,6 +324,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--listen {args.listen} is reachable from other hosts, and without CURVE anyone who "
                          f"reaches it can read, write and reconfigure the cluster: give --curve-secret and "
                          f"--curve-allow, or --insecure if the network itself is trusted")
+    check_data_dir(args.data_dir)
     raise_fd_limit()
 
     layout = node_dir_layout(args.data_dir)
@@ -404,6 +455,7 @@ def _restore(args: argparse.Namespace) -> int:
     if args.id not in peers:
         raise UsageError(f"--id {args.id} is not one of the --peers ({', '.join(map(str, sorted(peers)))})")
     dest = os.path.abspath(args.data_dir)
+    check_data_dir(args.data_dir)
     if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
         raise UsageError(f"--data-dir {dest} is not empty: restore only into a new (or empty) directory")
     parent = os.path.dirname(dest)
@@ -493,13 +545,58 @@ def _json_default(o: Any) -> Any:
     return o.hex() if isinstance(o, bytes) else repr(o)
 
 
+def _non_finite(f: float) -> str:
+    """How ``--json`` writes the floats JSON has no number for (RFC 8259): as strings."""
+    return "NaN" if f != f else ("Infinity" if f > 0 else "-Infinity")
+
+
+def _json_key(k: Any) -> str:
+    """A map key as a JSON object's member name (what ``json.dumps`` makes of it, and bytes in hex)."""
+    if isinstance(k, str):
+        return k
+    if isinstance(k, bool) or k is None:
+        return json.dumps(k)
+    if isinstance(k, float):
+        return repr(k) if math.isfinite(k) else _non_finite(k)
+    if isinstance(k, int):
+        return str(k)
+    if isinstance(k, bytes):
+        return k.hex()
+    return repr(k)
+
+
+def json_safe(v: Any) -> Any:
+    """``v`` made fit for ``json.dumps(allow_nan=False)``: NaN and the infinities as the strings ``"NaN"``,
+    ``"Infinity"`` and ``"-Infinity"``, bytes in hex, tuples as lists, every map key a string, anything
+    else as its ``repr``."""
+    if v is None or isinstance(v, (str, bool, int)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else _non_finite(v)
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    if isinstance(v, dict):
+        return {_json_key(k): json_safe(x) for k, x in v.items()}
+    if isinstance(v, bytes):
+        return v.hex()
+    return repr(v)
+
+
+def json_line(result: Any) -> str:
+    """What ``--json`` prints for ``result``: valid JSON (RFC 8259) whatever values it holds."""
+    return json.dumps(json_safe(result), sort_keys=True, allow_nan=False)
+
+
 def text_value(v: Any) -> str:
     """A value as ``get`` prints it: a str as it is, bytes in hex, anything else as JSON."""
     if isinstance(v, str):
         return v
     if isinstance(v, bytes):
         return v.hex()
-    return json.dumps(v, default=_json_default)
+    try:
+        return json.dumps(v, default=_json_default)
+    except (TypeError, ValueError):  # map keys JSON has no form for (bytes, tuples), or mixed to sort
+        return json.dumps(json_safe(v))
 
 
 def text_field(v: Any) -> str:
@@ -529,6 +626,8 @@ def parse_txn(text: str) -> tuple[list, list, list]:
         d = json.loads(text)
     except json.JSONDecodeError as e:
         raise UsageError(f"the txn is not valid JSON: {e}") from None
+    except RecursionError:
+        raise UsageError("the txn nests arrays or objects too deep to read") from None
     if not isinstance(d, dict):
         raise UsageError('a txn is a JSON object: {"compare": [...], "success": [...], "failure": [...]}')
     unknown = sorted(set(d) - {"compare", "success", "failure"})
@@ -553,7 +652,7 @@ class _Output:
     def done(self, result: dict, text: str | None = None, note: str | None = None, code: int = EXIT_OK) -> int:
         """Print one result (``text``, if any, without ``--json``; ``note`` on stderr) and return ``code``."""
         if self.json:
-            print(json.dumps(result, sort_keys=True, default=_json_default))
+            print(json_line(result))
         else:
             if text is not None:
                 print(text)
@@ -563,7 +662,7 @@ class _Output:
 
     def line(self, result: dict, text: str) -> None:
         """One line of a stream (an event, a keepalive), flushed at once for a reader on a pipe."""
-        print(json.dumps(result, sort_keys=True, default=_json_default) if self.json else text, flush=True)
+        print(json_line(result) if self.json else text, flush=True)
 
     def note(self, text: str) -> None:
         print(f"{self.prog}: {text}", file=sys.stderr, flush=True)
@@ -584,6 +683,8 @@ def _check_client_args(args: argparse.Namespace) -> tuple[Any, Any, Any]:
             raise UsageError("--count-only counts every key of the range: --limit does not apply")
         if not (args.prefix or args.end is not None):
             raise UsageError("--limit needs a range: --prefix or --end KEY2")
+    if args.cmd == "watch":
+        _check_watch_args(args)
     if args.cmd == "txn":
         if args.json_text in (None, "-"):
             if sys.stdin.isatty():
@@ -593,6 +694,23 @@ def _check_client_args(args: argparse.Namespace) -> tuple[Any, Any, Any]:
             text = args.json_text
         txn = parse_txn(text)
     return value, expected, txn
+
+
+def _check_watch_args(args: argparse.Namespace) -> None:
+    """``watch``: a --rev the wire format carries, and a range with keys in it (an empty one waits for ever)."""
+    from pyraft.kv import KVCommandError
+    from pyraft.kv.encoding import range_bounds
+    from pyraft.kv.watch import MAX_WATCH_REVISION
+    if args.rev is not None and args.rev > MAX_WATCH_REVISION:
+        raise UsageError(f"--rev must be an integer in [1, {MAX_WATCH_REVISION}], got {args.rev}")
+    if args.end is not None:
+        try:
+            start, stop = range_bounds(args.key, args.end)
+        except KVCommandError:
+            return  # a key the store cannot hold: the watch refuses it ("refused: ...", exit 1)
+        if stop <= start:
+            raise UsageError(f"--end {args.end!r} is not after KEY {args.key!r}: the range [KEY, KEY2) is "
+                             f"empty, and a watch of it would wait for ever")
 
 
 def _client_command(args: argparse.Namespace) -> int:
@@ -715,7 +833,10 @@ class _CtrlC:
 
 def _watch(kv: Any, args: argparse.Namespace, out: _Output) -> int:
     """Print events as they come, until ``--count`` of them (exit 0) or Ctrl-C (run_main: exit 130)."""
-    w = kv.watch(args.key, prefix=args.prefix, end=args.end, start_revision=args.rev)
+    try:
+        w = kv.watch(args.key, prefix=args.prefix, end=args.end, start_revision=args.rev)
+    except ValueError as e:  # an argument KVClient refuses before sending anything
+        raise UsageError(str(e)) from None
     # Ctrl-C closes the watch (Watch.close: no blocking lock), and next() ends within about a second.
     with _CtrlC(w.close) as ctrl_c:
         return _watch_events(w, args, out, ctrl_c)
@@ -1123,6 +1244,11 @@ class _Interrupted(Exception):
 def _demo(args: argparse.Namespace) -> int:
     from pyraft.errors import RaftError
 
+    if args.dir:
+        try:
+            os.makedirs(args.dir, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--dir {args.dir}: cannot make it a directory: {e.strerror or e}") from None
     base = args.dir or tempfile.mkdtemp(prefix="pyraft-kv-demo-")
     keep = bool(args.dir) or args.keep
     total, nthreads = args.keys, args.threads
@@ -1158,27 +1284,37 @@ def _demo(args: argparse.Namespace) -> int:
         next_key = iter(range(total))
         key_lock = threading.Lock()
         done = [0]
+        finished = [0, 0]  # writes acknowledged or failed; writes begun
         progress = _Progress(total, "writing", quiet)
         killed = threading.Event()
+
+        def until_killed() -> None:
+            while not (killed.is_set() or stop_writers.is_set()):
+                killed.wait(0.05)
 
         def writer() -> None:
             while not stop_writers.is_set():
                 with key_lock:
                     n = next(next_key, None)
                 if n is None:
+                    until_killed()  # the kill comes while writers run, however few the keys
                     return
                 k, v = f"key-{n:05d}", f"value-{n}"
+                with acked_lock:
+                    finished[1] += 1
                 try:
                     kv.put(k, v)
                 except RaftError as e:
                     with acked_lock:
                         errors.append(f"{k}: {type(e).__name__}: {e}")
+                        finished[0] += 1
                         if len(errors) >= 20:  # the cluster is not serving: give up
                             stop_writers.set()
                     continue
                 with acked_lock:
                     acked[k] = v
                     done[0] += 1
+                    finished[0] += 1
 
         t_write = time.monotonic()
         for _ in range(nthreads):
@@ -1190,13 +1326,13 @@ def _demo(args: argparse.Namespace) -> int:
         old_lead = lead
         while any(t.is_alive() for t in threads):
             with acked_lock:
-                n = done[0]
+                n, f, busy = done[0], finished[0], finished[1] - finished[0]
             progress.show(n, "" if not killed.is_set() else "  (after failover)")
-            if not killed.is_set() and n >= kill_at:
+            if not killed.is_set() and f >= kill_at:
                 progress.end()
                 old_lead = cluster.leader() or lead
                 out(f"  SIGKILL the leader, node {old_lead} (pid {cluster.procs[old_lead].pid}), "
-                    f"with {n} writes acknowledged and {nthreads} writers busy")
+                    f"with {n} writes acknowledged and {busy} in flight")
                 t_kill = time.monotonic()
                 cluster.kill(old_lead)
                 killed.set()
@@ -1215,13 +1351,16 @@ def _demo(args: argparse.Namespace) -> int:
         n_acked = len(acked)
         out(f"  {n_acked} writes acknowledged in {write_time:.2f} s ({n_acked / write_time:.0f}/s); "
             f"{len(errors)} failed (timeouts: their outcome is unknown)")
-        for e in errors[:5]:
-            out(f"    {e}")
+        for line in errors[:5]:
+            out(f"    {line}")
 
         # Restart the killed node: it catches up from the new leader.
-        out(f"  restarting node {old_lead} (same command, without --init)")
         t_restart = time.monotonic()
-        cluster.start(old_lead)
+        if t_kill is None:  # the writers gave up (20 errors) before half the writes were done
+            out("  no SIGKILL: the writes failed before half of them were done (see above)")
+        else:
+            out(f"  restarting node {old_lead} (same command, without --init)")
+            cluster.start(old_lead)
 
         # Every acknowledged write must be readable: linearizable gets through the new leader.
         t_verify = time.monotonic()
@@ -1262,7 +1401,7 @@ def _demo(args: argparse.Namespace) -> int:
         # The restarted node has caught up: same applied index as the leader.
         lead_now = cluster.wait_leader(20)
         target = (cluster.status(lead_now) or {}).get("applied") or 0
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 20 if t_kill is not None else 0.0
         caught_up = False
         while time.monotonic() < deadline:
             st = cluster.status(old_lead)
@@ -1274,7 +1413,7 @@ def _demo(args: argparse.Namespace) -> int:
         if caught_up:
             out(f"  node {old_lead} is back as a {st.get('state', '?').lower()} and caught up to index {target} "
                 f"in {time.monotonic() - t_restart:.2f} s ({st.get('keys')} keys)")
-        else:
+        elif t_kill is not None:
             out(f"  node {old_lead} did not catch up to index {target} within 20 s")
 
         out("")
@@ -1347,7 +1486,7 @@ def _parser() -> argparse.ArgumentParser:
         return s
 
     s = cmd("serve", "run one node of the KV service")
-    s.add_argument("--id", type=int, required=True, help="this node's id (one of --peers)")
+    s.add_argument("--id", type=_node_id_arg, required=True, help="this node's id (one of --peers)")
     s.add_argument("--listen", required=True, metavar="tcp://HOST:PORT", help="address to bind; clients use it")
     s.add_argument("--peers", required=True, metavar="1=tcp://...,2=...", help="every initial member")
     s.add_argument("--data-dir", required=True, metavar="DIR", help="the node's data directory (LMDB)")
@@ -1433,7 +1572,7 @@ def _parser() -> argparse.ArgumentParser:
     r = cmd("restore", "prepare a new, empty data directory as a member of a new cluster holding a backup's data")
     r.add_argument("file", metavar="FILE", help="a backup written by pyraft-admin backup")
     r.add_argument("--data-dir", required=True, metavar="DIR", help="the new node's data directory (empty)")
-    r.add_argument("--id", type=int, required=True, help="the new node's id (one of --peers)")
+    r.add_argument("--id", type=_node_id_arg, required=True, help="the new node's id (one of --peers)")
     r.add_argument("--peers", required=True, metavar="1=tcp://...,2=...",
                    help="every member of the new cluster (the same on every member)")
 

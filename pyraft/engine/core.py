@@ -530,6 +530,10 @@ class Engine:
             raise InitializeError("the initial membership cannot be empty")
         if self.id not in nodes:
             raise InitializeError(f"node {self.id} is not in the initial membership {sorted(nodes)}")
+        shared = _shared_address(nodes)
+        if shared:
+            raise InitializeError(f"nodes {shared[1]} have the same address {shared[0]!r}: one would never be "
+                                  f"reached (and a majority might need it)")
         m = Membership.of(dict(nodes))
         entry = Entry(LogId(0, 1), EntryKind.MEMBERSHIP, m)
         self._append(entry)
@@ -564,7 +568,12 @@ class Engine:
             raise ChangeMembershipError(f"node {node_id} is already a voter")
         if m.nodes.get(node_id) == node:
             return None
-        new = Membership(configs=m.configs, nodes={**m.nodes, node_id: node})
+        nodes = {**m.nodes, node_id: node}
+        shared = _shared_address(nodes)
+        if shared:
+            raise ChangeMembershipError(f"node {node_id}'s address {shared[0]!r} is that of node "
+                                        f"{[i for i in shared[1] if i != node_id][0]} already")
+        new = Membership(configs=m.configs, nodes=nodes)
         return self._append_as_leader([(EntryKind.MEMBERSHIP, new)])[0]
 
     def remove_learner(self, node_id: int) -> LogId | None:
@@ -587,15 +596,21 @@ class Engine:
     def lagging(self, node_ids: Iterable[int]) -> dict[int, int]:
         """Those of ``node_ids`` (leader only) whose log is not caught up: id -> entries behind the commit point.
 
-        Caught up means within one AppendEntries (``max_payload_entries``) of
-        the leader's commit point.
+        Caught up means: the target has acknowledged entries of this leader
+        (so it runs, and it is the node at that address), has answered within
+        an election timeout, and its log is within one AppendEntries
+        (``max_payload_entries``) of the leader's commit point.  (Counting
+        entries only, a learner that never answered is "caught up" with a
+        young cluster's log: promoting it stalls the cluster until it comes.)
         """
         commit = log_index(self.committed)
+        window = self.cfg.election_timeout[1]
         out = {}
         for t in node_ids:
             p = self.progress.get(t)
             behind = commit - (p.matched_index if p is not None else 0)
-            if t != self.id and (p is None or behind > self.cfg.max_payload_entries):
+            if t != self.id and (p is None or p.matched is None or self.now - p.last_ack > window
+                                 or behind > self.cfg.max_payload_entries):
                 out[t] = behind
         return out
 
@@ -1300,3 +1315,14 @@ Engine._HANDLERS = {
     TimeoutNowRequest: Engine._on_timeout_now,
     TimeoutNowResponse: Engine._on_timeout_now_response,
 }
+
+
+def _shared_address(nodes: Mapping[int, Node]) -> tuple[str, list[int]] | None:
+    """An address that two members of ``nodes`` have, with their ids (sorted); None when all differ."""
+    seen: dict[str, int] = {}
+    for i in sorted(nodes):
+        addr = nodes[i].addr
+        if addr in seen:
+            return addr, [seen[addr], i]
+        seen[addr] = i
+    return None

@@ -6,10 +6,10 @@ and reads ranges, watches and leases (:mod:`pyraft.kv.server` serves them);
 :mod:`pyraft.kv.recipes` builds locks, elections and service registration on top.
 """
 from .client import KVClient
-from ..errors import LeaseNotFound
+from ..errors import LeaseNotFound, ResultNotKept
 from .encoding import KVCommandError
 from .reads import KeyValue, RangeResult, TxnResult, WatchEvent
 from .statemachine import KVReader, KVStateMachine, KVStatus
 
-__all__ = ["KVStateMachine", "KVReader", "KVStatus", "KVCommandError", "LeaseNotFound", "KVClient", "KeyValue",
-           "RangeResult", "WatchEvent", "TxnResult"]
+__all__ = ["KVStateMachine", "KVReader", "KVStatus", "KVCommandError", "LeaseNotFound", "ResultNotKept", "KVClient",
+           "KeyValue", "RangeResult", "WatchEvent", "TxnResult"]

@@ -81,11 +81,12 @@ from typing import Any, Iterable, Mapping
 
 from ..codec import ClientRequest, ClientResponse
 from ..errors import LeaseNotFound, RaftError, Timeout
-from ..raft import raise_error_response
+from ..raft import _check_timeout, raise_error_response
 from ..transports.zmq import CurveConfig, TransportError, ZmqChannel, ZmqClient
 from .commands import KVCommandError, check_command, check_key
 from .encoding import range_bounds
 from .reads import KeyValue, RangeResult, TxnResult, WatchEvent, check_limit
+from .watch import MAX_WATCH_REVISION
 
 __all__ = ["KVClient", "Watch", "KeepAlive", "Lease", "parse_addresses"]
 
@@ -157,10 +158,13 @@ class KVClient:
     def __init__(self, addresses: str | Iterable[str] | Mapping[int, str], timeout: float = 5.0, *,
                  cluster_name: str = "pyraft", curve: CurveConfig | None = None,
                  attempt_timeout: float | None = None) -> None:
-        if not timeout > 0:
-            raise ValueError(f"timeout must be positive, got {timeout!r}")
+        if _check_timeout(timeout) is None or not timeout > 0:
+            raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+        if attempt_timeout is not None and not (_check_timeout(attempt_timeout, "attempt_timeout") or 0) > 0:
+            raise ValueError(f"attempt_timeout must be a finite number of seconds > 0 (or None), "
+                             f"got {attempt_timeout!r}")
         self.timeout = float(timeout)
-        self.attempt_timeout = (float(attempt_timeout) if attempt_timeout
+        self.attempt_timeout = (float(attempt_timeout) if attempt_timeout is not None
                                 else min(self.timeout, max(0.2, min(1.0, self.timeout / 3))))
         self.cluster_name = cluster_name
         self.curve = curve
@@ -319,12 +323,15 @@ class KVClient:
             # member's own revision could be older than a write this caller saw finish).
             # (A one-key count: its revision is the point, not its count.)
             start_revision = self._call("kv.range", {"key": key, "count_only": True}, write=False)["revision"] + 1
-        elif type(start_revision) is not int or start_revision < 1:
-            raise ValueError(f"start_revision must be an integer >= 1 or None, got {start_revision!r}")
+        elif type(start_revision) is not int or not 1 <= start_revision <= MAX_WATCH_REVISION:
+            raise ValueError(f"start_revision must be an integer in [1, {MAX_WATCH_REVISION}] or None, "
+                             f"got {start_revision!r}")
         return Watch(self, query, start_revision)
 
     def status(self, address: str | None = None, timeout: float | None = None) -> dict:
         """``kv.status`` of one node (default: the one this client would try first)."""
+        if _check_timeout(timeout) == 0:
+            raise ValueError("timeout must be a finite number of seconds > 0 (or None)")
         if self._closed:
             raise RaftError("KVClient is closed")
         addr = address or self._first_choice()
@@ -587,6 +594,7 @@ class Watch:
 
     def get(self, timeout: float | None = None) -> WatchEvent | None:
         """The next event; None when none came within ``timeout`` s (up to a second later), or once closed."""
+        _check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if self._events:
@@ -667,6 +675,10 @@ class Watch:
             self._addr = c._next_after(addr)
 
 
+#: The shortest interval a KeepAlive may renew its lease at: shorter would only load the leader.
+MIN_KEEPALIVE_INTERVAL = 0.05
+
+
 class KeepAlive:
     """Keeps a lease alive from a background thread ``pyraft-keepalive-<lease id>`` until :meth:`stop`.
 
@@ -684,8 +696,10 @@ class KeepAlive:
         self.lease_id = _lease_id(lease_id)
         sent = time.monotonic()
         self.ttl = client.lease_keepalive(lease_id)  # LeaseNotFound at once for a lease that is gone
-        if interval is not None and not 0 < interval < self.ttl:
-            raise ValueError(f"interval must be between 0 and the lease's ttl ({self.ttl} s), got {interval!r}")
+        if interval is not None and not ((_check_timeout(interval, "interval") or 0) >= MIN_KEEPALIVE_INTERVAL
+                                         and interval < self.ttl):
+            raise ValueError(f"interval must be between {MIN_KEEPALIVE_INTERVAL} s and the lease's ttl "
+                             f"({self.ttl} s), got {interval!r}")
         self.interval = interval or self.ttl / 3
         self.expires = sent + self.ttl
         self.lost = threading.Event()

@@ -54,7 +54,10 @@ bool, get ``[value, create_revision, mod_revision, version, lease]`` or
 ``None``, range ``[[[key, value, create_revision, mod_revision, version,
 lease], ...], more]`` (at most :data:`MAX_TXN_RANGE` keys).  The revision in
 the result is the txn's own.  At most :data:`MAX_TXN_OPS` compares and ops
-per list.  A malformed txn, or one whose chosen ops would fail (a put to a
+per list.  What the gets and ranges of one txn return is bounded by
+:data:`MAX_TXN_READ_BYTES` (stored keys and records): ranges stop early,
+with ``more``, once it is reached, and a txn whose gets alone would return
+more is refused (the error is its result).  A malformed txn, or one whose chosen ops would fail (a put to a
 lease that does not exist), changes nothing: its result is the error.
 
 Keys: see :mod:`pyraft.kv.encoding` (any scalar or array of scalars, stored
@@ -66,18 +69,24 @@ Exactly-once: a command may carry ``"client": <str or bytes>`` (encoded in
 at most :data:`MAX_CLIENT_BYTES`, 503, bytes) and ``"seq": <int >= 0>``.  Per client the state machine remembers the last seq
 applied and its result.  ``seq`` greater than it: apply and remember;
 ``seq`` equal: return the remembered result without applying again; ``seq``
-smaller: a :class:`KVCommandError` (the client already moved on).  A session
+smaller: a :class:`KVCommandError` (the client already moved on).  A result
+larger than :data:`MAX_REMEMBERED_RESULT` encoded is not kept: a retry of
+that request gets :class:`~pyraft.errors.ResultNotKept` naming the revision
+it was applied at (and for a txn whether its compares held).  A session
 whose last applied command is more than ``session_ttl`` log indexes behind
 the entry being applied is forgotten — a rule on log indexes only, so every
 replica drops the same sessions at the same entry.
 
 A malformed command (not a map, unknown op, missing field, bad key or
-session fields, a value msgpack cannot encode) never stops the node: its
+session fields, a value msgpack cannot encode, arrays and maps nested deeper
+than :data:`MAX_DEPTH`) never stops the node: its
 result is a :class:`KVCommandError` instance, which the runtime delivers to
 the waiting client as raised.  With valid session fields the error is
 remembered like any other result.  A key or a client id the store cannot
-hold is refused before it is proposed (:func:`check_command`), and the same
-as a result if such an entry is in a log all the same.
+hold, or a value or txn nested deeper than :data:`MAX_DEPTH`, is refused
+before it is proposed (:func:`check_command`), and the same as a result if
+such an entry is in a log all the same.  Error messages quote at most a few
+dozen characters of the command (:func:`~pyraft.kv.encoding.shown`).
 """
 from __future__ import annotations
 
@@ -88,16 +97,17 @@ from typing import Any, Iterator, Protocol, Sequence
 import msgpack
 
 from ..codec import pack_fast
-from ..errors import LeaseNotFound
+from ..errors import LeaseNotFound, ResultNotKept
 from ..types import Entry, EntryKind
 from .encoding import (EVENT_DELETE, EVENT_PUT, MAX_KEY_BYTES, RECORD_HEADER, KVCommandError, check_key,
                        decode_key, decode_value, encode_key, encode_value, pack_event, range_bounds,
-                       record_header, record_value)
+                       record_header, record_value, shown)
 
 __all__ = ["KVCommandError", "LeaseNotFound", "KVBackend", "Session", "apply_command", "apply_entries", "check_command",
            "check_key", "encode_key", "decode_key", "encode_value", "decode_value", "OPS", "ADDING_OPS",
            "MAX_KEY_BYTES", "MAX_CLIENT_BYTES", "MIN_LEASE_TTL", "MAX_LEASE_TTL", "MAX_TXN_OPS", "MAX_TXN_RANGE",
-           "DEFAULT_SESSION_TTL", "DEFAULT_WATCH_HISTORY"]
+           "MAX_TXN_READ_BYTES", "MAX_DEPTH", "MAX_REMEMBERED_RESULT", "DEFAULT_SESSION_TTL",
+           "DEFAULT_WATCH_HISTORY"]
 
 DEFAULT_SESSION_TTL = 100_000
 #: The watch history keeps the events of this many revisions (log indexes) by default.
@@ -119,6 +129,17 @@ MAX_LEASE_TTL = 1e9
 MAX_TXN_OPS = 128
 #: A range inside a txn returns at most this many keys (a txn's result is kept in its session).
 MAX_TXN_RANGE = 1000
+#: What a txn's gets and ranges return together, in stored bytes (keys and records), at most
+#: (as a ``kv.range`` reply: pyraft.kv.reads.MAX_REPLY_BYTES).  Ranges stop early, with
+#: ``more``, past it; gets that would return more refuse the txn before it changes anything.
+MAX_TXN_READ_BYTES = 4 * 1024 * 1024
+#: A command nests arrays and maps at most this deep, its own map included (values are
+#: encoded, compared and remembered in sessions by recursive code: deeper is refused).
+MAX_DEPTH = 64
+#: A session keeps a result of at most this many bytes (encoded) for a retry; a retry of a
+#: request whose result was larger (a get of a large value, a txn that read much) gets
+#: ResultNotKept, saying at which revision it was applied.
+MAX_REMEMBERED_RESULT = 64 * 1024
 
 _MAX_U64 = 2**64 - 1
 _TARGETS = ("value", "version", "create_revision", "mod_revision", "lease")
@@ -152,14 +173,36 @@ def encode_client(client: Any) -> bytes:
     return b
 
 
+def check_depth(value: Any, level: int = 1) -> None:
+    """KVCommandError when ``value``, at nesting ``level`` of a command, nests deeper than :data:`MAX_DEPTH`."""
+    stack = [(value, level)]
+    pop, push = stack.pop, stack.append
+    while stack:
+        o, d = pop()
+        if d > MAX_DEPTH:
+            raise KVCommandError(f"a command nests arrays and maps at most {MAX_DEPTH} deep")
+        for v in (o.values() if type(o) is dict else o):
+            t = type(v)
+            if t is list or t is dict or t is tuple:
+                push((v, d + 1))
+
+
 def check_command(command: Any) -> None:
     """Refuse, before it is proposed, a command whose keys or client id the store could not hold.
 
-    Raises KVCommandError.  Everything else about a command is decided when
-    it is applied, the same way on every node (see :func:`apply_command`).
+    Raises KVCommandError, also for a value (or a txn) nested deeper than
+    :data:`MAX_DEPTH`.  Everything else about a command is decided when it
+    is applied, the same way on every node (see :func:`apply_command`).
     """
     if type(command) is not dict:
         return
+    if command.get("op") == "txn":
+        check_depth(command)
+    else:
+        for field in ("value", "expected"):
+            v = command.get(field)
+            if type(v) is list or type(v) is dict or type(v) is tuple:
+                check_depth(v, 2)
     if "key" in command:
         check_key(command["key"])
     if command.get("op") == "txn":
@@ -206,6 +249,8 @@ class Session:
 def result_to_wire(result: Any) -> list:
     if isinstance(result, LeaseNotFound):
         return [2, str(result)]
+    if isinstance(result, ResultNotKept):
+        return [3, str(result)]
     if isinstance(result, KVCommandError):
         return [1, str(result)]
     return [0, result]
@@ -215,6 +260,8 @@ def result_from_wire(w: list) -> Any:
     kind, v = w
     if kind == 2:
         return LeaseNotFound(v)
+    if kind == 3:
+        return ResultNotKept(v)
     return KVCommandError(v) if kind == 1 else v
 
 
@@ -294,8 +341,28 @@ def apply_command(backend: KVBackend, index: int, command: Any,
             return result_from_wire(old.result)
         return KVCommandError(f"stale request: seq {seq} is older than this client's last one ({old.seq})")
     result = _execute(backend, index, command)
-    backend.put_session(client, Session(seq, result_to_wire(result), index), old)
+    backend.put_session(client, Session(seq, _remembered(result, index), index), old)
     return result
+
+
+def _remembered(result: Any, index: int) -> list:
+    """What a session keeps of ``result``: all of it, or past :data:`MAX_REMEMBERED_RESULT` a note.
+
+    Only a get's value and a txn's responses can be large; a small command
+    must not make every replica keep megabytes until its session expires.
+    """
+    wire = result_to_wire(result)
+    t = type(result)
+    if result is not None and t is not bool and t is not int and t is not float:
+        n = len(pack_fast(wire))
+        if n > MAX_REMEMBERED_RESULT:
+            held = ""
+            if t is list and len(result) == 3 and type(result[0]) is bool and result[2] == index:  # a txn's
+                held = f", its compares {'held' if result[0] else 'did not hold'}"
+            return result_to_wire(ResultNotKept(
+                f"this request was applied at revision {index}{held}; its result, {n} bytes encoded, "
+                f"is larger than a session keeps for a retry ({MAX_REMEMBERED_RESULT}): read the keys again"))
+    return wire
 
 
 def apply_entries(backend: KVBackend, entries: Sequence[Entry], session_ttl: int = DEFAULT_SESSION_TTL) -> list[Any]:
@@ -332,8 +399,13 @@ def _execute(backend: KVBackend, rev: int, cmd: dict) -> Any:
         if op == "put" and "lease" not in cmd and "key" in cmd and "value" in cmd:
             # The common case, without building an _Op (apply's CPU per write is the
             # throughput of a leader whose followers share its process or its cores).
-            _put(backend, rev, encode_key(cmd["key"]), encode_value(cmd["value"]), 0)
+            value = cmd["value"]
+            if type(value) is list or type(value) is dict:
+                check_depth(value, 2)
+            _put(backend, rev, encode_key(cmd["key"]), encode_value(value), 0)
             return None
+        # As check_command refused it before proposing; the same here for an entry in a log all the same.
+        check_depth(cmd)
         if op == "txn":
             return _txn(backend, rev, cmd)
         if op == "lease_grant":
@@ -341,13 +413,13 @@ def _execute(backend: KVBackend, rev: int, cmd: dict) -> Any:
             if not ((type(ttl) is int or type(ttl) is float) and math.isfinite(ttl)
                     and MIN_LEASE_TTL <= ttl <= MAX_LEASE_TTL):
                 raise KVCommandError(f"lease_grant: 'ttl' must be a number of seconds in "
-                                     f"[{MIN_LEASE_TTL}, {MAX_LEASE_TTL:g}], got {ttl!r}")
+                                     f"[{MIN_LEASE_TTL}, {MAX_LEASE_TTL:g}], got {shown(ttl)}")
             backend.put_lease(rev, float(ttl))
             return rev
         if op == "lease_revoke":
             return _revoke(backend, rev, _lease_id(cmd.get("id"), "lease_revoke: 'id'"))
         if op not in OPS:
-            raise KVCommandError(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
+            raise KVCommandError(f"unknown op {shown(op)}; expected one of {', '.join(OPS)}")
         p = _parse(cmd, op)
         if p.lease and backend.get_lease(p.lease) is None:
             raise LeaseNotFound(f"{op}: lease {p.lease} not found")
@@ -377,7 +449,7 @@ def _lease_id(v: Any, what: str) -> int:
     if v is None:
         return 0
     if type(v) is not int or not 0 <= v <= _MAX_U64:
-        raise KVCommandError(f"{what} must be a lease id (an integer >= 0), got {v!r}")
+        raise KVCommandError(f"{what} must be a lease id (an integer >= 0), got {shown(v)}")
     return v
 
 
@@ -390,7 +462,7 @@ def _parse(cmd: Any, op: Any) -> _Op:
         start, stop = range_bounds(cmd["key"], cmd.get("end"), _flag(cmd, "prefix"))
         limit = cmd.get("limit")
         if limit is not None and (type(limit) is not int or limit < 0):
-            raise KVCommandError(f"range: 'limit' must be an integer >= 0, got {limit!r}")
+            raise KVCommandError(f"range: 'limit' must be an integer >= 0, got {shown(limit)}")
         limit = MAX_TXN_RANGE if not limit else min(limit, MAX_TXN_RANGE)
         return _Op(op, start, stop=stop, limit=limit, keys_only=_flag(cmd, "keys_only"))
     key = encode_key(cmd["key"])
@@ -411,7 +483,7 @@ def _parse(cmd: Any, op: Any) -> _Op:
 def _flag(cmd: dict, name: str) -> bool:
     v = cmd.get(name, False)
     if type(v) is not bool:
-        raise KVCommandError(f"'{name}' must be true or false, got {v!r}")
+        raise KVCommandError(f"'{name}' must be true or false, got {shown(v)}")
     return v
 
 
@@ -493,7 +565,7 @@ def _txn(backend: KVBackend, rev: int, cmd: dict) -> list:
             op = o.get("op") if type(o) is dict else None
             if op not in _TXN_OPS:
                 raise KVCommandError(f"txn: an op must be a map with op one of {', '.join(_TXN_OPS)}, "
-                                     f"got {str(o)[:60]}")
+                                     f"got {shown(o)}")
             parsed.append(_parse(o, op))
         branches[part] = parsed
     if type(compare) is not list or len(compare) > MAX_TXN_OPS:
@@ -504,6 +576,7 @@ def _txn(backend: KVBackend, rev: int, cmd: dict) -> list:
     for p in ops:  # before changing anything: the txn is all or nothing
         if p.lease and backend.get_lease(p.lease) is None:
             raise LeaseNotFound(f"txn {p.op}: lease {p.lease} not found")
+    left = MAX_TXN_READ_BYTES - _get_bytes(backend, ops)  # (also before changing anything)
     responses = []
     for p in ops:
         if p.op == "get":
@@ -513,9 +586,10 @@ def _txn(backend: KVBackend, rev: int, cmd: dict) -> list:
             rows: list[Any] = []
             more = False
             for k, rec in backend.scan(p.key, p.stop):
-                if len(rows) == p.limit:
+                if len(rows) == p.limit or left <= 0:
                     more = True
                     break
+                left -= len(k) + len(rec)
                 rows.append([decode_key(k), None if p.keys_only else decode_value(record_value(rec)),
                              *record_header(rec)])
             responses.append([rows, more])
@@ -524,14 +598,45 @@ def _txn(backend: KVBackend, rev: int, cmd: dict) -> list:
     return [succeeded, responses, rev]
 
 
+def _get_bytes(backend: KVBackend, ops: list[_Op]) -> int:
+    """The stored bytes the gets among ``ops`` will return, counted before any op runs.
+
+    KVCommandError past :data:`MAX_TXN_READ_BYTES`.  A get sees the puts and
+    deletes before it in the txn; after a cas it counts the larger of the
+    two values the key may hold.
+    """
+    if not any(p.op == "get" for p in ops):
+        return 0
+    size: dict[bytes, int] = {}  # key -> its record's size after the ops so far
+    total = 0
+    for p in ops:
+        if p.op == "range":
+            continue
+        n = size.get(p.key)
+        if n is None:
+            rec = backend.get(p.key)
+            n = 0 if rec is None else len(rec)
+        if p.op == "get":
+            total += n
+            if total > MAX_TXN_READ_BYTES:
+                raise KVCommandError(f"txn: its gets would return more than {MAX_TXN_READ_BYTES} bytes; "
+                                     f"read large values with get or range outside a txn")
+        elif p.op == "delete":
+            size[p.key] = 0
+        else:
+            new = _HEADER.size + len(p.value)
+            size[p.key] = new if p.op == "put" else max(n, new)
+    return total
+
+
 def _parse_compare(c: Any) -> tuple[bytes, str, str, Any]:
     if type(c) is not dict or "key" not in c:
-        raise KVCommandError(f"txn: a compare is a map with 'key', 'target', 'op', 'value', got {str(c)[:60]}")
+        raise KVCommandError(f"txn: a compare is a map with 'key', 'target', 'op', 'value', got {shown(c)}")
     target, op = c.get("target"), c.get("op")
     if target not in _TARGETS:
-        raise KVCommandError(f"txn: compare target must be one of {', '.join(_TARGETS)}, got {target!r}")
+        raise KVCommandError(f"txn: compare target must be one of {', '.join(_TARGETS)}, got {shown(target)}")
     if op not in _CMP_OPS:
-        raise KVCommandError(f"txn: compare op must be one of {', '.join(_CMP_OPS)}, got {op!r}")
+        raise KVCommandError(f"txn: compare op must be one of {', '.join(_CMP_OPS)}, got {shown(op)}")
     if "value" not in c:
         raise KVCommandError("txn: a compare needs a 'value'")
     v = c["value"]
@@ -541,7 +646,7 @@ def _parse_compare(c: Any) -> tuple[bytes, str, str, Any]:
         else:
             encode_value(v)  # refuse what could never be stored
     elif type(v) is not int:
-        raise KVCommandError(f"txn: a compare on {target} takes an integer value, got {v!r}")
+        raise KVCommandError(f"txn: a compare on {target} takes an integer value, got {shown(v)}")
     return encode_key(c["key"]), target, op, v
 
 

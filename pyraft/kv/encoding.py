@@ -37,6 +37,7 @@ for a put the value's msgpack encoding.
 """
 from __future__ import annotations
 
+import reprlib
 import struct
 from typing import Any
 
@@ -72,6 +73,21 @@ class KVCommandError(RaftError):
 
     def __hash__(self) -> int:
         return hash((type(self), self.args))
+
+
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxstring, _SHOW.maxother, _SHOW.maxlist, _SHOW.maxdict = 3, 40, 40, 4, 4
+
+
+def shown(value: Any) -> str:
+    """A short repr of a value from a command, for an error message: bounded in size and depth.
+
+    Error results are remembered in sessions on every replica; a message
+    never carries more than a few dozen characters of what the caller sent.
+    """
+    if type(value) is int and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    return _SHOW.repr(value)
 
 
 # ---------------------------------------------------------------------------
@@ -123,7 +139,7 @@ def _enc(key: Any, out: bytearray, depth: int, nested: bool) -> None:
         _bytes(key, out, nested)
     elif t is int:
         if not _INT_MIN <= key <= _INT_MAX:
-            raise KVCommandError(f"key cannot be encoded: integer {key} is out of msgpack's range")
+            raise KVCommandError(f"key cannot be encoded: {shown(key)} is out of msgpack's range")
         out.append(_INT)
         out += (key + _INT_OFFSET).to_bytes(9, "big")
     elif key is None:

@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 from ..errors import LeaseNotFound, RaftError, Timeout
+from ..raft import _check_timeout
 from .client import KVClient, Lease, Watch
 from .reads import KeyValue
 
@@ -81,6 +82,7 @@ class Lock:
 
     def acquire(self, timeout: float | None = None) -> int:
         """Block until held (Timeout after ``timeout`` s: nothing held then); returns the fencing token."""
+        _check_timeout(timeout)
         if self.token is not None:
             raise RuntimeError(f"lock {self.prefix[:-1]!r} is held already by this object")
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -157,6 +159,7 @@ class Election:
 
     def campaign(self, value: Any, timeout: float | None = None) -> int:
         """Block until this one leads (Timeout after ``timeout`` s); returns the leadership's revision."""
+        _check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         if self.lease is None or not self.lease.alive:
             self.lease = self.kv.lease(self.ttl)

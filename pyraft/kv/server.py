@@ -73,10 +73,11 @@ from ..errors import Overloaded, RaftError
 from ..raft import Raft, error_response
 from ..types import ServerState
 from .commands import _flag
-from .encoding import KVCommandError, range_bounds
+from .encoding import KVCommandError, range_bounds, shown
 from .leases import LeaseKeeper, min_lease_ttl
 from .reads import check_limit, read_range
-from .watch import DEFAULT_MAX_WATCHERS, MAX_WATCH_LIMIT, MAX_WATCH_WAIT, WatchHub, WatchPoll
+from .watch import (DEFAULT_MAX_WATCHERS, MAX_WATCH_LIMIT, MAX_WATCH_REVISION, MAX_WATCH_SUB, MAX_WATCH_WAIT,
+                    WatchHub, WatchPoll)
 
 __all__ = ["serve_kv", "unserve_kv", "KVService", "KV_OPS", "WRITE_OPS"]
 
@@ -302,17 +303,21 @@ class KVService:
         body = _body(req)
         start, stop = range_bounds(body["key"], body.get("end"), _flag(body, "prefix"))
         rev, sub = body.get("start_revision"), body.get("sub", 0)
-        if rev is not None and (type(rev) is not int or rev < 1):
-            raise KVCommandError(f"kv.watch: start_revision must be an integer >= 1 or None, got {rev!r}")
-        if type(sub) is not int or sub < 0 or (sub and rev is None):
-            raise KVCommandError(f"kv.watch: sub must be an integer >= 0 (with a start_revision), got {sub!r}")
+        # The history cannot be read past these (a position is stored in fixed widths): refused here,
+        # a poll the hub could not read would only come back as an error later.
+        if rev is not None and (type(rev) is not int or not 1 <= rev <= MAX_WATCH_REVISION):
+            raise KVCommandError(f"kv.watch: start_revision must be an integer in [1, {MAX_WATCH_REVISION}] "
+                                 f"or None, got {shown(rev)}")
+        if type(sub) is not int or not 0 <= sub <= MAX_WATCH_SUB or (sub and rev is None):
+            raise KVCommandError(f"kv.watch: sub must be an integer in [0, {MAX_WATCH_SUB}] (with a "
+                                 f"start_revision), got {shown(sub)}")
         limit = body.get("limit", 1000)
         if type(limit) is not int or not 1 <= limit <= MAX_WATCH_LIMIT:
-            raise KVCommandError(f"kv.watch: limit must be an integer in [1, {MAX_WATCH_LIMIT}], got {limit!r}")
+            raise KVCommandError(f"kv.watch: limit must be an integer in [1, {MAX_WATCH_LIMIT}], got {shown(limit)}")
         wait = body.get("wait", 1.0)
         if type(wait) not in (int, float) or not 0 <= wait <= MAX_WATCH_WAIT:
             raise KVCommandError(f"kv.watch: wait must be a number of seconds in [0, {MAX_WATCH_WAIT:g}], "
-                                 f"got {wait!r}")
+                                 f"got {shown(wait)}")
         watches = self._part(self.watches, "kv.watch")
         watches.submit(WatchPoll(start, stop, rev, sub, limit, time.monotonic() + wait, reply))
 

@@ -26,12 +26,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..codec import ClientResponse
-from ..errors import Compacted, Overloaded, ShutDown
+from ..codec import _MAX_INT, ClientResponse
+from ..errors import Compacted, Overloaded, RaftError, ShutDown
 from ..raft import error_response
 from .reads import read_events
+from .statemachine import _SUB
 
-__all__ = ["WatchHub", "DEFAULT_MAX_WATCHERS", "MAX_WATCH_WAIT", "MAX_WATCH_LIMIT"]
+__all__ = ["WatchHub", "DEFAULT_MAX_WATCHERS", "MAX_WATCH_WAIT", "MAX_WATCH_LIMIT", "MAX_WATCH_REVISION",
+           "MAX_WATCH_SUB"]
 
 log = logging.getLogger("pyraft.kv")
 
@@ -41,6 +43,11 @@ DEFAULT_MAX_WATCHERS = 1024
 MAX_WATCH_WAIT = 30.0
 #: The most events one reply holds.
 MAX_WATCH_LIMIT = 10_000
+#: The largest revision a poll may start at: revisions are log indexes (at most 2**63 - 1).
+MAX_WATCH_REVISION = _MAX_INT
+#: The largest ``sub`` (an event's number within its revision) a poll may name: the history
+#: stores it in ``_SUB``'s 4 bytes, so 2**32 - 1.
+MAX_WATCH_SUB = 2 ** (8 * _SUB.size) - 1
 
 
 @dataclass(slots=True)
@@ -148,7 +155,11 @@ class WatchHub:
             _send(p, error_response(ShutDown("the watch service stopped")))
 
     def _serve(self, polls: list[WatchPoll]) -> list[tuple[WatchPoll, ClientResponse]]:
-        """Read the history for each poll (one read for all); the polls to answer now, with their replies."""
+        """Read the history for each poll (one read for all); the polls to answer now, with their replies.
+
+        A poll whose read fails is answered with the error, alone: the other polls are served as
+        usual (only a failure of the view itself, raised from here, answers them all).
+        """
         done: list[tuple[WatchPoll, ClientResponse]] = []
         now = self._clock()
         with self._sm.view() as v:
@@ -160,6 +171,11 @@ class WatchHub:
                                                               limit=p.limit)
                 except Compacted as e:
                     done.append((p, error_response(e)))
+                    continue
+                except Exception as e:  # noqa: BLE001 - one poll's failure is its own, not the other polls'
+                    log.exception("watch: reading the history for a poll at (%s, %s) failed", p.revision, p.sub)
+                    done.append((p, error_response(e if isinstance(e, RaftError) else
+                                                   RaftError(f"kv.watch failed: {type(e).__name__}: {e}"))))
                     continue
                 # Answer with events, or with progress when the scan stopped early (the client polls
                 # again at once), or with nothing when its wait is over.
