@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass, fields
 
@@ -13,8 +14,8 @@ MAX_TIMEOUT = 3600.0
 
 
 def _is_number(v: object) -> bool:
-    """An int or a float, not a bool (nor a str, nor anything else that converts to one)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A real number (int, float, a numpy scalar), not a bool (nor a str, nor a Decimal)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def _check_seconds(name: str, v: object) -> None:
@@ -110,8 +111,9 @@ class Config:
         _check_seconds("rpc_timeout", self.rpc_timeout)
         for name in ("pre_vote", "check_quorum"):
             v = getattr(self, name)
-            if type(v) is not bool:
-                raise ValueError(f"{name} must be True or False, got {v!r}")
+            if type(v) is not bool and not (type(v) is int and v in (0, 1)):  # "no" would be true
+                raise ValueError(f"{name} must be True or False (or 1 or 0), got {v!r}")
+            object.__setattr__(self, name, bool(v))
         for name in ("max_payload_entries", "max_payload_bytes", "max_inflight", "max_apply_batch",
                      "snapshot_chunk_size", "max_proposal_batch", "max_pending_writes", "max_queued_rpcs"):
             v = getattr(self, name)

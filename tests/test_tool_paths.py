@@ -170,7 +170,7 @@ def test_export_from_a_running_node_never_replaces_its_lmdb_files(node):
     for p in files:
         rc, out, err = inspect_proc(d, "--export", p, "--force")
         assert_usage_error(rc, out, err, False)
-        assert "inside" in err
+        assert "refusing to write there" in err
     rc, out, err = inspect_proc(d, "--json")  # it still reads the node's snapshot
     assert rc == 0 and json.loads(out)["file_bytes"] > 0, err
     assert {p: fingerprint(p) for p in files} == before
@@ -185,7 +185,7 @@ def test_export_refuses_a_new_file_inside_the_data_dir_or_an_lmdb_env(stopped, t
                  os.path.join(d, "log.lmdb", "new"), str(lone_env / "x")):
         rc, out, err = inspect(d, "--export", dest)
         assert_usage_error(rc, out, err, False)
-        assert "inside" in err
+        assert "refusing to write there" in err
         assert not os.path.exists(dest)
 
 
@@ -355,3 +355,33 @@ def test_keygen_into_a_regular_file_says_it_is_not_a_directory(tmp_path):
     e = assert_usage_error(*run(padmin.main, "keygen", afile, "--name", "x", "--json"), True)
     assert "not a directory" in e["message"]
     assert afile.read_text() == "x"
+
+
+def test_outputs_beside_or_below_a_nodes_stores_are_fine(tmp_path):
+    # /var/lib/pyraft/backups, with /var/lib/pyraft a node's data directory, is a place for backups;
+    # a stray lock.mdb above the output's directory says nothing about that directory.
+    from pyraft.tools.cli import check_output_file
+    node = tmp_path / "var" / "lib" / "pyraft"
+    (node / "log.lmdb").mkdir(parents=True)
+    (node / "kv.lmdb").mkdir()
+    (node / "backups").mkdir()
+    assert check_output_file(str(node / "backups" / "x.bk"), force=False) == str(node / "backups" / "x.bk")
+    home = tmp_path / "home"
+    (home / "proj").mkdir(parents=True)
+    (home / "lock.mdb").write_bytes(b"")
+    assert check_output_file(str(home / "proj" / "x.bk"), force=False)
+    for refused in (node / "x.bk", node / "kv.lmdb" / "x.bk", home / "x.bk"):
+        with pytest.raises(pinspect.UsageError, match="refusing to write there"):
+            check_output_file(str(refused), force=False)
+
+
+def test_an_export_cut_short_leaves_no_copy_behind(stopped, tmp_path, monkeypatch):
+    _c, d = stopped
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pinspect.shutil, "copyfileobj", interrupted)
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert pinspect.main([d, "snapshot", "--export", str(tmp_path / "out.kvsnap")]) == 130  # Ctrl-C
+    assert os.listdir(tmp_path) == []

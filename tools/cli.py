@@ -24,8 +24,8 @@ from typing import Any, Callable, Sequence
 from pyraft import __version__
 
 __all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_CODES", "UsageError", "Parser",
-           "add_global", "add_version", "check_output_file", "cluster_from", "emit_error", "wants_json", "run_main",
-           "CLUSTER_ENV"]
+           "add_global", "add_version", "check_output_file", "node_store_of", "cluster_from", "emit_error",
+           "wants_json", "run_main", "CLUSTER_ENV"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -116,14 +116,36 @@ def _file_kind(mode: int) -> str:
     return "special file"
 
 
+def node_store_of(directory: str) -> str | None:
+    """Why ``directory`` belongs to a node's stores (a sentence), or None.
+
+    It does when it is an LMDB environment (holds ``data.mdb`` or ``lock.mdb``), a node's data
+    directory (holds ``log.lmdb/`` or ``kv.lmdb/``), or one of the stores directly inside one
+    (``log.lmdb``, ``kv.lmdb``, ``snapshots``).  Directories further down, or beside, are not:
+    ``/var/lib/pyraft/backups`` is a place for backups.
+    """
+    d = os.path.abspath(directory)
+    for n in _LMDB_FILES:
+        if os.path.lexists(os.path.join(d, n)):
+            return f"{d} holds {n}: it is an LMDB environment"
+    for n in _NODE_DIR_MARKS:
+        if os.path.isdir(os.path.join(d, n)):
+            return f"{d} holds {n}: it is a node's data directory"
+    parent = os.path.dirname(d)
+    if os.path.basename(d) in _NODE_DIR_MARKS + ("snapshots",) and parent != d:
+        for n in _NODE_DIR_MARKS:
+            if os.path.isdir(os.path.join(parent, n)):
+                return f"{d} is one of the stores of the node data directory {parent}"
+    return None
+
+
 def check_output_file(path: str, *, force: bool, flag: str = "FILE", protect: Sequence[str] = ()) -> str:
     """The absolute path a tool may write its output file to (``pyraft-inspect snapshot --export``,
     ``pyraft-admin backup``), or a :class:`UsageError`.
 
     The file's directory must exist.  An existing ``path`` is replaced only with ``force``, and only
     when it is a regular file (or a symbolic link to one): never a directory, device, fifo or socket.
-    Never, even a new file, inside an LMDB environment directory (one holding ``data.mdb`` or
-    ``lock.mdb``), a pyraft node data directory (one holding ``log.lmdb/`` or ``kv.lmdb/``), or one
+    Never, even a new file, in a directory of a node's stores (:func:`node_store_of`), or inside one
     of the ``protect`` directories (the data directory being read).  Called again just before the
     rename, it also catches what changed meanwhile.
     """
@@ -164,16 +186,9 @@ def check_output_file(path: str, *, force: bool, flag: str = "FILE", protect: Se
         for g in guarded:
             if d == g or d.startswith(g.rstrip(os.sep) + os.sep):
                 raise UsageError(f"{path} is inside the node data directory {g}: refusing to write there")
-        a = d
-        while True:
-            if any(os.path.lexists(os.path.join(a, n)) for n in _LMDB_FILES):
-                raise UsageError(f"{path} is inside the LMDB environment {a}: refusing to write there")
-            if any(os.path.isdir(os.path.join(a, n)) for n in _NODE_DIR_MARKS):
-                raise UsageError(f"{path} is inside the pyraft node data directory {a}: refusing to write there")
-            up = os.path.dirname(a)
-            if up == a:
-                break
-            a = up
+        store = node_store_of(d)
+        if store:
+            raise UsageError(f"{path}: {store}: refusing to write there")
     if lst is not None and not force:
         raise UsageError(f"{path} exists (add --force to replace it)")
     return dest

@@ -826,6 +826,9 @@ def _export_snapshot(dd: DataDir, kv: KVStatus, args: argparse.Namespace) -> int
         _unlink(tmp)
         return emit_error("pyraft-inspect", args.json, EXIT_UNREADABLE, f"cannot write {dest}: {e.strerror or e}",
                           kind=type(e).__name__)
+    except BaseException:  # Ctrl-C mid-copy: no copy of the data left behind under a name nobody knows
+        _unlink(tmp)
+        raise
     info = snapshot_json(kv) or {}
     info.update({"exported_to": dest, "exported_bytes": os.path.getsize(dest), "keys": counts[0],
                  "sessions": counts[1]})

@@ -94,7 +94,7 @@ from typing import Any, Callable, Sequence
 
 
 from pyraft.tools.cli import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Parser, UsageError, add_global,
-                              add_version, cluster_from, emit_error, run_main)
+                              add_version, cluster_from, emit_error, node_store_of, run_main)
 
 log = logging.getLogger("pyraft.kv.serve")
 
@@ -205,9 +205,7 @@ def parse_peers(text: str) -> dict[int, str]:
     return peers
 
 
-#: What an LMDB environment directory holds, and a node data directory's stores: a --data-dir
-#: holding the first, or inside a directory holding the second, is part of another node.
-_LMDB_FILES = ("data.mdb", "lock.mdb")
+#: A node data directory's stores: a --data-dir holding them is a node's own (see check_data_dir).
 _NODE_STORES = ("log.lmdb", "kv.lmdb")
 
 
@@ -215,20 +213,14 @@ def check_data_dir(data_dir: str) -> None:
     """UsageError for a data directory that is an LMDB environment or one of a node's stores.
 
     ``serve --data-dir n3/kv.lmdb`` (or ``n3/snapshots``) would otherwise make a second node
-    inside node 3's data directory.
+    inside node 3's data directory.  (A node's own data directory, which holds ``log.lmdb``, is
+    what ``--data-dir`` names: that one is fine.)
     """
     root = os.path.abspath(data_dir)
-    for name in _LMDB_FILES:
-        if os.path.lexists(os.path.join(root, name)):
-            raise UsageError(f"--data-dir {data_dir}: it holds {name}, so it is an LMDB environment (one of a "
-                             f"node's stores), not a node's data directory: give the directory above it, or "
-                             f"a new one")
-    parent = os.path.dirname(root)
-    for name in _NODE_STORES:
-        if parent != root and os.path.lexists(os.path.join(parent, name)):
-            raise UsageError(f"--data-dir {data_dir}: {parent} holds {name}, so it is a node's data directory, "
-                             f"and a node inside it would mix with that node's files: give {parent} itself "
-                             f"(that node), or a directory outside it")
+    why = node_store_of(root)
+    if why and not any(os.path.isdir(os.path.join(root, n)) for n in _NODE_STORES):
+        raise UsageError(f"--data-dir {data_dir}: {why}; a node there would mix with that node's files: "
+                         f"give a node's data directory itself, or a new one")
 
 
 def raise_fd_limit() -> None:
@@ -567,8 +559,8 @@ def _json_key(k: Any) -> str:
 
 def json_safe(v: Any) -> Any:
     """``v`` made fit for ``json.dumps(allow_nan=False)``: NaN and the infinities as the strings ``"NaN"``,
-    ``"Infinity"`` and ``"-Infinity"``, bytes in hex, tuples as lists, every map key a string, anything
-    else as its ``repr``."""
+    ``"Infinity"`` and ``"-Infinity"``, bytes in hex, tuples as lists, every map key a string (a map
+    whose keys would print alike: a list of ``[key, value]`` pairs), anything else as its ``repr``."""
     if v is None or isinstance(v, (str, bool, int)):
         return v
     if isinstance(v, float):
@@ -576,7 +568,11 @@ def json_safe(v: Any) -> Any:
     if isinstance(v, (list, tuple)):
         return [json_safe(x) for x in v]
     if isinstance(v, dict):
-        return {_json_key(k): json_safe(x) for k, x in v.items()}
+        out = {_json_key(k): json_safe(x) for k, x in v.items()}
+        if len(out) == len(v):
+            return out
+        # Keys that print alike (1 and "1"; b"ab" and "6162"): [key, value] pairs, nothing dropped.
+        return [[json_safe(k), json_safe(x)] for k, x in v.items()]
     if isinstance(v, bytes):
         return v.hex()
     return repr(v)
