@@ -93,6 +93,7 @@ import time
 from typing import Any, Callable, Sequence
 
 
+from pyraft.raft import _MAX_NODE_ID as MAX_NODE_ID  # node ids: what the wire format carries
 from pyraft.tools.cli import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Parser, UsageError, add_global,
                               add_version, cluster_from, emit_error, node_store_of, run_main)
 
@@ -155,9 +156,6 @@ def _int_arg(minimum: int, note: str = "") -> Callable[[str], int]:
 
 _positive_int = _int_arg(1)
 _lease_arg = _int_arg(0, " (a lease id, as lease grant prints it)")
-
-#: Node ids are what the wire format carries: integers in [0, 2**63 - 1].
-MAX_NODE_ID = 2**63 - 1
 
 
 def _node_id_arg(text: str) -> int:

@@ -102,6 +102,7 @@ from ..types import Entry, EntryKind
 from .encoding import (EVENT_DELETE, EVENT_PUT, MAX_KEY_BYTES, RECORD_HEADER, KVCommandError, check_key,
                        decode_key, decode_value, encode_key, encode_value, pack_event, range_bounds,
                        record_header, record_value, shown)
+from .reads import MAX_REPLY_BYTES
 
 __all__ = ["KVCommandError", "LeaseNotFound", "KVBackend", "Session", "apply_command", "apply_entries", "check_command",
            "check_key", "encode_key", "decode_key", "encode_value", "decode_value", "OPS", "ADDING_OPS",
@@ -129,10 +130,10 @@ MAX_LEASE_TTL = 1e9
 MAX_TXN_OPS = 128
 #: A range inside a txn returns at most this many keys (a txn's result is kept in its session).
 MAX_TXN_RANGE = 1000
-#: What a txn's gets and ranges return together, in stored bytes (keys and records), at most
-#: (as a ``kv.range`` reply: pyraft.kv.reads.MAX_REPLY_BYTES).  Ranges stop early, with
-#: ``more``, past it; gets that would return more refuse the txn before it changes anything.
-MAX_TXN_READ_BYTES = 4 * 1024 * 1024
+#: What a txn's gets and ranges return together, in stored bytes (keys and records), at most:
+#: as much as a ``kv.range`` reply.  Ranges stop early, with ``more``, past it; gets that would
+#: return more refuse the txn before it changes anything.
+MAX_TXN_READ_BYTES = MAX_REPLY_BYTES
 #: A command nests arrays and maps at most this deep, its own map included (values are
 #: encoded, compared and remembered in sessions by recursive code: deeper is refused).
 MAX_DEPTH = 64
