@@ -36,17 +36,23 @@ name                                        type     value
 Security: the endpoint answers anyone who can connect, with no
 authentication; bind it to loopback (the docs' default) or a monitoring
 network.  It serves ``GET /metrics`` only; other paths get 404 and other
-methods 501.  One thread (``pyraft-metrics-<id>``) serves one request at a
-time, each bounded by a socket timeout, so a slow scraper cannot pile up
-threads.
+methods 501.  One thread (``pyraft-metrics-<id>``) serves every connection
+without blocking on any of them (a selector loop): idle or slow connections
+cannot hold the endpoint.  Each connection has ``_REQUEST_TIMEOUT`` seconds
+from its accept to its last reply byte and ``_MAX_REQUEST_BYTES`` for its
+request line and headers; past ``_MAX_CONNECTIONS`` open at once the oldest is
+closed, so a scraper that connects is answered even while others hold
+connections open.
 """
 from __future__ import annotations
 
-import http.server
+import http
 import logging
 import math
+import selectors
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
@@ -60,8 +66,12 @@ log = logging.getLogger("pyraft.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-#: Seconds one scrape may take (reading the request, writing the reply).
+#: Seconds one connection may stay open, from its accept to its reply's last byte.
 _REQUEST_TIMEOUT = 5.0
+#: The request line and headers of one request, at most (431 past it).
+_MAX_REQUEST_BYTES = 16384
+#: Connections open at once, at most: the oldest is closed to accept another.
+_MAX_CONNECTIONS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,8 +181,46 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, p
 
 
-class _HTTPServerV6(http.server.HTTPServer):
-    address_family = socket.AF_INET6
+class _Conn:
+    """One accepted connection: what it has sent, what is left to write back, its deadline."""
+
+    __slots__ = ("sock", "inbuf", "out", "draining", "deadline")
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.inbuf = bytearray()
+        self.out: memoryview | None = None
+        #: the reply is sent and the write side shut: what the caller still sends is
+        #: read and dropped until it closes (closing with unread bytes would reset the
+        #: connection and could destroy the reply before the caller reads it)
+        self.draining = False
+        self.deadline = deadline
+
+
+def _reply(status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> bytes:
+    reason = http.HTTPStatus(status).phrase
+    head = (f"HTTP/1.1 {status} {reason}\r\nServer: pyraft/{__version__}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+    return head.encode("ascii") + body
+
+
+def _answer(head: bytes, render: Callable[[], str], node_id: int) -> bytes:
+    """The whole reply to one request, given its request line and headers."""
+    line = head.split(b"\r\n", 1)[0].split(b"\n", 1)[0]
+    parts = line.split()
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+        return _reply(400, b"bad request line\n")
+    method, target = parts[0], parts[1]
+    if method != b"GET":
+        return _reply(501, b"only GET /metrics is served here\n")
+    if target.split(b"?", 1)[0] != b"/metrics":
+        return _reply(404, b"only /metrics is served here\n")
+    try:
+        body = render().encode("utf-8")
+    except Exception as e:  # noqa: BLE001 - a scrape never takes the node down
+        log.exception("node %s: rendering the metrics failed", node_id)
+        return _reply(500, f"{type(e).__name__}\n".encode())
+    return _reply(200, body, CONTENT_TYPE)
 
 
 class MetricsServer:
@@ -186,41 +234,122 @@ class MetricsServer:
 
     def __init__(self, node_id: int, source: Callable[[], RaftMetrics], host: str = "127.0.0.1", port: int = 0,
                  *, cluster_name: str = "", extra: Callable[[], Iterable[Gauge]] | None = None) -> None:
-        render = lambda: exposition(source(), cluster_name=cluster_name,  # noqa: E731
-                                    extra=extra() if extra is not None else ())
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            timeout = _REQUEST_TIMEOUT
-            server_version = f"pyraft/{__version__}"
-
-            def do_GET(self) -> None:  # noqa: N802 - the http.server name
-                if self.path.split("?", 1)[0] != "/metrics":
-                    self.send_error(404, "only /metrics is served here")
-                    return
-                try:
-                    body = render().encode("utf-8")
-                except Exception as e:  # noqa: BLE001 - a scrape never takes the node down
-                    log.exception("node %s: rendering the metrics failed", node_id)
-                    self.send_error(500, f"{type(e).__name__}")
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", CONTENT_TYPE)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, fmt: str, *args: Any) -> None:
-                log.debug("node %s: metrics %s: " + fmt, node_id, self.address_string(), *args)
-
-        server_cls = _HTTPServerV6 if ":" in host else http.server.HTTPServer
-        self._server = server_cls((host, port), Handler)
+        self._render = lambda: exposition(source(), cluster_name=cluster_name,  # noqa: E731
+                                          extra=extra() if extra is not None else ())
+        self._node_id = node_id
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._listener.bind((host, port))
+            self._listener.listen(128)
+            self._listener.setblocking(False)
+        except BaseException:
+            self._listener.close()
+            raise
         self.host = host
-        self.port: int = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name=f"pyraft-metrics-{node_id}", daemon=True)
+        self.port: int = self._listener.getsockname()[1]
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._stop = False
+        self._conns: dict[socket.socket, _Conn] = {}  # insertion order: oldest first
+        self._thread = threading.Thread(target=self._serve, name=f"pyraft-metrics-{node_id}", daemon=True)
         self._thread.start()
         self._closed = False
         self._lock = threading.Lock()  # guards _closed
+
+    def _serve(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self._listener, selectors.EVENT_READ)
+        sel.register(self._wake_r, selectors.EVENT_READ)
+        try:
+            while not self._stop:
+                timeout = None
+                if self._conns:
+                    first = next(iter(self._conns.values()))  # the oldest has the nearest deadline
+                    timeout = max(0.0, first.deadline - time.monotonic())
+                for key, _events in sel.select(timeout):
+                    sock = key.fileobj
+                    if sock is self._listener:
+                        self._accept(sel)
+                    elif sock is self._wake_r:
+                        try:
+                            self._wake_r.recv(64)
+                        except OSError:
+                            pass
+                    elif sock in self._conns:
+                        self._step(sel, self._conns[sock])
+                now = time.monotonic()
+                while self._conns:
+                    first = next(iter(self._conns.values()))
+                    if first.deadline > now:
+                        break
+                    self._drop(sel, first)
+        except Exception:  # noqa: BLE001 - the endpoint's failure is logged, never the node's
+            log.exception("node %s: the metrics endpoint stopped", self._node_id)
+        finally:
+            for c in list(self._conns.values()):
+                self._drop(sel, c)
+            sel.close()
+
+    def _accept(self, sel: selectors.BaseSelector) -> None:
+        for _ in range(_MAX_CONNECTIONS):
+            try:
+                sock, _addr = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # out of descriptors, a reset before accept: try again later
+                log.warning("node %s: metrics endpoint cannot accept: %s", self._node_id, e)
+                return
+            if len(self._conns) >= _MAX_CONNECTIONS:
+                self._drop(sel, next(iter(self._conns.values())))
+            sock.setblocking(False)
+            c = _Conn(sock, time.monotonic() + _REQUEST_TIMEOUT)
+            self._conns[sock] = c
+            sel.register(sock, selectors.EVENT_READ)
+
+    def _step(self, sel: selectors.BaseSelector, c: _Conn) -> None:
+        try:
+            if c.draining:
+                if not c.sock.recv(_MAX_REQUEST_BYTES):
+                    self._drop(sel, c)
+                return
+            if c.out is None:
+                data = c.sock.recv(_MAX_REQUEST_BYTES)
+                if not data:
+                    self._drop(sel, c)
+                    return
+                c.inbuf += data
+                end = c.inbuf.find(b"\r\n\r\n")
+                if end < 0:
+                    end = c.inbuf.find(b"\n\n")
+                if end < 0 and len(c.inbuf) < _MAX_REQUEST_BYTES:
+                    return
+                if end < 0 or end > _MAX_REQUEST_BYTES:
+                    reply = _reply(431, b"request headers too large\n")
+                else:
+                    reply = _answer(bytes(c.inbuf[:end]), self._render, self._node_id)
+                c.inbuf = bytearray()
+                c.out = memoryview(reply)
+                sel.modify(c.sock, selectors.EVENT_WRITE)
+            sent = c.sock.send(c.out)
+            c.out = c.out[sent:]
+            if not c.out:
+                c.sock.shutdown(socket.SHUT_WR)
+                c.draining = True
+                sel.modify(c.sock, selectors.EVENT_READ)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(sel, c)
+
+    def _drop(self, sel: selectors.BaseSelector, c: _Conn) -> None:
+        self._conns.pop(c.sock, None)
+        try:
+            sel.unregister(c.sock)
+        except (KeyError, ValueError):
+            pass
+        c.sock.close()
 
     @property
     def url(self) -> str:
@@ -233,9 +362,14 @@ class MetricsServer:
             if self._closed:
                 return
             self._closed = True
-        self._server.shutdown()
-        self._server.server_close()
+        self._stop = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
         self._thread.join()
+        for sock in (self._listener, self._wake_r, self._wake_w):
+            sock.close()
 
     def __enter__(self) -> "MetricsServer":
         return self
