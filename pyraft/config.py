@@ -81,6 +81,16 @@ class Config:
     #: healthy node never refuses; a leader whose followers or disk fall behind
     #: stops buffering there (50,000 writes of 1 KiB hold about 50 MiB).
     max_pending_writes: int = 50_000
+    #: Bytes of large client writes in flight on this node, at most: every
+    #: command of at least 4 KiB encoded (``pyraft.raft.LARGE_COMMAND_BYTES``)
+    #: counts its encoded size until it completes; past the budget such a
+    #: write fails at once with ``Overloaded`` (one larger than the whole
+    #: budget is still taken while no other is in flight).  Smaller writes are
+    #: bounded by ``max_pending_writes`` (50,000 x 4 KiB = 200 MiB at most).
+    #: Without it, a burst of writes just under the client frame limit
+    #: (hundreds of MiB in a second) held the leader's thread in one long append
+    #: until its followers elected another leader.
+    max_pending_write_bytes: int = 64 * 1024 * 1024
     #: Raft requests from peers waiting in RaftCore's inbox, at most (and as many
     #: replies to this node's own requests); beyond it they are dropped as a lossy
     #: network drops them (Raft sends again) and counted in the metrics counters
@@ -115,7 +125,8 @@ class Config:
                 raise ValueError(f"{name} must be True or False (or 1 or 0), got {v!r}")
             object.__setattr__(self, name, bool(v))
         for name in ("max_payload_entries", "max_payload_bytes", "max_inflight", "max_apply_batch",
-                     "snapshot_chunk_size", "max_proposal_batch", "max_pending_writes", "max_queued_rpcs"):
+                     "snapshot_chunk_size", "max_proposal_batch", "max_pending_writes",
+                     "max_pending_write_bytes", "max_queued_rpcs"):
             v = getattr(self, name)
             if type(v) is not int or v <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")

@@ -14,7 +14,7 @@ with fault injection, for tests).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Hashable, Protocol, runtime_checkable
 
 from .types import Node
 
@@ -78,6 +78,11 @@ def raft_sender_refusal(principal: Principal, from_id: int) -> str | None:
 class ReplyHandle(Protocol):
     #: Who sent the request (:data:`TRUSTED` on a transport that does not authenticate).
     principal: Principal
+
+    @property
+    def connection(self) -> Hashable:
+        """The connection the request came on (opaque, hashable): requests that share it came on
+        one client connection, so a service can share its capacity fairly between connections."""
 
     def reply(self, message: Any) -> None:
         """Send the response to the request this handle came with.

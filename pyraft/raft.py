@@ -35,6 +35,10 @@ __all__ = ["Raft", "Wait", "Trigger", "ClientWriteResponse", "RaftMetrics"]
 
 #: Node ids are what the wire format carries: integers in [0, 2**63 - 1].
 _MAX_NODE_ID = 2**63 - 1
+#: A command at least this long encoded is a large write: its bytes count against
+#: Config.max_pending_write_bytes while it is in flight (smaller ones only against
+#: Config.max_pending_writes, at no cost on their path).
+LARGE_COMMAND_BYTES = 4096
 
 
 def _check_node_id(v: Any, what: str = "node_id") -> int:
@@ -264,7 +268,9 @@ class Raft:
         """Propose ``command``; the future gets a ``ClientWriteResponse`` once it is applied here.
 
         Raises at once, with nothing proposed: ``Overloaded`` when
-        ``Config.max_pending_writes`` writes are in flight on this node already,
+        ``Config.max_pending_writes`` writes are in flight on this node already
+        (or, for a command of at least :data:`LARGE_COMMAND_BYTES` encoded, when
+        it would pass ``Config.max_pending_write_bytes``),
         whatever the state machine's ``check_command`` raises for a command it
         could not hold (``NoSpace``, ``KVCommandError``), ``CodecError`` for a
         command msgpack cannot encode or followers could not decode
@@ -286,6 +292,8 @@ class Raft:
         except (TypeError, ValueError, OverflowError) as e:
             raise CodecError(f"the command cannot be encoded with msgpack: {e}") from None
         fut: Future = new_future()  # a concurrent.futures.Future, cheaper to make (runtime/futures.py)
+        if len(packed) >= LARGE_COMMAND_BYTES:
+            core.hold_write_bytes(fut, len(packed))  # Overloaded past Config.max_pending_write_bytes
         batch = self._burst.items
         if batch is not None:  # a client handler on the transport's thread: proposed at the burst's end
             if core._closed:

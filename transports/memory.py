@@ -87,6 +87,8 @@ _REQUEST_TYPES = (AppendEntriesRequest, VoteRequest, InstallSnapshotRequest, Tim
 _REQ = 0
 _REP = 1
 
+_CONNECTION_SERIALS = itertools.count(1)  # next() on an itertools.count is atomic under the GIL
+
 
 class MemoryNetwork:
     """The switchboard.  ``MemoryNetwork(cluster_name="pyraft", seed=None)``.
@@ -444,6 +446,8 @@ class MemoryConnection:
     def __init__(self, transport: MemoryTransport, target_id: int):
         self._transport = transport
         self.target_id = target_id
+        #: unique in this process: what ``reply.connection`` is for its requests
+        self.serial = next(_CONNECTION_SERIALS)
         self._cond = threading.Condition(threading.Lock())  # guards _replies and _woken
         self._replies: collections.deque[tuple[int, Any]] = collections.deque()
         self._woken = False
@@ -515,6 +519,12 @@ class _MemoryReply:
         self._used = False
         #: who sent the request (see pyraft.network.Principal)
         self.principal = principal
+
+    @property
+    def connection(self) -> int:
+        """The connection the request came on (opaque, hashable): the same for every
+        request sent through one :class:`MemoryConnection`, as a ZeroMQ routing id is."""
+        return self._conn.serial
 
     def reply(self, message: Any) -> None:
         if self._used:

@@ -256,7 +256,7 @@ class KVClient:
         ``{"op": "delete", "key"}``, ``{"op": "get", "key"}``, ``{"op": "range", "key"[, "end",
         "prefix", "limit", "keys_only"]}`` (semantics: :mod:`pyraft.kv.commands`).  Responses,
         one per op run: put None, delete a bool, get a :class:`KeyValue` or None, range a
-        :class:`RangeResult` (at most 1000 keys).
+        :class:`RangeResult` (all the ranges of one txn together at most 1000 keys).
         """
         compare, success, failure = list(compare), list(success), list(failure)
         cmd = {"op": "txn", "compare": compare, "success": success, "failure": failure}

@@ -52,9 +52,15 @@ are ``put``, ``delete`` (maps as above) and ``{"op": "get", "key": k}``,
 same txn sees the put.  Responses, one per op run: put ``None``, delete a
 bool, get ``[value, create_revision, mod_revision, version, lease]`` or
 ``None``, range ``[[[key, value, create_revision, mod_revision, version,
-lease], ...], more]`` (at most :data:`MAX_TXN_RANGE` keys).  The revision in
-the result is the txn's own.  At most :data:`MAX_TXN_OPS` compares and ops
-per list.  What the gets and ranges of one txn return is bounded by
+lease], ...], more]`` (``value`` None with ``keys_only``, which does not
+decode values).  The revision in the result is the txn's own.  At most
+:data:`MAX_TXN_OPS` compares and ops per list.  The ranges of one txn
+return at most :data:`MAX_TXN_RANGE` keys together: the range that reaches
+that count stops early, with ``more``, and the ranges after it return no
+keys (each range reads at most one key past those it returns, to tell
+whether there are more).  So the work a txn costs every replica's apply is
+bounded by a count of keys, the same on every replica.  What the gets and
+ranges of one txn return is also bounded by
 :data:`MAX_TXN_READ_BYTES` (stored keys and records): ranges stop early,
 with ``more``, once it is reached, and a txn whose gets alone would return
 more is refused (the error is its result).  A malformed txn, or one whose chosen ops would fail (a put to a
@@ -128,7 +134,9 @@ MIN_LEASE_TTL = 1.0
 MAX_LEASE_TTL = 1e9
 #: At most this many compares, and ops per branch, in one txn (etcd's --max-txn-ops default).
 MAX_TXN_OPS = 128
-#: A range inside a txn returns at most this many keys (a txn's result is kept in its session).
+#: The ranges of one txn return at most this many keys together (each reads at most one more, to
+#: tell whether there are more): 128 ranges of 1,000 keys each would take every replica's apply
+#: most of a second, for one small command.
 MAX_TXN_RANGE = 1000
 #: What a txn's gets and ranges return together, in stored bytes (keys and records), at most:
 #: as much as a ``kv.range`` reply.  Ranges stop early, with ``more``, past it; gets that would
@@ -578,6 +586,7 @@ def _txn(backend: KVBackend, rev: int, cmd: dict) -> list:
         if p.lease and backend.get_lease(p.lease) is None:
             raise LeaseNotFound(f"txn {p.op}: lease {p.lease} not found")
     left = MAX_TXN_READ_BYTES - _get_bytes(backend, ops)  # (also before changing anything)
+    keys_left = MAX_TXN_RANGE  # for all the ranges of the txn: bounds apply's work, not only the reply
     responses = []
     for p in ops:
         if p.op == "get":
@@ -586,13 +595,15 @@ def _txn(backend: KVBackend, rev: int, cmd: dict) -> list:
         elif p.op == "range":
             rows: list[Any] = []
             more = False
+            limit = min(p.limit, keys_left)
             for k, rec in backend.scan(p.key, p.stop):
-                if len(rows) == p.limit or left <= 0:
+                if len(rows) == limit or left <= 0:
                     more = True
                     break
                 left -= len(k) + len(rec)
                 rows.append([decode_key(k), None if p.keys_only else decode_value(record_value(rec)),
                              *record_header(rec)])
+            keys_left -= len(rows)
             responses.append([rows, more])
         else:
             responses.append(_run(backend, rev, p))

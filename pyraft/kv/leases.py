@@ -21,6 +21,18 @@ a replica's clock never decides anything.
   keepalives for that lease with :class:`~pyraft.kv.LeaseNotFound`.  The
   revoke deletes the lease's keys on every replica, at one revision.
 
+Memory: a keepalive only moves the lease's deadline in ``_deadlines``; it
+pushes nothing on the heap, which holds one entry per lease (at or before
+its deadline, or its revoke's retry time).  When an entry comes up for a
+lease whose deadline has moved since, it is pushed again at that deadline.
+So a client that renews a long lease many times a second costs nothing
+that stays (a heap entry per keepalive would stay until its ttl, up to
+:data:`~pyraft.kv.commands.MAX_LEASE_TTL`), and a lease is revoked at the
+same time as with an entry per deadline.  The entries of revoked leases
+are dropped when they come up, or all at once when they outnumber the
+live leases' by ``_HEAP_SLACK``, so granting and revoking long leases
+does not grow the heap either.
+
 Threads: one ``pyraft-lease-<id>`` thread per node, idle unless the node
 leads.  The state machine's apply listener and the ReadIndex callbacks only
 put items on its queue, so applying never waits for it.
@@ -49,6 +61,8 @@ _REVOKE_RETRY = 1.0
 _REVOKES_PER_TICK = 256
 #: Keepalives that may wait for a new leader to take over its leases.
 _MAX_PENDING = 10_000
+#: The heap is rebuilt from the live leases once the entries left by revoked ones outnumber theirs by more than this.
+_HEAP_SLACK = 1024
 
 
 def min_lease_ttl(config: Any) -> float:
@@ -77,9 +91,11 @@ class LeaseKeeper:
         self._revision = 0  # the revision the loaded leases were read at
         self._activating: int | None = None  # the term an activation read was started for
         self._ttls: dict[int, float] = {}
-        self._deadlines: dict[int, float] = {}
+        self._deadlines: dict[int, float] = {}  # lease -> its current deadline (only moves later)
         self._expiring: dict[int, float] = {}  # lease -> when its revoke is proposed again
-        self._heap: list[tuple[float, int]] = []  # (deadline or retry time, lease); stale entries are skipped
+        # (time, lease): one entry per lease, at or before its deadline, or at its retry time when
+        # expiring; plus the entries of leases revoked since, dropped when they come up.
+        self._heap: list[tuple[float, int]] = []
         self._pending: list[tuple[int, Any]] = []  # keepalives waiting for the activation
         sm.add_apply_listener(self._on_applied)
         self._thread = threading.Thread(target=self._run, name=f"pyraft-lease-{raft.node_id}", daemon=True)
@@ -146,9 +162,7 @@ class LeaseKeeper:
                 return
             for lid, ttl in changes:
                 if ttl is None:
-                    self._ttls.pop(lid, None)
-                    self._deadlines.pop(lid, None)
-                    self._expiring.pop(lid, None)
+                    self._forget(lid)
                 else:
                     self._ttls[lid] = ttl
                     self._set_deadline(lid, now + ttl)
@@ -223,16 +237,33 @@ class LeaseKeeper:
         self._ttls, self._deadlines, self._expiring, self._heap = {}, {}, {}, []
 
     def _set_deadline(self, lid: int, deadline: float) -> None:
+        """Move the lease's deadline to ``deadline`` if that is later; a lease new here gets its heap entry.
+
+        A lease that has an entry gets no other: :meth:`_expire` moves the
+        entry to the deadline when it comes up (module docstring, Memory).
+        """
+        old = self._deadlines.get(lid)
+        if old is None:
+            heapq.heappush(self._heap, (deadline, lid))
+        elif old >= deadline:
+            return
         self._deadlines[lid] = deadline
-        heapq.heappush(self._heap, (deadline, lid))
+
+    def _forget(self, lid: int) -> None:
+        """Drop a revoked lease.  Its heap entry stays until it comes up, unless such entries pile up."""
+        self._ttls.pop(lid, None)
+        self._deadlines.pop(lid, None)
+        self._expiring.pop(lid, None)
+        if len(self._heap) > 2 * len(self._ttls) + _HEAP_SLACK:
+            self._heap = [(self._expiring.get(live, t), live) for live, t in self._deadlines.items()]
+            heapq.heapify(self._heap)
 
     def _renew(self, lid: int, reply: Any, now: float) -> None:
         ttl = self._ttls.get(lid)
         if ttl is None or lid in self._expiring:
             reply.reply(error_response(LeaseNotFound(f"lease {lid} not found (expired or revoked)")))
             return
-        if now + ttl > self._deadlines[lid]:
-            self._set_deadline(lid, now + ttl)
+        self._set_deadline(lid, now + ttl)
         reply.reply(ClientResponse(True, ttl))
 
     def _expire(self, now: float) -> None:
@@ -243,9 +274,8 @@ class LeaseKeeper:
             if lid not in self._ttls:
                 continue  # revoked meanwhile
             retry = self._expiring.get(lid)
-            if retry is None and self._deadlines.get(lid) != t:
-                continue  # renewed since: a later entry stands for it
-            if retry is not None and retry != t:
+            if retry is None and self._deadlines[lid] > now:
+                heapq.heappush(heap, (self._deadlines[lid], lid))  # renewed since: the entry moves to its deadline
                 continue
             try:
                 self._raft.client_write_async({"op": "lease_revoke", "id": lid})

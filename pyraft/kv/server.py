@@ -15,7 +15,8 @@ op                     request body                          reply body         
                                                              linearizably (ReadIndex)
 ``kv.get_stale``       ``{"key": k}``                        this node's value now (may be stale)    reader
 ``kv.range``           ``{"key", "end", "prefix", "limit",   ``{"kvs": [[key, record], ...],         reader
-                       "keys_only", "count_only", "stale"}``  "count", "more", "revision"}``
+                       "keys_only", "count_only", "stale"}``  "count", "more", "revision",
+                                                             "count_exact"}``
 ``kv.watch``           ``{"key", "end", "prefix",            ``{"events": [[revision, event], ...],  reader
                        "start_revision", "sub", "limit",      "next": [revision, sub], "revision",
                        "wait"}``                              "compact_revision"}`` (:mod:`.watch`)
@@ -28,8 +29,13 @@ op                     request body                          reply body         
 their order-preserving encoding, key records (revisions, lease, then the
 value's msgpack) and event records; the client decodes them.  Without
 ``stale`` a range is linearizable (ReadIndex on the leader, as ``kv.get``);
-its ``revision`` is the applied index it was read at.  A watch is served by
-any member from its own history.
+its ``revision`` is the applied index it was read at.  Its ``count`` walks
+at most :data:`~pyraft.kv.reads.MAX_COUNT` keys past the rows (with
+``count_only``, the whole count): when the range holds more, ``count`` is
+the rows plus MAX_COUNT, a lower bound, and ``count_exact`` is False (with
+``count_only`` ``more`` is True too); a reply without ``count_exact`` (from
+an older node) is exact.  A watch is served by any member from its own
+history.
 
 Roles (with CURVE, see ``pyraft.network.Principal``): each op is registered
 with the role of the table (``set_client_handler(..., role=...)``): writes,
@@ -51,7 +57,8 @@ Threads: handlers run on the transport's server thread and never block: a
 write or a read is handed to RaftCore (``client_write_async`` /
 ``ensure_linearizable_async``) and the reply is sent from the future's
 done-callback (the SM worker for writes, RaftCore for gets).  Ranges are
-read on the service's ``pyraft-kv-reads-<id>`` thread, watches answered by
+read on the service's ``pyraft-kv-reads-<id>`` thread (round-robin by
+client connection, see :class:`_Reads`), watches answered by
 ``pyraft-kv-watch-<id>`` (:class:`~pyraft.kv.watch.WatchHub`) and leases
 kept by ``pyraft-lease-<id>`` (:class:`~pyraft.kv.leases.LeaseKeeper`); the
 node's ``shutdown()`` stops them.  ``reply.reply`` may be called from any
@@ -59,25 +66,25 @@ thread.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import math
-import queue
 import threading
 import time
 import weakref
 from concurrent.futures import Future
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Hashable, TypeVar
 
 from ..codec import ClientRequest, ClientResponse
-from ..errors import Overloaded, RaftError
+from ..errors import Overloaded, RaftError, ShutDown
 from ..raft import Raft, error_response
 from ..types import ServerState
 from .commands import _flag
 from .encoding import KVCommandError, range_bounds, shown
 from .leases import LeaseKeeper, min_lease_ttl
-from .reads import check_limit, read_range
+from .reads import MAX_COUNT, check_limit, read_range
 from .watch import (DEFAULT_MAX_WATCHERS, MAX_WATCH_LIMIT, MAX_WATCH_REVISION, MAX_WATCH_SUB, MAX_WATCH_WAIT,
-                    WatchHub, WatchPoll)
+                    WatchHub, WatchPoll, connection_of)
 
 __all__ = ["serve_kv", "unserve_kv", "KVService", "KV_OPS", "WRITE_OPS"]
 
@@ -88,7 +95,7 @@ _P = TypeVar("_P")
 KV_OPS = ("kv.write", "kv.get", "kv.get_stale", "kv.status", "kv.range", "kv.watch", "kv.lease_keepalive")
 #: The command ops a ``kv.write`` may carry (reads go through ``kv.get`` and ``kv.range``).
 WRITE_OPS = ("put", "delete", "cas", "txn", "lease_grant", "lease_revoke")
-#: Range reads waiting for the reads thread of one node; beyond, Overloaded.
+#: Range reads waiting for the reads thread of one node, all connections together; beyond, Overloaded.
 _MAX_QUEUED_READS = 10_000
 
 _services: "weakref.WeakKeyDictionary[Raft, KVService]" = weakref.WeakKeyDictionary()
@@ -102,38 +109,81 @@ def _body(req: ClientRequest) -> dict:
 
 
 class _Reads:
-    """The service's reads thread: ranges are read here, off the transport and RaftCore threads."""
+    """The service's reads thread: ranges are read here, off the transport and RaftCore threads.
+
+    Reads queue per client connection (``reply.connection``) and the thread
+    takes the connections in turn, one read each: a connection that queues
+    many slow ranges delays another's next range by at most one read per
+    other connection, not by its whole queue.  :meth:`stop` answers the
+    reads still queued with ShutDown (the client retries on another member).
+    """
 
     def __init__(self, node_id: int) -> None:
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
-        self._lock = threading.Lock()  # guards _queued
+        self._cond = threading.Condition(threading.Lock())  # guards _queues, _queued and _stopped
+        # Each connection's reads in arrival order; the map's order is the turn order (the
+        # connection served goes to the back).  A connection leaves it with its last read.
+        # invariant: _queued == sum(len(q) for q in _queues.values()) <= _MAX_QUEUED_READS
+        self._queues: dict[Hashable, collections.deque[tuple[Callable[[], None], Any]]] = {}
         self._queued = 0
+        self._stopped = False
         self._thread = threading.Thread(target=self._run, name=f"pyraft-kv-reads-{node_id}", daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable[[], None]) -> None:
-        with self._lock:
+    def submit(self, fn: Callable[[], None], reply: Any) -> None:
+        """Queue ``fn`` (which answers ``reply``) behind the other reads of ``reply``'s connection.
+
+        Overloaded when the node has too many queued; ShutDown after stop.
+        """
+        conn = connection_of(reply)
+        with self._cond:
+            if self._stopped:
+                raise ShutDown("the KV service is stopping")
             if self._queued >= _MAX_QUEUED_READS:
                 raise Overloaded(f"{_MAX_QUEUED_READS} range reads are queued on this node; retry later")
+            q = self._queues.get(conn)
+            if q is None:
+                q = self._queues[conn] = collections.deque()
+            q.append((fn, reply))
             self._queued += 1
-        self._q.put(fn)
+            self._cond.notify()
+
+    def _next(self) -> Callable[[], None] | None:
+        """The next read: the first connection's turn (lock held); None once stopped."""
+        while not self._queues and not self._stopped:
+            self._cond.wait()
+        if self._stopped:
+            return None
+        conn = next(iter(self._queues))
+        q = self._queues.pop(conn)
+        fn, _reply = q.popleft()
+        if q:
+            self._queues[conn] = q  # to the back of the turn
+        self._queued -= 1
+        return fn
 
     def _run(self) -> None:
         while True:
-            fn = self._q.get()
+            with self._cond:
+                fn = self._next()
             if fn is None:
                 return
-            with self._lock:
-                self._queued -= 1
             try:
                 fn()
             except Exception:  # noqa: BLE001 - fn replies to its own errors; this is a bug's last stop
                 log.exception("kv: a read failed")
 
     def stop(self) -> None:
-        self._q.put(None)
+        """Stop the thread after the read it is doing; the queued reads get ShutDown.  Idempotent."""
+        with self._cond:
+            self._stopped = True
+            queues, self._queues = self._queues, {}
+            self._queued = 0
+            self._cond.notify()
         if threading.current_thread() is not self._thread:
             self._thread.join()
+        for q in queues.values():
+            for _fn, reply in q:
+                reply.reply(error_response(ShutDown("the KV service stopped")))
 
 
 class KVService:
@@ -149,6 +199,8 @@ class KVService:
         self.sm = sm
         self.min_ttl = min_lease_ttl(raft.config)
         self.full = callable(getattr(sm, "view", None)) and callable(getattr(sm, "add_apply_listener", None))
+        #: the most keys one kv.range counts (pyraft.kv.reads.MAX_COUNT; tests lower it)
+        self.max_count = MAX_COUNT
         self._stop_lock = threading.Lock()  # guards _stopped
         self._stopped = False
         self.reads: _Reads | None = None
@@ -268,18 +320,18 @@ class KVService:
         def read() -> None:
             try:
                 with self.sm.view() as v:
-                    rows, count, more = read_range(v, start, stop, limit=limit, keys_only=keys_only,
-                                                   count_only=count_only)
+                    rows, count, more, exact = read_range(v, start, stop, limit=limit, keys_only=keys_only,
+                                                          count_only=count_only, max_count=self.max_count)
                     rev = v.revision
                 reply.reply(ClientResponse(True, {"kvs": [[k, r] for k, r in rows], "count": count,
-                                                  "more": more, "revision": rev}))
+                                                  "more": more, "revision": rev, "count_exact": exact}))
             except Exception as e:  # noqa: BLE001 - the reader gets the error, the node goes on
                 log.exception("kv.range failed")
                 reply.reply(error_response(e if isinstance(e, RaftError) else
                                            RaftError(f"kv.range failed: {type(e).__name__}: {e}")))
 
         if _flag(body, "stale"):
-            reads.submit(read)
+            reads.submit(read, reply)
             return
         try:
             fut = self.raft.ensure_linearizable_async()
@@ -293,7 +345,7 @@ class KVService:
                 reply.reply(error_response(e))
                 return
             try:
-                reads.submit(read)
+                reads.submit(read, reply)
             except RaftError as ex:
                 reply.reply(error_response(ex))
 

@@ -78,7 +78,9 @@ transaction; superseded files are deleted.
 """
 from __future__ import annotations
 
+import collections
 import enum
+import itertools
 import logging
 import os
 import shutil
@@ -393,15 +395,26 @@ class _LmdbView:
         return _scan(self.txn.cursor(db=self.dbs.data), start, stop)
 
     def count(self, start: bytes, stop: bytes) -> int:
+        return self.count_at_most(start, stop, None)
+
+    def count_at_most(self, start: bytes, stop: bytes, most: int | None) -> int:
+        """How many keys are in ``[start, stop)``, but no more than ``most`` (None: all).
+
+        A range that holds every key is counted from the database's own
+        statistics, without walking; another walks its keys alone (no value
+        is read), in C: LMDB keeps no count of a key range.
+        """
         cur = self.txn.cursor(db=self.dbs.data)
         if not cur.set_range(start):
-            return 0
-        n = 0
-        for k in cur.iternext(keys=True, values=False):
-            if bytes(k) >= stop:
-                break
-            n += 1
-        return n
+            return 0  # no key at or after start
+        if cur.first() and bytes(cur.key()) >= start and cur.last() and bytes(cur.key()) < stop:
+            n = self.txn.stat(self.dbs.data)["entries"]
+            return n if most is None else min(n, most)
+        cur.set_range(start)
+        keys = itertools.takewhile(stop.__gt__, map(bytes, cur.iternext(keys=True, values=False)))
+        # Counted by C iterators (islice, zip, deque) end to end: about half the time of a loop.
+        last = collections.deque(zip(itertools.count(1), itertools.islice(keys, most)), maxlen=1)
+        return last[0][0] if last else 0
 
     def events(self, revision: int, sub: int) -> Iterator[tuple[int, int, bytes | memoryview]]:
         cur = self.txn.cursor(db=self.dbs.events)

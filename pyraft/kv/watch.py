@@ -11,9 +11,19 @@ reached, and nothing is lost or repeated.
 
 Memory stays bounded: nothing is buffered per watcher between polls, a reply
 holds at most ``limit`` events and about 4 MiB, at most ``max_waiting``
-polls wait on a node at once (beyond: :class:`~pyraft.errors.Overloaded`),
-and a watcher that falls behind the history's window gets
-:class:`~pyraft.errors.Compacted`.  Applying never waits for watchers: the
+polls wait on a node at once, and a watcher that falls behind the history's
+window gets :class:`~pyraft.errors.Compacted`.
+
+The ``max_waiting`` slots are shared fairly between connections
+(``reply.connection``): when they are all taken, a new poll takes the place
+of the oldest poll of the connection that holds the most, counting the new
+one (ties: the new poll's own connection).  That poll ends early, answered
+as its wait being over: its events so far, or none, and its ``next``
+position, so its client polls again from there and loses or repeats
+nothing.  One connection holding every slot thus never locks another out;
+only when every connection holds a single poll is a poll from a new one
+refused with :class:`~pyraft.errors.Overloaded` (the node is full of
+distinct watchers: the client tries another member).  Applying never waits for watchers: the
 state machine's apply listener only sets an event, and only while a poll
 waits (O(1)); the hub's thread
 ``pyraft-kv-watch-<id>`` reads the history and answers the waiting polls.
@@ -24,7 +34,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 from ..codec import _MAX_INT, ClientResponse
 from ..errors import Compacted, Overloaded, RaftError, ShutDown
@@ -32,7 +42,7 @@ from ..raft import error_response
 from .reads import read_events
 from .statemachine import _SUB
 
-__all__ = ["WatchHub", "DEFAULT_MAX_WATCHERS", "MAX_WATCH_WAIT", "MAX_WATCH_LIMIT", "MAX_WATCH_REVISION",
+__all__ = ["WatchHub", "connection_of", "DEFAULT_MAX_WATCHERS", "MAX_WATCH_WAIT", "MAX_WATCH_LIMIT", "MAX_WATCH_REVISION",
            "MAX_WATCH_SUB"]
 
 log = logging.getLogger("pyraft.kv")
@@ -48,6 +58,15 @@ MAX_WATCH_REVISION = _MAX_INT
 #: The largest ``sub`` (an event's number within its revision) a poll may name: the history
 #: stores it in ``_SUB``'s 4 bytes, so 2**32 - 1.
 MAX_WATCH_SUB = 2 ** (8 * _SUB.size) - 1
+
+
+def connection_of(reply: Any) -> Hashable:
+    """The client connection a request came on (``reply.connection``, opaque and hashable).
+
+    A reply handle without one (a test's own, calling a handler directly)
+    counts as one anonymous connection, None.
+    """
+    return getattr(reply, "connection", None)
 
 
 @dataclass(slots=True)
@@ -69,6 +88,11 @@ class WatchHub:
     ``sm`` offers ``view()`` and ``add_apply_listener``.  :meth:`submit` is
     called from the transport's thread; everything else happens on the hub's
     own thread.  :meth:`stop` answers the waiting polls with ShutDown.
+
+    Only the hub's thread answers a poll, even one that ends early to free
+    its slot (:meth:`submit` moves its deadline to now): the thread may be
+    reading that poll's events at that moment, and its reply must carry them
+    and the ``next`` position past them.
     """
 
     def __init__(self, sm: Any, node_id: int, *, max_waiting: int = DEFAULT_MAX_WATCHERS,
@@ -78,8 +102,14 @@ class WatchHub:
         self._sm = sm
         self._clock = clock
         self._max = max_waiting
-        self._lock = threading.Lock()  # guards _polls and _stopped
+        self._lock = threading.Lock()  # guards _polls, _held, _holding and _stopped
+        # Every poll not answered yet, in arrival order (those ending early too, until answered).
         self._polls: list[WatchPoll] = []
+        # The polls holding a slot, by connection, oldest first (keyed by id(poll): a WatchPoll is
+        # not hashable); a connection leaves the map with its last poll.
+        # invariant: _holding == sum(len(d) for d in _held.values()) <= _max
+        self._held: dict[Hashable, dict[int, WatchPoll]] = {}
+        self._holding = 0
         self._stopped = False
         # Set by apply (new events may exist), submit and stop; cleared by the hub's thread
         # before it reads, so a wake-up during a read is never lost.
@@ -97,15 +127,50 @@ class WatchHub:
             self._wake.set()
 
     def submit(self, poll: WatchPoll) -> None:
-        """Queue a poll; Overloaded when ``max_waiting`` polls wait already, ShutDown after stop."""
+        """Queue a poll, ending another early when every slot is taken (the module docstring).
+
+        Overloaded when every slot is taken by a connection holding a single
+        poll and the poll's own holds none; ShutDown after stop.
+        """
+        conn = connection_of(poll.reply)
         with self._lock:
             if self._stopped:
                 raise ShutDown("the watch service is stopping")
-            if len(self._polls) >= self._max:
-                raise Overloaded(f"{self._max} watch polls are waiting on this node already "
-                                 f"(max_watchers); retry later or on another node")
+            mine = self._held.get(conn)
+            if self._holding >= self._max:
+                own = len(mine) if mine else 0
+                heaviest = max(self._held, key=lambda c: len(self._held[c]))
+                if len(self._held[heaviest]) <= own + 1:
+                    heaviest = conn  # the new poll's own connection holds as many as any, counting it
+                if heaviest == conn and not own:
+                    raise Overloaded(f"{self._max} watch polls of as many connections are waiting on this "
+                                     f"node already (max_watchers); retry later or on another node")
+                self._end_early(heaviest)
+                mine = self._held.get(conn)
+            if mine is None:
+                mine = self._held[conn] = {}
+            mine[id(poll)] = poll
+            self._holding += 1
             self._polls.append(poll)
         self._wake.set()
+
+    def _end_early(self, conn: Hashable) -> None:
+        """Free the slot of ``conn``'s oldest poll: the hub's thread answers it at once (lock held)."""
+        held = self._held[conn]
+        p = held.pop(next(iter(held)))
+        if not held:
+            del self._held[conn]
+        self._holding -= 1
+        p.deadline = float("-inf")  # read by the hub's thread: its wait is over
+
+    def _release(self, p: WatchPoll) -> None:
+        """Forget an answered poll's slot, if it still holds one (lock held)."""
+        conn = connection_of(p.reply)
+        held = self._held.get(conn)
+        if held is not None and held.pop(id(p), None) is not None:
+            self._holding -= 1
+            if not held:
+                del self._held[conn]
 
     @property
     def waiting(self) -> int:
@@ -147,10 +212,14 @@ class WatchHub:
                     with self._lock:
                         gone = {id(p) for p, _ in done}
                         self._polls = [p for p in self._polls if id(p) not in gone]
+                        for p, _ in done:
+                            self._release(p)
                     for p, resp in done:
                         _send(p, resp)
         with self._lock:
             polls, self._polls = self._polls, []
+            self._held.clear()
+            self._holding = 0
         for p in polls:
             _send(p, error_response(ShutDown("the watch service stopped")))
 

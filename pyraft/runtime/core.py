@@ -117,6 +117,10 @@ class RaftCore(threading.Thread):
         self.writes_accepted = 0
         self.writes_released = 0
         self.writes_released_sm = 0
+        # Bytes of the large writes in flight (Config.max_pending_write_bytes): few, so a
+        # lock and a done-callback per write cost nothing that matters (hold_write_bytes).
+        self._write_bytes_lock = threading.Lock()
+        self.write_bytes = 0
         # RaftCore's own metrics counters, bumped from any thread (refusals, overload,
         # connection failures), and each replication worker's connection error while it
         # has one (target -> (worker, error)); both guarded by _counters_lock.
@@ -225,6 +229,29 @@ class RaftCore(threading.Thread):
         return Overloaded(f"node {self.node_id} has {self.pending_writes()} client writes in flight "
                           f"(Config.max_pending_writes={self.config.max_pending_writes}); nothing was "
                           f"proposed, retry later")
+
+    def hold_write_bytes(self, fut: Future, n: int) -> None:
+        """Count the ``n`` encoded bytes of a large write until ``fut`` is done; ``Overloaded`` past the budget.
+
+        Called by ``Raft.client_write_async`` before the write is handed over, so
+        the release (``fut``'s first done-callback) runs before any callback of
+        the caller's: one that writes again finds these bytes released.
+        """
+        with self._write_bytes_lock:
+            held = self.write_bytes
+            budget = self.config.max_pending_write_bytes
+            if held and held + n > budget:
+                self.count("writes_refused_overloaded")
+                raise Overloaded(f"node {self.node_id} has {held} bytes of large client writes in flight; "
+                                 f"this one of {n} bytes would pass Config.max_pending_write_bytes={budget}; "
+                                 f"nothing was proposed, retry later")
+            self.write_bytes = held + n
+
+        def release(_fut: Future) -> None:
+            with self._write_bytes_lock:
+                self.write_bytes -= n
+
+        fut.add_done_callback(release)
 
     def count(self, name: str, n: int = 1) -> None:
         """Add ``n`` to one of RaftCore's metrics counters.  Any thread."""
