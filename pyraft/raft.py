@@ -292,16 +292,22 @@ class Raft:
         except (TypeError, ValueError, OverflowError) as e:
             raise CodecError(f"the command cannot be encoded with msgpack: {e}") from None
         fut: Future = new_future()  # a concurrent.futures.Future, cheaper to make (runtime/futures.py)
-        if len(packed) >= LARGE_COMMAND_BYTES:
+        large = len(packed) >= LARGE_COMMAND_BYTES
+        if large:
             core.hold_write_bytes(fut, len(packed))  # Overloaded past Config.max_pending_write_bytes
         batch = self._burst.items
-        if batch is not None:  # a client handler on the transport's thread: proposed at the burst's end
-            if core._closed:
-                raise core.stopped_error()
-            batch.append(("write", command, fut, packed))
-        else:
-            # The bytes go along: RaftCore stores them as the entry's payload (no second pack on its thread).
-            core.call(("write", command, fut, packed))
+        try:
+            if batch is not None:  # a client handler on the transport's thread: proposed at the burst's end
+                if core._closed:
+                    raise core.stopped_error()
+                batch.append(("write", command, fut, packed))
+            else:
+                # The bytes go along: RaftCore stores them as the entry's payload (no second pack on its thread).
+                core.call(("write", command, fut, packed))
+        except RaftError as e:  # the node stopped: nothing was handed over
+            if large:
+                fail(fut, e)  # gives its bytes back
+            raise
         core.writes_accepted = next(core.write_tickets)
         return fut
 

@@ -117,3 +117,15 @@ def test_the_budget_must_be_a_positive_integer():
     for bad in (0, -1, 1.5, "64M", None):
         with pytest.raises(ValueError, match="max_pending_write_bytes"):
             Config(max_pending_write_bytes=bad)
+
+
+def test_a_large_write_cannot_be_cancelled_out_of_the_budget(node):
+    r, sm = node
+    sm.gate.clear()
+    f = r.client_write_async(big(BUDGET - 1000))
+    assert not f.cancel()  # it runs: its bytes stay counted
+    with pytest.raises(Overloaded):
+        r.client_write_async(big(LARGE_COMMAND_BYTES))
+    sm.gate.set()
+    f.result(timeout=20)
+    assert r._core.write_bytes == 0

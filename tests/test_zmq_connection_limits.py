@@ -194,6 +194,25 @@ def test_a_client_that_never_reads_its_replies_costs_the_node_about_send_queue_b
     assert all(r.ok and r.body == big for r in recv_replies(reader, 5).values())
 
 
+
+def test_the_backlogs_of_many_connections_that_never_read_are_bounded_together(server, dealer):
+    big = b"\0" * 200_000
+    srv = server(lambda _f, _m, reply: reply.reply(ClientResponse(True, big)),
+                 max_frame_size=1 << 20, send_queue_bytes=1 << 20)
+    sinks = [dealer(srv.endpoint, {zmq.RCVHWM: 1, zmq.RCVBUF: 4096}) for _ in range(12)]
+    n = 120  # per connection: more than SNDHWM (64) + a 1 MiB backlog (5 replies) + the kernel's buffers
+    for sink in sinks:
+        for i in range(1, n + 1):
+            sink.send(request(i, "range"))
+    wait_until(lambda: srv.stats.get("requests_in", 0) == n * len(sinks) and not srv._outbox, 30,
+               "every request answered")
+    # Each connection's backlog holds at most 1 MiB, and all of them at most 4 MiB
+    # (_BACKLOG_NODE_SHARE): twelve connections that never read cost the node 4 MiB, not 12.
+    backlogs = list(srv._backlog.values())
+    assert all(b.nbytes <= srv.send_queue_bytes for b in backlogs)
+    assert srv._backlog_bytes == sum(b.nbytes for b in backlogs) <= 4 * srv.send_queue_bytes
+    assert srv.stats.get("dropped_reply_backlog", 0) > 0
+
 def test_bursts_of_replies_past_sndhwm_wait_for_room_and_are_not_lost(server):
     """A leader's pipelined AppendEntries acks, a many-threaded KVClient's answers: delayed, never dropped."""
     held = []

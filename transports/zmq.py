@@ -172,6 +172,9 @@ DEFAULT_MAX_CLIENT_REQUESTS_PER_CONNECTION = 1024
 #: up to the longest while nothing moves.
 _BACKLOG_RETRY_MIN = 0.001
 _BACKLOG_RETRY_MAX = 0.1
+#: All the backlogs of a node together hold at most this many times send_queue_bytes: many
+#: connections that never read cost the node a bounded amount, not one backlog each.
+_BACKLOG_NODE_SHARE = 4
 #: Loopback: a node listens on other interfaces only when told to.
 DEFAULT_LISTEN = "tcp://127.0.0.1:7001"
 #: Seconds a new connection has to finish its handshake (libzmq's default is 30):
@@ -857,7 +860,9 @@ class ZmqTransport:
         self._in_flight: dict[bytes, int] = {}
         # The server thread's alone: replies waiting for room in libzmq's queue.
         self._backlog: dict[bytes, _Backlog] = {}
-        self._backlog_wait = 0.0  # seconds before the next retry of the backlog
+        self._backlog_bytes = 0  # invariant: sum of the backlogs' nbytes
+        self._backlog_wait = 0.0  # seconds between retries of the backlog (doubling while nothing moves)
+        self._backlog_due = 0.0  # when the next retry is due (monotonic)
         self._wake_pending = False
         self._held = _HeldReplies()  # per thread: see replies_held
         self._wake_r, self._wake_w = socket.socketpair()
@@ -1068,7 +1073,8 @@ class ZmqTransport:
         next_key_check = time.monotonic() + _KeyTable.CHECK_EVERY
         try:
             while not self._stopping:
-                events = dict(poller.poll(1000 if not self._backlog else _ms(self._backlog_wait)))
+                events = dict(poller.poll(
+                    1000 if not self._backlog else _ms(max(0.0, self._backlog_due - time.monotonic()))))
                 if wake_fd in events:
                     # Read the wake-up bytes first, then clear the flag, then drain the
                     # outbox: a reply queued after the flag is cleared either is seen by
@@ -1220,12 +1226,15 @@ class ZmqTransport:
         A reply that finds its connection's queue full (``SNDHWM``) waits in that
         connection's backlog, behind which every later reply to it queues, so
         they leave in order; a backlog is bounded by ``send_queue_bytes``, past
-        which replies to that connection are dropped.  Backlogs are retried
-        first, at once while they move, else after a wait that doubles up to
-        ``_BACKLOG_RETRY_MAX`` (a client that never reads costs a few retries a
+        which replies to that connection are dropped, and all of them together
+        by ``_BACKLOG_NODE_SHARE * send_queue_bytes``.  Backlogs are retried
+        first, when due: ``_BACKLOG_RETRY_MIN`` after a retry that moved
+        something, else after a wait that doubles up to ``_BACKLOG_RETRY_MAX`` (a client that never reads costs a few retries a
         second, not a busy loop).
         """
-        moved = self._retry_backlog(router) if self._backlog else False
+        now = time.monotonic()
+        retried = bool(self._backlog) and now >= self._backlog_due
+        moved = self._retry_backlog(router) if retried else False
         out = self._outbox
         st = self._stats
         backlog = self._backlog
@@ -1241,6 +1250,9 @@ class ZmqTransport:
                     st.replies_out += 1
                     continue
                 except zmq.Again:  # its queue is full: wait for room
+                    if not backlog:
+                        self._backlog_wait = _BACKLOG_RETRY_MIN
+                        self._backlog_due = now + _BACKLOG_RETRY_MIN
                     b = backlog[routing_id] = _Backlog()
                 except zmq.ZMQError as e:  # EHOSTUNREACH: the peer is gone
                     self._drop_reply(e.strerror)
@@ -1249,13 +1261,21 @@ class ZmqTransport:
                 st.inc("dropped_reply_backlog")
                 self._drop_reply("the connection's backlog is full (send_queue_bytes)")
                 continue
+            if self._backlog_bytes + len(data) > _BACKLOG_NODE_SHARE * self.send_queue_bytes:
+                st.inc("dropped_reply_backlog")
+                self._drop_reply("the node's backlogs are full")
+                continue
             b.frames.append(data)
             b.nbytes += len(data)
+            self._backlog_bytes += len(data)
             st.inc("replies_deferred")
-        if backlog and not moved:
-            self._backlog_wait = min(_BACKLOG_RETRY_MAX, max(_BACKLOG_RETRY_MIN, 2 * self._backlog_wait))
-        else:
-            self._backlog_wait = _BACKLOG_RETRY_MIN  # libzmq's I/O thread needs a moment: no busy loop
+        if not backlog:
+            self._backlog_wait = 0.0
+        elif retried:
+            # libzmq's I/O thread needs a moment even while backlogs move: no busy loop.
+            self._backlog_wait = (_BACKLOG_RETRY_MIN if moved else
+                                  min(_BACKLOG_RETRY_MAX, max(_BACKLOG_RETRY_MIN, 2 * self._backlog_wait)))
+            self._backlog_due = now + self._backlog_wait
 
     def _retry_backlog(self, router: zmq.Socket) -> bool:
         """Send what libzmq now has room for; whether any reply went."""
@@ -1272,8 +1292,12 @@ class ZmqTransport:
                     for _ in frames:
                         self._drop_reply(e.strerror)
                     frames.clear()
+                    self._backlog_bytes -= b.nbytes
+                    b.nbytes = 0
                     break
-                b.nbytes -= len(frames.popleft())
+                n = len(frames.popleft())
+                b.nbytes -= n
+                self._backlog_bytes -= n
                 st.replies_out += 1
                 moved = True
             if not frames:
@@ -1380,10 +1404,12 @@ class _ZmqReply:
         except Exception:
             t._stats.inc("replies_dropped")
             log.exception("node %s: cannot send a reply", t.node_id)
-        if data is not None:
-            t._queue_reply(self._routing_id, data)
-        if self._counted:
-            t._release(self._routing_id)
+        try:
+            if data is not None:
+                t._queue_reply(self._routing_id, data)
+        finally:
+            if self._counted:
+                t._release(self._routing_id)
 
     def __del__(self) -> None:
         # Unanswered: the server thread gives the request's slot back.  Only a deque append
@@ -1391,8 +1417,10 @@ class _ZmqReply:
         # holds _in_flight_lock already.
         if self._counted and not self._used:
             self._used = True
-            with contextlib.suppress(Exception):
+            try:
                 self._t._queue_reply(self._routing_id, None)
+            except Exception:  # noqa: BLE001 - a finalizer must not raise (interpreter shutdown)
+                pass
 
 
 # ---------------------------------------------------------------------------

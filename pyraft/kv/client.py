@@ -234,10 +234,14 @@ class KVClient:
         body["keys_only"] = _bool(keys_only, "keys_only")
         r = self._call("kv.range", body, write=False)
         return RangeResult([KeyValue.from_stored(k, rec) for k, rec in r["kvs"]], r["revision"], r["count"],
-                           r["more"])
+                           r["more"], r.get("count_exact", True))  # (an older node's count is exact)
 
     def count(self, key: Any, end: Any = None, *, prefix: bool = False, stale: bool = False) -> int:
-        """How many keys ``range`` with these arguments holds (their values are not read)."""
+        """How many keys ``range`` with these arguments holds (their values are not read).
+
+        A node counts at most :data:`~pyraft.kv.reads.MAX_COUNT` keys (100,000):
+        past it, this is that lower bound (``range(...).count_exact`` says so).
+        """
         body = self._range_body(key, end, prefix, stale)
         body["count_only"] = True
         return self._call("kv.range", body, write=False)["count"]

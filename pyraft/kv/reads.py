@@ -57,17 +57,21 @@ class RangeResult(list[KeyValue]):
     ``revision``: the state machine's revision (applied log index) the range
     was read at; ``count``: how many keys the range holds (past ``limit``
     too); ``more``: True when keys were left out (``limit``, or the reply's
-    size bound).
+    size bound); ``count_exact``: False when the range holds more keys than
+    a count walks (:data:`MAX_COUNT` past the rows), so ``count`` is a lower
+    bound.
     """
 
     # The documented name for the range's size (docs/kv.md) hides list.count on purpose.
     count: int  # type: ignore[assignment]
 
-    def __init__(self, items: Iterable[KeyValue] = (), revision: int = 0, count: int = 0, more: bool = False):
+    def __init__(self, items: Iterable[KeyValue] = (), revision: int = 0, count: int = 0, more: bool = False,
+                 count_exact: bool = True):
         super().__init__(items)
         self.revision = revision
         self.count = count
         self.more = more
+        self.count_exact = count_exact
 
     def __repr__(self) -> str:
         return f"RangeResult({list.__repr__(self)}, revision={self.revision}, count={self.count}, more={self.more})"

@@ -16,14 +16,16 @@ window gets :class:`~pyraft.errors.Compacted`.
 
 The ``max_waiting`` slots are shared fairly between connections
 (``reply.connection``): when they are all taken, a new poll takes the place
-of the oldest poll of the connection that holds the most, counting the new
-one (ties: the new poll's own connection).  That poll ends early, answered
-as its wait being over: its events so far, or none, and its ``next``
-position, so its client polls again from there and loses or repeats
-nothing.  One connection holding every slot thus never locks another out;
-only when every connection holds a single poll is a poll from a new one
-refused with :class:`~pyraft.errors.Overloaded` (the node is full of
-distinct watchers: the client tries another member).  Applying never waits for watchers: the
+of the oldest poll of the connection that holds the most, if that is
+another connection holding at least two more polls than the new poll's
+own.  That poll ends early, answered as its wait being over: its events so
+far, or none, and its ``next`` position, so its client polls again from
+there and loses or repeats nothing.  Otherwise the new poll is refused with
+:class:`~pyraft.errors.Overloaded` (the client backs off, or tries another
+member): so the client that re-polls after its poll ended early finds the
+hub full, rather than ending another poll in its turn, and the slots settle
+at an even share.  One connection holding every slot never locks another
+out.  Applying never waits for watchers: the
 state machine's apply listener only sets an event, and only while a poll
 waits (O(1)); the hub's thread
 ``pyraft-kv-watch-<id>`` reads the history and answers the waiting polls.
@@ -127,10 +129,10 @@ class WatchHub:
             self._wake.set()
 
     def submit(self, poll: WatchPoll) -> None:
-        """Queue a poll, ending another early when every slot is taken (the module docstring).
+        """Queue a poll, ending another connection's early when every slot is taken (the module docstring).
 
-        Overloaded when every slot is taken by a connection holding a single
-        poll and the poll's own holds none; ShutDown after stop.
+        Overloaded when every slot is taken and no other connection holds at
+        least two more polls than the poll's own; ShutDown after stop.
         """
         conn = connection_of(poll.reply)
         with self._lock:
@@ -140,13 +142,13 @@ class WatchHub:
             if self._holding >= self._max:
                 own = len(mine) if mine else 0
                 heaviest = max(self._held, key=lambda c: len(self._held[c]))
-                if len(self._held[heaviest]) <= own + 1:
-                    heaviest = conn  # the new poll's own connection holds as many as any, counting it
-                if heaviest == conn and not own:
-                    raise Overloaded(f"{self._max} watch polls of as many connections are waiting on this "
-                                     f"node already (max_watchers); retry later or on another node")
+                # Never a poll of the new poll's own connection, and only from one that would
+                # still hold at least as many: a client re-polling after its poll ended early
+                # then finds the hub full (Overloaded) instead of ending another in turn.
+                if heaviest == conn or len(self._held[heaviest]) < own + 2:
+                    raise Overloaded(f"{self._max} watch polls are waiting on this node already, shared "
+                                     f"between connections (max_watchers); retry later or on another node")
                 self._end_early(heaviest)
-                mine = self._held.get(conn)
             if mine is None:
                 mine = self._held[conn] = {}
             mine[id(poll)] = poll
@@ -174,8 +176,9 @@ class WatchHub:
 
     @property
     def waiting(self) -> int:
+        """Polls holding a slot (those ended early to free theirs are no longer counted)."""
         with self._lock:
-            return len(self._polls)
+            return self._holding
 
     def stop(self) -> None:
         """Stop the thread; waiting polls get ShutDown (the client resumes elsewhere).  Idempotent."""

@@ -235,7 +235,9 @@ class RaftCore(threading.Thread):
 
         Called by ``Raft.client_write_async`` before the write is handed over, so
         the release (``fut``'s first done-callback) runs before any callback of
-        the caller's: one that writes again finds these bytes released.
+        the caller's.  ``fut`` is marked running: a large write, once taken,
+        cannot be cancelled (``cancel()`` returns False, as for any running
+        call), so its bytes stay counted until it completes or fails.
         """
         with self._write_bytes_lock:
             held = self.write_bytes
@@ -251,6 +253,7 @@ class RaftCore(threading.Thread):
             with self._write_bytes_lock:
                 self.write_bytes -= n
 
+        fut.set_running_or_notify_cancel()
         fut.add_done_callback(release)
 
     def count(self, name: str, n: int = 1) -> None:
