@@ -974,3 +974,33 @@ def test_shutdown_stops_the_call_dispatcher_with_the_node():
         c.rafts.clear()
     assert pyraft_threads() == []
     c.close()
+
+
+def test_a_follower_sends_the_leader_at_most_a_window_of_calls_at_once(monkeypatch):
+    """The leader's ZeroMQ transport answers a connection past 1,024 requests in flight with Overloaded:
+    a follower with thousands of calls pending keeps at most MAX_SENT of them there, and all complete."""
+    from pyraft.objects import caller as caller_mod
+
+    monkeypatch.setattr(caller_mod, "MAX_SENT", 16)
+    sent_with: list[int] = []
+    connect = caller_mod.Caller._connect
+
+    def counting_connect(self, tid, node):
+        conn = connect(self, tid, node)
+        send = conn.send
+
+        def counting_send(req):
+            sent_with.append(len(self._inflight))  # requests awaiting replies, before this one
+            return send(req)
+
+        monkeypatch.setattr(conn, "send", counting_send, raising=False)
+        return conn
+
+    monkeypatch.setattr(caller_mod.Caller, "_connect", counting_connect)
+    with ObjCluster(lambda i: (ReplCounter(),)) as c:
+        leader = c.leader()
+        f = next(i for i in c.ids if i != leader.node_id)
+        c.net.set_delay(0.001, 0.003)  # replies take a while: calls pile up behind the window
+        futs = [c.objs[f][0].inc.future(timeout=T) for _ in range(300)]
+        assert sorted(fu.result(T) for fu in futs) == list(range(1, 301))
+        assert sent_with and max(sent_with) < 16, max(sent_with)

@@ -47,6 +47,10 @@ OP_CALL = "objects.call"
 OP_READ_INDEX = "objects.read_index"
 
 _POLL = 0.05  # longest the dispatcher sleeps: it notices a stopped node within this
+#: Requests sent to the leader and not answered yet, at most: the rest wait here, in order.
+#: The ZeroMQ transport answers a connection past 1,024 requests in flight with Overloaded
+#: (max_client_requests_per_connection); a window below that never meets it.
+MAX_SENT = 512
 #: Errors a leader answers that retrying cannot change: the call fails with them at once.
 _FINAL_ERRORS = {"PermissionDenied": PermissionDenied, "RequestTooLarge": RequestTooLarge}
 
@@ -395,6 +399,9 @@ class Caller:
             node = m.membership.nodes.get(tid)
         if node is None:
             p.next_try = now + self.backoff
+            return
+        if len(self._inflight) >= MAX_SENT:  # the window is full: wait for replies
+            p.next_try = now + _POLL
             return
         if p.kind == "call":
             assert p.body is not None
