@@ -38,7 +38,6 @@ import queue
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,11 +46,12 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from pyraft import Config, __version__
+from pyraft.tools.kv import free_port, free_ports  # noqa: F401 - re-exported for the other benchmarks
 
 if TYPE_CHECKING:  # the PySyncObj side imports this module too: nothing of pyraft it does not use
     from pyraft.types import LogId, StoredMembership
 
-__all__ = ["main", "CountingStateMachine", "InflightLoad", "NodeProc", "percentiles", "free_port"]
+__all__ = ["main", "CountingStateMachine", "InflightLoad", "NodeProc", "percentiles", "free_port", "free_ports"]
 
 log = logging.getLogger("pyraft.bench")
 
@@ -61,13 +61,6 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 # =====================================================================================
 # Shared helpers (also used by tools/bench_pysyncobj.py)
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now (the OS picks it; tiny race until it is bound)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
 
 def percentiles(samples: Sequence[float]) -> dict[str, float | None]:
     """p50/p90/p99/max (and the count) of latencies in seconds, reported in milliseconds."""

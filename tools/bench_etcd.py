@@ -49,7 +49,7 @@ import time
 import urllib.request
 from typing import Any, Callable
 
-from .bench import (Progress, PyraftCluster, drive_clients, free_port, median_result, median_value, memory_info,
+from .bench import (Progress, PyraftCluster, drive_clients, free_ports, median_result, median_value, memory_info,
                     start_clients, tail)
 
 __all__ = ["EtcdCluster", "etcd_client", "find_etcd", "missing", "run", "render", "ratios", "round_ratio",
@@ -106,8 +106,9 @@ class EtcdCluster:
             raise RuntimeError("etcd is not installed")
         self.exe = found
         self.root = root
-        self.client_ports = {i: free_port() for i in range(1, n + 1)}
-        self.peer_ports = {i: free_port() for i in range(1, n + 1)}
+        ports = free_ports(["127.0.0.1"] * (2 * n))  # distinct: all are bound before etcd starts
+        self.client_ports = {i: ports[i - 1] for i in range(1, n + 1)}
+        self.peer_ports = {i: ports[n + i - 1] for i in range(1, n + 1)}
         self.data_dirs = {i: os.path.join(root, f"etcd{i}") for i in range(1, n + 1)}
         self.procs: dict[int, subprocess.Popen] = {}
         self._logs: list[Any] = []

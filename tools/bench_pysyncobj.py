@@ -31,7 +31,7 @@ import threading
 import time
 from typing import Any, Sequence
 
-from pyraft.tools.bench import (Emitter, InflightLoad, NodeProc, Progress, _drive, disk_usage, free_port,
+from pyraft.tools.bench import (Emitter, InflightLoad, NodeProc, Progress, _drive, disk_usage, free_ports,
                                 memory_info, run_sync_writer, stop_nodes)
 
 __all__ = ["run", "node_main"]
@@ -136,7 +136,8 @@ def _node_load(obj: Any, cmd: dict, emit: Emitter, success: int) -> None:
 class PySyncObjCluster:
     def __init__(self, n: int, root: str, *, journal: bool, no_batch: bool, tune_gc: bool) -> None:
         self.root = root
-        self.addrs = {i: f"127.0.0.1:{free_port()}" for i in range(1, n + 1)}
+        ports = free_ports(["127.0.0.1"] * n)
+        self.addrs = {i: f"127.0.0.1:{ports[i - 1]}" for i in range(1, n + 1)}
         self.nodes: dict[int, NodeProc] = {}
         self.dirs: dict[int, str] = {}
         for i, addr in self.addrs.items():

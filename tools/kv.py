@@ -924,9 +924,26 @@ def _txn(kv: Any, compare: list, success: list, failure: list, out: _Output) -> 
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nothing listens on right now on ``host`` (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports([host])[0]
+
+
+def free_ports(hosts: Sequence[str]) -> list[int]:
+    """A TCP port nothing listens on right now for each of ``hosts``, distinct on each host.
+
+    Every socket stays bound until all are picked: ports picked one at a time
+    and released may come back equal (it made two nodes of one test share
+    an address, once in a few thousand clusters).
+    """
+    socks: list[socket.socket] = []
+    try:
+        for host in hosts:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 class NodeFailed(RuntimeError):
@@ -949,7 +966,8 @@ class LocalCluster:
         os.makedirs(self.base_dir, exist_ok=True)
         self.ids = list(range(1, n + 1))
         hosts = list(hosts) if hosts else ["127.0.0.1"] * n
-        self.addrs = {i: f"tcp://{hosts[i - 1]}:{free_port(hosts[i - 1])}" for i in self.ids}
+        ports = free_ports(hosts[:n])
+        self.addrs = {i: f"tcp://{hosts[i - 1]}:{ports[i - 1]}" for i in self.ids}
         self.config = dict(config or {})
         if cluster_name:
             self.config["cluster_name"] = cluster_name
