@@ -50,6 +50,15 @@ class Config:
     #: A leader that has not heard from a quorum within an election timeout
     #: steps down; followers that heard from a live leader ignore vote requests.
     check_quorum: bool = True
+    #: Serve linearizable reads on the leader without a heartbeat round while
+    #: a quorum's acknowledgments keep it sure that no other node can be
+    #: elected (etcd-raft's lease-based reads; needs ``check_quorum`` on every
+    #: node).  It assumes the nodes' clocks run at rates less than 10 % apart
+    #: and that a paused process's monotonic clock counts the pause (true for
+    #: SIGSTOP and scheduling delays; a whole virtual machine frozen by its
+    #: hypervisor may break it): off, every read costs a heartbeat round
+    #: (ReadIndex) and assumes nothing about clocks.
+    lease_reads: bool = False
     #: Entries per AppendEntries message, at most.
     max_payload_entries: int = 1024
     #: Bytes of entry payload per AppendEntries message, at most (a single
@@ -119,11 +128,14 @@ class Config:
                 f"election timeout ({lo}), or followers time out between heartbeats"
             )
         _check_seconds("rpc_timeout", self.rpc_timeout)
-        for name in ("pre_vote", "check_quorum"):
+        for name in ("pre_vote", "check_quorum", "lease_reads"):
             v = getattr(self, name)
             if type(v) is not bool and not (type(v) is int and v in (0, 1)):  # "no" would be true
                 raise ValueError(f"{name} must be True or False (or 1 or 0), got {v!r}")
             object.__setattr__(self, name, bool(v))
+        if self.lease_reads and not self.check_quorum:
+            raise ValueError("lease_reads needs check_quorum: the vote guard of CheckQuorum is what keeps "
+                             "another node from being elected while a read lease holds")
         for name in ("max_payload_entries", "max_payload_bytes", "max_inflight", "max_apply_batch",
                      "snapshot_chunk_size", "max_proposal_batch", "max_pending_writes",
                      "max_pending_write_bytes", "max_queued_rpcs"):

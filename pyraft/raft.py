@@ -24,7 +24,7 @@ from .errors import (ChangeMembershipError, CodecError, ForwardToLeader, Initial
 from .metrics import ClientWriteResponse, RaftMetrics
 from .network import OP_ROLES, TRUSTED, Transport
 from .runtime.core import RaftCore
-from .runtime.futures import fail, new_future
+from .runtime.futures import fail, new_future, succeed
 from .storage import LogStore, StateMachine
 from .types import LogId, Node, ServerState, log_index
 
@@ -329,8 +329,17 @@ class Raft:
     # ------------------------------------------------------------------ reads
 
     def ensure_linearizable_async(self) -> Future:
-        """ReadIndex: the future gets the LogId the state machine has applied up to when the read is safe."""
+        """ReadIndex: the future gets the LogId the state machine has applied up to when the read is safe.
+
+        With ``Config.lease_reads``, a leader whose read lease holds completes
+        it at once, on the calling thread, with what its state machine has
+        applied (no heartbeat round; see ``Engine.read_lease``).
+        """
         fut: Future = new_future()  # one per client read, like a write's (runtime/futures.py)
+        lid = self._core.lease_read()
+        if lid is not None:
+            succeed(fut, lid)
+            return fut
         batch = self._burst.items
         if batch is not None:  # a client handler on the transport's thread: handed over at the burst's end
             if self._core._closed:

@@ -18,7 +18,7 @@ import stat
 import pytest
 
 from faults import durability
-from faults.runner import (LogAuditor, RunConfig, check_acknowledged, check_election_safety, check_logs, run,
+from faults.runner import (RAFT_CONFIG, LogAuditor, RunConfig, check_acknowledged, check_election_safety, check_logs, run,
                            scan_node_logs, varied_config)
 from pyraft.checker import Op
 from pyraft.tools.faults import FaultControl, write_fault_file
@@ -61,6 +61,15 @@ def test_partitions_majority_minority_isolated_leader_bridge(tmp_path):
 def test_mixed_faults_with_membership_changes_transfers_and_a_slow_disk(tmp_path):
     _run(tmp_path, nemeses=("kill", "pause", "partition", "disk", "transfer", "membership"), duration=20,
          seed=SEED)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_lease_reads_under_pauses_partitions_kills_and_transfers(tmp_path):
+    """Config.lease_reads: a paused or cut-off leader's lease must end before anyone else is
+    elected, and no read served under it may miss an acknowledged write."""
+    _run(tmp_path, nemeses=("pause", "partition", "kill", "transfer"), duration=15, seed=SEED,
+         raft_config=dict(RAFT_CONFIG, lease_reads=True))
 
 
 # ---------------------------------------------------------------------------

@@ -41,6 +41,9 @@ SOAK_FIRST_SEED = 1_000_000
 #: rule seed 203, fix 8 soak seeds 1000095 and 1004160; before that, when heartbeats began to ask for
 #: unacknowledged appends: fix 2 was seed 75, fix 4 seed 59.)
 PINNED = {
+    13: (10000, "read leases: a lease longer than the vote guard behind it, or counted from an "
+                "acknowledgment's arrival instead of its round's sending, lets another node be elected "
+                "while it holds (the teeth tool's lease-too-long and lease-from-ack-time mutants)"),
     22: (10000, "fix 1: a learner added after the leader purged its log was never sent a snapshot "
                 "(_send_append fell back to a snapshot only when prev index > 0); first found by seed 30"),
     231: (10000, "fix 2: a restarted node trusted a saved commit point that its durable log did not hold, "

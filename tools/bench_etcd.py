@@ -376,7 +376,8 @@ def render(doc: dict[str, Any]) -> str:
             name = f"sequential write p50 / p99 ms, {r['payload']} B"
             pc, ec, ratio = _cell(p, "p50/p99"), _cell(e, "p50/p99"), rat.get(key, {}).get("p50 ratio")
         else:
-            name = "linearizable read p50 ms"
+            name = "linearizable read p50 ms" + (" (pyraft-kv: lease_reads; etcd: ReadIndex)"
+                                                 if (doc.get("config") or {}).get("lease_reads") else "")
             pc, ec, ratio = _cell(p, "p50"), _cell(e, "p50"), rat.get(key, {}).get("p50 ratio")
         met = rat.get(key, {}).get("met")
         ratio_s = "-" if ratio is None else f"{ratio}×" + ("" if met is None else (" ✓" if met else " ✗"))

@@ -38,6 +38,10 @@ from .progress import Progress, ProgressState
 from .refusals import MAX_TERM, check_message
 
 _NEVER = float("-inf")
+#: The share of the minimum election timeout a read lease lasts past the send time of the round a
+#: quorum acknowledged (see :meth:`Engine.read_lease`): the rest allows for the nodes' clocks running
+#: at rates up to 10 % apart.
+LEASE_SHARE = 0.9
 
 
 @dataclass
@@ -127,6 +131,12 @@ class Engine:
         self.state = ServerState.FOLLOWER
         self.leader_id: int | None = None
         self._last_leader_contact = _NEVER
+        #: CheckQuorum's vote guard: no vote or pre-vote (bar a transfer's) before then.
+        #: With lease reads, a node that may have followed a leader in an earlier life (its term is
+        #: past 0) starts guarded for a minimum election timeout: it may have acknowledged a round a
+        #: leader's read lease counts on, and forgot it in the restart.  Nothing else relies on it.
+        self._vote_guard_until = (now + config.election_timeout[0] if config.lease_reads and self.vote.term > 0
+                                  else _NEVER)
         #: the leader heard from at _last_leader_contact (leader_id is cleared when the term moves on)
         self._last_leader_seen: int | None = None
         #: the last term this engine led (a second leader of it is refused; see refusals.py)
@@ -147,6 +157,13 @@ class Engine:
         self._leader_since = now
         self._heartbeat_due = now
         self._seq = 0
+        #: lease reads: the engine time each round number (``_seq``) of this leadership was
+        #: assigned, younger than a minimum election timeout
+        self._seq_sent: dict[int, float] = {}
+        #: lease reads end for the rest of the term once a transfer's TimeoutNow is sent
+        self._lease_forfeit = False
+        #: the index of this leader's first entry of its term (its blank entry)
+        self._term_start = 0
         self._dirty: set[int] = set()
         self._heartbeat_requested = False
         self._pending_reads: list[tuple[Any, LogId | None, int]] = []
@@ -293,13 +310,94 @@ class Engine:
             self._election_deadline += self.cfg.election_timeout[1]
 
     def _in_leader_lease(self) -> bool:
-        """True while this node believes a leader is alive (CheckQuorum's vote guard)."""
+        """True while this node believes a leader is alive (CheckQuorum's vote guard).
+
+        A follower is guarded for a minimum election timeout after it last took
+        a message of its leader (the Raft thesis, 4.2.3), whatever happens to
+        its term meanwhile; a leader while it leads; with lease reads, a
+        restarted node for a minimum election timeout after it starts.  Read
+        leases rest on this guard:
+        a quorum that acknowledged a leader's round refuses every other
+        candidate until the lease the round gave has ended.
+        """
         if not self.cfg.check_quorum:
             return False
         if self.state == ServerState.LEADER:
             return True
-        return (self.leader_id is not None
-                and self.now - self._last_leader_contact < self.cfg.election_timeout[0])
+        return self.now < self._vote_guard_until
+
+    def _next_seq(self) -> int:
+        """A new round number (heartbeat rounds, reads, farewells); lease reads note when it was assigned."""
+        self._seq += 1
+        if self.cfg.lease_reads:
+            sent = self._seq_sent
+            sent[self._seq] = self.now
+            oldest = self.now - self.cfg.election_timeout[0]
+            while True:  # in the order assigned: each round is dropped once it is too old to give a lease
+                first = next(iter(sent))
+                if sent[first] >= oldest:
+                    break
+                del sent[first]
+        return self._seq
+
+    def _lease_start(self) -> float | None:
+        """The newest time a quorum of the effective configuration is known to have followed this
+        leader: each voter acknowledged a round of this term assigned at or after it (the leader
+        counts as always).  A voter took that round's message no earlier than the round was
+        assigned, whichever configuration was in effect then.  None when no young round gives one."""
+        m = self.effective_membership.membership
+        if m.is_quorum({self.id}):
+            return self.now
+        sent = self._seq_sent
+        since: dict[int, float] = {}
+        for t in m.voter_ids:
+            if t == self.id:
+                continue
+            p = self.progress.get(t)
+            if p is not None:
+                at = sent.get(p.acked_seq)
+                if at is not None:
+                    since[t] = at
+        for at in sorted(set(since.values()), reverse=True):
+            if m.is_quorum({self.id} | {t for t, x in since.items() if x >= at}):
+                return at
+        return None
+
+    def read_lease(self) -> tuple[float, int] | None:
+        """With ``Config.lease_reads``: ``(until, applied_from)`` while this leader may serve a
+        linearizable read without a heartbeat round, else None.
+
+        Until engine time ``until`` no other node can be elected: a quorum of
+        the effective configuration acknowledged a round of this leader sent at
+        most ``LEASE_SHARE`` of a minimum election timeout before, and each of
+        them refuses votes for a whole one after taking it (the guard of
+        :meth:`_in_leader_lease`).  A read is linearizable once the state
+        machine has applied ``applied_from``, this leader's first entry of its
+        term: everything committed before the term is then applied, and what
+        the leader committed since is acknowledged only once applied.  The
+        caller compares ``until`` with a clock read at the moment of the read,
+        not with the engine's time, which lags.
+
+        None unless this node leads, the effective configuration is committed,
+        no transfer is under way, and none sent its TimeoutNow in this term.
+
+        A leader that steps down may vote at once, like any follower whose
+        guard has run out: whoever serves reads must withdraw the lease before
+        carrying out any output that follows (RaftCore asks for it again before
+        each batch of output), so a read that found the lease holding found it
+        while this node still led and refused every vote, and is linearized
+        there.  The simulation takes the lease from this method at every
+        event, and ``sim.teeth``'s lease mutants show what each rule guards.
+        """
+        if not self.cfg.lease_reads or self.state != ServerState.LEADER or self._lease_forfeit \
+                or self.transferee is not None:
+            return None
+        if log_index(self.effective_membership.log_id) > log_index(self.committed):
+            return None
+        start = self._lease_start()
+        if start is None:
+            return None
+        return start + self.cfg.election_timeout[0] * LEASE_SHARE, self._term_start
 
     def advance_clock(self, now: float) -> None:
         """Set the time that stamps the inputs that follow, without firing timers.
@@ -400,6 +498,11 @@ class Engine:
                                               f"cannot campaign ({reason}): term {self.vote.term} has no "
                                               f"successor the wire format can carry", refused=True)
             return
+        if self.cfg.lease_reads and not transfer and self._in_leader_lease():
+            # Our own vote is one a read lease counts on, as much as one we would give another
+            # node: no campaign while the guard holds (trigger.elect() on a follower of a live
+            # leader; the election timer never fires that early).
+            return
         self._initialized_now = False
         if reason:  # a new election (a pre-vote round that won goes on under the same number)
             self.last_campaign = Campaign(last.number + 1 if last else 1, self.vote.term + 1, pre_vote, reason)
@@ -435,11 +538,13 @@ class Engine:
         self._leader_since = self.now
         self._heartbeat_due = self.now
         self.transferee = None
+        self._lease_forfeit = False
+        self._seq_sent.clear()
         self.progress = {}
         self._sync_progress(force=True)
         # The paper's Figure 8: a leader commits entries of earlier terms only
         # by committing one of its own, so it starts its term with a blank one.
-        self._append_as_leader([(EntryKind.BLANK, None)])
+        self._term_start = self._append_as_leader([(EntryKind.BLANK, None)])[0].index
         self._heartbeat_requested = True
 
     def _replication_targets(self) -> dict[int, Node]:
@@ -495,8 +600,7 @@ class Engine:
         if not f.seq:
             # It holds the configuration: a heartbeat round from now on carries a commit index
             # covering it (a heartbeat asks from the matched index on).
-            self._seq += 1
-            f.seq = self._seq
+            f.seq = self._next_seq()
             self._heartbeat_requested = True
         elif ack is not None and ack.success and ack.seq >= f.seq:
             self._end_farewell(t)
@@ -661,8 +765,7 @@ class Engine:
         self._start_read(token)
 
     def _start_read(self, token: Any) -> None:
-        self._seq += 1
-        self._pending_reads.append((token, self.committed, self._seq))
+        self._pending_reads.append((token, self.committed, self._next_seq()))
         self._heartbeat_requested = True
         self._check_reads()
 
@@ -679,7 +782,7 @@ class Engine:
             return
         if not self.effective_membership.membership.is_voter(target):
             raise ChangeMembershipError(f"node {target} is not a voter; it cannot lead")
-        self.transferee = target
+        self.transferee = target  # no read lease while it lasts (read_lease); see _maybe_send_timeout_now
         self._transfer_deadline = self.now + self.cfg.election_timeout[1]
         self._maybe_send_timeout_now()
         self._dirty.add(target)
@@ -823,9 +926,11 @@ class Engine:
         # msg.term == current term here (higher terms were adopted in step()).  A vote not yet given
         # in this term is not given while we follow its leader (etcd-raft's rule): that leader
         # holds a majority already, and a late or rejoining candidate of its term can only
-        # disturb it.
+        # disturb it.  Nor while the vote guard holds: a term learned from a stale reply clears
+        # the leader, not what a read lease counts on (bar a transfer, as in step()).
         ok = ((self.vote.node_id == msg.candidate_id
-               or (self.vote.node_id is None and self.leader_id is None))
+               or (self.vote.node_id is None and self.leader_id is None
+                   and (msg.transfer or not self._in_leader_lease())))
               and self.state != ServerState.LEADER
               and self._log_up_to_date(msg.last_log_id))
         if ok:
@@ -870,6 +975,7 @@ class Engine:
         if self.state == ServerState.CANDIDATE or self.leader_id != leader_id:
             self._become_follower(self.vote.term, leader_id)
         self._last_leader_contact = self.now
+        self._vote_guard_until = max(self._vote_guard_until, self.now + self.cfg.election_timeout[0])
         self._last_leader_seen = leader_id
         self._log_behind = False  # the leader brings our log up to date
         self._reset_election_timer()
@@ -1097,6 +1203,8 @@ class Engine:
         unacknowledged (see :meth:`_heartbeat_prev`).
         """
         commit = log_index(self.committed)
+        if self.cfg.lease_reads:
+            self._next_seq()  # each round renews the read lease
         for t, p in self.progress.items():
             if p.state == ProgressState.PROBE:
                 p.probe_sent = False
@@ -1145,6 +1253,9 @@ class Engine:
             return
         p = self.progress.get(t)
         if p is not None and log_index(p.matched) == self.log.last_index:
+            # The target campaigns with a transfer's pass through every vote guard: no read lease for
+            # the rest of this term, even if the transfer times out (its election may still go on).
+            self._lease_forfeit = True
             self._emit(SendTimeoutNow(t, TimeoutNowRequest(self.vote.term, self.id)))
 
     def _check_reads(self) -> None:

@@ -12,7 +12,9 @@ op                     request body                          reply body         
                        lease_revoke; with ``client``/``seq``
                        for exactly-once
 ``kv.get``             ``{"key": k}``                        the value (None when absent), read      reader
-                                                             linearizably (ReadIndex)
+                                                             linearizably (ReadIndex, or the
+                                                             leader's read lease with
+                                                             ``Config.lease_reads``)
 ``kv.get_stale``       ``{"key": k}``                        this node's value now (may be stale)    reader
 ``kv.range``           ``{"key", "end", "prefix", "limit",   ``{"kvs": [[key, record], ...],         reader
                        "keys_only", "count_only", "stale"}``  "count", "more", "revision",

@@ -155,6 +155,14 @@ class RaftCore(threading.Thread):
         #: inbox items a failing turn did not get to (failed by _teardown)
         self._leftover: list = []
         self._applied = self.engine.applied
+        #: the engine's read lease (Engine.read_lease), published before each batch of its output is
+        #: carried out: a step-down or a transfer's TimeoutNow never leaves before the lease is gone.
+        #: Read by any thread (lease_read); None without Config.lease_reads.
+        self.read_lease: tuple[float, int] | None = None
+        self._lease_reads = config.lease_reads
+        #: reads served by the lease (the "lease_reads" counter), from tickets as writes_accepted is
+        self._lease_read_tickets = itertools.count(1)
+        self.lease_reads_served = 0
         self.workers: dict[int, ReplicationWorker] = {}
         #: workers told to stop that may still be finishing (a snapshot chunk in flight)
         self._stopped_workers: list[ReplicationWorker] = []
@@ -397,6 +405,10 @@ class RaftCore(threading.Thread):
                 raise
         elif kind == "read":
             fut = it[1]
+            lid = self.lease_read()
+            if lid is not None:
+                succeed(fut, lid)
+                return
             try:
                 eng.read_index(fut)
             except RaftError as e:
@@ -464,6 +476,8 @@ class RaftCore(threading.Thread):
     def _run_engine(self) -> None:
         eng = self.engine
         while True:
+            if self._lease_reads:
+                self.read_lease = eng.read_lease()
             cmds = eng.take_output()
             if not cmds:
                 self._enc_hints.clear()
@@ -697,6 +711,18 @@ class RaftCore(threading.Thread):
         else:
             self._read_waiters.append((read.index, read, fut))
 
+    def lease_read(self) -> LogId | None:
+        """With a read lease that holds now: what the state machine has applied, which any thread may
+        read linearizably at once (see Engine.read_lease); else None (a ReadIndex round is needed)."""
+        lease = self.read_lease
+        if lease is None or self._closed or time.monotonic() >= lease[0]:
+            return None
+        applied = self.sm_worker.applied
+        if applied is None or applied.index < lease[1]:
+            return None
+        self.lease_reads_served = next(self._lease_read_tickets)
+        return applied
+
     def _release_reads(self) -> None:
         if not self._read_waiters:
             return
@@ -718,6 +744,8 @@ class RaftCore(threading.Thread):
         counters = getattr(self.transport, "stats", None)
         counters = dict(counters) if isinstance(counters, dict) else {}
         counters["inbox_dropped_rpcs"] = self.rpc_lane.dropped
+        if self._lease_reads:
+            counters["lease_reads"] = self.lease_reads_served
         counters["inbox_dropped_replies"] = self.reply_lane.dropped
         with self._counters_lock:
             counters.update(self._counters)
@@ -788,6 +816,7 @@ class RaftCore(threading.Thread):
         log.error("node %s stopped as Fatal: %s", self.node_id, reason, exc_info=exc)
 
     def _teardown(self) -> None:
+        self.read_lease = None
         with self._post_lock:
             self._closed = True
         err = self.stopped_error()

@@ -481,10 +481,12 @@ class SMWorker(_Worker):
             results = sm.apply(entries)
             if len(results) != len(entries):
                 raise RuntimeError(f"state machine returned {len(results)} results for {len(entries)} entries")
+            # Set before the futures complete: a lease read (RaftCore.lease_read) made by whoever
+            # got a write's answer must return an index that covers the write.
+            self.applied = entries[-1].log_id
             if futures:
                 with self.core.replies_held():  # the batch's replies leave together (see there)
                     self._complete(entries, results, futures)
-            self.applied = entries[-1].log_id
             self.core.post_applied(self.applied)
         self.core.writes_released_sm += len(futures)
         for lid, fut in futures.values():  # below our applied point: superseded by a snapshot

@@ -78,7 +78,7 @@ POWER_CONFIG = {**RAFT_CONFIG, "snapshot_every": 300, "max_in_snapshot_log_to_ke
 def varied_config(seed: int) -> dict:
     """Node settings drawn from ``seed``: other code paths than :data:`RAFT_CONFIG` takes.
 
-    With or without PreVote and CheckQuorum, tiny AppendEntries batches and
+    With or without PreVote, CheckQuorum and lease reads, tiny AppendEntries batches and
     pipelines, snapshots every few hundred entries with no log kept behind
     them, snapshot transfers in many small chunks, one-entry apply and
     proposal batches.
@@ -95,6 +95,7 @@ def varied_config(seed: int) -> dict:
     c["snapshot_chunk_size"] = rng.choice([256, 4096, 1 << 20])
     c["max_apply_batch"] = rng.choice([1, 64, 4096])
     c["max_proposal_batch"] = rng.choice([1, 16, 4096])
+    c["lease_reads"] = c["check_quorum"] and rng.random() < 0.5
     return c
 
 

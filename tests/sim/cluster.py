@@ -54,6 +54,7 @@ with :meth:`Sim.stabilize`, :meth:`Sim.advance` and network filters.
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import random
 from collections import deque
@@ -305,6 +306,10 @@ class Sim:
         if spares is None:
             spares = rng.choice([0, 0, 1, 2]) if not manual else 0
         self.cfg = config if config is not None else sim_config(rng)
+        if config is None and self.cfg.check_quorum and seed % 2:
+            # Read leases in half the seeds that can have them (drawn from the seed, not the rng:
+            # the other seeds' runs stay as they were).
+            self.cfg = dataclasses.replace(self.cfg, lease_reads=True)
         if init is None:
             init = rng.choice(["all", "all", "one", "some"]) if not manual else "all"
         self.shape = f"{voters} voters + {spares} spares, init={init}, {self._cfg_str()}"
@@ -347,7 +352,7 @@ class Sim:
         self.tid = 0
         self.stats = {"crashes": 0, "elections": 0, "snap_installs": 0, "commits": 0, "truncations": 0,
                       "mid_batch_crashes": 0, "pauses": 0, "stalls": 0, "ghosts": 0, "joint": 0,
-                      "writes_acked": 0}
+                      "writes_acked": 0, "lease_checks": 0}
         for n in self.nodes.values():
             self._boot(n)
         nodes = {i: addr(i) for i in self.voter_ids}
@@ -367,8 +372,8 @@ class Sim:
 
     def _cfg_str(self) -> str:
         c = self.cfg
-        return (f"pre_vote={c.pre_vote} check_quorum={c.check_quorum} max_payload={c.max_payload_entries} "
-                f"inflight={c.max_inflight} snapshot_every={c.snapshot_every} "
+        return (f"pre_vote={c.pre_vote} check_quorum={c.check_quorum} lease_reads={c.lease_reads} "
+                f"max_payload={c.max_payload_entries} inflight={c.max_inflight} snapshot_every={c.snapshot_every} "
                 f"keep={c.max_in_snapshot_log_to_keep} chunk={c.snapshot_chunk_size}")
 
     # ------------------------------------------------------------------ events
@@ -561,10 +566,25 @@ class Sim:
                 inv.on_leader(n.id, term, n.log)
                 if DIRECT_CHECKS:
                     self._check_election(n, term)
+                for other in self.nodes.values():
+                    # (A leader of an older term, elected by late votes, is harmless: the quorum that
+                    # gave the lease is past its term, and every quorum it needs meets that one.)
+                    if other is not n and other.alive and other.engine.vote.term < term and self._lease_holds(other):
+                        inv.fail(f"node {n.id} is elected in term {term} while node {other.id}'s read lease "
+                                 f"of term {other.engine.vote.term} holds ({other.engine.read_lease()} at "
+                                 f"its time {other.now():.4f})")
                 if self.phase == "fault" and not self.manual and self.rng.random() < 0.2:
                     # buggify: a leader lost right after its election leaves entries of several
                     # terms half replicated -- the histories of the paper's Figure 8
                     self._at(self.rng.uniform(0.0, 0.03), self._depose, n.id, n.inc)
+        if e.state is LEADER and self._lease_holds(n):
+            newest = max(m.led_term for m in self.nodes.values())
+            if newest > e.vote.term:
+                inv.fail(f"node {n.id}'s read lease of term {e.vote.term} holds, but term {newest} has had "
+                         f"a leader")
+            if idx(n.sm_applied) < self.write_acked:
+                inv.fail(f"linearizability: node {n.id} would serve a lease read from state applied up to "
+                         f"{n.sm_applied}, but the write at index {self.write_acked} was acknowledged")
         c = e.committed
         log = e.log
         # Most outputs change none of what the checks below read: skip them then (the same objects,
@@ -795,6 +815,14 @@ class Sim:
             return True
         c = n.contact
         return c is not None and c[0] == e.vote.term and n.now() - c[1] < self.cfg.election_timeout[0]
+
+    def _lease_holds(self, n: SimNode) -> bool:
+        """``n`` would serve a linearizable read without a round now (RaftCore.lease_read's test)."""
+        lease = n.engine.read_lease()
+        if lease is None or n.now() >= lease[0]:
+            return False
+        self.stats["lease_checks"] += 1
+        return idx(n.sm_applied) >= lease[1]
 
     def _check_election(self, n: SimNode, term: int) -> None:
         """A new leader won a majority of every voter set of its configuration (both, when joint)."""

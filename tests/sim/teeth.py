@@ -157,8 +157,8 @@ MUTANTS: dict[str, tuple[str, str, str]] = {
     ),
     "read-round-not-bumped": (
         "a ReadIndex read does not start a new heartbeat round (older acknowledgements confirm it)",
-        "        self._seq += 1\n        self._pending_reads.append",
-        "        self._pending_reads.append",
+        "        self._pending_reads.append((token, self.committed, self._next_seq()))",
+        "        self._pending_reads.append((token, self.committed, self._seq))",
     ),
     "snapshot-rolls-back-commit": (
         "installing a snapshot older than the commit point (committed meanwhile) sets the commit point back",
@@ -191,6 +191,43 @@ MUTANTS: dict[str, tuple[str, str, str]] = {
         "CheckQuorum's vote lease is ignored: a follower of a live leader votes for a later term",
         "        if not self.cfg.check_quorum:\n            return False\n        if self.state == ServerState.LEADER:",
         "        if True:\n            return False\n        if self.state == ServerState.LEADER:",
+    ),
+    # --- read leases (Config.lease_reads): each guard of Engine.read_lease taken out in turn
+    "lease-too-long": (
+        "a read lease lasts longer than the vote guard that protects it (1.5 minimum election timeouts)",
+        "LEASE_SHARE = 0.9\n",
+        "LEASE_SHARE = 1.5\n",
+    ),
+    "lease-from-ack-time": (
+        "a read lease counts from when an acknowledgment arrived, not from when its round was sent",
+        "                at = sent.get(p.acked_seq)\n                if at is not None:\n                    since[t] = at",
+        "                at = sent.get(p.acked_seq)\n                if at is not None:\n                    since[t] = p.last_ack",
+    ),
+    "lease-no-restart-guard": (
+        "a restarted node votes at once, forgetting the lease rounds it acknowledged before",
+        "if config.lease_reads and self.vote.term > 0",
+        "if False",
+    ),
+    "lease-guard-forgets-on-term-change": (
+        "the vote guard ends when a node's leader is cleared (a higher term seen), not a minimum "
+        "election timeout after its leader's last message",
+        "        return self.now < self._vote_guard_until\n",
+        "        return self.leader_id is not None and self.now - self._last_leader_contact < self.cfg.election_timeout[0]\n",
+    ),
+    "lease-campaign-inside-guard": (
+        "a node whose vote guard holds campaigns when told to (trigger.elect()): its own vote breaks a lease",
+        "        if self.cfg.lease_reads and not transfer and self._in_leader_lease():",
+        "        if False:",
+    ),
+    "lease-before-term-applied": (
+        "a new leader serves lease reads before its state machine applied its first entry of the term",
+        "        return start + self.cfg.election_timeout[0] * LEASE_SHARE, self._term_start",
+        "        return start + self.cfg.election_timeout[0] * LEASE_SHARE, 0",
+    ),
+    "lease-survives-transfer": (
+        "a leader whose transfer sent TimeoutNow and then timed out serves lease reads again in that term",
+        "            self._lease_forfeit = True\n            self._emit(SendTimeoutNow(",
+        "            self._emit(SendTimeoutNow(",
     ),
     "transfer-not-caught-up": (
         "leadership transfer sends TimeoutNow to a target whose log is not caught up",
@@ -260,7 +297,7 @@ def run_mutant(name: str | None, seeds: list[int], steps: int, jobs: int,
 
 
 #: The deterministic tests of the default suite that drive the engine (scenarios, regressions).
-SUITE_TESTS = ("test_raft_paper.py", "test_engine_freshness.py", "test_engine_hostile.py")
+SUITE_TESTS = ("test_raft_paper.py", "test_engine_freshness.py", "test_engine_hostile.py", "test_lease_reads.py")
 
 
 def _pinned() -> dict[int, tuple[int, str]]:
