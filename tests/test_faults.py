@@ -18,8 +18,8 @@ import stat
 import pytest
 
 from faults import durability
-from faults.runner import (RAFT_CONFIG, LogAuditor, RunConfig, check_acknowledged, check_election_safety, check_logs, run,
-                           scan_node_logs, varied_config)
+from faults.runner import (RAFT_CONFIG, LogAuditor, RunConfig, check_acknowledged, check_election_safety,
+                           check_logs, run, scan_node_logs, varied_config)
 from pyraft.checker import Op
 from pyraft.tools.faults import FaultControl, write_fault_file
 from pyraft.types import EntryKind

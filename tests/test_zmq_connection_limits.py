@@ -194,7 +194,6 @@ def test_a_client_that_never_reads_its_replies_costs_the_node_about_send_queue_b
     assert all(r.ok and r.body == big for r in recv_replies(reader, 5).values())
 
 
-
 def test_the_backlogs_of_many_connections_that_never_read_are_bounded_together(server, dealer):
     big = b"\0" * 200_000
     srv = server(lambda _f, _m, reply: reply.reply(ClientResponse(True, big)),
@@ -212,6 +211,7 @@ def test_the_backlogs_of_many_connections_that_never_read_are_bounded_together(s
     assert all(b.nbytes <= srv.send_queue_bytes for b in backlogs)
     assert srv._backlog_bytes == sum(b.nbytes for b in backlogs) <= 4 * srv.send_queue_bytes
     assert srv.stats.get("dropped_reply_backlog", 0) > 0
+
 
 def test_bursts_of_replies_past_sndhwm_wait_for_room_and_are_not_lost(server):
     """A leader's pipelined AppendEntries acks, a many-threaded KVClient's answers: delayed, never dropped."""

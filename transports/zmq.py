@@ -1229,8 +1229,9 @@ class ZmqTransport:
         which replies to that connection are dropped, and all of them together
         by ``_BACKLOG_NODE_SHARE * send_queue_bytes``.  Backlogs are retried
         first, when due: ``_BACKLOG_RETRY_MIN`` after a retry that moved
-        something, else after a wait that doubles up to ``_BACKLOG_RETRY_MAX`` (a client that never reads costs a few retries a
-        second, not a busy loop).
+        something, else after a wait that doubles up to ``_BACKLOG_RETRY_MAX``
+        (a client that never reads costs a few retries a second, not a busy
+        loop).
         """
         now = time.monotonic()
         retried = bool(self._backlog) and now >= self._backlog_due

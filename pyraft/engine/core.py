@@ -316,9 +316,8 @@ class Engine:
         a message of its leader (the Raft thesis, 4.2.3), whatever happens to
         its term meanwhile; a leader while it leads; with lease reads, a
         restarted node for a minimum election timeout after it starts.  Read
-        leases rest on this guard:
-        a quorum that acknowledged a leader's round refuses every other
-        candidate until the lease the round gave has ended.
+        leases rest on this guard: a quorum that acknowledged a leader's round
+        refuses every other candidate until the lease the round gave has ended.
         """
         if not self.cfg.check_quorum:
             return False
