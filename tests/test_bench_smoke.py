@@ -145,3 +145,83 @@ def test_arguments_no_node_would_take_are_refused_before_anything_starts(args, m
                        timeout=60)
     assert p.returncode == 2, p.stdout + p.stderr
     assert message in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_thread_stats_count_each_threads_cpu_and_sleeps_by_kind():
+    import threading
+    import time
+
+    from pyraft.tools import bench
+
+    assert bench.thread_kind("pyraft-core-12") == "pyraft-core"
+    assert bench.thread_kind("pyraft-repl-1->3") == "pyraft-repl"
+    assert bench.thread_kind("ZMQbg/IO/0") == "ZMQbg/IO"
+    assert bench.thread_kind("bench-load") == "bench-load"
+    go, finish = threading.Event(), threading.Event()
+    done = [threading.Event(), threading.Event()]
+
+    def burn(i: int) -> None:
+        go.wait()
+        t0 = time.thread_time()
+        while time.thread_time() - t0 < 0.03:  # 30 ms on a CPU
+            pass
+        for _ in range(20):  # and 20 sleeps
+            time.sleep(0.001)
+        done[i].set()
+        finish.wait()  # alive until read
+
+    threads = [threading.Thread(target=burn, args=(i,), name=f"burner-{i}", daemon=True) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    names = bench.thread_names()
+    before = bench.thread_stats(os.getpid(), names)
+    go.set()
+    assert all(d.wait(30) for d in done)
+    after = bench.thread_stats(os.getpid(), names)
+    finish.set()
+    for t in threads:
+        t.join(10)
+    costs = bench.thread_costs(before, after, 2)
+    assert costs["burner"]["cpu_us"] >= 30_000  # two threads of one kind summed, per operation (2 ops)
+    assert costs["burner"]["wakeups"] >= 20
+    assert costs["total"]["cpu_us"] >= costs["burner"]["cpu_us"]
+
+
+def test_the_by_thread_table_puts_the_leader_first_and_the_costliest_threads_on_top():
+    from pyraft.tools import bench
+
+    res = {"leader": 2, "by_thread": {
+        "1": {"pyraft-core": {"cpu_us": 40.0, "wakeups": 0.5}, "total": {"cpu_us": 40.0, "wakeups": 0.5}},
+        "2": {"pyraft-core": {"cpu_us": 90.0, "wakeups": 1.25}, "pyraft-repl": {"cpu_us": 300.0, "wakeups": 6.0},
+              "total": {"cpu_us": 390.0, "wakeups": 7.25}}}}
+    lines = bench.render_by_thread("pyraft 10B", res).splitlines()
+    assert "node 2 (leader)" in lines[1] and lines[1].index("node 2") < lines[1].index("node 1")
+    assert lines[2].split() == ["pyraft-repl", "300", "/", "6.0", "-"]
+    assert lines[3].split() == ["pyraft-core", "90", "/", "1.2", "40", "/", "0.50"]
+    assert lines[4].split()[0] == "total"
+
+
+def test_bench_by_thread_shows_where_each_nodes_cpu_went(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pyraft.tools.bench", "--duration", "2.5", "--warmup", "0.3", "--only-sync-writer",
+         "--by-thread", "--quiet", "--tmpdir", str(tmp_path), "--out", str(out)],
+        capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (run,) = json.loads(out.read_text())["runs"]
+    res = run["result"]
+    by = res["by_thread"]
+    assert set(by) == {"1", "2", "3"}
+    lead = str(res["leader"])
+    for node, costs in by.items():
+        assert costs["pyraft-core"]["cpu_us"] > 0 and costs["pyraft-sm"]["cpu_us"] > 0, (node, costs)
+        assert ("pyraft-repl" in costs) == (node == lead), (node, costs)
+    assert by[lead]["bench-load"]["cpu_us"] > 0  # the writer's own thread, which ends with the load
+    assert f"where each node's CPU went, {run['system']} 10B" in proc.stdout
+    assert f"node {lead} (leader)" in proc.stdout
+
+
+def test_by_thread_is_refused_where_it_would_show_nothing():
+    p = subprocess.run([sys.executable, "-m", "pyraft.tools.bench", "--by-thread", "--follower-down", "kill"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "--by-thread" in p.stderr, p.stderr

@@ -158,35 +158,72 @@ def memory_info(pid: int) -> dict[str, int]:
     return out
 
 
-def thread_switches(pid: int, names: dict[str, str] | None = None) -> dict[str, int]:
-    """Voluntary context switches (a thread going to sleep: each is one wake-up later) of every
-    thread of ``pid``, from /proc, summed by thread name: ``names`` maps native thread ids to
-    Python thread names (``pyraft-core-1``, ...: see the nodes' status); others count as ``other``."""
-    out: dict[str, int] = {}
+def thread_names() -> dict[str, str]:
+    """This process's threads: ``{native id: Python name}`` (what :func:`thread_stats` is given)."""
+    return {str(t.native_id): t.name for t in threading.enumerate()}
+
+
+def thread_kind(name: str) -> str:
+    """A thread's name without the node and target ids, so the same thread of each node shares a row:
+    ``pyraft-core-1`` -> ``pyraft-core``, ``pyraft-repl-1->2`` -> ``pyraft-repl``, libzmq's ``ZMQbg/IO/0``
+    -> ``ZMQbg/IO``."""
+    return re.sub(r"(-\d+(->\d+)?|/\d+)$", "", name)
+
+
+def thread_stats(pid: int, names: dict[str, str] | None = None) -> dict[str, list[int]]:
+    """``{thread kind: [nanoseconds on a CPU, voluntary context switches]}`` of every thread of ``pid``.
+
+    From ``/proc/<pid>/task/<tid>/schedstat`` (the scheduler's own count, exact
+    where the clock-tick figures of ``stat`` are samples) and ``status`` (a
+    voluntary switch is a thread going to sleep: each is one wake-up later).
+    ``names`` maps native thread ids to Python thread names (a node's
+    ``status`` lists them); a thread it does not name goes by its kernel name
+    (``comm``: libzmq's I/O threads name themselves).  Threads of one kind are
+    summed (:func:`thread_kind`).
+    """
+    out: dict[str, list[int]] = {}
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return out
     for tid in tids:
-        name = (names or {}).get(tid, "other")
-        name = re.sub(r"-\d+(->\d+)?$", "", name)  # pyraft-core-1 -> pyraft-core, pyraft-repl-1->2 -> pyraft-repl
+        base = f"/proc/{pid}/task/{tid}/"
         try:
-            with open(f"/proc/{pid}/task/{tid}/status") as f:
+            name = (names or {}).get(tid)
+            if name is None:
+                with open(base + "comm") as f:
+                    name = f.read().strip()
+            with open(base + "schedstat") as f:
+                ns = int(f.read().split()[0])
+            switches = 0
+            with open(base + "status") as f:
                 for line in f:
                     if line.startswith("voluntary_ctxt_switches"):
-                        out[name] = out.get(name, 0) + int(line.split()[1])
-        except OSError:
-            continue
+                        switches = int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # the thread ended meanwhile (or no schedstat here)
+        row = out.setdefault(thread_kind(name), [0, 0])
+        row[0] += ns
+        row[1] += switches
     return out
 
 
-def switches_per_op(before: dict[str, int], after: dict[str, int], ops: int) -> dict[str, float]:
-    """Thread wake-ups per operation, by thread name, between two :func:`thread_switches` readings."""
+def thread_costs(before: dict[str, list[int]], after: dict[str, list[int]], ops: float) -> dict[str, dict]:
+    """CPU microseconds and wake-ups per operation, by thread kind, between two :func:`thread_stats`
+    readings over a window in which ``ops`` operations completed; kinds that cost next to nothing
+    are left out, ``total`` sums them all."""
     if not ops:
         return {}
-    out = {k: round((v - before.get(k, 0)) / ops, 3) for k, v in after.items()}
-    out = {k: v for k, v in out.items() if v >= 0.005}
-    out["total"] = round(sum(out.values()), 3)
+    out: dict[str, dict] = {}
+    total_cpu = total_wakeups = 0.0
+    for k, (ns, sw) in after.items():
+        ns0, sw0 = before.get(k, (0, 0))
+        cpu, wakeups = (ns - ns0) / 1e3 / ops, (sw - sw0) / ops
+        total_cpu += cpu
+        total_wakeups += wakeups
+        if cpu >= 0.5 or wakeups >= 0.005:
+            out[k] = {"cpu_us": round(cpu, 1), "wakeups": round(wakeups, 3)}
+    out["total"] = {"cpu_us": round(total_cpu, 1), "wakeups": round(total_wakeups, 3)}
     return out
 
 
@@ -319,7 +356,7 @@ class InflightLoad:
                 t_measure = now
                 self.failed_at_start = self.failed
                 self.measuring = True
-                self.emit(ev="measuring")
+                self.emit(ev="measuring", completed=self.completed, threads=thread_names())
             if now >= end:
                 break
             if now >= next_progress:
@@ -379,7 +416,7 @@ def run_sync_writer(write: Callable[[], Any], duration: float, warmup: float,
         if not measuring and t0 >= measure_at:
             measuring = True
             t_measure = t0
-            emit(ev="measuring")
+            emit(ev="measuring", completed=n, threads=thread_names())
         if t0 >= next_progress:
             emit(ev="progress", phase="measure" if measuring else "warmup", elapsed=round(t0 - start, 2),
                  completed=n, rate=round(n / (t0 - start)), failed=failed)
@@ -682,7 +719,7 @@ def node_main(argv: Sequence[str]) -> int:
                          voters=sorted(m.membership.voter_ids) if m.membership else [],
                          membership_committed=m.membership_committed,
                          memory=memory_info(os.getpid()), gc=gct.snapshot(),
-                         threads={str(t.native_id): t.name for t in threading.enumerate()})
+                         threads=thread_names())
                 elif c == "load":
                     load_thread = threading.Thread(target=_node_load, args=(raft, cmd, emit, a.sm, gct),
                                                    name="bench-load", daemon=True)
@@ -860,7 +897,9 @@ def drive_clients(clients: list[NodeProc], servers: dict[Any, int], a: argparse.
     """Run the clients' load; the servers' (``key -> pid``) CPU, wake-ups and memory over the measured window.
 
     The client processes are killed afterwards.  ``cpu_us_per_op`` is per
-    server and ``total`` (the servers' CPU microseconds per operation).
+    server and ``total`` (the servers' CPU microseconds per operation);
+    ``by_thread`` is per server, by thread (:func:`thread_costs`), its threads
+    named by ``thread_names`` (``key -> {native id: name}``).
     """
     try:
         for c in clients:
@@ -869,14 +908,14 @@ def drive_clients(clients: list[NodeProc], servers: dict[Any, int], a: argparse.
         time.sleep(a.warmup)
         cpu0 = {k: cpu_seconds(pid) for k, pid in servers.items()}
         ccpu0 = [cpu_seconds(c.pid) for c in clients]
-        sw0 = {k: thread_switches(pid, (thread_names or {}).get(k)) for k, pid in servers.items()}
+        th0 = {k: thread_stats(pid, (thread_names or {}).get(k)) for k, pid in servers.items()}
         t1 = time.monotonic()
         while time.monotonic() < t1 + a.duration:
             progress.show(f"  {label}: {time.monotonic() - t0:5.1f}/{a.warmup + a.duration:.0f}s")
             time.sleep(0.25)
         cpu1 = {k: cpu_seconds(pid) for k, pid in servers.items()}
         ccpu1 = [cpu_seconds(c.pid) for c in clients]
-        sw1 = {k: thread_switches(pid, (thread_names or {}).get(k)) for k, pid in servers.items()}
+        th1 = {k: thread_stats(pid, (thread_names or {}).get(k)) for k, pid in servers.items()}
         t2 = time.monotonic()
         results = [c.expect("result", 60 + a.duration) for c in clients]
     finally:
@@ -903,8 +942,8 @@ def drive_clients(clients: list[NodeProc], servers: dict[Any, int], a: argparse.
         spent = sum(b - a for a, b in zip(ccpu0, ccpu1) if a is not None and b is not None)
         res["client_cpu_us_per_op"] = round(spent / (t2 - t1) * 1e6 / res["ops_per_s"], 1)
         res["client_cpu_percent"] = round(spent / (t2 - t1) * 100, 1)
-        # ops counts the clients' window; the switches are read over about the same window
-        res["wakeups_per_op"] = {str(k): switches_per_op(sw0[k], sw1[k], ops) for k in sw0}
+        # per operation at the rate the clients measured, over the window the threads were read
+        res["by_thread"] = {str(k): thread_costs(th0[k], th1[k], res["ops_per_s"] * (t2 - t1)) for k in th0}
     return res
 
 
@@ -1017,9 +1056,19 @@ class PyraftCluster:
 
 
 def _drive(leader: NodeProc, all_nodes: dict[Any, NodeProc], cmd: dict, label: str, progress: Progress,
-           timeout: float, rss_samples: list | None = None) -> dict[str, Any]:
-    """Send the load command to ``leader`` and follow it to its result, sampling CPU and memory."""
+           timeout: float, rss_samples: list | None = None,
+           thread_names: dict[Any, dict[str, str]] | None = None) -> dict[str, Any]:
+    """Send the load command to ``leader`` and follow it to its result, sampling CPU and memory
+    (and, given ``thread_names``, each node's CPU and wake-ups by thread: ``by_thread``)."""
     cpu0: dict[Any, float | None] = {}
+    # The threads are read when measuring starts and at each progress report while it lasts (the
+    # load's own thread ends with it, before its result is read), with the writes completed by then.
+    th: dict[str, Any] = {}
+    leader_key = next(k for k, n in all_nodes.items() if n is leader)
+
+    def read_threads() -> dict[Any, dict[str, list[int]]]:
+        return {k: thread_stats(n.pid, (thread_names or {}).get(k)) for k, n in all_nodes.items()}
+
     t_cpu0 = [0.0]
     total = cmd["warmup"] + cmd["duration"]
     t_start = time.monotonic()
@@ -1029,7 +1078,13 @@ def _drive(leader: NodeProc, all_nodes: dict[Any, NodeProc], cmd: dict, label: s
             t_cpu0[0] = time.monotonic()
             for k, n in all_nodes.items():
                 cpu0[k] = cpu_seconds(n.pid)
+            if thread_names is not None and "completed" in e:
+                # the leader's threads now: its load runs in one of them
+                thread_names[leader_key] = {**thread_names.get(leader_key, {}), **e.get("threads", {})}
+                th["first"] = (e["completed"], read_threads())
         elif e.get("ev") == "progress":
+            if "first" in th and e.get("phase") == "measure":
+                th["last"] = (e["completed"], read_threads())
             progress.show(f"  {label}: {e['phase']} {e['elapsed']:5.1f}/{total:.0f}s  "
                           f"{e['rate']:>9,} ops/s  failed {e['failed']}")
             if rss_samples is not None:
@@ -1050,6 +1105,9 @@ def _drive(leader: NodeProc, all_nodes: dict[Any, NodeProc], cmd: dict, label: s
         per = {k: round(v * 1e4 / res["ops_per_s"], 2) for k, v in cpu.items()}
         per["total"] = round(sum(per.values()), 1)
         res["cpu_us_per_op"] = per
+    if "last" in th:
+        (c0, th0), (c1, th1) = th["first"], th["last"]
+        res["by_thread"] = {str(k): thread_costs(th0[k], th1[k], c1 - c0) for k in th1 if k in th0}
     progress.done(f"  {label}: {res['ops_per_s']:,.0f} ops/s, p50 {res['latency']['p50_ms']} ms, "
                   f"p99 {res['latency']['p99_ms']} ms")
     return res
@@ -1070,7 +1128,9 @@ def run_pyraft(sc: Scenario, a: argparse.Namespace, progress: Progress) -> dict[
         if a.py_spy:
             spies = _start_py_spy(a, root, {f"leader{lid}": leader.pid,
                                             f"follower{follower_id}": cluster.nodes[follower_id].pid}, sc)
-        res = _drive(leader, cluster.nodes, cmd, sc.label, progress, a.warmup + a.duration + 60)
+        names = {k: n.call(cmd="status")["threads"] for k, n in cluster.nodes.items()}
+        res = _drive(leader, cluster.nodes, cmd, sc.label, progress, a.warmup + a.duration + 60,
+                     thread_names=names)
         res["leader"] = lid
         res["gc_per_node"] = {}
         res["gc_share_of_cpu"] = {}
@@ -1204,6 +1264,7 @@ def _fmt_ms(v: Any) -> str:
 def render_table(doc: dict[str, Any]) -> str:
     lines = []
     stage_tables: list[dict] = []
+    thread_tables: list[str] = []
     m = doc["machine"]
     lines.append(f"pyraft-bench  {doc['date']}  {m['cpus']} cpus ({m['cpu_model']}), Python {m['python']}, "
                  f"load avg at start {m['loadavg_at_start'][0]}")
@@ -1243,10 +1304,15 @@ def render_table(doc: dict[str, Any]) -> str:
                          + " (the median is shown)")
         if res.get("stages"):
             stage_tables.append(res["stages"])
+        if doc.get("by_thread") and res.get("by_thread"):
+            thread_tables.append(render_by_thread(f"{r['system']} {r['payload']}B", res))
     if any(r["system"] == "null-replication floor" for r in doc["runs"]):
         lines.append("(null-replication floor: tools/bench_floor.py; its latency columns are per batch of "
                      "entries, not per write)")
     lines.append("cpu us/op: CPU microseconds per committed write, all nodes together")
+    for t in thread_tables:
+        lines.append("")
+        lines.append(t)
     if stage_tables:
         from . import stages
         for st in stage_tables:
@@ -1272,6 +1338,31 @@ def render_table(doc: dict[str, Any]) -> str:
                          f"({fd['ops_per_s']:,.0f} ops/s): leader RSS before {mb(fd['rss_before_load'].get('VmRSS'))}, "
                          f"max {mb(fd['rss_max'])}; anonymous RSS max first half "
                          f"{mb(fd['rss_anon_first_half_max'])}, second half {mb(fd['rss_anon_second_half_max'])}")
+    return "\n".join(lines)
+
+
+def render_by_thread(label: str, res: dict[str, Any]) -> str:
+    """One run's ``by_thread`` as a table: a row per kind of thread, a column per node (the leader's first),
+    each cell CPU microseconds / wake-ups per write."""
+    by = res["by_thread"]
+    lead = str(res.get("leader"))
+    nodes = sorted(by, key=lambda k: (k != lead, k))
+    kinds = sorted({k for n in nodes for k in by[n] if k != "total"},
+                   key=lambda k: -sum(by[n].get(k, {}).get("cpu_us", 0) for n in nodes))
+    heads = [f"node {n}" + (" (leader)" if n == lead else "") for n in nodes]
+    w = max(22, *(len(k) + 2 for k in kinds))
+    lines = [f"where each node's CPU went, {label}: CPU microseconds / wake-ups per write, by thread",
+             f"  {'thread':<{w}}" + "".join(f"{h:>20}" for h in heads)]
+
+    def cell(c: dict | None) -> str:
+        if not c:
+            return "-"
+        cpu, wakeups = c["cpu_us"], c["wakeups"]
+        return (f"{cpu:,.0f}" if cpu >= 10 else f"{cpu:.1f}") + " / " + (f"{wakeups:.1f}" if wakeups >= 1
+                                                                         else f"{wakeups:.2f}")
+
+    for k in kinds + ["total"]:
+        lines.append(f"  {k:<{w}}" + "".join(f"{cell(by[n].get(k)):>20}" for n in nodes))
     return "\n".join(lines)
 
 
@@ -1396,6 +1487,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--stages", action="store_true",
                    help="with the synchronous writer: probe every node and show where a lone write's time goes, "
                         "next to this machine's floors (tools/stages.py); implies --sync-writer")
+    p.add_argument("--by-thread", action="store_true",
+                   help="after each pyraft run, where each node's CPU went: CPU microseconds and wake-ups per "
+                        "write of each of its threads (RaftCore, SM worker, replication workers, transport, "
+                        "libzmq's I/O threads, ...), from /proc/<pid>/task")
     p.add_argument("--gc", choices=("tuned", "default"), default="tuned",
                    help="tuned (the default): every node process, pyraft's and PySyncObj's alike, calls "
                         "pyraft.tune_gc() once started, as pyraft-kv serve does; default: Python's own "
@@ -1440,6 +1535,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--stages profiles the lone writer on the leader: not with --mode client or --follower-down")
     if a.stages and not a.only_sync_writer:
         a.sync_writer = True
+    if a.by_thread and (a.baseline == "etcd" or a.follower_down):
+        p.error("--by-thread shows pyraft-bench's own runs (leader or client mode): not with --baseline etcd "
+                "or --follower-down")
     if a.inflight < 1 or a.duration <= 0 or a.warmup < 0 or any(x < 0 for x in a.payloads):
         p.error("--inflight, --duration and --payload must be positive")
     if a.rounds < 1:
@@ -1454,6 +1552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine_info(),
         "nodes": a.nodes, "inflight": a.inflight, "duration": a.duration, "warmup": a.warmup,
         "no_fsync": a.no_fsync, "sm": a.sm, "mode": a.mode, "config": a.config_dict, "gc": a.gc, "runs": [],
+        "by_thread": a.by_thread,
     }
     try:
         if a.follower_down:
