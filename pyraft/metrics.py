@@ -34,7 +34,11 @@ def write_response(log_id: LogId, result: Any) -> ClientWriteResponse:
 
 @dataclass(frozen=True, slots=True)
 class RaftMetrics:
-    """A consistent snapshot of one node's state, published by RaftCore after each loop turn."""
+    """A consistent snapshot of one node's state, published by RaftCore after each loop turn.
+
+    ``raft.metrics()`` gives it with ``last_applied`` as the state machine's when
+    read (never past ``committed``): a write whose answer came shows as applied.
+    """
 
     id: int
     state: ServerState

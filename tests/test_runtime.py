@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import pytest
 
 from pyraft import Config, Node, Raft, ServerState
+from pyraft.engine.commands import Apply
 from pyraft.errors import (ChangeMembershipError, Fatal, ForwardToLeader, InitializeError, RaftError, ShutDown,
                            Timeout)
 from pyraft.stores.memory import MemoryLogStore, MemoryStateMachine
+from pyraft.types import LogId
 
-from memcluster import FAST, MemCluster, pyraft_threads, wait_until
+from memcluster import FAST, MemCluster, Writer, pyraft_threads, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -332,3 +335,126 @@ def test_a_proposal_is_stored_as_its_client_packed_it_and_never_so_is_another_en
     # A new leader's entries at the same indexes, in the turn this node stepped down in
     theirs = [Entry(LogId(3, 5), payload="x"), Entry(LogId(3, 6), payload="y")]
     assert RaftCore._encodings(core, theirs) == encode_entries(theirs)
+
+
+def test_the_metrics_show_a_write_applied_as_soon_as_its_answer_came():
+    # The SM worker no longer wakes the leader's RaftCore for every applied batch (only when
+    # a read or raft.wait() waits for it): raft.metrics() reads the SM worker's applied point
+    # itself, so whoever got a write's answer sees it applied, and never past the commit point.
+    with MemCluster(3) as c:
+        leader = c.leader()
+        follower = next(r for r in c.rafts.values() if r is not leader)
+        stop = threading.Event()
+        bad: list = []
+
+        def watch():  # another thread reads the metrics all along: applied never ahead of committed
+            while not stop.wait(0.0002):
+                for r in (leader, follower):
+                    m = r.metrics()
+                    if (m.last_applied.index if m.last_applied else 0) > (m.committed.index if m.committed else 0):
+                        bad.append(m)
+
+        t = threading.Thread(target=watch)
+        t.start()
+        try:
+            for i in range(300):
+                resp = leader.client_write(put(f"k{i}", i), timeout=5)
+                m = leader.metrics()
+                assert m.last_applied is not None and m.last_applied.index >= resp.log_id.index, (i, m)
+                assert m.committed is not None and m.committed.index >= resp.log_id.index
+        finally:
+            stop.set()
+            t.join()
+        assert not bad, bad[:3]
+
+
+def test_every_apply_leaves_for_the_sm_worker_under_a_published_commit_point():
+    # What keeps applied <= committed in raft.metrics(): an Apply is handed to the SM worker
+    # only after the metrics covering its commit point were published, also when a snapshot
+    # is built in the same turn (the Apply then leaves before the turn's end).
+    with MemCluster(3, replace(FAST, snapshot_every=20)) as c:
+        handed: list = []
+        for r in c.rafts.values():
+            core = r._core
+            q = core.sm_worker.q
+            put_item = q.put
+
+            def checked(item, *args, _core=core, _put=put_item, **kw):
+                if type(item) is tuple and item[0] == "apply":
+                    handed.append((item[1].index, _core._published.committed))
+                _put(item, *args, **kw)
+
+            q.put = checked
+        writers = [Writer(c, prefix=f"w{t}-", batch=1) for t in range(4)]
+        for w in writers:
+            w.start()
+        for w in writers:
+            w.wait_acked(250)
+        for w in writers:
+            w.stop()
+        for r in c.rafts.values():  # snapshots were built meanwhile
+            r.wait(10).metrics(lambda m: m.snapshot is not None, "a snapshot")
+        above = [(upto, committed) for upto, committed in handed
+                 if committed is None or upto > committed.index]
+        assert len(handed) > 100
+        assert not above, above[:5]
+
+
+def _stopped_core():
+    """The RaftCore of a one-node cluster that committed a write, then stopped: nothing else touches it."""
+    with MemCluster(1) as c:
+        raft = c.leader()
+        raft.client_write(put("a", 1), timeout=5)
+        return raft._core
+
+
+def test_the_metrics_read_the_applied_point_before_the_published_snapshot():
+    # The order that keeps applied <= committed in raft.metrics(): the SM worker applies only
+    # what RaftCore handed it after publishing a commit point that covers it, so the applied
+    # point must be read first.  Played out by hand: reading the applied point lets RaftCore
+    # publish and the SM worker apply more in between.
+    core = _stopped_core()
+    m0 = core._published
+    term, idx = m0.committed.term, m0.committed.index
+
+    class LaterSM:
+        @property
+        def applied(self):
+            core._published = replace(m0, committed=LogId(term, idx + 5))
+            return LogId(term, idx + 5)
+
+    core.sm_worker = LaterSM()
+    m = core.metrics
+    assert m.last_applied == LogId(term, idx + 5) and m.committed.index >= m.last_applied.index
+
+
+def test_a_snapshot_installed_before_raftcore_heard_of_it_is_not_shown_past_the_commit_point():
+    # The SM worker sets its applied point to an installed snapshot's before RaftCore takes
+    # the news: until RaftCore publishes it, the metrics keep the published applied point.
+    core = _stopped_core()
+    m0 = core._published
+
+    class InstalledSM:
+        applied = LogId(m0.committed.term, m0.committed.index + 1000)
+
+    core.sm_worker = InstalledSM()
+    assert core.metrics is m0
+
+
+def test_an_apply_that_leaves_with_snapshot_work_mid_turn_leaves_after_the_metrics_covering_it():
+    # Snapshot work queued in a turn takes the turn's Apply with it, before the turn's end
+    # (the SM worker works in the engine's order): the metrics are published first then.
+    # Played on a stopped node: the engine committed past what the metrics last showed.
+    core = _stopped_core()
+    committed = core.engine.committed
+    core._published = replace(core._published, committed=None, last_applied=None)
+    seen: list = []
+
+    class Queue:
+        def put(self, item):
+            seen.append((item[0], core._published.committed))
+
+    core.sm_worker.q = Queue()
+    core._apply_due = Apply(committed)
+    core._to_sm_worker(("build",))
+    assert seen == [("apply", committed), ("build", committed)]

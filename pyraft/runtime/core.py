@@ -18,6 +18,7 @@ import random
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import replace
 from typing import Any, cast
 
 from ..config import Config
@@ -175,7 +176,28 @@ class RaftCore(threading.Thread):
         self.cond = threading.Condition()
         #: threads in raft.wait() (guarded by cond): they want the applied index as it moves
         self.metrics_waiters = 0
-        self.metrics: RaftMetrics = self._build_metrics()
+        self._published: RaftMetrics = self._build_metrics()
+
+    @property
+    def metrics(self) -> RaftMetrics:
+        """The metrics published after RaftCore's last turn, with the state machine's applied point as it is now.
+
+        The SM worker tells a sleeping RaftCore about an applied batch only when
+        someone waits for it (post_applied), so the published ``last_applied``
+        can lag behind the SM worker's; whoever got a write's answer and reads
+        the metrics next must see the write applied.  The applied point is read
+        first: RaftCore hands an Apply to the SM worker only after publishing a
+        commit point that covers it (_flush_apply comes after _publish, and
+        _to_sm_worker publishes before it flushes), so the metrics read after it
+        cover what it applied.  A snapshot the SM worker installed before
+        RaftCore heard of it is past the published commit point: shown once
+        RaftCore publishes it (it answers no client's write).
+        """
+        applied = self.sm_worker.applied
+        m = self._published
+        if log_index(m.last_applied) < log_index(applied) <= log_index(m.committed):
+            return replace(m, last_applied=applied)
+        return m
 
     # ------------------------------------------------------------------ posting
 
@@ -193,21 +215,20 @@ class RaftCore(threading.Thread):
     def post_applied(self, applied: LogId) -> None:
         """The SM worker applied up to ``applied``.
 
-        On a leader this wakes RaftCore at once: whoever got a write's answer
-        may read the metrics next and expect the write applied there.  On a
-        follower it wakes a sleeping RaftCore only when someone waits for it:
-        a read waiting for its index to be applied, or a thread in
-        ``raft.wait()``.  Otherwise the news waits for the next turn (a tick at
-        the latest): the cache trim, the snapshot policy and the metrics can
-        wait that long, and the follower saves a thread wake-up and a whole
-        turn (metrics built and published) per applied batch.
+        This wakes a sleeping RaftCore only when someone waits for it: a read
+        waiting for its index to be applied, or a thread in ``raft.wait()``.
+        Otherwise the news waits for the next turn (a tick at the latest): the
+        cache trim, the snapshot policy and the published metrics can wait
+        that long (``metrics`` reads the SM worker's applied point itself, so
+        whoever got a write's answer sees the write applied there), and the
+        node saves a thread wake-up and a whole turn per applied batch.
         """
         if not self._closed:
             self.inbox.put_lazy(("applied", applied), self._applied_is_urgent)
 
     def _applied_is_urgent(self) -> bool:
         # Called while RaftCore sleeps (see Inbox.put_lazy): _read_waiters stands still.
-        return self.engine.state == ServerState.LEADER or bool(self._read_waiters) or self.metrics_waiters > 0
+        return bool(self._read_waiters) or self.metrics_waiters > 0
 
     def call(self, item: tuple) -> None:
         """Like post, but raise ShutDown/Fatal when the core no longer runs."""
@@ -647,6 +668,10 @@ class RaftCore(threading.Thread):
 
     def _to_sm_worker(self, item: tuple) -> None:
         """Queue snapshot work for the SM worker, after the turn's Apply: it works in the engine's order."""
+        if self._apply_due is not None:
+            # The Apply leaves before the turn's end: the metrics go out first, so that the
+            # published commit point covers whatever the SM worker applies (see metrics).
+            self._publish()
         self._flush_apply()
         self.sm_worker.q.put(item)
 
@@ -706,7 +731,8 @@ class RaftCore(threading.Thread):
             return
         read = c.read_log_id
         assert read is not None, "a read that succeeded has its read index (RespondRead)"
-        if log_index(self._applied) >= read.index:
+        # The SM worker's own applied point: its news reaches this thread lazily (post_applied).
+        if max(log_index(self._applied), log_index(self.sm_worker.applied)) >= read.index:
             succeed(fut, read)
         else:
             self._read_waiters.append((read.index, read, fut))
@@ -792,7 +818,7 @@ class RaftCore(threading.Thread):
     def _publish(self, state: ServerState | None = None) -> None:
         self._log_engine_news()
         m = self._build_metrics(state)
-        old = self.metrics
+        old = self._published
         if (m.state, m.current_term, m.current_leader) != (old.state, old.current_term, old.current_leader):
             log.info("node %s: %s in term %s, leader %s", self.node_id, m.state, m.current_term, m.current_leader)
         if m.membership_log_id != old.membership_log_id and m.membership is not None:
@@ -800,7 +826,7 @@ class RaftCore(threading.Thread):
             log.info("node %s: membership at %s: voters %s, learners %s", self.node_id, m.membership_log_id,
                      " -> ".join(str(sorted(c)) for c in ms.configs), sorted(ms.learner_ids))
         with self.cond:
-            self.metrics = m
+            self._published = m
             self.cond.notify_all()
 
     # ------------------------------------------------------------------ stopping
