@@ -16,14 +16,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
-import threading
 
 from pyraft import Config, Node, Raft, ServerState
 from pyraft.objects import ObjectStateMachine, ReplDict
 from pyraft.stores.lmdb import LmdbLogStore
-from pyraft.tools.kv import parse_peers
+from pyraft.tools.kv import StopSignals, parse_peers
 from pyraft.transports.zmq import ZmqTransport
 
 CLUSTER_NAME = "objects"
@@ -41,8 +39,7 @@ def main() -> int:
                         format=f"%(asctime)s %(levelname)-7s node-{args.id} %(name)s: %(message)s")
     peers = parse_peers(args.peers)
     parent = os.getppid()
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = StopSignals()
     config = Config(cluster_name=CLUSTER_NAME, heartbeat_interval=0.05, election_timeout=(0.3, 0.6),
                     rpc_timeout=0.5)
     log_store = LmdbLogStore(args.data_dir, node_id=args.id, cluster_name=CLUSTER_NAME)

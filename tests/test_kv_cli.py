@@ -276,3 +276,49 @@ def test_serve_refuses_a_non_loopback_listen_without_curve_unless_insecure(tmp_p
     args[args.index("--listen") + 1] = "tcp://10.255.255.1:7001"
     p = run(*args, timeout=30)
     assert p.returncode == 2 and "cannot listen" in p.stderr, p.stderr
+
+
+def test_stop_signals_records_each_signal_and_its_wait_ends_at_once_after_one():
+    # pyraft-kv serve's main loop (and the objects test nodes'): while not stop.wait(0.2).
+    code = """
+import os, signal, time
+from pyraft.tools.kv import StopSignals
+stop = StopSignals()
+t = time.monotonic()
+assert not stop.wait(0.05) and time.monotonic() - t >= 0.05
+os.kill(os.getpid(), signal.SIGTERM)
+t = time.monotonic()
+assert stop.wait(30) and time.monotonic() - t < 1 and stop.received == [signal.SIGTERM]
+os.kill(os.getpid(), signal.SIGINT)
+assert stop.wait(30) and stop.received == [signal.SIGTERM, signal.SIGINT]
+print("ok")
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stdout + p.stderr
+
+
+def test_the_stop_signal_handler_takes_no_lock():
+    # A handler runs in the main thread between two bytecodes, maybe inside a lock that thread
+    # holds: threading.Event.set() there waited for its own thread forever when the signal came
+    # just as Event.wait took its lock back (a node went on running after SIGTERM until SIGKILL).
+    # What makes this handler safe: it calls nothing that locks.
+    from pyraft.tools.kv import StopSignals
+
+    stop = StopSignals(signals=())  # installs no handler in this process
+    calls: list[str] = []
+
+    def profile(frame, event, arg):
+        if event == "call":
+            calls.append(f"{frame.f_code.co_filename}:{frame.f_code.co_name}")
+        elif event == "c_call":
+            calls.append(getattr(arg, "__qualname__", repr(arg)))
+
+    sys.setprofile(profile)
+    try:
+        stop._on_signal(signal.SIGTERM, None)
+    finally:
+        sys.setprofile(None)
+    assert stop.received == [signal.SIGTERM]
+    locking = [c for c in calls if "threading" in c or "acquire" in c or "lock" in c.lower()
+               or "__enter__" in c]
+    assert not locking, calls

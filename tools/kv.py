@@ -319,9 +319,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     layout = node_dir_layout(args.data_dir)
     log_store = sm = transport = None
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = StopSignals()
     try:
         try:
             log_store = LmdbLogStore(layout.root, node_id=args.id, cluster_name=config.cluster_name)
@@ -948,6 +946,33 @@ def free_ports(hosts: Sequence[str]) -> list[int]:
 
 class NodeFailed(RuntimeError):
     """A node process exited or did not come up; the message ends with its log's tail."""
+
+
+class StopSignals:
+    """SIGTERM and SIGINT ask a process's main loop to stop: ``while not stop.wait(0.2): ...``.
+
+    A signal handler runs in the main thread between two of its bytecodes,
+    maybe while that thread holds a lock: a ``threading.Event``'s own lock, say,
+    in the instant after its ``wait`` took it back.  A handler that takes a
+    lock, as ``Event.set()`` does, then waits for its own thread forever (a
+    ``pyraft-kv serve`` node once went on running after SIGTERM that way, until
+    SIGKILL).  This handler takes none: it only records the signal.
+    """
+
+    def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        #: the signals received, in order (list.append takes no lock)
+        self.received: list[int] = []
+        for s in signals:
+            signal.signal(s, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.received.append(signum)
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep ``timeout`` seconds unless a signal came already; whether one came."""
+        if not self.received:
+            time.sleep(timeout)
+        return bool(self.received)
 
 
 class LocalCluster:
