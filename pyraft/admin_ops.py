@@ -230,14 +230,37 @@ def _transfer_leader(raft: Raft, b: dict, timeout: float) -> dict:
     return {"leader": m.current_leader, "term": m.current_term}
 
 
+#: Seconds between two asks for a snapshot while waiting for one that covers an index.
+_RETRIGGER_EVERY = 0.25
+
+
+def _await_snapshot(raft: Raft, index: int, deadline: float, timeout: float) -> RaftMetrics:
+    """Have this node build snapshots until one covers ``index``; the metrics that show it.
+
+    ``trigger.snapshot()`` does nothing while a build runs, and a build that
+    was already running may have taken its view below ``index`` (a policy
+    build, another admin's): so ask again every ``_RETRIGGER_EVERY`` seconds
+    until a snapshot covers it.  :class:`Timeout` at ``deadline``.
+    """
+    while True:
+        raft.trigger.snapshot()
+        left = deadline - time.monotonic()
+        try:
+            return raft.wait(max(0.0, min(left, _RETRIGGER_EVERY))).metrics(
+                lambda m: log_index(m.snapshot) >= index, f"a snapshot covering index {index}")
+        except Timeout:
+            if time.monotonic() >= deadline:
+                raise Timeout(f"node {raft.node_id}: no snapshot covering index {index} within "
+                              f"{timeout:g} s") from None
+
+
 def _snapshot(raft: Raft, b: dict, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
     m0 = raft.metrics()
     want = log_index(m0.last_applied)
     if want == 0:
         raise RaftError(f"node {m0.id} has applied nothing yet: there is nothing to snapshot")
-    raft.trigger.snapshot()
-    m = raft.wait(timeout).metrics(lambda m: log_index(m.snapshot) >= want,
-                                   f"a snapshot covering index {want}")
+    m = _await_snapshot(raft, want, deadline, timeout)
     return {"snapshot": log_id_to_wire(m.snapshot), "last_applied": log_id_to_wire(m.last_applied)}
 
 
@@ -318,15 +341,7 @@ class _Backups:
                     break
                 if opened is not None:  # replaced by an older one meanwhile (an install): build again
                     opened[1].close()
-            # A build already running may have started below the fence: ask again until one covers it.
-            raft.trigger.snapshot()
-            try:
-                raft.wait(min(left(), 1.0)).metrics(lambda m: log_index(m.snapshot) >= fence,
-                                                    f"a snapshot covering index {fence}")
-            except Timeout:
-                if left() <= 0:
-                    raise Timeout(f"node {raft.node_id}: no snapshot covering index {fence} within "
-                                  f"{timeout:g} s") from None
+            _await_snapshot(raft, fence, deadline, timeout)
         meta, f = opened
         size = os.fstat(f.fileno()).st_size
         head = os.pread(f.fileno(), 8, 0)

@@ -36,8 +36,9 @@ class MemCluster:
         """Start node ``i``; over its previous stores if it ran before (a restart)."""
         if i in self.stores and log_store is None:
             log_store, sm = self.stores[i]
-        log_store = log_store or MemoryLogStore()
-        sm = sm or MemoryStateMachine()
+        # "is None", not "or": a store with no keys yet may be falsy (KVStateMachine has __len__).
+        log_store = MemoryLogStore() if log_store is None else log_store
+        sm = MemoryStateMachine() if sm is None else sm
         self.stores[i] = (log_store, sm)
         r = Raft(i, self.config, self.net.transport(i), log_store, sm)
         self.rafts[i] = r

@@ -18,12 +18,15 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from conftest import free_port  # noqa: E402
+from memcluster import MemCluster  # noqa: E402
 from test_inspect import CFG, LmdbCluster, put, wait_until  # noqa: E402
 
-from pyraft import ServerState  # noqa: E402
+from pyraft import Config, ServerState, admin_ops  # noqa: E402
 from pyraft.codec import ClientRequest  # noqa: E402
 from pyraft.errors import ForwardToLeader, RaftError  # noqa: E402
 from pyraft.raft import raise_error_response  # noqa: E402
+from pyraft.kv import KVStateMachine  # noqa: E402
+from pyraft.stores.memory import MemoryLogStore  # noqa: E402
 from pyraft.tools import admin as padmin  # noqa: E402
 from pyraft.transports.zmq import CurveConfig, ZmqClient, generate_keys  # noqa: E402
 
@@ -383,3 +386,64 @@ def test_admin_against_a_three_process_cluster(tmp_path):
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(5)
+
+
+# ---------------------------------------------------------------------------
+# A snapshot asked for while another build runs
+
+class _GatedSM(KVStateMachine):
+    """Its first snapshot build takes its view, then waits for ``gate`` before it reports back."""
+
+    def __init__(self, path) -> None:
+        super().__init__(path)
+        self.started = threading.Event()
+        self.gate = threading.Event()
+        self.builds = 0
+
+    def build_snapshot(self):
+        meta = super().build_snapshot()
+        self.builds += 1
+        if self.builds == 1:
+            self.started.set()
+            assert self.gate.wait(30)
+        return meta
+
+
+@pytest.mark.parametrize("op", ["snapshot", "backup_begin"])
+def test_a_snapshot_asked_for_during_an_older_build_covers_what_was_applied(op, tmp_path):
+    """``admin.snapshot`` and ``admin.backup_begin`` while a build that took its view earlier runs.
+
+    Asking for a snapshot while one is built does nothing; the running build covers less than
+    what is applied now, so the op must ask again once it ends, not wait for its timeout.
+    """
+    sm = _GatedSM(str(tmp_path))
+    with MemCluster(0, config=Config(heartbeat_interval=0.02, election_timeout=(0.1, 0.2), rpc_timeout=0.5,
+                                     snapshot_every=None), init=False) as c:
+        r = c.start(1, MemoryLogStore(), sm)
+        r.initialize({1: c.node(1)})
+        c.leader()
+        for i in range(5):
+            r.client_write(put(f"a{i}", i), timeout=10)
+        r.trigger.snapshot()
+        assert sm.started.wait(10)
+        for i in range(5):
+            r.client_write(put(f"b{i}", i), timeout=10)
+        want = r.metrics().last_applied.index
+        out: list = []
+        if op == "snapshot":
+            worker = threading.Thread(target=lambda: out.append(admin_ops._snapshot(r, {}, 20.0)))
+        else:
+            backups = admin_ops._Backups(r)
+            worker = threading.Thread(target=lambda: out.append(backups.begin(r, {}, 20.0)))
+        worker.start()
+        # The op asked while the gated build runs (so its ask did nothing), then the build ends.
+        wait_until(lambda: r.metrics().snapshot is None, 5, "the gated build still running")
+        sm.gate.set()
+        worker.join(15)
+        assert not worker.is_alive(), "the op waited for its timeout instead of asking again"
+        assert sm.builds >= 2
+        got = out[0]["snapshot"][1] if op == "snapshot" else out[0]["fence_index"]
+        assert got >= want
+        assert r.metrics().snapshot.index >= want
+        if op == "backup_begin":
+            backups.close_all()
