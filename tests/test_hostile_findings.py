@@ -622,16 +622,26 @@ def test_kv_keys_and_client_ids_the_store_cannot_hold_are_refused_before_they_ar
     lead = c.wait_leader(20)
     with c.kv() as kv:
         kv.put("before", 1)
+        lease = kv.lease_grant(60)
     last = _at_rest(c, lead)["last_log_index"]
     with c.kv(timeout=5) as kv:
         with pytest.raises(Exception) as ei:
             kv.put("k" * 600, 1)
+        # A key that fits the store but not the lease's key index (8 bytes shorter): it would
+        # make every replica's apply fail, on every restart.
+        with pytest.raises(Exception) as leased:
+            kv.put(b"k" * 510, 1, lease=lease)
     assert_serving(c)
     assert _not_lost(ei.value), repr(ei.value)
+    assert _not_lost(leased.value), repr(leased.value)
     for cmd in ({"op": "put", "key": "k" * 600, "value": 1},
                 {"op": "cas", "key": b"k" * 600, "expected": None, "value": 1},
                 {"op": "put", "key": "ok", "value": 1, "client": b"c" * 600, "seq": 1},
-                {"op": "put", "key": "ok", "value": 1, "client": "c" * 600, "seq": 1}):
+                {"op": "put", "key": "ok", "value": 1, "client": "c" * 600, "seq": 1},
+                {"op": "put", "key": "k" * 503, "value": 1, "lease": lease},
+                {"op": "cas", "key": b"k" * 503, "expected": None, "value": 1, "lease": lease},
+                {"op": "txn", "success": [{"op": "put", "key": ("a" * 250, "b" * 250), "value": 1,
+                                           "lease": lease}]}):
         r = c.call(lead, ClientRequest("kv.write", cmd), timeout=10)
         assert isinstance(r, ClientResponse) and not r.ok and r.error[0] not in ("Fatal", "Timeout", "ShutDown"), \
             (cmd.get("client", cmd["key"])[:8], r)
@@ -643,16 +653,29 @@ def test_kv_keys_and_client_ids_the_store_cannot_hold_are_refused_before_they_ar
 @pytest.mark.parametrize("cmd", [
     {"op": "put", "key": "k" * 600, "value": 1},
     {"op": "put", "key": "ok", "value": 1, "client": b"c" * 600, "seq": 1},
-], ids=["long-key", "long-client-id"])
+    {"op": "put", "key": b"k" * 503, "value": 1, "lease": 1},
+    {"op": "cas", "key": "k" * 505, "expected": None, "value": 1, "lease": 1},
+    {"op": "txn", "success": [{"op": "put", "key": "ok", "value": 1},
+                              {"op": "put", "key": b"k" * 510, "value": 1, "lease": 1}]},
+], ids=["long-key", "long-client-id", "leased-key-put", "leased-key-cas", "leased-key-txn"])
 def test_the_kv_state_machine_never_raises_on_a_committed_command_it_cannot_hold(tmp_path, cmd):
     from pyraft.kv import KVStateMachine
     sm = KVStateMachine(str(tmp_path / "kv"))
     try:
-        [result] = sm.apply([Entry(LogId(1, 1), EntryKind.NORMAL, cmd)])
+        [lease] = sm.apply([Entry(LogId(1, 1), EntryKind.NORMAL, {"op": "lease_grant", "ttl": 60})])
+        assert lease == 1
+        [result] = sm.apply([Entry(LogId(1, 2), EntryKind.NORMAL, cmd)])
         assert isinstance(result, RaftError), result
-        assert sm.applied_state()[0] == LogId(1, 1)
-        sm.apply([Entry(LogId(1, 2), EntryKind.NORMAL, {"op": "put", "key": "x", "value": 2})])
+        assert sm.applied_state()[0] == LogId(1, 2)
+        assert sm.items() == []  # a txn is all or nothing
+        sm.apply([Entry(LogId(1, 3), EntryKind.NORMAL, {"op": "put", "key": "x", "value": 2})])
         assert sm.get("x") == 2
+        # The longest key a lease holds.
+        [ok] = sm.apply([Entry(LogId(1, 4), EntryKind.NORMAL, {"op": "put", "key": b"k" * 502, "value": 3,
+                                                                "lease": 1})])
+        assert ok is None and sm.get(b"k" * 502) == 3
+        sm.apply([Entry(LogId(1, 5), EntryKind.NORMAL, {"op": "lease_revoke", "id": 1})])
+        assert sm.get(b"k" * 502) is None
     finally:
         sm.close()
 

@@ -222,6 +222,30 @@ def test_a_damaged_snapshot_is_refused_and_the_old_state_stays(tmp_path, damage)
     dst.close()
 
 
+def test_a_snapshot_with_a_leased_key_too_long_for_the_lease_index_is_refused(tmp_path):
+    """A key of 504-511 bytes fits the store but not the lease's key index: refused, not a failing disk."""
+    from pyraft.kv.encoding import RECORD_HEADER, encode_key, encode_value
+    from pyraft.kv.statemachine import _REC_DATA, _REC_END, _REC_LEASE, SNAPSHOT_MAGIC, SNAPSHOT_VERSION
+    from pyraft.snapshot_files import SnapshotWriter
+    src = KVStateMachine(tmp_path / "src")
+    Applier(src)(put("a", 1))
+    meta = src.build_snapshot()
+    src.close()
+    dst = KVStateMachine(tmp_path / "dst")
+    Applier(dst)(put("mine", 1))
+    sink = dst.begin_receiving_snapshot()
+    w = SnapshotWriter(sink, SNAPSHOT_MAGIC, SNAPSHOT_VERSION, meta)
+    w.record(_REC_LEASE, 1, 60.0)
+    key = encode_key(b"k" * 508)
+    assert len(key) == 509
+    w.record(_REC_DATA, key, RECORD_HEADER.pack(1, 1, 1, 1) + encode_value(1))
+    w.finish(_REC_END)
+    with pytest.raises(CodecError, match="attached to a lease"):
+        dst.install_snapshot(meta, sink)
+    assert dst.items() == [("mine", 1)]
+    dst.close()
+
+
 def test_install_accepts_a_plain_binary_stream_too(tmp_path):
     import io
     src = KVStateMachine(tmp_path / "src")

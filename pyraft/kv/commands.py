@@ -69,7 +69,9 @@ lease that does not exist), changes nothing: its result is the error.
 Keys: see :mod:`pyraft.kv.encoding` (any scalar or array of scalars, stored
 in an order-preserving form of at most :data:`MAX_KEY_BYTES`, 511, bytes: a
 ``str`` key of up to 127 characters always fits, a ``bytes`` key of up to
-510 bytes too).  Maps are refused as keys.
+510 bytes too).  A key attached to a lease is at most
+:data:`MAX_LEASED_KEY_BYTES`, 503, bytes (the lease's key index stores it
+after the 8-byte lease id).  Maps are refused as keys.
 
 Exactly-once: a command may carry ``"client": <str or bytes>`` (encoded in
 at most :data:`MAX_CLIENT_BYTES`, 503, bytes) and ``"seq": <int >= 0>``.  Per client the state machine remembers the last seq
@@ -112,7 +114,7 @@ from .reads import MAX_REPLY_BYTES
 
 __all__ = ["KVCommandError", "LeaseNotFound", "KVBackend", "Session", "apply_command", "apply_entries", "check_command",
            "check_key", "encode_key", "decode_key", "encode_value", "decode_value", "OPS", "ADDING_OPS",
-           "MAX_KEY_BYTES", "MAX_CLIENT_BYTES", "MIN_LEASE_TTL", "MAX_LEASE_TTL", "MAX_TXN_OPS", "MAX_TXN_RANGE",
+           "MAX_KEY_BYTES", "MAX_CLIENT_BYTES", "MAX_LEASED_KEY_BYTES", "MIN_LEASE_TTL", "MAX_LEASE_TTL", "MAX_TXN_OPS", "MAX_TXN_RANGE",
            "MAX_TXN_READ_BYTES", "MAX_DEPTH", "MAX_REMEMBERED_RESULT", "DEFAULT_SESSION_TTL",
            "DEFAULT_WATCH_HISTORY"]
 
@@ -127,6 +129,8 @@ ADDING_OPS = ("put", "cas", "txn", "lease_grant")
 
 #: The longest stored client id: the session index keys it after an 8-byte log index.
 MAX_CLIENT_BYTES = MAX_KEY_BYTES - 8
+#: The longest stored key a lease may hold: the lease's key index stores it after an 8-byte lease id.
+MAX_LEASED_KEY_BYTES = MAX_KEY_BYTES - 8
 #: The shortest lease a state machine accepts, in seconds.  The KV service asks for
 #: more (a few election timeouts: see pyraft.kv.server), so that a lease outlives
 #: the election that follows a leader's death.
@@ -213,7 +217,7 @@ def check_command(command: Any) -> None:
             if type(v) is list or type(v) is dict or type(v) is tuple:
                 check_depth(v, 2)
     if "key" in command:
-        check_key(command["key"])
+        _check_key_for(command)
     if command.get("op") == "txn":
         for part in ("compare", "success", "failure"):
             items = command.get(part)
@@ -223,12 +227,21 @@ def check_command(command: Any) -> None:
                 for it in items:
                     if type(it) is dict:
                         if "key" in it:
-                            check_key(it["key"])
+                            _check_key_for(it)
                         if it.get("end") is not None:
                             check_key(it["end"])
     client = command.get("client")
     if client is not None:
         encode_client(client)  # remembered: a client's next writes check its id for free
+
+
+def _check_key_for(cmd: dict) -> None:
+    """check_key of ``cmd["key"]``, and the shorter limit when the command attaches it to a lease."""
+    key = cmd["key"]
+    if cmd.get("lease") and cmd.get("op") in ("put", "cas"):
+        check_leased_key(encode_key(key), str(cmd["op"]))
+    else:
+        check_key(key)
 
 
 # ---------------------------------------------------------------------------
@@ -462,6 +475,13 @@ def _lease_id(v: Any, what: str) -> int:
     return v
 
 
+def check_leased_key(key: bytes, op: str) -> None:
+    """Refuse a stored key too long to attach to a lease (:data:`MAX_LEASED_KEY_BYTES`)."""
+    if len(key) > MAX_LEASED_KEY_BYTES:
+        raise KVCommandError(f"{op}: a key attached to a lease is at most {MAX_LEASED_KEY_BYTES} bytes encoded "
+                             f"(8 fewer than a key without one), got {len(key)}")
+
+
 def _parse(cmd: Any, op: Any) -> _Op:
     if type(cmd) is not dict:
         raise KVCommandError(f"txn: an op is a map, not {type(cmd).__name__}")
@@ -481,6 +501,8 @@ def _parse(cmd: Any, op: Any) -> _Op:
         raise KVCommandError(f"{op}: missing 'value'")
     value = encode_value(cmd["value"])
     lease = _lease_id(cmd.get("lease"), f"{op}: 'lease'")
+    if lease:
+        check_leased_key(key, op)
     if op == "put":
         return _Op(op, key, value, lease)
     if "expected" not in cmd:

@@ -101,8 +101,8 @@ from ..snapshot_files import (CHUNK, SnapshotDir, SnapshotWriter, UnsyncedMark, 
 from ..stores.lmdb import (DEFAULT_MAP_SIZE, DEFAULT_MAX_MAP_SIZE, KV_ENV_NAME, KV_LOCK_NAME,
                            SNAPSHOT_DIR_NAME, LmdbEnv)
 from ..types import Entry, EntryKind, LogId, SnapshotMeta, StoredMembership, log_index
-from .commands import (ADDING_OPS, DEFAULT_SESSION_TTL, DEFAULT_WATCH_HISTORY, MAX_CLIENT_BYTES, MAX_KEY_BYTES, Session, apply_entries,
-                       check_command, encode_client)
+from .commands import (ADDING_OPS, DEFAULT_SESSION_TTL, DEFAULT_WATCH_HISTORY, MAX_CLIENT_BYTES, MAX_KEY_BYTES,
+                       MAX_LEASED_KEY_BYTES, Session, apply_entries, check_command, encode_client)
 from .encoding import (RECORD_HEADER, KVCommandError, decode_key, decode_value, encode_key, record_header,
                        record_value)
 from .reads import ApplyListeners, KVReads
@@ -781,6 +781,9 @@ class KVStateMachine(KVReads, ApplyListeners):
                     if lease:
                         if txn.get(index_key(lease), db=dbs.leases) is None:
                             raise CodecError(f"a key is attached to lease {lease}, which the snapshot lacks")
+                        if len(a) > MAX_LEASED_KEY_BYTES:  # LMDB's key limit, in the lease's key index
+                            raise CodecError(f"a snapshot key of {len(a)} bytes is attached to a lease: "
+                                             f"more than the store holds")
                         txn.put(index_key(lease) + a, b"", db=dbs.lease_keys)
                     if not txn.put(a, b, db=dbs.data, append=True):
                         raise CodecError("data records are not in key order")
