@@ -380,6 +380,19 @@ def test_node_data_goes_into_the_membership_as_followers_decode_it():
         c.close()
 
 
+def test_many_clients_reading_a_large_value_in_small_txns_leave_small_sessions(kvsm):
+    """Each fresh client id keeps a session on every replica for session_ttl entries, and no delete
+    frees it: what it keeps must be small, or small requests fill the store's quota for good."""
+    _apply(kvsm, {"op": "put", "key": "big", "value": b"x" * 60_000})
+    n = 200
+    for i in range(n):
+        [r] = _apply(kvsm, {"op": "txn", "success": [{"op": "get", "key": "big"}], "client": f"c{i}", "seq": 1})
+        assert r[0] is True and r[1][0][0] == b"x" * 60_000  # the answer itself is whole
+    with kvsm.view() as v:
+        sessions = sum(len(rec) for _k, rec in v.txn.cursor(db=v.dbs.sessions))
+    assert sessions < n * 1200, f"{sessions / n:.0f} bytes of session per client"
+
+
 def test_a_session_keeps_a_large_result_only_as_a_note_of_where_it_was_applied(kvsm):
     _apply(kvsm, {"op": "put", "key": "big", "value": BIG})
     get = {"op": "get", "key": "big", "client": "c", "seq": 1}

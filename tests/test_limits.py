@@ -183,10 +183,7 @@ def test_quota_bytes_is_validated(tmp_path):
 
 
 def start_kv(c: MemCluster, i: int, log_store: MemoryLogStore, sm: KVStateMachine) -> Raft:
-    # Not MemCluster.start: an empty KVStateMachine is falsy (len 0), which that takes for "none given".
-    c.stores[i] = (log_store, sm)
-    r = c.rafts[i] = Raft(i, c.config, c.net.transport(i), log_store, sm)
-    return r
+    return c.start(i, log_store, sm)
 
 
 def kv_cluster(tmp_path, n: int = 3, **sm_kw) -> MemCluster:
@@ -201,6 +198,34 @@ def close_kv_cluster(c: MemCluster) -> None:
     sms = [sm for _ls, sm in c.stores.values()]
     c.close()
     for sm in sms:
+        sm.close()
+
+
+def test_past_max_leases_a_lease_grant_fails_with_nospace_before_proposing_and_revokes_make_room(tmp_path):
+    """The leader keeps each lease's deadline in memory: their number is bounded, not only their bytes."""
+    with pytest.raises(ValueError, match="max_leases"):
+        KVStateMachine(tmp_path / "bad", max_leases=0)
+    c = kv_cluster(tmp_path, max_leases=3)
+    try:
+        leader = c.leader()
+        grant = {"op": "lease_grant", "ttl": 60}
+        ids = [leader.client_write(grant, timeout=10).result for _ in range(3)]
+        last = leader.metrics().last_log_index
+        with pytest.raises(NoSpace, match="max_leases"):
+            leader.client_write(grant, timeout=10)
+        assert leader.metrics().last_log_index == last  # decided before proposing
+        leader.client_write(put("k", 1), timeout=10)  # other writes go on
+        assert leader.client_write({"op": "lease_revoke", "id": ids[0]}, timeout=10).result is True
+        leader.client_write(grant, timeout=10)
+        with pytest.raises(NoSpace, match="max_leases"):
+            leader.client_write(grant, timeout=10)
+    finally:
+        close_kv_cluster(c)
+    sm = KVStateMachine(tmp_path / "n1", max_leases=3)  # counted again when it opens
+    try:
+        with pytest.raises(NoSpace, match="holds 3 leases"):
+            sm.check_command(grant)
+    finally:
         sm.close()
 
 

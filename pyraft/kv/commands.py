@@ -151,8 +151,11 @@ MAX_TXN_READ_BYTES = MAX_REPLY_BYTES
 MAX_DEPTH = 64
 #: A session keeps a result of at most this many bytes (encoded) for a retry; a retry of a
 #: request whose result was larger (a get of a large value, a txn that read much) gets
-#: ResultNotKept, saying at which revision it was applied.
-MAX_REMEMBERED_RESULT = 64 * 1024
+#: ResultNotKept, saying at which revision it was applied.  Small, because every replica
+#: keeps it for ``session_ttl`` entries whoever sent it: a client with a fresh id per
+#: request, each a small txn reading a large value, would otherwise fill the store's quota
+#: with results that no delete frees (at most session_ttl * about 1.1 KiB, 110 MB by default).
+MAX_REMEMBERED_RESULT = 1024
 
 _MAX_U64 = 2**64 - 1
 _TARGETS = ("value", "version", "create_revision", "mod_revision", "lease")

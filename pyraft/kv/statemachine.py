@@ -108,12 +108,15 @@ from .encoding import (RECORD_HEADER, KVCommandError, decode_key, decode_value, 
 from .reads import ApplyListeners, KVReads
 
 __all__ = ["KVStateMachine", "KVReader", "KVStatus", "FORMAT_VERSION", "SNAPSHOT_MAGIC", "DEFAULT_QUOTA_BYTES",
-           "DEFAULT_WATCH_HISTORY"]
+           "DEFAULT_MAX_LEASES", "DEFAULT_WATCH_HISTORY"]
 
 log = logging.getLogger("pyraft.kv")
 
 #: The default size quota: etcd's default (2 GiB), 1/32 of the LMDB map's default ceiling.
 DEFAULT_QUOTA_BYTES = 2 * 1024 ** 3
+#: The default bound on live leases: the leader keeps a deadline for each in memory (about 150
+#: bytes), which a lease's few bytes on disk would let the quota grow to gigabytes.
+DEFAULT_MAX_LEASES = 100_000
 FORMAT_VERSION = 2
 SNAPSHOT_VERSION = 2
 SNAPSHOT_MAGIC = b"PYRAFTKV"
@@ -428,13 +431,15 @@ class _LmdbView:
             yield key_index(k), _TTL.unpack(v)[0]
 
 
-def _used_bytes(txn: lmdb.Transaction, dbs: "_Dbs") -> int:
-    """The bytes of the pages that hold the store's databases (what the quota measures)."""
-    total = 0
+def _usage(txn: lmdb.Transaction, dbs: "_Dbs") -> tuple[int, int]:
+    """The bytes of the pages that hold the store's databases (what the quota measures), and the leases."""
+    total = leases = 0
     for db in (dbs.data, dbs.meta, dbs.sessions, dbs.sindex, dbs.events, dbs.leases, dbs.lease_keys):
         st = txn.stat(db)
         total += (st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]) * st["psize"]
-    return total
+        if db is dbs.leases:
+            leases = st["entries"]
+    return total, leases
 
 
 def _check_format(version: Any, root: str) -> None:
@@ -461,6 +466,8 @@ class KVStateMachine(KVReads, ApplyListeners):
     (module docstring); at most half of ``max_map_size``, so that it trips
     while the map still has room for the writes already in flight and for the
     pages that long read transactions (a snapshot being built) keep alive.
+    ``max_leases``: past that many live leases, ``lease_grant`` is refused
+    with NoSpace before it is proposed, like a write past the quota.
     Local reads from any thread: :meth:`get`, :meth:`items`, :meth:`range`,
     :meth:`count`, :meth:`events`, :meth:`leases`.
     """
@@ -472,21 +479,26 @@ class KVStateMachine(KVReads, ApplyListeners):
 
     def __init__(self, path: str | os.PathLike, *, session_ttl: int = DEFAULT_SESSION_TTL,
                  watch_history: int = DEFAULT_WATCH_HISTORY, map_size: int = DEFAULT_MAP_SIZE,
-                 max_map_size: int = DEFAULT_MAX_MAP_SIZE, quota_bytes: int = DEFAULT_QUOTA_BYTES) -> None:
+                 max_map_size: int = DEFAULT_MAX_MAP_SIZE, quota_bytes: int = DEFAULT_QUOTA_BYTES,
+                 max_leases: int = DEFAULT_MAX_LEASES) -> None:
         if type(session_ttl) is not int or session_ttl < 1:
             raise ValueError(f"session_ttl must be an integer >= 1 (log entries), got {session_ttl!r}")
         if type(watch_history) is not int or watch_history < 1:
             raise ValueError(f"watch_history must be an integer >= 1 (revisions), got {watch_history!r}")
         if type(quota_bytes) is not int or quota_bytes <= 0:
             raise ValueError(f"quota_bytes must be a positive integer, got {quota_bytes!r}")
+        if type(max_leases) is not int or max_leases < 1:
+            raise ValueError(f"max_leases must be an integer >= 1, got {max_leases!r}")
         if type(max_map_size) is int and quota_bytes > max_map_size // 2:
             raise ValueError(f"quota_bytes ({quota_bytes}) must be at most half of max_map_size ({max_map_size}): "
                              f"the quota must trip well before the map is full")
         self._session_ttl = session_ttl
         self._history = watch_history
         self._quota = quota_bytes
-        #: the store's size as of the last applied batch (see _used_bytes); replaced whole, read lock-free
-        self._used = 0
+        self._max_leases = max_leases
+        #: the store's size and its number of leases as of the last applied batch (see _usage);
+        #: each replaced whole, read lock-free
+        self._used = self._leases = 0
         #: kv.boot (module doc): kv.lmdb is discarded (mark.discarded) if written unsynced before a reboot
         self._mark = UnsyncedMark(os.path.abspath(os.fspath(path)), KV_BOOT_NAME, "KV state machine")
         self._env = LmdbEnv(path, KV_ENV_NAME, KV_LOCK_NAME, what="KV state machine", sync=False,
@@ -503,7 +515,7 @@ class KVStateMachine(KVReads, ApplyListeners):
                 applied = log_id_from_wire(self._meta(txn, _K_APPLIED), "last_applied")
                 membership = stored_membership_from_wire(self._meta(txn, _K_MEMBERSHIP))
                 pointer = get_pointer(txn, self._dbs.meta, _K_SNAPSHOT)
-                self._used = _used_bytes(txn, self._dbs)
+                self._used, self._leases = _usage(txn, self._dbs)
             self._snapshot: tuple[SnapshotMeta, str] | None = self._snaps.existing(pointer)
             self._cleanup(at_open=True)
             if self._mark.discarded:  # only now: until the rebuild is complete, the old kv.boot asks for it again
@@ -531,7 +543,7 @@ class KVStateMachine(KVReads, ApplyListeners):
             try:
                 with open(path, "rb") as f:
                     meta = read_header(f, SNAPSHOT_MAGIC, SNAPSHOT_VERSION, "KV snapshot file")
-                self._used = self._env.write(lambda txn: self._load(txn, meta, path))
+                self._used, self._leases = self._env.write(lambda txn: self._load(txn, meta, path))
             except (StorageError, CodecError, OSError) as e:
                 log.warning("KV state machine in %s: snapshot file %s is unusable (%s); trying an older one",
                             self._env.root, name, e)
@@ -629,10 +641,14 @@ class KVStateMachine(KVReads, ApplyListeners):
         quota; KVCommandError for a key or client id the store cannot hold.
         Any thread.
         """
-        if self._used > self._quota and type(command) is dict and command.get("op") in ADDING_OPS:
-            raise NoSpace(f"KV store in {self._env.root} is past its quota: {self._used} bytes in use, "
-                          f"quota_bytes={self._quota}; delete keys (reads, deletes, snapshots and purges "
-                          f"still work) or raise the quota")
+        if type(command) is dict and command.get("op") in ADDING_OPS:
+            if self._used > self._quota:
+                raise NoSpace(f"KV store in {self._env.root} is past its quota: {self._used} bytes in use, "
+                              f"quota_bytes={self._quota}; delete keys (reads, deletes, snapshots and purges "
+                              f"still work) or raise the quota")
+            if command["op"] == "lease_grant" and self._leases >= self._max_leases:
+                raise NoSpace(f"KV store in {self._env.root} holds {self._leases} leases, max_leases="
+                              f"{self._max_leases}; revoke leases (or let them expire) or raise max_leases")
         check_command(command)
 
     # -- apply ---------------------------------------------------------------------------
@@ -654,7 +670,8 @@ class KVStateMachine(KVReads, ApplyListeners):
         dbs, ttl = self._dbs, self._session_ttl
         last = entries[-1].log_id
 
-        def run(txn: lmdb.Transaction[bytes]) -> tuple[list[Any], StoredMembership | None, int, tuple, int | None]:
+        def run(txn: lmdb.Transaction[bytes]) -> tuple[list[Any], StoredMembership | None, tuple[int, int], tuple,
+                                                        int | None]:
             backend = _LmdbBackend(txn, dbs, self._session_low)
             backend.prefetch(entries)
             results = apply_entries(backend, entries, ttl)
@@ -667,12 +684,12 @@ class KVStateMachine(KVReads, ApplyListeners):
             txn.put(_K_APPLIED, pack(log_id_to_wire(last)), db=dbs.meta)
             if membership is not membership0:
                 txn.put(_K_MEMBERSHIP, pack(stored_membership_to_wire(membership)), db=dbs.meta)
-            return (results, membership, _used_bytes(txn, dbs), tuple(backend.lease_changes),
+            return (results, membership, _usage(txn, dbs), tuple(backend.lease_changes),
                     backend.session_low)
 
         # The session bound is kept only from a committed batch: an aborted one's may be
         # above sessions its transaction deleted and LMDB put back.
-        results, membership, self._used, lease_changes, self._session_low = self._env.write(run)
+        results, membership, (self._used, self._leases), lease_changes, self._session_low = self._env.write(run)
         self._applied = (last, membership)
         if self._listeners:
             self._notify(last.index, lease_changes)
@@ -750,7 +767,7 @@ class KVStateMachine(KVReads, ApplyListeners):
             except BaseException:
                 unlink_quietly(final)
                 raise
-            self._used = used
+            self._used, self._leases = used
             # The engine purges the log up to the snapshot once we return.
             self._env.sync()
             self._crash_point("install:committed")
@@ -760,7 +777,7 @@ class KVStateMachine(KVReads, ApplyListeners):
             self._cleanup()
         self._notify(log_index(meta.last_log_id), None)
 
-    def _load(self, txn: lmdb.Transaction[bytes], meta: SnapshotMeta, path: str) -> int:
+    def _load(self, txn: lmdb.Transaction[bytes], meta: SnapshotMeta, path: str) -> tuple[int, int]:
         """Replace the state in ``txn`` with the snapshot file ``path``; CodecError for bad content."""
         dbs = self._dbs
         for db in (dbs.data, dbs.sessions, dbs.sindex, dbs.events, dbs.leases, dbs.lease_keys):
@@ -802,7 +819,7 @@ class KVStateMachine(KVReads, ApplyListeners):
         txn.put(_K_MEMBERSHIP, pack(stored_membership_to_wire(meta.last_membership)), db=dbs.meta)
         txn.put(_K_FLOOR, pack(log_index(meta.last_log_id) + 1), db=dbs.meta)
         set_pointer(txn, dbs.meta, _K_SNAPSHOT, meta, path)
-        return _used_bytes(txn, dbs)
+        return _usage(txn, dbs)
 
     def _adopt(self, data: BinaryIO) -> str:
         """Make ``data`` a durable file in the snapshot directory; close it; return its path."""
