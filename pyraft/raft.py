@@ -377,10 +377,31 @@ class Raft:
         w = self.wait(_left(deadline))
         if lid is not None:
             w.metrics(lambda m: log_index(m.committed) >= lid.index, f"the learner entry {lid} to commit")
+            self._check_committed(lid, lambda m: m.membership is not None and m.membership.nodes.get(node_id) == node,
+                                  deadline, f"add_learner {node_id}")
         if blocking:
             w.metrics(lambda m: log_index(m.replication.get(node_id)) >= target,
                       f"learner {node_id} to catch up to index {target}")
         return lid
+
+    def _check_committed(self, lid: LogId, shows: Callable[[RaftMetrics], bool], deadline: float | None,
+                         what: str) -> None:
+        """Once the commit point passed ``lid.index``: ForwardToLeader unless the entry committed there is ``lid``.
+
+        A leader deposed before its entry committed may see a new leader's
+        entry committed at that index instead (its own was overwritten).
+        When the log no longer holds the index (a snapshot replaced it), the
+        metrics must show the change (``shows``).
+        """
+        term = _result(self._api(lambda e: e.log.term_at(lid.index)), _left(deadline), what)
+        m = self.metrics()
+        if term == lid.term or (term is None and shows(m)):
+            return
+        leader = m.current_leader
+        node = m.membership.nodes.get(leader) if m.membership is not None and leader is not None else None
+        raise ForwardToLeader(leader, node, f"{what}: its entry {lid} was overwritten by a new leader's "
+                                            f"(the entry committed at index {lid.index} has term {term}); "
+                                            f"nothing changed: ask the leader again")
 
     def remove_learner(self, node_id: int, timeout: float | None = None) -> LogId | None:
         """Remove the learner ``node_id``; returns once a committed configuration no longer lists it.

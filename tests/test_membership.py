@@ -406,3 +406,38 @@ def test_a_change_during_a_partition_completes_after_healing():
         assert cur.metrics().membership.configs == (frozenset(new_voters),)
         assert_all_present(c, acked, new_voters)
     mon.check()
+
+
+def test_add_learner_whose_entry_a_new_leader_overwrote_is_not_reported_done():
+    """The deposed leader's commit point passes the index of its learner entry, but the entry
+    committed there is the new leader's: add_learner must not return as if the learner were added."""
+    with MemCluster(3) as c:
+        old = c.leader()
+        old.client_write(put("before", 1), timeout=10)
+        others = [i for i in c.rafts if i != old.node_id]
+        c.net.isolate(old.node_id)
+        before = old.metrics().last_log_index
+        out: list = []
+
+        def add() -> None:
+            try:
+                out.append(old.add_learner(4, c.node(4), blocking=False, timeout=20))
+            except BaseException as e:  # noqa: BLE001 - the test looks at it
+                out.append(e)
+
+        t = threading.Thread(target=add)
+        t.start()
+        old.wait(10).log_index_at_least(before + 1)  # the entry is in its log alone
+        new = c.leader(among=others)
+        new.client_write(put("after", 1), timeout=10)  # commits the new leader's entries at that index
+        c.net.heal()
+        t.join(30)
+        assert not t.is_alive()
+        [res] = out
+        assert isinstance(res, ForwardToLeader), res
+        assert res.leader_id == new.node_id and "overwritten" in str(res)
+        for r in c.rafts.values():
+            assert 4 not in r.metrics().membership.nodes
+        # Asked again at the leader, it takes.
+        lid = new.add_learner(4, c.node(4), blocking=False, timeout=10)
+        assert lid is not None and 4 in new.metrics().membership.nodes
