@@ -23,6 +23,15 @@ def _check_seconds(name: str, v: object) -> None:
         raise ValueError(f"{name} must be a finite number of seconds > 0 and <= {MAX_TIMEOUT:g}, got {v!r}")
 
 
+class _DefaultSeconds(float):
+    """A default that ``Config.__post_init__`` may adjust to the other fields (a value given is never adjusted)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return float.__repr__(self)
+
+
 @dataclass(frozen=True)
 class Config:
     """Every timing and size knob.  Times are seconds (floats).
@@ -40,8 +49,10 @@ class Config:
     """
 
     cluster_name: str = "pyraft"
-    #: How often a leader sends heartbeats to an idle follower.
-    heartbeat_interval: float = 0.1
+    #: How often a leader sends heartbeats to an idle follower.  Not given: 0.1 s, or a
+    #: third of the minimum election timeout when that is shorter (so that
+    #: ``Config(election_timeout=(0.15, 0.3))`` needs no heartbeat of its own).
+    heartbeat_interval: float = _DefaultSeconds(0.1)
     #: A follower that hears nothing from a leader for a time drawn uniformly
     #: from this range starts an election.
     election_timeout: tuple[float, float] = (1.0, 2.0)
@@ -121,6 +132,8 @@ class Config:
         if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi <= MAX_TIMEOUT):
             raise ValueError(f"election_timeout must satisfy 0 < min < max <= {MAX_TIMEOUT:g} seconds, "
                              f"got {et!r}")
+        if type(self.heartbeat_interval) is _DefaultSeconds:
+            object.__setattr__(self, "heartbeat_interval", min(float(self.heartbeat_interval), round(lo / 3, 6)))
         _check_seconds("heartbeat_interval", self.heartbeat_interval)
         if self.heartbeat_interval * 2 > lo:
             raise ValueError(

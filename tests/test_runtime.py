@@ -268,6 +268,13 @@ def test_timing_defaults_hold_on_a_busy_host_and_the_low_latency_preset_is_expli
     assert fast.cluster_name == "x" and fast.rpc_timeout == 0.5
     with pytest.raises(ValueError):
         Config.low_latency(heartbeat_interval=0.1)   # more than half the minimum election timeout
+    # A short election timeout alone brings the default heartbeat down with it (a given one never moves).
+    short = Config(election_timeout=(0.15, 0.30))
+    assert (short.heartbeat_interval, short.election_timeout) == (0.05, (0.15, 0.30))
+    assert Config.from_dict({"election_timeout": [0.3, 0.6]}).heartbeat_interval == 0.1
+    assert type(short.heartbeat_interval) is float
+    with pytest.raises(ValueError, match="at most half"):
+        Config(heartbeat_interval=0.1, election_timeout=(0.15, 0.30))
 
 
 def test_each_election_is_logged_at_info_with_its_reason(caplog):
