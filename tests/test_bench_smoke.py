@@ -137,6 +137,7 @@ def test_the_table_shows_the_servers_cpu_per_write_once(mode):
     (["--out", "."], "--out .: not a file in an existing directory"),
     (["--out", "/no/such/dir/out.json"], "not a file in an existing directory"),
     (["--payload", "ten"], "--payload and --client-threads take integers"),
+    (["--tmpdir", "/no/such/dir"], "--tmpdir /no/such/dir: not an existing directory"),
 ])
 def test_arguments_no_node_would_take_are_refused_before_anything_starts(args, message):
     # Before: the nodes started and died with a traceback each (--config), or the whole run
@@ -225,3 +226,14 @@ def test_by_thread_is_refused_where_it_would_show_nothing():
     p = subprocess.run([sys.executable, "-m", "pyraft.tools.bench", "--by-thread", "--follower-down", "kill"],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "--by-thread" in p.stderr, p.stderr
+
+
+def test_a_run_that_failed_makes_the_exit_code_1():
+    """A table of errors is not a benchmark: a script that runs pyraft-bench must see it failed."""
+    from pyraft.tools.bench import run_errors
+    ok = {"runs": [{"system": "pyraft", "result": {"ops_per_s": 5.0, "error": None}}]}
+    assert run_errors(ok) == []
+    doc = {"runs": [{"system": "pyraft", "result": {"ops_per_s": 5.0}},
+                    {"system": "pysyncobj", "result": {"error": "OSError: boom"}}],
+           "etcd_comparison": {"rows": [{"pyraft": {"error": "etcd exited 1"}}]}}
+    assert run_errors(doc) == ["OSError: boom", "etcd exited 1"]

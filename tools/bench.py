@@ -1527,6 +1527,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--config: nests arrays or objects too deep to read")
     if a.out and (os.path.isdir(a.out) or not os.path.isdir(os.path.dirname(os.path.abspath(a.out)))):
         p.error(f"--out {a.out}: not a file in an existing directory")
+    if a.tmpdir is not None and not os.path.isdir(a.tmpdir):
+        p.error(f"--tmpdir {a.tmpdir}: not an existing directory")
     if a.baseline == "etcd":
         a.mode = "client"
     if a.clients is None:
@@ -1595,7 +1597,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(bench_etcd.render(doc))
     else:
         print(render_table(doc))
+    failed = run_errors(doc)
+    if failed:
+        print(f"pyraft-bench: {len(failed)} run(s) failed: {failed[0]}", file=sys.stderr)
+        return 1
     return 0
+
+
+def run_errors(doc: Any) -> list[str]:
+    """The errors of the runs that failed, anywhere in the results (a failed run has a non-empty "error")."""
+    found: list[str] = []
+
+    def walk(x: Any) -> None:
+        if isinstance(x, dict):
+            if x.get("error"):
+                found.append(str(x["error"]))
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    walk({k: doc.get(k) for k in ("runs", "follower_down", "etcd_comparison")})
+    return found
 
 
 def _run_matrix(a: argparse.Namespace, doc: dict, progress: Progress) -> None:
