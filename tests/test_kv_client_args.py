@@ -6,7 +6,7 @@ import math
 import pytest
 
 from pyraft.kv import KVClient, KVStateMachine
-from pyraft.kv.client import MIN_KEEPALIVE_INTERVAL
+from pyraft.kv.client import MIN_KEEPALIVE_INTERVAL, Watch
 from pyraft.kv.recipes import Election, Lock
 
 from test_kv_client import ZmqCluster
@@ -32,7 +32,7 @@ def test_calls_refuse_timeouts_that_would_never_end_or_never_start():
             kv.status(timeout=-1)
         with pytest.raises(ValueError, match="timeout"):
             kv.status(timeout=0)
-        w = kv.watch("a", start_revision=1)
+        w = Watch(kv, {"key": "a"}, 1)  # as kv.watch makes it, without its first poll (nobody is there)
         with pytest.raises(ValueError, match="timeout"):
             w.get(math.nan)  # blocked forever before
         with pytest.raises(TypeError, match="timeout"):

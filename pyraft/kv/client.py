@@ -317,8 +317,9 @@ class KVClient:
         From ``start_revision`` on (None: the changes after this call), in
         revision order, blocking in ``next()`` until there is one; ``close()``
         ends it.  It moves to another member when one fails, resuming where
-        it was, so no event is lost or repeated.  A revision no member keeps
-        any more raises :class:`~pyraft.errors.Compacted`.
+        it was, so no event is lost or repeated.  A ``start_revision`` no
+        member keeps any more raises :class:`~pyraft.errors.Compacted` here
+        (a first poll that does not wait); one compacted later, from ``next()``.
         """
         query = self._range_body(key, end, prefix, False)  # checks the range before anything is sent
         del query["stale"]
@@ -330,6 +331,15 @@ class KVClient:
         elif type(start_revision) is not int or not 1 <= start_revision <= MAX_WATCH_REVISION:
             raise ValueError(f"start_revision must be an integer in [1, {MAX_WATCH_REVISION}] or None, "
                              f"got {start_revision!r}")
+        else:
+            w = Watch(self, query, start_revision)
+            try:
+                with w._lock:
+                    w._poll(wait=0.0)
+            except BaseException:
+                w.close()
+                raise
+            return w
         return Watch(self, query, start_revision)
 
     def status(self, address: str | None = None, timeout: float | None = None) -> dict:
@@ -631,8 +641,11 @@ class Watch:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _poll(self) -> None:
-        """One successful poll (its events queued), moving between members as they fail (lock held)."""
+    def _poll(self, wait: float = _WATCH_WAIT) -> None:
+        """One successful poll (its events queued), moving between members as they fail (lock held).
+
+        ``wait``: how long a member holds the poll open when it has no event yet.
+        """
         c = self._client
         give_up = time.monotonic() + c.timeout
         compacted: set[str] = set()
@@ -641,12 +654,11 @@ class Watch:
         while not self._closed.is_set():
             if time.monotonic() > give_up:
                 raise Timeout(f"watch: no member answered within {c.timeout} s; last: {last_error}")
-            body = {**self._query, "start_revision": self._revision, "sub": self._sub, "wait": _WATCH_WAIT,
+            body = {**self._query, "start_revision": self._revision, "sub": self._sub, "wait": wait,
                     "limit": _WATCH_LIMIT}
             addr = self._addr
             try:
-                resp = c._conn(self._sess, addr).call(ClientRequest("kv.watch", body),
-                                                      _WATCH_WAIT + c.attempt_timeout)
+                resp = c._conn(self._sess, addr).call(ClientRequest("kv.watch", body), wait + c.attempt_timeout)
             except Timeout:
                 last_error = f"no reply from {addr}"
                 c._mark_failed(addr)
