@@ -29,6 +29,7 @@ any of it, in bounded memory.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import struct
 import uuid
@@ -38,6 +39,7 @@ from typing import Any, BinaryIO, Iterator
 import msgpack
 
 from .codec import snapshot_meta_from_wire, snapshot_meta_to_wire
+from .config import Config
 from .errors import CodecError, RaftError
 from .snapshot_files import CHUNK
 from .types import SnapshotMeta
@@ -47,6 +49,9 @@ __all__ = ["BackupHeader", "BackupWriter", "BackupError", "read_backup_header", 
 
 BACKUP_MAGIC = b"PYRAFTBK"
 BACKUP_VERSION = 1
+#: The largest term and log index a backup may name: far beyond what a cluster reaches, and far
+#: enough below the wire format's 2**63 - 1 that the restored cluster can elect and append.
+MAX_RESTORED = 2**62
 _DIGEST = 32
 #: A header is a few hundred bytes; anything near this is not one.
 _MAX_HEADER = 1 << 20
@@ -95,6 +100,16 @@ class BackupHeader:
                 raise BackupError(f"backup header field {k!r} is missing or malformed")
         if w["snapshot_size"] < 0:
             raise BackupError("backup header: negative snapshot size")
+        lid = meta.last_log_id
+        if lid is not None and (lid.term > MAX_RESTORED or lid.index > MAX_RESTORED):
+            raise BackupError(f"backup header: the snapshot's log id {lid} is beyond what a cluster reaches "
+                              f"(terms and indexes up to 2**62): the file is damaged or forged")
+        if not math.isfinite(w["created"]):
+            raise BackupError("backup header: 'created' is not a finite time")
+        try:
+            Config(cluster_name=w["cluster_name"])
+        except ValueError as e:
+            raise BackupError(f"backup header: {e}") from None
         return cls(w["cluster_name"], w["node_id"], float(w["created"]), w["pyraft_version"], meta,
                    w["snapshot_format"], w["snapshot_size"], w["fence_index"])
 

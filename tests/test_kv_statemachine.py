@@ -222,8 +222,8 @@ def test_a_damaged_snapshot_is_refused_and_the_old_state_stays(tmp_path, damage)
     dst.close()
 
 
-def test_a_snapshot_with_a_leased_key_too_long_for_the_lease_index_is_refused(tmp_path):
-    """A key of 504-511 bytes fits the store but not the lease's key index: refused, not a failing disk."""
+def _install_crafted(tmp_path, dst: KVStateMachine, lease: bool, key: bytes, header: tuple) -> None:
+    """Install into ``dst`` a snapshot (at index 1) of one crafted data record."""
     from pyraft.kv.encoding import RECORD_HEADER, encode_key, encode_value
     from pyraft.kv.statemachine import _REC_DATA, _REC_END, _REC_LEASE, SNAPSHOT_MAGIC, SNAPSHOT_VERSION
     from pyraft.snapshot_files import SnapshotWriter
@@ -231,18 +231,50 @@ def test_a_snapshot_with_a_leased_key_too_long_for_the_lease_index_is_refused(tm
     Applier(src)(put("a", 1))
     meta = src.build_snapshot()
     src.close()
-    dst = KVStateMachine(tmp_path / "dst")
-    Applier(dst)(put("mine", 1))
     sink = dst.begin_receiving_snapshot()
     w = SnapshotWriter(sink, SNAPSHOT_MAGIC, SNAPSHOT_VERSION, meta)
-    w.record(_REC_LEASE, 1, 60.0)
-    key = encode_key(b"k" * 508)
-    assert len(key) == 509
-    w.record(_REC_DATA, key, RECORD_HEADER.pack(1, 1, 1, 1) + encode_value(1))
+    if lease:
+        w.record(_REC_LEASE, 1, 60.0)
+    w.record(_REC_DATA, encode_key(key), RECORD_HEADER.pack(*header) + encode_value(1))
     w.finish(_REC_END)
-    with pytest.raises(CodecError, match="attached to a lease"):
-        dst.install_snapshot(meta, sink)
-    assert dst.items() == [("mine", 1)]
+    dst.install_snapshot(meta, sink)
+
+
+@pytest.mark.parametrize("key, header, why", [
+    (b"k" * 508, (1, 1, 1, 1), "attached to a lease"),  # 509 bytes: fits the store, not the lease's index
+    (b"k", (1, 1, 2**64 - 1, 0), "impossible"),          # the next put could not count it
+    (b"k", (1, 2, 1, 0), "impossible"),                  # modified after the snapshot's index
+    (b"k", (0, 1, 1, 0), "impossible"),
+    (b"k", (1, 1, 0, 0), "impossible"),
+], ids=["leased-key-too-long", "version-max", "mod-past-snapshot", "create-0", "version-0"])
+def test_a_snapshot_record_apply_would_fail_on_later_is_refused_as_content(tmp_path, key, header, why):
+    """Refused as content (CodecError: the node goes on), not loaded to fail a later apply (Fatal)."""
+    dst = KVStateMachine(tmp_path / "dst")
+    try:
+        Applier(dst)(put("mine", 1))
+        with pytest.raises(CodecError, match=why):
+            _install_crafted(tmp_path, dst, header[3] != 0, key, header)
+        assert dst.items() == [("mine", 1)]
+    finally:
+        dst.close()
+
+
+def test_a_key_put_twice_in_one_txn_survives_a_snapshot_install(tmp_path):
+    """Its version (2) is more than its revisions span (one): still a valid record."""
+    src = KVStateMachine(tmp_path / "src")
+    Applier(src)({"op": "txn", "success": [put("k", 1), put("k", 2)]})
+    assert src.range("k")[0].version == 2
+    meta = src.build_snapshot()
+    _, f = src.open_snapshot()
+    dst = KVStateMachine(tmp_path / "dst")
+    sink = dst.begin_receiving_snapshot()
+    sink.write(f.read())
+    f.close()
+    dst.install_snapshot(meta, sink)
+    assert dst.get("k") == 2 and dst.range("k")[0].version == 2
+    Applier(dst, start=2)(put("k", 3))
+    assert dst.range("k")[0].version == 3
+    src.close()
     dst.close()
 
 

@@ -463,3 +463,27 @@ def test_restore_and_inspect_agree_on_the_restored_log_ids(make_cluster, tmp_pat
         assert sm.get("k9") == 9
     rc, out, err = run(pinspect.main, d, "verify", "--json")
     assert rc == 0, out + err
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"lid": (2**63 - 1, 22)}, "beyond what a cluster reaches"),     # no election after it: bricked
+    ({"lid": (1, 2**63 - 1)}, "beyond what a cluster reaches"),      # indexes past what the wire carries
+    ({"created": float("nan")}, "finite"),                            # `restore --json` printed NaN
+    ({"cluster_name": "a\nb"}, "cluster_name"),
+    ({"cluster_name": "x" * 500}, "cluster_name"),
+])
+def test_a_backup_header_a_restored_cluster_could_not_live_with_is_refused(change, why):
+    """Files an operator is handed are input: a header that checks out (SHA-256 and all) but names a
+    term or index at the wire's limit, a NaN time or a cluster name no node takes is refused."""
+    from pyraft.backup import BackupHeader
+    from pyraft.types import LogId, SnapshotMeta, StoredMembership
+    ms = StoredMembership(LogId(1, 1), Membership.of({1: Node("tcp://127.0.0.1:1")}))
+    lid = change.get("lid", (3, 22))
+    good = BackupHeader("c", 1, 1.0, "0", SnapshotMeta(LogId(3, 22), ms, "s"), "PYRAFTKV", 10, 22)
+    assert BackupHeader.from_wire(good.to_wire()) == good
+    w = good.to_wire()
+    w["snapshot_meta"] = BackupHeader("c", 1, 1.0, "0", SnapshotMeta(LogId(*lid), ms, "s"), "PYRAFTKV", 10,
+                                      22).to_wire()["snapshot_meta"]
+    w.update({k: v for k, v in change.items() if k != "lid"})
+    with pytest.raises(BackupError, match=why):
+        BackupHeader.from_wire(w)

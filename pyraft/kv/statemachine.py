@@ -794,7 +794,13 @@ class KVStateMachine(KVReads, ApplyListeners):
                         decode_key(a)
                     except ValueError as e:
                         raise CodecError(f"a data record's key does not decode: {e}") from None
-                    lease = record_header(b)[3]
+                    create, mod, version, lease = record_header(b)
+                    # Revisions are log indexes up to the snapshot's, and a key's version counts
+                    # its puts (a txn may put a key several times at one revision): anything else
+                    # would make apply fail later (a version of 2**64 - 1 cannot be incremented).
+                    if not (1 <= create <= mod <= log_index(meta.last_log_id) and 1 <= version < 2**63):
+                        raise CodecError(f"a data record's revisions ({create}, {mod}) or version ({version}) "
+                                         f"are impossible at snapshot index {log_index(meta.last_log_id)}")
                     if lease:
                         if txn.get(index_key(lease), db=dbs.leases) is None:
                             raise CodecError(f"a key is attached to lease {lease}, which the snapshot lacks")
