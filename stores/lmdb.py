@@ -263,6 +263,44 @@ def _storage_error(what: str, where: str, e: BaseException) -> StorageError:
     return StorageError(f"{what}: LMDB failed on {where}: {e}")
 
 
+def check_not_truncated(env_path: str, what: str) -> None:
+    """StorageError for a data.mdb shorter than the pages its meta page says are in use.
+
+    LMDB maps the file: touching a page past its end kills the process with
+    SIGBUS instead of raising, so a truncated file must be caught before any
+    read.  The check opens the environment without its lock file and reads
+    only the two meta pages (LMDB validates them itself).
+
+    The meta is read before the file's size: a running writer writes new
+    pages (growing the file) before the meta that counts them, so a size
+    taken after the meta is never short on a sound file.
+    """
+    data = os.path.join(env_path, "data.mdb")
+
+    def file_size() -> int:
+        try:
+            return os.path.getsize(data)
+        except OSError as e:
+            raise StorageError(f"{what}: cannot read {data}: {e.strerror or e}") from None
+
+    if file_size() == 0:
+        raise StorageError(f"{what}: {data} is empty")
+    try:
+        env = lmdb.open(env_path, readonly=True, lock=False, subdir=True, create=False, max_dbs=8)
+    except lmdb.Error as e:
+        raise _storage_error(what, env_path, e) from None
+    try:
+        last_pgno = env.info()["last_pgno"]
+        psize = env.stat()["psize"]
+    finally:
+        env.close()
+    size = file_size()
+    need = (last_pgno + 1) * psize
+    if size < need:
+        raise StorageError(f"{what}: {data} is truncated: {size} bytes, but LMDB has {last_pgno + 1} pages "
+                           f"of {psize} bytes ({need} bytes) in use")
+
+
 class LmdbEnv:
     """One LMDB environment in ``root/env_name``, owned by this object.
 
@@ -320,6 +358,8 @@ class LmdbEnv:
         if os.path.lexists(p) and not os.path.isdir(p):
             raise StorageError(f"{self.what}: {p} should be an LMDB environment directory but is a file")
         existed = os.path.exists(os.path.join(p, "data.mdb"))
+        if existed:
+            check_not_truncated(p, self.what)
         # Made here, 0700: py-lmdb would give the directory the files' mode (0600, no x bit).
         make_dirs(p, self.what)
         try:

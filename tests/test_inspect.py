@@ -436,6 +436,26 @@ def test_verify_exits_2_on_a_truncated_data_file(history, tmp_path):
         assert "pyraft-inspect:" in p.stderr
 
 
+@pytest.mark.parametrize("env", ["log", "kv"])
+def test_a_node_over_a_truncated_data_file_refuses_to_start_instead_of_dying_of_sigbus(history, tmp_path, env):
+    d = copy_dir(history, tmp_path)
+    layout = node_dir_layout(d)
+    data = os.path.join(layout.log_env if env == "log" else os.path.join(d, "kv.lmdb"), "data.mdb")
+    with open(data, "r+b") as f:
+        f.truncate(os.path.getsize(data) // 2)
+    code = ("import sys\n"
+            "from pyraft.errors import StorageError\n"
+            "from pyraft.kv import KVStateMachine\n"
+            "from pyraft.stores.lmdb import LmdbLogStore\n"
+            "try:\n"
+            f"    (LmdbLogStore(sys.argv[1], node_id=2, cluster_name={CFG.cluster_name!r}) if {env == 'log'} "
+            "else KVStateMachine(sys.argv[1]))\n"
+            "except StorageError as e:\n"
+            "    print(e); sys.exit(3)\n")
+    p = subprocess.run([sys.executable, "-c", code, d], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 3 and "is truncated" in p.stdout, (p.returncode, p.stdout, p.stderr[-500:])
+
+
 def test_verify_exits_2_on_a_garbage_data_file(history, tmp_path):
     d = copy_dir(history, tmp_path)
     data = os.path.join(node_dir_layout(d).log_env, "data.mdb")
@@ -443,7 +463,7 @@ def test_verify_exits_2_on_a_garbage_data_file(history, tmp_path):
     with open(data, "wb") as f:
         f.write(os.urandom(size))
     p = inspect_proc(d, "verify")
-    assert p.returncode == 2 and "not a readable LMDB environment" in p.stderr, p.stderr
+    assert p.returncode == 2 and "not an LMDB environment (or is corrupt)" in p.stderr, p.stderr
     for cmd in ("summary", "log"):
         assert inspect_proc(d, cmd).returncode == 2
 

@@ -547,6 +547,50 @@ def test_the_log_is_purged_only_up_to_what_the_state_machine_holds_durably(tmp_p
     assert all(upto <= durable for upto, durable in purges), purges
 
 
+@pytest.mark.parametrize("applied, why", [
+    (LogId(1, 1_000_000), "past the log's last entry"),  # it would skip the cluster's writes, then overwrite them
+    (LogId(7, 5), "the log holds 1-5 at that index"),
+])
+def test_a_node_whose_state_machine_applied_what_its_log_never_held_refuses_to_start(applied, why):
+    from pyraft import Config, Raft
+    from pyraft.engine.commands import AppendToLog
+    from pyraft.stores.memory import MemoryLogStore, MemoryStateMachine
+    from pyraft.transports.memory import MemoryNetwork
+
+    log = MemoryLogStore()
+    log.write([AppendToLog([normal(i, put("k", i)) for i in range(1, 11)])])
+    sm = MemoryStateMachine()
+    sm.apply([normal(i, put("k", i)) for i in range(1, 6)])
+    sm.applied_state = lambda: (applied, None)  # as a changed file would say
+    with pytest.raises(StorageError, match=why):
+        Raft(1, Config(), MemoryNetwork().transport(1), log, sm)
+
+
+def test_a_state_machine_ahead_of_its_log_by_an_installed_snapshot_starts():
+    """The crash window of an install: the snapshot is in the state machine, the log not yet reset."""
+    from pyraft import Config, Raft
+    from pyraft.engine.commands import AppendToLog
+    from pyraft.stores.memory import MemoryLogStore, MemoryStateMachine
+    from pyraft.transports.memory import MemoryNetwork
+
+    src = MemoryStateMachine()
+    src.apply([normal(i, put("k", i)) for i in range(1, 21)])
+    meta = src.build_snapshot()
+    _, f = src.open_snapshot()
+    sm = MemoryStateMachine()
+    sink = sm.begin_receiving_snapshot()
+    sink.write(f.read())
+    sink.seek(0)
+    sm.install_snapshot(meta, sink)
+    log = MemoryLogStore()
+    log.write([AppendToLog([normal(i, put("k", i)) for i in range(1, 11)])])
+    r = Raft(1, Config(), MemoryNetwork().transport(1), log, sm)
+    try:
+        assert r.metrics().last_applied == LogId(1, 20)
+    finally:
+        r.shutdown()
+
+
 def test_a_node_whose_state_machine_is_behind_the_purged_log_refuses_to_start():
     from pyraft import Config, Raft
     from pyraft.engine.commands import AppendToLog, PurgeLog

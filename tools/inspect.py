@@ -46,7 +46,7 @@ from pyraft.kv import KVReader, KVStateMachine, KVStatus
 from pyraft.kv import commands as kv_commands
 from pyraft.kv.statemachine import FORMAT_VERSION as KV_FORMAT_VERSION
 from pyraft.stores.lmdb import (FORMAT_VERSION, KV_ENV_NAME, LOG_ENV_NAME, LmdbLogReader, LmdbLogStore, LogStoreMeta,
-                                node_dir_layout)
+                                check_not_truncated, node_dir_layout)
 from pyraft.types import Entry, EntryKind, LogId, Membership, StoredMembership, log_index
 
 from pyraft.tools.cli import (EXIT_OK, Parser, UsageError, add_global, add_version, check_output_file, emit_error,
@@ -69,41 +69,11 @@ class Unreadable(Exception):
 # Opening a data directory
 
 def _check_lmdb_file(env_path: str, what: str) -> None:
-    """Refuse a data.mdb shorter than the pages its meta page says are in use.
-
-    LMDB maps the file: touching a page past its end kills the process with
-    SIGBUS instead of raising, so a truncated file must be caught before any
-    read.  The check opens the environment without its lock file and reads
-    only the two meta pages (LMDB validates them itself).
-
-    The meta is read before the file's size: a running writer writes new
-    pages (growing the file) before the meta that counts them, so a size
-    taken after the meta is never short on a sound file.
-    """
-    data = os.path.join(env_path, "data.mdb")
-
-    def file_size() -> int:
-        try:
-            return os.path.getsize(data)
-        except OSError as e:
-            raise Unreadable(f"{what}: cannot read {data}: {e.strerror or e}") from None
-
-    if file_size() == 0:
-        raise Unreadable(f"{what}: {data} is empty")
+    """Unreadable for a data.mdb shorter than its pages in use (stores.lmdb.check_not_truncated)."""
     try:
-        env = lmdb.open(env_path, readonly=True, lock=False, subdir=True, create=False, max_dbs=8)
-    except lmdb.Error as e:
-        raise Unreadable(f"{what}: {env_path} is not a readable LMDB environment: {e}") from None
-    try:
-        last_pgno = env.info()["last_pgno"]
-        psize = env.stat()["psize"]
-    finally:
-        env.close()
-    size = file_size()
-    need = (last_pgno + 1) * psize
-    if size < need:
-        raise Unreadable(f"{what}: {data} is truncated: {size} bytes, but LMDB has {last_pgno + 1} pages "
-                         f"of {psize} bytes ({need} bytes) in use")
+        check_not_truncated(env_path, what)
+    except StorageError as e:
+        raise Unreadable(str(e)) from None
 
 
 class DataDir:

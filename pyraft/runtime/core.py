@@ -62,6 +62,22 @@ def restore_state(log_store: Any, state_machine: Any) -> RestoredState:
                            f"purged up to {ls.last_purged}: entries {log_index(applied) + 1}.."
                            f"{log_index(ls.last_purged)} are lost on this node; wipe its data directory "
                            f"and let it catch up from the cluster")
+    # A state machine applies committed entries only, which the log holds (or, purged, a snapshot
+    # covers): applied past both, or at an index where the log holds another term, is not this
+    # node's history (files changed, or copied from another node).  Taken as true, it would make
+    # the node skip the cluster's writes and, elected, overwrite them everywhere.
+    snap = state_machine.current_snapshot()
+    ai = log_index(applied)
+    if ai > log_index(ls.last_log_id) and ai > log_index(snap.last_log_id if snap is not None else None):
+        raise StorageError(f"the state machine has applied up to {applied}, past the log's last entry "
+                           f"{ls.last_log_id} and its snapshot: its files were changed or come from another "
+                           f"node; wipe this node's data directory and let it catch up from the cluster")
+    if applied is not None and log_index(ls.last_purged) < ai <= log_index(ls.last_log_id):
+        held = log_store.read(ai, ai + 1)
+        if held and held[0].log_id != applied:
+            raise StorageError(f"the state machine has applied {applied}, but the log holds {held[0].log_id} "
+                               f"at that index: its files were changed or come from another node; wipe this "
+                               f"node's data directory and let it catch up from the cluster")
     memberships: list[StoredMembership] = [sm_membership] if sm_membership is not None else []
     start = max(log_index(applied), log_index(ls.last_purged)) + 1
     last = log_index(ls.last_log_id)
