@@ -153,7 +153,10 @@ def _add_learner(raft: Raft, b: dict, timeout: float) -> dict:
     blocking = b.get("blocking", True)
     if type(blocking) is not bool:
         raise _BadRequest(f"{op}: 'blocking' must be a boolean")
-    lid = raft.add_learner(nid, Node(addr, data), blocking=blocking, timeout=timeout)
+    try:
+        lid = raft.add_learner(nid, Node(addr, data), blocking=blocking, timeout=timeout)
+    except (ValueError, TypeError) as e:  # what Raft.add_learner refuses before proposing: the caller's input
+        raise _BadRequest(f"{op}: {e}") from None
     m = raft.metrics()
     return {"log_id": log_id_to_wire(lid), "membership": _membership_dict(m),
             "matched": log_id_to_wire(m.replication.get(nid))}

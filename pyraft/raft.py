@@ -17,7 +17,7 @@ import time
 from concurrent.futures import Future
 from typing import Any, Callable, Iterable, Mapping
 
-from .codec import ClientRequest, ClientResponse, pack_command
+from .codec import ClientRequest, ClientResponse, membership_to_wire, pack, pack_command
 from .config import Config
 from .errors import (ChangeMembershipError, CodecError, ForwardToLeader, InitializeError, PermissionDenied, RaftError,
                      Timeout)
@@ -35,6 +35,12 @@ __all__ = ["Raft", "Wait", "Trigger", "ClientWriteResponse", "RaftMetrics"]
 
 #: Node ids are what the wire format carries: integers in [0, 2**63 - 1].
 _MAX_NODE_ID = 2**63 - 1
+#: A member's ``Node.data``, encoded, at most (it goes into every membership entry and snapshot).
+MAX_NODE_DATA_BYTES = 16 * 1024
+#: A membership, encoded, at most.  Each change sends it to every member in AppendEntries (a 17 MB
+#: one was dropped by every transport and stalled replication behind it), and a megabyte sent
+#: to a dozen members per change already starved a test cluster's heartbeats.
+MAX_MEMBERSHIP_BYTES = 256 * 1024
 #: A command at least this long encoded is a large write: its bytes count against
 #: Config.max_pending_write_bytes while it is in flight (smaller ones only against
 #: Config.max_pending_writes, at no cost on their path).
@@ -254,9 +260,11 @@ class Raft:
             if not isinstance(node.data, Mapping):
                 raise TypeError(f"{what}: data must be a mapping or None, got {type(node.data).__name__}")
             try:
-                _, data = pack_command(dict(node.data))
+                raw, data = pack_command(dict(node.data))
             except (TypeError, ValueError, OverflowError, CodecError) as e:
                 raise ValueError(f"{what}: data cannot be encoded with msgpack: {e}") from None
+            if len(raw) > MAX_NODE_DATA_BYTES:
+                raise ValueError(f"{what}: data is {len(raw)} bytes encoded, at most {MAX_NODE_DATA_BYTES}")
             node = Node(node.addr, data)
         if self._check_address is not None:
             self._check_address(node.addr)
@@ -370,6 +378,12 @@ class Raft:
         node = self._check_node(node, f"node {node_id}")
         _check_bool(blocking, "blocking")
         _check_timeout(timeout)
+        m = self.metrics().membership
+        if m is not None and node_id not in m.nodes:
+            size = len(pack(membership_to_wire(m))) + len(node.addr) + len(pack(node.data))
+            if size > MAX_MEMBERSHIP_BYTES:
+                raise ValueError(f"add_learner: the membership would be about {size} bytes encoded, at most "
+                                 f"{MAX_MEMBERSHIP_BYTES} (every AppendEntries that carries it must fit a frame)")
         deadline = None if timeout is None else time.monotonic() + timeout
         self._wait_leader_ready(deadline)
         fut = self._api(lambda e: (e.add_learner(node_id, node), e.log.last_index))

@@ -441,3 +441,27 @@ def test_add_learner_whose_entry_a_new_leader_overwrote_is_not_reported_done():
         # Asked again at the leader, it takes.
         lid = new.add_learner(4, c.node(4), blocking=False, timeout=10)
         assert lid is not None and 4 in new.metrics().membership.nodes
+
+
+def test_node_data_and_the_whole_membership_are_bounded_before_anything_is_proposed():
+    """A membership entry rides in AppendEntries and snapshots: one too large for a frame was dropped
+    by every transport, and replication stalled behind it."""
+    from pyraft import Config, Node
+    from pyraft.raft import MAX_MEMBERSHIP_BYTES, MAX_NODE_DATA_BYTES
+    with MemCluster(3, Config(heartbeat_interval=0.05, election_timeout=(1.0, 2.0), rpc_timeout=1.0)) as c:
+        leader = c.leader()
+        last = leader.metrics().last_log_index
+        with pytest.raises(ValueError, match="bytes encoded, at most"):
+            leader.add_learner(10, Node("mem://10", data={"blob": b"x" * (MAX_NODE_DATA_BYTES + 1)}), blocking=False)
+        assert leader.metrics().last_log_index == last
+        blob = b"x" * (MAX_NODE_DATA_BYTES - 100)
+        added = 0
+        with pytest.raises(ValueError, match="the membership would be"):
+            for i in range(100, 100 + MAX_MEMBERSHIP_BYTES // len(blob) + 2):
+                leader.add_learner(i, Node(f"mem://{i}", data={"blob": blob}), blocking=False, timeout=10)
+                added += 1
+        assert MAX_MEMBERSHIP_BYTES // len(blob) - 1 <= added <= MAX_MEMBERSHIP_BYTES // len(blob)
+        last = leader.metrics().last_log_index
+        leader.add_learner(100, Node("mem://100", data={"blob": blob}), blocking=False, timeout=10)  # a known one
+        leader.client_write(put("still", 1), timeout=10)
+        assert leader.metrics().last_log_index > last
