@@ -574,7 +574,7 @@ def test_a_state_machine_ahead_of_its_log_by_an_installed_snapshot_starts():
     from pyraft.transports.memory import MemoryNetwork
 
     src = MemoryStateMachine()
-    src.apply([normal(i, put("k", i)) for i in range(1, 21)])
+    src.apply([normal(i, put("k", i), term=1 if i < 15 else 3) for i in range(1, 21)])
     meta = src.build_snapshot()
     _, f = src.open_snapshot()
     sm = MemoryStateMachine()
@@ -586,7 +586,16 @@ def test_a_state_machine_ahead_of_its_log_by_an_installed_snapshot_starts():
     log.write([AppendToLog([normal(i, put("k", i)) for i in range(1, 11)])])
     r = Raft(1, Config(), MemoryNetwork().transport(1), log, sm)
     try:
-        assert r.metrics().last_applied == LogId(1, 20)
+        assert r.metrics().last_applied == LogId(3, 20)
+    finally:
+        r.shutdown()
+    # The log still holds another term's entry at the snapshot's index (a deposed leader's, which
+    # the install was about to drop): the snapshot is the truth.
+    log = MemoryLogStore()
+    log.write([AppendToLog([normal(i, put("k", i), term=1 if i < 15 else 2) for i in range(1, 25)])])
+    r = Raft(1, Config(), MemoryNetwork().transport(1), log, sm)
+    try:
+        assert r.metrics().last_applied == LogId(3, 20)
     finally:
         r.shutdown()
 

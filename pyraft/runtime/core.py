@@ -72,7 +72,10 @@ def restore_state(log_store: Any, state_machine: Any) -> RestoredState:
         raise StorageError(f"the state machine has applied up to {applied}, past the log's last entry "
                            f"{ls.last_log_id} and its snapshot: its files were changed or come from another "
                            f"node; wipe this node's data directory and let it catch up from the cluster")
-    if applied is not None and log_index(ls.last_purged) < ai <= log_index(ls.last_log_id):
+    from_snapshot = snap is not None and snap.last_log_id == applied
+    # (A snapshot installed just before a crash is applied before the log drops the entries it
+    # replaces, which may be another term's at its index: the snapshot is the truth then.)
+    if applied is not None and not from_snapshot and log_index(ls.last_purged) < ai <= log_index(ls.last_log_id):
         held = log_store.read(ai, ai + 1)
         if held and held[0].log_id != applied:
             raise StorageError(f"the state machine has applied {applied}, but the log holds {held[0].log_id} "
