@@ -17,7 +17,7 @@ import time
 from concurrent.futures import Future
 from typing import Any, Callable, Iterable, Mapping
 
-from .codec import ClientRequest, ClientResponse, membership_to_wire, pack, pack_command
+from .codec import ClientRequest, ClientResponse, pack, pack_command
 from .config import Config
 from .errors import (ChangeMembershipError, CodecError, ForwardToLeader, InitializeError, PermissionDenied, RaftError,
                      Timeout)
@@ -45,6 +45,14 @@ MAX_MEMBERSHIP_BYTES = 256 * 1024
 #: Config.max_pending_write_bytes while it is in flight (smaller ones only against
 #: Config.max_pending_writes, at no cost on their path).
 LARGE_COMMAND_BYTES = 4096
+
+
+def _check_membership_size(nodes: Mapping[int, Node], what: str) -> None:
+    """ValueError when a membership of ``nodes`` would be more than MAX_MEMBERSHIP_BYTES encoded."""
+    size = len(pack([[i, n.addr, n.data] for i, n in nodes.items()]))
+    if size > MAX_MEMBERSHIP_BYTES:
+        raise ValueError(f"{what}: the membership would be about {size} bytes encoded, at most "
+                         f"{MAX_MEMBERSHIP_BYTES} (it goes to every member with each change and in every snapshot)")
 
 
 def _check_node_id(v: Any, what: str = "node_id") -> int:
@@ -241,6 +249,10 @@ class Raft:
                 checked[k] = self._check_node(v, f"node {k}")
             except (TypeError, ValueError) as e:
                 raise InitializeError(f"initialize takes a mapping of node id (int) to Node: {e}") from None
+        try:
+            _check_membership_size(checked, "initialize")
+        except ValueError as e:
+            raise InitializeError(str(e)) from None
         _result(self._api(lambda e: e.initialize(checked)), timeout, "initialize")
 
     def _check_node(self, node: Any, what: str) -> Node:
@@ -379,11 +391,8 @@ class Raft:
         _check_bool(blocking, "blocking")
         _check_timeout(timeout)
         m = self.metrics().membership
-        if m is not None and node_id not in m.nodes:
-            size = len(pack(membership_to_wire(m))) + len(node.addr) + len(pack(node.data))
-            if size > MAX_MEMBERSHIP_BYTES:
-                raise ValueError(f"add_learner: the membership would be about {size} bytes encoded, at most "
-                                 f"{MAX_MEMBERSHIP_BYTES} (every AppendEntries that carries it must fit a frame)")
+        if m is not None:
+            _check_membership_size({**m.nodes, node_id: node}, "add_learner")
         deadline = None if timeout is None else time.monotonic() + timeout
         self._wait_leader_ready(deadline)
         fut = self._api(lambda e: (e.add_learner(node_id, node), e.log.last_index))

@@ -120,7 +120,14 @@ class StateMachine(Protocol):
         """Write a snapshot of a consistent view and make it the current one; return its meta."""
 
     def current_snapshot(self) -> SnapshotMeta | None:
-        """The meta of the current snapshot, if any."""
+        """The meta of the current snapshot, if any.
+
+        Durable with the state it describes: after ``install_snapshot`` returns
+        (and across a crash right after it) it is that snapshot's meta.  A node
+        whose applied point is past its log's last entry and past its current
+        snapshot refuses to start (its files were changed or come from another
+        node).
+        """
 
     def open_snapshot(self) -> tuple[SnapshotMeta, BinaryIO] | None:
         """The current snapshot and a readable binary file of its data (the caller closes it)."""

@@ -284,7 +284,12 @@ def check_not_truncated(env_path: str, what: str) -> None:
             raise StorageError(f"{what}: cannot read {data}: {e.strerror or e}") from None
 
     if file_size() == 0:
-        raise StorageError(f"{what}: {data} is empty")
+        # Never taken for a new store: a node that voted and acknowledged entries must not come
+        # back without them.  (A node that crashed during its very first start, before its first
+        # commit, also leaves an empty file: nothing is lost by wiping that one.)
+        raise StorageError(f"{what}: {data} is empty: the store lost its data, or this node crashed during "
+                           f"its very first start; if it never ran, remove {env_path} and start again, "
+                           f"else wipe the node's data directory and let it catch up from the cluster")
     try:
         env = lmdb.open(env_path, readonly=True, lock=False, subdir=True, create=False, max_dbs=8)
     except lmdb.Error as e:

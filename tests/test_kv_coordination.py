@@ -395,3 +395,50 @@ def test_service_registration_with_a_ttl(mcluster):
         assert discover(kv, "api")[0] == {}
         with pytest.raises(ValueError):
             register_service(kv, "a/b", "n", 1)
+
+
+def test_the_election_and_lock_txns_keep_a_retry_answerable_whatever_the_value(tmp_path):
+    """Their txn's result is what a retry gets back from the session, which keeps at most
+    MAX_REMEMBERED_RESULT: reading the key's header, not its value, keeps a 5 KB campaign
+    value from turning a retried campaign into ResultNotKept."""
+    from pyraft.errors import ResultNotKept
+    from pyraft.kv import KVStateMachine
+    from pyraft.kv.recipes import Election, Lock
+    from pyraft.types import Entry, EntryKind, LogId
+
+    class Sent(Exception):
+        pass
+
+    sent: list = []
+
+    class StubLease:
+        id, alive = 1, True
+
+        def revoke(self) -> None:
+            pass
+
+    class StubKV:
+        def lease(self, ttl):
+            return StubLease()
+
+        def txn(self, compare, success, failure=()):
+            sent.append({"op": "txn", "compare": list(compare), "success": list(success), "failure": list(failure)})
+            raise Sent
+
+    with pytest.raises(Sent):
+        Election(StubKV(), "e", ttl=10).campaign(b"v" * 5000)
+    with pytest.raises(Sent):
+        Lock(StubKV(), "l", ttl=10).acquire()
+    assert len(sent) == 2
+    sm = KVStateMachine(tmp_path / "kv")
+    try:
+        index = 1
+        assert sm.apply([Entry(LogId(1, index), EntryKind.NORMAL, {"op": "lease_grant", "ttl": 60})]) == [1]
+        for seq, txn in enumerate(sent, 1):
+            cmd = dict(txn, client="c", seq=seq)
+            first, again = (sm.apply([Entry(LogId(1, index + k), EntryKind.NORMAL, cmd)])[0] for k in (1, 2))
+            index += 2
+            assert first[0] is True, first
+            assert not isinstance(again, ResultNotKept) and again == first, again
+    finally:
+        sm.close()

@@ -465,3 +465,18 @@ def test_node_data_and_the_whole_membership_are_bounded_before_anything_is_propo
         leader.add_learner(100, Node("mem://100", data={"blob": blob}), blocking=False, timeout=10)  # a known one
         leader.client_write(put("still", 1), timeout=10)
         assert leader.metrics().last_log_index > last
+    # Re-adding known learners with larger data counts too (each replaces its entry).
+    with MemCluster(3, Config(heartbeat_interval=0.05, election_timeout=(1.0, 2.0), rpc_timeout=1.0)) as c:
+        leader = c.leader()
+        for i in range(100, 120):
+            leader.add_learner(i, Node(f"mem://{i}"), blocking=False, timeout=10)
+        with pytest.raises(ValueError, match="the membership would be"):
+            for i in range(100, 120):
+                leader.add_learner(i, Node(f"mem://{i}", data={"blob": blob}), blocking=False, timeout=10)
+    # And so does the first membership.
+    c2 = MemCluster(1, init=False)
+    try:
+        with pytest.raises(InitializeError, match="the membership would be"):
+            c2.rafts[1].initialize({i: Node(f"mem://{i}", data={"blob": blob}) for i in range(1, 20)})
+    finally:
+        c2.close()

@@ -199,6 +199,7 @@ class KVClient:
         cmd = {"op": "put", "key": key, "value": value}
         if lease is not None:
             cmd["lease"] = _lease_id(lease)
+            check_command(cmd)  # a key attached to a lease is 8 bytes shorter
         self._write(cmd)
 
     def get(self, key: Any, stale: bool = False) -> Any:

@@ -37,6 +37,20 @@ def _created(key: str) -> dict:
     return {"key": key, "target": "create_revision", "op": "==", "value": 0}
 
 
+def _header(key: str) -> dict:
+    """A txn op reading ``key``'s revisions, version and lease, not its value.
+
+    A txn's result is what a retry of it gets back (its session keeps it), and a
+    session keeps at most MAX_REMEMBERED_RESULT: a value of a kilobyte would turn a
+    retried campaign into ResultNotKept.
+    """
+    return {"op": "range", "key": key, "keys_only": True}
+
+
+def _first(rows: Any) -> KeyValue | None:
+    return rows[0] if rows else None
+
+
 def _wait_deleted(kv: KVClient, key: str, after: int, deadline: float | None, lease: Lease | None) -> None:
     """Block until ``key`` is deleted at a revision > ``after``.
 
@@ -91,8 +105,8 @@ class Lock:
         try:
             r = self.kv.txn([_created(self.key)],
                             [{"op": "put", "key": self.key, "value": b"", "lease": self.lease.id},
-                             {"op": "get", "key": self.key}], [{"op": "get", "key": self.key}])
-            mine = r.responses[-1].create_revision
+                             _header(self.key)], [_header(self.key)])
+            mine = r.responses[-1][0].create_revision
             while True:
                 waiters = self.kv.range(self.prefix, prefix=True, keys_only=True)
                 if not any(kv.create_revision == mine for kv in waiters):
@@ -166,9 +180,9 @@ class Election:
         while True:
             r = self.kv.txn([_created(self.key)],
                             [{"op": "put", "key": self.key, "value": value, "lease": self.lease.id},
-                             {"op": "get", "key": self.key}], [{"op": "get", "key": self.key}])
-            cur = r.responses[-1]
-            if r.succeeded or (cur is not None and cur.lease == self.lease.id):
+                             _header(self.key)], [_header(self.key)])
+            cur = _first(r.responses[-1])
+            if cur is not None and (r.succeeded or cur.lease == self.lease.id):  # (succeeded: our put is there)
                 self.revision = cur.create_revision
                 return self.revision
             if cur is not None:
