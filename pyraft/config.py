@@ -23,6 +23,9 @@ def _check_seconds(name: str, v: object) -> None:
         raise ValueError(f"{name} must be a finite number of seconds > 0 and <= {MAX_TIMEOUT:g}, got {v!r}")
 
 
+_DEFAULT_HEARTBEAT = 0.1
+
+
 class _DefaultSeconds(float):
     """A default that ``Config.__post_init__`` may adjust to the other fields (a value given is never adjusted)."""
 
@@ -52,7 +55,7 @@ class Config:
     #: How often a leader sends heartbeats to an idle follower.  Not given: 0.1 s, or a
     #: third of the minimum election timeout when that is shorter (so that
     #: ``Config(election_timeout=(0.15, 0.3))`` needs no heartbeat of its own).
-    heartbeat_interval: float = _DefaultSeconds(0.1)
+    heartbeat_interval: float = _DefaultSeconds(_DEFAULT_HEARTBEAT)
     #: A follower that hears nothing from a leader for a time drawn uniformly
     #: from this range starts an election.
     election_timeout: tuple[float, float] = (1.0, 2.0)
@@ -133,7 +136,8 @@ class Config:
             raise ValueError(f"election_timeout must satisfy 0 < min < max <= {MAX_TIMEOUT:g} seconds, "
                              f"got {et!r}")
         if type(self.heartbeat_interval) is _DefaultSeconds:
-            object.__setattr__(self, "heartbeat_interval", min(float(self.heartbeat_interval), round(lo / 3, 6)))
+            # Still a default afterwards: dataclasses.replace() with another election timeout derives it again.
+            object.__setattr__(self, "heartbeat_interval", _DefaultSeconds(min(_DEFAULT_HEARTBEAT, round(lo / 3, 6))))
         _check_seconds("heartbeat_interval", self.heartbeat_interval)
         if self.heartbeat_interval * 2 > lo:
             raise ValueError(

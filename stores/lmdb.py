@@ -284,12 +284,7 @@ def check_not_truncated(env_path: str, what: str) -> None:
             raise StorageError(f"{what}: cannot read {data}: {e.strerror or e}") from None
 
     if file_size() == 0:
-        # Never taken for a new store: a node that voted and acknowledged entries must not come
-        # back without them.  (A node that crashed during its very first start, before its first
-        # commit, also leaves an empty file: nothing is lost by wiping that one.)
-        raise StorageError(f"{what}: {data} is empty: the store lost its data, or this node crashed during "
-                           f"its very first start; if it never ran, remove {env_path} and start again, "
-                           f"else wipe the node's data directory and let it catch up from the cluster")
+        raise StorageError(f"{what}: {data} is empty")
     try:
         env = lmdb.open(env_path, readonly=True, lock=False, subdir=True, create=False, max_dbs=8)
     except lmdb.Error as e:
@@ -362,7 +357,14 @@ class LmdbEnv:
         p = self.env_path
         if os.path.lexists(p) and not os.path.isdir(p):
             raise StorageError(f"{self.what}: {p} should be an LMDB environment directory but is a file")
-        existed = os.path.exists(os.path.join(p, "data.mdb"))
+        try:
+            # An empty data.mdb is a store that never committed (a crash during the first start, or
+            # sync=False after a power loss): LMDB sets it up as a new one, as before it existed.
+            existed = os.path.getsize(os.path.join(p, "data.mdb")) > 0
+        except FileNotFoundError:
+            existed = False
+        except OSError as e:
+            raise StorageError(f"{self.what}: cannot read {p}: {e.strerror or e}") from None
         if existed:
             check_not_truncated(p, self.what)
         # Made here, 0700: py-lmdb would give the directory the files' mode (0600, no x bit).

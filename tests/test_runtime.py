@@ -1,6 +1,7 @@
 """The threaded runtime on in-process clusters (MemoryNetwork, memory stores)."""
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import replace
 
@@ -272,7 +273,11 @@ def test_timing_defaults_hold_on_a_busy_host_and_the_low_latency_preset_is_expli
     short = Config(election_timeout=(0.15, 0.30))
     assert (short.heartbeat_interval, short.election_timeout) == (0.05, (0.15, 0.30))
     assert Config.from_dict({"election_timeout": [0.3, 0.6]}).heartbeat_interval == 0.1
-    assert type(short.heartbeat_interval) is float
+    assert isinstance(short.heartbeat_interval, float) and repr(short.heartbeat_interval) == "0.05"
+    # dataclasses.replace derives it again (it is still the default), in both directions.
+    assert dataclasses.replace(Config(), election_timeout=(0.15, 0.30)).heartbeat_interval == 0.05
+    assert dataclasses.replace(short, election_timeout=(1.0, 2.0)).heartbeat_interval == 0.1
+    assert dataclasses.replace(Config(heartbeat_interval=0.07), election_timeout=(1.0, 2.0)).heartbeat_interval == 0.07
     with pytest.raises(ValueError, match="at most half"):
         Config(heartbeat_interval=0.1, election_timeout=(0.15, 0.30))
 
