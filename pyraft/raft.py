@@ -634,11 +634,16 @@ class _Burst(threading.local):
 
 
 def error_response(e: BaseException) -> ClientResponse:
-    """A ClientResponse carrying ``e``: ``[type name, message, leader_id, leader_addr]``."""
+    """A ClientResponse carrying ``e``: ``[type name, message, leader_id, leader_addr]``.
+
+    A private error class goes by the name of its nearest public base (a client
+    knows ``RaftError``, not a server's ``_BadRequest``).
+    """
+    name = next(c.__name__ for c in type(e).__mro__ if not c.__name__.startswith("_"))
     if isinstance(e, ForwardToLeader):
         addr = e.leader_node.addr if e.leader_node is not None else None
-        return ClientResponse(False, None, [type(e).__name__, str(e), e.leader_id, addr])
-    return ClientResponse(False, None, [type(e).__name__, str(e), None, None])
+        return ClientResponse(False, None, [name, str(e), e.leader_id, addr])
+    return ClientResponse(False, None, [name, str(e), None, None])
 
 
 def raise_error_response(resp: ClientResponse) -> None:
