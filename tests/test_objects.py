@@ -1004,3 +1004,72 @@ def test_a_follower_sends_the_leader_at_most_a_window_of_calls_at_once(monkeypat
         futs = [c.objs[f][0].inc.future(timeout=T) for _ in range(300)]
         assert sorted(fu.result(T) for fu in futs) == list(range(1, 301))
         assert sent_with and max(sent_with) < 16, max(sent_with)
+
+
+def test_built_in_structures_refuse_what_would_stop_or_split_the_replicas():
+    """A counter past 64 bits or a set item one level too deep could not be replicated (every node
+    stopped, again on every restart); a set handed to update/extend is iterated in another order on
+    each node (str hashing is per process).  Each is refused, as the call's error, nothing changed."""
+    deep: Any = 1
+    for _ in range(31):
+        deep = (deep,)   # 31 tuples: a call argument may nest 32 deep, so it is taken ...
+    deeper = (deep,)     # ... but a set holding this one would nest 33 deep
+    with ObjCluster(lambda i: (ReplCounter(), ReplDict(), ReplList(), ReplSet())) as c:
+        leader = c.leader()
+        counter, d, lst, st = c.objs[leader.node_id]
+        assert counter.set(2**64 - 1, timeout=T) == 2**64 - 1
+        with pytest.raises(OverflowError):
+            counter.inc(timeout=T)
+        with pytest.raises(OverflowError):
+            counter.add(1, timeout=T)
+        assert counter.set(-2**63, timeout=T) == -2**63
+        with pytest.raises(OverflowError):
+            counter.sub(1, timeout=T)
+        with pytest.raises(TypeError):
+            counter.set("x", timeout=T)
+        assert counter.add(1.5, timeout=T) == -2**63 + 1.5
+        with pytest.raises(TypeError, match="ordered"):
+            d.update({("k", f"v{i}") for i in range(16)}, timeout=T)
+        with pytest.raises(TypeError, match="ordered"):
+            lst.extend({f"v{i}" for i in range(16)}, timeout=T)
+        assert st.add(deep, timeout=T) is True
+        with pytest.raises(ValueError, match="nest more than"):
+            st.add(deeper, timeout=T)
+        with pytest.raises(ValueError, match="nest more than"):
+            st.update([1, deeper], timeout=T)
+        d.update([("k", 1)], timeout=T)
+        c.sync_all()
+        for i in c.ids:
+            assert c.rafts[i].metrics().state in (ServerState.LEADER, ServerState.FOLLOWER)
+            cnt, dd, ll, ss = c.objs[i]
+            assert (cnt.get(), dd.get("k"), len(ll), ss.contains(deep), ss.contains(1)) == \
+                (-2**63 + 1.5, 1, 0, True, False), i
+
+
+def test_only_node_n_announces_node_ns_versions_when_keys_say_who_sends():
+    """A version announcement decides which calls every node runs: a client (or another peer) that
+    forged one for the members could make every node refuse calls, or stop on one no node can run."""
+    from pyraft.codec import ClientRequest
+    from pyraft.network import Principal
+
+    class Reply:
+        def __init__(self, principal):
+            self.principal, self.got = principal, []
+
+        def reply(self, resp):
+            self.got.append(resp)
+
+    with ObjCluster(lambda i: (ReplDict(),)) as c:
+        leader = c.leader()
+        caller = c.sms[leader.node_id]._caller
+        last = leader.metrics().last_log_index
+        for who in (Principal("client", key="c"), Principal("admin", key="a"), Principal("peer", 2, key="p2")):
+            r = Reply(who)
+            caller.on_call_request(0, ClientRequest("objects.call", {"k": "hello", "n": 1, "vers": {"d.set": [0, 7]}}), r)
+            [resp] = r.got
+            assert not resp.ok and resp.error[0] == "PermissionDenied", (who, resp)
+        assert leader.metrics().last_log_index == last  # nothing proposed
+        r = Reply(Principal("peer", 1, key="p1"))  # node 1 itself: proposed (this bare body is then refused
+        caller.on_call_request(0, ClientRequest("objects.call", {"k": "hello", "n": 1, "vers": {}}), r)  # as malformed)
+        wait_until(lambda: r.got, 10, "the announcement applied")
+        assert r.got[0].error[0] != "PermissionDenied" and leader.metrics().last_log_index > last, r.got

@@ -35,6 +35,7 @@ from concurrent.futures import Future
 from typing import Any, Callable, Protocol
 
 from ..codec import ClientRequest, ClientResponse
+from ..network import TRUSTED
 from ..errors import Fatal, Overloaded, PermissionDenied, RaftError, RequestTooLarge, ShutDown, Timeout
 from ..raft import error_response
 from ..types import LogId, Node, ServerState
@@ -216,6 +217,15 @@ class Caller:
         if not (isinstance(body, dict) and body.get("k") in ("call", "hello")):
             reply.reply(error_response(RaftError("malformed objects.call request")))
             return
+        if body["k"] == "hello":
+            # Node N's versions decide which calls every node runs: only node N announces them.
+            # (Without authentication every sender is TRUSTED: the network is the trust boundary.)
+            p = getattr(reply, "principal", TRUSTED)
+            if p.key is not None and not (p.role == "peer" and p.node_id == body.get("n")):
+                reply.reply(error_response(PermissionDenied(
+                    f"objects.call: a version announcement for node {body.get('n')!r} comes from that node's "
+                    f"peer key only")))
+                return
         cmd = dict(body)
         cmd["t"] = self.sm._clock()
         fut = self.raft.client_write_async(cmd)

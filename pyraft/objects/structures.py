@@ -12,9 +12,39 @@ import collections
 import math
 from typing import Any, Hashable, Iterable, Iterator
 
+from . import _values
 from .base import ReplicatedObject, replicated
 
 __all__ = ["ReplCounter", "ReplDict", "ReplList", "ReplSet", "ReplQueue", "ReplLockManager"]
+
+#: The integers msgpack carries: a counter's value stays inside them (its state must replicate).
+_INT_MIN, _INT_MAX = -2**63, 2**64 - 1
+
+
+def _number(v: Any) -> int | float:
+    """``v`` if it is a value a counter can hold and replicate, else TypeError or OverflowError (nothing changed)."""
+    if type(v) is bool or not isinstance(v, (int, float)):
+        raise TypeError(f"a counter holds an int or a float, not {type(v).__name__}")
+    if isinstance(v, int) and not _INT_MIN <= v <= _INT_MAX:
+        raise OverflowError(f"a counter's int stays within [-2**63, 2**64 - 1]; {v} is outside")
+    return v
+
+
+def _ordered(items: Any, what: str) -> Any:
+    """``items`` unless they are a set: its order differs from node to node (str hashing is per process)."""
+    if isinstance(items, (set, frozenset)):
+        raise TypeError(f"{what} takes an ordered collection (a list, a dict), not a {type(items).__name__}: "
+                        f"each node would iterate it in another order")
+    return items
+
+
+def _in_a_set(items: Any) -> Any:
+    """``items`` if the set holding them still replicates (tuples and sets nest at most MAX_EXT_DEPTH)."""
+    try:
+        _values.dumps({0: set(items)})
+    except TypeError as e:
+        raise ValueError(f"cannot keep that in a replicated set: {e}") from None
+    return items
 
 
 class ReplCounter(ReplicatedObject):
@@ -28,27 +58,27 @@ class ReplCounter(ReplicatedObject):
 
     @replicated
     def set(self, value: int | float) -> int | float:
-        self._value = value
+        self._value = _number(value)
         return self._value
 
     @replicated
     def add(self, n: int | float) -> int | float:
-        self._value += n
+        self._value = _number(self._value + _number(n))
         return self._value
 
     @replicated
     def sub(self, n: int | float) -> int | float:
-        self._value -= n
+        self._value = _number(self._value - _number(n))
         return self._value
 
     @replicated
     def inc(self) -> int | float:
-        self._value += 1
+        self._value = _number(self._value + 1)
         return self._value
 
     @replicated
     def dec(self) -> int | float:
-        self._value -= 1
+        self._value = _number(self._value - 1)
         return self._value
 
     def get(self) -> int | float:
@@ -71,7 +101,7 @@ class ReplDict(ReplicatedObject):
 
     @replicated
     def update(self, other: dict) -> None:
-        self._data.update(other)
+        self._data.update(_ordered(other, "ReplDict.update"))
 
     @replicated
     def pop(self, key: Hashable, default: Any = None) -> Any:
@@ -139,7 +169,7 @@ class ReplList(ReplicatedObject):
 
     @replicated
     def extend(self, items: list) -> int:
-        self._data.extend(items)
+        self._data.extend(_ordered(items, "ReplList.extend"))
         return len(self._data)
 
     @replicated
@@ -221,7 +251,7 @@ class ReplSet(ReplicatedObject):
     def add(self, item: Hashable) -> bool:
         if item in self._data:
             return False
-        self._data.add(item)
+        self._data.add(_in_a_set([item])[0])
         return True
 
     @replicated
@@ -238,7 +268,7 @@ class ReplSet(ReplicatedObject):
 
     @replicated
     def update(self, items: list | set) -> None:
-        self._data.update(items)
+        self._data.update(_in_a_set(items))
 
     @replicated
     def clear(self) -> None:
