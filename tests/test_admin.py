@@ -435,9 +435,18 @@ def test_a_snapshot_asked_for_during_an_older_build_covers_what_was_applied(op, 
         else:
             backups = admin_ops._Backups(r)
             worker = threading.Thread(target=lambda: out.append(backups.begin(r, {}, 20.0)))
+        asked = threading.Event()
+        ask = r.trigger.snapshot
+
+        def counted() -> None:
+            ask()
+            asked.set()
+
+        r.trigger.snapshot = counted  # type: ignore[method-assign]
         worker.start()
-        # The op asked while the gated build runs (so its ask did nothing), then the build ends.
-        wait_until(lambda: r.metrics().snapshot is None, 5, "the gated build still running")
+        # The op asks while the gated build runs (so its ask does nothing); only then the build ends.
+        assert asked.wait(10)
+        assert r.metrics().snapshot is None and sm.builds == 1
         sm.gate.set()
         worker.join(15)
         assert not worker.is_alive(), "the op waited for its timeout instead of asking again"

@@ -38,13 +38,12 @@ def _ordered(items: Any, what: str) -> Any:
     return items
 
 
-def _in_a_set(items: Any) -> Any:
-    """``items`` if the set holding them still replicates (tuples and sets nest at most MAX_EXT_DEPTH)."""
+def _check_settable(items: Iterable) -> None:
+    """ValueError unless a set holding ``items`` still replicates (tuples and sets nest at most MAX_EXT_DEPTH)."""
     try:
         _values.dumps({0: set(items)})
     except TypeError as e:
         raise ValueError(f"cannot keep that in a replicated set: {e}") from None
-    return items
 
 
 class ReplCounter(ReplicatedObject):
@@ -251,7 +250,8 @@ class ReplSet(ReplicatedObject):
     def add(self, item: Hashable) -> bool:
         if item in self._data:
             return False
-        self._data.add(_in_a_set([item])[0])
+        _check_settable([item])
+        self._data.add(item)
         return True
 
     @replicated
@@ -268,7 +268,9 @@ class ReplSet(ReplicatedObject):
 
     @replicated
     def update(self, items: list | set) -> None:
-        self._data.update(_in_a_set(items))
+        items = list(items)
+        _check_settable(items)
+        self._data.update(items)
 
     @replicated
     def clear(self) -> None:
