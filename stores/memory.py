@@ -257,6 +257,13 @@ class _MemoryBackend:
             del ev[:n]
             self.undo.append(lambda: ev.__setitem__(slice(0, 0), gone))
 
+    def compact_history(self, before: int) -> None:
+        self.compact_events(before)
+        st, floor = self.st, self.st.history_floor
+        if before > floor:
+            st.history_floor = before
+            self.undo.append(lambda: setattr(st, "history_floor", floor))
+
     def rollback(self) -> None:
         for fn in reversed(self.undo):
             fn()

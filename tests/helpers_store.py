@@ -578,6 +578,28 @@ class KVContract:
         with pytest.raises(Compacted, match="revision 5 is compacted"):
             sm.events("k", start_revision=5)
 
+    def test_compact_drops_the_history_before_a_revision_in_a_batch_or_alone(self, make_sm):
+        cmds = [put("a", 1), put("b", 2), put("a", 3), compact(3), put("b", 4),
+                compact(2),                                    # below where the history starts: nothing
+                compact(8), compact(0), {"op": "compact"}, compact(True), compact(2**64)]
+        one, many = make_sm("one"), make_sm("many")
+        entries = [normal(i + 1, c) for i, c in enumerate(cmds)]
+        r1 = one.apply(entries)  # compact(3) drops events added earlier in its own batch
+        r2 = [r for e in entries for r in many.apply([e])]
+        assert r1 == r2
+        assert r1[:6] == [None] * 6
+        assert r1[6] == KVCommandError("compact: revision 8 is in the future (this compaction is revision 7)")
+        assert all(isinstance(r, KVCommandError) and "'revision' must be an integer >= 1" in str(r)
+                   for r in r1[7:10]), r1[7:10]
+        assert "revision 18446744073709551616 is in the future" in str(r1[10])
+        for sm in (one, many):
+            with pytest.raises(Compacted, match="revision 2 is compacted"):
+                sm.events("", prefix=True, start_revision=2)
+            ev, _ = sm.events("", prefix=True, start_revision=3)
+            assert [(e.key, e.value, e.revision) for e in ev] == [("a", 3, 3), ("b", 4, 5)]
+            assert sm.items() == [("a", 3), ("b", 4)]  # the data is untouched
+            assert sm.revision == len(cmds)
+
     # ------------------------------------------------------------------ leases
 
     def test_leases_attach_keys_and_revoke_deletes_exactly_them(self, make_sm):
@@ -748,6 +770,10 @@ def lease_grant(ttl, **s):
 
 def lease_revoke(lease_id, **s):
     return {"op": "lease_revoke", "id": lease_id, **s}
+
+
+def compact(revision, **s):
+    return {"op": "compact", "revision": revision, **s}
 
 
 def cmp(key, target, op, value):

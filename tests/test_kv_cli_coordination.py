@@ -227,6 +227,26 @@ def test_watch_from_a_revision_with_count_across_put_and_delete(cli, cluster):
     assert rc == 2 and json.loads(out)["error"] == "UsageError"
 
 
+def test_compact_then_a_watch_from_before_it_exits_1_with_compacted(cli, cluster):
+    with cluster.client() as kv:
+        kv.put("cp/a", 1)
+        kv.put("cp/a", 2)
+        rev = kv.range("cp/a")[0].mod_revision
+    rc, out, err = cli("compact", str(rev + 10**6), "--json")
+    assert rc == 1 and json.loads(out)["error"] == "KVCommandError" and "in the future" in out, (out, err)
+    for bad in ("0", "x", str(2**63)):
+        rc, out, _ = cli("compact", bad, "--json")
+        assert rc == 2 and json.loads(out)["error"] == "UsageError", bad
+    rc, out, err = cli("compact", str(rev), "--json")
+    assert (rc, json.loads(out), err) == (0, {"compacted": rev}, "")
+    rc, out, err = cli("compact", str(rev))
+    assert (rc, out, err) == (0, "", "")
+    rc, out, err = cli("watch", "cp/a", "--rev", str(rev - 1), "--count", "1")
+    assert rc == 1 and "Compacted" in err, (out, err)
+    rc, out, err = cli("watch", "cp/a", "--rev", str(rev), "--count", "1")
+    assert rc == 0 and out.split("\t")[1:] == ["put", "cp/a", "2\n"], (out, err)
+
+
 @pytest.mark.timeout(60)
 def test_watch_and_keepalive_stream_until_ctrl_c(cluster):
     """Both run as the console script: lines come as events and keepalives happen, SIGINT exits 130."""

@@ -159,6 +159,30 @@ def test_a_compacted_start_revision_raises_compacted(tmp_path):
         c.close()
 
 
+def test_compact_through_the_client_drops_every_members_history_before_it(mcluster):
+    with mcluster.client(timeout=10) as kv:
+        for i in range(5):
+            kv.put("c", i)
+        rev = kv.range("c")[0].mod_revision  # the last put's
+        with pytest.raises(KVCommandError, match="in the future"):
+            kv.compact(rev + 1000)
+        for bad in (0, -1, True, 2**63, "3", None, 2.0):
+            with pytest.raises(ValueError, match="revision"):
+                kv.compact(bad)
+        assert kv.compact(rev) is None
+        assert kv.compact(rev - 2) is None  # already compacted further: nothing to do
+        kv.put("c", "after")
+        for addr in mcluster.addrs.values():
+            with KVClient([addr], timeout=5) as one:
+                wait_until(lambda: one.range("c", stale=True)[0].value == "after", 5, addr)
+                with pytest.raises(Compacted):
+                    one.watch("c", start_revision=rev - 1)
+                w = one.watch("c", start_revision=rev)
+                assert [next(w).value, next(w).value] == [4, "after"]
+                w.close()
+        assert kv.get("c") == "after"
+
+
 def test_waiting_watch_polls_are_bounded_per_node(mcluster):
     lead = mcluster.leader()
     serve_kv(lead, max_watchers=2)

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from pyraft import Config, Node, Raft, ServerState
-from pyraft.errors import ForwardToLeader, NoSpace, Overloaded
+from pyraft.errors import Compacted, ForwardToLeader, NoSpace, Overloaded
 from pyraft.kv import KVClient, KVCommandError, KVStateMachine
 from pyraft.kv.server import serve_kv
 from pyraft.messages import AppendEntriesRequest
@@ -261,6 +261,41 @@ def test_past_the_quota_writes_fail_with_nospace_reads_deletes_and_compaction_wo
         assert sm.get("back") == 1
     finally:
         close_kv_cluster(c)
+
+
+def test_past_the_quota_held_by_the_watch_history_a_compact_frees_it_and_stays_after_a_restart(tmp_path):
+    """A key written over and over fills the quota with its history: deleting it frees one value.
+
+    Only ``compact`` brings writes back (else only 100,000 more revisions would).
+    """
+    c = kv_cluster(tmp_path, **SMALL)
+    try:
+        leader = c.leader()
+        sm = leader.state_machine
+        with pytest.raises(NoSpace, match="quota"):
+            for i in range(1000):
+                leader.client_write(put("hot", f"{i:04}" + "v" * 1000), timeout=10)
+        leader.client_write({"op": "delete", "key": "hot"}, timeout=10)
+        assert sm.items() == [] and sm.used_bytes > 240 * KIB  # the puts' values are still in the history
+        last = leader.metrics().last_log_index
+        assert leader.client_write({"op": "compact", "revision": last}, timeout=10).result is None
+        assert sm.used_bytes < 64 * KIB
+        leader.client_write(put("back", 1), timeout=10)
+        c.wait_applied(last + 2)
+        for r in c.rafts.values():  # every replica compacted, at the same revision
+            with pytest.raises(Compacted, match=f"revision {last - 1} is compacted"):
+                r.state_machine.events("", prefix=True, start_revision=last - 1)
+            ev, _ = r.state_machine.events("", prefix=True, start_revision=last)
+            assert [(e.type, e.key) for e in ev] == [("delete", "hot"), ("put", "back")]
+    finally:
+        close_kv_cluster(c)
+    sm = KVStateMachine(tmp_path / "n2", **SMALL)  # the history's start is kept on disk
+    try:
+        with pytest.raises(Compacted):
+            sm.events("", prefix=True, start_revision=last - 1)
+        assert sm.used_bytes < 64 * KIB
+    finally:
+        sm.close()
 
 
 def test_kvclient_raises_nospace_at_once(tmp_path):

@@ -677,6 +677,10 @@ def _check_client_args(args: argparse.Namespace) -> tuple[Any, Any, Any]:
             raise UsageError("--limit needs a range: --prefix or --end KEY2")
     if args.cmd == "watch":
         _check_watch_args(args)
+    if args.cmd == "compact":
+        from pyraft.kv.watch import MAX_WATCH_REVISION
+        if args.revision > MAX_WATCH_REVISION:
+            raise UsageError(f"REVISION must be an integer in [1, {MAX_WATCH_REVISION}], got {args.revision}")
     if args.cmd == "txn":
         if args.json_text in (None, "-"):
             if sys.stdin.isatty():
@@ -741,6 +745,9 @@ def _client_command(args: argparse.Namespace) -> int:
         if args.cmd == "txn":
             compare, success, failure = txn
             return _txn(kv, compare, success, failure, out)
+        if args.cmd == "compact":
+            kv.compact(args.revision)
+            return out.done({"compacted": args.revision})
         raise UsageError(f"unknown command {args.cmd}")
     except KVCommandError as e:
         return emit_error(prog, out.json, EXIT_FAILED, e, prefix="refused: ")
@@ -1606,6 +1613,11 @@ def _parser() -> argparse.ArgumentParser:
                         '{"op": "delete", "key"}, {"op": "get", "key"}, {"op": "range", "key"[, "end", "prefix", '
                         '"limit", "keys_only"]}')
 
+    c = cmd("compact", "drop the watch history before REVISION on every member (watches from before it get "
+                       "Compacted; the keys stay)", client=True)
+    c.add_argument("revision", type=_positive_int, metavar="REVISION",
+                   help="at most the current revision (get --prefix --json prints it)")
+
     r = cmd("restore", "prepare a new, empty data directory as a member of a new cluster holding a backup's data")
     r.add_argument("file", metavar="FILE", help="a backup written by pyraft-admin backup")
     r.add_argument("--data-dir", required=True, metavar="DIR", help="the new node's data directory (empty)")
@@ -1638,7 +1650,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 #: The commands that talk to a cluster as a KVClient.
-CLIENT_COMMANDS = ("put", "get", "delete", "cas", "watch", "lease", "txn")
+CLIENT_COMMANDS = ("put", "get", "delete", "cas", "watch", "lease", "txn", "compact")
 #: Options given before the command that only the client commands use.
 _CLIENT_ONLY = {"cluster": None, "timeout": 5.0, "curve_keys_dir": None}
 

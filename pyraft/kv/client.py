@@ -309,6 +309,21 @@ class KVClient:
         """A new lease kept alive from a background thread; ``with kv.lease(10) as lease:`` revokes it at the end."""
         return Lease(self, ttl)
 
+    # ------------------------------------------------------------------ history
+
+    def compact(self, revision: int) -> None:
+        """Drop every member's watch history before ``revision`` (etcd's compaction).
+
+        ``revision`` is at most the current one (a range's ``revision``);
+        later, :class:`~pyraft.kv.commands.KVCommandError`.  Watches from an older
+        revision then get :class:`~pyraft.errors.Compacted`; the keys are
+        untouched.  It frees the history's share of the store's size quota
+        at once, and works past the quota.
+        """
+        if type(revision) is not int or not 1 <= revision <= MAX_WATCH_REVISION:
+            raise ValueError(f"revision must be an integer in [1, {MAX_WATCH_REVISION}], got {revision!r}")
+        self._write({"op": "compact", "revision": revision})
+
     # ------------------------------------------------------------------ watches
 
     def watch(self, key: Any, *, prefix: bool = False, end: Any = None,

@@ -22,6 +22,7 @@ Commands (what ``Raft.client_write`` carries) are msgpack maps:
 ``"failure": [...]}``                                            revision]``
 ``{"op": "lease_grant", "ttl": seconds}``                        the lease id
 ``{"op": "lease_revoke", "id": lease_id}``                       ``True`` if the lease existed
+``{"op": "compact", "revision": r}``                             ``None``
 ==============================================================  ==================================
 
 ``put`` (and ``cas``) without ``lease`` detaches the key from the lease it had
@@ -37,6 +38,13 @@ every key attached to the lease (a delete event each, at the revoke's
 revision, in key order) and the lease.  Expiry is not decided here: the
 leader's :class:`~pyraft.kv.leases.LeaseKeeper` proposes a ``lease_revoke``
 when a lease's deadline passes.
+
+``compact`` drops the watch history of the revisions before ``revision`` on
+every replica (etcd's compaction): a watch from an older revision gets
+:class:`~pyraft.errors.Compacted`.  ``revision`` is at most the compaction's
+own; one at or below where a replica's history already starts changes
+nothing there.  The data is untouched; the history's share of the store's
+size quota is freed at once, so ``compact`` is not refused past the quota.
 
 Transactions, applied atomically in one entry: ``compare`` is a list of
 ``{"key": k, "target": t, "op": o, "value": x}`` with ``t`` one of ``value``,
@@ -123,7 +131,7 @@ DEFAULT_SESSION_TTL = 100_000
 DEFAULT_WATCH_HISTORY = 100_000
 
 #: the operations a KV command may name
-OPS = ("put", "delete", "cas", "get", "txn", "lease_grant", "lease_revoke")
+OPS = ("put", "delete", "cas", "get", "txn", "lease_grant", "lease_revoke", "compact")
 #: the operations that may add data: refused past a store's size quota (NoSpace)
 ADDING_OPS = ("put", "cas", "txn", "lease_grant")
 
@@ -335,6 +343,9 @@ class KVBackend(Protocol):
     def expire_sessions(self, before_index: int) -> None:
         """Drop every session whose ``index`` is < ``before_index``."""
 
+    def compact_history(self, before: int) -> None:
+        """Drop the watch events of revisions < ``before`` for good (the history starts there at the earliest)."""
+
 
 # ---------------------------------------------------------------------------
 # Applying one command
@@ -444,6 +455,8 @@ def _execute(backend: KVBackend, rev: int, cmd: dict) -> Any:
             return rev
         if op == "lease_revoke":
             return _revoke(backend, rev, _lease_id(cmd.get("id"), "lease_revoke: 'id'"))
+        if op == "compact":
+            return _compact(backend, rev, cmd.get("revision"))
         if op not in OPS:
             raise KVCommandError(f"unknown op {shown(op)}; expected one of {', '.join(OPS)}")
         p = _parse(cmd, op)
@@ -587,6 +600,15 @@ def _revoke(backend: KVBackend, rev: int, lease_id: int) -> bool:
 
 # ---------------------------------------------------------------------------
 # Transactions
+
+def _compact(backend: KVBackend, rev: int, revision: Any) -> None:
+    """Drop the watch history before ``revision``, which is at most this command's own revision ``rev``."""
+    if type(revision) is not int or revision < 1:
+        raise KVCommandError(f"compact: 'revision' must be an integer >= 1, got {shown(revision)}")
+    if revision > rev:
+        raise KVCommandError(f"compact: revision {revision} is in the future (this compaction is revision {rev})")
+    backend.compact_history(revision)
+
 
 def _txn(backend: KVBackend, rev: int, cmd: dict) -> list:
     compare = cmd.get("compare", [])

@@ -9,8 +9,8 @@ op                     request body                          reply body         
 =====================  ====================================  ======================================  ======
 ``kv.write``           a KV command map (:mod:`.commands`):   the command's result once it is         client
                        put, delete, cas, txn, lease_grant,    committed and applied on this node
-                       lease_revoke; with ``client``/``seq``
-                       for exactly-once
+                       lease_revoke, compact; with
+                       ``client``/``seq`` for exactly-once
 ``kv.get``             ``{"key": k}``                        the value (None when absent), read      reader
                                                              linearizably (ReadIndex, or the
                                                              leader's read lease with
@@ -96,7 +96,7 @@ _P = TypeVar("_P")
 
 KV_OPS = ("kv.write", "kv.get", "kv.get_stale", "kv.status", "kv.range", "kv.watch", "kv.lease_keepalive")
 #: The command ops a ``kv.write`` may carry (reads go through ``kv.get`` and ``kv.range``).
-WRITE_OPS = ("put", "delete", "cas", "txn", "lease_grant", "lease_revoke")
+WRITE_OPS = ("put", "delete", "cas", "txn", "lease_grant", "lease_revoke", "compact")
 #: Range reads waiting for the reads thread of one node, all connections together; beyond, Overloaded.
 _MAX_QUEUED_READS = 10_000
 

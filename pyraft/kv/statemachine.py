@@ -11,7 +11,8 @@ Layout in the node data directory ``path`` (see :mod:`pyraft.stores.lmdb`)::
                        b"last_applied" -> [term, index]
                        b"membership" -> codec stored-membership wire
                        b"snapshot" -> [codec snapshot-meta wire, file name]  (the current snapshot)
-                       b"history_floor" -> the first revision the watch history ever held
+                       b"history_floor" -> the first revision the watch history may hold
+                                           (raised by a snapshot install and by ``compact``)
         events         index_key(revision) + 4-byte sequence -> event record (the watch history)
         leases         index_key(lease id) -> ttl (8-byte float)
         lease_keys     index_key(lease id) + key -> b""
@@ -64,7 +65,7 @@ commands that may add data (``put``, ``cas``, ``txn``, ``lease_grant``) with
 :class:`~pyraft.errors.NoSpace` before they are proposed, on the node they
 are submitted to; reads, deletes, lease revokes, snapshots and log purges go
 on, and writes resume by themselves once deletes (and the history window
-moving on) bring the size back under the quota.  The decision is never made
+moving on, or a ``compact`` command) bring the size back under the quota.  The decision is never made
 in ``apply``: page usage differs from replica to replica, and every replica
 must apply every entry alike.
 
@@ -348,6 +349,12 @@ class _LmdbBackend:
             self.txn.delete(k[8:], db=self.dbs.sessions)
             cur.delete()
         self.session_low = None
+
+    def compact_history(self, before: int) -> None:
+        self.flush_events()  # this batch's events before ``before`` go too
+        self.compact_events(before)
+        if before > (_meta_of(self.txn, self.dbs, _K_FLOOR) or 1):
+            self.txn.put(_K_FLOOR, pack(before), db=self.dbs.meta)
 
     def compact_events(self, before: int) -> None:
         """Delete the events of revisions < ``before``."""
