@@ -1069,7 +1069,130 @@ def test_only_node_n_announces_node_ns_versions_when_keys_say_who_sends():
             [resp] = r.got
             assert not resp.ok and resp.error[0] == "PermissionDenied", (who, resp)
         assert leader.metrics().last_log_index == last  # nothing proposed
-        r = Reply(Principal("peer", 1, key="p1"))  # node 1 itself: proposed (this bare body is then refused
-        caller.on_call_request(0, ClientRequest("objects.call", {"k": "hello", "n": 1, "vers": {}}), r)  # as malformed)
+        r = Reply(Principal("peer", 1, key="p1"))  # node 1 itself: past the role check
+        caller.on_call_request(0, ClientRequest("objects.call", {"k": "hello", "n": 1, "vers": {}}), r)
+        [resp] = r.got  # a bare body is refused as malformed, before proposing
+        assert resp.error[0] == "CodecError" and leader.metrics().last_log_index == last, resp
+        r = Reply(Principal("peer", 1, key="p1"))
+        caller.on_call_request(0, ClientRequest("objects.call", {"k": "hello", "n": 1, "vers": {}, "c": b"n1",
+                                                                 "s": 0, "f": 0}), r)
         wait_until(lambda: r.got, 10, "the announcement applied")
-        assert r.got[0].error[0] != "PermissionDenied" and leader.metrics().last_log_index > last, r.got
+        assert r.got[0].ok and leader.metrics().last_log_index > last, r.got
+
+
+# ------------------------------------------------------------------ hostile clients (a second run)
+
+def _apply_one(sm: ObjectStateMachine, index: int, cmd: dict) -> Any:
+    return sm.apply([Entry(LogId(1, index), EntryKind.NORMAL, cmd)])[0]
+
+
+def test_an_empty_client_id_is_refused_before_proposing_and_applies_as_an_error(tmp_path):
+    """A call with ``c = b""`` was committed and made every node Fatal in apply (LMDB refuses an
+    empty key), again on every restart."""
+    d = ReplDict()
+    sm = ObjectStateMachine(d, path=tmp_path)
+    try:
+        bad = _cmd("ReplDict", "set", ["k", 1], 1, 1000.0, client=b"")
+        with pytest.raises(CodecError, match="client id"):
+            sm.check_command(bad)
+        r = _apply_one(sm, 1, bad)
+        assert isinstance(r, RaftError) and "malformed" in str(r)
+        assert _apply_one(sm, 2, _cmd("ReplDict", "set", ["k", 2], 1, 1000.0)) is None
+        assert d.get("k") == 2
+    finally:
+        sm.close()
+
+
+@pytest.mark.parametrize("body, why", [
+    ([1, 2], "malformed"),
+    ({"k": "frob"}, "malformed"),
+    ({**_cmd("ReplDict", "set", [1, 1], 1, 0.0), "junk": b"x" * 1000}, "unknown"),
+    ({**_cmd("ReplDict", "set", [1, 1], 1, 0.0), "c": "str"}, "client id"),
+    ({**_cmd("ReplDict", "set", [1, 1], 1, 0.0), "c": b"c" * 256}, "client id"),
+    ({**_cmd("ReplDict", "set", [1, 1], 1, 0.0), "s": True}, "'s' and 'f'"),
+    ({**_cmd("ReplDict", "set", [1, 1], 5, 0.0), "f": 7}, "'s' and 'f'"),
+    ({**_cmd("ReplDict", "set", [1, 1], 1, 0.0), "f": -1}, "'s' and 'f'"),
+    ({**_cmd("ReplDict", "set", [1, 1], 1, 0.0), "a": "not bytes"}, "'a' bytes"),
+    ({**_cmd("ReplDict", "set", [1, 1], 1, 0.0), "v": None}, "'v' an int"),
+    ({**_cmd("ReplDict", "set", [1, 1], 1, 0.0), "o": "o" * 600}, "object name"),
+    ({"k": "hello", "c": b"c", "s": 0, "f": 0, "n": "1", "vers": {}}, "'n' must be"),
+    ({"k": "hello", "c": b"c", "s": 0, "f": 0, "n": 1}, "'vers'"),
+])
+def test_a_malformed_objects_call_is_refused_by_the_leader_before_it_reaches_the_log(body, why):
+    """The leader proposed any map whose 'k' was call or hello: garbage of any size went into every log."""
+    class Reply:
+        got: list = []
+
+        def reply(self, resp):
+            self.got.append(resp)
+
+    with ObjCluster(lambda i: (ReplDict(),)) as c:
+        leader = c.leader()
+        last = leader.metrics().last_log_index
+        r = Reply()
+        r.got = []
+        c.sms[leader.node_id]._caller.on_call_request(0, ClientRequest("objects.call", body), r)
+        [resp] = r.got
+        assert not resp.ok and resp.error[0] in ("CodecError", "RaftError") and why in resp.error[1], resp
+        assert leader.metrics().last_log_index == last
+
+
+def test_arguments_nested_past_the_limit_fail_the_call_and_a_lock_holder_cannot_stop_the_nodes(tmp_path):
+    """A lock holder nested 1022 deep passed the caller's check, then the lock table (one level
+    deeper) could not be encoded in apply: every node Fatal, again on every restart."""
+    from pyraft.objects import ReplLockManager
+    deep: Any = 1
+    for _ in range(_values.MAX_ARGS_DEPTH - 1):
+        deep = [deep]
+    with pytest.raises(TypeError, match="nest more than"):
+        _values.check_args_depth([["L", deep], {}])
+    _values.check_args_depth([["L", deep[0]], {}])  # as deep as allowed: [args, kwargs], args, the holder
+    locks = ReplLockManager(auto_unlock=10)
+    sm = ObjectStateMachine(locks, path=tmp_path)
+    try:
+        very: Any = 1
+        for _ in range(1022):
+            very = [very]
+        r = _apply_one(sm, 1, _cmd("ReplLockManager", "try_acquire", ["L", very], 1, 1000.0))
+        assert isinstance(r, RaftError) and "nest more than" in str(r)
+        r = _apply_one(sm, 2, _cmd("ReplLockManager", "try_acquire", ["L", deep[0]], 2, 1000.0))
+        assert r is True  # the deepest allowed holder is stored, and the state still encodes
+        assert _apply_one(sm, 3, _cmd("ReplLockManager", "is_acquired", ["L", deep[0]], 3, 1000.0)) is True
+    finally:
+        sm.close()
+    with ObjCluster(lambda i: (ReplLockManager(auto_unlock=10),)) as c:
+        with pytest.raises(TypeError, match="nest more than"):
+            c.objs[1][0].try_acquire("L", very, timeout=T)
+
+
+def test_a_session_keeps_a_bounded_number_of_small_outcomes_whatever_floor_the_client_sends(tmp_path):
+    """A floor held at 0 kept every outcome for a day, and each held a copy of the value it
+    returned: 150 small calls made a 28 MB session on every replica."""
+    from pyraft.errors import ResultNotKept
+    from pyraft.objects.statemachine import MAX_KEPT_OUTCOME, MAX_SESSION_OUTCOMES
+    d = ReplDict()
+    sm = ObjectStateMachine(d, path=tmp_path)
+    try:
+        def call(method, args, seq, floor=0):
+            return dict(_cmd("ReplDict", method, args, seq, 1000.0), f=floor)
+
+        n = 1
+        assert _apply_one(sm, n, call("set", ["big", "v" * 100_000], 1)) is None
+        n += 1
+        assert _apply_one(sm, n, call("setdefault", ["big"], 2)) == "v" * 100_000  # the first run: all of it
+        n += 1
+        retry = _apply_one(sm, n, call("setdefault", ["big"], 2))                  # a retry: not kept
+        assert isinstance(retry, ResultNotKept) and f"log index {n - 1}" in str(retry)
+        for seq in range(3, MAX_SESSION_OUTCOMES + 103):
+            n += 1
+            _apply_one(sm, n, call("setdefault", ["big"], seq))
+        sess = sm._sessions[b"c" * 16]
+        assert len(sess.done) == MAX_SESSION_OUTCOMES and sess.floor == 103
+        assert len(ObjectStateMachine._dump_state(d)) > 100_000
+        assert sum(len(_values.dumps(o)) for o in sess.done.values()) <= MAX_SESSION_OUTCOMES * MAX_KEPT_OUTCOME
+        n += 1
+        old = _apply_one(sm, n, call("set", ["x", 1], 50))  # below the moved floor: never run
+        assert isinstance(old, RaftError) and "below its session's floor" in str(old)
+        assert d.get("x") is None
+    finally:
+        sm.close()

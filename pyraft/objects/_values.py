@@ -104,6 +104,25 @@ def _unpack(data: bytes, depth: int = 0) -> Any:
     return msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=False, ext_hook=_EXT_HOOKS[depth])
 
 
+#: Call arguments nest lists, maps, tuples and sets at most this deep (``[args, kwargs]`` included).
+#: An object keeps what it is given a few levels inside its own state, and a state nested past
+#: what msgpack encodes (about 1,000 levels) could not be written by any node: well below that.
+MAX_ARGS_DEPTH = 256
+
+
+def check_args_depth(value: Any) -> None:
+    """``TypeError`` when ``value`` nests lists, maps, tuples and sets more than :data:`MAX_ARGS_DEPTH` deep."""
+    stack = [(value, 1)]
+    pop, push = stack.pop, stack.append
+    while stack:
+        o, d = pop()
+        if d > MAX_ARGS_DEPTH:
+            raise TypeError(f"call arguments nest more than {MAX_ARGS_DEPTH} deep")
+        for v in (o.values() if isinstance(o, dict) else o):
+            if isinstance(v, (list, tuple, dict, set, frozenset)):
+                push((v, d + 1))
+
+
 def dumps(value: Any) -> bytes:
     """Encode ``value``; ``TypeError`` when it holds something that is not a plain value, or nests too deep."""
     try:

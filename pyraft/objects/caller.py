@@ -228,7 +228,11 @@ class Caller:
                 return
         cmd = dict(body)
         cmd["t"] = self.sm._clock()
-        fut = self.raft.client_write_async(cmd)
+        try:
+            fut = self.raft.client_write_async(cmd)  # the state machine's check_command refuses a malformed one
+        except RaftError as e:
+            reply.reply(error_response(e))
+            return
 
         def done(f: Future) -> None:
             exc = f.exception()

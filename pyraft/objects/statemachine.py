@@ -88,7 +88,7 @@ import lmdb
 
 from ..codec import (log_id_from_wire, log_id_to_wire, pack, stored_membership_from_wire, stored_membership_to_wire,
                      unpack)
-from ..errors import CodecError, RaftError, StorageError, Timeout
+from ..errors import CodecError, RaftError, ResultNotKept, StorageError, Timeout
 from ..runtime.futures import fail, succeed
 from ..snapshot_files import (SnapshotDir, SnapshotWriter, UnsyncedMark, durable, get_pointer, read_header,
                               read_records, set_pointer, unlink_quietly)
@@ -116,6 +116,15 @@ DEFAULT_SESSION_TTL = 24 * 3600.0
 MAX_CLIENT_ID_BYTES = 255
 #: The longest object name (utf-8): objects are keyed by it in LMDB.
 MAX_NAME_BYTES = 511
+#: A session keeps a call's outcome for a retry only up to this many bytes encoded (a retry of a
+#: call with a larger one gets ResultNotKept): every replica keeps it for ``session_ttl``.
+MAX_KEPT_OUTCOME = 1024
+#: A session keeps at most this many outcomes (above its floor): past it the oldest go and the
+#: floor moves past them.  Twice the calls a Caller keeps in flight (caller.MAX_SENT).
+MAX_SESSION_OUTCOMES = 1024
+#: The fields an objects command may carry ("t" is the leader's stamp).
+_CALL_FIELDS = frozenset(("k", "c", "s", "f", "t", "o", "m", "v", "a"))
+_HELLO_FIELDS = frozenset(("k", "c", "s", "f", "t", "n", "vers"))
 
 _SNAP_SUFFIX = ".objsnap"
 _REC_OBJECT, _REC_SESSION, _REC_SYS, _REC_END = 0, 1, 2, 3
@@ -148,6 +157,46 @@ class _Session:
                 raise CodecError("malformed session record")
             done[item[0]] = item[1]
         return cls(float(w[0]), w[1], done)
+
+
+def _kept(wire: list, log_id: LogId) -> list:
+    """What a session keeps of a call's outcome: all of it, or past :data:`MAX_KEPT_OUTCOME` a note."""
+    n = len(pack(wire))
+    if n <= MAX_KEPT_OUTCOME:
+        return wire
+    return outcome_to_wire(False, ResultNotKept(
+        f"this call was applied at log index {log_id.index}; its outcome, {n} bytes encoded, is larger than "
+        f"a session keeps for a retry ({MAX_KEPT_OUTCOME})"))
+
+
+def check_objects_command(command: Any) -> None:
+    """``CodecError`` for a command that is not a call or version announcement a Caller makes.
+
+    Checked before proposing (the leader's ``objects.call`` handler: a
+    malformed request never reaches the log); apply checks the same again
+    for an entry in a log all the same.
+    """
+    if type(command) is not dict:
+        raise CodecError(f"an objects command is a map, not {type(command).__name__}")
+    k = command.get("k")
+    extra = set(command) - (_CALL_FIELDS if k == "call" else _HELLO_FIELDS)
+    if k not in ("call", "hello") or extra:
+        raise CodecError(f"objects command: 'k' must be 'call' or 'hello' with only their fields "
+                         f"(unknown: {sorted(map(repr, extra))[:5]})" if extra or k in ("call", "hello")
+                         else "objects command: 'k' must be 'call' or 'hello'")
+    c, s, f = command.get("c"), command.get("s"), command.get("f")
+    if type(c) is not bytes or not 1 <= len(c) <= MAX_CLIENT_ID_BYTES:
+        raise CodecError(f"objects command: 'c' (the client id) must be 1 to {MAX_CLIENT_ID_BYTES} bytes")
+    if type(s) is not int or type(f) is not int or not 0 <= f <= s + 1 or s >= 2**63:
+        raise CodecError("objects command: 's' and 'f' must be integers, 0 <= f <= s + 1 < 2**63")
+    if k == "call":
+        o, m, v, a = command.get("o"), command.get("m"), command.get("v"), command.get("a")
+        if not (type(o) is str and type(m) is str and type(v) is int and type(a) is bytes):
+            raise CodecError("objects call: 'o' and 'm' must be str, 'v' an int and 'a' bytes")
+        if len(o.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+            raise CodecError(f"objects call: an object name is at most {MAX_NAME_BYTES} bytes")
+    elif type(command.get("n")) is not int or type(command.get("vers")) is not dict:
+        raise CodecError("objects hello: 'n' must be a node id and 'vers' a map")
 
 
 def _versions_from_wire(v: Any) -> dict[int, dict[str, list[int]]]:
@@ -324,6 +373,7 @@ class ObjectStateMachine:
             raise NotAttached(f"the ObjectStateMachine of {obj.object_name!r} is not attached to a Raft node")
         try:
             a = _values.dumps([list(args), kwargs])
+            _values.check_args_depth([args, kwargs])
         except TypeError as e:
             raise TypeError(f"arguments of {obj.object_name}.{method.method_name}: {e}") from None
         body = {"k": "call", "o": obj.object_name, "m": method.method_name, "v": None, "a": a}
@@ -389,6 +439,10 @@ class ObjectStateMachine:
         return self._batch_membership if self._batch_membership is not None else self._applied[1]
 
     _batch_membership: StoredMembership | None = None
+
+    def check_command(self, command: Any) -> None:
+        """Refuse before proposing (``CodecError``) a command that is not a well-formed call or announcement."""
+        check_objects_command(command)
 
     def apply(self, entries: Sequence[Entry]) -> list[Any]:
         """Apply ``entries`` in order; one result per entry.
@@ -462,7 +516,8 @@ class ObjectStateMachine:
         if kind not in ("call", "hello"):
             return RaftError(f"entry {e.log_id} is not a replicated-object command")
         c, s, f, t = cmd.get("c"), cmd.get("s"), cmd.get("f"), cmd.get("t")
-        if type(c) is not bytes or len(c) > MAX_CLIENT_ID_BYTES or type(s) is not int or type(f) is not int or \
+        if type(c) is not bytes or not 1 <= len(c) <= MAX_CLIENT_ID_BYTES or type(s) is not int or \
+                type(f) is not int or \
                 not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t):
             return RaftError(f"entry {e.log_id}: malformed replicated-object command")
         # The log's clock: the leader's stamp, never going back.
@@ -474,14 +529,21 @@ class ObjectStateMachine:
         if sess is not None and (s < sess.floor or s in sess.done):
             wire = sess.done.get(s)
             if wire is None:
-                ok, value = False, RaftError(f"entry {e.log_id} repeats a call that already completed")
+                ok, value = False, RaftError(
+                    f"entry {e.log_id}: call {s} of this client is below its session's floor: it already completed"
+                    f", or more than {MAX_SESSION_OUTCOMES} later calls of the client completed first")
             else:
                 ok, value = outcome_from_wire(wire)
         else:
             ok, value = self._execute(kind, cmd, e, dirty)
             if sess is None:
                 sess = self._sessions[c] = _Session()
-            sess.done[s] = outcome_to_wire(ok, value)
+            sess.done[s] = _kept(outcome_to_wire(ok, value), e.log_id)
+            if len(sess.done) > MAX_SESSION_OUTCOMES:  # a floor held back: the oldest outcome goes
+                oldest = min(sess.done)
+                del sess.done[oldest]
+                if oldest >= sess.floor:
+                    sess.floor = oldest + 1
         if f > sess.floor:
             sess.floor = f
             for old in [x for x in sess.done if x < f]:
@@ -552,7 +614,8 @@ class ObjectStateMachine:
             if not (isinstance(args, list) and len(args) == 2 and isinstance(args[0], list)
                     and isinstance(args[1], dict) and all(isinstance(k, str) for k in args[1])):
                 raise CodecError("call arguments: expected [args, kwargs]")
-        except CodecError as ex:
+            _values.check_args_depth(args)
+        except (CodecError, TypeError) as ex:
             return False, RaftError(f"entry {e.log_id}: {ex}")
         dirty.add(oname)
         try:
@@ -894,7 +957,7 @@ def _check_snapshot(blob: bytes, meta: SnapshotMeta) -> tuple[dict[str, bytes], 
         if not isinstance(sys_v, dict) or not isinstance(sys_v.get("log_time"), (int, float)):
             raise CodecError("malformed sys record")
         _versions_from_wire(sys_v.get("versions", {}))  # what _load_sys reads, once the state is replaced
-        if any(len(c) > MAX_CLIENT_ID_BYTES for c in sessions) or \
+        if any(not 1 <= len(c) <= MAX_CLIENT_ID_BYTES for c in sessions) or \
                 any(len(n.encode()) > MAX_NAME_BYTES for n in objects):
             raise CodecError("a session or object key is longer than the store holds")
     except (CodecError, StorageError) as e:  # read_records raises StorageError for what it refuses
