@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
-from .types import Entry, LogId, SnapshotMeta
+from .types import Entry, LogId, SnapshotMeta, fast_init
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,3 +106,6 @@ class TimeoutNowResponse:
 RaftRequest = Union[AppendEntriesRequest, VoteRequest, InstallSnapshotRequest, TimeoutNowRequest]
 RaftResponse = Union[AppendEntriesResponse, VoteResponse, InstallSnapshotResponse, TimeoutNowResponse]
 RaftMessage = Union[RaftRequest, RaftResponse]
+
+fast_init(AppendEntriesRequest, AppendEntriesResponse, VoteRequest, VoteResponse, InstallSnapshotRequest,
+          InstallSnapshotResponse, TimeoutNowRequest, TimeoutNowResponse)

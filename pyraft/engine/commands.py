@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..messages import VoteRequest, TimeoutNowRequest
-from ..types import Entry, LogId, Node, SnapshotMeta, Vote
+from ..types import Entry, LogId, Node, SnapshotMeta, Vote, fast_init
 
 
 # --- storage: executed by RaftCore through LogStore.write -------------------
@@ -206,3 +206,7 @@ Command = (SaveVote | AppendToLog | TruncateLog | PurgeLog | SaveCommitted | Rep
            | ReceiveSnapshotChunk | InstallSnapshot | RespondRead)
 
 STORAGE_COMMANDS = (SaveVote, AppendToLog, TruncateLog, PurgeLog, SaveCommitted)
+
+fast_init(SaveVote, AppendToLog, TruncateLog, PurgeLog, SaveCommitted, Replicate, SendSnapshot, SendVote,
+          SendTimeoutNow, Respond, UpdateReplication, Apply, BuildSnapshot, ReceiveSnapshotChunk, InstallSnapshot,
+          RespondRead)

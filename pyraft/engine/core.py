@@ -37,6 +37,14 @@ from .log_ids import LogIdList
 from .progress import Progress, ProgressState
 from .refusals import MAX_TERM, check_message
 
+# Enum members as module globals: reading one as a class attribute goes through EnumType's
+# __getattr__ hook (a Python-level lookup, several times the cost of a global), and the engine
+# compares states on nearly every call.
+_LEADER, _FOLLOWER, _CANDIDATE, _LEARNER = (ServerState.LEADER, ServerState.FOLLOWER, ServerState.CANDIDATE,
+                                            ServerState.LEARNER)
+_PROBE, _REPLICATE, _SNAPSHOT = ProgressState.PROBE, ProgressState.REPLICATE, ProgressState.SNAPSHOT
+_BLANK, _NORMAL, _MEMBERSHIP = EntryKind.BLANK, EntryKind.NORMAL, EntryKind.MEMBERSHIP
+
 _NEVER = float("-inf")
 #: The share of the minimum election timeout a read lease lasts past the send time of the round a
 #: quorum acknowledged (see :meth:`Engine.read_lease`): the rest allows for the nodes' clocks running
@@ -128,7 +136,7 @@ class Engine:
         self._purge_wanted = 0
         self.memberships: list[StoredMembership] = list(r.memberships)
 
-        self.state = ServerState.FOLLOWER
+        self.state = _FOLLOWER
         self.leader_id: int | None = None
         self._last_leader_contact = _NEVER
         #: CheckQuorum's vote guard: no vote or pre-vote (bar a transfer's) before then.
@@ -266,7 +274,7 @@ class Engine:
 
     def take_output(self) -> list:
         """Return and clear the commands produced so far (replication sends are coalesced here)."""
-        if self.state == ServerState.LEADER:
+        if self.state == _LEADER:
             if self._heartbeat_requested:
                 self._heartbeat_requested = False
                 self._broadcast_heartbeat()
@@ -303,7 +311,7 @@ class Engine:
         does not list the up-to-date node, it learns their terms only from refusals of its own
         requests, and campaigning no more often than they do, it would nearly always ask in a term
         they had already taken (sim seeds 1000095, 1004160, 1000502)."""
-        if self.state == ServerState.LEADER:
+        if self.state == _LEADER:
             return
         if last is not None and not self._log_behind and (self.log.last is None or last > self.log.last):
             self._log_behind = True
@@ -321,7 +329,7 @@ class Engine:
         """
         if not self.cfg.check_quorum:
             return False
-        if self.state == ServerState.LEADER:
+        if self.state == _LEADER:
             return True
         return self.now < self._vote_guard_until
 
@@ -388,7 +396,7 @@ class Engine:
         there.  The simulation takes the lease from this method at every
         event, and ``sim.teeth``'s lease mutants show what each rule guards.
         """
-        if not self.cfg.lease_reads or self.state != ServerState.LEADER or self._lease_forfeit \
+        if not self.cfg.lease_reads or self.state != _LEADER or self._lease_forfeit \
                 or self.transferee is not None:
             return None
         if log_index(self.effective_membership.log_id) > log_index(self.committed):
@@ -413,7 +421,7 @@ class Engine:
         self.advance_clock(now)
         if self._purge_wanted > self.log.purged_index:
             self._maybe_purge(self._purge_wanted)
-        if self.state == ServerState.LEADER:
+        if self.state == _LEADER:
             self._tick_leader()
         elif self.now >= self._election_deadline:
             reason = self._timeout_reason()
@@ -424,7 +432,7 @@ class Engine:
     def _timeout_reason(self) -> str:
         if self._initialized_now:
             return "initialize() was called: the first election starts at once"
-        if self.state == ServerState.CANDIDATE and self.last_campaign is not None:
+        if self.state == _CANDIDATE and self.last_campaign is not None:
             c = self.last_campaign
             return f"election timeout: the {'pre-vote' if c.pre_vote else 'election'} for term {c.term} was not won"
         if self._last_leader_contact == _NEVER:
@@ -456,14 +464,14 @@ class Engine:
 
     def _refresh_role(self) -> None:
         """A follower becomes a learner when its membership drops it as a voter, and back."""
-        if self.state in (ServerState.FOLLOWER, ServerState.LEARNER):
-            self.state = ServerState.FOLLOWER if self.is_voter() else ServerState.LEARNER
+        if self.state in (_FOLLOWER, _LEARNER):
+            self.state = _FOLLOWER if self.is_voter() else _LEARNER
 
     def _become_follower(self, term: int, leader_id: int | None, reset_timer: bool = True) -> None:
-        was_leader = self.state == ServerState.LEADER
+        was_leader = self.state == _LEADER
         if term > self.vote.term:
             self._set_vote(Vote(term, None))
-        self.state = ServerState.FOLLOWER if self.is_voter() else ServerState.LEARNER
+        self.state = _FOLLOWER if self.is_voter() else _LEARNER
         self.leader_id = leader_id
         self._pre_vote_phase = False
         self._granted = set()
@@ -509,7 +517,7 @@ class Engine:
             self.last_campaign = Campaign(last.number, self.vote.term + 1, pre_vote, last.reason)
         voters = self.effective_membership.membership.voter_ids
         self.leader_id = None
-        self.state = ServerState.CANDIDATE
+        self.state = _CANDIDATE
         self._granted = {self.id}
         self._log_behind = False
         self._reset_election_timer()
@@ -529,7 +537,7 @@ class Engine:
         self._emit(SendVote(targets, req))
 
     def _become_leader(self) -> None:
-        self.state = ServerState.LEADER
+        self.state = _LEADER
         self.led_term = self.vote.term
         self._log_behind = False
         self.leader_id = self.id
@@ -543,7 +551,7 @@ class Engine:
         self._sync_progress(force=True)
         # The paper's Figure 8: a leader commits entries of earlier terms only
         # by committing one of its own, so it starts its term with a blank one.
-        self._term_start = self._append_as_leader([(EntryKind.BLANK, None)])[0].index
+        self._term_start = self._append_as_leader([(_BLANK, None)])[0].index
         self._heartbeat_requested = True
 
     def _replication_targets(self) -> dict[int, Node]:
@@ -611,7 +619,7 @@ class Engine:
     # ------------------------------------------------------------------ client inputs
 
     def _check_leader(self) -> None:
-        if self.state != ServerState.LEADER:
+        if self.state != _LEADER:
             raise ForwardToLeader(self.leader_id, self.leader_node)
         if self.transferee is not None:
             m = self.effective_membership.membership
@@ -638,9 +646,9 @@ class Engine:
             raise InitializeError(f"nodes {shared[1]} have the same address {shared[0]!r}: one would never be "
                                   f"reached (and a majority might need it)")
         m = Membership.of(dict(nodes))
-        entry = Entry(LogId(0, 1), EntryKind.MEMBERSHIP, m)
+        entry = Entry(LogId(0, 1), _MEMBERSHIP, m)
         self._append(entry)
-        self.state = ServerState.FOLLOWER
+        self.state = _FOLLOWER
         self._election_deadline = self.now  # campaign at the next tick
         self._initialized_now = True
 
@@ -677,7 +685,7 @@ class Engine:
             raise ChangeMembershipError(f"node {node_id}'s address {shared[0]!r} is that of node "
                                         f"{[i for i in shared[1] if i != node_id][0]} already")
         new = Membership(configs=m.configs, nodes=nodes)
-        return self._append_as_leader([(EntryKind.MEMBERSHIP, new)])[0]
+        return self._append_as_leader([(_MEMBERSHIP, new)])[0]
 
     def remove_learner(self, node_id: int) -> LogId | None:
         """Propose a membership without the learner ``node_id``; None when it is not a member.
@@ -694,7 +702,7 @@ class Engine:
         if node_id not in m.nodes:
             return None
         new = Membership(configs=m.configs, nodes={k: v for k, v in m.nodes.items() if k != node_id})
-        return self._append_as_leader([(EntryKind.MEMBERSHIP, new)])[0]
+        return self._append_as_leader([(_MEMBERSHIP, new)])[0]
 
     def lagging(self, node_ids: Iterable[int]) -> dict[int, int]:
         """Those of ``node_ids`` (leader only) whose log is not caught up: id -> entries behind the commit point.
@@ -745,7 +753,7 @@ class Engine:
             raise err
         leaving = frozenset() if retain else frozenset(old - voters)
         new = Membership(configs=(old, voters), nodes=dict(m.nodes), leaving=leaving)
-        return self._append_as_leader([(EntryKind.MEMBERSHIP, new)])[0]
+        return self._append_as_leader([(_MEMBERSHIP, new)])[0]
 
     def _membership_for_change(self) -> Membership:
         eff = self.effective_membership
@@ -787,11 +795,11 @@ class Engine:
         self._dirty.add(target)
 
     def trigger_elect(self) -> None:
-        if self.state != ServerState.LEADER and self.is_voter() and self._membership_durable():
+        if self.state != _LEADER and self.is_voter() and self._membership_durable():
             self._campaign(pre_vote=False, reason="trigger.elect() was called")
 
     def trigger_heartbeat(self) -> None:
-        if self.state == ServerState.LEADER:
+        if self.state == _LEADER:
             self._heartbeat_requested = True
 
     def trigger_snapshot(self) -> bool:
@@ -810,7 +818,7 @@ class Engine:
 
     def _append(self, entry: Entry) -> None:
         self.log.append(entry.log_id)
-        if entry.kind == EntryKind.MEMBERSHIP:
+        if entry.kind == _MEMBERSHIP:
             self.memberships.append(StoredMembership(entry.log_id, entry.payload))
         self._emit(AppendToLog([entry]))
 
@@ -822,7 +830,7 @@ class Engine:
         else:
             for e in entries:
                 self.log.append(e.log_id)
-        membership = EntryKind.MEMBERSHIP
+        membership = _MEMBERSHIP
         for e in entries:
             if e.kind == membership:
                 self.memberships.append(StoredMembership(e.log_id, e.payload))
@@ -834,7 +842,7 @@ class Engine:
         for kind, payload in items:
             lid = LogId(self.vote.term, self.log.last_index + 1)
             self._append(Entry(lid, kind, payload))
-            membership_changed |= kind == EntryKind.MEMBERSHIP
+            membership_changed |= kind == _MEMBERSHIP
             out.append(lid)
         if membership_changed:
             self._sync_progress()
@@ -930,7 +938,7 @@ class Engine:
         ok = ((self.vote.node_id == msg.candidate_id
                or (self.vote.node_id is None and self.leader_id is None
                    and (msg.transfer or not self._in_leader_lease())))
-              and self.state != ServerState.LEADER
+              and self.state != _LEADER
               and self._log_up_to_date(msg.last_log_id))
         if ok:
             # The vote is saved before the grant is sent (SaveVote precedes Respond).
@@ -941,7 +949,7 @@ class Engine:
     def _on_vote_response(self, from_id: int, msg: VoteResponse, token: Any) -> None:
         if not msg.granted:
             return self._note_log_of(msg.last_log_id)
-        if self.state != ServerState.CANDIDATE:
+        if self.state != _CANDIDATE:
             return
         m = self.effective_membership.membership
         if msg.pre_vote:
@@ -960,7 +968,7 @@ class Engine:
         self._emit(Respond(token, TimeoutNowResponse(self.vote.term)))
         # The checks trigger_elect makes: a vote saved before our first configuration is on disk
         # could outlive it (see _membership_durable).
-        if self.state != ServerState.LEADER and self.is_voter() and self._membership_durable():
+        if self.state != _LEADER and self.is_voter() and self._membership_durable():
             self._campaign(pre_vote=False, transfer=True,
                            reason=f"TimeoutNow from leader {from_id} (leadership transfer)")
 
@@ -971,7 +979,7 @@ class Engine:
 
     def _accept_leader(self, leader_id: int) -> None:
         # A second leader of our term was refused in step() (refusals.check_message).
-        if self.state == ServerState.CANDIDATE or self.leader_id != leader_id:
+        if self.state == _CANDIDATE or self.leader_id != leader_id:
             self._become_follower(self.vote.term, leader_id)
         self._last_leader_contact = self.now
         self._vote_guard_until = max(self._vote_guard_until, self.now + self.cfg.election_timeout[0])
@@ -1106,7 +1114,7 @@ class Engine:
     # --- replication, leader side
 
     def _on_append_response(self, from_id: int, msg: AppendEntriesResponse, token: Any) -> None:
-        if self.state != ServerState.LEADER or msg.term != self.vote.term:
+        if self.state != _LEADER or msg.term != self.vote.term:
             return
         p = self.progress.get(from_id)
         if p is None:
@@ -1133,7 +1141,7 @@ class Engine:
             self._maybe_end_farewell(from_id, f, msg)
 
     def _on_install_snapshot_response(self, from_id: int, msg: InstallSnapshotResponse, token: Any) -> None:
-        if self.state != ServerState.LEADER or msg.term != self.vote.term:
+        if self.state != _LEADER or msg.term != self.vote.term:
             return
         p = self.progress.get(from_id)
         if p is None:
@@ -1148,7 +1156,7 @@ class Engine:
     def on_replication_failed(self, target: int) -> None:
         """Sending to ``target`` failed (unreachable, timed out, entries gone): probe again at the next heartbeat."""
         p = self.progress.get(target)
-        if p is None or self.state != ServerState.LEADER:
+        if p is None or self.state != _LEADER:
             return
         p.become_probe()
         p.probe_sent = True  # wait for the next heartbeat round before retrying
@@ -1158,10 +1166,10 @@ class Engine:
         p = self.progress.get(target)
         if p is None:
             return
-        if p.state == ProgressState.SNAPSHOT:
+        if p.state == _SNAPSHOT:
             return
         last = self.log.last_index
-        if p.state == ProgressState.PROBE:
+        if p.state == _PROBE:
             if p.probe_sent:
                 return
         else:
@@ -1176,7 +1184,7 @@ class Engine:
                 return self._send_snapshot(target, p)
             end = min(last + 1, p.next_index + self.cfg.max_payload_entries)
             self._emit(Replicate(target, self.vote.term, prev, end, log_index(self.committed), self._seq))
-            if p.state == ProgressState.PROBE:
+            if p.state == _PROBE:
                 p.probe_sent = True
                 return
             p.next_index = end
@@ -1205,11 +1213,11 @@ class Engine:
         if self.cfg.lease_reads:
             self._next_seq()  # each round renews the read lease
         for t, p in self.progress.items():
-            if p.state == ProgressState.PROBE:
+            if p.state == _PROBE:
                 p.probe_sent = False
                 self._dirty.add(t)
                 continue
-            if p.state == ProgressState.REPLICATE and p.inflight and \
+            if p.state == _REPLICATE and p.inflight and \
                     self.now - p.inflight[0][1] > self.cfg.rpc_timeout:
                 # The last resort: an append unacknowledged for an rpc_timeout (the target
                 # answers nothing, not even the heartbeats below).  Probing also stops
@@ -1274,7 +1282,7 @@ class Engine:
     # ------------------------------------------------------------------ commit and apply
 
     def _maybe_commit(self) -> None:
-        if self.state != ServerState.LEADER:
+        if self.state != _LEADER:
             return
         matched = {t: p.matched_index for t, p in self.progress.items()}
         matched[self.id] = log_index(self.flushed)
@@ -1287,14 +1295,14 @@ class Engine:
         self.committed = log_id
         self._emit(SaveCommitted(log_id))
         if len(self.memberships) > 1 and log_index(self.memberships[1].log_id) <= log_id.index:
-            before = self._replication_targets() if self.state == ServerState.LEADER else {}
+            before = self._replication_targets() if self.state == _LEADER else {}
             while len(self.memberships) > 1 and log_index(self.memberships[1].log_id) <= log_id.index:
                 self.memberships.pop(0)
             if before:
                 self._begin_farewells(before)
                 self._sync_progress()
         self._maybe_apply()
-        if self.state == ServerState.LEADER:
+        if self.state == _LEADER:
             self._on_commit_advanced()
 
     def _on_commit_advanced(self) -> None:
@@ -1305,7 +1313,7 @@ class Engine:
         eff = self.effective_membership
         if log_index(eff.log_id) <= log_index(self.committed):
             if eff.membership.is_joint:
-                self._append_as_leader([(EntryKind.MEMBERSHIP, eff.membership.finalized())])
+                self._append_as_leader([(_MEMBERSHIP, eff.membership.finalized())])
             elif not eff.membership.is_voter(self.id):
                 # Removed from the cluster: hand over to the most up-to-date voter, then step down.
                 best = max((t for t in self.progress if eff.membership.is_voter(t)),
@@ -1336,7 +1344,7 @@ class Engine:
             return  # that entry was truncated meanwhile; a later flush will report the new one
         self.flushed = log_id
         self._flush_acks()
-        if self.state == ServerState.LEADER:
+        if self.state == _LEADER:
             self._maybe_commit()
         self._maybe_apply()
 
@@ -1370,7 +1378,7 @@ class Engine:
         snap_index = log_index(self.snapshot.last_log_id) if self.snapshot else 0
         upto = min(upto, snap_index, log_index(self.applied))
         self._purge_wanted = max(self._purge_wanted, upto)
-        if self.state == ServerState.LEADER:
+        if self.state == _LEADER:
             # Never purge entries a replication worker is streaming (those after a
             # target's matched index while messages are in flight): purging them
             # would force a snapshot on a follower that is catching up.  A probe
@@ -1381,7 +1389,7 @@ class Engine:
             # within a few heartbeat intervals, at the latest when it times out
             # after an rpc_timeout; then tick() retries the purge.
             for p in self.progress.values():
-                if p.state == ProgressState.REPLICATE and p.inflight:
+                if p.state == _REPLICATE and p.inflight:
                     upto = min(upto, p.matched_index)
         if upto <= self.log.purged_index:
             return None

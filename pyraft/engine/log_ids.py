@@ -13,9 +13,12 @@ log after a purge), or an entry in the last run.
 from __future__ import annotations
 
 import bisect
+import operator
 from typing import Callable
 
 from ..types import LogId
+
+_index = operator.attrgetter("index")
 
 
 class LogIdList:
@@ -73,15 +76,22 @@ class LogIdList:
         """
         if index == 0:
             return 0
-        if index > self.last_index:
+        last = self.last
+        if last is None or index > last.index:
             return None
-        if self.purged is not None:
-            if index == self.purged.index:
-                return self.purged.term
-            if index < self.purged.index:
+        purged = self.purged
+        if purged is not None:
+            if index == purged.index:
+                return purged.term
+            if index < purged.index:
                 return None
-        pos = bisect.bisect_right(self.keys, index, key=lambda k: k.index) - 1
-        return self.keys[pos].term if pos >= 0 else None
+        keys = self.keys
+        if keys:
+            k = keys[-1]
+            if index >= k.index:
+                return k.term  # in the last run (most lookups: the newest entries)
+        pos = bisect.bisect_right(keys, index, key=_index) - 1
+        return keys[pos].term if pos >= 0 else None
 
     def log_id_at(self, index: int) -> LogId | None:
         """The LogId at ``index`` (None for index 0 or an unknown index)."""
@@ -111,7 +121,7 @@ class LogIdList:
         assert since > self.purged_index, "cannot truncate purged entries"
         if since > self.last_index:
             return
-        pos = bisect.bisect_left(self.keys, since, key=lambda k: k.index)
+        pos = bisect.bisect_left(self.keys, since, key=_index)
         del self.keys[pos:]
         if since - 1 == self.purged_index:
             self.last = self.purged
@@ -129,6 +139,6 @@ class LogIdList:
             nxt = upto.index + 1
             t = self.term_at(nxt)
             assert t is not None, "every index between the purged and the last entry has a term"
-            pos = bisect.bisect_right(self.keys, nxt, key=lambda k: k.index)
+            pos = bisect.bisect_right(self.keys, nxt, key=_index)
             self.keys = [LogId(t, nxt)] + self.keys[pos:]
         self.purged = upto

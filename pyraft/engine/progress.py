@@ -30,6 +30,12 @@ class ProgressState(enum.Enum):
     SNAPSHOT = "snapshot"
 
 
+# Enum members as module globals: reading one as a class attribute goes through EnumType's
+# __getattr__ hook (a Python-level lookup, several times the cost of a global), and a leader
+# checks these on every reply.
+_PROBE, _REPLICATE, _SNAPSHOT = ProgressState.PROBE, ProgressState.REPLICATE, ProgressState.SNAPSHOT
+
+
 class Progress:
     __slots__ = ("matched", "next_index", "state", "inflight", "probe_sent", "acked_seq",
                  "last_ack", "snapshot_last")
@@ -37,7 +43,7 @@ class Progress:
     def __init__(self, next_index: int, now: float) -> None:
         self.matched: LogId | None = None
         self.next_index = next_index
-        self.state = ProgressState.PROBE
+        self.state = _PROBE
         #: (last index sent, time sent) of each AppendEntries in flight (REPLICATE)
         self.inflight: deque[tuple[int, float]] = deque()
         self.probe_sent = False
@@ -60,7 +66,7 @@ class Progress:
         updated = idx > self.matched_index
         if updated:
             self.matched = matched
-        if self.state == ProgressState.PROBE and idx >= self.next_index - 1:
+        if self.state == _PROBE and idx >= self.next_index - 1:
             self.become_replicate()
             updated = True
         if self.next_index < idx + 1:
@@ -75,32 +81,32 @@ class Progress:
         ``next_hint`` is where the leader's term search says to retry.
         False for a stale rejection.
         """
-        if self.state == ProgressState.REPLICATE:
+        if self.state == _REPLICATE:
             if rejected <= self.matched_index:
                 return False
             self.become_probe()
             return True
-        if self.state != ProgressState.PROBE or rejected != self.next_index - 1:
+        if self.state != _PROBE or rejected != self.next_index - 1:
             return False
         self.next_index = max(min(rejected, next_hint), self.matched_index + 1)
         self.probe_sent = False
         return True
 
     def become_probe(self) -> None:
-        self.state = ProgressState.PROBE
+        self.state = _PROBE
         self.next_index = self.matched_index + 1
         self.inflight.clear()
         self.probe_sent = False
         self.snapshot_last = None
 
     def become_replicate(self) -> None:
-        self.state = ProgressState.REPLICATE
+        self.state = _REPLICATE
         self.next_index = self.matched_index + 1
         self.inflight.clear()
         self.probe_sent = False
 
     def become_snapshot(self, last: LogId | None) -> None:
-        self.state = ProgressState.SNAPSHOT
+        self.state = _SNAPSHOT
         self.inflight.clear()
         self.probe_sent = False
         self.snapshot_last = last

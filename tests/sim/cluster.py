@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import itertools
 import random
 from collections import deque
 from typing import Any, Callable
@@ -71,6 +72,7 @@ from pyraft.types import EntryKind, LogId, Node, ServerState, SnapshotMeta, Stor
 from .invariants import InvariantViolation, Invariants, chain
 
 LEADER = ServerState.LEADER
+MEMBERSHIP = EntryKind.MEMBERSHIP  # (a global: an Enum class attribute is a slow lookup)
 
 #: Check the ordering contract and the quorum rules directly where they are observable (a vote is on
 #: disk when granted, an acknowledged or flushed entry is on disk, a leader's view of a follower's log
@@ -315,7 +317,7 @@ class Sim:
         self.shape = f"{voters} voters + {spares} spares, init={init}, {self._cfg_str()}"
         self.inv = Invariants()
         self.q: list = []
-        self._seq = 0
+        self._seq = itertools.count(1)   # the tie-breaker of events due at the same time: FIFO
         self.t = 0.0
         self.steps = 0
         self.trace: deque = deque(maxlen=trace_len)
@@ -379,18 +381,21 @@ class Sim:
     # ------------------------------------------------------------------ events
 
     def _at(self, delay: float, fn: Callable, *args: Any) -> None:
-        self._seq += 1
-        heapq.heappush(self.q, (self.t + delay, self._seq, fn, args))
+        heapq.heappush(self.q, (self.t + delay, next(self._seq), fn, args))
 
     def run(self, steps: int) -> None:
         """Process ``steps`` events (a step is one event)."""
         q = self.q
         pop = heapq.heappop
-        while self.steps < steps and q:
-            t, _, fn, args = pop(q)
-            self.t = t
-            self.steps += 1
-            fn(*args)
+        done = self.steps
+        try:
+            while done < steps and q:
+                t, _, fn, args = pop(q)
+                self.t = t
+                done += 1
+                fn(*args)
+        finally:
+            self.steps = done  # (counted in a local; only reports read it, after the run)
 
     def note(self, node_id: int | str, what: str | int, obj: Any = "") -> None:
         self.trace.append((self.t, node_id, what, obj))
@@ -413,7 +418,7 @@ class Sim:
         n = self.nodes[node_id]
         if not n.alive or n.paused:
             return None
-        n.engine.advance_clock(n.now())
+        n.engine.advance_clock(self.t * n.rate)
         try:
             r = fn(n.engine)
         except RaftError as err:
@@ -538,26 +543,29 @@ class Sim:
     def run_output(self, n: SimNode) -> None:
         """Execute the engine's commands in order, as the runtime would (maybe crashing midway)."""
         e = n.engine
+        dispatch = self._DISPATCH
         while n.alive:
             cmds = e.take_output()
             if not cmds:
                 break
-            crash_at = -1
             if self.p_mid_crash and self.rng.random() < self.p_mid_crash:
                 crash_at = self.rng.randrange(len(cmds))
-            for k, cmd in enumerate(cmds):
-                if k == crash_at:
-                    self.stats["mid_batch_crashes"] += 1
-                    self.crash(n.id, f"crash before command {k + 1} of {len(cmds)} ({type(cmd).__name__})")
-                    return
-                self._DISPATCH[type(cmd)](self, n, cmd)
+                for k, cmd in enumerate(cmds):
+                    if k == crash_at:
+                        self.stats["mid_batch_crashes"] += 1
+                        self.crash(n.id, f"crash before command {k + 1} of {len(cmds)} ({type(cmd).__name__})")
+                        return
+                    dispatch[type(cmd)](self, n, cmd)
+            else:
+                for cmd in cmds:
+                    dispatch[type(cmd)](self, n, cmd)
         if n.alive:
             self._check_node(n)
 
     def _check_node(self, n: SimNode) -> None:
         e = n.engine
-        inv = self.inv
         if e.state is LEADER:
+            inv = self.inv
             term = e.vote.term
             if n.led_term != term:
                 n.led_term = term
@@ -577,14 +585,15 @@ class Sim:
                     # buggify: a leader lost right after its election leaves entries of several
                     # terms half replicated -- the histories of the paper's Figure 8
                     self._at(self.rng.uniform(0.0, 0.03), self._depose, n.id, n.inc)
-        if e.state is LEADER and self._lease_holds(n):
-            newest = max(m.led_term for m in self.nodes.values())
-            if newest > e.vote.term:
-                inv.fail(f"node {n.id}'s read lease of term {e.vote.term} holds, but term {newest} has had "
-                         f"a leader")
-            if idx(n.sm_applied) < self.write_acked:
-                inv.fail(f"linearizability: node {n.id} would serve a lease read from state applied up to "
-                         f"{n.sm_applied}, but the write at index {self.write_acked} was acknowledged")
+            # (Without Config.lease_reads, read_lease() is always None: no lease to check.)
+            if self.cfg.lease_reads and self._lease_holds(n):
+                newest = max(m.led_term for m in self.nodes.values())
+                if newest > e.vote.term:
+                    inv.fail(f"node {n.id}'s read lease of term {e.vote.term} holds, but term {newest} has had "
+                             f"a leader")
+                if idx(n.sm_applied) < self.write_acked:
+                    inv.fail(f"linearizability: node {n.id} would serve a lease read from state applied up to "
+                             f"{n.sm_applied}, but the write at index {self.write_acked} was acknowledged")
         c = e.committed
         log = e.log
         # Most outputs change none of what the checks below read: skip them then (the same objects,
@@ -593,6 +602,7 @@ class Sim:
         if key == n.checked:
             return
         n.checked = key
+        inv = self.inv
         ci = idx(c)
         if not idx(e.applied) <= ci <= e.log.last_index:
             inv.fail(f"node {n.id}: expected applied <= committed <= last log index, got "
@@ -629,7 +639,8 @@ class Sim:
             if self.manual:
                 self._at(0.0, self._flush, n, n.inc)
                 return
-            delay = self.rng.uniform(*self.flush_delay)
+            lo, hi = self.flush_delay
+            delay = lo + (hi - lo) * self.rng.random()  # rng.uniform(lo, hi), inlined
             self._at(delay, self._flush, n, n.inc)
             if self.p_mid_crash and self.rng.random() < self.p_mid_crash:
                 # power loss while writes (and maybe a SaveCommitted after them) are not on disk yet
@@ -652,7 +663,7 @@ class Sim:
             self.crash(node_id, why, down_for)
 
     def _flush(self, n: SimNode, inc: int) -> None:
-        if n.inc != inc or not n.alive or self._held(n, self._flush, n, inc):
+        if n.inc != inc or not n.alive or (n.paused and self._held(n, self._flush, n, inc)):
             return
         if n.stall_until > self.t:
             # a disk that stalls (longer than an election timeout): the flush completes later
@@ -670,7 +681,7 @@ class Sim:
         self._write_durable(n, n.buf)
         n.buf = []
         e = n.engine
-        e.advance_clock(n.now())
+        e.advance_clock(self.t * n.rate)
         e.on_log_flushed(n.d_log.last)
         self.run_output(n)
 
@@ -760,12 +771,12 @@ class Sim:
         if self.loss and rng.random() < self.loss:
             return
         lo, hi = self.delay
-        d = rng.uniform(lo, hi)
+        d = lo + (hi - lo) * rng.random()  # rng.uniform(lo, hi), inlined
         if self.ghost and rng.random() < self.ghost:
             # a message that outlives an election or a restart of its sender or receiver
             d = rng.uniform(0.3, 2.0)
             self.stats["ghosts"] += 1
-        self._at(d, self._deliver, src, dst, msg, ctx, is_resp)
+        heapq.heappush(self.q, (self.t + d, next(self._seq), self._deliver, (src, dst, msg, ctx, is_resp)))
         if self.dup and rng.random() < self.dup:
             self._at(rng.uniform(lo, 2 * hi), self._deliver, src, dst, msg, ctx, is_resp)
 
@@ -773,11 +784,11 @@ class Sim:
         if (src, dst) in self.blocked:
             return
         n = self.nodes[dst]
-        if not n.alive or self._held(n, self._deliver, src, dst, msg, ctx, is_resp):
+        if not n.alive or (n.paused and self._held(n, self._deliver, src, dst, msg, ctx, is_resp)):
             return
         self.note(dst, src, msg)  # (an int: "<-n{src}", formatted only when the trace is printed)
         e = n.engine
-        e.advance_clock(n.now())
+        e.advance_clock(self.t * n.rate)
         if is_resp:
             if DIRECT_CHECKS and type(msg) is AppendEntriesResponse and msg.seq and e.state is LEADER \
                     and msg.term == e.vote.term and (msg.term, src, msg.seq) not in n.rounds:
@@ -799,7 +810,7 @@ class Sim:
             e.step(src, msg, (src, ctx, msg))
             if (t is AppendEntriesRequest or t is InstallSnapshotRequest) and e.vote.term == msg.term \
                     and e.leader_id == msg.leader_id:
-                n.contact = (msg.term, n.now())
+                n.contact = (msg.term, self.t * n.rate)
             self.run_output(n)
             self._voting = None
 
@@ -887,12 +898,12 @@ class Sim:
                           f"(term {n.repl_term}, targets {sorted(n.repl_targets)})")
         if self.read_delay_p and self.rng.random() < self.read_delay_p:
             # a replication worker reads the log a little later
-            self._at(self.rng.uniform(0.0, 0.003), self._replicate_read, n, n.inc, cmd)
+            self._at(0.0 + (0.003 - 0.0) * self.rng.random(), self._replicate_read, n, n.inc, cmd)  # rng.uniform, inlined
         else:
             self._replicate_read(n, n.inc, cmd, now=True)
 
     def _replicate_read(self, n: SimNode, inc: int, cmd: C.Replicate, now: bool = False) -> None:
-        if n.inc != inc or not n.alive or (not now and self._held(n, self._replicate_read, n, inc, cmd)):
+        if n.inc != inc or not n.alive or (not now and n.paused and self._held(n, self._replicate_read, n, inc, cmd)):
             return
         if not now and (cmd.term != n.repl_term or cmd.target not in n.repl_targets):
             return  # the worker was stopped
@@ -956,7 +967,7 @@ class Sim:
         self._send_chunk(n, src)
 
     def _snapshot_timeout(self, n: SimNode, inc: int, target: int, tid: int, end: int) -> None:
-        if n.inc != inc or not n.alive or self._held(n, self._snapshot_timeout, n, inc, target, tid, end):
+        if n.inc != inc or not n.alive or (n.paused and self._held(n, self._snapshot_timeout, n, inc, target, tid, end)):
             return
         tr = n.transfers.get(target)
         if tr is None or tr[0] != tid or tr[5] != end:
@@ -1054,18 +1065,24 @@ class Sim:
             self.inv.fail(f"node {n.id}: received snapshot data for {lid}, but its meta says {meta.last_log_id}")
         self._sm_push(n, ("install", meta, h, bytes(r[1]), cmd.token))
 
+    def _sm_delay(self) -> float:
+        if self.manual:
+            return 0.0
+        lo, hi = self.sm_delay
+        return lo + (hi - lo) * self.rng.random()  # rng.uniform(lo, hi), inlined
+
     def _sm_push(self, n: SimNode, task: tuple) -> None:
         n.smq.append(task)
         if not n.sm_busy:
             n.sm_busy = True
-            self._at(self.rng.uniform(*self.sm_delay) if not self.manual else 0.0, self._sm_run, n, n.inc)
+            self._at(self._sm_delay(), self._sm_run, n, n.inc)
 
     def _sm_run(self, n: SimNode, inc: int) -> None:
-        if n.inc != inc or not n.alive or self._held(n, self._sm_run, n, inc):
+        if n.inc != inc or not n.alive or (n.paused and self._held(n, self._sm_run, n, inc)):
             return
         task = n.smq.popleft()
         e = n.engine
-        e.advance_clock(n.now())
+        e.advance_clock(self.t * n.rate)
         kind = task[0]
         if kind == "apply":
             upto = task[1]
@@ -1083,7 +1100,7 @@ class Sim:
                     inv.on_apply(n.id, ent.log_id, h)
                     if n.writes:
                         self._ack_write(n, ent.log_id)
-                    if ent.kind == EntryKind.MEMBERSHIP:
+                    if ent.kind == MEMBERSHIP:
                         n.sm_membership = StoredMembership(ent.log_id, ent.payload)
                 if ent.log_id != upto:
                     inv.fail(f"node {n.id}: Apply({upto}) but its log has {ent.log_id} there")
@@ -1116,7 +1133,7 @@ class Sim:
         self.run_output(n)
         if n.alive and n.inc == inc:
             if n.smq:
-                self._at(self.rng.uniform(*self.sm_delay) if not self.manual else 0.0, self._sm_run, n, inc)
+                self._at(self._sm_delay(), self._sm_run, n, inc)
             else:
                 n.sm_busy = False
 
@@ -1186,19 +1203,21 @@ class Sim:
     # ------------------------------------------------------------------ random activity
 
     def _tick(self, n: SimNode, inc: int) -> None:
-        if n.inc != inc or not n.alive or self._held(n, self._tick, n, inc):
+        if n.inc != inc or not n.alive or (n.paused and self._held(n, self._tick, n, inc)):
             return
-        n.engine.tick(n.now())
+        n.engine.tick(self.t * n.rate)  # (n.now(), inlined: a tick is a third of all events)
         self.run_output(n)
         if n.alive:
-            self._at(self.rng.uniform(0.005, 0.03), self._tick, n, inc)
+            # self._at(self.rng.uniform(0.005, 0.03), ...), inlined (the same arithmetic as uniform())
+            heapq.heappush(self.q, (self.t + (0.005 + (0.03 - 0.005) * self.rng.random()), next(self._seq),
+                                    self._tick, (n, inc)))
 
     def leaders(self) -> list[SimNode]:
         return [n for n in self.nodes.values() if n.alive and n.engine.state is LEADER]
 
     def _client(self) -> None:
         rng = self.rng
-        self._at(rng.uniform(0.002, 0.04), self._client)
+        self._at(0.002 + (0.04 - 0.002) * rng.random(), self._client)  # rng.uniform(0.002, 0.04), inlined
         alive = [n for n in self.nodes.values() if n.alive]
         if not alive:
             return

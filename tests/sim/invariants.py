@@ -32,6 +32,9 @@ from typing import Any
 
 from pyraft.types import Entry, EntryKind, LogId, StoredMembership
 
+# (globals: an Enum class attribute is a slow lookup, and entry_digest runs for every append and apply)
+NORMAL, MEMBERSHIP = EntryKind.NORMAL, EntryKind.MEMBERSHIP
+
 
 class InvariantViolation(AssertionError):
     """A Raft safety property does not hold."""
@@ -39,11 +42,11 @@ class InvariantViolation(AssertionError):
 
 def entry_digest(e: Entry) -> int:
     """A hash of an entry's content that is the same in every process (ints and tuples only)."""
-    if e.kind == EntryKind.NORMAL:
+    if e.kind == NORMAL:
         p = e.payload
         # str hashes differ between processes; a replay must see the very same numbers
         return hash((1, p)) if type(p) is int else hash((1, zlib.crc32(repr(p).encode())))
-    if e.kind == EntryKind.MEMBERSHIP:
+    if e.kind == MEMBERSHIP:
         m = e.payload
         return hash((2, tuple(tuple(sorted(c)) for c in m.configs), tuple(sorted(m.nodes)),
                      tuple(sorted(m.leaving))))
@@ -148,7 +151,7 @@ class Invariants:
         for j in range(lo, i + 1):
             self.committed[j] = log.hash_at(j)
             e = log.get(j)
-            if e is not None and e.kind == EntryKind.MEMBERSHIP:
+            if e is not None and e.kind == MEMBERSHIP:
                 self.committed_membership = StoredMembership(e.log_id, e.payload)
         self.c_max = i
 

@@ -189,8 +189,8 @@ MUTANTS: dict[str, tuple[str, str, str]] = {
     ),
     "lease-ignored": (
         "CheckQuorum's vote lease is ignored: a follower of a live leader votes for a later term",
-        "        if not self.cfg.check_quorum:\n            return False\n        if self.state == ServerState.LEADER:",
-        "        if True:\n            return False\n        if self.state == ServerState.LEADER:",
+        "        if not self.cfg.check_quorum:\n            return False\n        if self.state == _LEADER:",
+        "        if True:\n            return False\n        if self.state == _LEADER:",
     ),
     # --- read leases (Config.lease_reads): each guard of Engine.read_lease taken out in turn
     "lease-too-long": (
