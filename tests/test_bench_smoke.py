@@ -237,3 +237,13 @@ def test_a_run_that_failed_makes_the_exit_code_1():
                     {"system": "pysyncobj", "result": {"error": "OSError: boom"}}],
            "etcd_comparison": {"rows": [{"pyraft": {"error": "etcd exited 1"}}]}}
     assert run_errors(doc) == ["OSError: boom", "etcd exited 1"]
+
+
+def test_failed_operations_inside_a_measured_run_are_named():
+    """A run whose figures left out failed writes printed them as if nothing had failed."""
+    from pyraft.tools.bench import failed_writes
+    doc = {"runs": [{"system": "pyraft", "result": {"ops_per_s": 5.0, "failed": 0, "first_error": None}},
+                    {"system": "pyraft", "result": {"ops_per_s": 4.0, "failed": 3, "first_error": "Timeout()"}}],
+           "etcd_comparison": {"rows": [{"etcd": {"failed": 1, "first_error": "grpc"}}]}}
+    assert failed_writes(doc) == [(3, "Timeout()"), (1, "grpc")]
+    assert failed_writes({"runs": []}) == []

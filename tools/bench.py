@@ -1597,6 +1597,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(bench_etcd.render(doc))
     else:
         print(render_table(doc))
+    for n, first in failed_writes(doc):
+        print(f"pyraft-bench: warning: {n:,} write(s) or read(s) of a run failed and are not in its figures; "
+              f"the first: {first}", file=sys.stderr)
     failed = run_errors(doc)
     if failed:
         print(f"pyraft-bench: {len(failed)} run(s) failed: {failed[0]}", file=sys.stderr)
@@ -1604,21 +1607,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def failed_writes(doc: Any) -> list[tuple[int, str]]:
+    """``(failed, first_error)`` of each run that measured its figures with some operations failing."""
+    return [(d["failed"], str(d.get("first_error"))) for d in _result_maps(doc)
+            if type(d.get("failed")) is int and d["failed"] > 0]
+
+
 def run_errors(doc: Any) -> list[str]:
     """The errors of the runs that failed, anywhere in the results (a failed run has a non-empty "error")."""
-    found: list[str] = []
+    return [str(d["error"]) for d in _result_maps(doc) if d.get("error")]
 
-    def walk(x: Any) -> None:
+
+def _result_maps(doc: Any) -> list[dict]:
+    """Every map anywhere in the results of ``doc`` (runs, follower_down, etcd_comparison), outermost first."""
+    found: list[dict] = []
+    stack: list[Any] = [doc.get(k) for k in ("etcd_comparison", "follower_down", "runs")]
+    while stack:
+        x = stack.pop()
         if isinstance(x, dict):
-            if x.get("error"):
-                found.append(str(x["error"]))
-            for v in x.values():
-                walk(v)
+            found.append(x)
+            stack.extend(reversed(list(x.values())))
         elif isinstance(x, list):
-            for v in x:
-                walk(v)
-
-    walk({k: doc.get(k) for k in ("runs", "follower_down", "etcd_comparison")})
+            stack.extend(reversed(x))
     return found
 
 
