@@ -1196,3 +1196,65 @@ def test_a_session_keeps_a_bounded_number_of_small_outcomes_whatever_floor_the_c
         assert d.get("x") is None
     finally:
         sm.close()
+
+
+def test_a_lost_call_is_not_overtaken_by_more_calls_than_a_session_keeps(monkeypatch):
+    """A node's oldest call, its request lost once, was overtaken by any number of newer calls; past
+    MAX_SESSION_OUTCOMES of them the session's floor moved past it and its retry failed unrun."""
+    from pyraft.objects import caller as caller_mod
+    from pyraft.objects import statemachine as sm_mod
+    monkeypatch.setattr(caller_mod, "MAX_SENT", 4)
+    monkeypatch.setattr(sm_mod, "MAX_SESSION_OUTCOMES", 8)
+    with ObjCluster(lambda i: (ReplList(),)) as c:
+        leader = c.leader()
+        f = next(i for i in c.ids if i != leader.node_id)
+        lst = c.objs[f][0]
+        lst.append("warm-up", timeout=T)
+        first_args = _values.dumps([["first"], {}])
+        lost: list = []
+
+        def lose_the_first_request(direction, peer, msg):
+            if (direction == "request" and isinstance(msg, ClientRequest) and msg.op == "objects.call"
+                    and msg.body.get("a") == first_args and not lost):
+                lost.append(msg.body["s"])
+                return True
+            return False
+
+        leader.transport.set_fault_filter(lose_the_first_request)
+        first = lst.append.future("first", timeout=T)
+        rest = [lst.append.future(i, timeout=T) for i in range(40)]
+        assert first.result(T) >= 2  # sent again after try_timeout, and run
+        for fut in rest:
+            fut.result(T)
+        leader.transport.set_fault_filter(None)
+        assert lost and lst.to_list().count("first") == 1 and len(lst.to_list()) == 42
+
+
+def test_a_snapshot_installed_over_a_nodes_own_calls_completes_every_waiter_it_covers():
+    """The calling node's waiter of a call covered by a snapshot gets the session's outcome: the
+    result, a ResultNotKept that says the call ran once, or an error for one below the floor."""
+    from concurrent.futures import Future
+    from pyraft.errors import ResultNotKept
+    me = b"c" * 16
+
+    def call(m, args, seq, floor):
+        return dict(_cmd("ReplDict", m, args, seq, 1000.0, client=me), f=floor)
+
+    ahead = ObjectStateMachine(ReplDict())
+    ahead.apply([Entry(LogId(1, 1), EntryKind.NORMAL, call("set", ["big", "v" * 5000], 1, 1)),
+                 Entry(LogId(1, 2), EntryKind.NORMAL, call("pop", ["big"], 2, 1)),
+                 Entry(LogId(1, 3), EntryKind.NORMAL, call("set", ["k", 1], 3, 1)),
+                 Entry(LogId(1, 4), EntryKind.NORMAL, call("setdefault", ["k"], 4, 2))])
+    meta = ahead.build_snapshot()
+    _, data = ahead.open_snapshot()
+    lagging = ObjectStateMachine(ReplDict())
+    lagging._client_id = me  # as attach() sets it: this node made the calls
+    waiters = {s: Future() for s in (1, 2, 4, 5)}
+    for s, fut in waiters.items():
+        lagging._register_waiter(s, fut)
+    lagging.install_snapshot(meta, data)
+    assert isinstance(waiters[1].exception(0), RaftError) and "below its session's floor" in str(waiters[1].exception())
+    e = waiters[2].exception(0)
+    assert isinstance(e, ResultNotKept) and "ran once, at log index 2" in str(e)
+    assert waiters[4].result(0) == 1
+    assert not waiters[5].done()  # not applied yet: it waits for its entry

@@ -391,6 +391,12 @@ class Caller:
         p.token = None
 
     def _attempt(self, p: _Pending, m: Any, leader: tuple[int, Node | None] | None, now: float) -> None:
+        if p.kind == "call" and p.seq >= self._floor() + MAX_SENT:
+            # Never a call MAX_SENT or more above the oldest one waiting: every replica keeps the
+            # outcomes above a client's floor, at most MAX_SESSION_OUTCOMES (twice this) of them,
+            # and drops the oldest past that.  So the oldest call is sent first and never starved.
+            p.next_try = now + _POLL
+            return
         if p.choose_version is not None:
             ann = self._announcement
             if ann is not None and not ann.done():

@@ -120,7 +120,8 @@ MAX_NAME_BYTES = 511
 #: call with a larger one gets ResultNotKept): every replica keeps it for ``session_ttl``.
 MAX_KEPT_OUTCOME = 1024
 #: A session keeps at most this many outcomes (above its floor): past it the oldest go and the
-#: floor moves past them.  Twice the calls a Caller keeps in flight (caller.MAX_SENT).
+#: floor moves past them.  Twice what a Caller sends above its floor (caller.MAX_SENT), so only
+#: a client that is not a Caller ever meets it.
 MAX_SESSION_OUTCOMES = 1024
 #: The fields an objects command may carry ("t" is the leader's stamp).
 _CALL_FIELDS = frozenset(("k", "c", "s", "f", "t", "o", "m", "v", "a"))
@@ -165,8 +166,9 @@ def _kept(wire: list, log_id: LogId) -> list:
     if n <= MAX_KEPT_OUTCOME:
         return wire
     return outcome_to_wire(False, ResultNotKept(
-        f"this call was applied at log index {log_id.index}; its outcome, {n} bytes encoded, is larger than "
-        f"a session keeps for a retry ({MAX_KEPT_OUTCOME})"))
+        f"this call ran once, at log index {log_id.index}; its outcome, {n} bytes encoded, is larger than "
+        f"a session keeps ({MAX_KEPT_OUTCOME}), and this answer comes from the session (a re-sent copy of "
+        f"the call, or a snapshot this node installed): read the object's state instead"))
 
 
 def check_objects_command(command: Any) -> None:
@@ -890,7 +892,11 @@ class ObjectStateMachine:
             self._applied_cond.notify_all()
             with self._wait_lock:
                 mine = self._sessions.get(self._client_id)
-                ready = [(s, mine.done[s]) for s in list(self._waiters) if mine is not None and s in mine.done]
+                ready = [] if mine is None else [
+                    (s, mine.done.get(s) or outcome_to_wire(False, RaftError(
+                        f"call {s} of this node is below its session's floor in the snapshot installed: it ran "
+                        f"before it, or never will, and its outcome was not kept")))
+                    for s in list(self._waiters) if s in mine.done or s < mine.floor]
         with self._snap_lock:
             self._snapshot = snapshot
             if self._env is not None:
