@@ -11,6 +11,7 @@ import pytest
 from pyraft.codec import (CLIENT_REQUEST_TAG, FORMAT_VERSION, ClientRequest, ClientResponse, Envelope,
                           container_budget, decode_body, decode_entries, decode_entry, decode_envelope,
                           decode_message, encode_entries, encode_entry, encode_message)
+from pyraft.codec import _Budget
 from pyraft.errors import CodecError
 from pyraft.messages import (AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest,
                              InstallSnapshotResponse, TimeoutNowRequest, TimeoutNowResponse, VoteRequest,
@@ -263,3 +264,24 @@ def test_decoded_entries_are_ordinary_values():
         got[0].log_id.term = 9  # still frozen
     with pytest.raises(CodecError):
         decode_entries(1, [b"\x93\x01\x01\xc0", "not bytes"])
+
+
+def test_entries_decoded_together_are_each_exactly_one_value():
+    """Each stored encoding must be one whole value by itself (a follower stores them as they came
+    and reads them back one by one): a decode of several at once must not let one run into the next."""
+    entries = [Entry(LogId(2, 5 + i), EntryKind.NORMAL, {"op": "put", "key": f"k{i}", "value": b"v" * i})
+               for i in range(50)]
+    datas = encode_entries(entries)
+    assert decode_entries(5, datas) == entries == [decode_entry(5 + i, d) for i, d in enumerate(datas)]
+    budget = _Budget(10**6).options()
+    assert decode_entries(5, datas, unpack_options=budget) == entries
+    a, b = datas[0], datas[1]
+    for bad, which in [([a[:3], a[3:] + b], "entry 5"),   # a value split across two encodings
+                       ([a + b, b], "entry 5"),             # two values in one
+                       ([a, b"", b], "entry 6"),            # an empty one
+                       ([a, b[:-1]], "entry 6"),            # cut short at the end
+                       ([a, b + b"\xc1"], "entry 6")]:       # a byte msgpack never uses
+        with pytest.raises(CodecError, match=which):
+            decode_entries(5, bad)
+    with pytest.raises(CodecError, match="more arrays and maps"):
+        decode_entries(5, datas, unpack_options=_Budget(10).options())
