@@ -150,3 +150,14 @@ def test_a_seed_replays_exactly():
 def test_simulation_soak(request):
     """Long runs over many seeds (deselected by default; ``pytest -m soak``)."""
     _run_range(request, SOAK_SEEDS, SOAK_STEPS, SOAK_FIRST_SEED)
+
+
+def test_every_teeth_mutant_still_applies_to_the_engine():
+    """``python -m sim.teeth`` shows each guard of the engine is needed by taking it out; a mutant
+    whose text the engine no longer holds shows nothing (two had drifted unnoticed)."""
+    from sim import teeth
+    for name in teeth.MUTANTS:
+        try:
+            teeth.load_mutant(name)
+        except SystemExit as e:
+            pytest.fail(str(e))

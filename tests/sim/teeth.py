@@ -139,9 +139,9 @@ MUTANTS: dict[str, tuple[str, str, str]] = {
     ),
     "joint-commit-new-only": (
         "while joint, entries commit with a majority of the new voter set only",
-        "        n = self.membership.membership.quorum_index(matched)",
+        "        n = self.effective_membership.membership.quorum_index(matched)",
         "        from ..types import _majority_index\n"
-        "        new = self.membership.membership.configs[-1]\n"
+        "        new = self.effective_membership.membership.configs[-1]\n"
         "        n = _majority_index([matched.get(x, 0) for x in new], len(new))",
     ),
     "joint-election-new-only": (
@@ -236,8 +236,8 @@ MUTANTS: dict[str, tuple[str, str, str]] = {
     ),
     "transfer-accepts-proposals": (
         "a leader that is transferring its leadership still accepts proposals",
-        "        if self.transferee is not None:\n            m = self.membership.membership",
-        "        if False:\n            m = self.membership.membership",
+        "        if self.transferee is not None:\n            m = self.effective_membership.membership",
+        "        if False:\n            m = self.effective_membership.membership",
     ),
     "bug1-ack-with-current-term": (
         "a follower's delayed AppendEntries ack carries its term when the flush completes, not the "
