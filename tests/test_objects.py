@@ -1145,8 +1145,11 @@ def test_arguments_nested_past_the_limit_fail_the_call_and_a_lock_holder_cannot_
     for _ in range(_values.MAX_ARGS_DEPTH - 1):
         deep = [deep]
     with pytest.raises(TypeError, match="nest more than"):
-        _values.check_args_depth([["L", deep], {}])
-    _values.check_args_depth([["L", deep[0]], {}])  # as deep as allowed: [args, kwargs], args, the holder
+        _values.check_args_depth(_values.dumps([["L", deep], {}]))
+    _values.check_args_depth(_values.dumps([["L", deep[0]], {}]))  # as deep as allowed: [args, kwargs], args, holder
+    wide = [[list(range(100_000)), {"m": [1, (2, {3})]}], {"k": [[[]]]}]  # long, shallow: walked, refused not
+    _values.check_args_depth(_values.dumps(wide))
+    assert len(_values.dumps([["L", deep[0]], {}])) > _values.MAX_ARGS_DEPTH  # (long enough to be walked)
     locks = ReplLockManager(auto_unlock=10)
     sm = ObjectStateMachine(locks, path=tmp_path)
     try:

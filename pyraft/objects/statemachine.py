@@ -175,17 +175,17 @@ def check_objects_command(command: Any) -> None:
     """``CodecError`` for a command that is not a call or version announcement a Caller makes.
 
     Checked before proposing (the leader's ``objects.call`` handler: a
-    malformed request never reaches the log); apply checks the same again
-    for an entry in a log all the same.
+    malformed request never reaches the log).  Apply checks what it relies
+    on again, for an entry in a log all the same (one an older node wrote).
     """
     if type(command) is not dict:
         raise CodecError(f"an objects command is a map, not {type(command).__name__}")
     k = command.get("k")
+    if k not in ("call", "hello"):
+        raise CodecError("objects command: 'k' must be 'call' or 'hello'")
     extra = set(command) - (_CALL_FIELDS if k == "call" else _HELLO_FIELDS)
-    if k not in ("call", "hello") or extra:
-        raise CodecError(f"objects command: 'k' must be 'call' or 'hello' with only their fields "
-                         f"(unknown: {sorted(map(repr, extra))[:5]})" if extra or k in ("call", "hello")
-                         else "objects command: 'k' must be 'call' or 'hello'")
+    if extra:
+        raise CodecError(f"objects {k}: unknown fields {sorted(repr(x)[:40] for x in extra)[:5]}")
     c, s, f = command.get("c"), command.get("s"), command.get("f")
     if type(c) is not bytes or not 1 <= len(c) <= MAX_CLIENT_ID_BYTES:
         raise CodecError(f"objects command: 'c' (the client id) must be 1 to {MAX_CLIENT_ID_BYTES} bytes")
@@ -375,7 +375,7 @@ class ObjectStateMachine:
             raise NotAttached(f"the ObjectStateMachine of {obj.object_name!r} is not attached to a Raft node")
         try:
             a = _values.dumps([list(args), kwargs])
-            _values.check_args_depth([args, kwargs])
+            _values.check_args_depth(a)
         except TypeError as e:
             raise TypeError(f"arguments of {obj.object_name}.{method.method_name}: {e}") from None
         body = {"k": "call", "o": obj.object_name, "m": method.method_name, "v": None, "a": a}
@@ -616,7 +616,7 @@ class ObjectStateMachine:
             if not (isinstance(args, list) and len(args) == 2 and isinstance(args[0], list)
                     and isinstance(args[1], dict) and all(isinstance(k, str) for k in args[1])):
                 raise CodecError("call arguments: expected [args, kwargs]")
-            _values.check_args_depth(args)
+            _values.check_args_depth(a, args)
         except (CodecError, TypeError) as ex:
             return False, RaftError(f"entry {e.log_id}: {ex}")
         dirty.add(oname)
