@@ -60,7 +60,8 @@ class RaftMetrics:
     #: frames dropped by the transport, and similar counters
     counters: Mapping[str, int] = field(default_factory=dict)
     #: on the leader: why a replication target cannot be reached (its connection
-    #: failed; the worker retries with back-off), for each target that has such an error
+    #: failed, and the worker retries with back-off; or another node answers at its
+    #: address), for each target that has such an error
     replication_errors: Mapping[int, str] = field(default_factory=dict)
 
     @property

@@ -128,6 +128,10 @@ class Connection(Protocol):
     def close(self) -> None:
         """Close the connection.  Idempotent."""
 
+    # Optional: ``problem``, a str while the connection drops the peer's replies for a reason
+    # its user should see (ZmqConnection: another node answers at the address), else None.
+    # The leader's replication worker shows it in RaftMetrics.replication_errors.
+
 
 @runtime_checkable
 class Transport(Protocol):

@@ -20,7 +20,7 @@ from pyraft.messages import InstallSnapshotRequest, InstallSnapshotResponse
 from pyraft.stores.memory import MemoryLogStore
 from pyraft.transports import zmq as zmq_transport
 from pyraft.transports.zmq import ZmqTransport
-from pyraft.types import LogId, SnapshotMeta
+from pyraft.types import LogId, SnapshotMeta, log_index
 
 from memcluster import FAST, LOADED, MemCluster, pyraft_threads, put, wait_until
 
@@ -163,6 +163,44 @@ def test_a_bad_address_is_refused_when_added_and_one_in_the_log_kills_no_leader(
         m = new.wait(20).metrics(lambda m: 4 not in m.replication_errors, "the error to clear")
         r4.wait(20).applied_index_at_least(m.committed.index)
         assert r4.state_machine.get("b") == 2
+    finally:
+        c.close()
+    assert pyraft_threads() == []
+
+
+def test_a_second_address_of_a_member_never_makes_it_count_twice():
+    """``add_learner(4, <node 2's port at localhost>)``: node 2 used to answer as node 4 too.
+
+    Its acknowledgements then counted for two members: promoted, node 4 would
+    have made one process two votes of four.  Now the leader drops replies from
+    another node than the one it connected to, shows why, and node 4 never
+    catches up; given its own address, it does.
+    """
+    c = ZmqNodes([1, 2, 3], LOADED)
+    try:
+        c.rafts[1].initialize({i: c.node(i) for i in (1, 2, 3)})
+        leader = c.leader()
+        other = next(i for i in (1, 2, 3) if i != leader.node_id)
+        port = c.node(other).addr.rsplit(":", 1)[1]
+        alias = Node(f"tcp://localhost:{port}")
+        leader.add_learner(4, alias, blocking=False, timeout=20)
+        leader.client_write(put("a", 1), timeout=10)
+        m = leader.wait(20).metrics(lambda m: 4 in m.replication_errors, "the replication error of node 4")
+        assert f"answers as node {other}, not node 4" in m.replication_errors[4]
+        assert log_index(m.replication.get(4)) == 0, "node 2's replies were counted as node 4's"
+        assert leader.transport.stats.get("dropped_wrong_peer", 0) >= 1
+        with pytest.raises(Timeout):
+            leader.add_learner(4, alias, timeout=2)
+        with pytest.raises(Timeout):  # a learner that never caught up is not promoted
+            leader.change_membership({1, 2, 3, 4}, timeout=3)
+        assert leader.metrics().membership.voter_ids == {1, 2, 3}
+        # Given its own address, node 4 catches up and the error clears.
+        t4 = ZmqTransport(4, "tcp://127.0.0.1:*")
+        r4 = c.rafts[4] = Raft(4, c.config, t4, MemoryLogStore(), _sm())
+        c.transports[4] = t4
+        leader.add_learner(4, Node(t4.endpoint), timeout=30)
+        leader.wait(20).metrics(lambda m: 4 not in m.replication_errors, "the error to clear")
+        assert all(alive(r) for r in c.rafts.values())
     finally:
         c.close()
     assert pyraft_threads() == []

@@ -1024,7 +1024,8 @@ class ZmqTransport:
         """Counters: ``frames_in``, ``requests_in``, ``replies_out``, ``replies_dropped``,
         ``frames_dropped`` and ``dropped_<reason>`` (``envelope``, ``oversize``,
         ``decode``, ``not_request``, ``not_reply``, ``fault_filter``,
-        ``unknown_key``, ``rpc_not_peer``, ``rpc_wrong_id``), ``sends``,
+        ``unknown_key``, ``rpc_not_peer``, ``rpc_wrong_id``, ``wrong_peer``: a reply
+        from another node than the one connected to), ``sends``,
         ``sends_dropped``, ``replies_in``, ``handler_errors``, ``frame_errors``,
         ``auth_rejected``, ``client_requests_too_large``, ``client_requests_overloaded``,
         ``replies_deferred`` (waited in the backlog for room in libzmq's queue),
@@ -1483,6 +1484,8 @@ class ZmqConnection:
             reconnect_ivl_max=transport.reconnect_ivl_max, keypair=transport._keypair, server_key=server_key,
             affinity=_io_affinity(transport._ctx, _CONNECT_IO), recv_hwm=transport.recv_hwm)
         self._ids = itertools.count(1)
+        #: why this connection's replies are being dropped, while they are (see ``_decode``); None otherwise
+        self.problem: str | None = None
         # Until the first send goes through: frames waiting for the first connection.
         self._pending: collections.deque[bytes] | None = collections.deque()
         self._pending_bytes = 0
@@ -1614,6 +1617,17 @@ class ZmqConnection:
         if isinstance(frame.message, _REQUEST_TYPES):
             t._stats.drop("not_reply")
             return None
+        if frame.from_id != self.target_id:
+            # Another member answers at this address: two members' addresses name one process
+            # (localhost and 127.0.0.1, a DNS alias), or a node was replaced by one with another
+            # id.  Counting its replies would count one process as two members.
+            t._stats.drop("wrong_peer")
+            self.problem = (f"the process at {self.addr!r} answers as node {frame.from_id}, not node "
+                            f"{self.target_id}: two members' addresses name one process? its replies "
+                            f"are dropped; give node {self.target_id} its own address")
+            t._rlog.log(logging.WARNING, f"wrong_peer {self.target_id}", "node %s: %s", t.node_id, self.problem)
+            return None
+        self.problem = None
         if t._filtered("recv", self.target_id, frame.message):
             t._stats.drop("fault_filter")
             return None

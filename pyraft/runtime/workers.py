@@ -137,6 +137,7 @@ class ReplicationWorker(_Worker):
         self._snapshot_rids: set[int] = set()
         self._connect_failures = 0  # in a row
         self._retry_at = 0.0  # monotonic time of the next connection attempt
+        self._problem: str | None = None  # the connection's ``problem`` last shown in the metrics
 
     def submit(self, cmd: Any) -> None:
         self.q.put(cmd)
@@ -183,6 +184,10 @@ class ReplicationWorker(_Worker):
                 while r is not None:
                     self.core.post_reply(("resp", self.target, r[1]))
                     r = self.conn.recv(0)
+                problem = getattr(self.conn, "problem", None)
+                if problem != self._problem:
+                    self._problem = problem
+                    self.core.set_replication_error(self, problem)
         finally:
             if self.conn is not None:
                 self.conn.close()
