@@ -434,6 +434,21 @@ def pack_fast(value: Any) -> bytes:
     return out
 
 
+def thread_packer() -> msgpack.Packer:
+    """This thread's :func:`pack_fast` Packer, for a loop that packs many values (one call each, not two).
+
+    Only for values whose packing runs no Python code (exact str, bytes, int,
+    float, bool, None): pack_fast takes its Packer out while it packs because
+    Python code run meanwhile may pack too, which cannot happen then.  A value
+    that fails to pack leaves the Packer as it was (msgpack resets it).
+    """
+    local = _local.__dict__
+    p = local.get("packer")
+    if p is None:
+        p = local["packer"] = msgpack.Packer(use_bin_type=True)
+    return p
+
+
 #: Immutable values msgpack decodes to themselves (exact types, no subclasses).
 _SCALARS = frozenset((str, bytes, int, float, bool, type(None)))
 

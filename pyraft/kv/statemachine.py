@@ -89,7 +89,7 @@ import struct
 import threading
 import uuid
 from contextlib import contextmanager
-from typing import Any, BinaryIO, Callable, Final, Iterator, NamedTuple, Sequence
+from typing import Any, BinaryIO, Callable, Final, Iterator, NamedTuple, Sequence, cast
 
 import lmdb
 import msgpack
@@ -141,6 +141,10 @@ _EVENT_KEY = struct.Struct(">QI")  # events: revision, sequence number within it
 _PLAIN_OPS = ("put", "delete", "cas", "get")
 #: _LmdbBackend.session_low before anyone looked at session_index
 SESSIONS_UNKNOWN: Final = -1
+#: _LmdbBackend.session_memo keeps at most this many clients (emptied when it grows past)
+_SESSION_MEMO_MAX = 4096
+#: the results a session_memo entry may hold (the result is handed out, to a retry)
+_IMMUTABLE = frozenset((type(None), bool, int, float, str, bytes))
 
 
 class _Dbs:
@@ -171,11 +175,10 @@ class _Overlay:
         self.known: dict[bytes, bytes | None] = {}  # read ahead (None: absent)
 
     def prefetch(self, keys: list[bytes]) -> None:
-        keys = list(dict.fromkeys(keys))  # a key written often is in a batch many times: read it once
-        found = dict(self.txn.cursor(db=self.db).getmulti(keys))
+        unique = dict.fromkeys(keys)  # a key written often is in a batch many times: read it once
         known = self.known
-        for k in keys:
-            known[k] = found.get(k)
+        known.update(unique)  # None: absent, unless found
+        known.update(self.txn.cursor(db=self.db).getmulti(list(unique)))
 
     def get(self, key: bytes) -> bytes | None:
         v = self.changes.get(key, _MISSING)
@@ -195,12 +198,14 @@ class _Overlay:
         if not changes:
             return
         self.changes = {}
-        puts = sorted((k, v) for k, v in changes.items() if v is not None)
-        if puts:
-            self.txn.cursor(db=self.db).putmulti(puts)
-        for k, v in changes.items():
-            if v is None:
-                self.txn.delete(k, db=self.db)
+        deleted = [k for k, v in changes.items() if v is None] if None in changes.values() else []
+        for k in deleted:
+            del changes[k]
+        puts = cast("dict[bytes, bytes]", changes)  # the deletes taken out
+        if puts:  # (sorted by key alone: the keys differ)
+            self.txn.cursor(db=self.db).putmulti(sorted(puts.items()))
+        for k in deleted:
+            self.txn.delete(k, db=self.db)
 
 
 class _Missing(enum.Enum):
@@ -214,8 +219,12 @@ _MISSING: Final = _Missing.MISSING
 class _LmdbBackend:
     """The KVBackend of one write transaction (data writes through an _Overlay)."""
 
-    def __init__(self, txn: lmdb.Transaction[bytes], dbs: _Dbs, session_low: int | None = SESSIONS_UNKNOWN) -> None:
-        """``session_low``: what :attr:`session_low` was after the last committed batch."""
+    def __init__(self, txn: lmdb.Transaction[bytes], dbs: _Dbs, session_low: int | None = SESSIONS_UNKNOWN,
+                 session_memo: dict[bytes, tuple[bytes, Session]] | None = None) -> None:
+        """``session_low``: what :attr:`session_low` was after the last committed batch.
+
+        ``session_memo``: the :attr:`session_memo` of the batches before (an empty one if None).
+        """
         self.txn = txn
         self.dbs = dbs
         self.data = _Overlay(txn, dbs.data)
@@ -229,6 +238,10 @@ class _LmdbBackend:
         #: it valid, and expire_sessions looks at session_index only once the bound says
         #: something may have expired.
         self.session_low = session_low
+        #: client id -> (a session record, its Session), for the clients seen lately (their
+        #: scalar results): a client's write decodes the record its last write stored.  Used only
+        #: when the record read is the one kept, so it may outlive the transaction (aborted or not).
+        self.session_memo: dict[bytes, tuple[bytes, Session]] = {} if session_memo is None else session_memo
         self._ev_rev = 0  # the revision of the last event added, and its sequence number
         self._ev_sub = 0
         # Events are appended at the end of the batch, in one call (flush_events): fewer calls into
@@ -322,13 +335,34 @@ class _LmdbBackend:
 
     def get_session(self, client: bytes) -> Session | None:
         raw = self.sessions.get(client)
-        return None if raw is None else Session.from_bytes(raw)
+        if raw is None:
+            return None
+        memo = self.session_memo.get(client)
+        if memo is not None and memo[0] == raw:
+            return memo[1]
+        session = Session.from_bytes(raw)
+        self._memo_session(client, raw, session)
+        return session
+
+    def _memo_session(self, client: bytes, raw: bytes, session: Session) -> None:
+        if type(session.result[1]) not in _IMMUTABLE:
+            return  # a retry returns the result: one the caller may have changed must be decoded anew
+        memo = self.session_memo
+        if len(memo) >= _SESSION_MEMO_MAX and client not in memo:
+            memo.clear()
+        memo[client] = (raw, session)
 
     def put_session(self, client: bytes, session: Session, old: Session | None) -> None:
         sindex = self.sindex.changes
         if old is not None:
-            sindex[index_key(old.index) + client] = None
-        self.sessions.changes[client] = session.to_bytes()
+            k = index_key(old.index) + client
+            # Written by this batch (since the last flush): not in the database, which holds no
+            # session index of an entry this batch applies: dropping the write deletes it.
+            if sindex.pop(k, None) is None:
+                sindex[k] = None
+        raw = session.to_bytes()
+        self.sessions.changes[client] = raw
+        self._memo_session(client, raw, session)
         sindex[index_key(session.index) + client] = b""
         if self.session_low is None:  # the first session (indexes only grow: the others' are lower)
             self.session_low = session.index
@@ -540,6 +574,8 @@ class KVStateMachine(KVReads, ApplyListeners):
         self._applied: tuple[LogId | None, StoredMembership | None] = (applied, membership)
         #: _LmdbBackend.session_low after the last committed batch (the apply thread's)
         self._session_low: int | None = SESSIONS_UNKNOWN
+        #: _LmdbBackend.session_memo, kept from batch to batch (the apply thread's)
+        self._session_memo: dict[bytes, tuple[bytes, Session]] = {}
 
     # -- durability ---------------------------------------------------------------------
 
@@ -679,7 +715,7 @@ class KVStateMachine(KVReads, ApplyListeners):
 
         def run(txn: lmdb.Transaction[bytes]) -> tuple[list[Any], StoredMembership | None, tuple[int, int], tuple,
                                                         int | None]:
-            backend = _LmdbBackend(txn, dbs, self._session_low)
+            backend = _LmdbBackend(txn, dbs, self._session_low, self._session_memo)
             backend.prefetch(entries)
             results = apply_entries(backend, entries, ttl)
             membership = membership0
