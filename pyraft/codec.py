@@ -434,19 +434,24 @@ def pack_fast(value: Any) -> bytes:
     return out
 
 
-def thread_packer() -> msgpack.Packer:
-    """This thread's :func:`pack_fast` Packer, for a loop that packs many values (one call each, not two).
+def thread_packer() -> Callable[[Any], bytes]:
+    """For a loop that packs many small exact scalars: :func:`pack_fast` at the cost of one call, not two.
 
-    Only for values whose packing runs no Python code (exact str, bytes, int,
-    float, bool, None): pack_fast takes its Packer out while it packs because
-    Python code run meanwhile may pack too, which cannot happen then.  A value
-    that fails to pack leaves the Packer as it was (msgpack resets it).
+    This thread's Packer's ``pack``.  Only for exact str, bytes, int, float,
+    bool and None of less than ``_KEEP_PACKER_BELOW`` bytes packed (a Packer
+    keeps its buffer at the largest size it packed): pack_fast takes its
+    Packer out while it packs because Python code run meanwhile may pack too,
+    and msgpack's C extension runs none for such values.  With msgpack's
+    pure-Python fallback, which does, :func:`pack_fast` itself.  A value that
+    fails to pack leaves the Packer as it was (msgpack resets it).
     """
+    if msgpack.Packer.__module__ != "msgpack._cmsgpack":
+        return pack_fast
     local = _local.__dict__
     p = local.get("packer")
     if p is None:
         p = local["packer"] = msgpack.Packer(use_bin_type=True)
-    return p
+    return p.pack
 
 
 #: Immutable values msgpack decodes to themselves (exact types, no subclasses).

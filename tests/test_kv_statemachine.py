@@ -259,6 +259,36 @@ def test_a_snapshot_record_apply_would_fail_on_later_is_refused_as_content(tmp_p
         dst.close()
 
 
+def test_a_snapshot_session_written_past_the_snapshots_index_is_refused_as_content(tmp_path):
+    """A session at index 11 in a snapshot at index 1: no applied entry wrote it, so it is a lie.
+
+    Loaded, its index-order key would outlive the session's next write and
+    later expire it while its client still writes: a retry would then run again.
+    """
+    from pyraft.kv.statemachine import _REC_END, _REC_SESSION, SNAPSHOT_MAGIC, SNAPSHOT_VERSION
+    from pyraft.snapshot_files import SnapshotWriter
+    src = KVStateMachine(tmp_path / "src")
+    Applier(src)(put("a", 1))
+    meta = src.build_snapshot()
+    src.close()
+    dst = KVStateMachine(tmp_path / "dst")
+    try:
+        Applier(dst)(put("mine", 1))
+        for index, refused in ((1, False), (11, True)):
+            sink = dst.begin_receiving_snapshot()
+            w = SnapshotWriter(sink, SNAPSHOT_MAGIC, SNAPSHOT_VERSION, meta)
+            w.record(_REC_SESSION, msgpack.packb("c"), msgpack.packb([1, index, [0, None]]))
+            w.finish(_REC_END)
+            if refused:
+                with pytest.raises(CodecError, match="log index 11 is past the snapshot's"):
+                    dst.install_snapshot(meta, sink)
+            else:
+                dst.install_snapshot(meta, sink)
+                assert dst.items() == []
+    finally:
+        dst.close()
+
+
 def test_a_key_put_twice_in_one_txn_survives_a_snapshot_install(tmp_path):
     """Its version (2) is more than its revisions span (one): still a valid record."""
     src = KVStateMachine(tmp_path / "src")

@@ -433,7 +433,7 @@ def apply_entries(backend: KVBackend, entries: Sequence[Entry], session_ttl: int
     results: list[Any] = []
     append = results.append
     normal = EntryKind.NORMAL
-    pack = thread_packer().pack
+    pack = thread_packer()
     last = 0
     for e in entries:
         if e.kind != normal:
@@ -454,8 +454,10 @@ def apply_entries(backend: KVBackend, entries: Sequence[Entry], session_ttl: int
     return results
 
 
-#: Value types whose packing runs no Python code (exact types), which _plain_put packs itself.
+#: Value types that _plain_put applies (exact types: a container's depth is checked first).
 _SCALARS = frozenset((bytes, str, int, float, bool, type(None)))
+#: _plain_put packs a str or bytes value longer than this with pack_fast (see thread_packer)
+_SMALL_VALUE = 1 << 16
 
 
 def _plain_put(backend: KVBackend, pack: Callable[[Any], bytes], rev: int, cmd: dict, session_ttl: int) -> bool:
@@ -465,35 +467,38 @@ def _plain_put(backend: KVBackend, pack: Callable[[Any], bytes], rev: int, cmd: 
     new ``seq``) or none: what apply_command does for it, in fewer calls (a
     write's apply is CPU on every replica).  Anything else (a retry, a bad
     field) returns False having changed nothing, for apply_command or
-    _execute to apply, and to find any error, as always.
+    _execute to apply, and to find any error, as always.  The session is
+    looked at before the value is encoded: a retry of a large put costs no
+    encoding.
     """
-    if "lease" in cmd or "key" not in cmd or "value" not in cmd:
+    if "lease" in cmd or "key" not in cmd or "value" not in cmd or type(cmd["value"]) not in _SCALARS:
         return False
-    value = cmd["value"]
-    if type(value) not in _SCALARS:
-        return False  # (a container's depth is checked first)
     has_client = "client" in cmd
     if has_client != ("seq" in cmd):
         return False
-    try:
-        key = encode_key(cmd["key"])
-        value = pack(value)
-        if has_client:
-            client = encode_client(cmd["client"])
-    except (KVCommandError, TypeError, ValueError, OverflowError):  # what encode_value turns into errors
-        return False
+    old = None
     if has_client:
         seq = cmd["seq"]
         if type(seq) is not int or seq < 0:
+            return False
+        try:
+            client = encode_client(cmd["client"])
+        except KVCommandError:
             return False
         backend.expire_sessions(rev - session_ttl)  # first, as apply_command (which does it again: a no-op)
         old = backend.get_session(client)
         if old is not None and seq <= old.seq:
             return False
-        _put(backend, rev, key, value, 0)
+    value = cmd["value"]
+    try:
+        key = encode_key(cmd["key"])
+        value = pack_fast(value) if (type(value) is str or type(value) is bytes) and len(value) > _SMALL_VALUE \
+            else pack(value)  # (pack: codec.thread_packer)
+    except (KVCommandError, TypeError, ValueError, OverflowError):  # what encode_value turns into errors
+        return False
+    _put(backend, rev, key, value, 0)
+    if has_client:
         backend.put_session(client, new_session(seq, [0, None], rev), old)
-    else:
-        _put(backend, rev, key, value, 0)
     return True
 
 

@@ -355,11 +355,7 @@ class _LmdbBackend:
     def put_session(self, client: bytes, session: Session, old: Session | None) -> None:
         sindex = self.sindex.changes
         if old is not None:
-            k = index_key(old.index) + client
-            # Written by this batch (since the last flush): not in the database, which holds no
-            # session index of an entry this batch applies: dropping the write deletes it.
-            if sindex.pop(k, None) is None:
-                sindex[k] = None
+            sindex[index_key(old.index) + client] = None
         raw = session.to_bytes()
         self.sessions.changes[client] = raw
         self._memo_session(client, raw, session)
@@ -860,8 +856,11 @@ class KVStateMachine(KVReads, ApplyListeners):
                         s = Session.from_bytes(b)
                     except (ValueError, TypeError, msgpack.UnpackException) as e:
                         raise CodecError(f"session record: {e}") from None
-                    if not 0 <= s.index < 2**64:
-                        raise CodecError(f"session record: log index {s.index} out of range")
+                    # A session is written by an applied entry: one past the snapshot's index would
+                    # be a lie that later batches could not expire right.
+                    if not 0 <= s.index <= log_index(meta.last_log_id):
+                        raise CodecError(f"session record: log index {s.index} is past the snapshot's "
+                                         f"({log_index(meta.last_log_id)})")
                     txn.put(a, b, db=dbs.sessions)
                     txn.put(index_key(s.index) + a, b"", db=dbs.sindex)
         txn.put(_K_APPLIED, pack(log_id_to_wire(meta.last_log_id)), db=dbs.meta)
