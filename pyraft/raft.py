@@ -97,6 +97,10 @@ class Raft:
             raise ValueError(f"node_id must be an integer in [0, 2**63 - 1], got {node_id!r}")
         if not isinstance(config, Config):
             raise TypeError(f"config must be a pyraft.Config, got {type(config).__name__}")
+        if getattr(transport, "node_id", node_id) != node_id:
+            # Its replies would carry the other id, and every peer would drop them as another node's.
+            raise ValueError(f"the transport is node {transport.node_id}'s, not node {node_id}'s: give "
+                             f"the transport and Raft the same node id")
         self.node_id = node_id
         self.config = config
         self.transport = transport

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from pyraft import Node, Raft, ServerState
+from pyraft import Config, Node, Raft, ServerState
 from pyraft.errors import ChangeMembershipError, InitializeError, ShutDown, Timeout
 from pyraft.kv import KVStateMachine
 from pyraft.messages import InstallSnapshotRequest, InstallSnapshotResponse
@@ -176,7 +176,8 @@ def test_a_second_address_of_a_member_never_makes_it_count_twice():
     another node than the one it connected to, shows why, and node 4 never
     catches up; given its own address, it does.
     """
-    c = ZmqNodes([1, 2, 3], LOADED)
+    # Slow elections: the test keeps one leader through waits that are meant to time out.
+    c = ZmqNodes([1, 2, 3], Config(heartbeat_interval=0.05, election_timeout=(2.0, 4.0), rpc_timeout=1.0))
     try:
         c.rafts[1].initialize({i: c.node(i) for i in (1, 2, 3)})
         leader = c.leader()
@@ -203,6 +204,17 @@ def test_a_second_address_of_a_member_never_makes_it_count_twice():
         assert all(alive(r) for r in c.rafts.values())
     finally:
         c.close()
+    assert pyraft_threads() == []
+
+
+def test_a_transport_of_another_node_id_is_refused():
+    """``Raft(3, ..., ZmqTransport(30, ...))``: its replies would say node 30, and every peer would drop them."""
+    t = ZmqTransport(30, "tcp://127.0.0.1:*")
+    try:
+        with pytest.raises(ValueError, match="the transport is node 30's, not node 3's"):
+            Raft(3, LOADED, t, MemoryLogStore(), _sm())
+    finally:
+        t.close()
     assert pyraft_threads() == []
 
 

@@ -313,6 +313,8 @@ class RaftCore(threading.Thread):
         """Show (or clear) why ``worker`` cannot reach its target; shown while it is the target's worker."""
         with self._counters_lock:
             if error is not None:
+                if self.workers.get(worker.target) is not worker:
+                    return  # a stopped worker's last word must not hide its successor's error
                 self._repl_errors[worker.target] = (worker, error)
             elif self._repl_errors.get(worker.target, (None,))[0] is worker:
                 del self._repl_errors[worker.target]
