@@ -455,7 +455,7 @@ def thread_packer() -> Callable[[Any], bytes]:
 
 
 #: Immutable values msgpack decodes to themselves (exact types, no subclasses).
-_SCALARS = frozenset((str, bytes, int, float, bool, type(None)))
+SCALAR_TYPES = frozenset((str, bytes, int, float, bool, type(None)))
 
 #: The first bytes of msgpack arrays, maps and ext values.  A byte string holds at most as many
 #: containers as bytes from this set (the bytes of strings and numbers may be among them too).
@@ -490,13 +490,13 @@ def pack_command(command: Any) -> tuple[bytes, Any]:
     t = type(command)
     if t is dict:
         packed = pack_fast(command)
-        scalars = _SCALARS
+        scalars = SCALAR_TYPES
         for k, v in command.items():
             if type(v) not in scalars or type(k) not in scalars:
                 break
         else:
             return packed, dict(command)  # one map: within the density
-    elif t in _SCALARS:
+    elif t in SCALAR_TYPES:
         return pack_fast(command), command
     elif t is bytearray or t is memoryview:
         command = bytes(command)

@@ -112,7 +112,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import msgpack
 
-from ..codec import pack_fast, thread_packer
+from ..codec import SCALAR_TYPES, pack_fast, thread_packer
 from ..errors import LeaseNotFound, ResultNotKept
 from ..types import Entry, EntryKind, new_object, slot_setter
 from .encoding import (EVENT_DELETE, EVENT_PUT, MAX_KEY_BYTES, RECORD_HEADER, KVCommandError, check_key,
@@ -454,8 +454,6 @@ def apply_entries(backend: KVBackend, entries: Sequence[Entry], session_ttl: int
     return results
 
 
-#: Value types that _plain_put applies (exact types: a container's depth is checked first).
-_SCALARS = frozenset((bytes, str, int, float, bool, type(None)))
 #: _plain_put packs a str or bytes value longer than this with pack_fast (see thread_packer)
 _SMALL_VALUE = 1 << 16
 
@@ -471,8 +469,8 @@ def _plain_put(backend: KVBackend, pack: Callable[[Any], bytes], rev: int, cmd: 
     looked at before the value is encoded: a retry of a large put costs no
     encoding.
     """
-    if "lease" in cmd or "key" not in cmd or "value" not in cmd or type(cmd["value"]) not in _SCALARS:
-        return False
+    if "lease" in cmd or "key" not in cmd or "value" not in cmd or type(cmd["value"]) not in SCALAR_TYPES:
+        return False  # (a container's depth is checked first: the long way)
     has_client = "client" in cmd
     if has_client != ("seq" in cmd):
         return False

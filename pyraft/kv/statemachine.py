@@ -94,8 +94,8 @@ from typing import Any, BinaryIO, Callable, Final, Iterator, NamedTuple, Sequenc
 import lmdb
 import msgpack
 
-from ..codec import (index_key, key_index, log_id_from_wire, log_id_to_wire, pack, stored_membership_from_wire,
-                     stored_membership_to_wire, unpack)
+from ..codec import (SCALAR_TYPES, index_key, key_index, log_id_from_wire, log_id_to_wire, pack,
+                     stored_membership_from_wire, stored_membership_to_wire, unpack)
 from ..errors import CodecError, NoSpace, StorageError
 from ..snapshot_files import (CHUNK, SnapshotDir, SnapshotWriter, UnsyncedMark, durable, get_pointer, read_header,
                               read_records, set_pointer, unlink_quietly)
@@ -143,8 +143,6 @@ _PLAIN_OPS = ("put", "delete", "cas", "get")
 SESSIONS_UNKNOWN: Final = -1
 #: _LmdbBackend.session_memo keeps at most this many clients (emptied when it grows past)
 _SESSION_MEMO_MAX = 4096
-#: the results a session_memo entry may hold (the result is handed out, to a retry)
-_IMMUTABLE = frozenset((type(None), bool, int, float, str, bytes))
 
 
 class _Dbs:
@@ -345,7 +343,7 @@ class _LmdbBackend:
         return session
 
     def _memo_session(self, client: bytes, raw: bytes, session: Session) -> None:
-        if type(session.result[1]) not in _IMMUTABLE:
+        if type(session.result[1]) not in SCALAR_TYPES:  # immutable, decoded as themselves
             return  # a retry returns the result: one the caller may have changed must be decoded anew
         memo = self.session_memo
         if len(memo) >= _SESSION_MEMO_MAX and client not in memo:
