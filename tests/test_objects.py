@@ -1137,6 +1137,25 @@ def test_a_malformed_objects_call_is_refused_by_the_leader_before_it_reaches_the
         assert leader.metrics().last_log_index == last
 
 
+def test_a_call_the_leader_refuses_as_malformed_fails_on_a_follower_instead_of_retrying():
+    """A follower's dispatcher retried a call the leader answered with CodecError until its
+    deadline: a call without a timeout hung for good.  (A node's own calls are well formed; a
+    leader whose code reads calls differently, in a rolling upgrade, refuses them so.)"""
+    with ObjCluster(lambda i: (ReplDict(),)) as c:
+        leader = c.leader()
+        follower = next(i for i in c.ids if i != leader.node_id)
+        last = leader.metrics().last_log_index
+        body = {"k": "call", "o": "ReplDict", "m": "set", "v": 0, "a": _values.dumps([["k", 1], {}]),
+                "from_a_newer_node": 1}
+        fut = c.sms[follower]._caller.submit_call(body, None)
+        with pytest.raises(CodecError, match="unknown"):
+            fut.result(timeout=10)  # without the fix: no result, TimeoutError here
+        assert leader.metrics().last_log_index == last
+        # The dispatcher goes on: the node's next call succeeds.
+        c.objs[follower][0].set("k", 2, timeout=10)
+        assert c.objs[follower][0].get("k") == 2
+
+
 def test_arguments_nested_past_the_limit_fail_the_call_and_a_lock_holder_cannot_stop_the_nodes(tmp_path):
     """A lock holder nested 1022 deep passed the caller's check, then the lock table (one level
     deeper) could not be encoded in apply: every node Fatal, again on every restart."""

@@ -36,7 +36,7 @@ from typing import Any, Callable, Protocol
 
 from ..codec import ClientRequest, ClientResponse
 from ..network import TRUSTED
-from ..errors import Fatal, Overloaded, PermissionDenied, RaftError, RequestTooLarge, ShutDown, Timeout
+from ..errors import CodecError, Fatal, Overloaded, PermissionDenied, RaftError, RequestTooLarge, ShutDown, Timeout
 from ..raft import error_response
 from ..types import LogId, Node, ServerState
 from ..runtime.futures import fail, succeed
@@ -522,6 +522,13 @@ class Caller:
         name, msg, leader_id, addr = resp.error
         if name in _FINAL_ERRORS:  # no other node or later try would answer otherwise
             self._fail(p, _FINAL_ERRORS[name](f"node {p.target}: {msg}"))
+            return
+        if name == "CodecError" and p.future is not self._announcement:
+            # The leader refused the call's form before proposing it: a leader whose code
+            # reads calls differently (a rolling upgrade).  Fail it now, as a local proposal
+            # would, rather than retry until its deadline (or forever, without one).  This
+            # node's own announcement keeps retrying: the next leader may read it.
+            self._fail(p, CodecError(f"node {p.target} refused the call: {msg}"))
             return
         if name == "ForwardToLeader" and type(leader_id) is int and leader_id != p.target:
             p.hint = (leader_id, Node(addr) if isinstance(addr, str) and addr else None)
