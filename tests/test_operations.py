@@ -451,8 +451,11 @@ def test_restore_and_inspect_agree_on_the_restored_log_ids(make_cluster, tmp_pat
         header, _ = read_backup_header(f)
     lid = header.meta.last_log_id
     d = tmp_path / "r1"
-    assert run(pkv.main, "restore", path, "--data-dir", d, "--id", 7, "--peers", "7=tcp://127.0.0.1:1,8=tcp://x:2",
-               "--cluster-name", "second")[0] == 0
+    rc, out, err = run(pkv.main, "restore", path, "--data-dir", d, "--id", 7, "--peers",
+                       "7=tcp://127.0.0.1:1,8=tcp://x:2", "--cluster-name", "second")
+    assert rc == 0, err
+    # Its hint to start the node names the new cluster: without it, serve refuses the data directory.
+    assert f"pyraft-kv serve --id 7 --data-dir {d} --cluster-name second ..." in out, out
     with LmdbLogStore(d, node_id=7, cluster_name="second") as ls:
         assert ls.read_vote().term == lid.term and ls.read_vote().node_id is None
         assert ls.log_state().last_purged == lid and ls.log_state().last_log_id == lid

@@ -38,6 +38,18 @@ def test_cluster_elects_exactly_one_leader(n):
         assert all(r.state_machine.get("a") == 1 for r in c.rafts.values())
 
 
+def test_a_new_member_logs_that_it_waits_for_the_membership_not_just_that_it_is_a_learner(caplog):
+    """Nodes 2 and 3, listed as voters but started empty, logged "Learner in term 1": alarming, and
+    unexplained, for a node the operator made a voter."""
+    caplog.set_level("INFO", logger="pyraft.runtime")
+    with MemCluster(3) as c:
+        c.leader()
+    lines = [r.getMessage() for r in caplog.records if r.name == "pyraft.runtime"]
+    learner = [x for x in lines if x.startswith("node 2: Learner in term")]
+    assert learner and all(x.endswith("(waiting to learn a membership that lists this node)") for x in learner)
+    assert any(x.startswith("node 2: Follower in term 1") and x.endswith("leader 1") for x in lines), lines
+
+
 def test_sixteen_threads_thousand_writes_each_same_state_everywhere():
     # 16 busy writer threads share the GIL with three nodes' threads on 2 cores:
     # a node thread can wait >100 ms for its turn, so timings are generous here

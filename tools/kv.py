@@ -82,6 +82,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -498,9 +499,12 @@ def _restore(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
+        # Nodes, clients and tools of the new cluster all need its name unless it is the default.
+        from pyraft import Config
+        named = "" if cluster_name == Config().cluster_name else f" --cluster-name {shlex.quote(cluster_name)}"
         print(f"restored {keys} keys into {dest} as node {args.id} of cluster {cluster_name!r} (snapshot at "
               f"{lid}; members {', '.join(f'{i}={a}' for i, a in sorted(peers.items()))}); start it with "
-              f"pyraft-kv serve --id {args.id} --data-dir {args.data_dir} ... (without --init)")
+              f"pyraft-kv serve --id {args.id} --data-dir {args.data_dir}{named} ... (without --init)")
     return EXIT_OK
 
 

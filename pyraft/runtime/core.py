@@ -841,7 +841,12 @@ class RaftCore(threading.Thread):
         m = self._build_metrics(state)
         old = self._published
         if (m.state, m.current_term, m.current_leader) != (old.state, old.current_term, old.current_leader):
-            log.info("node %s: %s in term %s, leader %s", self.node_id, m.state, m.current_term, m.current_leader)
+            # A node started without the membership (a new member, before the leader's first
+            # entries reach it) is a learner until it learns one that lists it: say so.
+            waiting = m.state is ServerState.LEARNER and (m.membership is None or self.node_id not in
+                                                          m.membership.learner_ids)
+            log.info("node %s: %s in term %s, leader %s%s", self.node_id, m.state, m.current_term, m.current_leader,
+                     " (waiting to learn a membership that lists this node)" if waiting else "")
         if m.membership_log_id != old.membership_log_id and m.membership is not None:
             ms = m.membership
             log.info("node %s: membership at %s: voters %s, learners %s", self.node_id, m.membership_log_id,
