@@ -229,6 +229,7 @@ def test_serve_start_up_errors_are_one_line_with_exit_code_2(tmp_path):
         p = run(*args, timeout=30)
         assert p.returncode == 2, p.stderr
         assert "cannot listen" in p.stderr and p.stderr.count("\n") == 1, p.stderr
+        assert not (tmp_path / "busy").exists()  # refused before the data directory was made
     # A data directory locked by a running node.
     args, listen = serve_args(tmp_path, data="locked", extra=["--init"])
     first = start_serve(args)
@@ -276,6 +277,7 @@ def test_serve_refuses_a_non_loopback_listen_without_curve_unless_insecure(tmp_p
     args[args.index("--listen") + 1] = "tcp://10.255.255.1:7001"
     p = run(*args, timeout=30)
     assert p.returncode == 2 and "cannot listen" in p.stderr, p.stderr
+    assert not (tmp_path / "open").exists()
 
 
 def test_stop_signals_records_each_signal_and_its_wait_ends_at_once_after_one():

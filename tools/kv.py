@@ -323,9 +323,10 @@ def _serve(args: argparse.Namespace) -> int:
     stop = StopSignals()
     try:
         try:
+            # The port first: a busy one is refused before the data directory is made.
+            transport = ZmqTransport(args.id, args.listen, cluster_name=config.cluster_name, curve=curve)
             log_store = LmdbLogStore(layout.root, node_id=args.id, cluster_name=config.cluster_name)
             sm = KVStateMachine(layout.root)
-            transport = ZmqTransport(args.id, args.listen, cluster_name=config.cluster_name, curve=curve)
         except (StorageError, TransportError) as e:
             raise UsageError(str(e)) from None
         except OSError as e:
