@@ -225,7 +225,7 @@ def test_client_and_reader_keys_cannot_administer_and_a_reader_cannot_write(host
 @ATTACKERS
 def test_forged_append_entries_at_the_leaders_term_does_not_make_the_leader_fatal(hostile_cluster, layout):
     c, lead = _cluster_with_a_write(hostile_cluster, layout)
-    term = c.status(lead)["term"]
+    term = c.status(lead, 5.0)["term"]
     other = _follower(c, lead)
     # 19 bytes on the wire: "I, node `other`, lead this term too".
     before = _attack(c, lead, AppendEntriesRequest(term, other, None, (), 0), claimed=other)
@@ -530,7 +530,7 @@ STEADY = {"heartbeat_interval": 0.1, "election_timeout": [1.0, 2.0], "rpc_timeou
 def test_a_16_mib_frame_neither_stalls_commits_nor_costs_the_leadership(hostile_cluster):
     c = hostile_cluster("none", config=STEADY)
     lead = c.wait_leader(20)
-    term = c.status(lead)["term"]
+    term = c.status(lead, 5.0)["term"]
     rss0 = _peak_rss_mib(c.procs[lead].pid)
     w = _Writer(c, "w")
     wait_for(lambda: len(w.acked) >= 20, 20, "writes to flow")
@@ -572,7 +572,7 @@ def test_soak_forty_16_mib_frames_keep_a_followers_memory_bounded(hostile_cluste
 def _flood(c, lead: int, n: int, hold: float) -> None:
     """``n`` idle ZeroMQ connections to the leader for ``hold`` seconds: no election may follow."""
     need_fds(n + 1000)
-    term = c.status(lead)["term"]
+    term = c.status(lead, 5.0)["term"]
     ctx = zmq.Context()
     ctx.set(zmq.MAX_SOCKETS, n + 100)
     socks = []

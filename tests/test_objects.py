@@ -1156,6 +1156,26 @@ def test_a_call_the_leader_refuses_as_malformed_fails_on_a_follower_instead_of_r
         assert c.objs[follower][0].get("k") == 2
 
 
+def test_a_node_that_does_not_lead_forwards_a_call_before_judging_its_form():
+    """Only the leader's CodecError is final for a caller: a follower, maybe running other code in a
+    rolling upgrade, answers ForwardToLeader (naming the leader) whatever the call carries."""
+    class Reply:
+        def __init__(self) -> None:
+            self.got: list = []
+
+        def reply(self, resp):
+            self.got.append(resp)
+
+    with ObjCluster(lambda i: (ReplDict(),)) as c:
+        leader = c.leader()
+        follower = next(i for i in c.ids if i != leader.node_id)
+        body = {**_cmd("ReplDict", "set", [1, 1], 1, 0.0), "junk": 1}
+        r = Reply()
+        c.sms[follower]._caller.on_call_request(0, ClientRequest("objects.call", body), r)
+        [resp] = r.got
+        assert not resp.ok and resp.error[0] == "ForwardToLeader" and resp.error[2] == leader.node_id, resp
+
+
 def test_arguments_nested_past_the_limit_fail_the_call_and_a_lock_holder_cannot_stop_the_nodes(tmp_path):
     """A lock holder nested 1022 deep passed the caller's check, then the lock table (one level
     deeper) could not be encoded in apply: every node Fatal, again on every restart."""

@@ -238,7 +238,7 @@ def test_backup_of_a_follower_restores_into_a_new_three_node_cluster(make_cluste
         assert kv2.get("after-restore") == 1
         # Every restored member holds the data and agrees on the log: new entries continue above the snapshot.
         lead2 = c2.wait_leader()
-        applied = c2.status(lead2)["applied"]
+        applied = c2.status(lead2, 5.0)["applied"]
         assert applied > header.meta.last_log_id.index
         for i in c2.ids:
             wait_until(lambda i=i: (c2.status(i) or {}).get("applied", 0) >= applied, 20, f"node {i} applied")
@@ -312,7 +312,7 @@ def test_lost_quorum_survivor_is_forced_into_a_new_cluster_and_grown_again(make_
     kv = c.client(ids=[survivor, 4, 5], timeout=20)
     try:
         kv.put("after-growth", 2)
-        applied = c.status(c.wait_leader(among=[survivor, 4, 5]))["applied"]
+        applied = c.status(c.wait_leader(among=[survivor, 4, 5]), 5.0)["applied"]
         for i in (4, 5):
             wait_until(lambda i=i: (c.status(i) or {}).get("applied", 0) >= applied, 20, f"node {i} applied")
             one = c.client(ids=[i], timeout=10)

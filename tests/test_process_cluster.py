@@ -47,7 +47,7 @@ def test_election_writes_leader_kill_restart_and_catch_up(make_cluster, hosts):
         with KVClient({lead: c.addrs[lead]}, timeout=5) as one:
             assert one.get("b99", stale=True) == 99
             assert one.get("a0", stale=True) == 0
-        assert c.status(lead)["keys"] == 200
+        assert c.status(lead, 5.0)["keys"] == 200
         # And it can lead again: kill the current leader, the cluster goes on.
         c.kill(new)
         c.wait_leader(20, among=[i for i in c.ids if i != new])

@@ -42,12 +42,23 @@ def test_a_new_member_logs_that_it_waits_for_the_membership_not_just_that_it_is_
     """Nodes 2 and 3, listed as voters but started empty, logged "Learner in term 1": alarming, and
     unexplained, for a node the operator made a voter."""
     caplog.set_level("INFO", logger="pyraft.runtime")
+
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "pyraft.runtime"]
+
     with MemCluster(3) as c:
-        c.leader()
-    lines = [r.getMessage() for r in caplog.records if r.name == "pyraft.runtime"]
-    learner = [x for x in lines if x.startswith("node 2: Learner in term")]
-    assert learner and all(x.endswith("(waiting to learn a membership that lists this node)") for x in learner)
-    assert any(x.startswith("node 2: Follower in term 1") and x.endswith("leader 1") for x in lines), lines
+        lead = c.leader()
+        assert any(x.startswith("node 2: Follower in term") and not x.endswith("leader None") for x in lines())
+        learner = [x for x in lines() if x.startswith("node 2: Learner in term")]
+        assert learner and all(x.endswith("(waiting to learn a membership that lists this node)") for x in learner)
+        # A member removed later is a learner again, but not one waiting for a membership.
+        gone = next(i for i in (3, 2) if i != lead.node_id)
+        seen = len(lines())
+        lead.change_membership({1, 2, 3} - {gone}, timeout=10)
+        wait_until(lambda: any(x.startswith(f"node {gone}: the committed configuration") for x in lines()), 10,
+                   f"node {gone} to log its removal")
+        after = [x for x in lines()[seen:] if x.startswith(f"node {gone}: Learner in term")]
+        assert after and not any(x.endswith("lists this node)") for x in after), after
 
 
 def test_sixteen_threads_thousand_writes_each_same_state_everywhere():

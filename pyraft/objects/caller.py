@@ -36,7 +36,8 @@ from typing import Any, Callable, Protocol
 
 from ..codec import ClientRequest, ClientResponse
 from ..network import TRUSTED
-from ..errors import CodecError, Fatal, Overloaded, PermissionDenied, RaftError, RequestTooLarge, ShutDown, Timeout
+from ..errors import (CodecError, Fatal, ForwardToLeader, Overloaded, PermissionDenied, RaftError, RequestTooLarge,
+                      ShutDown, Timeout)
 from ..raft import error_response
 from ..types import LogId, Node, ServerState
 from ..runtime.futures import fail, succeed
@@ -226,6 +227,15 @@ class Caller:
                     f"objects.call: a version announcement for node {body.get('n')!r} comes from that node's "
                     f"peer key only")))
                 return
+        m = self.raft.metrics()
+        if m.state != ServerState.LEADER:
+            # Before the command is checked: only the leader's verdict on a call's form is
+            # final for the caller (a node elsewhere may run other code, in a rolling upgrade).
+            leader = self._leader(m)
+            reply.reply(error_response(ForwardToLeader(
+                leader[0] if leader else None, leader[1] if leader else None,
+                f"objects.call: node {self.node_id} does not lead")))
+            return
         cmd = dict(body)
         cmd["t"] = self.sm._clock()
         try:
@@ -523,8 +533,9 @@ class Caller:
         if name in _FINAL_ERRORS:  # no other node or later try would answer otherwise
             self._fail(p, _FINAL_ERRORS[name](f"node {p.target}: {msg}"))
             return
-        if name == "CodecError" and p.future is not self._announcement:
-            # The leader refused the call's form before proposing it: a leader whose code
+        if name == "CodecError" and (p.body or {}).get("k") != "hello":
+            # The leader refused the call's form before proposing it (a node that does not
+            # lead answers ForwardToLeader first, see on_call_request): a leader whose code
             # reads calls differently (a rolling upgrade).  Fail it now, as a local proposal
             # would, rather than retry until its deadline (or forever, without one).  This
             # node's own announcement keeps retrying: the next leader may read it.

@@ -191,6 +191,7 @@ class RaftCore(threading.Thread):
         #: the engine's election and removal news already logged (see _log_engine_news)
         self._campaign_logged = self.engine.last_campaign
         self._removed_logged = False
+        self._listed_once = False  # a membership this node knew listed it (see _publish)
         # metrics: published after every turn; the condition wakes waiters
         self.cond = threading.Condition()
         #: threads in raft.wait() (guarded by cond): they want the applied index as it moves
@@ -842,9 +843,11 @@ class RaftCore(threading.Thread):
         old = self._published
         if (m.state, m.current_term, m.current_leader) != (old.state, old.current_term, old.current_leader):
             # A node started without the membership (a new member, before the leader's first
-            # entries reach it) is a learner until it learns one that lists it: say so.
-            waiting = m.state is ServerState.LEARNER and (m.membership is None or self.node_id not in
-                                                          m.membership.learner_ids)
+            # entries reach it) is a learner until it learns one that lists it: say so.  Not for
+            # a node that was listed once (removed since: it says so itself, _log_engine_news).
+            if m.membership is not None and self.node_id in m.membership.nodes:
+                self._listed_once = True
+            waiting = m.state is ServerState.LEARNER and not self._listed_once and not self.engine.removed
             log.info("node %s: %s in term %s, leader %s%s", self.node_id, m.state, m.current_term, m.current_leader,
                      " (waiting to learn a membership that lists this node)" if waiting else "")
         if m.membership_log_id != old.membership_log_id and m.membership is not None:
