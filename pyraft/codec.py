@@ -412,7 +412,7 @@ _local = threading.local()
 
 #: pack_fast keeps its thread's Packer only after values up to this size: a Packer
 #: keeps its buffer at the largest size it ever packed.
-_KEEP_PACKER_BELOW = 1 << 20
+KEEP_PACKER_BELOW = 1 << 20
 
 
 def pack_fast(value: Any) -> bytes:
@@ -429,7 +429,7 @@ def pack_fast(value: Any) -> bytes:
     if p is None:
         p = msgpack.Packer(use_bin_type=True)
     out = p.pack(value)  # if it fails, the Packer is dropped: the next call makes a new one
-    if len(out) < _KEEP_PACKER_BELOW:
+    if len(out) < KEEP_PACKER_BELOW:
         local["packer"] = p
     return out
 
@@ -438,7 +438,7 @@ def thread_packer() -> Callable[[Any], bytes]:
     """For a loop that packs many small exact scalars: :func:`pack_fast` at the cost of one call, not two.
 
     This thread's Packer's ``pack``.  Only for exact str, bytes, int, float,
-    bool and None of less than ``_KEEP_PACKER_BELOW`` bytes packed (a Packer
+    bool and None of less than ``KEEP_PACKER_BELOW`` bytes packed (a Packer
     keeps its buffer at the largest size it packed): pack_fast takes its
     Packer out while it packs because Python code run meanwhile may pack too,
     and msgpack's C extension runs none for such values.  With msgpack's

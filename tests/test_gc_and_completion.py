@@ -11,7 +11,7 @@ import pytest
 import msgpack
 
 import pyraft
-from pyraft.codec import _KEEP_PACKER_BELOW, _local, pack_fast
+from pyraft.codec import KEEP_PACKER_BELOW, _local, pack_fast
 from pyraft.runtime import futures
 from pyraft.runtime.futures import _COMPLETE_CHUNK, ClientFuture, complete_all
 
@@ -176,7 +176,7 @@ def test_pack_fast_is_safe_when_packing_runs_code_that_packs():
 def test_pack_fast_does_not_keep_a_packer_grown_by_a_large_value():
     pack_fast(b"x")
     assert "packer" in _local.__dict__
-    big = b"y" * _KEEP_PACKER_BELOW
+    big = b"y" * KEEP_PACKER_BELOW
     assert pack_fast(big) == msgpack.packb(big, use_bin_type=True)
     assert "packer" not in _local.__dict__
     with pytest.raises(TypeError):

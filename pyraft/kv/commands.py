@@ -112,7 +112,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import msgpack
 
-from ..codec import SCALAR_TYPES, pack_fast, thread_packer
+from ..codec import KEEP_PACKER_BELOW, SCALAR_TYPES, pack_fast, thread_packer
 from ..errors import LeaseNotFound, ResultNotKept
 from ..types import Entry, EntryKind, new_object, slot_setter
 from .encoding import (EVENT_DELETE, EVENT_PUT, MAX_KEY_BYTES, RECORD_HEADER, KVCommandError, check_key,
@@ -454,8 +454,9 @@ def apply_entries(backend: KVBackend, entries: Sequence[Entry], session_ttl: int
     return results
 
 
-#: _plain_put packs a str or bytes value longer than this with pack_fast (see thread_packer)
-_SMALL_VALUE = 1 << 16
+#: _plain_put packs a str or bytes value that could encode to this many bytes or more with
+#: pack_fast: with its header (5 bytes at most) it could pass what thread_packer's Packer may pack
+_LONG_VALUE = KEEP_PACKER_BELOW - 8
 
 
 def _plain_put(backend: KVBackend, pack: Callable[[Any], bytes], rev: int, cmd: dict, session_ttl: int) -> bool:
@@ -490,8 +491,9 @@ def _plain_put(backend: KVBackend, pack: Callable[[Any], bytes], rev: int, cmd: 
     value = cmd["value"]
     try:
         key = encode_key(cmd["key"])
-        value = pack_fast(value) if (type(value) is str or type(value) is bytes) and len(value) > _SMALL_VALUE \
-            else pack(value)  # (pack: codec.thread_packer)
+        t = type(value)  # a str's UTF-8 takes up to 4 bytes a character
+        value = pack_fast(value) if (t is bytes and len(value) >= _LONG_VALUE
+                                     or t is str and 4 * len(value) >= _LONG_VALUE) else pack(value)
     except (KVCommandError, TypeError, ValueError, OverflowError):  # what encode_value turns into errors
         return False
     _put(backend, rev, key, value, 0)
