@@ -210,11 +210,11 @@ def test_a_session_serves_one_write_at_a_time(mcluster):
         lock = threading.Lock()
         real_attempts = kv._attempts
 
-        def spy(req, deadline, is_write):
-            if is_write:
+        def spy(a):
+            if a.is_write:
                 with lock:
-                    seen.append((req.body["client"], req.body["seq"]))
-            return real_attempts(req, deadline, is_write)
+                    seen.append((a.req.body["client"], a.req.body["seq"]))
+            return real_attempts(a)
 
         kv._attempts = spy
         assert _run_threads(16, lambda t: [kv.put(f"s{t}-{i}", i) for i in range(10)]) == []

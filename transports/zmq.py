@@ -1748,15 +1748,18 @@ _CHANNEL_HELD = 1024
 class _Call:
     """One request in flight on a :class:`ZmqChannel`: its id and where its caller waits."""
 
-    __slots__ = ("rid", "waiter", "reply", "done")
+    __slots__ = ("rid", "waiter", "reply", "done", "callback")
 
-    def __init__(self, rid: int) -> None:
+    def __init__(self, rid: int, callback: Callable[[Any, BaseException | None], None] | None = None) -> None:
         self.rid = rid
         #: made (held) by a caller that will wait; released once, by whoever completes the call or
         #: hands it the I/O role.  None for the I/O thread's own call: nobody ever releases it.
         self.waiter: Any = None
         self.reply: Any = None
         self.done = False
+        #: for a call made with :meth:`ZmqChannel.start`: called on the pumping thread with
+        #: ``(reply, None)`` or ``(None, error)``; nobody waits on it.
+        self.callback = callback
 
 
 class _Failed:
@@ -1789,6 +1792,12 @@ class ZmqChannel:
     (one byte per batch: a flag says one is already on its way).  A socket
     only ever passes between threads under ``_lock`` (a full memory
     barrier, as ZeroMQ requires).
+
+    The other way to use a channel: one thread of the caller's own drives
+    it, starting calls with :meth:`start` (each reply goes to a callback)
+    and running :meth:`pump` in a loop; other threads only :meth:`wake`
+    it.  KVClient's futures (``put_async`` ...) work so.  A channel is
+    used one way or the other, never both.
     """
 
     def __init__(self, cluster_name: str = "pyraft", *, curve: CurveConfig | None = None,
@@ -1811,6 +1820,7 @@ class ZmqChannel:
         self._io: _Call | None = None  # the call whose thread holds the I/O role
         self._wake_pending = False
         self._closed = False
+        self._pumped = False  # start() was used: one thread drives the channel with pump()
         # Owned by the I/O role: address -> DEALER (and back), frames held while it is not connected.
         self._socks: dict[str, zmq.Socket] = {}
         self._by_sock: dict[zmq.Socket, str] = {}
@@ -1832,6 +1842,8 @@ class ZmqChannel:
         with self._lock:
             if self._closed:
                 raise TransportError("channel is closed")
+            if self._pumped:
+                raise TransportError("call() on a channel driven by pump()")
             self._calls[rid] = c
             self._outbox.append((rid, addr, data))
             io = self._io is None
@@ -1883,6 +1895,54 @@ class ZmqChannel:
         except OSError:  # the buffer is full (a byte is pending anyway) or closed
             pass
 
+    # -- driven by a thread of the caller's own ------------------------------------------
+
+    def start(self, addr: str, message: Any,
+              callback: Callable[[Any, BaseException | None], None]) -> int:
+        """Queue ``message`` for ``addr``; ``callback(reply, None)`` (or ``(None, error)``) from :meth:`pump`.
+
+        Only on the thread that pumps the channel.  Returns the call's id,
+        for :meth:`cancel`.  Nothing times out by itself: the pumping thread
+        cancels a call it no longer waits for.
+        """
+        rid = next(self._ids)
+        data = encode_message(message, self.cluster_name, 0, rid)
+        with self._lock:
+            if self._closed:
+                raise TransportError("channel is closed")
+            if self._io is not None:
+                raise TransportError("start() on a channel driven by its callers")
+            self._pumped = True
+            self._calls[rid] = _Call(rid, callback)
+            self._outbox.append((rid, addr, data))
+        return rid
+
+    def cancel(self, rid: int) -> None:
+        """Forget call ``rid``: a reply that comes later is dropped, its callback never called."""
+        with self._lock:
+            self._calls.pop(rid, None)
+
+    def pump(self, timeout: float) -> None:
+        """Send what :meth:`start` queued, wait up to ``timeout`` s for replies (or :meth:`wake`), hand them out.
+
+        The callbacks run here, on the pumping thread.  Returns after one
+        round: when something came, when woken, or after ``timeout``.
+        """
+        with self._lock:
+            closed = self._closed
+        if closed:
+            self._close_sockets()
+            raise TransportError("channel is closed")
+        self._round(timeout)
+
+    def wake(self) -> None:
+        """Make the pumping thread's :meth:`pump` return now (from any thread; one byte per batch)."""
+        with self._lock:
+            if self._wake_pending or self._closed:
+                return
+            self._wake_pending = True
+        self._wake()
+
     # -- the I/O role ------------------------------------------------------------------
 
     def _drive(self, mine: _Call, deadline: float) -> None:
@@ -1890,45 +1950,50 @@ class ZmqChannel:
         try:
             while not mine.done:
                 with self._lock:
-                    out, self._outbox = self._outbox, []
                     closed = self._closed
                 if closed:
                     self._close_sockets()
                     return
-                failed = []
-                for rid, addr, data in out:
-                    try:
-                        self._send(addr, data)
-                    except TransportError as e:  # no socket for addr (a CURVE key missing): that call fails
-                        failed.append((rid, _Failed(e)))
-                if failed:
-                    self._complete(failed)
                 left = deadline - time.monotonic()
-                events = dict(self._poller.poll(_ms(left) if left > 0 else 0))
-                if self._wake_r.fileno() in events:
-                    # Read the bytes, then clear the flag (under the lock), then take the outbox
-                    # at the top of the loop: a request queued after the flag was cleared either
-                    # is in that outbox or wrote a new byte.
-                    try:
-                        while self._wake_r.recv(4096):
-                            pass
-                    except OSError:
-                        pass
-                    with self._lock:
-                        self._wake_pending = False
-                got: list[tuple[int, Any]] = []
-                for sock, ev in events.items():
-                    if isinstance(sock, zmq.Socket):
-                        if ev & _POLLOUT:
-                            self._flush_held(self._by_sock[sock])
-                        if ev & _POLLIN:
-                            self._recv_all(sock, got)
-                if got:
-                    self._complete(got)
+                self._round(left)
                 if left <= 0:
                     return
         finally:
             self._pass_role(mine)
+
+    def _round(self, left: float) -> None:
+        """Send the outbox, poll up to ``left`` s, read what came and complete its calls."""
+        with self._lock:
+            out, self._outbox = self._outbox, []
+        failed = []
+        for rid, addr, data in out:
+            try:
+                self._send(addr, data)
+            except TransportError as e:  # no socket for addr (a CURVE key missing): that call fails
+                failed.append((rid, _Failed(e)))
+        if failed:
+            self._complete(failed)
+        events = dict(self._poller.poll(_ms(left) if left > 0 else 0))
+        if self._wake_r.fileno() in events:
+            # Read the bytes, then clear the flag (under the lock), then take the outbox
+            # at the next round: a request queued after the flag was cleared either
+            # is in that outbox or wrote a new byte.
+            try:
+                while self._wake_r.recv(4096):
+                    pass
+            except OSError:
+                pass
+            with self._lock:
+                self._wake_pending = False
+        got: list[tuple[int, Any]] = []
+        for sock, ev in events.items():
+            if isinstance(sock, zmq.Socket):
+                if ev & _POLLOUT:
+                    self._flush_held(self._by_sock[sock])
+                if ev & _POLLIN:
+                    self._recv_all(sock, got)
+        if got:
+            self._complete(got)
 
     def _send(self, addr: str, data: bytes) -> None:
         sock = self._socks.get(addr)
@@ -1989,16 +2054,25 @@ class ZmqChannel:
 
     def _complete(self, got: list[tuple[int, Any]]) -> None:
         me = self._io
+        callbacks = []
         with self._lock:
             pop = self._calls.pop
             for rid, msg in got:
                 c = pop(rid, None)
                 if c is None:
                     continue  # its call gave up
+                if c.callback is not None:
+                    callbacks.append((c.callback, msg))
+                    continue
                 c.reply = msg
                 c.done = True
                 if c is not me:
                     c.waiter.release()
+        for cb, msg in callbacks:
+            if type(msg) is _Failed:
+                cb(None, msg.error)
+            else:
+                cb(msg, None)
 
     def _pass_role(self, mine: _Call) -> None:
         with self._lock:
@@ -2028,9 +2102,10 @@ class ZmqChannel:
                 return
             self._closed = True
             for c in self._calls.values():
-                if c is not self._io:
+                if c is not self._io and c.waiter is not None:
                     c.reply, c.done = _Failed(TransportError("channel is closed")), True
                     c.waiter.release()
+            # (A started call is dropped: the thread that pumps the channel fails its own.)
             self._calls = {c.rid: c for c in self._calls.values() if c is self._io}
             idle = self._io is None
             if idle:

@@ -14,6 +14,10 @@
         kv.txn([{"key": "x", "target": "version", "op": "==", "value": 0}],
                [{"op": "put", "key": "x", "value": 1}])        # TxnResult(succeeded, responses, revision)
 
+Each key-value call has a twin that returns a
+:class:`concurrent.futures.Future` at once (``put_async``, ``get_async`` ...:
+see :meth:`KVClient.put_async`), driven by a thread of the client's own.
+
 The coordination primitives and their guarantees: docs/kv.md.  Watches
 (:class:`Watch`) and keep-alive helpers (:class:`KeepAlive`, :class:`Lease`)
 own their connections or their thread; the other calls share the machinery
@@ -26,7 +30,7 @@ How a call proceeds:
   (:class:`~pyraft.transports.zmq.ZmqChannel`): each call has its own
   request id and waits for the reply with that id, so calls from many
   threads are in flight on one connection at once (pipelined), and those
-  queued together leave together.  No thread of the client's own: one of
+  queued together leave together.  A blocking call needs no thread of the client's own: one of
   the waiting callers drives the sockets for all of them, so a lone
   caller sends and receives on its own thread.
 - A ``ForwardToLeader`` reply names the leader's address: the call follows it
@@ -73,11 +77,17 @@ than the nodes accept (:class:`~pyraft.errors.RequestTooLarge`): no retry.
 from __future__ import annotations
 
 import collections
+import functools
+import heapq
+import itertools
+import logging
+import operator
 import os
 import random
 import threading
 import time
-from typing import Any, Iterable, Mapping
+from concurrent.futures import Future
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 from ..codec import ClientRequest, ClientResponse
 from ..errors import LeaseNotFound, RaftError, Timeout
@@ -89,6 +99,8 @@ from .reads import KeyValue, RangeResult, TxnResult, WatchEvent, check_limit
 from .watch import MAX_WATCH_REVISION
 
 __all__ = ["KVClient", "Watch", "KeepAlive", "Lease", "parse_addresses"]
+
+log = logging.getLogger(__name__)
 
 #: How long an address that just failed (no reply in time) is avoided when choosing where to go.
 _AVOID_FOR = 1.5
@@ -131,6 +143,93 @@ def parse_addresses(addresses: str | Iterable[str] | Mapping[int, str]) -> list[
     return out
 
 
+class _Req(NamedTuple):
+    """One key-value call, checked and ready to send: what :meth:`KVClient._run` and ``_submit`` take."""
+
+    op: str
+    body: dict
+    write: bool  # it takes a write session (exactly-once)
+    convert: Callable[[Any], Any]  # the reply's body -> the call's result
+
+
+def _none(_: Any) -> None:
+    return None
+
+
+def _same(body: Any) -> Any:
+    return body
+
+
+def _put(key: Any, value: Any, lease: int | None) -> _Req:
+    check_key(key)
+    cmd = {"op": "put", "key": key, "value": value}
+    if lease is not None:
+        cmd["lease"] = _lease_id(lease)
+        check_command(cmd)  # a key attached to a lease is 8 bytes shorter
+    return _Req("kv.write", cmd, True, _none)
+
+
+def _get(key: Any, stale: bool) -> _Req:
+    check_key(key)
+    return _Req("kv.get_stale" if stale else "kv.get", {"key": key}, False, _same)
+
+
+def _delete(key: Any) -> _Req:
+    check_key(key)
+    return _Req("kv.write", {"op": "delete", "key": key}, True, bool)
+
+
+def _cas(key: Any, expected: Any, new: Any) -> _Req:
+    check_key(key)
+    return _Req("kv.write", {"op": "cas", "key": key, "expected": expected, "value": new}, True, bool)
+
+
+def _range_body(key: Any, end: Any, prefix: bool, stale: bool) -> dict:
+    range_bounds(key, end, _bool(prefix, "prefix"))  # a key the store cannot hold is refused here
+    return {"key": key, "end": end, "prefix": prefix, "stale": _bool(stale, "stale")}
+
+
+def _range_result(r: dict) -> RangeResult:
+    return RangeResult([KeyValue.from_stored(k, rec) for k, rec in r["kvs"]], r["revision"], r["count"],
+                       r["more"], r.get("count_exact", True))  # (an older node's count is exact)
+
+
+def _range(key: Any, end: Any, prefix: bool, limit: int | None, keys_only: bool, stale: bool) -> _Req:
+    body = _range_body(key, end, prefix, stale)
+    body["limit"] = check_limit(limit)
+    body["keys_only"] = _bool(keys_only, "keys_only")
+    return _Req("kv.range", body, False, _range_result)
+
+
+def _count(key: Any, end: Any, prefix: bool, stale: bool) -> _Req:
+    body = _range_body(key, end, prefix, stale)
+    body["count_only"] = True
+    return _Req("kv.range", body, False, operator.itemgetter("count"))
+
+
+def _txn(compare: Iterable[Mapping], success: Iterable[Mapping], failure: Iterable[Mapping]) -> _Req:
+    compare, success, failure = list(compare), list(success), list(failure)
+    cmd = {"op": "txn", "compare": compare, "success": success, "failure": failure}
+    check_command(cmd)
+
+    def convert(reply: Any) -> TxnResult:
+        succeeded, responses, revision = reply
+        out: list[Any] = []
+        for op, r in zip(success if succeeded else failure, responses):
+            kind = op.get("op")
+            if kind == "get":
+                out.append(None if r is None else KeyValue(_tuplify(op["key"]), *r))
+            elif kind == "range":
+                rows, more = r
+                out.append(RangeResult([KeyValue(_tuplify(k), *rest) for k, *rest in rows], revision,
+                                       len(rows), more))
+            else:
+                out.append(r)
+        return TxnResult(bool(succeeded), tuple(out), revision)
+
+    return _Req("kv.write", cmd, True, convert)
+
+
 class _Session:
     """A write session (client id, last seq) and, for calls that use their own, connections.
 
@@ -157,13 +256,16 @@ class KVClient:
 
     def __init__(self, addresses: str | Iterable[str] | Mapping[int, str], timeout: float = 5.0, *,
                  cluster_name: str = "pyraft", curve: CurveConfig | None = None,
-                 attempt_timeout: float | None = None) -> None:
+                 attempt_timeout: float | None = None, max_in_flight: int = 1024) -> None:
         if _check_timeout(timeout) is None or not timeout > 0:
             raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
         if attempt_timeout is not None and not (_check_timeout(attempt_timeout, "attempt_timeout") or 0) > 0:
             raise ValueError(f"attempt_timeout must be a finite number of seconds > 0 (or None), "
                              f"got {attempt_timeout!r}")
+        if type(max_in_flight) is not int or not 1 <= max_in_flight <= 50_000:
+            raise ValueError(f"max_in_flight must be an integer in [1, 50000], got {max_in_flight!r}")
         self.timeout = float(timeout)
+        self.max_in_flight = max_in_flight
         self.attempt_timeout = (float(attempt_timeout) if attempt_timeout is not None
                                 else min(self.timeout, max(0.2, min(1.0, self.timeout / 3))))
         self.cluster_name = cluster_name
@@ -190,34 +292,25 @@ class KVClient:
         self._chan = ZmqChannel(cluster_name, curve=curve,
                                 server_key=self._server_key if curve is not None else None)
         self._keepalives: set[KeepAlive] = set()  # running KeepAlive helpers: close() stops them
+        self._async: _AsyncCalls | None = None  # the futures' thread, from the first *_async call
 
     # ------------------------------------------------------------------ the API
 
     def put(self, key: Any, value: Any, lease: int | None = None) -> None:
         """Set ``key`` to ``value``, attached to ``lease`` (it dies with it) or, without one, to none."""
-        check_key(key)
-        cmd = {"op": "put", "key": key, "value": value}
-        if lease is not None:
-            cmd["lease"] = _lease_id(lease)
-            check_command(cmd)  # a key attached to a lease is 8 bytes shorter
-        self._write(cmd)
+        return self._run(_put(key, value, lease))
 
     def get(self, key: Any, stale: bool = False) -> Any:
         """The value of ``key`` (None when absent): linearizable, or with ``stale`` any node's local copy."""
-        check_key(key)
-        if stale:
-            return self._call("kv.get_stale", {"key": key}, write=False)
-        return self._call("kv.get", {"key": key}, write=False)
+        return self._run(_get(key, stale))
 
     def delete(self, key: Any) -> bool:
         """Remove ``key``; True if it existed."""
-        check_key(key)
-        return bool(self._write({"op": "delete", "key": key}))
+        return self._run(_delete(key))
 
     def cas(self, key: Any, expected: Any, new: Any) -> bool:
         """Set ``key`` to ``new`` if its value is ``expected`` (None: if absent); True if it did."""
-        check_key(key)
-        return bool(self._write({"op": "cas", "key": key, "expected": expected, "value": new}))
+        return self._run(_cas(key, expected, new))
 
     def range(self, key: Any, end: Any = None, *, prefix: bool = False, limit: int | None = None,
               keys_only: bool = False, stale: bool = False) -> RangeResult:
@@ -230,12 +323,7 @@ class KVClient:
         the values out (None).  Linearizable, or with ``stale`` as one node
         has it now.  ``revision`` is the revision the range was read at.
         """
-        body = self._range_body(key, end, prefix, stale)
-        body["limit"] = check_limit(limit)
-        body["keys_only"] = _bool(keys_only, "keys_only")
-        r = self._call("kv.range", body, write=False)
-        return RangeResult([KeyValue.from_stored(k, rec) for k, rec in r["kvs"]], r["revision"], r["count"],
-                           r["more"], r.get("count_exact", True))  # (an older node's count is exact)
+        return self._run(_range(key, end, prefix, limit, keys_only, stale))
 
     def count(self, key: Any, end: Any = None, *, prefix: bool = False, stale: bool = False) -> int:
         """How many keys ``range`` with these arguments holds (their values are not read).
@@ -243,14 +331,7 @@ class KVClient:
         A node counts at most :data:`~pyraft.kv.reads.MAX_COUNT` keys (100,000):
         past it, this is that lower bound (``range(...).count_exact`` says so).
         """
-        body = self._range_body(key, end, prefix, stale)
-        body["count_only"] = True
-        return self._call("kv.range", body, write=False)["count"]
-
-    @staticmethod
-    def _range_body(key: Any, end: Any, prefix: bool, stale: bool) -> dict:
-        range_bounds(key, end, _bool(prefix, "prefix"))  # a key the store cannot hold is refused here
-        return {"key": key, "end": end, "prefix": prefix, "stale": _bool(stale, "stale")}
+        return self._run(_count(key, end, prefix, stale))
 
     def txn(self, compare: Iterable[Mapping], success: Iterable[Mapping],
             failure: Iterable[Mapping] = ()) -> TxnResult:
@@ -263,22 +344,59 @@ class KVClient:
         one per op run: put None, delete a bool, get a :class:`KeyValue` or None, range a
         :class:`RangeResult` (all the ranges of one txn together at most 1000 keys).
         """
-        compare, success, failure = list(compare), list(success), list(failure)
-        cmd = {"op": "txn", "compare": compare, "success": success, "failure": failure}
-        check_command(cmd)
-        succeeded, responses, revision = self._write(cmd)
-        out: list[Any] = []
-        for op, r in zip(success if succeeded else failure, responses):
-            kind = op.get("op")
-            if kind == "get":
-                out.append(None if r is None else KeyValue(_tuplify(op["key"]), *r))
-            elif kind == "range":
-                rows, more = r
-                out.append(RangeResult([KeyValue(_tuplify(k), *rest) for k, *rest in rows], revision,
-                                       len(rows), more))
-            else:
-                out.append(r)
-        return TxnResult(bool(succeeded), tuple(out), revision)
+        return self._run(_txn(compare, success, failure))
+
+    # ------------------------------------------------------------------ futures
+
+    def put_async(self, key: Any, value: Any, lease: int | None = None) -> "Future[None]":
+        """:meth:`put` without waiting: a :class:`concurrent.futures.Future` of its result.
+
+        The key-value calls each have such a twin (``get_async``,
+        ``delete_async``, ``cas_async``, ``range_async``, ``count_async``,
+        ``txn_async``): the same checks, the same retries, exactly-once
+        writes and the same ``timeout``, but the call returns at once and one
+        thread of the client's own (started by the first such call) sends the
+        requests and hands out the replies, so one thread of yours can keep
+        many calls in flight.  A bad argument raises here; anything else is
+        the future's exception.  At most ``max_in_flight`` such calls are in
+        flight: past it, the next one waits here for one to finish (up to
+        ``timeout``, then :class:`~pyraft.errors.Timeout`).  Calls started one
+        after the other are not ordered by that: two writes of one key in
+        flight at once may apply in either order (wait on the first future,
+        or use ``txn``, where the order matters).  A future cannot be
+        cancelled (its request may already be on its way); ``close()`` fails
+        the ones still in flight with ``RaftError``.  Callbacks added with
+        ``add_done_callback`` run on the client's thread: keep them short and
+        never wait there on another call of this client.
+        """
+        return self._submit(_put(key, value, lease))
+
+    def get_async(self, key: Any, stale: bool = False) -> "Future[Any]":
+        """:meth:`get` without waiting (see :meth:`put_async`)."""
+        return self._submit(_get(key, stale))
+
+    def delete_async(self, key: Any) -> "Future[bool]":
+        """:meth:`delete` without waiting (see :meth:`put_async`)."""
+        return self._submit(_delete(key))
+
+    def cas_async(self, key: Any, expected: Any, new: Any) -> "Future[bool]":
+        """:meth:`cas` without waiting (see :meth:`put_async`)."""
+        return self._submit(_cas(key, expected, new))
+
+    def range_async(self, key: Any, end: Any = None, *, prefix: bool = False, limit: int | None = None,
+                    keys_only: bool = False, stale: bool = False) -> "Future[RangeResult]":
+        """:meth:`range` without waiting (see :meth:`put_async`)."""
+        return self._submit(_range(key, end, prefix, limit, keys_only, stale))
+
+    def count_async(self, key: Any, end: Any = None, *, prefix: bool = False,
+                    stale: bool = False) -> "Future[int]":
+        """:meth:`count` without waiting (see :meth:`put_async`)."""
+        return self._submit(_count(key, end, prefix, stale))
+
+    def txn_async(self, compare: Iterable[Mapping], success: Iterable[Mapping],
+                  failure: Iterable[Mapping] = ()) -> "Future[TxnResult]":
+        """:meth:`txn` without waiting (see :meth:`put_async`)."""
+        return self._submit(_txn(compare, success, failure))
 
     # ------------------------------------------------------------------ leases
 
@@ -337,7 +455,7 @@ class KVClient:
         member keeps any more raises :class:`~pyraft.errors.Compacted` here
         (a first poll that does not wait); one compacted later, from ``next()``.
         """
-        query = self._range_body(key, end, prefix, False)  # checks the range before anything is sent
+        query = _range_body(key, end, prefix, False)  # checks the range before anything is sent
         del query["stale"]
         if start_revision is None:
             # "After this call" is after everything a linearizable read sees now (a lagging
@@ -383,8 +501,11 @@ class KVClient:
             self._closed = True
             free, self._free = self._free, []
             keepalives, self._keepalives = self._keepalives, set()
+            calls, self._async = self._async, None
         for k in keepalives:
             k.stop()
+        if calls is not None:
+            calls.stop()
         self._chan.close()
         for s in free:
             s.close()
@@ -480,6 +601,18 @@ class KVClient:
 
     # ------------------------------------------------------------------ calls
 
+    def _run(self, req: _Req) -> Any:
+        return req.convert(self._call(req.op, req.body, write=req.write))
+
+    def _submit(self, req: _Req) -> "Future[Any]":
+        with self._lock:
+            if self._closed:
+                raise RaftError("KVClient is closed")
+            calls = self._async
+            if calls is None:
+                calls = self._async = _AsyncCalls(self)
+        return calls.submit(req)
+
     def _write(self, cmd: dict) -> Any:
         return self._call("kv.write", cmd, write=True)
 
@@ -488,69 +621,284 @@ class KVClient:
         if not write:
             if self._closed:
                 raise RaftError("KVClient is closed")
-            return self._attempts(ClientRequest(op, body), deadline, False)
+            return self._attempts(_Attempts(self, ClientRequest(op, body), deadline))
         sess = self._acquire()
         try:
-            # One seq per logical write, the same on every retry: the state machine dedups.
-            # The session is this call's alone until it returns (one write in flight per session).
-            sess.seq += 1
-            body = {**body, "client": sess.client_id, "seq": sess.seq}
-            return self._attempts(ClientRequest(op, body), deadline, op == "kv.write")
+            return self._attempts(_Attempts(self, self._session_request(sess, op, body), deadline))
         finally:
             self._release(sess)
 
-    def _attempts(self, req: ClientRequest, deadline: float, is_write: bool) -> Any:
-        addr = self._first_choice()
-        last_error = "no attempt finished"
-        backoff = _BACKOFF_MIN
-        attempts = 0
-        last_hint, hints = None, 0  # consecutive ForwardToLeader hints naming the same address
+    @staticmethod
+    def _session_request(sess: _Session, op: str, body: dict) -> ClientRequest:
+        # One seq per logical write, the same on every retry: the state machine dedups.
+        # The session is this call's alone until it returns (one write in flight per session).
+        sess.seq += 1
+        return ClientRequest(op, {**body, "client": sess.client_id, "seq": sess.seq})
+
+    def _attempts(self, a: "_Attempts") -> Any:
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                outcome = "the write may or may not have taken effect" if is_write else "nothing was changed"
-                raise Timeout(f"{req.op} did not complete within {self.timeout} s after {attempts} attempt(s) "
-                              f"({outcome}); last: {last_error}")
-            attempts += 1
+            wait = a.next_wait()  # Timeout past the deadline
             try:
-                resp = self._chan.call(addr, req, min(left, self.attempt_timeout))
+                resp = self._chan.call(a.addr, a.req, wait)
             except Timeout:
-                # Unreachable, or the reply was lost: retrying is safe (writes are deduplicated).
-                last_error = f"no reply from {addr}"
-                self._mark_failed(addr)
-                addr = self._next_after(addr)
+                a.no_reply()
                 continue
-            if not isinstance(resp, ClientResponse):
-                last_error = f"unexpected {type(resp).__name__} from {addr}"
-                addr = self._next_after(addr)
-                continue
-            if resp.ok:
-                self._set_leader(addr)
-                return resp.body
-            name, message, leader_id, leader_addr = resp.error
-            if name == "KVCommandError":
-                raise KVCommandError(message)
-            if name not in _RETRY_ELSEWHERE:
-                raise_error_response(resp)
-            last_error = f"{addr}: {name}: {message}"
-            if name == "ForwardToLeader" and leader_addr and leader_addr != addr:
-                self._learn(leader_addr, leader_id)
-                # A hint to a node that just failed us is followed only once the other
-                # nodes keep insisting (they still hear from it: our reply was lost, or it
-                # was slow); a dead leader stops being named within an election timeout.
-                hints = hints + 1 if leader_addr == last_hint else 1
-                last_hint = leader_addr
-                if not self._recently_failed(leader_addr) or hints >= 2 * max(1, len(self._addrs) - 1):
-                    addr = leader_addr  # follow the hint at once
-                    backoff = _BACKOFF_MIN
-                    hints = 0
-                    continue
-            # No usable hint (an election, a node starting or stopping): pause, then the next node.
-            if name != "ForwardToLeader":
-                self._mark_failed(addr)
-            time.sleep(max(0.0, min(backoff, deadline - time.monotonic())))
-            backoff = min(backoff * 2, _BACKOFF_MAX)
-            addr = self._next_after(addr)
+            done, value = a.on_reply(resp)
+            if done:
+                return value
+            if value > 0:
+                time.sleep(value)
+
+
+class _Attempts:
+    """The retry policy of one call (the module docstring): where its next attempt goes, and when.
+
+    Shared by the blocking calls (:meth:`KVClient._attempts`, a loop on the
+    caller's thread) and the futures (:class:`_AsyncCalls`, callbacks on the
+    client's thread).
+    """
+
+    __slots__ = ("client", "req", "deadline", "is_write", "addr", "last_error", "backoff", "count",
+                 "last_hint", "hints")
+
+    def __init__(self, client: KVClient, req: ClientRequest, deadline: float) -> None:
+        self.client = client
+        self.req = req
+        self.deadline = deadline
+        self.is_write = req.op == "kv.write"
+        self.addr = client._first_choice()
+        self.last_error = "no attempt finished"
+        self.backoff = _BACKOFF_MIN
+        self.count = 0
+        self.last_hint: str | None = None  # consecutive ForwardToLeader hints naming the same address
+        self.hints = 0
+
+    def next_wait(self) -> float:
+        """How long the next attempt (to ``addr``) waits for its reply; Timeout when the call's time is up."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            outcome = "the write may or may not have taken effect" if self.is_write else "nothing was changed"
+            raise Timeout(f"{self.req.op} did not complete within {self.client.timeout} s after {self.count} "
+                          f"attempt(s) ({outcome}); last: {self.last_error}")
+        self.count += 1
+        return min(left, self.client.attempt_timeout)
+
+    def no_reply(self) -> None:
+        """The attempt got no reply in time: unreachable, or the reply was lost.  Retrying is safe
+        (writes are deduplicated): the next attempt goes to the next node."""
+        self.last_error = f"no reply from {self.addr}"
+        self.client._mark_failed(self.addr)
+        self.addr = self.client._next_after(self.addr)
+
+    def on_reply(self, resp: Any) -> tuple[bool, Any]:
+        """``(True, body)`` when the call is done; ``(False, pause)`` to try ``addr`` again after
+        ``pause`` seconds; raises the error of a call that no retry can help."""
+        client, addr = self.client, self.addr
+        if not isinstance(resp, ClientResponse):
+            self.last_error = f"unexpected {type(resp).__name__} from {addr}"
+            self.addr = client._next_after(addr)
+            return False, 0.0
+        if resp.ok:
+            client._set_leader(addr)
+            return True, resp.body
+        name, message, leader_id, leader_addr = resp.error
+        if name == "KVCommandError":
+            raise KVCommandError(message)
+        if name not in _RETRY_ELSEWHERE:
+            raise_error_response(resp)
+        self.last_error = f"{addr}: {name}: {message}"
+        if name == "ForwardToLeader" and leader_addr and leader_addr != addr:
+            client._learn(leader_addr, leader_id)
+            # A hint to a node that just failed us is followed only once the other
+            # nodes keep insisting (they still hear from it: our reply was lost, or it
+            # was slow); a dead leader stops being named within an election timeout.
+            self.hints = self.hints + 1 if leader_addr == self.last_hint else 1
+            self.last_hint = leader_addr
+            if (not client._recently_failed(leader_addr)
+                    or self.hints >= 2 * max(1, len(client._addrs) - 1)):
+                self.addr = leader_addr  # follow the hint at once
+                self.backoff = _BACKOFF_MIN
+                self.hints = 0
+                return False, 0.0
+        # No usable hint (an election, a node starting or stopping): pause, then the next node.
+        if name != "ForwardToLeader":
+            client._mark_failed(addr)
+        pause = max(0.0, min(self.backoff, self.deadline - time.monotonic()))
+        self.backoff = min(self.backoff * 2, _BACKOFF_MAX)
+        self.addr = client._next_after(addr)
+        return False, pause
+
+
+class _Pending:
+    """A call of the futures' thread: its future, its retry policy, and its current attempt."""
+
+    __slots__ = ("future", "attempts", "convert", "sess", "rid", "gen")
+
+    def __init__(self, future: "Future[Any]", attempts: _Attempts, convert: Callable[[Any], Any],
+                 sess: _Session | None) -> None:
+        self.future = future
+        self.attempts = attempts
+        self.convert = convert
+        self.sess = sess
+        self.rid = 0  # the channel's id of the attempt in flight (0: none)
+        self.gen = 0  # one more per attempt: a timer or reply of an earlier attempt is ignored
+
+
+class _AsyncCalls:
+    """The thread behind KVClient's futures: it owns a :class:`ZmqChannel` and drives every call.
+
+    Callers queue a :class:`_Pending` and wake the thread; the thread sends
+    each attempt with ``ZmqChannel.start``, gets its reply in a callback,
+    asks the call's :class:`_Attempts` what next (done, follow a hint, pause
+    and retry), and keeps a heap of timers: each attempt's reply timeout and
+    each pause.  Only this thread touches the channel's sockets and the
+    calls' state; the queue and the stop flag are under ``_lock``.
+    """
+
+    def __init__(self, client: KVClient) -> None:
+        self.client = client
+        self._lock = threading.Lock()
+        self._queue: list[_Pending] = []
+        self._stopping = False
+        self._slots = threading.BoundedSemaphore(client.max_in_flight)
+        self._chan = ZmqChannel(client.cluster_name, curve=client.curve,
+                                server_key=client._server_key if client.curve is not None else None)
+        # The thread's own, below.
+        self._pending: set[_Pending] = set()
+        self._timers: list[tuple[float, int, _Pending, int]] = []  # (when, tie, call, its gen)
+        self._tie = itertools.count()
+        self._thread = threading.Thread(target=self._run, name="pyraft-kvclient-futures", daemon=True)
+        self._thread.start()
+
+    def submit(self, req: _Req) -> "Future[Any]":
+        client = self.client
+        deadline = time.monotonic() + client.timeout
+        if not self._slots.acquire(timeout=client.timeout):
+            raise Timeout(f"{client.max_in_flight} calls stayed in flight for {client.timeout} s "
+                          f"(max_in_flight): none was sent")
+        sess = None
+        try:
+            if req.write:
+                sess = client._acquire()
+                creq = client._session_request(sess, req.op, req.body)
+            else:
+                creq = ClientRequest(req.op, req.body)
+            fut: Future[Any] = Future()
+            fut.set_running_or_notify_cancel()  # a request on its way cannot be called back
+            p = _Pending(fut, _Attempts(client, creq, deadline), req.convert, sess)
+            with self._lock:
+                if self._stopping:
+                    raise RaftError("KVClient is closed")
+                self._queue.append(p)
+        except BaseException:
+            if sess is not None:
+                client._release(sess)
+            self._slots.release()
+            raise
+        self._chan.wake()
+        return fut
+
+    def stop(self) -> None:
+        """Fail the calls in flight with RaftError, stop the thread, close the channel."""
+        with self._lock:
+            self._stopping = True
+        self._chan.wake()
+        if threading.current_thread() is not self._thread:  # (close() from a future's callback)
+            self._thread.join()
+
+    # -- the thread
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    new, self._queue = self._queue, []
+                    stopping = self._stopping
+                self._pending.update(new)
+                if stopping:
+                    break
+                for p in new:
+                    self._send(p)
+                wait = self._fire_timers()
+                self._chan.pump(wait)
+        except BaseException as e:  # noqa: BLE001  (a bug here must not strand the callers)
+            log.exception("KVClient futures thread failed")
+            error: BaseException = RaftError(f"KVClient's futures thread failed: {e!r}")
+        else:
+            error = RaftError("KVClient is closed")
+        with self._lock:
+            self._stopping = True
+            self._pending.update(self._queue)
+            self._queue = []
+        for p in list(self._pending):
+            self._finish(p, None, error)
+        self._chan.close()
+
+    def _fire_timers(self) -> float:
+        """Run the timers that are due; how long until the next one (at most 1 s)."""
+        timers = self._timers
+        while timers:
+            when, _, p, gen = timers[0]
+            now = time.monotonic()
+            if when > now:
+                return min(when - now, 1.0)
+            heapq.heappop(timers)
+            if p.gen != gen or p.future.done():
+                continue  # an earlier attempt's timer
+            if p.rid:  # its reply did not come in time
+                self._chan.cancel(p.rid)
+                p.rid = 0
+                p.attempts.no_reply()
+            self._send(p)  # (or, after a pause, the retry)
+        return 1.0
+
+    def _at(self, when: float, p: _Pending) -> None:
+        heapq.heappush(self._timers, (when, next(self._tie), p, p.gen))
+
+    def _send(self, p: _Pending) -> None:
+        p.gen += 1
+        try:
+            wait = p.attempts.next_wait()
+            p.rid = self._chan.start(p.attempts.addr, p.attempts.req, functools.partial(self._reply, p, p.gen))
+        except BaseException as e:  # noqa: BLE001  (Timeout: the call's time is up)
+            self._finish(p, None, e)
+            return
+        self._at(time.monotonic() + wait, p)
+
+    def _reply(self, p: _Pending, gen: int, resp: Any, error: BaseException | None) -> None:
+        if p.gen != gen or p.future.done():
+            return
+        p.rid = 0
+        p.gen += 1  # this attempt's reply timer is void
+        if error is not None:  # the request could not be sent (a CURVE key missing): no retry helps
+            self._finish(p, None, error)
+            return
+        try:
+            done, value = p.attempts.on_reply(resp)
+            if done:
+                self._finish(p, p.convert(value), None)
+            elif value > 0:
+                self._at(time.monotonic() + value, p)
+            else:
+                self._send(p)
+        except BaseException as e:  # noqa: BLE001  (the call's error, or a reply that does not convert)
+            self._finish(p, None, e)
+
+    def _finish(self, p: _Pending, result: Any, error: BaseException | None) -> None:
+        if p.future.done():
+            return
+        self._pending.discard(p)
+        if p.rid:
+            self._chan.cancel(p.rid)
+            p.rid = 0
+        if p.sess is not None:
+            self.client._release(p.sess)
+            p.sess = None
+        self._slots.release()
+        if error is not None:
+            p.future.set_exception(error)
+        else:
+            p.future.set_result(result)
 
 
 # ---------------------------------------------------------------------------
