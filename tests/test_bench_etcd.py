@@ -13,11 +13,12 @@ pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.mark.skipif(find_etcd() is None, reason="etcd is not installed (Debian: apt-get install etcd-server)")
-def test_the_etcd_comparison_measures_both_systems_and_prints_the_table(tmp_path):
+@pytest.mark.parametrize("futures", [False, True], ids=["threads", "futures"])
+def test_the_etcd_comparison_measures_both_systems_and_prints_the_table(tmp_path, futures):
     out = tmp_path / "etcd.json"
     argv = [sys.executable, "-m", "pyraft.tools.bench", "--baseline", "etcd", "--client-threads", "4",
             "--payload", "10", "--duration", "1", "--warmup", "0.3", "--quiet", "--tmpdir", str(tmp_path),
-            "--out", str(out)]
+            "--out", str(out)] + (["--client-futures"] if futures else [])
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     doc = json.loads(out.read_text())
@@ -33,12 +34,15 @@ def test_the_etcd_comparison_measures_both_systems_and_prints_the_table(tmp_path
             assert set(res["cpu_percent"]) == ({"node1", "node2", "node3"} if system == "pyraft-kv"
                                                else {"etcd1", "etcd2", "etcd3"})
             assert res["cpu_us_per_op"]["total"] > 0
+            # the client process ran 4 threads, or one with 4 futures in flight
+            assert res["client_threads_used"] == (1 if futures and r["kind"] == "writes" else r["threads"])
     for system in ("pyraft-kv", "etcd"):
         assert all(m["RssAnon"] > 0 for m in c["memory"][system].values())
     assert set(c["ratios"]) >= {"writes 10B x 4", "sequential write 10B x 1", "linearizable read 10B x 1",
                                 "servers' anonymous memory"}
     # the table the docs show, with a ratio per row
-    assert "| writes/s, 4 threads, 10 B |" in proc.stdout and "| linearizable read p50 ms |" in proc.stdout
+    writes = "| writes/s, 4 futures from one thread, 10 B |" if futures else "| writes/s, 4 threads, 10 B |"
+    assert writes in proc.stdout and "| linearizable read p50 ms |" in proc.stdout
     # every member is stopped and the directories are removed (no --keep)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("pyraft-bench-etcd-")]
     assert subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True).returncode == 1

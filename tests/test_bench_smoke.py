@@ -138,6 +138,7 @@ def test_the_table_shows_the_servers_cpu_per_write_once(mode):
     (["--out", "/no/such/dir/out.json"], "not a file in an existing directory"),
     (["--payload", "ten"], "--payload and --client-threads take integers"),
     (["--tmpdir", "/no/such/dir"], "--tmpdir /no/such/dir: not an existing directory"),
+    (["--client-futures"], "--client-futures changes the client processes of --mode client"),
 ])
 def test_arguments_no_node_would_take_are_refused_before_anything_starts(args, message):
     # Before: the nodes started and died with a traceback each (--config), or the whole run
@@ -247,3 +248,35 @@ def test_failed_operations_inside_a_measured_run_are_named():
            "etcd_comparison": {"rows": [{"etcd": {"failed": 1, "first_error": "grpc"}}]}}
     assert failed_writes(doc) == [(3, "Timeout()"), (1, "grpc")]
     assert failed_writes({"runs": []}) == []
+
+
+def test_the_futures_loop_keeps_its_calls_in_flight_and_counts_each_once():
+    from concurrent.futures import Future
+
+    from pyraft.tools.bench import futures_loop
+
+    class Probe(Future):
+        def exception(self, timeout=None):
+            if not self.done():  # the loop waited on a call before it had 8 in flight
+                return RuntimeError("waited too early")
+            return super().exception(timeout)
+
+    made: list = []
+
+    def put_async(key, value):
+        f = Probe()
+        made.append(f)
+        if len(made) == 8:  # the first 8 complete only once 8 are in flight
+            for g in made:
+                g.set_result(None)
+        elif len(made) > 8:
+            if len(made) % 7 == 0:
+                f.set_exception(RuntimeError("refused"))
+            else:
+                f.set_result(None)
+        return f
+
+    res = futures_loop(put_async, 8, b"v", "k", duration=0.3, warmup=0.0)
+    assert res["first_error"] == repr(RuntimeError("refused"))
+    assert res["ops"] > 8 and res["errors"] >= 1
+    assert res["ops"] + res["errors"] <= len(made)

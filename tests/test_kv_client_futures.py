@@ -12,6 +12,7 @@ from pyraft.codec import ClientRequest, ClientResponse
 from pyraft.errors import LeaseNotFound, RaftError, Timeout
 from pyraft.kv import KVClient, KVCommandError
 
+from fake_kv_node import FakeNode, down_address
 from memcluster import pyraft_threads, wait_until
 from test_kv_client import ZmqCluster, _drop_first
 
@@ -232,3 +233,92 @@ def test_close_fails_the_calls_in_flight_and_refuses_new_ones(mcluster):
     with pytest.raises(RaftError):
         kv.put_async("a", 2)
     assert "pyraft-kvclient-futures" not in pyraft_threads()
+
+
+# ------------------------------------------------------------------ careless callers (a fake node)
+
+def _futures_threads():
+    return [t for t in threading.enumerate() if t.name == "pyraft-kvclient-futures"]
+
+
+@pytest.fixture
+def node():
+    def handler(op, body):
+        if body.get("key") == "hold":
+            return ("delay", 0.3, "held")
+        if body.get("key") == "drop":
+            return ("drop", None)
+        return ("reply", body.get("key"))
+    n = FakeNode(handler)
+    yield n
+    n.close()
+
+
+class Boom(BaseException):
+    """Like KeyboardInterrupt or SystemExit: not an Exception, so Future does not catch it from a callback."""
+
+
+def test_a_call_made_in_a_callback_never_waits_for_a_slot(node):
+    # Only the futures' thread frees slots: a callback that waited for one would stall every call.
+    with KVClient([node.addr], timeout=3, attempt_timeout=1, max_in_flight=2) as kv:
+        kv.get("warm")
+        made = []
+        a = kv.get_async("a")
+        b = kv.get_async("hold")  # answered after 0.3 s
+        a.add_done_callback(lambda _: made.extend([kv.get_async("c"), kv.get_async("d")]))
+        t0 = time.monotonic()
+        assert b.result(10) == "held"
+        assert time.monotonic() - t0 < 1.5
+        assert [f.result(10) for f in made] == ["c", "d"]
+
+
+def test_a_callback_that_raises_past_exception_is_logged_and_the_thread_goes_on(node):
+    with KVClient([node.addr], timeout=0.5, attempt_timeout=0.2) as kv:
+        kv.get("warm")
+        doomed = kv.get_async("drop")  # no reply: Timeout, delivered from a timer
+        doomed.add_done_callback(lambda _: (_ for _ in ()).throw(Boom("from a callback")))
+        ok = kv.get_async("a")
+        assert isinstance(doomed.exception(5), Timeout)
+        assert ok.result(5) == "a"
+        assert kv.get_async("b").result(5) == "b"  # the same thread serves new calls
+        assert len(_futures_threads()) == 1
+
+
+def test_close_completes_every_future_even_when_callbacks_raise():
+    kv = KVClient([down_address()], timeout=30, attempt_timeout=0.2)
+    futs = [kv.get_async(f"k{i}") for i in range(5)]
+    for f in futs:
+        f.add_done_callback(lambda f: (_ for _ in ()).throw(Boom("callback")))
+    kv.close()
+    assert all(isinstance(f.exception(0), RaftError) for f in futs)
+    assert not _futures_threads()
+
+
+def test_every_close_returns_only_once_the_calls_are_failed():
+    kv = KVClient([down_address()], timeout=30, attempt_timeout=0.2)
+    futs = [kv.get_async(f"k{i}") for i in range(5)]
+    slow_callback_ran = threading.Event()
+
+    def slow(_):
+        time.sleep(0.5)  # a slow (but legal) callback keeps the first close() busy
+        slow_callback_ran.set()
+
+    futs[0].add_done_callback(slow)
+    t = threading.Thread(target=kv.close)
+    t.start()
+    wait_until(lambda: kv._closed, 5, "the first close() to start")
+    kv.close()
+    assert slow_callback_ran.is_set() and all(f.done() for f in futs)
+    t.join()
+    assert not _futures_threads()
+
+
+def test_a_client_dropped_without_close_is_collected_and_its_thread_ends(node):
+    import gc
+    import weakref
+    kv = KVClient([node.addr], timeout=2)
+    assert kv.get_async("a").result(2) == "a"
+    ref = weakref.ref(kv)
+    del kv
+    wait_until(lambda: gc.collect() is not None and ref() is None and not _futures_threads(), 10,
+               "the client collected and its futures' thread ended")

@@ -141,6 +141,9 @@ def test_kv_client_raises_permission_denied_at_once_not_timeout(cluster, keys):
         with pytest.raises(PermissionDenied, match="client"):
             reader.put("k", "reader's")
         assert time.monotonic() - t0 < 5  # no retry until the timeout
+        # The futures' own connections use the same keys (each node's, by its id) and roles.
+        assert reader.get_async("k").result(10) == "v"
+        assert isinstance(reader.put_async("k", "reader's").exception(5), PermissionDenied)
     with KVClient(addrs, timeout=10, curve=keys.config("app")) as kv:
         assert kv.get("k") == "v"
 

@@ -27,6 +27,7 @@ core), resident memory, and the bytes the node directories hold on disk.
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import io
 import json
@@ -804,21 +805,28 @@ def client_main(argv: Sequence[str]) -> int:
     p.add_argument("--op", choices=("put", "get"), default="put",
                    help="put: each thread writes its own keys; get: linearizable reads of one key")
     p.add_argument("--name", default="c")
+    p.add_argument("--futures", action="store_true",
+                   help="put: one thread keeps --threads puts in flight (KVClient.put_async; etcd: a gRPC future)")
     a = p.parse_args(argv)
+    if a.futures and a.op != "put":
+        p.error("--futures: puts only")
     emit = Emitter()
     if a.system == "etcd":
         from .bench_etcd import etcd_client
-        put, get, close = etcd_client(a.cluster.split(","), timeout=10.0)
+        put, get, close, put_async = etcd_client(a.cluster.split(","), timeout=10.0)
     else:
         from pyraft.kv import KVClient
         client = KVClient(a.cluster, timeout=10.0, cluster_name=a.cluster_name)
-        put, get, close = client.put, client.get, client.close
+        put, get, close, put_async = client.put, client.get, client.close, client.put_async
     value = os.urandom(a.payload)
     if a.op == "get":
         put(f"{a.name}read", value)  # the key the readers read, written before the clock starts
     emit(ev="ready", pid=os.getpid())
     cmd = json.loads(sys.stdin.readline())
-    res = closed_loop(put, get, a.op, a.threads, value, a.name, cmd["duration"], cmd["warmup"])
+    if a.futures:
+        res = futures_loop(put_async, a.threads, value, a.name, cmd["duration"], cmd["warmup"])
+    else:
+        res = closed_loop(put, get, a.op, a.threads, value, a.name, cmd["duration"], cmd["warmup"])
     emit(ev="result", **res)
     close()
     return 0
@@ -868,12 +876,48 @@ def closed_loop(put: Callable[[str, bytes], Any], get: Callable[[str], Any], op:
     total = LatencyHistogram()
     for h in lat:
         total.merge(h.to_dict())
-    return {"ops": total.n, "elapsed_s": duration, "errors": len(errors),
-            "first_error": errors[0] if errors else None, "histogram": total.to_dict()}
+    return _load_result(total, duration, errors, threads)
+
+
+def _load_result(hist: LatencyHistogram, duration: float, errors: list[str], threads: int) -> dict[str, Any]:
+    """What a client process reports of its load (the ``result`` event)."""
+    return {"ops": hist.n, "elapsed_s": duration, "errors": len(errors), "threads": threads,
+            "first_error": errors[0] if errors else None, "histogram": hist.to_dict()}
+
+
+def futures_loop(put_async: Callable[[str, bytes], Any], inflight: int, value: bytes, name: str,
+                 duration: float, warmup: float) -> dict[str, Any]:
+    """One thread keeps ``inflight`` puts in flight (``KVClient.put_async``) for ``warmup + duration`` s.
+
+    It waits for the oldest future, records its latency and starts the next
+    put in its place: the closed loop of :func:`closed_loop` with futures
+    for threads.  The calls that start and end inside the measured window count.
+    """
+    pc = time.perf_counter
+    start = pc()
+    measure_at, end = start + warmup, start + warmup + duration
+    lat = LatencyHistogram()
+    errors: list[str] = []
+    window: collections.deque = collections.deque()
+    i = 0
+    while True:
+        now = pc()
+        while len(window) < inflight and now < end:
+            window.append((now, put_async(f"{name}{i & 65535}", value)))
+            i += 1
+        if not window:
+            break
+        t0, fut = window.popleft()
+        e = fut.exception()
+        if e is not None:
+            errors.append(repr(e))
+        elif measure_at <= t0 and (t1 := pc()) <= end:
+            lat.record(t1 - t0)
+    return _load_result(lat, duration, errors, 1)
 
 
 def start_clients(system: str, spec: str, *, procs: int, threads: int, payload: int, op: str, root: str,
-                  tag: str, cluster_name: str = "bench") -> list[NodeProc]:
+                  tag: str, cluster_name: str = "bench", futures: bool = False) -> list[NodeProc]:
     """``procs`` client processes (``python -m pyraft.tools.bench client``), ready to run."""
     clients = []
     try:
@@ -881,7 +925,8 @@ def start_clients(system: str, spec: str, *, procs: int, threads: int, payload: 
             clients.append(NodeProc(f"{tag}-client{n}", [
                 sys.executable, "-m", "pyraft.tools.bench", "client", "--system", system, "--cluster", spec,
                 "--cluster-name", cluster_name, "--threads", str(threads), "--payload", str(payload),
-                "--op", op, "--name", f"{tag}{n}-"], os.path.join(root, f"{tag}-client{n}.log")))
+                "--op", op, "--name", f"{tag}{n}-"] + (["--futures"] if futures else []),
+                os.path.join(root, f"{tag}-client{n}.log")))
         for c in clients:
             c.expect("ready", 60)
     except BaseException:
@@ -930,6 +975,7 @@ def drive_clients(clients: list[NodeProc], servers: dict[Any, int], a: argparse.
         "ops": ops, "elapsed_s": a.duration, "ops_per_s": round(ops / a.duration, 1),
         "latency": lat.summary(), "failed": sum(r["errors"] for r in results),
         "first_error": next((r["first_error"] for r in results if r["first_error"]), None),
+        "client_threads_used": sum(r["threads"] for r in results),
         "cpu_percent": {str(k): round((c1 - c0) / (t2 - t1) * 100, 1)
                         for k, c0 in cpu0.items() if c0 is not None and (c1 := cpu1[k]) is not None},
         "memory": {str(k): memory_info(pid) for k, pid in servers.items()},
@@ -955,9 +1001,10 @@ def run_client_mode(a: argparse.Namespace, payload: int, threads: int, progress:
     spies: list = []
     try:
         lid = cluster.start()
-        label = f"pyraft KVClient {payload}B x {a.clients * threads} threads"
+        label = (f"pyraft KVClient {payload}B x {a.clients * threads} "
+                 + (f"futures ({a.clients} thread(s))" if a.client_futures else "threads"))
         clients = start_clients("pyraft", cluster.spec(), procs=a.clients, threads=threads, payload=payload,
-                                op="put", root=root, tag="c")
+                                op="put", root=root, tag="c", futures=a.client_futures)
         names = {k: n.call(cmd="status")["threads"] for k, n in cluster.nodes.items()}
         if a.py_spy:
             follower = next(i for i in cluster.nodes if i != lid)
@@ -1272,7 +1319,8 @@ def render_table(doc: dict[str, Any]) -> str:
     lines.append(f"{doc['nodes']} nodes on 127.0.0.1, one process each; pyraft: LMDB fsync "
                  f"{'off' if doc['no_fsync'] else 'on'}, state machine {doc['sm']}; "
                  + (f"{doc['inflight']:,} writes in flight from the leader" if doc.get("mode") != "client" else
-                    "KVClient processes, one synchronous call per thread")
+                    ("KVClient processes, each one thread keeping its calls in flight with put_async"
+                     if doc.get("client_futures") else "KVClient processes, one synchronous call per thread"))
                  + f"; warmup {doc['warmup']} s, measured {doc['duration']} s")
     lines.append("garbage collector: " + ("pyraft.tune_gc() in every node process (--gc tuned)"
                                           if doc.get("gc", "tuned") == "tuned" else
@@ -1473,6 +1521,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--client-threads", default="16",
                    help="threads per client process, each one synchronous KVClient.put at a time; a comma "
                         "list runs each (default 16)")
+    p.add_argument("--client-futures", action="store_true",
+                   help="--mode client: each client process runs one thread that keeps --client-threads "
+                        "KVClient.put_async calls in flight, instead of that many threads")
     p.add_argument("--config", default="{}", help="JSON of pyraft.Config fields for the nodes")
     p.add_argument("--baseline", choices=("pysyncobj", "etcd"),
                    help="run the same workload on PySyncObj too; etcd: a 3-member etcd cluster against "
@@ -1533,6 +1584,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         a.mode = "client"
     if a.clients is None:
         a.clients = 1 if a.baseline == "etcd" else 4
+    if a.client_futures and (a.mode != "client" or a.follower_down):
+        p.error("--client-futures changes the client processes of --mode client (or --baseline etcd)")
     if a.stages and (a.mode == "client" or a.follower_down):
         p.error("--stages profiles the lone writer on the leader: not with --mode client or --follower-down")
     if a.stages and not a.only_sync_writer:
@@ -1554,6 +1607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine_info(),
         "nodes": a.nodes, "inflight": a.inflight, "duration": a.duration, "warmup": a.warmup,
         "no_fsync": a.no_fsync, "sm": a.sm, "mode": a.mode, "config": a.config_dict, "gc": a.gc, "runs": [],
+        "client_futures": a.client_futures,
         "by_thread": a.by_thread,
     }
     try:

@@ -16,6 +16,10 @@ like on a machine whose load drifts:
   same loop (:func:`pyraft.tools.bench.closed_loop`).  pyraft-kv through
   :class:`~pyraft.kv.KVClient`; etcd through the ``etcd3`` gRPC client
   (``pip install -e '.[bench]'``) connected to the leader member.
+  With ``--client-futures`` the writes rows run one thread per client
+  process instead, keeping ``--client-threads`` puts in flight
+  (:func:`pyraft.tools.bench.futures_loop`): ``KVClient.put_async`` for
+  pyraft-kv, the gRPC future of etcd3's put for etcd.
 - **rows**: writes/s for every ``--client-threads`` count and ``--payload``;
   a sequential writer (one thread: p50/p99 of a put); a linearizable read
   (one thread: p50 of a get, etcd's default consistency).  For each, the
@@ -169,12 +173,14 @@ class EtcdCluster:
             log.close()
 
 
-def etcd_client(endpoints: list[str], timeout: float) -> tuple[Callable, Callable, Callable]:
-    """``(put(key, value), get(key), close())`` on the leader member, through the etcd3 gRPC client.
+def etcd_client(endpoints: list[str], timeout: float) -> tuple[Callable, Callable, Callable, Callable]:
+    """``(put(key, value), get(key), close(), put_async(key, value))`` on the leader member, through etcd3.
 
     Runs in a client process (``bench client --system etcd``).  One client
     (one gRPC channel, HTTP/2 streams multiplexed) shared by every thread, as
-    ``KVClient`` shares its connections.
+    ``KVClient`` shares its connections.  ``put_async`` is the same put as a
+    gRPC future (etcd3 has no call of its own for it: its request, then the
+    stub's ``future``), for ``--client-futures``.
     """
     os.environ.setdefault(_PB_ENV, "python")
     import etcd3
@@ -200,7 +206,12 @@ def etcd_client(endpoints: list[str], timeout: float) -> tuple[Callable, Callabl
             time.sleep(0.1)
     host, _, port = leader.rpartition(":")
     client = etcd3.client(host=host, port=int(port), timeout=timeout)
-    return client.put, client.get, client.close
+
+    def put_async(key: str, value: bytes) -> Any:
+        return client.kvstub.Put.future(client._build_put_request(key, value), client.timeout,
+                                        credentials=client.call_credentials, metadata=client.metadata)
+
+    return client.put, client.get, client.close, put_async
 
 
 def _row(kind: str, payload: int, threads: int, results: dict[str, dict]) -> dict[str, Any]:
@@ -213,7 +224,8 @@ def run(a: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     if why is not None:
         raise SystemExit(f"pyraft-bench --baseline etcd: {why}")
     root = tempfile.mkdtemp(prefix="pyraft-bench-etcd-", dir=a.tmpdir)
-    doc: dict[str, Any] = {"versions": versions(), "rows": [], "rounds": a.rounds}
+    doc: dict[str, Any] = {"versions": versions(), "rows": [], "rounds": a.rounds,
+                           "client_futures": a.client_futures}
     pyraft = PyraftCluster(a.nodes, root, sm="kv", fsync=not a.no_fsync, config=a.config_dict, serve_kv=True,
                            tune_gc=a.gc == "tuned")
     etcd = EtcdCluster(a.nodes, root)
@@ -227,7 +239,7 @@ def run(a: argparse.Namespace, progress: Progress) -> dict[str, Any]:
             "etcd": (",".join(etcd.endpoints), etcd.pids, "etcd"),
         }
 
-        def measure(kind: str, op: str, payload: int, threads: int) -> None:
+        def measure(kind: str, op: str, payload: int, threads: int, futures: bool = False) -> None:
             per_round: dict[str, list[dict]] = {name: [] for name in systems}
             ratios_by_round: list[float | None] = []
             order = list(systems.items())
@@ -238,7 +250,8 @@ def run(a: argparse.Namespace, progress: Progress) -> dict[str, Any]:
                     label = f"{name} {kind} {payload}B x {threads}" + (f" round {rnd + 1}" if a.rounds > 1 else "")
                     try:
                         clients = start_clients(system, spec, procs=a.clients, threads=threads, payload=payload,
-                                                op=op, root=root, tag=f"{system}{len(doc['rows'])}r{rnd}")
+                                                op=op, root=root, tag=f"{system}{len(doc['rows'])}r{rnd}",
+                                                futures=futures)
                         res = drive_clients(clients, pids, a, label, progress)
                         progress.done(f"  {label}: {res['ops_per_s']:,.0f} ops/s, "
                                       f"p50 {res['latency']['p50_ms']} ms"
@@ -257,7 +270,7 @@ def run(a: argparse.Namespace, progress: Progress) -> dict[str, Any]:
 
         for payload in a.payloads:
             for threads in a.thread_counts:
-                measure("writes", "put", payload, threads)
+                measure("writes", "put", payload, threads, a.client_futures)
         measure("sequential write", "put", a.payloads[0], 1)
         measure("linearizable read", "get", a.payloads[0], 1)
         doc["memory"] = {name: {k: memory_info(pid) for k, pid in pids.items()}
@@ -370,7 +383,8 @@ def render(doc: dict[str, Any]) -> str:
         p, e = r.get("pyraft-kv", {}), r.get("etcd", {})
         key = f"{r['kind']} {r['payload']}B x {r['threads']}"
         if r["kind"] == "writes":
-            name = f"writes/s, {r['threads']} threads, {r['payload']} B"
+            name = (f"writes/s, {r['threads']} futures from one thread, {r['payload']} B"
+                    if c.get("client_futures") else f"writes/s, {r['threads']} threads, {r['payload']} B")
             pc, ec, ratio = _cell(p, "rate"), _cell(e, "rate"), rat.get(key, {}).get("writes/s ratio")
         elif r["kind"] == "sequential write":
             name = f"sequential write p50 / p99 ms, {r['payload']} B"

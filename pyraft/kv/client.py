@@ -86,6 +86,7 @@ import os
 import random
 import threading
 import time
+import weakref
 from concurrent.futures import Future
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
@@ -367,7 +368,9 @@ class KVClient:
         cancelled (its request may already be on its way); ``close()`` fails
         the ones still in flight with ``RaftError``.  Callbacks added with
         ``add_done_callback`` run on the client's thread: keep them short and
-        never wait there on another call of this client.
+        never wait there on another call of this client (an ``*_async`` call
+        made there never waits for a slot: it may go past ``max_in_flight``).
+        A client dropped without ``close()`` stops its thread once collected.
         """
         return self._submit(_put(key, value, lease))
 
@@ -501,7 +504,7 @@ class KVClient:
             self._closed = True
             free, self._free = self._free, []
             keepalives, self._keepalives = self._keepalives, set()
-            calls, self._async = self._async, None
+            calls = self._async  # (kept: a second close() waits for it too)
         for k in keepalives:
             k.stop()
         if calls is not None:
@@ -609,9 +612,9 @@ class KVClient:
             if self._closed:
                 raise RaftError("KVClient is closed")
             calls = self._async
-            if calls is None:
+            if calls is None or calls.failed:
                 calls = self._async = _AsyncCalls(self)
-        return calls.submit(req)
+        return calls.submit(self, req)
 
     def _write(self, cmd: dict) -> Any:
         return self._call("kv.write", cmd, write=True)
@@ -732,14 +735,15 @@ class _Attempts:
 class _Pending:
     """A call of the futures' thread: its future, its retry policy, and its current attempt."""
 
-    __slots__ = ("future", "attempts", "convert", "sess", "rid", "gen")
+    __slots__ = ("future", "attempts", "convert", "sess", "slot", "rid", "gen")
 
     def __init__(self, future: "Future[Any]", attempts: _Attempts, convert: Callable[[Any], Any],
-                 sess: _Session | None) -> None:
+                 sess: _Session | None, slot: bool) -> None:
         self.future = future
         self.attempts = attempts
         self.convert = convert
         self.sess = sess
+        self.slot = slot  # it holds one of the max_in_flight slots (not a call made from a callback)
         self.rid = 0  # the channel's id of the attempt in flight (0: none)
         self.gen = 0  # one more per attempt: a timer or reply of an earlier attempt is ignored
 
@@ -753,28 +757,52 @@ class _AsyncCalls:
     and retry), and keeps a heap of timers: each attempt's reply timeout and
     each pause.  Only this thread touches the channel's sockets and the
     calls' state; the queue and the stop flag are under ``_lock``.
+
+    It holds the client weakly (a call in flight holds it through its
+    ``_Attempts``): a client dropped without ``close()`` is collected once
+    its calls are done, and its finalizer stops this thread.
     """
 
     def __init__(self, client: KVClient) -> None:
-        self.client = client
+        self.timeout = client.timeout
+        self.max_in_flight = client.max_in_flight
         self._lock = threading.Lock()
         self._queue: list[_Pending] = []
         self._stopping = False
+        #: set once the thread has failed every call it had and closed its channel
+        self.stopped = threading.Event()
         self._slots = threading.BoundedSemaphore(client.max_in_flight)
-        self._chan = ZmqChannel(client.cluster_name, curve=client.curve,
-                                server_key=client._server_key if client.curve is not None else None)
+        server_key = None
+        if client.curve is not None:
+            ref = weakref.ref(client)
+
+            def server_key(addr: str) -> bytes:
+                c = ref()
+                if c is None:
+                    raise TransportError("KVClient is gone")
+                return c._server_key(addr)
+
+        self._chan = ZmqChannel(client.cluster_name, curve=client.curve, server_key=server_key)
         # The thread's own, below.
         self._pending: set[_Pending] = set()
         self._timers: list[tuple[float, int, _Pending, int]] = []  # (when, tie, call, its gen)
         self._tie = itertools.count()
         self._thread = threading.Thread(target=self._run, name="pyraft-kvclient-futures", daemon=True)
+        weakref.finalize(client, self._stop_soon)
         self._thread.start()
 
-    def submit(self, req: _Req) -> "Future[Any]":
-        client = self.client
-        deadline = time.monotonic() + client.timeout
-        if not self._slots.acquire(timeout=client.timeout):
-            raise Timeout(f"{client.max_in_flight} calls stayed in flight for {client.timeout} s "
+    @property
+    def failed(self) -> bool:
+        """The thread ended by itself (a bug, logged): the client starts another."""
+        return self.stopped.is_set() or not self._thread.is_alive()
+
+    def submit(self, client: KVClient, req: _Req) -> "Future[Any]":
+        deadline = time.monotonic() + self.timeout
+        # A call made on this thread (in a future's callback) never waits for a slot: only this
+        # thread frees them.  It goes beyond max_in_flight instead.
+        slot = threading.current_thread() is not self._thread
+        if slot and not self._slots.acquire(timeout=self.timeout):
+            raise Timeout(f"{self.max_in_flight} calls stayed in flight for {self.timeout} s "
                           f"(max_in_flight): none was sent")
         sess = None
         try:
@@ -785,7 +813,7 @@ class _AsyncCalls:
                 creq = ClientRequest(req.op, req.body)
             fut: Future[Any] = Future()
             fut.set_running_or_notify_cancel()  # a request on its way cannot be called back
-            p = _Pending(fut, _Attempts(client, creq, deadline), req.convert, sess)
+            p = _Pending(fut, _Attempts(client, creq, deadline), req.convert, sess, slot)
             with self._lock:
                 if self._stopping:
                     raise RaftError("KVClient is closed")
@@ -793,46 +821,58 @@ class _AsyncCalls:
         except BaseException:
             if sess is not None:
                 client._release(sess)
-            self._slots.release()
+            if slot:
+                self._slots.release()
             raise
         self._chan.wake()
         return fut
 
-    def stop(self) -> None:
-        """Fail the calls in flight with RaftError, stop the thread, close the channel."""
+    def _stop_soon(self) -> None:
         with self._lock:
             self._stopping = True
         self._chan.wake()
+
+    def stop(self) -> None:
+        """Fail the calls in flight with RaftError, stop the thread, close the channel; wait for it."""
+        self._stop_soon()
         if threading.current_thread() is not self._thread:  # (close() from a future's callback)
-            self._thread.join()
+            self.stopped.wait()
 
     # -- the thread
 
     def _run(self) -> None:
+        error: BaseException = RaftError("KVClient is closed")
         try:
-            while True:
-                with self._lock:
-                    new, self._queue = self._queue, []
-                    stopping = self._stopping
-                self._pending.update(new)
-                if stopping:
-                    break
-                for p in new:
-                    self._send(p)
-                wait = self._fire_timers()
-                self._chan.pump(wait)
+            while self._take_new():
+                self._chan.pump(self._fire_timers())
         except BaseException as e:  # noqa: BLE001  (a bug here must not strand the callers)
             log.exception("KVClient futures thread failed")
-            error: BaseException = RaftError(f"KVClient's futures thread failed: {e!r}")
-        else:
-            error = RaftError("KVClient is closed")
+            error = RaftError(f"KVClient's futures thread failed: {e!r}")
+        finally:
+            with self._lock:
+                self._stopping = True
+                self._pending.update(self._queue)
+                self._queue = []
+            for p in list(self._pending):
+                self._finish(p, None, error)
+            self._chan.close()
+            self.stopped.set()
+
+    def _take_new(self) -> bool:
+        """Send the calls queued since the last round; False once stopping.
+
+        (A method of its own: a local of ``_run`` would keep the last call, and
+        through it the client, alive while the thread waits.)
+        """
         with self._lock:
-            self._stopping = True
-            self._pending.update(self._queue)
-            self._queue = []
-        for p in list(self._pending):
-            self._finish(p, None, error)
-        self._chan.close()
+            new, self._queue = self._queue, []
+            stopping = self._stopping
+        self._pending.update(new)
+        if stopping:
+            return False
+        for p in new:
+            self._send(p)
+        return True
 
     def _fire_timers(self) -> float:
         """Run the timers that are due; how long until the next one (at most 1 s)."""
@@ -892,13 +932,17 @@ class _AsyncCalls:
             self._chan.cancel(p.rid)
             p.rid = 0
         if p.sess is not None:
-            self.client._release(p.sess)
+            p.attempts.client._release(p.sess)
             p.sess = None
-        self._slots.release()
-        if error is not None:
-            p.future.set_exception(error)
-        else:
-            p.future.set_result(result)
+        if p.slot:
+            self._slots.release()
+        try:
+            if error is not None:
+                p.future.set_exception(error)
+            else:
+                p.future.set_result(result)
+        except BaseException:  # noqa: BLE001  (a done-callback that raised past Exception: its own bug)
+            log.exception("a KVClient future's done-callback raised")
 
 
 # ---------------------------------------------------------------------------
