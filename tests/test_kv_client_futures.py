@@ -322,3 +322,35 @@ def test_a_client_dropped_without_close_is_collected_and_its_thread_ends(node):
     del kv
     wait_until(lambda: gc.collect() is not None and ref() is None and not _futures_threads(), 10,
                "the client collected and its futures' thread ended")
+
+
+def test_a_reply_of_the_wrong_shape_is_a_codec_error_not_a_crash_in_the_caller():
+    # A node running other code, or one that lies: every call raises CodecError, blocking or not.
+    from pyraft.errors import CodecError
+
+    def handler(op, body):
+        if op == "kv.write" and body.get("op") == "put":
+            return ("reply", None)  # a put's reply is not read: it succeeds
+        return ("reply", {"kvs": "garbage", "revision": "x", "next": 1, "events": 7, "count": None})
+
+    n = FakeNode(handler)
+    try:
+        with KVClient([n.addr], timeout=2) as kv:
+            kv.put("k", 1)
+            calls = [
+                lambda: kv.range("k", prefix=True),
+                lambda: kv.range_async("k").result(5),
+                lambda: kv.txn([], [{"op": "get", "key": "k"}]),
+                lambda: kv.txn_async([], []).result(5),
+                lambda: kv.lease_grant(10),
+                lambda: kv.lease_keepalive(1),
+                lambda: kv.watch("k"),
+                lambda: kv.watch("k", start_revision=1),
+                lambda: kv.count("k"),
+                lambda: kv.count_async("k").result(5),
+            ]
+            for call in calls:
+                with pytest.raises(CodecError, match="cannot read"):
+                    call()
+    finally:
+        n.close()

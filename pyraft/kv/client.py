@@ -81,7 +81,6 @@ import functools
 import heapq
 import itertools
 import logging
-import operator
 import os
 import random
 import threading
@@ -91,7 +90,7 @@ from concurrent.futures import Future
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 from ..codec import ClientRequest, ClientResponse
-from ..errors import LeaseNotFound, RaftError, Timeout
+from ..errors import CodecError, LeaseNotFound, RaftError, Timeout
 from ..raft import _check_timeout, raise_error_response
 from ..transports.zmq import CurveConfig, TransportError, ZmqChannel, ZmqClient
 from .commands import KVCommandError, check_command, check_key
@@ -152,6 +151,15 @@ class _Req(NamedTuple):
     write: bool  # it takes a write session (exactly-once)
     convert: Callable[[Any], Any]  # the reply's body -> the call's result
 
+    def result(self, body: Any) -> Any:
+        """The call's result from its reply's body; CodecError for a body of the wrong shape."""
+        try:
+            return self.convert(body)
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+            # A node running other code, or one that lies: a typed error, not a crash in the caller.
+            raise CodecError(f"{self.op}: a reply this client cannot read "
+                             f"({type(e).__name__}: {e})") from None
+
 
 def _none(_: Any) -> None:
     return None
@@ -159,6 +167,26 @@ def _none(_: Any) -> None:
 
 def _same(body: Any) -> Any:
     return body
+
+
+def _int_reply(body: Any) -> int:
+    if type(body) is not int:
+        raise TypeError(f"expected an integer, got {type(body).__name__}")
+    return body
+
+
+def _number_reply(body: Any) -> float:
+    if type(body) not in (int, float):
+        raise TypeError(f"expected a number, got {type(body).__name__}")
+    return body
+
+
+def _count_reply(body: Any) -> int:
+    return _int_reply(body["count"])
+
+
+def _revision_reply(body: Any) -> int:
+    return _int_reply(body["revision"])
 
 
 def _put(key: Any, value: Any, lease: int | None) -> _Req:
@@ -205,7 +233,7 @@ def _range(key: Any, end: Any, prefix: bool, limit: int | None, keys_only: bool,
 def _count(key: Any, end: Any, prefix: bool, stale: bool) -> _Req:
     body = _range_body(key, end, prefix, stale)
     body["count_only"] = True
-    return _Req("kv.range", body, False, operator.itemgetter("count"))
+    return _Req("kv.range", body, False, _count_reply)
 
 
 def _txn(compare: Iterable[Mapping], success: Iterable[Mapping], failure: Iterable[Mapping]) -> _Req:
@@ -412,15 +440,15 @@ class KVClient:
         """
         if type(ttl) not in (int, float) or not ttl > 0:
             raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
-        return self._write({"op": "lease_grant", "ttl": ttl})
+        return self._run(_Req("kv.write", {"op": "lease_grant", "ttl": ttl}, True, _int_reply))
 
     def lease_keepalive(self, lease_id: int) -> float:
         """Restart the lease's ttl now; returns the ttl.  LeaseNotFound once it expired or was revoked."""
-        return self._call("kv.lease_keepalive", {"id": _lease_id(lease_id)}, write=False)
+        return self._run(_Req("kv.lease_keepalive", {"id": _lease_id(lease_id)}, False, _number_reply))
 
     def lease_revoke(self, lease_id: int) -> bool:
         """Revoke the lease and delete its keys; True if it existed."""
-        return bool(self._write({"op": "lease_revoke", "id": _lease_id(lease_id)}))
+        return self._run(_Req("kv.write", {"op": "lease_revoke", "id": _lease_id(lease_id)}, True, bool))
 
     def keep_alive(self, lease_id: int, *, interval: float | None = None) -> "KeepAlive":
         """Keep ``lease_id`` alive from a background thread until ``stop()`` (see :class:`KeepAlive`)."""
@@ -464,7 +492,8 @@ class KVClient:
             # "After this call" is after everything a linearizable read sees now (a lagging
             # member's own revision could be older than a write this caller saw finish).
             # (A one-key count: its revision is the point, not its count.)
-            start_revision = self._call("kv.range", {"key": key, "count_only": True}, write=False)["revision"] + 1
+            start_revision = self._run(_Req("kv.range", {"key": key, "count_only": True}, False,
+                                            _revision_reply)) + 1
         elif type(start_revision) is not int or not 1 <= start_revision <= MAX_WATCH_REVISION:
             raise ValueError(f"start_revision must be an integer in [1, {MAX_WATCH_REVISION}] or None, "
                              f"got {start_revision!r}")
@@ -605,7 +634,7 @@ class KVClient:
     # ------------------------------------------------------------------ calls
 
     def _run(self, req: _Req) -> Any:
-        return req.convert(self._call(req.op, req.body, write=req.write))
+        return req.result(self._call(req.op, req.body, write=req.write))
 
     def _submit(self, req: _Req) -> "Future[Any]":
         with self._lock:
@@ -735,13 +764,13 @@ class _Attempts:
 class _Pending:
     """A call of the futures' thread: its future, its retry policy, and its current attempt."""
 
-    __slots__ = ("future", "attempts", "convert", "sess", "slot", "rid", "gen")
+    __slots__ = ("future", "attempts", "req", "sess", "slot", "rid", "gen")
 
-    def __init__(self, future: "Future[Any]", attempts: _Attempts, convert: Callable[[Any], Any],
+    def __init__(self, future: "Future[Any]", attempts: _Attempts, req: _Req,
                  sess: _Session | None, slot: bool) -> None:
         self.future = future
         self.attempts = attempts
-        self.convert = convert
+        self.req = req
         self.sess = sess
         self.slot = slot  # it holds one of the max_in_flight slots (not a call made from a callback)
         self.rid = 0  # the channel's id of the attempt in flight (0: none)
@@ -813,7 +842,7 @@ class _AsyncCalls:
                 creq = ClientRequest(req.op, req.body)
             fut: Future[Any] = Future()
             fut.set_running_or_notify_cancel()  # a request on its way cannot be called back
-            p = _Pending(fut, _Attempts(client, creq, deadline), req.convert, sess, slot)
+            p = _Pending(fut, _Attempts(client, creq, deadline), req, sess, slot)
             with self._lock:
                 if self._stopping:
                     raise RaftError("KVClient is closed")
@@ -916,7 +945,7 @@ class _AsyncCalls:
         try:
             done, value = p.attempts.on_reply(resp)
             if done:
-                self._finish(p, p.convert(value), None)
+                self._finish(p, p.req.result(value), None)
             elif value > 0:
                 self._at(time.monotonic() + value, p)
             else:
@@ -1073,9 +1102,15 @@ class Watch:
                 self._addr = c._next_after(addr)
                 continue
             if isinstance(resp, ClientResponse) and resp.ok:
-                r = resp.body
-                self._revision, self._sub = r["next"]
-                self._events.extend(WatchEvent.from_stored(rev, ev) for rev, ev in r["events"])
+                try:
+                    r = resp.body
+                    nxt, sub = r["next"]
+                    events = [WatchEvent.from_stored(rev, ev) for rev, ev in r["events"]]
+                except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+                    raise CodecError(f"watch: a reply from {addr} this client cannot read "
+                                     f"({type(e).__name__}: {e})") from None
+                self._revision, self._sub = nxt, sub
+                self._events.extend(events)
                 return
             if not isinstance(resp, ClientResponse):
                 last_error = f"unexpected {type(resp).__name__} from {addr}"
