@@ -628,9 +628,19 @@ def _client_req_from(b: list) -> ClientRequest:
 
 def _client_resp_from(b: list) -> ClientResponse:
     ok, body, err = _list(b, "ClientResponse", 3)
-    if err is not None:
-        _list(err, "error", 4)
-    return ClientResponse(_bool(ok, "ok"), body, err)
+    if _bool(ok, "ok"):
+        if err is not None:
+            raise CodecError("ClientResponse: a success that carries an error")
+    else:
+        # [name, message, leader id or None, leader address or None], as error_response makes it:
+        # a caller unpacks it and looks the name up, so its shape is checked here, once.
+        name, message, leader_id, leader_addr = _list(err, "error", 4)
+        _str(name, "error name")
+        _str(message, "error message")
+        _opt_int(leader_id, "error leader_id")
+        if leader_addr is not None:
+            _str(leader_addr, "error leader_addr")
+    return ClientResponse(ok, body, err)
 
 
 _Codec = tuple[int, Callable[[Any], list], Callable[[list], Any]]

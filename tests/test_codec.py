@@ -285,3 +285,17 @@ def test_entries_decoded_together_are_each_exactly_one_value():
             decode_entries(5, bad)
     with pytest.raises(CodecError, match="more arrays and maps"):
         decode_entries(5, datas, unpack_options=_Budget(10).options())
+
+
+@pytest.mark.parametrize("ok, error", [
+    (False, None), (False, [5, "m", None, None]), (False, ["Timeout", 5, None, None]),
+    (False, ["Timeout", "m", "2", None]), (False, ["Timeout", "m", -1, None]), (False, ["Timeout", "m", None, 5]),
+    (False, ["Timeout", "m", None]), (True, ["Timeout", "m", None, None]),
+])
+def test_a_client_response_error_of_the_wrong_shape_is_refused(ok, error):
+    # A client unpacks the error list and looks its name up: its shape is checked where it is decoded.
+    from fake_kv_node import frame
+    with pytest.raises(CodecError):
+        decode_message(frame(ok, None, error, 1), "pyraft")
+    good = decode_message(frame(False, None, ["ForwardToLeader", "m", 2, "tcp://127.0.0.1:1"], 1), "pyraft")
+    assert good.message.error == ["ForwardToLeader", "m", 2, "tcp://127.0.0.1:1"]

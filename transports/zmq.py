@@ -1743,6 +1743,9 @@ class ZmqClient:
 _POLLIN, _POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)
 #: Frames a ZmqChannel holds per address while it is not connected, at most (and max_frame_size bytes).
 _CHANNEL_HELD = 1024
+#: Connections a ZmqChannel keeps open, at most: opening one more closes the least recently used
+#: (a call waiting on it then times out and is retried).  A cluster has a handful of nodes.
+_CHANNEL_SOCKETS = 64
 
 
 class _Call:
@@ -1996,9 +1999,11 @@ class ZmqChannel:
             self._complete(got)
 
     def _send(self, addr: str, data: bytes) -> None:
-        sock = self._socks.get(addr)
+        sock = self._socks.pop(addr, None)
         if sock is None:
-            sock = self._open(addr)  # TransportError: the caller is told (see _drive)
+            sock = self._open(addr)  # TransportError: the caller is told (see _round)
+        else:
+            self._socks[addr] = sock  # (the dict's order: least recently used first)
         held = self._held.get(addr)
         if held:  # the first connection is not up yet: keep the order
             held.append(data)
@@ -2029,8 +2034,13 @@ class ZmqChannel:
 
     def _open(self, addr: str) -> zmq.Socket:
         key = self._server_key(addr) if self._server_key is not None else None
-        sock = _dealer(self._ctx, addr, hwm=self._hwm, max_frame_size=self._max_frame_size,
-                       reconnect_ivl=0.1, reconnect_ivl_max=1.0, keypair=self._keypair, server_key=key)
+        if len(self._socks) >= _CHANNEL_SOCKETS:
+            self._close_socket(next(iter(self._socks)))  # the least recently used
+        try:
+            sock = _dealer(self._ctx, addr, hwm=self._hwm, max_frame_size=self._max_frame_size,
+                           reconnect_ivl=0.1, reconnect_ivl_max=1.0, keypair=self._keypair, server_key=key)
+        except (zmq.ZMQError, TypeError, ValueError) as e:  # out of sockets or files, or an address libzmq refuses
+            raise TransportError(f"cannot open a connection to {addr!r:.100}: {e}") from None
         self._socks[addr] = sock
         self._by_sock[sock] = addr
         self._poller.register(sock, zmq.POLLIN)
@@ -2085,6 +2095,14 @@ class ZmqChannel:
             closed = self._closed
         if closed:
             self._close_sockets()
+
+    def _close_socket(self, addr: str) -> None:
+        sock = self._socks.pop(addr)
+        del self._by_sock[sock]
+        self._poller.unregister(sock)
+        sock.close(0)
+        self._held.pop(addr, None)
+        self._held_bytes.pop(addr, None)
 
     def _close_sockets(self) -> None:
         for sock in self._socks.values():

@@ -83,6 +83,7 @@ import itertools
 import logging
 import os
 import random
+import struct
 import threading
 import time
 import weakref
@@ -92,8 +93,8 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple
 from ..codec import ClientRequest, ClientResponse
 from ..errors import CodecError, LeaseNotFound, RaftError, Timeout
 from ..raft import _check_timeout, raise_error_response
-from ..transports.zmq import CurveConfig, TransportError, ZmqChannel, ZmqClient
-from .commands import KVCommandError, check_command, check_key
+from ..transports.zmq import CurveConfig, TransportError, ZmqChannel, ZmqClient, check_address
+from .commands import MAX_LEASE_TTL, KVCommandError, check_command, check_key
 from .encoding import range_bounds
 from .reads import KeyValue, RangeResult, TxnResult, WatchEvent, check_limit
 from .watch import MAX_WATCH_REVISION
@@ -106,6 +107,14 @@ log = logging.getLogger(__name__)
 _AVOID_FOR = 1.5
 #: Pauses between attempts while no leader is known: doubles from the first to the last.
 _BACKOFF_MIN, _BACKOFF_MAX = 0.02, 0.25
+#: What a converter of a reply's body raises for a body of the wrong shape (then: CodecError).
+_MALFORMED = (TypeError, ValueError, KeyError, IndexError, AttributeError, struct.error, RecursionError)
+#: The largest lease id (ids are signed 64-bit, as etcd's).
+_MAX_LEASE_ID = 2**63 - 1
+#: Addresses a client learns from leader hints beyond those it was given, at most (the oldest
+#: learned is forgotten first): a node that named a new address in every reply would otherwise
+#: grow the client's lists, and the sockets it opens, without end.
+_MAX_LEARNED = 16
 #: Errors after which the call is retried on another node (anything else, such as KVCommandError,
 #: PermissionDenied or RequestTooLarge, raises at once: no node would answer otherwise).
 _RETRY_ELSEWHERE = ("ForwardToLeader", "Timeout", "QuorumNotEnough", "ShutDown", "Fatal", "RaftError",
@@ -155,7 +164,7 @@ class _Req(NamedTuple):
         """The call's result from its reply's body; CodecError for a body of the wrong shape."""
         try:
             return self.convert(body)
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        except _MALFORMED as e:
             # A node running other code, or one that lies: a typed error, not a crash in the caller.
             raise CodecError(f"{self.op}: a reply this client cannot read "
                              f"({type(e).__name__}: {e})") from None
@@ -175,9 +184,15 @@ def _int_reply(body: Any) -> int:
     return body
 
 
-def _number_reply(body: Any) -> float:
-    if type(body) not in (int, float):
-        raise TypeError(f"expected a number, got {type(body).__name__}")
+def _ttl_reply(body: Any) -> float:
+    if type(body) not in (int, float) or not 0 < body <= MAX_LEASE_TTL:
+        raise ValueError(f"expected a ttl in (0, {MAX_LEASE_TTL:g}] seconds, got {body!r:.40}")
+    return body
+
+
+def _lease_id_reply(body: Any) -> int:
+    if type(body) is not int or not 0 <= body <= _MAX_LEASE_ID:
+        raise ValueError(f"expected a lease id, got {body!r:.40}")
     return body
 
 
@@ -309,6 +324,7 @@ class KVClient:
                 self._addrs.append(addr)
             if node_id is not None:
                 self._ids[addr] = node_id
+        self._given = len(self._addrs)  # the first _given addresses were given; the rest were learned
         if curve is not None:
             missing = [a for a in self._addrs if a not in self._ids]
             if missing:
@@ -440,11 +456,11 @@ class KVClient:
         """
         if type(ttl) not in (int, float) or not ttl > 0:
             raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
-        return self._run(_Req("kv.write", {"op": "lease_grant", "ttl": ttl}, True, _int_reply))
+        return self._run(_Req("kv.write", {"op": "lease_grant", "ttl": ttl}, True, _lease_id_reply))
 
     def lease_keepalive(self, lease_id: int) -> float:
         """Restart the lease's ttl now; returns the ttl.  LeaseNotFound once it expired or was revoked."""
-        return self._run(_Req("kv.lease_keepalive", {"id": _lease_id(lease_id)}, False, _number_reply))
+        return self._run(_Req("kv.lease_keepalive", {"id": _lease_id(lease_id)}, False, _ttl_reply))
 
     def lease_revoke(self, lease_id: int) -> bool:
         """Revoke the lease and delete its keys; True if it existed."""
@@ -623,6 +639,12 @@ class KVClient:
         with self._lock:
             if addr not in self._addrs:
                 self._addrs.append(addr)
+                if len(self._addrs) > self._given + _MAX_LEARNED:
+                    old = self._addrs.pop(self._given)  # the oldest learned one
+                    self._failed.pop(old, None)
+                    self._ids.pop(old, None)
+                    if self._leader == old:
+                        self._leader = None
             if node_id is not None:
                 self._ids.setdefault(addr, node_id)
 
@@ -739,7 +761,7 @@ class _Attempts:
         if name not in _RETRY_ELSEWHERE:
             raise_error_response(resp)
         self.last_error = f"{addr}: {name}: {message}"
-        if name == "ForwardToLeader" and leader_addr and leader_addr != addr:
+        if name == "ForwardToLeader" and leader_addr and leader_addr != addr and _usable(leader_addr):
             client._learn(leader_addr, leader_id)
             # A hint to a node that just failed us is followed only once the other
             # nodes keep insisting (they still hear from it: our reply was lost, or it
@@ -984,6 +1006,15 @@ _WATCH_WAIT = 1.0
 _WATCH_LIMIT = 1000
 
 
+def _usable(addr: str) -> bool:
+    """A leader hint the client may follow: an address a DEALER can connect to (check_address)."""
+    try:
+        check_address(addr)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def _bool(v: Any, what: str) -> bool:
     if type(v) is not bool:
         raise TypeError(f"{what} must be True or False, got {type(v).__name__}")
@@ -1106,7 +1137,7 @@ class Watch:
                     r = resp.body
                     nxt, sub = r["next"]
                     events = [WatchEvent.from_stored(rev, ev) for rev, ev in r["events"]]
-                except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+                except _MALFORMED as e:
                     raise CodecError(f"watch: a reply from {addr} this client cannot read "
                                      f"({type(e).__name__}: {e})") from None
                 self._revision, self._sub = nxt, sub
@@ -1176,24 +1207,30 @@ class KeepAlive:
         return not self.lost.is_set() and time.monotonic() < self.expires
 
     def _run(self) -> None:
-        wait = self.interval
-        while not self._stop.wait(wait):
-            sent = time.monotonic()
-            if sent >= self.expires:
-                break
-            try:
-                ttl = self.client.lease_keepalive(self.lease_id)
-            except LeaseNotFound:
-                break
-            except RaftError:  # Timeout, no leader right now: try again soon, while it may still be alive
-                wait = min(self.interval, max(0.05, (self.expires - time.monotonic()) / 4))
-                continue
-            self.expires = sent + ttl
+        try:
             wait = self.interval
-        if not self._stop.is_set():
-            self.lost.set()
-        with self.client._lock:
-            self.client._keepalives.discard(self)
+            while not self._stop.wait(wait):
+                sent = time.monotonic()
+                if sent >= self.expires:
+                    break
+                try:
+                    ttl = self.client.lease_keepalive(self.lease_id)
+                except LeaseNotFound:
+                    break
+                except RaftError:  # Timeout, no leader right now: try again soon, while it may still be alive
+                    wait = min(self.interval, max(0.05, (self.expires - time.monotonic()) / 4))
+                    continue
+                self.expires = sent + ttl
+                wait = self.interval
+        except BaseException:  # noqa: BLE001  (a bug: the lease is then taken for lost, never thought alive)
+            log.exception("keepalive of lease %s failed", self.lease_id)
+        finally:
+            # However the thread ends, unless stop() ended it, the lease is lost: a caller waiting
+            # on `lost` (the CLI's keepalive loop) must not wait for a thread that is gone.
+            if not self._stop.is_set():
+                self.lost.set()
+            with self.client._lock:
+                self.client._keepalives.discard(self)
 
     def stop(self, revoke: bool = False) -> None:
         """Stop keeping the lease alive (and with ``revoke``, revoke it now).  Idempotent."""
