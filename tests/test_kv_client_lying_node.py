@@ -86,6 +86,9 @@ BAD_BODIES = {
     "ttl nan": (float("nan"), lambda kv: kv.lease_keepalive(7)),
     "ttl 0": (0, lambda kv: kv.lease_keepalive(7)),
     "ttl nan, the helper": (float("nan"), lambda kv: kv.keep_alive(7)),
+    "watch next not a number": ({"next": ["x", 0], "events": []}, lambda kv: kv.watch("a", start_revision=3)),
+    "watch next goes back": ({"next": [2, 0], "events": []}, lambda kv: kv.watch("a", start_revision=3)),
+    "watch next sub too large": ({"next": [3, 2**40], "events": []}, lambda kv: kv.watch("a", start_revision=3)),
 }
 
 

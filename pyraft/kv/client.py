@@ -97,7 +97,7 @@ from ..transports.zmq import CurveConfig, TransportError, ZmqChannel, ZmqClient,
 from .commands import MAX_LEASE_TTL, KVCommandError, check_command, check_key
 from .encoding import range_bounds
 from .reads import KeyValue, RangeResult, TxnResult, WatchEvent, check_limit
-from .watch import MAX_WATCH_REVISION
+from .watch import MAX_WATCH_REVISION, MAX_WATCH_SUB
 
 __all__ = ["KVClient", "Watch", "KeepAlive", "Lease", "parse_addresses"]
 
@@ -1136,6 +1136,11 @@ class Watch:
                 try:
                     r = resp.body
                     nxt, sub = r["next"]
+                    # Where the next poll starts: never back (events again) nor past what a node may name.
+                    if (type(nxt) is not int or type(sub) is not int or not 0 <= sub <= MAX_WATCH_SUB
+                            or not (self._revision, self._sub) <= (nxt, sub) or nxt > MAX_WATCH_REVISION):
+                        raise ValueError(f"next {r['next']!r:.60} is not a position after "
+                                         f"{(self._revision, self._sub)}")
                     events = [WatchEvent.from_stored(rev, ev) for rev, ev in r["events"]]
                 except _MALFORMED as e:
                     raise CodecError(f"watch: a reply from {addr} this client cannot read "
