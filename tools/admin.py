@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import math
 import os
 import re
@@ -49,12 +48,14 @@ import time
 from typing import Any, Sequence
 
 from pyraft.backup import BackupError
-from pyraft.codec import ClientRequest, ClientResponse
-from pyraft.errors import ForwardToLeader, RaftError, Timeout
+from pyraft.codec import _MAX_INT, ClientRequest, ClientResponse
+from pyraft.errors import CodecError, ForwardToLeader, RaftError, Timeout
 from pyraft.raft import raise_error_response
 from pyraft.tools.cli import (CLUSTER_ENV, EXIT_FAILED, EXIT_OK, EXIT_USAGE, Parser, UsageError, add_global,
-                              add_version, check_output_file, cluster_from, emit_error, run_main)
-from pyraft.transports.zmq import CurveConfig, TransportError, ZmqClient, generate_keys
+                              add_version, check_output_file, cluster_from, emit_error, json_line, printable,
+                              run_main)
+from pyraft.transports.zmq import CurveConfig, TransportError, ZmqClient, check_address, generate_keys
+from pyraft.types import ServerState
 
 #: How long to wait for a node to answer a ``metrics`` request.
 DEFAULT_CONNECT_TIMEOUT = 3.0
@@ -119,9 +120,66 @@ class Admin:
 
     def metrics(self, addr: str, node_id: int | None = None, contacted: str | None = None) -> dict:
         m = self.call(addr, "metrics", None, timeout=self.connect_timeout, node_id=node_id, contacted=contacted)
-        if type(m) is not dict or "id" not in m:
-            raise RaftError(f"{addr} answered metrics with {str(m)[:80]!r}")
+        try:
+            check_metrics(m)
+        except (TypeError, ValueError) as e:
+            raise CodecError(f"{printable(addr)} answered metrics this tool cannot read: {printable(e)}") from None
         return m
+
+
+#: Members a status shows at most (a node that listed thousands would keep the tool asking for long).
+MAX_MEMBERS = 256
+_STATES = frozenset(str(s) for s in ServerState)
+
+
+def _nat(v: Any, what: str) -> None:
+    if type(v) is not int or not 0 <= v <= _MAX_INT:
+        raise ValueError(f"{what}: expected an integer >= 0, got {v!r:.40}")
+
+
+def _opt_lid(v: Any, what: str) -> None:
+    if v is not None:
+        if type(v) is not list or len(v) != 2:
+            raise ValueError(f"{what}: expected [term, index] or null, got {v!r:.40}")
+        _nat(v[0], what)
+        _nat(v[1], what)
+
+
+def check_metrics(m: Any) -> None:
+    """ValueError or TypeError unless ``m`` has the shape of ``RaftMetrics.to_dict()`` where the tools read it."""
+    if type(m) is not dict:
+        raise TypeError(f"expected a map, got {type(m).__name__}")
+    _nat(m.get("id"), "id")
+    if m.get("state") not in _STATES:
+        raise ValueError(f"state: not a server state: {m.get('state')!r:.40}")
+    _nat(m.get("current_term"), "current_term")
+    _nat(m.get("last_log_index"), "last_log_index")
+    for k in ("committed", "last_applied", "snapshot", "purged", "membership_log_id"):
+        _opt_lid(m.get(k), k)
+    if m.get("current_leader") is not None:
+        _nat(m["current_leader"], "current_leader")
+    if m.get("error") is not None and type(m["error"]) is not str:
+        raise ValueError("error: expected a string or null")
+    rep = m.get("replication", {})
+    if type(rep) is not dict:
+        raise ValueError("replication: expected a map")
+    for k, v in rep.items():
+        _nat(int(k), "replication target")
+        _opt_lid(v, "replication")
+    ms = m.get("membership")
+    if ms is not None:
+        if type(ms) is not dict or type(ms.get("nodes")) is not dict:
+            raise ValueError("membership: expected a map with nodes")
+        if len(ms["nodes"]) > MAX_MEMBERS:
+            raise ValueError(f"membership: {len(ms['nodes'])} members, more than this tool shows ({MAX_MEMBERS})")
+        for k, a in ms["nodes"].items():
+            _nat(int(k), "member id")
+            check_address(a)
+        for k in ("voters", "learners"):
+            if type(ms.get(k, [])) is not list:
+                raise ValueError(f"membership {k}: expected a list")
+            for n in ms.get(k, []):
+                _nat(n, f"membership {k}")
 
 
 # ---------------------------------------------------------------------------
@@ -149,14 +207,22 @@ def gather_status(admin: Admin, addr: str) -> dict:
         except (Unreachable, UsageError, RaftError, TransportError) as e:
             return {"error": str(e)}
 
+    deadline = time.monotonic() + admin.timeout  # the whole status, however many members are listed
+
     def ask_all(todo: dict[int, str]) -> None:
         if not todo:
             return
-        with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, len(todo)),
-                                                   thread_name_prefix="pyraft-admin-status") as ex:
+        ex = concurrent.futures.ThreadPoolExecutor(max_workers=min(16, len(todo)),
+                                                   thread_name_prefix="pyraft-admin-status")
+        try:
             futs = {nid: ex.submit(ask, nid, a) for nid, a in todo.items()}
             for nid, f in futs.items():
-                results[nid] = f.result()
+                try:
+                    results[nid] = f.result(timeout=max(0.0, deadline - time.monotonic()))
+                except concurrent.futures.TimeoutError:
+                    results[nid] = {"error": f"not asked within --timeout {admin.timeout} s"}
+        finally:
+            ex.shutdown(wait=False, cancel_futures=True)  # (a member being asked ends within --connect-timeout)
 
     ask_all({n: a for n, a in addrs.items() if n not in results})
     # The leader's membership may be newer than the contacted node's: ask whom it adds.
@@ -224,8 +290,8 @@ def print_status(st: dict, out: Any = None) -> None:
     leader = st.get("leader")
     lead = (f"leader {leader['id']} (term {leader['term']})" if leader
             else "no leader reached")
-    print(f"contacted {st['address']}: node {st['id']}, {st['state']} in term {st['current_term']}; {lead}",
-          file=out)
+    print(printable(f"contacted {st['address']}: node {st['id']}, {st['state']} in term {st['current_term']}; "
+                    f"{lead}"), file=out)
     rows = [("ID", "ADDRESS", "ROLE", "STATE", "TERM", "LAST-LOG", "COMMITTED", "APPLIED", "LAG", "REACHABLE")]
     for m in st["members"]:
         role = "voter" if m["voter"] else "learner" if m["learner"] else "-"
@@ -238,10 +304,10 @@ def print_status(st: dict, out: Any = None) -> None:
                          "-" if m["lag"] is None else str(m["lag"]), "NO"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=out)
+        print(printable("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()), file=out)
     for m in st["members"]:
         if not m["reachable"]:
-            print(f"node {m['id']}: {m.get('error')}", file=out)
+            print(printable(f"node {m['id']}: {m.get('error')}"), file=out)
 
 
 # ---------------------------------------------------------------------------
@@ -399,8 +465,7 @@ def _leader_commit_fence(admin: Admin, addr: str, m: dict, deadline: float) -> i
 def backup(admin: Admin, addr: str, path: str, *, stale: bool = False, force: bool = False) -> dict:
     """Stream an online backup of node ``addr`` to ``path`` (atomically); returns the backup's summary."""
     from pyraft import __version__
-    from pyraft.backup import BackupHeader, BackupWriter
-    from pyraft.codec import snapshot_meta_from_wire
+    from pyraft.backup import BACKUP_VERSION, BackupHeader, BackupWriter
 
     check_output_file(path, force=force)  # a regular file, not in a data directory or LMDB environment
     m = admin.metrics(addr, contacted=addr)
@@ -415,15 +480,20 @@ def backup(admin: Admin, addr: str, path: str, *, stale: bool = False, force: bo
                             f"add --stale to back up what node {nid} has applied")
     r = admin.call(addr, "admin.backup_begin", {"min_index": min_index, "timeout": admin.timeout},
                    timeout=admin.timeout + _REPLY_MARGIN, node_id=nid, contacted=addr)
+    if type(r) is not dict or "backup" not in r:
+        raise CodecError(f"node {nid} answered admin.backup_begin with {printable(repr(r)):.80}")
     bid = r["backup"]
     try:
-        meta = snapshot_meta_from_wire(r["snapshot_meta"])
-        if meta is None:
-            raise RaftError(f"node {nid} began a backup without a snapshot")
-        header = BackupHeader(cluster_name=r["cluster_name"], node_id=r["node_id"], created=time.time(),
-                              pyraft_version=__version__, meta=meta,
-                              snapshot_format=r["snapshot_format"], snapshot_size=r["size"],
-                              fence_index=r["fence_index"])
+        # The header a restore will check, checked now: a node's reply of the wrong shape fails the
+        # backup here (before a byte is written), not the restore later.
+        header = BackupHeader.from_wire({
+            "version": BACKUP_VERSION, "cluster_name": r.get("cluster_name"), "node_id": r.get("node_id"),
+            "created": time.time(), "pyraft_version": __version__, "snapshot_meta": r.get("snapshot_meta"),
+            "snapshot_format": r.get("snapshot_format"), "snapshot_size": r.get("size"),
+            "fence_index": r.get("fence_index")})
+        if header.node_id != nid or header.cluster_name != admin.cluster_name:
+            raise BackupError(f"node {nid} of cluster {admin.cluster_name!r} began a backup of node "
+                              f"{header.node_id} of cluster {printable(repr(header.cluster_name))}")
         with BackupWriter(path, header) as w:
             while w.written < header.snapshot_size:
                 c = admin.call(addr, "admin.backup_chunk", {"backup": bid, "offset": w.written},
@@ -542,9 +612,9 @@ def _check_keygen(directory: str, name: str) -> None:
 
 def _emit(args: argparse.Namespace, result: dict, text: str) -> None:
     if args.json:
-        print(json.dumps(result, sort_keys=True))
+        print(json_line(result))
     else:
-        print(text)
+        print(printable(text))
 
 
 def _targets(args: argparse.Namespace) -> list[tuple[int | None, str]]:
@@ -605,17 +675,17 @@ def _run(args: argparse.Namespace) -> int:
         if args.json:
             out = reports[0][1] if len(reports) == 1 else {"healthy": code == EXIT_OK,
                                                            "members": [r for _c, r in reports]}
-            print(json.dumps(out, sort_keys=True))
+            print(json_line(out))
         else:
             for c, r in reports:
-                print(f"{r['address']}: {r['reason']}", file=sys.stdout if c == EXIT_OK else sys.stderr)
+                print(printable(f"{r['address']}: {r['reason']}"), file=sys.stdout if c == EXIT_OK else sys.stderr)
         return code
 
     node = _first_answering(admin, targets)
     if cmd == "status":
         st = gather_status(admin, node)
         if args.json:
-            print(json.dumps(st, sort_keys=True))
+            print(json_line(st))
         else:
             print_status(st)
         return EXIT_OK
@@ -667,8 +737,7 @@ def _run(args: argparse.Namespace) -> int:
                    f"purge cannot pass the snapshot ({_lid(r['snapshot'])}) or entries still being "
                    f"replicated; build a snapshot first")
             if args.json:
-                print(json.dumps({**r, "error": "NothingPurged", "message": msg, "exit_code": EXIT_FAILED},
-                                 sort_keys=True))
+                print(json_line({**r, "error": "NothingPurged", "message": msg, "exit_code": EXIT_FAILED}))
             else:
                 print(msg)
             return EXIT_FAILED
@@ -694,6 +763,11 @@ def _main(argv: list[str]) -> int:
         return emit_error("pyraft-admin", j, EXIT_FAILED, e, prefix="failed: no leader: ")
     except RaftError as e:
         return emit_error("pyraft-admin", j, EXIT_FAILED, e, prefix=f"failed: {type(e).__name__}: ")
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        # An operation's reply of the wrong shape (a node running other code, or one that lies):
+        # metrics and backups are checked field by field; the rest ends here, in one line.
+        return emit_error("pyraft-admin", j, EXIT_FAILED, f"a node's reply this tool cannot read "
+                          f"({type(e).__name__}: {e})", kind="CodecError", prefix="failed: ")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

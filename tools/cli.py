@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import stat
 import sys
@@ -98,7 +99,7 @@ def emit_error(prog: str, as_json: bool, code: int, error: BaseException | str, 
     if as_json:
         print(json.dumps({"error": name, "message": message, "exit_code": code}, sort_keys=True))
     else:
-        print(f"{prog}: {prefix}{message}", file=sys.stderr)
+        print(f"{prog}: {prefix}{printable(message)}", file=sys.stderr)
     return code
 
 
@@ -223,3 +224,62 @@ def run_main(prog: str, argv: Sequence[str] | None, body: Callable[[list[str]], 
 
 if __name__ == "__main__":  # python -m pyraft.tools.cli [--help]: what the tools share
     print(__doc__.strip() + "\n\n" + EXIT_CODES)
+
+
+# ---------------------------------------------------------------------------
+# Output of what came from outside (a node's reply): valid JSON, and no terminal control
+
+def _non_finite(f: float) -> str:
+    """How ``--json`` writes the floats JSON has no number for (RFC 8259): as strings."""
+    return "NaN" if f != f else ("Infinity" if f > 0 else "-Infinity")
+
+
+def _json_key(k: Any) -> str:
+    """A map key as a JSON object's member name (what ``json.dumps`` makes of it, and bytes in hex)."""
+    if isinstance(k, str):
+        return k
+    if isinstance(k, bool) or k is None:
+        return json.dumps(k)
+    if isinstance(k, float):
+        return repr(k) if math.isfinite(k) else _non_finite(k)
+    if isinstance(k, int):
+        return str(k)
+    if isinstance(k, bytes):
+        return k.hex()
+    return repr(k)
+
+
+def json_safe(v: Any) -> Any:
+    """``v`` made fit for ``json.dumps(allow_nan=False)``: NaN and the infinities as the strings ``"NaN"``,
+    ``"Infinity"`` and ``"-Infinity"``, bytes in hex, tuples as lists, every map key a string (a map
+    whose keys would print alike: a list of ``[key, value]`` pairs), anything else as its ``repr``."""
+    if v is None or isinstance(v, (str, bool, int)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else _non_finite(v)
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    if isinstance(v, dict):
+        out = {_json_key(k): json_safe(x) for k, x in v.items()}
+        if len(out) == len(v):
+            return out
+        # Keys that print alike (1 and "1"; b"ab" and "6162"): [key, value] pairs, nothing dropped.
+        return [[json_safe(k), json_safe(x)] for k, x in v.items()]
+    if isinstance(v, bytes):
+        return v.hex()
+    return repr(v)
+
+
+def json_line(result: Any) -> str:
+    """What ``--json`` prints for ``result``: valid JSON (RFC 8259) whatever values it holds."""
+    return json.dumps(json_safe(result), sort_keys=True, allow_nan=False)
+
+
+#: Control characters (C0, DEL, C1): a string a node sent is printed with these escaped, so that it
+#: cannot move the cursor, retitle the terminal or hide what is printed after it.
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7f, 0xa0)] if chr(c) not in "\t\n"}
+
+
+def printable(s: Any) -> str:
+    """``str(s)`` with its control characters but tab and newline written as ``\\xNN``: safe for a terminal."""
+    return str(s).translate(_CONTROL)

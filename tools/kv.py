@@ -96,7 +96,8 @@ from typing import Any, Callable, Sequence
 
 from pyraft.raft import _MAX_NODE_ID as MAX_NODE_ID  # node ids: what the wire format carries
 from pyraft.tools.cli import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Parser, UsageError, add_global,
-                              add_version, cluster_from, emit_error, node_store_of, run_main)
+                              add_version, cluster_from, emit_error, json_line, json_safe, node_store_of,
+                              run_main)
 
 log = logging.getLogger("pyraft.kv.serve")
 
@@ -536,52 +537,6 @@ def _client(args: argparse.Namespace) -> Any:
 
 def _json_default(o: Any) -> Any:
     return o.hex() if isinstance(o, bytes) else repr(o)
-
-
-def _non_finite(f: float) -> str:
-    """How ``--json`` writes the floats JSON has no number for (RFC 8259): as strings."""
-    return "NaN" if f != f else ("Infinity" if f > 0 else "-Infinity")
-
-
-def _json_key(k: Any) -> str:
-    """A map key as a JSON object's member name (what ``json.dumps`` makes of it, and bytes in hex)."""
-    if isinstance(k, str):
-        return k
-    if isinstance(k, bool) or k is None:
-        return json.dumps(k)
-    if isinstance(k, float):
-        return repr(k) if math.isfinite(k) else _non_finite(k)
-    if isinstance(k, int):
-        return str(k)
-    if isinstance(k, bytes):
-        return k.hex()
-    return repr(k)
-
-
-def json_safe(v: Any) -> Any:
-    """``v`` made fit for ``json.dumps(allow_nan=False)``: NaN and the infinities as the strings ``"NaN"``,
-    ``"Infinity"`` and ``"-Infinity"``, bytes in hex, tuples as lists, every map key a string (a map
-    whose keys would print alike: a list of ``[key, value]`` pairs), anything else as its ``repr``."""
-    if v is None or isinstance(v, (str, bool, int)):
-        return v
-    if isinstance(v, float):
-        return v if math.isfinite(v) else _non_finite(v)
-    if isinstance(v, (list, tuple)):
-        return [json_safe(x) for x in v]
-    if isinstance(v, dict):
-        out = {_json_key(k): json_safe(x) for k, x in v.items()}
-        if len(out) == len(v):
-            return out
-        # Keys that print alike (1 and "1"; b"ab" and "6162"): [key, value] pairs, nothing dropped.
-        return [[json_safe(k), json_safe(x)] for k, x in v.items()]
-    if isinstance(v, bytes):
-        return v.hex()
-    return repr(v)
-
-
-def json_line(result: Any) -> str:
-    """What ``--json`` prints for ``result``: valid JSON (RFC 8259) whatever values it holds."""
-    return json.dumps(json_safe(result), sort_keys=True, allow_nan=False)
 
 
 def text_value(v: Any) -> str:
