@@ -232,7 +232,9 @@ def test_no_quorum_raises_timeout_within_the_timeout(mcluster):
         for r in mcluster.rafts.values():
             if r is not lead:
                 r.shutdown()
-        for call in (lambda: kv.put("a", 2), lambda: kv.get("a"), lambda: kv.cas("a", 1, 3)):
+        for call in (lambda: kv.put("a", 2), lambda: kv.get("a"), lambda: kv.cas("a", 1, 3),
+                     lambda: kv.put_async("a", 2).result(), lambda: kv.get_async("a").result(),
+                     lambda: kv.cas_async("a", 1, 3).result()):
             t0 = time.monotonic()
             with pytest.raises(Timeout):
                 call()

@@ -222,9 +222,6 @@ def run_main(prog: str, argv: Sequence[str] | None, body: Callable[[list[str]], 
         return EXIT_OK
 
 
-if __name__ == "__main__":  # python -m pyraft.tools.cli [--help]: what the tools share
-    print(__doc__.strip() + "\n\n" + EXIT_CODES)
-
 
 # ---------------------------------------------------------------------------
 # Output of what came from outside (a node's reply): valid JSON, and no terminal control
@@ -283,3 +280,7 @@ _CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7f, 0xa0)] if chr(
 def printable(s: Any) -> str:
     """``str(s)`` with its control characters but tab and newline written as ``\\xNN``: safe for a terminal."""
     return str(s).translate(_CONTROL)
+
+
+if __name__ == "__main__":  # python -m pyraft.tools.cli [--help]: what the tools share
+    print(__doc__.strip() + "\n\n" + EXIT_CODES)

@@ -487,7 +487,7 @@ class KVClient:
         """
         if type(revision) is not int or not 1 <= revision <= MAX_WATCH_REVISION:
             raise ValueError(f"revision must be an integer in [1, {MAX_WATCH_REVISION}], got {revision!r}")
-        self._write({"op": "compact", "revision": revision})
+        self._run(_Req("kv.write", {"op": "compact", "revision": revision}, True, _none))
 
     # ------------------------------------------------------------------ watches
 
@@ -667,9 +667,6 @@ class KVClient:
                 calls = self._async = _AsyncCalls(self)
         return calls.submit(self, req)
 
-    def _write(self, cmd: dict) -> Any:
-        return self._call("kv.write", cmd, write=True)
-
     def _call(self, op: str, body: dict, *, write: bool) -> Any:
         deadline = time.monotonic() + self.timeout
         if not write:
@@ -845,7 +842,7 @@ class _AsyncCalls:
     @property
     def failed(self) -> bool:
         """The thread ended by itself (a bug, logged): the client starts another."""
-        return self.stopped.is_set() or not self._thread.is_alive()
+        return self.stopped.is_set()
 
     def submit(self, client: KVClient, req: _Req) -> "Future[Any]":
         deadline = time.monotonic() + self.timeout
